@@ -1,0 +1,107 @@
+//! tc programs that count every packet of a pod's `lo` and `eth0` per flow.
+//!
+//! They observe only: every entry point returns `TC_ACT_UNSPEC` (TCX_NEXT),
+//! which hands the packet to the next program or to the stack unchanged.
+//! Counting happens in kernel maps; nothing is sent to user space per packet.
+#![no_std]
+#![no_main]
+// The BPF target has no `AtomicU64::fetch_add`; `atomic_xadd` lowers to BPF's
+// atomic add. The build runs with RUSTC_BOOTSTRAP=1 (see observer/build.rs).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod parse;
+
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
+    helpers::bpf_get_netns_cookie,
+    macros::{classifier, map},
+    maps::{LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use observer_common::{
+    DEFAULT_FLOW_CAPACITY, DatapathStats, FlowCounters, FlowKey,
+    direction::{EGRESS, INGRESS},
+};
+
+/// Flows of every attached namespace. A shared LRU (not per-CPU): per-CPU
+/// values would multiply the map's memory by the number of CPUs.
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowCounters> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+#[map]
+static STATS: PerCpuArray<DatapathStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Attached to `eth0` egress and to `lo` egress (loopback packets then come
+/// back through `lo` ingress, where nothing is attached: counted once).
+#[classifier]
+pub fn observe_egress(ctx: TcContext) -> i32 {
+    observe(&ctx, EGRESS);
+    TC_ACT_UNSPEC
+}
+
+/// Attached to `eth0` ingress.
+#[classifier]
+pub fn observe_ingress(ctx: TcContext) -> i32 {
+    observe(&ctx, INGRESS);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn observe(ctx: &TcContext, direction: u8) {
+    let mut key = parse::flow_key(ctx);
+    key.direction = direction;
+    // SAFETY: the helper only reads the skb's device namespace.
+    key.netns_cookie = unsafe { bpf_get_netns_cookie(ctx.skb.skb.cast()) };
+    count(&key, u64::from(ctx.len()));
+}
+
+#[inline(always)]
+fn count(key: &FlowKey, bytes: u64) {
+    if add(key, bytes) {
+        return;
+    }
+    let first = FlowCounters { packets: 1, bytes };
+    if FLOWS.insert(key, &first, u64::from(BPF_NOEXIST)).is_ok() {
+        bump_stats(|s| s.flows_created += 1);
+    } else if !add(key, bytes) {
+        // Neither inserted nor present after another CPU's insert.
+        bump_stats(|s| s.flow_insert_failed += 1);
+    }
+}
+
+/// Adds one packet to an existing flow; false when the flow is not in the map.
+#[inline(always)]
+fn add(key: &FlowKey, bytes: u64) -> bool {
+    let Some(counters) = FLOWS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: the pointer is a live, 8-byte aligned map value. Other CPUs update
+    // it concurrently, hence atomic adds.
+    unsafe {
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*counters).packets, 1);
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*counters).bytes, bytes);
+    }
+    true
+}
+
+#[inline(always)]
+fn bump_stats(f: impl FnOnce(&mut DatapathStats)) {
+    if let Some(stats) = STATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; programs do not migrate between CPUs mid-run.
+        f(unsafe { &mut *stats });
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
