@@ -1,2 +1,47 @@
-static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
-fn main() { let mut e = aya::Ebpf::load(OBJ).unwrap(); for (n, p) in e.programs_mut() { println!("{n}"); let p: &mut aya::programs::SchedClassifier = p.try_into().unwrap(); p.load().unwrap(); } }
+//! observer: counts the traffic inside pod network namespaces with eBPF and
+//! serves it as Prometheus metrics.
+//!
+//! Data path: tc programs (observer-ebpf) count flows in a kernel map
+//! (`datapath`); the `collector` turns the map into `metrics`; the `server`
+//! serves them. The `attach` worker enters namespaces (`netns`) to attach.
+
+mod attach;
+mod cli;
+mod collector;
+mod datapath;
+mod metrics;
+mod netns;
+mod run;
+mod server;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|err| {
+        eprintln!("error: --log-level {}: {err}", cli.log_level);
+        std::process::exit(2);
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let result = match cli.command {
+        Command::Run(args) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| Ok(runtime.block_on(run::run(args))?)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

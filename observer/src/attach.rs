@@ -1,0 +1,311 @@
+//! The attach worker: one dedicated thread that enters pod network namespaces
+//! and attaches (and detaches) the tc programs there.
+//!
+//! It is a thread of its own because `setns` moves only the calling thread: a
+//! tokio worker must never change namespace. Async callers send it requests.
+//! It owns the loaded programs and every link; when it stops, it detaches all.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::mpsc,
+    thread,
+};
+
+use aya::{
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType,
+        tc::{self, SchedClassifierLink, TcError},
+    },
+    util::KernelVersion,
+};
+use tokio::sync::oneshot;
+
+use crate::{
+    datapath::{EGRESS_PROGRAM, INGRESS_PROGRAM, Programs},
+    netns::{self, NetNs, NetnsError},
+};
+
+/// The pod's loopback: container-to-container traffic. Always ifindex 1.
+pub const LOOPBACK: &str = "lo";
+/// The pod's end of its veth: traffic to and from everything else.
+pub const POD_INTERFACE: &str = "eth0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("cannot read the cookie of network namespace {path}: {source}")]
+    Cookie {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("network namespace {path} is already attached as {existing}")]
+    AlreadyAttached { path: PathBuf, existing: String },
+    #[error("cannot attach to {interface} {direction:?} in {path}: {source}")]
+    Attach {
+        path: PathBuf,
+        interface: &'static str,
+        direction: TcAttachType,
+        source: ProgramError,
+    },
+    #[error("no namespace with cookie {0} is attached")]
+    NotAttached(u64),
+    #[error("the attach worker has stopped")]
+    WorkerGone,
+}
+
+/// A namespace the programs are attached to.
+#[derive(Clone, Debug)]
+pub struct AttachedNetns {
+    /// Label for metrics and logs.
+    pub name: String,
+    pub path: PathBuf,
+    /// `bpf_get_netns_cookie` value of its packets.
+    pub cookie: u64,
+    /// Interfaces with programs, by index inside the namespace.
+    pub interfaces: Vec<(u32, &'static str)>,
+    /// Number of tc attachments (lo egress; eth0 egress and ingress).
+    pub programs: usize,
+}
+
+struct AttachRequest {
+    path: PathBuf,
+    name: String,
+    reply: oneshot::Sender<Result<AttachedNetns, AttachError>>,
+}
+
+/// Handle to the worker thread.
+pub struct AttachWorker {
+    requests: Option<mpsc::Sender<AttachRequest>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl AttachWorker {
+    pub fn start(programs: Programs) -> Result<Self, AttachError> {
+        let (requests, inbox) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .name("netns-attach".into())
+            .spawn(move || {
+                // Saved on this very thread: it is where setns must return to.
+                let state = NetNs::current_thread().map(|home| Worker::new(home, programs));
+                match state {
+                    Ok(mut worker) => {
+                        let _ = ready_tx.send(Ok(()));
+                        worker.serve(inbox);
+                    }
+                    Err(err) => {
+                        let _ = ready_tx.send(Err(err));
+                    }
+                }
+            })
+            .expect("spawning a thread");
+        ready_rx
+            .recv()
+            .map_err(|_| AttachError::WorkerGone)?
+            .map_err(AttachError::Netns)?;
+        Ok(Self {
+            requests: Some(requests),
+            thread: Some(thread),
+        })
+    }
+
+    /// Attaches to the namespace at `path`, labelled `name`.
+    pub async fn attach(&self, path: &Path, name: String) -> Result<AttachedNetns, AttachError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(AttachRequest {
+            path: path.into(),
+            name,
+            reply,
+        })?;
+        answer.await.map_err(|_| AttachError::WorkerGone)?
+    }
+
+    fn send(&self, request: AttachRequest) -> Result<(), AttachError> {
+        self.requests
+            .as_ref()
+            .ok_or(AttachError::WorkerGone)?
+            .send(request)
+            .map_err(|_| AttachError::WorkerGone)
+    }
+
+    /// Detaches everything and stops the worker. Blocks until it is done.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        // Closing the channel ends `serve`, which detaches everything.
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for AttachWorker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Worker {
+    home: NetNs,
+    programs: Programs,
+    /// Before 6.6 tc programs attach through the clsact qdisc, not TCX links.
+    tcx: bool,
+    attached: HashMap<u64, Attachment>,
+}
+
+struct Attachment {
+    info: AttachedNetns,
+    links: Vec<SchedClassifierLink>,
+}
+
+impl Worker {
+    fn new(home: NetNs, programs: Programs) -> Self {
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        Self {
+            home,
+            programs,
+            tcx,
+            attached: HashMap::new(),
+        }
+    }
+
+    fn serve(&mut self, inbox: mpsc::Receiver<AttachRequest>) {
+        for AttachRequest { path, name, reply } in inbox {
+            let _ = reply.send(self.attach(&path, name));
+        }
+        let cookies: Vec<u64> = self.attached.keys().copied().collect();
+        for cookie in cookies {
+            if let Err(err) = self.detach(cookie) {
+                tracing::warn!(%err, "detach at shutdown");
+            }
+        }
+    }
+
+    fn attach(&mut self, path: &Path, name: String) -> Result<AttachedNetns, AttachError> {
+        let netns = NetNs::open(path)?;
+        let Self {
+            home,
+            programs,
+            tcx,
+            attached,
+        } = self;
+        let (cookie, links, interfaces) = netns.run(home, || {
+            let cookie = netns::cookie_of_current().map_err(|source| AttachError::Cookie {
+                path: path.into(),
+                source,
+            })?;
+            if let Some(existing) = attached.get(&cookie) {
+                return Err(AttachError::AlreadyAttached {
+                    path: path.into(),
+                    existing: existing.info.name.clone(),
+                });
+            }
+            let mut links = Vec::new();
+            let mut interfaces = vec![(1, LOOPBACK)];
+            // Loopback packets pass lo egress and then lo ingress: attach
+            // one hook only, so each is counted once.
+            let mut hooks = vec![(LOOPBACK, TcAttachType::Egress)];
+            if let Some(index) = interface_index(POD_INTERFACE) {
+                interfaces.push((index, POD_INTERFACE));
+                hooks.push((POD_INTERFACE, TcAttachType::Egress));
+                hooks.push((POD_INTERFACE, TcAttachType::Ingress));
+            }
+            for (interface, direction) in hooks {
+                // On error, `links` drops here, inside the namespace, which
+                // detaches what was attached so far.
+                let link = attach_one(programs, *tcx, interface, direction).map_err(|source| {
+                    AttachError::Attach {
+                        path: path.into(),
+                        interface,
+                        direction,
+                        source,
+                    }
+                })?;
+                links.push(link);
+            }
+            Ok((cookie, links, interfaces))
+        })??;
+        let info = AttachedNetns {
+            name,
+            path: path.into(),
+            cookie,
+            programs: links.len(),
+            interfaces,
+        };
+        tracing::info!(netns = %info.name, path = %path.display(), cookie, programs = info.programs, "attached");
+        attached.insert(
+            cookie,
+            Attachment {
+                info: info.clone(),
+                links,
+            },
+        );
+        Ok(info)
+    }
+
+    fn detach(&mut self, cookie: u64) -> Result<(), AttachError> {
+        let attachment = self
+            .attached
+            .remove(&cookie)
+            .ok_or(AttachError::NotAttached(cookie))?;
+        let Attachment { info, links } = attachment;
+        if self.tcx {
+            // TCX links are file descriptors: closing one detaches it, from
+            // any namespace, and they go away with the interface anyway.
+            drop(links);
+        } else {
+            // clsact filters are removed by netlink, inside their namespace.
+            // If the namespace is gone (or the path now names another one),
+            // so are its interfaces and filters.
+            match NetNs::open(&info.path) {
+                Ok(netns) => netns.run(&self.home, || {
+                    if netns::cookie_of_current().ok() == Some(cookie) {
+                        drop(links);
+                    }
+                })?,
+                Err(_) => drop(links),
+            }
+        }
+        tracing::info!(netns = %info.name, cookie, "detached");
+        Ok(())
+    }
+}
+
+fn attach_one(
+    programs: &mut Programs,
+    tcx: bool,
+    interface: &str,
+    direction: TcAttachType,
+) -> Result<SchedClassifierLink, ProgramError> {
+    let name = match direction {
+        TcAttachType::Ingress => INGRESS_PROGRAM,
+        _ => EGRESS_PROGRAM,
+    };
+    let program: &mut SchedClassifier = programs
+        .ebpf
+        .program_mut(name)
+        .expect("the datapath loaded this program")
+        .try_into()?;
+    if !tcx {
+        // Already there (ours from an earlier attach, or someone else's) is fine.
+        match tc::qdisc_add_clsact(interface) {
+            Ok(()) | Err(TcError::AlreadyAttached) => {}
+            Err(err) => tracing::debug!(%err, interface, "adding clsact"),
+        }
+    }
+    let id = program.attach(interface, direction)?;
+    program.take_link(id)
+}
+
+/// Index of `name` in the current thread's namespace, if it exists.
+fn interface_index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: reads a NUL-terminated string we own.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
