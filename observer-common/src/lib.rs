@@ -9,6 +9,8 @@
 pub const FLOWS_MAP: &str = "FLOWS";
 /// Name of the per-CPU datapath statistics map in the eBPF object.
 pub const STATS_MAP: &str = "STATS";
+/// Name of the global that tells a program instance its namespace.
+pub const NETNS_COOKIE_GLOBAL: &str = "NETNS_COOKIE";
 /// Capacity the flow map is built with; the daemon may resize it before load.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
 
@@ -37,7 +39,9 @@ pub mod family {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    /// `bpf_get_netns_cookie`: tells pods apart although every `lo` is ifindex 1.
+    /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`), from the
+    /// program instance attached there: tells pods apart although every `lo`
+    /// is ifindex 1 and many `eth0` share an index.
     pub netns_cookie: u64,
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],

@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     programs::{
-        ProgramError, SchedClassifier, TcAttachType,
+        ProgramError, TcAttachType,
         tc::{self, SchedClassifierLink, TcError},
     },
     util::KernelVersion,
@@ -22,7 +22,7 @@ use aya::{
 use tokio::sync::oneshot;
 
 use crate::{
-    datapath::{EGRESS_PROGRAM, INGRESS_PROGRAM, Programs},
+    datapath::{Datapath, DatapathError, EGRESS_PROGRAM, INGRESS_PROGRAM, Programs},
     netns::{self, NetNs, NetnsError},
 };
 
@@ -39,6 +39,11 @@ pub enum AttachError {
     Cookie {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("cannot load the programs for {path}: {source}")]
+    Load {
+        path: PathBuf,
+        source: DatapathError,
     },
     #[error("network namespace {path} is already attached as {existing}")]
     AlreadyAttached { path: PathBuf, existing: String },
@@ -82,14 +87,14 @@ pub struct AttachWorker {
 }
 
 impl AttachWorker {
-    pub fn start(programs: Programs) -> Result<Self, AttachError> {
+    pub fn start(datapath: Datapath) -> Result<Self, AttachError> {
         let (requests, inbox) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = thread::Builder::new()
             .name("netns-attach".into())
             .spawn(move || {
                 // Saved on this very thread: it is where setns must return to.
-                let state = NetNs::current_thread().map(|home| Worker::new(home, programs));
+                let state = NetNs::current_thread().map(|home| Worker::new(home, datapath));
                 match state {
                     Ok(mut worker) => {
                         let _ = ready_tx.send(Ok(()));
@@ -152,7 +157,7 @@ impl Drop for AttachWorker {
 
 struct Worker {
     home: NetNs,
-    programs: Programs,
+    datapath: Datapath,
     /// Before 6.6 tc programs attach through the clsact qdisc, not TCX links.
     tcx: bool,
     attached: HashMap<u64, Attachment>,
@@ -160,15 +165,17 @@ struct Worker {
 
 struct Attachment {
     info: AttachedNetns,
+    /// Declared before `programs`: links are dropped (detached) first.
     links: Vec<SchedClassifierLink>,
+    programs: Programs,
 }
 
 impl Worker {
-    fn new(home: NetNs, programs: Programs) -> Self {
+    fn new(home: NetNs, datapath: Datapath) -> Self {
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         Self {
             home,
-            programs,
+            datapath,
             tcx,
             attached: HashMap::new(),
         }
@@ -188,23 +195,27 @@ impl Worker {
 
     fn attach(&mut self, path: &Path, name: String) -> Result<AttachedNetns, AttachError> {
         let netns = NetNs::open(path)?;
-        let Self {
-            home,
-            programs,
-            tcx,
-            attached,
-        } = self;
-        let (cookie, links, interfaces) = netns.run(home, || {
-            let cookie = netns::cookie_of_current().map_err(|source| AttachError::Cookie {
+        let cookie = netns
+            .run(&self.home, netns::cookie_of_current)?
+            .map_err(|source| AttachError::Cookie {
                 path: path.into(),
                 source,
             })?;
-            if let Some(existing) = attached.get(&cookie) {
-                return Err(AttachError::AlreadyAttached {
-                    path: path.into(),
-                    existing: existing.info.name.clone(),
-                });
-            }
+        if let Some(existing) = self.attached.get(&cookie) {
+            return Err(AttachError::AlreadyAttached {
+                path: path.into(),
+                existing: existing.info.name.clone(),
+            });
+        }
+        let mut programs = self
+            .datapath
+            .instance(cookie)
+            .map_err(|source| AttachError::Load {
+                path: path.into(),
+                source,
+            })?;
+        let tcx = self.tcx;
+        let (links, interfaces) = netns.run(&self.home, || {
             let mut links = Vec::new();
             let mut interfaces = vec![(1, LOOPBACK)];
             // Loopback packets pass lo egress and then lo ingress: attach
@@ -218,17 +229,17 @@ impl Worker {
             for (interface, direction) in hooks {
                 // On error, `links` drops here, inside the namespace, which
                 // detaches what was attached so far.
-                let link = attach_one(programs, *tcx, interface, direction).map_err(|source| {
-                    AttachError::Attach {
+                let link = attach_one(&mut programs, tcx, interface, direction).map_err(
+                    |source| AttachError::Attach {
                         path: path.into(),
                         interface,
                         direction,
                         source,
-                    }
-                })?;
+                    },
+                )?;
                 links.push(link);
             }
-            Ok((cookie, links, interfaces))
+            Ok::<_, AttachError>((links, interfaces))
         })??;
         let info = AttachedNetns {
             name,
@@ -238,11 +249,12 @@ impl Worker {
             interfaces,
         };
         tracing::info!(netns = %info.name, path = %path.display(), cookie, programs = info.programs, "attached");
-        attached.insert(
+        self.attached.insert(
             cookie,
             Attachment {
                 info: info.clone(),
                 links,
+                programs,
             },
         );
         Ok(info)
@@ -253,7 +265,11 @@ impl Worker {
             .attached
             .remove(&cookie)
             .ok_or(AttachError::NotAttached(cookie))?;
-        let Attachment { info, links } = attachment;
+        let Attachment {
+            info,
+            links,
+            programs,
+        } = attachment;
         if self.tcx {
             // TCX links are file descriptors: closing one detaches it, from
             // any namespace, and they go away with the interface anyway.
@@ -271,6 +287,7 @@ impl Worker {
                 Err(_) => drop(links),
             }
         }
+        drop(programs);
         tracing::info!(netns = %info.name, cookie, "detached");
         Ok(())
     }
@@ -286,11 +303,7 @@ fn attach_one(
         TcAttachType::Ingress => INGRESS_PROGRAM,
         _ => EGRESS_PROGRAM,
     };
-    let program: &mut SchedClassifier = programs
-        .ebpf
-        .program_mut(name)
-        .expect("the datapath loaded this program")
-        .try_into()?;
+    let program = programs.get(name)?;
     if !tcx {
         // Already there (ours from an earlier attach, or someone else's) is fine.
         match tc::qdisc_add_clsact(interface) {

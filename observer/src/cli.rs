@@ -39,6 +39,10 @@ pub struct RunArgs {
     #[arg(long, env = "OBSERVER_FLOW_CAPACITY", default_value_t = DEFAULT_FLOW_CAPACITY,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub flow_capacity: u32,
+    /// Where the observer keeps its runtime state (a private bpffs for its
+    /// maps, removed at exit).
+    #[arg(long, value_name = "DIR", env = "OBSERVER_RUNTIME_DIR", default_value = "/run/observer")]
+    pub runtime_dir: PathBuf,
     /// How often the flow map is read into the metrics (besides every scrape).
     #[arg(long, env = "OBSERVER_COLLECT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub collect_interval: Duration,

@@ -199,6 +199,7 @@ pub fn protocol_name(family: u8, protocol: u8) -> String {
         return "non_ip".into();
     }
     match protocol {
+        0 => "hopopt".into(),
         1 => "icmp".into(),
         6 => "tcp".into(),
         17 => "udp".into(),

@@ -1,12 +1,19 @@
-//! Loads the embedded eBPF object and splits it into what the attach worker
-//! needs (the programs) and what the collector needs (the maps).
+//! Loads the embedded eBPF object: once for the shared maps, which the
+//! collector reads, and once more for every namespace, whose instance of the
+//! programs carries that namespace's cookie.
+
+use std::path::Path;
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
+    Btf, Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray},
     programs::{ProgramError, SchedClassifier},
 };
-use observer_common::{DatapathStats, FLOWS_MAP, FlowCounters, FlowKey, STATS_MAP};
+use observer_common::{
+    DatapathStats, FLOWS_MAP, FlowCounters, FlowKey, NETNS_COOKIE_GLOBAL, STATS_MAP,
+};
+
+use crate::bpffs::{BpffsError, PinDir};
 
 /// The object built from observer-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -14,13 +21,14 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ob
 pub const EGRESS_PROGRAM: &str = "observe_egress";
 pub const INGRESS_PROGRAM: &str = "observe_ingress";
 
+const PRIVILEGES: &str = "the observer needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and \
+                          CAP_SYS_ADMIN, and a kernel with BTF";
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error(
-        "cannot load the eBPF programs: {0} \
-         (the observer needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, \
-         and a kernel with BTF)"
-    )]
+    #[error("{0} ({PRIVILEGES})")]
+    Pins(#[from] BpffsError),
+    #[error("cannot load the eBPF programs: {0} ({PRIVILEGES})")]
     Load(#[source] EbpfError),
     #[error("the kernel refused program {name}: {source}")]
     Program {
@@ -38,10 +46,26 @@ pub enum DatapathError {
     Missing(&'static str),
 }
 
-/// The loaded tc programs; the attach worker owns them.
+/// Loads program instances that share one set of maps.
+pub struct Datapath {
+    pins: PinDir,
+    flow_capacity: u32,
+    /// The kernel's BTF, parsed once rather than at every load.
+    btf: Option<Btf>,
+}
+
+/// One namespace's instance of the programs, loaded into the kernel.
 pub struct Programs {
-    /// Keeps the programs (and the maps they reference) loaded.
-    pub ebpf: Ebpf,
+    ebpf: Ebpf,
+}
+
+impl Programs {
+    pub fn get(&mut self, name: &'static str) -> Result<&mut SchedClassifier, ProgramError> {
+        self.ebpf
+            .program_mut(name)
+            .expect("every instance has both programs")
+            .try_into()
+    }
 }
 
 /// The maps the collector reads.
@@ -51,36 +75,62 @@ pub struct Maps {
     pub flow_capacity: u32,
 }
 
-/// Loads the object with a flow map of `flow_capacity` entries.
-pub fn load(flow_capacity: u32) -> Result<(Programs, Maps), DatapathError> {
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(FLOWS_MAP, flow_capacity)
-        .load(OBJECT)
-        .map_err(DatapathError::Load)?;
-    for name in [EGRESS_PROGRAM, INGRESS_PROGRAM] {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| DatapathError::Program { name, source })?;
+impl Datapath {
+    /// Creates the shared maps (a flow map of `flow_capacity` entries), pinned
+    /// in a private bpffs under `runtime_dir`.
+    pub fn open(flow_capacity: u32, runtime_dir: &Path) -> Result<(Self, Maps), DatapathError> {
+        let datapath = Self {
+            pins: PinDir::mount(runtime_dir)?,
+            flow_capacity,
+            btf: Btf::from_sys_fs().ok(),
+        };
+        // The programs of this first load are never loaded into the kernel.
+        let mut ebpf = datapath.loader().load(OBJECT).map_err(DatapathError::Load)?;
+        let flows = take_map(&mut ebpf, FLOWS_MAP)?;
+        let stats = take_map(&mut ebpf, STATS_MAP)?;
+        let maps = Maps {
+            flows: HashMap::try_from(flows).map_err(|source| DatapathError::Map {
+                name: FLOWS_MAP,
+                source,
+            })?,
+            stats: PerCpuArray::try_from(stats).map_err(|source| DatapathError::Map {
+                name: STATS_MAP,
+                source,
+            })?,
+            flow_capacity,
+        };
+        Ok((datapath, maps))
     }
-    let flows = take_map(&mut ebpf, FLOWS_MAP)?;
-    let stats = take_map(&mut ebpf, STATS_MAP)?;
-    let maps = Maps {
-        flows: HashMap::try_from(flows).map_err(|source| DatapathError::Map {
-            name: FLOWS_MAP,
-            source,
-        })?,
-        stats: PerCpuArray::try_from(stats).map_err(|source| DatapathError::Map {
-            name: STATS_MAP,
-            source,
-        })?,
-        flow_capacity,
-    };
-    Ok((Programs { ebpf }, maps))
+
+    /// Loads an instance of the programs for the namespace with this cookie.
+    pub fn instance(&self, netns_cookie: u64) -> Result<Programs, DatapathError> {
+        let mut ebpf = self
+            .loader()
+            .override_global(NETNS_COOKIE_GLOBAL, &netns_cookie, true)
+            .load(OBJECT)
+            .map_err(DatapathError::Load)?;
+        for name in [EGRESS_PROGRAM, INGRESS_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(Programs { ebpf })
+    }
+
+    fn loader(&self) -> EbpfLoader<'_> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .btf(self.btf.as_ref())
+            .map_max_entries(FLOWS_MAP, self.flow_capacity)
+            .map_pin_path(FLOWS_MAP, self.pins.pin_path(FLOWS_MAP))
+            .map_pin_path(STATS_MAP, self.pins.pin_path(STATS_MAP));
+        loader
+    }
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {

@@ -6,6 +6,7 @@
 //! serves them. The `attach` worker enters namespaces (`netns`) to attach.
 
 mod attach;
+mod bpffs;
 mod cli;
 mod collector;
 mod datapath;
@@ -40,8 +41,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", one_line(&*err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its sources on one line, without repeating a source that
+/// the message already quotes.
+fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
 }

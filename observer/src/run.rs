@@ -23,7 +23,7 @@ use crate::{
     attach::{AttachError, AttachWorker},
     cli::RunArgs,
     collector::Collector,
-    datapath::{self, DatapathError},
+    datapath::{Datapath, DatapathError},
     metrics::Metrics,
     netns::{self, NetNs, NetnsError},
     server::{self, CollectRequest, Endpoint},
@@ -66,8 +66,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
 
-    let (programs, maps) = datapath::load(args.flow_capacity)?;
-    let worker = AttachWorker::start(programs)?;
+    let (datapath, maps) = Datapath::open(args.flow_capacity, &args.runtime_dir)?;
+    let worker = AttachWorker::start(datapath)?;
     let metrics = Arc::new(Metrics::new());
     let mut collector = Collector::new(maps, Arc::clone(&metrics));
 

@@ -1,0 +1,11 @@
+//! Helpers for the end-to-end tests: the real observer binary as a child
+//! process, and its metrics as the test sees them.
+//!
+//! The tests need root and a kernel that loads eBPF. Where either is missing
+//! they fail with the observer's own error message: they never skip.
+
+mod metrics;
+pub mod observer;
+
+pub use metrics::Scrape;
+pub use observer::Observer;

@@ -1,0 +1,183 @@
+//! The observer binary, run for real as a child process.
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::process::{CommandExt, ExitStatusExt},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::Scrape;
+
+/// A running `observer run`; killed on drop if the test did not stop it.
+pub struct Observer {
+    child: Option<Child>,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+/// The observer binary: `OBSERVER_BIN` (set by `cargo xtask test`), or the
+/// debug build of this workspace.
+pub fn binary() -> PathBuf {
+    std::env::var_os("OBSERVER_BIN").map_or_else(
+        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/observer")),
+        PathBuf::from,
+    )
+}
+
+impl Observer {
+    /// Starts `observer run <args>` on a free loopback port and waits until it
+    /// is ready. Panics with the observer's output if it does not get there.
+    pub fn start(args: &[&str]) -> Self {
+        let addr = free_port();
+        let log = std::env::temp_dir().join(format!("observer-test-{}.log", addr.port()));
+        let child = observer_command(
+            &["run", "--metrics-addr", &addr.to_string()],
+            args,
+            File::create(&log).expect("log file"),
+        )
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary().display()));
+        let mut observer = Self {
+            child: Some(child),
+            addr,
+            log,
+        };
+        observer.wait_ready(Duration::from_secs(30));
+        observer
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child().try_wait().expect("wait") {
+                panic!(
+                    "the observer exited before it was ready ({status}):\n{}",
+                    self.log()
+                );
+            }
+            if http_get(self.addr, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the observer was not ready within {timeout:?}:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Scrapes /metrics (which collects the kernel's counters first).
+    pub fn scrape(&self) -> Scrape {
+        let (code, body) = http_get(self.addr, "/metrics")
+            .unwrap_or_else(|| panic!("/metrics did not answer:\n{}", self.log()));
+        assert_eq!(code, 200, "/metrics: {body}");
+        Scrape::parse(&body)
+    }
+
+    /// Everything the observer logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (at most 10 s) for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the observer ignored SIGTERM for 10 s:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("running")
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Runs the observer to completion (for commands that must fail): returns
+/// its exit status and what it printed on stderr.
+pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
+    run_to_exit_as(args, None)
+}
+
+/// Like [`run_to_exit`], as user and group `uid` (without capabilities).
+pub fn run_to_exit_as(args: &[&str], uid: Option<u32>) -> (ExitStatus, String) {
+    let mut command = observer_command(args, &[], Stdio::piped());
+    if let Some(uid) = uid {
+        command.uid(uid).gid(uid);
+    }
+    let out = command
+        .output()
+        .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary().display()));
+    assert!(
+        out.status.code().is_some(),
+        "killed by signal {:?}",
+        out.status.signal()
+    );
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn observer_command(first: &[&str], rest: &[&str], stderr: impl Into<Stdio>) -> Command {
+    let mut command = Command::new(binary());
+    command
+        .args(first)
+        .args(rest)
+        .env("OBSERVER_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    // SAFETY: prctl is async-signal-safe. If the test process dies (even by
+    // SIGKILL), the kernel sends the observer SIGTERM: nothing stays behind.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    command
+}
+
+fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr")
+}
+
+/// A minimal HTTP/1.0 GET: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}

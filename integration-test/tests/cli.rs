@@ -1,0 +1,71 @@
+//! Bad input gets one clear line and a non-zero exit.
+
+use std::net::TcpListener;
+
+use integration_test::observer::{run_to_exit, run_to_exit_as};
+use lab::Netns;
+
+/// Exactly one `error:` line, which contains `expected`.
+fn assert_one_error_line(stderr: &str, expected: &str) {
+    let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "stderr: {stderr}");
+    assert!(
+        errors[0].contains(expected),
+        "expected `{expected}` in: {}",
+        errors[0]
+    );
+}
+
+#[test]
+fn a_missing_namespace_is_named() {
+    let (status, stderr) = run_to_exit(&["run", "--netns", "/var/run/netns/no-such-pod"]);
+    assert_eq!(status.code(), Some(1));
+    assert_one_error_line(
+        &stderr,
+        "network namespace /var/run/netns/no-such-pod: no such file",
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_network_namespace_is_refused() {
+    let (status, stderr) = run_to_exit(&["run", "--netns", "/proc/self/ns/mnt"]);
+    assert_eq!(status.code(), Some(1));
+    assert_one_error_line(&stderr, "/proc/self/ns/mnt is not a network namespace");
+    let (status, stderr) = run_to_exit(&["run", "--netns", "/etc/hostname"]);
+    assert_eq!(status.code(), Some(1));
+    assert_one_error_line(&stderr, "/etc/hostname is not a network namespace");
+}
+
+#[test]
+fn an_address_in_use_is_named() {
+    let pod = Netns::create("addr").expect("namespace");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let path = pod.path().display().to_string();
+    let (status, stderr) = run_to_exit(&["run", "--netns", &path, "--metrics-addr", &addr]);
+    assert_eq!(status.code(), Some(1));
+    assert_one_error_line(&stderr, &format!("cannot listen on {addr}"));
+}
+
+#[test]
+fn no_permission_to_load_ebpf_is_explained() {
+    let empty = std::env::temp_dir().join(format!("observer-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let dir = empty.display().to_string();
+    // As `nobody`: no capabilities, so the kernel refuses to load programs.
+    let (status, stderr) = run_to_exit_as(
+        &["run", "--netns-dir", &dir, "--metrics-addr", "127.0.0.1:0"],
+        Some(65534),
+    );
+    let _ = std::fs::remove_dir(&empty);
+    assert_eq!(status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.lines().filter(|l| l.starts_with("error:")).count() == 1, "{stderr}");
+    assert!(stderr.contains("needs root"), "{stderr}");
+}
+
+#[test]
+fn an_unknown_flag_is_a_usage_error() {
+    let (status, stderr) = run_to_exit(&["run", "--no-such-flag"]);
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("--no-such-flag"), "{stderr}");
+}
