@@ -34,9 +34,8 @@ fn check_toolchain() -> Result<(), String> {
     if !rustc.is_ok_and(|out| out.status.success()) {
         return Err(format!("the eBPF toolchain `{EBPF_TOOLCHAIN}` is missing"));
     }
-    let on_path = env::var_os("PATH").is_some_and(|paths| {
-        env::split_paths(&paths).any(|dir| dir.join("bpf-linker").is_file())
-    });
+    let on_path = env::var_os("PATH")
+        .is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join("bpf-linker").is_file()));
     if !on_path {
         return Err("bpf-linker is not on PATH".into());
     }

@@ -24,7 +24,12 @@ pub struct Observer {
 /// debug build of this workspace.
 pub fn binary() -> PathBuf {
     std::env::var_os("OBSERVER_BIN").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/observer")),
+        || {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/debug/observer"
+            ))
+        },
         PathBuf::from,
     )
 }
@@ -142,7 +147,10 @@ pub fn run_to_exit_as(args: &[&str], uid: Option<u32>) -> (ExitStatus, String) {
         "killed by signal {:?}",
         out.status.signal()
     );
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn observer_command(first: &[&str], rest: &[&str], stderr: impl Into<Stdio>) -> Command {
@@ -173,7 +181,9 @@ fn free_port() -> SocketAddr {
 /// A minimal HTTP/1.0 GET: (status code, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;

@@ -59,7 +59,10 @@ fn no_permission_to_load_ebpf_is_explained() {
     );
     let _ = std::fs::remove_dir(&empty);
     assert_eq!(status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.lines().filter(|l| l.starts_with("error:")).count() == 1, "{stderr}");
+    assert!(
+        stderr.lines().filter(|l| l.starts_with("error:")).count() == 1,
+        "{stderr}"
+    );
     assert!(stderr.contains("needs root"), "{stderr}");
 }
 

@@ -83,7 +83,13 @@ fn refused_connects(from: &Netns, to: &str, count: usize) {
     .expect("enter namespace");
 }
 
-fn packets(scrape: &Scrape, netns: &Netns, interface: &str, direction: &str, protocol: &str) -> f64 {
+fn packets(
+    scrape: &Scrape,
+    netns: &Netns,
+    interface: &str,
+    direction: &str,
+    protocol: &str,
+) -> f64 {
     scrape.sum(
         "observer_packets_total",
         &[
@@ -145,9 +151,17 @@ fn counts_exact_packets_per_namespace_on_lo_and_veth() {
     assert_eq!(bytes(&m, &b, "eth0", "ingress", "udp"), 4.0 * UDP_FRAME);
     assert_eq!(packets(&m, &a, "eth0", "ingress", "udp"), 0.0);
     assert_eq!(packets(&m, &b, "eth0", "egress", "tcp"), 2.0, "SYNs b -> a");
-    assert_eq!(packets(&m, &a, "eth0", "ingress", "tcp"), 2.0, "SYNs b -> a");
+    assert_eq!(
+        packets(&m, &a, "eth0", "ingress", "tcp"),
+        2.0,
+        "SYNs b -> a"
+    );
     assert_eq!(packets(&m, &a, "eth0", "egress", "tcp"), 2.0, "RSTs a -> b");
-    assert_eq!(packets(&m, &b, "eth0", "ingress", "tcp"), 2.0, "RSTs a -> b");
+    assert_eq!(
+        packets(&m, &b, "eth0", "ingress", "tcp"),
+        2.0,
+        "RSTs a -> b"
+    );
 
     // Health figures.
     for netns in [&a, &b] {
@@ -248,7 +262,13 @@ fn a_namespace_without_eth0_gets_lo_only() {
     let lonely = Netns::create("lo-only").expect("namespace");
     let observer = observe(&[&lonely]);
     let receiver = udp_receiver(&lonely, "127.0.0.1");
-    udp(&lonely, "127.0.0.1", receiver.local_addr().unwrap(), 2, &receiver);
+    udp(
+        &lonely,
+        "127.0.0.1",
+        receiver.local_addr().unwrap(),
+        2,
+        &receiver,
+    );
     let m = observer.scrape();
     assert_eq!(
         m.sum("observer_programs_attached", &[("netns", lonely.name())]),

@@ -106,7 +106,18 @@ pub fn veth(
 ) -> Result<(), LabError> {
     // Created inside `a` from the start: never an interface in the root namespace.
     let peer = format!("p{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", &peer, "netns", b.name()])?;
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &peer,
+        "netns",
+        b.name(),
+    ])?;
     b.ip(&["link", "set", &peer, "name", b_if])?;
     for (netns, interface, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
         netns.ip(&["addr", "add", addr, "dev", interface])?;
@@ -127,8 +138,7 @@ pub fn cleanup_stale() -> Vec<String> {
         let Some(pid) = owner_pid(&name) else {
             continue;
         };
-        if !PathBuf::from(format!("/proc/{pid}")).exists() && ip(&["netns", "del", &name]).is_ok()
-        {
+        if !PathBuf::from(format!("/proc/{pid}")).exists() && ip(&["netns", "del", &name]).is_ok() {
             deleted.push(name);
         }
     }

@@ -52,7 +52,7 @@ pub enum AttachError {
         path: PathBuf,
         interface: &'static str,
         direction: TcAttachType,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("no namespace with cookie {0} is attached")]
     NotAttached(u64),
@@ -229,14 +229,15 @@ impl Worker {
             for (interface, direction) in hooks {
                 // On error, `links` drops here, inside the namespace, which
                 // detaches what was attached so far.
-                let link = attach_one(&mut programs, tcx, interface, direction).map_err(
-                    |source| AttachError::Attach {
-                        path: path.into(),
-                        interface,
-                        direction,
-                        source,
-                    },
-                )?;
+                let link =
+                    attach_one(&mut programs, tcx, interface, direction).map_err(|source| {
+                        AttachError::Attach {
+                            path: path.into(),
+                            interface,
+                            direction,
+                            source: Box::new(source),
+                        }
+                    })?;
                 links.push(link);
             }
             Ok::<_, AttachError>((links, interfaces))

@@ -6,7 +6,10 @@ use clap::{Args, Parser, Subcommand};
 use observer_common::DEFAULT_FLOW_CAPACITY;
 
 #[derive(Parser)]
-#[command(version, about = "Observe the traffic inside Kubernetes pods with eBPF")]
+#[command(
+    version,
+    about = "Observe the traffic inside Kubernetes pods with eBPF"
+)]
 pub struct Cli {
     /// Log filter: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, env = "OBSERVER_LOG", default_value = "info", global = true)]
@@ -26,10 +29,20 @@ pub struct RunArgs {
     /// A pod network namespace: a bind mount such as /var/run/netns/NAME, or
     /// /proc/PID/ns/net. Repeat for several. Without any, every namespace in
     /// --netns-dir.
-    #[arg(long = "netns", value_name = "PATH", env = "OBSERVER_NETNS", value_delimiter = ',')]
+    #[arg(
+        long = "netns",
+        value_name = "PATH",
+        env = "OBSERVER_NETNS",
+        value_delimiter = ','
+    )]
     pub netns: Vec<PathBuf>,
     /// Where named network namespaces live (used when no --netns is given).
-    #[arg(long, value_name = "DIR", env = "OBSERVER_NETNS_DIR", default_value = "/var/run/netns")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "OBSERVER_NETNS_DIR",
+        default_value = "/var/run/netns"
+    )]
     pub netns_dir: PathBuf,
     /// Address of the metrics endpoint (/metrics, /healthz, /readyz).
     #[arg(long, env = "OBSERVER_METRICS_ADDR", default_value = "127.0.0.1:9465")]
@@ -41,7 +54,12 @@ pub struct RunArgs {
     pub flow_capacity: u32,
     /// Where the observer keeps its runtime state (a private bpffs for its
     /// maps, removed at exit).
-    #[arg(long, value_name = "DIR", env = "OBSERVER_RUNTIME_DIR", default_value = "/run/observer")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "OBSERVER_RUNTIME_DIR",
+        default_value = "/run/observer"
+    )]
     pub runtime_dir: PathBuf,
     /// How often the flow map is read into the metrics (besides every scrape).
     #[arg(long, env = "OBSERVER_COLLECT_INTERVAL", default_value = "10s", value_parser = parse_duration)]

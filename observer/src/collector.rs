@@ -48,9 +48,7 @@ struct Series {
 
 impl Collector {
     pub fn new(maps: Maps, metrics: Arc<Metrics>) -> Self {
-        metrics
-            .flow_map_capacity
-            .set(i64::from(maps.flow_capacity));
+        metrics.flow_map_capacity.set(i64::from(maps.flow_capacity));
         Self {
             maps,
             metrics,
@@ -219,13 +217,22 @@ mod tests {
 
     #[test]
     fn difference_is_what_was_added() {
-        assert_eq!(difference(counters(5, 500), counters(2, 200)), counters(3, 300));
-        assert_eq!(difference(counters(5, 500), counters(5, 500)), counters(0, 0));
+        assert_eq!(
+            difference(counters(5, 500), counters(2, 200)),
+            counters(3, 300)
+        );
+        assert_eq!(
+            difference(counters(5, 500), counters(5, 500)),
+            counters(0, 0)
+        );
     }
 
     #[test]
     fn a_flow_that_restarted_counts_from_zero() {
-        assert_eq!(difference(counters(2, 100), counters(9, 900)), counters(2, 100));
+        assert_eq!(
+            difference(counters(2, 100), counters(9, 900)),
+            counters(2, 100)
+        );
     }
 
     #[test]

@@ -29,18 +29,18 @@ pub enum DatapathError {
     #[error("{0} ({PRIVILEGES})")]
     Pins(#[from] BpffsError),
     #[error("cannot load the eBPF programs: {0} ({PRIVILEGES})")]
-    Load(#[source] EbpfError),
+    Load(#[source] Box<EbpfError>),
     #[error("the kernel refused program {name}: {source}")]
     Program {
         name: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("the eBPF object has no {0}: it does not match this daemon")]
     Missing(&'static str),
@@ -85,17 +85,20 @@ impl Datapath {
             btf: Btf::from_sys_fs().ok(),
         };
         // The programs of this first load are never loaded into the kernel.
-        let mut ebpf = datapath.loader().load(OBJECT).map_err(DatapathError::Load)?;
+        let mut ebpf = datapath
+            .loader()
+            .load(OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
         let flows = take_map(&mut ebpf, FLOWS_MAP)?;
         let stats = take_map(&mut ebpf, STATS_MAP)?;
         let maps = Maps {
             flows: HashMap::try_from(flows).map_err(|source| DatapathError::Map {
                 name: FLOWS_MAP,
-                source,
+                source: Box::new(source),
             })?,
             stats: PerCpuArray::try_from(stats).map_err(|source| DatapathError::Map {
                 name: STATS_MAP,
-                source,
+                source: Box::new(source),
             })?,
             flow_capacity,
         };
@@ -108,16 +111,20 @@ impl Datapath {
             .loader()
             .override_global(NETNS_COOKIE_GLOBAL, &netns_cookie, true)
             .load(OBJECT)
-            .map_err(DatapathError::Load)?;
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in [EGRESS_PROGRAM, INGRESS_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::Missing(name))?
                 .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| DatapathError::Program { name, source })?;
+                .map_err(|source| DatapathError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
+            program.load().map_err(|source| DatapathError::Program {
+                name,
+                source: Box::new(source),
+            })?;
         }
         Ok(Programs { ebpf })
     }

@@ -33,7 +33,10 @@ impl Metrics {
         let registry = Registry::new();
         let metrics = Self {
             packets: IntCounterVec::new(
-                Opts::new("observer_packets_total", "Packets seen in pod network namespaces."),
+                Opts::new(
+                    "observer_packets_total",
+                    "Packets seen in pod network namespaces.",
+                ),
                 &TRAFFIC_LABELS,
             )
             .expect("valid metric"),

@@ -136,7 +136,10 @@ mod tests {
     fn names_bind_mounts_by_their_file_name() {
         assert_eq!(display_name(Path::new("/var/run/netns/pod-a")), "pod-a");
         assert_eq!(display_name(Path::new("/run/netns/b")), "b");
-        assert_eq!(display_name(Path::new("/proc/42/ns/net")), "/proc/42/ns/net");
+        assert_eq!(
+            display_name(Path::new("/proc/42/ns/net")),
+            "/proc/42/ns/net"
+        );
     }
 
     #[test]

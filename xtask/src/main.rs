@@ -1,12 +1,21 @@
 //! Developer tasks: `cargo xtask <setup|run|test>`.
+//!
+//! Each task installs what it needs first (`setup`), so a new machine needs
+//! nothing but Rust from rustup.
 
 mod cmd;
+mod test;
 mod toolchain;
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+use crate::cmd::run;
 
 #[derive(Parser)]
 #[command(about = "Build, run and test the observer")]
@@ -19,6 +28,20 @@ struct Cli {
 enum Task {
     /// Find or install the eBPF toolchain (idempotent).
     Setup,
+    /// Build the observer and run it on this machine (as root): by default on
+    /// every network namespace under /var/run/netns, metrics on
+    /// http://127.0.0.1:9465/metrics.
+    Run {
+        /// Arguments for `observer run` (see `observer run --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, then the end-to-end tests against the
+    /// kernel (as root, one at a time).
+    Test {
+        /// Only the end-to-end tests whose name contains this.
+        filter: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -26,6 +49,11 @@ fn main() -> Result<()> {
     let workspace = workspace_root();
     match cli.task {
         Task::Setup => setup(&workspace),
+        Task::Run { args } => run_observer(&workspace, &args),
+        Task::Test { filter } => {
+            let observer = build_observer(&workspace)?;
+            test::run_all(&workspace, &observer, filter.as_deref())
+        }
     }
 }
 
@@ -41,6 +69,43 @@ fn setup(workspace: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Builds the observer (debug) and returns the binary's path.
+fn build_observer(workspace: &Path) -> Result<PathBuf> {
+    setup(workspace)?;
+    run(cargo(workspace).args(["build", "--package", "observer"]))?;
+    Ok(workspace.join("target/debug/observer"))
+}
+
+fn run_observer(workspace: &Path, args: &[String]) -> Result<()> {
+    let observer = build_observer(workspace)?;
+    let mut command = as_root(&observer);
+    command.arg("run").args(args);
+    eprintln!("run: {command:?} (Ctrl-C stops it and detaches everything)");
+    run(&mut command)
+}
+
+pub fn cargo(workspace: &Path) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace);
+    command
+}
+
+/// `program`, through sudo unless we are root already.
+fn as_root(program: &Path) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut command = Command::new("sudo");
+        command.arg("-E").arg(program);
+        command
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 fn workspace_root() -> PathBuf {

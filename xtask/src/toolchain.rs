@@ -19,7 +19,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 use crate::cmd::{output, run};
 
@@ -95,7 +95,10 @@ fn provide_compiler() -> Result<(PathBuf, String)> {
         );
     }
     link_toolchain(&debian)?;
-    Ok((debian, format!("linked Debian's Rust (/usr) as `{TOOLCHAIN}`")))
+    Ok((
+        debian,
+        format!("linked Debian's Rust (/usr) as `{TOOLCHAIN}`"),
+    ))
 }
 
 fn link_toolchain(sysroot: &Path) -> Result<()> {
@@ -115,10 +118,10 @@ fn nightly_with_rust_src() -> Result<Option<(String, PathBuf)>> {
         if !name.starts_with("nightly") {
             continue;
         }
-        if let Some(sysroot) = toolchain_sysroot(name) {
-            if has_rust_src(&sysroot) {
-                return Ok(Some((name.to_owned(), sysroot)));
-            }
+        if let Some(sysroot) = toolchain_sysroot(name)
+            && has_rust_src(&sysroot)
+        {
+            return Ok(Some((name.to_owned(), sysroot)));
         }
     }
     Ok(None)
