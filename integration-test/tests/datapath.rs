@@ -244,6 +244,12 @@ fn sigterm_detaches_everything() {
                 .exec("tc", &["qdisc", "show", "dev", interface])
                 .unwrap();
             assert!(!qdiscs.contains("clsact"), "{interface}: {qdiscs}");
+            for hook in ["ingress", "egress"] {
+                let filters = netns
+                    .exec("tc", &["filter", "show", "dev", interface, hook])
+                    .unwrap();
+                assert_eq!(filters.trim(), "", "{interface} {hook} filters");
+            }
         }
     }
     assert_eq!(our_programs_loaded(), Vec::<String>::new());
@@ -275,5 +281,39 @@ fn a_namespace_without_eth0_gets_lo_only() {
         1.0
     );
     assert_eq!(packets(&m, &lonely, "lo", "egress", "udp"), 2.0);
+    assert!(observer.terminate().success());
+}
+
+#[test]
+fn counts_what_a_full_flow_map_evicts() {
+    const CAPACITY: usize = 64;
+    const FLOWS: usize = 300;
+    let pod = Netns::create("evict").expect("namespace");
+    let capacity = CAPACITY.to_string();
+    let path = pod.path().display().to_string();
+    let observer = Observer::start(&["--netns", &path, "--flow-capacity", &capacity]);
+
+    // One datagram from each of FLOWS sockets: FLOWS distinct flows on lo.
+    let receiver = udp_receiver(&pod, "127.0.0.1");
+    let to = receiver.local_addr().unwrap();
+    pod.run(|| {
+        // All kept open until the end, so no source port is used twice.
+        let senders: Vec<_> = (0..FLOWS)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind sender"))
+            .collect();
+        for sender in &senders {
+            sender.send_to(&[1; 8], to).expect("send");
+        }
+    })
+    .expect("enter namespace");
+
+    let m = observer.scrape();
+    let entries = m.sum("observer_flow_map_entries", &[]);
+    let evicted = m.sum("observer_flow_map_evictions_total", &[]);
+    assert_eq!(m.sum("observer_flow_map_capacity", &[]), CAPACITY as f64);
+    assert!(entries <= CAPACITY as f64, "{entries} entries");
+    // Every flow is either still in the map or was evicted.
+    assert_eq!(entries + evicted, FLOWS as f64, "{entries} + {evicted}");
+    assert_eq!(m.sum("observer_flow_insert_failures_total", &[]), 0.0);
     assert!(observer.terminate().success());
 }
