@@ -3,7 +3,7 @@
 use std::{
     fs::File,
     os::fd::AsRawFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -13,29 +13,46 @@ use crate::LabError;
 /// Where `ip netns` keeps its bind mounts.
 pub const NETNS_DIR: &str = "/var/run/netns";
 /// Prefix of every namespace this crate creates: `<prefix>-<pid>-<n>`.
-const PREFIX: &str = "obslab";
+pub(crate) const PREFIX: &str = "obslab";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A network namespace with `lo` up, deleted on drop (with everything in it:
-/// its interfaces, addresses, routes, qdiscs and tc programs).
+/// A named network namespace with `lo` up. One made by [`Netns::create`] is
+/// deleted on drop, with everything in it: its interfaces, addresses, routes,
+/// firewall rules, qdiscs and tc programs.
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// Deleted on drop (otherwise its owner deletes it, as a lab does).
+    owned: bool,
 }
 
 impl Netns {
-    /// Creates `obslab-<pid>-<n>-<role>`.
+    /// Creates `obslab-<pid>-<n>-<role>`, deleted on drop.
     pub fn create(role: &str) -> Result<Self, LabError> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{PREFIX}-{}-{n}-{role}", std::process::id());
-        ip(&["netns", "add", &name])?;
-        let netns = Self { name };
+        let mut netns = Self::create_named(&format!("{PREFIX}-{}-{n}-{role}", std::process::id()))?;
+        netns.owned = true;
+        Ok(netns)
+    }
+
+    /// Creates a namespace called `name` that outlives this handle.
+    pub(crate) fn create_named(name: &str) -> Result<Self, LabError> {
+        ip(&["netns", "add", name])?;
+        let netns = Self::existing(name);
         netns.ip(&["link", "set", "lo", "up"])?;
         // No IPv6 router solicitations or DAD: tests count exact packets.
         netns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
         netns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
         Ok(netns)
+    }
+
+    /// A handle to an existing namespace; dropping it deletes nothing.
+    pub fn existing(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            owned: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -94,8 +111,32 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
+        if self.owned {
+            let _ = ip(&["netns", "del", &self.name]);
+        }
     }
+}
+
+/// Names of the namespaces under [`NETNS_DIR`] that start with `prefix`.
+pub(crate) fn named_with_prefix(prefix: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Deletes a namespace by name; a missing one is fine.
+pub(crate) fn delete(name: &str) -> Result<(), LabError> {
+    if Path::new(NETNS_DIR).join(name).exists() {
+        ip(&["netns", "del", name])?;
+    }
+    Ok(())
 }
 
 /// Joins `a` and `b` with a veth pair, named `a_if` in `a` and `b_if` in `b`,
@@ -155,7 +196,7 @@ fn owner_pid(name: &str) -> Option<u32> {
         .ok()
 }
 
-fn ip(args: &[&str]) -> Result<String, LabError> {
+pub(crate) fn ip(args: &[&str]) -> Result<String, LabError> {
     let command = format!("ip {}", args.join(" "));
     let out = Command::new("ip")
         .args(args)

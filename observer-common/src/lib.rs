@@ -1,9 +1,14 @@
 //! Types shared by the eBPF programs and the daemon.
 //!
-//! Every type here is a map key or value: `#[repr(C)]`, fixed-width fields,
-//! explicit padding (padding bytes in a hash key must be zero or lookups
-//! miss), no `bool`, `Option` or enum, and a compile-time size check.
-#![no_std]
+//! Every type at the top level is a map key or value: `#[repr(C)]`,
+//! fixed-width fields, explicit padding (padding bytes in a hash key must be
+//! zero or lookups miss), no `bool`, `Option` or enum, and a compile-time size
+//! check. With the `inventory` feature, [`inventory`] adds the local-mode
+//! inventory format (std and serde; never in the eBPF build).
+#![cfg_attr(not(feature = "inventory"), no_std)]
+
+#[cfg(feature = "inventory")]
+pub mod inventory;
 
 /// Name of the flow map in the eBPF object.
 pub const FLOWS_MAP: &str = "FLOWS";

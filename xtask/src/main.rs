@@ -4,6 +4,8 @@
 //! nothing but Rust from rustup.
 
 mod cmd;
+mod lab;
+mod packages;
 mod test;
 mod toolchain;
 
@@ -36,6 +38,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The node lab: a simulated Kubernetes node in network namespaces.
+    #[command(subcommand)]
+    Lab(lab::LabTask),
     /// Run every test: unit tests, then the end-to-end tests against the
     /// kernel (as root, one at a time).
     Test {
@@ -50,7 +55,9 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup => setup(&workspace),
         Task::Run { args } => run_observer(&workspace, &args),
+        Task::Lab(task) => lab::run(task),
         Task::Test { filter } => {
+            packages::ensure(packages::LAB)?;
             let observer = build_observer(&workspace)?;
             test::run_all(&workspace, &observer, filter.as_deref())
         }

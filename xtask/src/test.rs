@@ -18,7 +18,7 @@ pub fn run_all(workspace: &Path, observer: &Path, filter: Option<&str>) -> Resul
     ]));
     // Namespaces of an earlier run that was killed.
     for stale in lab::cleanup_stale() {
-        eprintln!("test: removed namespace {stale} of a killed run");
+        eprintln!("test: removed {stale} of a killed run");
     }
     // End to end, as root and one at a time: the tests share the kernel.
     let mut command = cargo(workspace);

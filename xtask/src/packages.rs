@@ -1,0 +1,42 @@
+//! Debian packages the tasks need, installed when missing.
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cmd::run, toolchain::which};
+
+/// Installs the packages whose program is missing: `(program, package)`.
+pub fn ensure(wanted: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(program, _)| which(program).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if which("apt-get").is_none() {
+        bail!(
+            "missing programs: install the packages {}",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("installing {} failed: are you root?", missing.join(" ")))
+}
+
+/// What the node lab runs: iproute2, iptables (kube-proxy's rules), curl and
+/// Python (the default lab's clients and servers).
+pub const LAB: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("iptables", "iptables"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("tc", "iproute2"),
+];
