@@ -10,10 +10,33 @@
 #[cfg(feature = "inventory")]
 pub mod inventory;
 
+/// Address bytes of an IPv4 address as flows carry it: `::ffff:a.b.c.d`.
+pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    let mut addr = [0; 16];
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    addr[12] = octets[0];
+    addr[13] = octets[1];
+    addr[14] = octets[2];
+    addr[15] = octets[3];
+    addr
+}
+
 /// Name of the flow map in the eBPF object.
 pub const FLOWS_MAP: &str = "FLOWS";
 /// Name of the per-CPU datapath statistics map in the eBPF object.
 pub const STATS_MAP: &str = "STATS";
+/// Name of the Service map: [`ServiceKey`] to a Service id (`u32`).
+pub const SERVICES_MAP: &str = "SERVICES";
+/// Name of the LPM trie of addresses: key `(prefix length, [u8; 16])`, value
+/// [`CidrValue`].
+pub const CIDRS_MAP: &str = "CIDRS";
+/// Name of the one-element array holding the classification generation.
+pub const GENERATION_MAP: &str = "GENERATION";
+/// Capacity of the Service map (Service ports).
+pub const SERVICES_CAPACITY: u32 = 16_384;
+/// Capacity of the address trie (pods, nodes and ranges).
+pub const CIDRS_CAPACITY: u32 = 65_536;
 /// Name of the global that tells a program instance its namespace.
 pub const NETNS_COOKIE_GLOBAL: &str = "NETNS_COOKIE";
 /// Capacity the flow map is built with; the daemon may resize it before load.
@@ -64,15 +87,83 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 56);
 
-/// Counters of one flow, updated with atomic adds by every CPU.
+/// Traffic classes, decided in the kernel when a flow is first seen.
+pub mod class {
+    pub const UNKNOWN: u8 = 0;
+    /// On the pod's `lo`: container to container inside the pod.
+    pub const LOCALHOST: u8 = 1;
+    /// To or from another pod's IP (any node).
+    pub const POD: u8 = 2;
+    /// To a Service ClusterIP (seen before kube-proxy's DNAT), and its replies.
+    pub const SERVICE: u8 = 3;
+    /// To or from a node's own address.
+    pub const NODE: u8 = 4;
+    /// Everything else.
+    pub const EXTERNAL: u8 = 5;
+}
+
+/// Which end of a flow is the server (owns the listening socket).
+pub mod server {
+    /// Not decidable in the kernel (both ends have bound UDP sockets, say).
+    pub const UNKNOWN: u8 = 0;
+    /// The packet's source is the server: a response.
+    pub const SOURCE: u8 = 1;
+    /// The packet's destination is the server: a request.
+    pub const DESTINATION: u8 = 2;
+}
+
+/// What the kernel knows of one flow: counters (updated with atomic adds by
+/// every CPU) and the flow's classification (written when it is first seen,
+/// and again when the daemon changes the classification maps).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowCounters {
+pub struct FlowValue {
     pub packets: u64,
     /// Bytes as seen at the hook, link-layer header included.
     pub bytes: u64,
+    /// TCP connections opened: SYNs without ACK, sent by the client.
+    pub connections: u64,
+    /// cgroup v2 id of the sending socket, where the hook knows it (`lo`,
+    /// and `eth0` egress); 0 for packets without a socket. The receiving
+    /// container is the sender of the reverse flow.
+    pub src_cgroup: u64,
+    /// The Service (class SERVICE), pod or node (POD, NODE) the peer is, as
+    /// numbered by the daemon; 0 when unknown.
+    pub peer_id: u32,
+    /// [`GENERATION_MAP`] value the classification was made with.
+    pub generation: u32,
+    /// One of [`class`].
+    pub class: u8,
+    /// One of [`server`].
+    pub server: u8,
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<FlowCounters>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 48);
+
+/// Key of [`SERVICES_MAP`]: a ClusterIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// IPv4-mapped for IPv4, like flow addresses.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
+
+/// Value of [`CIDRS_MAP`], an LPM trie over 16-byte addresses: pod CIDRs and
+/// the Service range (id 0), pod and node addresses (/128, with their id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrValue {
+    /// One of [`class`].
+    pub class: u8,
+    pub _pad: [u8; 3],
+    pub id: u32,
+}
+const _: () = assert!(core::mem::size_of::<CidrValue>() == 8);
 
 /// Per-CPU datapath statistics (index 0 of [`STATS_MAP`]).
 #[repr(C)]
@@ -90,6 +181,8 @@ const _: () = assert!(core::mem::size_of::<DatapathStats>() == 16);
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers and byte arrays with explicit padding.
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::FlowCounters {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::CidrValue {}
     unsafe impl aya::Pod for super::DatapathStats {}
 }

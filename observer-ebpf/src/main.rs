@@ -10,6 +10,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod classify;
 mod parse;
 
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
@@ -17,19 +18,33 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
     macros::{classifier, map},
-    maps::{LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use observer_common::{
-    DEFAULT_FLOW_CAPACITY, DatapathStats, FlowCounters, FlowKey,
+    CIDRS_CAPACITY, CidrValue, DEFAULT_FLOW_CAPACITY, DatapathStats, FlowKey, FlowValue,
+    SERVICES_CAPACITY, ServiceKey,
     direction::{EGRESS, INGRESS},
 };
 
 /// Flows of every attached namespace. A shared LRU (not per-CPU): per-CPU
 /// values would multiply the map's memory by the number of CPUs.
 #[map]
-static FLOWS: LruHashMap<FlowKey, FlowCounters> =
+static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// Service ClusterIP, port and protocol to the Service's id.
+#[map]
+static SERVICES: HashMap<ServiceKey, u32> = HashMap::with_max_entries(SERVICES_CAPACITY, 0);
+
+/// Pod CIDRs and the Service range, pod and node addresses.
+#[map]
+static CIDRS: LpmTrie<[u8; 16], CidrValue> = LpmTrie::with_max_entries(CIDRS_CAPACITY, 0);
+
+/// Bumped by the daemon after it changes SERVICES or CIDRS: flows classified
+/// under an older generation are classified again.
+#[map]
+static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 static STATS: PerCpuArray<DatapathStats> = PerCpuArray::with_max_entries(1, 0);
@@ -56,42 +71,66 @@ pub fn observe_ingress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-#[inline(always)]
-fn observe(ctx: &TcContext, direction: u8) {
-    let mut key = parse::flow_key(ctx);
-    key.direction = direction;
-    // SAFETY: a plain read; volatile so that the value set at load time is read.
-    key.netns_cookie = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
-    count(&key, u64::from(ctx.len()));
+/// Does nothing: the baseline `cargo xtask bench` measures the others against.
+#[classifier]
+pub fn noop(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
 }
 
 #[inline(always)]
-fn count(key: &FlowKey, bytes: u64) {
-    if add(key, bytes) {
+fn observe(ctx: &TcContext, direction: u8) {
+    let (mut key, syn) = parse::flow_key(ctx);
+    key.direction = direction;
+    // SAFETY: a plain read; volatile so that the value set at load time is read.
+    key.netns_cookie = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
+    count(ctx, &key, u64::from(ctx.len()), u64::from(syn));
+}
+
+#[inline(always)]
+fn count(ctx: &TcContext, key: &FlowKey, bytes: u64, syn: u64) {
+    let generation = GENERATION.get(0).copied().unwrap_or(0);
+    if let Some(value) = FLOWS.get_ptr_mut(key) {
+        add(value, bytes, syn);
+        // SAFETY: a live map value. Classification fields are written without
+        // atomics: CPUs racing here write the same result.
+        unsafe {
+            if (*value).generation != generation {
+                (*value).generation = generation;
+                classify::classify(ctx, key, &mut *value);
+            }
+        }
         return;
     }
-    let first = FlowCounters { packets: 1, bytes };
+    let mut first = FlowValue {
+        packets: 1,
+        bytes,
+        connections: syn,
+        generation,
+        ..FlowValue::default()
+    };
+    classify::classify(ctx, key, &mut first);
     if FLOWS.insert(key, &first, u64::from(BPF_NOEXIST)).is_ok() {
         bump_stats(|s| s.flows_created += 1);
-    } else if !add(key, bytes) {
-        // Neither inserted nor present after another CPU's insert.
+    } else if let Some(value) = FLOWS.get_ptr_mut(key) {
+        // Another CPU inserted it first.
+        add(value, bytes, syn);
+    } else {
         bump_stats(|s| s.flow_insert_failed += 1);
     }
 }
 
-/// Adds one packet to an existing flow; false when the flow is not in the map.
+/// Adds one packet to a flow's counters.
 #[inline(always)]
-fn add(key: &FlowKey, bytes: u64) -> bool {
-    let Some(counters) = FLOWS.get_ptr_mut(key) else {
-        return false;
-    };
-    // SAFETY: the pointer is a live, 8-byte aligned map value. Other CPUs update
-    // it concurrently, hence atomic adds.
+fn add(value: *mut FlowValue, bytes: u64, syn: u64) {
+    // SAFETY: a live, 8-byte aligned map value. Other CPUs update it
+    // concurrently, hence atomic adds.
     unsafe {
-        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*counters).packets, 1);
-        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*counters).bytes, bytes);
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).packets, 1);
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).bytes, bytes);
+        if syn != 0 {
+            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).connections, 1);
+        }
     }
-    true
 }
 
 #[inline(always)]

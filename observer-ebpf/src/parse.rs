@@ -5,9 +5,9 @@
 //! (the common case) and through `bpf_skb_load_bytes` otherwise, so a
 //! non-linear skb is still counted under the right flow.
 
-use core::mem::size_of;
+use core::mem::{MaybeUninit, size_of};
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use observer_common::{FlowKey, family};
 
 const ETH_HLEN: usize = 14;
@@ -15,6 +15,10 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
 const IPPROTO_TCP: u8 = 6;
+/// Data offset and flags in the TCP header (flags are the second byte).
+const TCP_OFFSET_FLAGS: usize = 12;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
@@ -45,9 +49,10 @@ struct Ipv6Header {
     dst: [u8; 16],
 }
 
-/// The flow key of the packet, but for `netns_cookie` and `direction`.
+/// The flow key of the packet (but for `netns_cookie` and `direction`), and
+/// whether it opens a TCP connection (SYN without ACK).
 #[inline(always)]
-pub fn flow_key(ctx: &TcContext) -> FlowKey {
+pub fn flow_key(ctx: &TcContext) -> (FlowKey, bool) {
     let mut key = FlowKey::default();
     // SAFETY: reads of the context the kernel passed in.
     let (if_index, protocol) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).protocol) };
@@ -58,13 +63,20 @@ pub fn flow_key(ctx: &TcContext) -> FlowKey {
         ETH_P_IPV6 => ipv6(ctx, &mut key),
         _ => None,
     };
+    let mut syn = false;
     if let Some(offset) = l4_offset {
         if let Some(ports) = read::<[u16; 2]>(ctx, offset) {
             key.src_port = u16::from_be(ports[0]);
             key.dst_port = u16::from_be(ports[1]);
         }
+        if key.protocol == IPPROTO_TCP {
+            // The 16-bit word of data offset and flags: a 1-byte read would let
+            // LLVM turn the bounds check into a form the verifier cannot use.
+            let word = read::<[u8; 2]>(ctx, offset + TCP_OFFSET_FLAGS).unwrap_or([0; 2]);
+            syn = word[1] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        }
     }
-    key
+    (key, syn)
 }
 
 /// Fills the IPv4 fields; returns the transport header's offset if it has ports.
@@ -115,5 +127,19 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
         // SAFETY: the whole `T` lies before data_end, as checked just above.
         return Some(unsafe { ((start + offset) as *const T).read_unaligned() });
     }
-    ctx.load::<T>(offset).ok()
+    // Not `ctx.load`: its error path leaves the value undefined, and LLVM may
+    // then compute with it before branching, which the verifier refuses.
+    // A zeroed buffer is defined on every path.
+    let mut buf = MaybeUninit::<T>::zeroed();
+    // SAFETY: the helper writes at most size_of::<T>() bytes into `buf`.
+    let copied = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset as u32,
+            buf.as_mut_ptr().cast(),
+            size_of::<T>() as u32,
+        )
+    };
+    // SAFETY: zero bytes are a valid T for the plain integers we read.
+    (copied == 0).then(|| unsafe { buf.assume_init() })
 }

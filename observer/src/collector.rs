@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::maps::MapError;
-use observer_common::{FlowCounters, FlowKey, direction, family};
+use observer_common::{FlowKey, FlowValue as FlowCounters, direction, family};
 
 use crate::{attach::AttachedNetns, datapath::Maps, metrics::Metrics};
 
@@ -186,6 +186,7 @@ fn difference(now: FlowCounters, before: FlowCounters) -> FlowCounters {
         FlowCounters {
             packets: now.packets - before.packets,
             bytes: now.bytes - before.bytes,
+            ..now
         }
     }
 }

@@ -10,7 +10,7 @@ use aya::{
     programs::{ProgramError, SchedClassifier},
 };
 use observer_common::{
-    DatapathStats, FLOWS_MAP, FlowCounters, FlowKey, NETNS_COOKIE_GLOBAL, STATS_MAP,
+    DatapathStats, FLOWS_MAP, FlowKey, FlowValue, NETNS_COOKIE_GLOBAL, STATS_MAP,
 };
 
 use crate::bpffs::{BpffsError, PinDir};
@@ -70,7 +70,7 @@ impl Programs {
 
 /// The maps the collector reads.
 pub struct Maps {
-    pub flows: HashMap<MapData, FlowKey, FlowCounters>,
+    pub flows: HashMap<MapData, FlowKey, FlowValue>,
     pub stats: PerCpuArray<MapData, DatapathStats>,
     pub flow_capacity: u32,
 }
