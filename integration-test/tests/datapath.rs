@@ -83,6 +83,27 @@ fn refused_connects(from: &Netns, to: &str, count: usize) {
     .expect("enter namespace");
 }
 
+/// Traffic of `netns` on `interface`: on `lo` all of it (class localhost,
+/// each packet counted once), on `eth0` in `direction` (no inventory: the
+/// peers are external).
+fn traffic(
+    scrape: &Scrape,
+    family: &str,
+    netns: &Netns,
+    interface: &str,
+    direction: &str,
+    protocol: &str,
+) -> f64 {
+    let mut labels = vec![("pod", netns.name()), ("protocol", protocol)];
+    if interface == "lo" {
+        labels.push(("class", "localhost"));
+    } else {
+        labels.push(("class", "external"));
+        labels.push(("direction", direction));
+    }
+    scrape.sum(family, &labels)
+}
+
 fn packets(
     scrape: &Scrape,
     netns: &Netns,
@@ -90,26 +111,24 @@ fn packets(
     direction: &str,
     protocol: &str,
 ) -> f64 {
-    scrape.sum(
-        "observer_packets_total",
-        &[
-            ("netns", netns.name()),
-            ("interface", interface),
-            ("direction", direction),
-            ("protocol", protocol),
-        ],
+    traffic(
+        scrape,
+        "observer_flow_packets_total",
+        netns,
+        interface,
+        direction,
+        protocol,
     )
 }
 
 fn bytes(scrape: &Scrape, netns: &Netns, interface: &str, direction: &str, protocol: &str) -> f64 {
-    scrape.sum(
-        "observer_bytes_total",
-        &[
-            ("netns", netns.name()),
-            ("interface", interface),
-            ("direction", direction),
-            ("protocol", protocol),
-        ],
+    traffic(
+        scrape,
+        "observer_flow_bytes_total",
+        netns,
+        interface,
+        direction,
+        protocol,
     )
 }
 
@@ -133,17 +152,31 @@ fn counts_exact_packets_per_namespace_on_lo_and_veth() {
     refused_connects(&b, A_ADDR, 2);
 
     let m = observer.scrape();
-    // Loopback: counted once (at lo egress), never at lo ingress.
+    // Loopback: counted once (at lo egress), not again at lo ingress.
     assert_eq!(packets(&m, &a, "lo", "egress", "udp"), 3.0);
     assert_eq!(bytes(&m, &a, "lo", "egress", "udp"), 3.0 * UDP_FRAME);
     assert_eq!(packets(&m, &a, "lo", "egress", "tcp"), 4.0);
     assert_eq!(packets(&m, &b, "lo", "egress", "udp"), 5.0);
     assert_eq!(bytes(&m, &b, "lo", "egress", "udp"), 5.0 * UDP_FRAME);
     assert_eq!(packets(&m, &b, "lo", "egress", "tcp"), 6.0);
-    for netns in [&a, &b] {
-        assert_eq!(packets(&m, netns, "lo", "ingress", "udp"), 0.0);
-        assert_eq!(packets(&m, netns, "lo", "ingress", "tcp"), 0.0);
-    }
+    // The refused connects on lo: each SYN is a request to port 9.
+    let syns = m.sum(
+        "observer_flow_packets_total",
+        &[
+            ("pod", a.name()),
+            ("class", "localhost"),
+            ("direction", "request"),
+            ("port", "9"),
+        ],
+    );
+    assert_eq!(syns, 2.0);
+    assert_eq!(
+        m.sum(
+            "observer_connections_opened_total",
+            &[("pod", a.name()), ("port", "9")]
+        ),
+        2.0
+    );
     // The veth, seen from each end.
     assert_eq!(packets(&m, &a, "eth0", "egress", "udp"), 4.0);
     assert_eq!(bytes(&m, &a, "eth0", "egress", "udp"), 4.0 * UDP_FRAME);
@@ -166,7 +199,7 @@ fn counts_exact_packets_per_namespace_on_lo_and_veth() {
     // Health figures.
     for netns in [&a, &b] {
         assert_eq!(
-            m.sum("observer_programs_attached", &[("netns", netns.name())]),
+            m.sum("observer_programs_attached", &[("pod", netns.name())]),
             3.0,
             "lo egress, eth0 egress and ingress"
         );
@@ -277,7 +310,7 @@ fn a_namespace_without_eth0_gets_lo_only() {
     );
     let m = observer.scrape();
     assert_eq!(
-        m.sum("observer_programs_attached", &[("netns", lonely.name())]),
+        m.sum("observer_programs_attached", &[("pod", lonely.name())]),
         1.0
     );
     assert_eq!(packets(&m, &lonely, "lo", "egress", "udp"), 2.0);

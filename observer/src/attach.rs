@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     datapath::{Datapath, DatapathError, EGRESS_PROGRAM, INGRESS_PROGRAM, Programs},
+    identities::ObjectRef,
     netns::{self, NetNs, NetnsError},
 };
 
@@ -63,20 +64,20 @@ pub enum AttachError {
 /// A namespace the programs are attached to.
 #[derive(Clone, Debug)]
 pub struct AttachedNetns {
-    /// Label for metrics and logs.
+    /// For logs: `namespace/pod`, or the namespace's name.
     pub name: String,
+    /// The pod (in `--netns` mode: no namespace, the netns name as the pod).
+    pub pod: ObjectRef,
     pub path: PathBuf,
     /// `bpf_get_netns_cookie` value of its packets.
     pub cookie: u64,
-    /// Interfaces with programs, by index inside the namespace.
-    pub interfaces: Vec<(u32, &'static str)>,
     /// Number of tc attachments (lo egress; eth0 egress and ingress).
     pub programs: usize,
 }
 
 struct AttachRequest {
     path: PathBuf,
-    name: String,
+    pod: ObjectRef,
     reply: oneshot::Sender<Result<AttachedNetns, AttachError>>,
 }
 
@@ -116,12 +117,12 @@ impl AttachWorker {
         })
     }
 
-    /// Attaches to the namespace at `path`, labelled `name`.
-    pub async fn attach(&self, path: &Path, name: String) -> Result<AttachedNetns, AttachError> {
+    /// Attaches to the network namespace of `pod` at `path`.
+    pub async fn attach(&self, path: &Path, pod: ObjectRef) -> Result<AttachedNetns, AttachError> {
         let (reply, answer) = oneshot::channel();
         self.send(AttachRequest {
             path: path.into(),
-            name,
+            pod,
             reply,
         })?;
         answer.await.map_err(|_| AttachError::WorkerGone)?
@@ -182,8 +183,8 @@ impl Worker {
     }
 
     fn serve(&mut self, inbox: mpsc::Receiver<AttachRequest>) {
-        for AttachRequest { path, name, reply } in inbox {
-            let _ = reply.send(self.attach(&path, name));
+        for AttachRequest { path, pod, reply } in inbox {
+            let _ = reply.send(self.attach(&path, pod));
         }
         let cookies: Vec<u64> = self.attached.keys().copied().collect();
         for cookie in cookies {
@@ -193,7 +194,12 @@ impl Worker {
         }
     }
 
-    fn attach(&mut self, path: &Path, name: String) -> Result<AttachedNetns, AttachError> {
+    fn attach(&mut self, path: &Path, pod: ObjectRef) -> Result<AttachedNetns, AttachError> {
+        let name = if pod.namespace.is_empty() {
+            pod.name.clone()
+        } else {
+            format!("{}/{}", pod.namespace, pod.name)
+        };
         let netns = NetNs::open(path)?;
         let cookie = netns
             .run(&self.home, netns::cookie_of_current)?
@@ -215,14 +221,12 @@ impl Worker {
                 source,
             })?;
         let tcx = self.tcx;
-        let (links, interfaces) = netns.run(&self.home, || {
+        let links = netns.run(&self.home, || {
             let mut links = Vec::new();
-            let mut interfaces = vec![(1, LOOPBACK)];
             // Loopback packets pass lo egress and then lo ingress: attach
             // one hook only, so each is counted once.
             let mut hooks = vec![(LOOPBACK, TcAttachType::Egress)];
-            if let Some(index) = interface_index(POD_INTERFACE) {
-                interfaces.push((index, POD_INTERFACE));
+            if interface_exists(POD_INTERFACE) {
                 hooks.push((POD_INTERFACE, TcAttachType::Egress));
                 hooks.push((POD_INTERFACE, TcAttachType::Ingress));
             }
@@ -240,14 +244,14 @@ impl Worker {
                     })?;
                 links.push(link);
             }
-            Ok::<_, AttachError>((links, interfaces))
+            Ok::<_, AttachError>(links)
         })??;
         let info = AttachedNetns {
             name,
+            pod,
             path: path.into(),
             cookie,
             programs: links.len(),
-            interfaces,
         };
         tracing::info!(netns = %info.name, path = %path.display(), cookie, programs = info.programs, "attached");
         self.attached.insert(
@@ -316,10 +320,11 @@ fn attach_one(
     program.take_link(id)
 }
 
-/// Index of `name` in the current thread's namespace, if it exists.
-fn interface_index(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
+/// Whether interface `name` exists in the current thread's namespace.
+fn interface_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
     // SAFETY: reads a NUL-terminated string we own.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }

@@ -26,6 +26,18 @@ pub enum Command {
 
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
+    /// Local mode: pods, containers and Services from this inventory (as
+    /// the node lab writes it) instead of --netns.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "OBSERVER_INVENTORY",
+        conflicts_with = "netns"
+    )]
+    pub inventory: Option<PathBuf>,
+    /// With --inventory: only the pods of this node (default: all pods).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME", requires = "inventory")]
+    pub node: Option<String>,
     /// A pod network namespace: a bind mount such as /var/run/netns/NAME, or
     /// /proc/PID/ns/net. Repeat for several. Without any, every namespace in
     /// --netns-dir.
@@ -52,6 +64,18 @@ pub struct RunArgs {
     #[arg(long, env = "OBSERVER_FLOW_CAPACITY", default_value_t = DEFAULT_FLOW_CAPACITY,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub flow_capacity: u32,
+    /// Traffic series per pod beyond which new series are counted under an
+    /// `overflow` series (per class and direction).
+    #[arg(long, env = "OBSERVER_MAX_SERIES_PER_POD", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_series_per_pod: u32,
+    /// How long the series of a pod that is gone are still exported.
+    #[arg(long, env = "OBSERVER_SERIES_GRACE", default_value = "5m", value_parser = parse_duration)]
+    pub series_grace: Duration,
+    /// Labels to export empty, for fewer series: any of protocol, port,
+    /// peer_namespace, peer, client_container, server_container.
+    #[arg(long, env = "OBSERVER_DROP_LABELS", value_delimiter = ',', value_parser = parse_droppable)]
+    pub drop_labels: Vec<String>,
     /// Where the observer keeps its runtime state (a private bpffs for its
     /// maps, removed at exit).
     #[arg(
@@ -64,6 +88,17 @@ pub struct RunArgs {
     /// How often the flow map is read into the metrics (besides every scrape).
     #[arg(long, env = "OBSERVER_COLLECT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub collect_interval: Duration,
+}
+
+fn parse_droppable(label: &str) -> Result<String, String> {
+    if crate::flow_metrics::DROPPABLE.contains(&label) {
+        Ok(label.to_owned())
+    } else {
+        Err(format!(
+            "`{label}` cannot be dropped; droppable labels: {}",
+            crate::flow_metrics::DROPPABLE.join(", ")
+        ))
+    }
 }
 
 /// Parses `500ms`, `10s`, `2m`.
@@ -100,6 +135,16 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn only_droppable_labels_can_be_dropped() {
+        assert_eq!(parse_droppable("port"), Ok("port".into()));
+        assert!(
+            parse_droppable("pod")
+                .unwrap_err()
+                .contains("cannot be dropped")
+        );
     }
 
     #[test]

@@ -1,20 +1,40 @@
-//! Turns the kernel's flow map into Prometheus counters.
+//! Turns the kernel's flow map into the traffic metrics. The one data path:
+//! FLOWS (kernel) -> deltas -> series -> [`FlowMetrics`] -> /metrics.
 //!
 //! The kernel keeps cumulative counters per flow. Each collection walks the
-//! map, takes the difference to what it saw last time, and adds it to the
-//! series the flow belongs to. A flow the LRU evicted and that came back starts
-//! from zero again, which the difference detects. Entries of namespaces that
-//! are not attached (any more) are removed.
+//! map, takes the difference to what it saw last time (a flow the LRU evicted
+//! and that came back starts from zero, which the difference detects), and
+//! adds it to the flow's series. A series is what the labels can tell apart:
+//! pod, class, direction, protocol, server port, peer, and on `lo` the client
+//! and server containers. The receiving container of a localhost flow is the
+//! sending container of its reverse flow. Entries of namespaces that are not
+//! attached (any more) are removed from the map.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
     sync::Arc,
+    time::Instant,
 };
 
 use aya::maps::MapError;
-use observer_common::{FlowKey, FlowValue as FlowCounters, direction, family};
+use observer_common::{FlowKey, FlowValue, class, direction, family, server};
+use serde::Serialize;
 
-use crate::{attach::AttachedNetns, datapath::Maps, metrics::Metrics};
+use crate::{
+    attach::AttachedNetns,
+    datapath::Maps,
+    flow_metrics::{Counts, FlowLabels, FlowMetrics},
+    identities::{Identities, ObjectRef, SharedIdentities},
+    metrics::Metrics,
+};
+
+/// Linux's default `ip_local_port_range`: where client ports come from.
+const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
+/// A sender without a socket: a packet the kernel made (an RST, an ICMP error).
+pub const KERNEL: &str = "kernel";
+/// A side that cannot be attributed.
+pub const UNKNOWN: &str = "unknown";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
@@ -24,39 +44,96 @@ pub enum CollectError {
     Stats(#[source] MapError),
 }
 
+/// A series of the last collection, for `observer flows`.
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowRow {
+    pub labels: Vec<(String, String)>,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Seconds the counts were gathered over.
+    pub seconds: f64,
+}
+
 pub struct Collector {
     maps: Maps,
     metrics: Arc<Metrics>,
+    flows: Arc<FlowMetrics>,
+    identities: SharedIdentities,
     attached: HashMap<u64, AttachedNetns>,
-    /// Counters of every flow at the last collection.
-    last: HashMap<FlowKey, FlowCounters>,
+    /// What each flow (by key hash) had at the last collection.
+    last: HashMap<u64, Seen>,
+    hasher: RandomState,
+    pass: u32,
     /// Map entries this collector removed (they are not evictions).
     removed: u64,
     evictions_reported: u64,
     insert_failures_reported: u64,
+    last_collection: Instant,
+    rows: Vec<FlowRow>,
 }
 
-/// What a flow is counted under.
+#[derive(Clone, Copy, Default)]
+struct Seen {
+    packets: u64,
+    bytes: u64,
+    connections: u64,
+    src_cgroup: u64,
+    pass: u32,
+}
+
+/// What a flow is counted under, before names are looked up.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Series {
     cookie: u64,
-    if_index: u32,
-    direction: u8,
+    class: u8,
+    direction: Direction,
     family: u8,
     protocol: u8,
+    port: Option<u16>,
+    peer_id: u32,
+    /// cgroup ids on `lo`: `None` where not attributable.
+    client: Option<u64>,
+    server: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Direction {
+    Egress,
+    Ingress,
+    Request,
+    Response,
+    Unknown,
+}
+
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Egress => "egress",
+            Self::Ingress => "ingress",
+            Self::Request => "request",
+            Self::Response => "response",
+            Self::Unknown => UNKNOWN,
+        }
+    }
 }
 
 impl Collector {
-    pub fn new(maps: Maps, metrics: Arc<Metrics>) -> Self {
+    pub fn new(maps: Maps, metrics: Arc<Metrics>, flows: Arc<FlowMetrics>) -> Self {
         metrics.flow_map_capacity.set(i64::from(maps.flow_capacity));
         Self {
             maps,
             metrics,
+            flows,
+            identities: SharedIdentities::default(),
             attached: HashMap::new(),
             last: HashMap::new(),
+            hasher: RandomState::new(),
+            pass: 0,
             removed: 0,
             evictions_reported: 0,
             insert_failures_reported: 0,
+            last_collection: Instant::now(),
+            rows: Vec::new(),
         }
     }
 
@@ -64,65 +141,132 @@ impl Collector {
         &self.metrics
     }
 
+    pub fn set_identities(&mut self, identities: SharedIdentities) {
+        self.identities = identities;
+    }
+
     pub fn attached(&mut self, netns: AttachedNetns) {
         self.metrics
             .programs_attached
-            .with_label_values(&[&netns.name])
+            .with_label_values(&[&netns.pod.namespace, &netns.pod.name])
             .set(netns.programs as i64);
+        self.flows.pod_present(&netns.pod);
         self.attached.insert(netns.cookie, netns);
+    }
+
+    /// The series of the last collection.
+    pub fn rows(&self) -> &[FlowRow] {
+        &self.rows
     }
 
     /// One pass over the maps.
     pub fn collect(&mut self) -> Result<(), CollectError> {
+        let started = Instant::now();
         // Statistics first: flows inserted after this read are then at worst
         // missing from the eviction estimate, never counted as evicted.
         let (created, insert_failures) = self.read_stats()?;
+        self.pass = self.pass.wrapping_add(1);
 
-        let mut deltas: HashMap<Series, FlowCounters> = HashMap::new();
-        let mut seen = HashSet::with_capacity(self.last.len());
+        // Pass 1: new counters of every flow; keep the ones that moved.
+        let mut active = Vec::new();
         let mut stale = Vec::new();
+        let mut live = 0u64;
         for entry in self.maps.flows.iter() {
             let (key, now) = entry.map_err(CollectError::Flows)?;
-            if !seen.insert(key) {
+            let hash = self.hasher.hash_one(key);
+            let seen = Seen {
+                packets: now.packets,
+                bytes: now.bytes,
+                connections: now.connections,
+                src_cgroup: now.src_cgroup,
+                pass: self.pass,
+            };
+            let before = self.last.insert(hash, seen);
+            if before.is_some_and(|b| b.pass == self.pass) {
                 continue; // the walk restarted after a concurrent deletion
-            }
-            let before = self.last.insert(key, now).unwrap_or_default();
-            let delta = difference(now, before);
-            if delta.packets > 0 {
-                let sum = deltas.entry(series_of(&key)).or_default();
-                sum.packets += delta.packets;
-                sum.bytes += delta.bytes;
             }
             if !self.attached.contains_key(&key.netns_cookie) {
                 stale.push(key);
+                continue;
+            }
+            live += 1;
+            let delta = difference(&now, &before.unwrap_or_default());
+            if delta.packets > 0 {
+                active.push((key, now, delta));
             }
         }
-        self.last.retain(|key, _| seen.contains(key));
+        let pass = self.pass;
+        self.last.retain(|_, seen| seen.pass == pass);
 
-        for (series, delta) in deltas {
-            let Some(labels) = self.labels(&series) else {
+        // Pass 2: series, now that every flow's reverse is known.
+        let mut series: HashMap<Series, Counts> = HashMap::new();
+        for (key, value, delta) in &active {
+            let reverse_sender = self
+                .last
+                .get(&self.hasher.hash_one(reverse(key)))
+                .map(|s| s.src_cgroup);
+            series
+                .entry(series_of(key, value, reverse_sender))
+                .or_default()
+                .add(*delta);
+        }
+        let seconds = self.last_collection.elapsed().as_secs_f64();
+        self.last_collection = Instant::now();
+        self.rows.clear();
+        for (series, counts) in series {
+            let Some(netns) = self.attached.get(&series.cookie) else {
                 continue;
             };
-            let labels = labels.each_ref().map(String::as_str);
-            self.metrics
-                .packets
-                .with_label_values(&labels)
-                .inc_by(delta.packets);
-            self.metrics
-                .bytes
-                .with_label_values(&labels)
-                .inc_by(delta.bytes);
+            let labels = labels(&series, &netns.pod, &self.identities);
+            self.rows.push(FlowRow {
+                labels: crate::flow_metrics::FLOW_LABELS
+                    .iter()
+                    .map(|l| l.to_string())
+                    .zip(labels.0.iter().cloned())
+                    .collect(),
+                packets: counts.packets,
+                bytes: counts.bytes,
+                seconds,
+            });
+            self.flows.add(&netns.pod, labels, counts);
         }
 
         for key in &stale {
             if self.maps.flows.remove(key).is_ok() {
                 self.removed += 1;
             }
-            self.last.remove(key);
+            self.last.remove(&self.hasher.hash_one(key));
         }
+        self.notice_gone_pods();
+        self.flows.expire(Instant::now());
+        self.report(created, insert_failures, live);
+        self.metrics
+            .collection_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
 
-        let live = seen.len() as u64 - stale.len() as u64;
+    /// A pod whose namespace is gone stops being attached: its series expire
+    /// after the grace period, its map entries are removed next time.
+    fn notice_gone_pods(&mut self) {
+        let now = Instant::now();
+        self.attached.retain(|_, netns| {
+            if netns.path.exists() {
+                return true;
+            }
+            tracing::info!(pod = %netns.name, "network namespace gone");
+            let _ = self
+                .metrics
+                .programs_attached
+                .remove_label_values(&[&netns.pod.namespace, &netns.pod.name]);
+            self.flows.pod_gone(&netns.pod, now);
+            false
+        });
+    }
+
+    fn report(&mut self, created: u64, insert_failures: u64, live: u64) {
         self.metrics.flow_map_entries.set(live as i64);
+        self.metrics.flow_series.set(self.flows.series() as i64);
         let evictions = created.saturating_sub(live + self.removed);
         if evictions > self.evictions_reported {
             self.metrics
@@ -136,7 +280,6 @@ impl Collector {
                 .inc_by(insert_failures - self.insert_failures_reported);
             self.insert_failures_reported = insert_failures;
         }
-        Ok(())
     }
 
     /// Flows created and insert failures, summed over CPUs.
@@ -146,48 +289,143 @@ impl Collector {
             (created + s.flows_created, failed + s.flow_insert_failed)
         }))
     }
-
-    fn labels(&self, series: &Series) -> Option<[String; 4]> {
-        let netns = self.attached.get(&series.cookie)?;
-        let interface = netns
-            .interfaces
-            .iter()
-            .find(|(index, _)| *index == series.if_index)
-            .map_or_else(|| series.if_index.to_string(), |(_, name)| name.to_string());
-        let direction = match series.direction {
-            direction::INGRESS => "ingress",
-            _ => "egress",
-        };
-        Some([
-            netns.name.clone(),
-            interface,
-            direction.to_owned(),
-            protocol_name(series.family, series.protocol),
-        ])
-    }
-}
-
-fn series_of(key: &FlowKey) -> Series {
-    Series {
-        cookie: key.netns_cookie,
-        if_index: key.if_index,
-        direction: key.direction,
-        family: key.family,
-        protocol: key.protocol,
-    }
 }
 
 /// What a flow gained since `before`. A flow whose counters went down was
 /// evicted and created anew in between: all of `now` is new.
-fn difference(now: FlowCounters, before: FlowCounters) -> FlowCounters {
+fn difference(now: &FlowValue, before: &Seen) -> Counts {
     if now.packets < before.packets || now.bytes < before.bytes {
-        now
-    } else {
-        FlowCounters {
-            packets: now.packets - before.packets,
-            bytes: now.bytes - before.bytes,
-            ..now
+        return Counts {
+            packets: now.packets,
+            bytes: now.bytes,
+            connections: now.connections,
+        };
+    }
+    Counts {
+        packets: now.packets - before.packets,
+        bytes: now.bytes - before.bytes,
+        connections: now.connections.saturating_sub(before.connections),
+    }
+}
+
+/// The same conversation the other way.
+fn reverse(key: &FlowKey) -> FlowKey {
+    FlowKey {
+        src_addr: key.dst_addr,
+        dst_addr: key.src_addr,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+        ..*key
+    }
+}
+
+/// Whether the destination is the server: the kernel's answer (who listens),
+/// else the port that is not a client port, else the lower one. `None` for
+/// traffic without ports.
+fn destination_is_server(server_side: u8, src_port: u16, dst_port: u16) -> Option<bool> {
+    match server_side {
+        server::DESTINATION => return Some(true),
+        server::SOURCE => return Some(false),
+        _ => {}
+    }
+    if src_port == 0 && dst_port == 0 {
+        return None;
+    }
+    let src_ephemeral = EPHEMERAL_PORTS.contains(&src_port);
+    let dst_ephemeral = EPHEMERAL_PORTS.contains(&dst_port);
+    Some(match (src_ephemeral, dst_ephemeral) {
+        (true, false) => true,
+        (false, true) => false,
+        _ => dst_port <= src_port,
+    })
+}
+
+/// The series of a flow. `reverse_sender` is the sending cgroup of the
+/// reverse flow, if it exists.
+fn series_of(key: &FlowKey, value: &FlowValue, reverse_sender: Option<u64>) -> Series {
+    let to_server = destination_is_server(value.server, key.src_port, key.dst_port);
+    let port = to_server.map(|d| if d { key.dst_port } else { key.src_port });
+    let localhost = value.class == class::LOCALHOST;
+    let direction = match (localhost, to_server, key.direction) {
+        (true, Some(true), _) => Direction::Request,
+        (true, Some(false), _) => Direction::Response,
+        (true, None, _) => Direction::Unknown,
+        (false, _, direction::INGRESS) => Direction::Ingress,
+        (false, _, _) => Direction::Egress,
+    };
+    let (client, server) = match (localhost, to_server) {
+        (true, Some(true)) => (Some(value.src_cgroup), reverse_sender),
+        (true, Some(false)) => (reverse_sender, Some(value.src_cgroup)),
+        _ => (None, None),
+    };
+    Series {
+        cookie: key.netns_cookie,
+        class: value.class,
+        direction,
+        family: key.family,
+        protocol: key.protocol,
+        port,
+        peer_id: value.peer_id,
+        client,
+        server,
+    }
+}
+
+/// Names for a series.
+fn labels(series: &Series, pod: &ObjectRef, identities: &Identities) -> FlowLabels {
+    let unknown = || (String::new(), UNKNOWN.to_owned());
+    let (peer_namespace, peer) = match series.class {
+        class::LOCALHOST => (String::new(), String::new()),
+        class::POD => identities
+            .pods
+            .get(&series.peer_id)
+            .map_or_else(unknown, |p| (p.namespace.clone(), p.name.clone())),
+        class::SERVICE => identities
+            .services
+            .get(&series.peer_id)
+            .map_or_else(unknown, |s| (s.namespace.clone(), s.name.clone())),
+        class::NODE => identities
+            .nodes
+            .get(&series.peer_id)
+            .map_or_else(unknown, |n| (String::new(), n.clone())),
+        _ => (String::new(), "external".to_owned()),
+    };
+    let container = |cgroup: Option<u64>| -> String {
+        if series.class != class::LOCALHOST {
+            return String::new();
         }
+        match cgroup {
+            Some(0) => KERNEL.to_owned(),
+            Some(id) => identities
+                .containers
+                .get(&id)
+                .filter(|c| &c.pod == pod)
+                .map_or_else(|| UNKNOWN.to_owned(), |c| c.name.clone()),
+            None => UNKNOWN.to_owned(),
+        }
+    };
+    FlowLabels([
+        pod.namespace.clone(),
+        pod.name.clone(),
+        class_name(series.class).to_owned(),
+        series.direction.label().to_owned(),
+        protocol_name(series.family, series.protocol),
+        series.port.map(|p| p.to_string()).unwrap_or_default(),
+        peer_namespace,
+        peer,
+        container(series.client),
+        container(series.server),
+    ])
+}
+
+pub fn class_name(class: u8) -> &'static str {
+    match class {
+        class::LOCALHOST => "localhost",
+        class::POD => "pod",
+        class::SERVICE => "service",
+        class::NODE => "node",
+        class::EXTERNAL => "external",
+        _ => UNKNOWN,
     }
 }
 
@@ -211,29 +449,161 @@ pub fn protocol_name(family: u8, protocol: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identities::ContainerRef;
 
-    fn counters(packets: u64, bytes: u64) -> FlowCounters {
-        FlowCounters { packets, bytes }
+    fn value(packets: u64, bytes: u64) -> FlowValue {
+        FlowValue {
+            packets,
+            bytes,
+            ..FlowValue::default()
+        }
+    }
+
+    fn seen(packets: u64, bytes: u64) -> Seen {
+        Seen {
+            packets,
+            bytes,
+            ..Seen::default()
+        }
     }
 
     #[test]
     fn difference_is_what_was_added() {
-        assert_eq!(
-            difference(counters(5, 500), counters(2, 200)),
-            counters(3, 300)
-        );
-        assert_eq!(
-            difference(counters(5, 500), counters(5, 500)),
-            counters(0, 0)
-        );
+        let d = difference(&value(5, 500), &seen(2, 200));
+        assert_eq!((d.packets, d.bytes), (3, 300));
     }
 
     #[test]
     fn a_flow_that_restarted_counts_from_zero() {
+        let d = difference(&value(2, 100), &seen(9, 900));
+        assert_eq!((d.packets, d.bytes), (2, 100));
+    }
+
+    #[test]
+    fn the_server_port_is_never_the_client_port() {
+        // The kernel knows who listens.
         assert_eq!(
-            difference(counters(2, 100), counters(9, 900)),
-            counters(2, 100)
+            destination_is_server(server::DESTINATION, 80, 40000),
+            Some(true)
         );
+        assert_eq!(
+            destination_is_server(server::SOURCE, 40000, 80),
+            Some(false)
+        );
+        // Otherwise: the port outside the ephemeral range, else the lower one.
+        assert_eq!(
+            destination_is_server(server::UNKNOWN, 45000, 53),
+            Some(true)
+        );
+        assert_eq!(
+            destination_is_server(server::UNKNOWN, 53, 45000),
+            Some(false)
+        );
+        assert_eq!(
+            destination_is_server(server::UNKNOWN, 40001, 40000),
+            Some(true)
+        );
+        assert_eq!(destination_is_server(server::UNKNOWN, 0, 0), None);
+    }
+
+    fn localhost_key(src_port: u16, dst_port: u16) -> FlowKey {
+        FlowKey {
+            netns_cookie: 7,
+            src_port,
+            dst_port,
+            if_index: 1,
+            protocol: 6,
+            family: family::IPV4,
+            ..FlowKey::default()
+        }
+    }
+
+    #[test]
+    fn names_client_and_server_containers_of_localhost_flows() {
+        let pod = ObjectRef::new("shop", "shop");
+        let mut identities = Identities::default();
+        for (cgroup, name) in [(100, "sidecar"), (200, "app")] {
+            identities.containers.insert(
+                cgroup,
+                ContainerRef {
+                    pod: pod.clone(),
+                    name: name.into(),
+                },
+            );
+        }
+        let request = FlowValue {
+            class: class::LOCALHOST,
+            server: server::DESTINATION,
+            src_cgroup: 100,
+            ..FlowValue::default()
+        };
+        let series = series_of(&localhost_key(41000, 8080), &request, Some(200));
+        let l = labels(&series, &pod, &identities).0;
+        assert_eq!(&l[2..6], ["localhost", "request", "tcp", "8080"]);
+        assert_eq!(&l[8..], ["sidecar", "app"]);
+
+        let response = FlowValue {
+            server: server::SOURCE,
+            src_cgroup: 200,
+            ..request
+        };
+        let series = series_of(&localhost_key(8080, 41000), &response, Some(100));
+        let l = labels(&series, &pod, &identities).0;
+        assert_eq!(&l[3..6], ["response", "tcp", "8080"]);
+        assert_eq!(&l[8..], ["sidecar", "app"]);
+
+        // No reverse flow yet, and a packet the kernel sent: said explicitly.
+        let rst = FlowValue {
+            src_cgroup: 0,
+            ..response
+        };
+        let series = series_of(&localhost_key(8080, 41000), &rst, None);
+        assert_eq!(
+            &labels(&series, &pod, &identities).0[8..],
+            [UNKNOWN, KERNEL]
+        );
+        // A cgroup of another pod is not this pod's container.
+        let series = series_of(&localhost_key(41000, 8080), &request, Some(200));
+        let other = ObjectRef::new("default", "web");
+        assert_eq!(
+            &labels(&series, &other, &identities).0[8..],
+            [UNKNOWN, UNKNOWN]
+        );
+    }
+
+    #[test]
+    fn names_peers_by_class() {
+        let pod = ObjectRef::new("default", "client");
+        let mut identities = Identities::default();
+        identities
+            .services
+            .insert(3, ObjectRef::new("default", "web"));
+        let value = FlowValue {
+            class: class::SERVICE,
+            server: server::DESTINATION,
+            peer_id: 3,
+            ..FlowValue::default()
+        };
+        let mut key = localhost_key(40000, 80);
+        key.if_index = 2;
+        let l = labels(&series_of(&key, &value, None), &pod, &identities).0;
+        assert_eq!(
+            &l[2..],
+            ["service", "egress", "tcp", "80", "default", "web", "", ""]
+        );
+        let external = FlowValue {
+            class: class::EXTERNAL,
+            ..value
+        };
+        let l = labels(&series_of(&key, &external, None), &pod, &identities).0;
+        assert_eq!(&l[6..8], ["", "external"]);
+        let unknown_pod = FlowValue {
+            class: class::POD,
+            peer_id: 0,
+            ..value
+        };
+        let l = labels(&series_of(&key, &unknown_pod, None), &pod, &identities).0;
+        assert_eq!(&l[6..8], ["", UNKNOWN]);
     }
 
     #[test]

@@ -10,10 +10,14 @@ use aya::{
     programs::{ProgramError, SchedClassifier},
 };
 use observer_common::{
-    DatapathStats, FLOWS_MAP, FlowKey, FlowValue, NETNS_COOKIE_GLOBAL, STATS_MAP,
+    CIDRS_MAP, DatapathStats, FLOWS_MAP, FlowKey, FlowValue, GENERATION_MAP, NETNS_COOKIE_GLOBAL,
+    SERVICES_MAP, STATS_MAP,
 };
 
-use crate::bpffs::{BpffsError, PinDir};
+use crate::{
+    bpffs::{BpffsError, PinDir},
+    kernel_maps::ClassMaps,
+};
 
 /// The object built from observer-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -78,7 +82,10 @@ pub struct Maps {
 impl Datapath {
     /// Creates the shared maps (a flow map of `flow_capacity` entries), pinned
     /// in a private bpffs under `runtime_dir`.
-    pub fn open(flow_capacity: u32, runtime_dir: &Path) -> Result<(Self, Maps), DatapathError> {
+    pub fn open(
+        flow_capacity: u32,
+        runtime_dir: &Path,
+    ) -> Result<(Self, Maps, ClassMaps), DatapathError> {
         let datapath = Self {
             pins: PinDir::mount(runtime_dir)?,
             flow_capacity,
@@ -89,20 +96,17 @@ impl Datapath {
             .loader()
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        let flows = take_map(&mut ebpf, FLOWS_MAP)?;
-        let stats = take_map(&mut ebpf, STATS_MAP)?;
         let maps = Maps {
-            flows: HashMap::try_from(flows).map_err(|source| DatapathError::Map {
-                name: FLOWS_MAP,
-                source: Box::new(source),
-            })?,
-            stats: PerCpuArray::try_from(stats).map_err(|source| DatapathError::Map {
-                name: STATS_MAP,
-                source: Box::new(source),
-            })?,
+            flows: typed(&mut ebpf, FLOWS_MAP)?,
+            stats: typed(&mut ebpf, STATS_MAP)?,
             flow_capacity,
         };
-        Ok((datapath, maps))
+        let class_maps = ClassMaps {
+            services: typed(&mut ebpf, SERVICES_MAP)?,
+            cidrs: typed(&mut ebpf, CIDRS_MAP)?,
+            generation: typed(&mut ebpf, GENERATION_MAP)?,
+        };
+        Ok((datapath, maps, class_maps))
     }
 
     /// Loads an instance of the programs for the namespace with this cookie.
@@ -133,13 +137,29 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .btf(self.btf.as_ref())
-            .map_max_entries(FLOWS_MAP, self.flow_capacity)
-            .map_pin_path(FLOWS_MAP, self.pins.pin_path(FLOWS_MAP))
-            .map_pin_path(STATS_MAP, self.pins.pin_path(STATS_MAP));
+            .map_max_entries(FLOWS_MAP, self.flow_capacity);
+        // Every map but the per-instance globals is shared through its pin.
+        for name in [
+            FLOWS_MAP,
+            STATS_MAP,
+            SERVICES_MAP,
+            CIDRS_MAP,
+            GENERATION_MAP,
+        ] {
+            loader.map_pin_path(name, self.pins.pin_path(name));
+        }
         loader
     }
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
-    ebpf.take_map(name).ok_or(DatapathError::Missing(name))
+/// Takes map `name` out of `ebpf` as a `T`.
+fn typed<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
+    T::try_from(map).map_err(|source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    })
 }

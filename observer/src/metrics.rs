@@ -1,20 +1,21 @@
 //! The Prometheus metric families the observer exports. Every name starts with
 //! `observer_`; counters end in `_total`; bytes are bytes.
 
+use std::sync::Arc;
+
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+    core::{Collector, Desc},
+    proto::MetricFamily,
 };
 
-/// Labels of the traffic counters.
-pub const TRAFFIC_LABELS: [&str; 4] = ["netns", "interface", "direction", "protocol"];
+use crate::flow_metrics::FlowMetrics;
 
+/// The observer's own health; the traffic families are in `flow_metrics`.
 pub struct Metrics {
     registry: Registry,
-    /// Packets by pod namespace, interface, direction and protocol.
-    pub packets: IntCounterVec,
-    /// Bytes (link-layer header included) by the same labels.
-    pub bytes: IntCounterVec,
-    /// tc programs attached per namespace.
+    /// tc programs attached per pod.
     pub programs_attached: IntGaugeVec,
     /// Flows in the kernel's flow map, and its capacity.
     pub flow_map_entries: IntGauge,
@@ -24,7 +25,11 @@ pub struct Metrics {
     pub flow_map_evictions: IntCounter,
     /// Packets not counted because their flow could not be inserted.
     pub flow_insert_failures: IntCounter,
-    /// Errors by kind (attach, detach, map_read, ...).
+    /// Traffic series exported (per family).
+    pub flow_series: IntGauge,
+    /// How long a collection (map walk) takes; one runs for every scrape.
+    pub collection_duration: Histogram,
+    /// Errors by kind (attach, map_read, ...).
     pub errors: IntCounterVec,
 }
 
@@ -32,28 +37,25 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let metrics = Self {
-            packets: IntCounterVec::new(
-                Opts::new(
-                    "observer_packets_total",
-                    "Packets seen in pod network namespaces.",
-                ),
-                &TRAFFIC_LABELS,
-            )
-            .expect("valid metric"),
-            bytes: IntCounterVec::new(
-                Opts::new(
-                    "observer_bytes_total",
-                    "Bytes seen in pod network namespaces, link-layer header included.",
-                ),
-                &TRAFFIC_LABELS,
-            )
-            .expect("valid metric"),
             programs_attached: IntGaugeVec::new(
                 Opts::new(
                     "observer_programs_attached",
-                    "tc programs attached in a network namespace.",
+                    "tc programs attached in a pod's network namespace.",
                 ),
-                &["netns"],
+                &["namespace", "pod"],
+            )
+            .expect("valid metric"),
+            flow_series: IntGauge::new(
+                "observer_flow_series",
+                "Traffic series exported per family (bounded by --max-series-per-pod).",
+            )
+            .expect("valid metric"),
+            collection_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "observer_collection_duration_seconds",
+                    "Time to read the kernel's flow map into the metrics (each scrape does).",
+                )
+                .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
             )
             .expect("valid metric"),
             flow_map_entries: IntGauge::new(
@@ -95,15 +97,20 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         metrics.register(build_info);
-        metrics.register(metrics.packets.clone());
-        metrics.register(metrics.bytes.clone());
         metrics.register(metrics.programs_attached.clone());
+        metrics.register(metrics.flow_series.clone());
+        metrics.register(metrics.collection_duration.clone());
         metrics.register(metrics.flow_map_entries.clone());
         metrics.register(metrics.flow_map_capacity.clone());
         metrics.register(metrics.flow_map_evictions.clone());
         metrics.register(metrics.flow_insert_failures.clone());
         metrics.register(metrics.errors.clone());
         metrics
+    }
+
+    /// Adds the traffic families.
+    pub fn register_flows(&self, flows: Arc<FlowMetrics>) {
+        self.register(SharedFlows(flows));
     }
 
     fn register(&self, collector: impl prometheus::core::Collector + 'static) {
@@ -130,5 +137,18 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The registry owns its collectors; the collector thread shares this one.
+struct SharedFlows(Arc<FlowMetrics>);
+
+impl Collector for SharedFlows {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
     }
 }

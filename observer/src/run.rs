@@ -1,5 +1,5 @@
-//! `observer run`: load the programs, attach to the namespaces, serve metrics
-//! until SIGINT or SIGTERM, then detach everything.
+//! `observer run`: load the programs, attach to the pods, keep the kernel's
+//! maps in step, serve metrics until SIGINT or SIGTERM, then detach all.
 
 use std::{
     io,
@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use observer_common::inventory::Inventory;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -21,6 +22,10 @@ use crate::{
     cli::RunArgs,
     collector::Collector,
     datapath::{Datapath, DatapathError},
+    flow_metrics::{FLOW_LABELS, FlowMetrics, SeriesConfig},
+    identities::ObjectRef,
+    inventory::{self, InventoryError},
+    kernel_maps::{KernelMaps, KernelMapsError},
     metrics::Metrics,
     netns::{self, NetNs, NetnsError},
     server::{self, CollectRequest, Endpoint},
@@ -30,6 +35,8 @@ use crate::{
 pub enum RunError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
     #[error("cannot list network namespaces in {dir}: {source}")]
     ListNetns { dir: PathBuf, source: io::Error },
     #[error("cannot listen on {addr}: {source}")]
@@ -38,6 +45,8 @@ pub enum RunError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Attach(#[from] AttachError),
+    #[error(transparent)]
+    KernelMaps(#[from] KernelMapsError),
     #[error("cannot watch for signals: {0}")]
     Signals(io::Error),
     #[error("metrics server: {0}")]
@@ -47,13 +56,28 @@ pub enum RunError {
 /// A namespace to attach to, and whether failing to is fatal.
 struct Target {
     path: PathBuf,
-    name: String,
+    pod: ObjectRef,
     /// Named on the command line: an error there is the user's to fix now.
     explicit: bool,
 }
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
-    let targets = targets(&args)?;
+    let inventory = match &args.inventory {
+        Some(path) => Some(load_inventory(path, args.node.as_deref())?),
+        None => None,
+    };
+    let targets = match &inventory {
+        Some(inventory) => inventory
+            .pods
+            .iter()
+            .map(|pod| Target {
+                path: pod.netns.clone(),
+                pod: ObjectRef::new(&pod.namespace, &pod.name),
+                explicit: false,
+            })
+            .collect(),
+        None => netns_targets(&args)?,
+    };
     let listener = TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|source| RunError::Listen {
@@ -63,13 +87,19 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
 
-    let (datapath, maps) = Datapath::open(args.flow_capacity, &args.runtime_dir)?;
-    let worker = AttachWorker::start(datapath)?;
+    let (datapath, maps, class_maps) = Datapath::open(args.flow_capacity, &args.runtime_dir)?;
+    let mut kernel_maps = KernelMaps::new(class_maps);
     let metrics = Arc::new(Metrics::new());
-    let mut collector = Collector::new(maps, Arc::clone(&metrics));
+    let flows = Arc::new(FlowMetrics::new(series_config(&args)));
+    metrics.register_flows(Arc::clone(&flows));
+    let mut collector = Collector::new(maps, Arc::clone(&metrics), flows);
+    if let Some(inventory) = &inventory {
+        collector.set_identities(Arc::new(kernel_maps.sync(inventory)?));
+    }
+    let worker = AttachWorker::start(datapath)?;
 
     for target in targets {
-        match worker.attach(&target.path, target.name).await {
+        match worker.attach(&target.path, target.pod).await {
             Ok(attached) => collector.attached(attached),
             Err(err) if !target.explicit => {
                 metrics.error("attach");
@@ -81,12 +111,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     let ready = Arc::new(AtomicBool::new(true));
     let (collect, requests) = mpsc::channel(16);
-    let collecting = tokio::spawn(collect_loop(
-        collector,
-        Arc::clone(&metrics),
-        requests,
-        args.collect_interval,
-    ));
+    let collecting = tokio::spawn(collect_loop(collector, requests, args.collect_interval));
     let endpoint = Endpoint {
         metrics,
         ready,
@@ -106,13 +131,58 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     tokio::task::spawn_blocking(move || worker.shutdown())
         .await
         .expect("detaching does not panic");
+    drop(kernel_maps);
     served.map_err(RunError::Serve)
+}
+
+fn load_inventory(path: &Path, node: Option<&str>) -> Result<Inventory, RunError> {
+    let mut inventory = inventory::load(path)?;
+    if let Some(node) = node {
+        if !inventory.nodes.iter().any(|n| n.name == node) {
+            return Err(InventoryError::UnknownNode {
+                path: path.into(),
+                node: node.into(),
+            }
+            .into());
+        }
+        // Other nodes' pods stay known as peers (in the kernel's maps) but
+        // are not attached to: their node's observer does that.
+        let mine: Vec<_> = inventory
+            .pods
+            .iter()
+            .filter(|p| p.node == node)
+            .cloned()
+            .collect();
+        let peers = std::mem::replace(&mut inventory.pods, mine);
+        tracing::info!(
+            node,
+            pods = inventory.pods.len(),
+            of = peers.len(),
+            "pods of this node"
+        );
+        inventory
+            .pods
+            .extend(peers.into_iter().filter(|p| p.node != node));
+        inventory.pods.sort_by_key(|p| p.node != node);
+    }
+    Ok(inventory)
+}
+
+fn series_config(args: &RunArgs) -> SeriesConfig {
+    SeriesConfig {
+        max_series_per_pod: args.max_series_per_pod as usize,
+        grace: args.series_grace,
+        dropped: args
+            .drop_labels
+            .iter()
+            .filter_map(|label| FLOW_LABELS.iter().position(|l| l == label))
+            .collect(),
+    }
 }
 
 /// Collects every `every`, and whenever a scrape asks for it.
 async fn collect_loop(
     mut collector: Collector,
-    metrics: Arc<Metrics>,
     mut requests: mpsc::Receiver<CollectRequest>,
     every: Duration,
 ) {
@@ -130,24 +200,19 @@ async fn collect_loop(
         collector = tokio::task::spawn_blocking(move || {
             if let Err(err) = collector.collect() {
                 tracing::warn!(%err, "collection failed");
-                metrics_error(&collector);
+                collector.metrics().error("map_read");
             }
             collector
         })
         .await
         .expect("collecting does not panic");
         if let Some(done) = waiter {
-            let _ = done.send(());
+            let _ = done.send(collector.rows().to_vec());
         }
     }
-    drop(metrics);
 }
 
-fn metrics_error(collector: &Collector) {
-    collector.metrics().error("map_read");
-}
-
-fn targets(args: &RunArgs) -> Result<Vec<Target>, RunError> {
+fn netns_targets(args: &RunArgs) -> Result<Vec<Target>, RunError> {
     if !args.netns.is_empty() {
         return args
             .netns
@@ -157,14 +222,14 @@ fn targets(args: &RunArgs) -> Result<Vec<Target>, RunError> {
                 NetNs::open(path)?;
                 Ok(Target {
                     path: path.clone(),
-                    name: netns::display_name(path),
+                    pod: ObjectRef::new("", &netns::display_name(path)),
                     explicit: true,
                 })
             })
             .collect();
     }
     let mut targets = list_netns_dir(&args.netns_dir)?;
-    targets.sort_by(|a, b| a.name.cmp(&b.name));
+    targets.sort_by(|a, b| a.pod.cmp(&b.pod));
     if targets.is_empty() {
         tracing::warn!(dir = %args.netns_dir.display(), "no network namespaces to attach to");
     }
@@ -186,7 +251,7 @@ fn list_netns_dir(dir: &Path) -> Result<Vec<Target>, RunError> {
         .flatten()
         .map(|entry| entry.path())
         .map(|path| Target {
-            name: netns::display_name(&path),
+            pod: ObjectRef::new("", &netns::display_name(&path)),
             path,
             explicit: false,
         })

@@ -21,10 +21,10 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::metrics::Metrics;
+use crate::{collector::FlowRow, metrics::Metrics};
 
-/// Asks the collector for a fresh collection and waits for it.
-pub type CollectRequest = oneshot::Sender<()>;
+/// Asks the collector for a fresh collection; the answer is its series.
+pub type CollectRequest = oneshot::Sender<Vec<FlowRow>>;
 
 #[derive(Clone)]
 pub struct Endpoint {
@@ -41,6 +41,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let router = Router::new()
         .route("/metrics", get(metrics))
+        .route("/flows", get(flows))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(endpoint);
@@ -49,15 +50,30 @@ pub async fn serve(
         .await
 }
 
+/// Runs a collection now and returns its series.
+async fn collect(endpoint: &Endpoint) -> Vec<FlowRow> {
+    let (done, collected) = oneshot::channel();
+    if endpoint.collect.send(done).await.is_err() {
+        return Vec::new();
+    }
+    collected.await.unwrap_or_default()
+}
+
 async fn metrics(State(endpoint): State<Endpoint>) -> impl IntoResponse {
     // Serve what the kernel counted up to now, not up to the last tick.
-    let (done, collected) = oneshot::channel();
-    if endpoint.collect.send(done).await.is_ok() {
-        let _ = collected.await;
-    }
+    collect(&endpoint).await;
     (
         [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         endpoint.metrics.render(),
+    )
+}
+
+/// The traffic since the previous collection, as JSON (for `observer flows`).
+async fn flows(State(endpoint): State<Endpoint>) -> impl IntoResponse {
+    let rows = collect(&endpoint).await;
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&rows).expect("rows serialize"),
     )
 }
 

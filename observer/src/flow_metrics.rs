@@ -1,0 +1,325 @@
+//! The traffic counters, as a Prometheus collector that bounds its own
+//! cardinality:
+//!
+//! - at most `max_series_per_pod` series per pod; traffic of further series
+//!   is counted under one overflow series per class and direction, whose
+//!   other labels say `overflow`;
+//! - the series of a pod that is gone are dropped after a grace period;
+//! - labels the user dropped (`--drop-labels`) are exported empty, which
+//!   folds their series together.
+//!
+//! Worst case: pods × (max_series_per_pod + 5 classes × 4 directions)
+//! series per family.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{Counter, LabelPair, Metric, MetricFamily, MetricType},
+};
+
+use crate::identities::ObjectRef;
+
+/// Labels of the traffic families, in this order in [`FlowLabels`].
+pub const FLOW_LABELS: [&str; 10] = [
+    "namespace",
+    "pod",
+    "class",
+    "direction",
+    "protocol",
+    "port",
+    "peer_namespace",
+    "peer",
+    "client_container",
+    "server_container",
+];
+/// Labels a user may drop: all but the pod's identity, class and direction.
+pub const DROPPABLE: [&str; 6] = [
+    "protocol",
+    "port",
+    "peer_namespace",
+    "peer",
+    "client_container",
+    "server_container",
+];
+const KEPT_IN_OVERFLOW: usize = 4;
+pub const OVERFLOW: &str = "overflow";
+
+/// Label values, in [`FLOW_LABELS`] order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowLabels(pub [String; 10]);
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub packets: u64,
+    pub bytes: u64,
+    pub connections: u64,
+}
+
+impl Counts {
+    pub fn add(&mut self, other: Counts) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.connections += other.connections;
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SeriesConfig {
+    pub max_series_per_pod: usize,
+    /// How long the series of a pod that is gone stay.
+    pub grace: Duration,
+    /// Indices into [`FLOW_LABELS`] of the labels exported empty.
+    pub dropped: Vec<usize>,
+}
+
+pub struct FlowMetrics {
+    config: SeriesConfig,
+    descs: [Desc; 3],
+    state: Mutex<HashMap<ObjectRef, PodSeries>>,
+}
+
+#[derive(Default)]
+struct PodSeries {
+    series: HashMap<FlowLabels, Counts>,
+    gone_since: Option<Instant>,
+}
+
+const FAMILIES: [(&str, &str); 3] = [
+    (
+        "observer_flow_packets_total",
+        "Packets of pod traffic, by class, peer and server port.",
+    ),
+    (
+        "observer_flow_bytes_total",
+        "Bytes of pod traffic (link-layer header included), by class, peer and server port.",
+    ),
+    (
+        "observer_connections_opened_total",
+        "TCP connections opened (SYN from the client), by class, peer and server port.",
+    ),
+];
+
+impl FlowMetrics {
+    pub fn new(config: SeriesConfig) -> Self {
+        let labels: Vec<String> = FLOW_LABELS.iter().map(|l| l.to_string()).collect();
+        let descs = FAMILIES.map(|(name, help)| {
+            Desc::new(name.into(), help.into(), labels.clone(), HashMap::new())
+                .expect("valid metric description")
+        });
+        Self {
+            config,
+            descs,
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adds traffic to a series of `pod`.
+    pub fn add(&self, pod: &ObjectRef, mut labels: FlowLabels, delta: Counts) {
+        for &index in &self.config.dropped {
+            labels.0[index].clear();
+        }
+        let mut state = self.state.lock().expect("not poisoned");
+        let series = &mut state.entry(pod.clone()).or_default().series;
+        if let Some(counts) = series.get_mut(&labels) {
+            counts.add(delta);
+            return;
+        }
+        let regular = series
+            .keys()
+            .filter(|l| l.0[KEPT_IN_OVERFLOW] != OVERFLOW)
+            .count();
+        if regular >= self.config.max_series_per_pod {
+            for value in &mut labels.0[KEPT_IN_OVERFLOW..] {
+                *value = OVERFLOW.into();
+            }
+        }
+        series.entry(labels).or_default().add(delta);
+    }
+
+    /// The pod exists (again): its series stay.
+    pub fn pod_present(&self, pod: &ObjectRef) {
+        if let Some(series) = self.state.lock().expect("not poisoned").get_mut(pod) {
+            series.gone_since = None;
+        }
+    }
+
+    /// The pod is gone: its series go after the grace period.
+    pub fn pod_gone(&self, pod: &ObjectRef, now: Instant) {
+        if let Some(series) = self.state.lock().expect("not poisoned").get_mut(pod) {
+            series.gone_since.get_or_insert(now);
+        }
+    }
+
+    /// Drops the series of pods gone for longer than the grace period.
+    pub fn expire(&self, now: Instant) {
+        let grace = self.config.grace;
+        self.state
+            .lock()
+            .expect("not poisoned")
+            .retain(|_, pod| pod.gone_since.is_none_or(|since| now - since < grace));
+    }
+
+    /// Series (of each family) currently exported.
+    pub fn series(&self) -> usize {
+        let state = self.state.lock().expect("not poisoned");
+        state.values().map(|p| p.series.len()).sum()
+    }
+}
+
+impl Collector for FlowMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let state = self.state.lock().expect("not poisoned");
+        let mut families: Vec<MetricFamily> = FAMILIES
+            .iter()
+            .map(|(name, help)| {
+                let mut family = MetricFamily::default();
+                family.set_name(name.to_string());
+                family.set_help(help.to_string());
+                family.set_field_type(MetricType::COUNTER);
+                family
+            })
+            .collect();
+        for pod in state.values() {
+            for (labels, counts) in &pod.series {
+                let values = [counts.packets, counts.bytes, counts.connections];
+                for (family, value) in families.iter_mut().zip(values) {
+                    // Connections only mean something for TCP.
+                    let connections = family.name() == FAMILIES[2].0;
+                    if connections && labels.0[4] != "tcp" && labels.0[4] != OVERFLOW {
+                        continue;
+                    }
+                    family.mut_metric().push(metric(labels, value));
+                }
+            }
+        }
+        families
+    }
+}
+
+fn metric(labels: &FlowLabels, value: u64) -> Metric {
+    let pairs = FLOW_LABELS
+        .iter()
+        .zip(&labels.0)
+        .map(|(name, value)| {
+            let mut pair = LabelPair::default();
+            pair.set_name(name.to_string());
+            pair.set_value(value.clone());
+            pair
+        })
+        .collect();
+    let mut metric = Metric::from_label(pairs);
+    let mut counter = Counter::default();
+    counter.set_value(value as f64);
+    metric.set_counter(counter);
+    metric
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(port: &str) -> FlowLabels {
+        FlowLabels(
+            [
+                "default",
+                "web",
+                "localhost",
+                "request",
+                "tcp",
+                port,
+                "",
+                "",
+                "fetcher",
+                "web",
+            ]
+            .map(String::from),
+        )
+    }
+
+    fn one() -> Counts {
+        Counts {
+            packets: 1,
+            bytes: 100,
+            connections: 1,
+        }
+    }
+
+    fn metrics(max: usize, dropped: Vec<usize>) -> FlowMetrics {
+        FlowMetrics::new(SeriesConfig {
+            max_series_per_pod: max,
+            grace: Duration::from_secs(60),
+            dropped,
+        })
+    }
+
+    #[test]
+    fn caps_series_per_pod_with_an_overflow_series() {
+        let m = metrics(2, vec![]);
+        let pod = ObjectRef::new("default", "web");
+        for port in ["1", "2", "3", "4", "1"] {
+            m.add(&pod, labels(port), one());
+        }
+        assert_eq!(m.series(), 3, "two series and one overflow");
+        let families = m.collect();
+        let overflow: Vec<_> = families[0]
+            .get_metric()
+            .iter()
+            .filter(|m| m.get_label()[5].value() == OVERFLOW)
+            .collect();
+        assert_eq!(overflow.len(), 1);
+        assert_eq!(overflow[0].get_counter().get_value(), 2.0, "ports 3 and 4");
+        assert_eq!(
+            overflow[0].get_label()[2].value(),
+            "localhost",
+            "class is kept"
+        );
+    }
+
+    #[test]
+    fn dropped_labels_fold_series_together() {
+        let m = metrics(10, vec![5]);
+        let pod = ObjectRef::new("default", "web");
+        m.add(&pod, labels("1"), one());
+        m.add(&pod, labels("2"), one());
+        assert_eq!(m.series(), 1);
+        assert_eq!(
+            m.collect()[1].get_metric()[0].get_counter().get_value(),
+            200.0
+        );
+    }
+
+    #[test]
+    fn series_of_a_gone_pod_expire_after_the_grace_period() {
+        let m = metrics(10, vec![]);
+        let pod = ObjectRef::new("default", "web");
+        m.add(&pod, labels("80"), one());
+        let now = Instant::now();
+        m.pod_gone(&pod, now);
+        m.expire(now + Duration::from_secs(30));
+        assert_eq!(m.series(), 1, "still within the grace period");
+        m.expire(now + Duration::from_secs(61));
+        assert_eq!(m.series(), 0);
+    }
+
+    #[test]
+    fn connections_only_for_tcp() {
+        let m = metrics(10, vec![]);
+        let pod = ObjectRef::new("default", "web");
+        let mut udp = labels("53");
+        udp.0[4] = "udp".into();
+        m.add(&pod, udp, one());
+        m.add(&pod, labels("80"), one());
+        let families = m.collect();
+        assert_eq!(families[0].get_metric().len(), 2);
+        assert_eq!(families[2].get_metric().len(), 1);
+    }
+}

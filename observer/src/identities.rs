@@ -1,0 +1,146 @@
+//! Names for what the kernel carries as numbers: peer ids (pods, Services,
+//! nodes) and cgroup ids (containers).
+//!
+//! Ids are handed out once per identity and never reused, so a flow
+//! classified before a change still names the right peer after it.
+
+use std::{collections::HashMap, hash::Hash, os::unix::fs::MetadataExt, sync::Arc};
+
+use observer_common::inventory::Inventory;
+
+/// A Kubernetes object's namespace and name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// A container, known by its cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerRef {
+    pub pod: ObjectRef,
+    pub name: String,
+}
+
+/// What the collector resolves names with. Cheap to share: swapped whole
+/// when the inventory changes.
+#[derive(Clone, Debug, Default)]
+pub struct Identities {
+    pub pods: HashMap<u32, ObjectRef>,
+    pub services: HashMap<u32, ObjectRef>,
+    pub nodes: HashMap<u32, String>,
+    /// By cgroup id (the inode of the cgroup v2 directory).
+    pub containers: HashMap<u64, ContainerRef>,
+}
+
+pub type SharedIdentities = Arc<Identities>;
+
+/// Stable ids for identities of one kind.
+#[derive(Debug)]
+pub struct IdTable<K> {
+    ids: HashMap<K, u32>,
+    next: u32,
+}
+
+impl<K> Default for IdTable<K> {
+    fn default() -> Self {
+        Self {
+            ids: HashMap::new(),
+            // 0 means "unknown" in the kernel's maps.
+            next: 1,
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone> IdTable<K> {
+    pub fn id(&mut self, key: &K) -> u32 {
+        if let Some(id) = self.ids.get(key) {
+            return *id;
+        }
+        let id = self.next;
+        self.next += 1;
+        self.ids.insert(key.clone(), id);
+        id
+    }
+
+    /// Forgets identities that are gone (their ids are not reused).
+    pub fn retain(&mut self, keep: impl Fn(&K) -> bool) {
+        self.ids.retain(|k, _| keep(k));
+    }
+}
+
+/// The id tables of one observer.
+#[derive(Debug, Default)]
+pub struct Ids {
+    pub pods: IdTable<ObjectRef>,
+    pub services: IdTable<ObjectRef>,
+    pub nodes: IdTable<String>,
+}
+
+impl Ids {
+    /// Names for everything in the inventory, with ids from these tables.
+    pub fn identities(&mut self, inventory: &Inventory) -> Identities {
+        let mut identities = Identities::default();
+        for pod in &inventory.pods {
+            let pod_ref = ObjectRef::new(&pod.namespace, &pod.name);
+            identities
+                .pods
+                .insert(self.pods.id(&pod_ref), pod_ref.clone());
+            for container in &pod.containers {
+                // A container whose cgroup is gone has no traffic to name.
+                if let Ok(meta) = std::fs::metadata(&container.cgroup) {
+                    identities.containers.insert(
+                        meta.ino(),
+                        ContainerRef {
+                            pod: pod_ref.clone(),
+                            name: container.name.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        for service in &inventory.services {
+            let service_ref = ObjectRef::new(&service.namespace, &service.name);
+            identities
+                .services
+                .insert(self.services.id(&service_ref), service_ref);
+        }
+        for node in &inventory.nodes {
+            identities
+                .nodes
+                .insert(self.nodes.id(&node.name), node.name.clone());
+        }
+        let pods: Vec<&ObjectRef> = identities.pods.values().collect();
+        self.pods.retain(|p| pods.contains(&p));
+        let services: Vec<&ObjectRef> = identities.services.values().collect();
+        self.services.retain(|s| services.contains(&s));
+        identities
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable_and_never_reused() {
+        let mut table = IdTable::default();
+        let a = ObjectRef::new("default", "a");
+        let b = ObjectRef::new("default", "b");
+        assert_eq!(table.id(&a), 1);
+        assert_eq!(table.id(&b), 2);
+        assert_eq!(table.id(&a), 1);
+        table.retain(|k| k != &a);
+        assert_eq!(table.id(&a), 3, "a new id, not a reused one");
+        assert_eq!(table.id(&b), 2);
+    }
+}
