@@ -6,6 +6,8 @@
 
 mod metrics;
 pub mod observer;
+pub mod prometheus;
 
 pub use metrics::Scrape;
 pub use observer::Observer;
+pub use prometheus::Prometheus;

@@ -350,3 +350,29 @@ fn counts_what_a_full_flow_map_evicts() {
     assert_eq!(m.sum("observer_flow_insert_failures_total", &[]), 0.0);
     assert!(observer.terminate().success());
 }
+
+#[test]
+fn series_of_a_pod_that_is_gone_expire_after_the_grace_period() {
+    let pod = Netns::create("gone").expect("namespace");
+    let name = pod.name().to_owned();
+    let path = pod.path().display().to_string();
+    let observer = Observer::start(&["--netns", &path, "--series-grace", "1s"]);
+    let receiver = udp_receiver(&pod, "127.0.0.1");
+    udp(&pod, "127.0.0.1", receiver.local_addr().unwrap(), 2, &receiver);
+    let m = observer.scrape();
+    assert_eq!(m.sum("observer_flow_packets_total", &[("pod", &name)]), 2.0);
+
+    drop(receiver);
+    drop(pod); // deletes the namespace
+    let m = observer.scrape();
+    assert_eq!(m.sum("observer_programs_attached", &[("pod", &name)]), 0.0);
+    assert_eq!(
+        m.sum("observer_flow_packets_total", &[("pod", &name)]),
+        2.0,
+        "still within the grace period"
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let m = observer.scrape();
+    assert!(!m.has("observer_flow_packets_total", "pod", &name), "expired");
+    assert!(observer.terminate().success());
+}

@@ -58,6 +58,7 @@ fn main() -> Result<()> {
         Task::Lab(task) => lab::run(task),
         Task::Test { filter } => {
             packages::ensure(packages::LAB)?;
+            packages::ensure(packages::TEST)?;
             let observer = build_observer(&workspace)?;
             test::run_all(&workspace, &observer, filter.as_deref())
         }

@@ -40,3 +40,7 @@ pub const LAB: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("tc", "iproute2"),
 ];
+
+/// What the end-to-end tests use besides the lab: a real Prometheus server
+/// and promtool.
+pub const TEST: &[(&str, &str)] = &[("prometheus", "prometheus"), ("promtool", "prometheus")];

@@ -1,0 +1,114 @@
+//! The observer on the node lab, scraped by a real Prometheus: every
+//! scenario of the default lab shows up with the right class and names.
+
+use std::{process::Command, time::Duration};
+
+use integration_test::{Observer, Prometheus, observer::http_get};
+use lab::{Lab, Plan};
+
+const WAIT: Duration = Duration::from_secs(40);
+
+#[test]
+fn prometheus_sees_every_scenario_of_the_default_lab() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let inventory = lab.inventory_path().display().to_string();
+    let observer = Observer::start(&["--inventory", &inventory, "--collect-interval", "1s"]);
+
+    // The exposition format is valid by Prometheus' own checker.
+    let (_, text) = http_get(observer.addr(), "/metrics").expect("/metrics");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    use std::io::Write;
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    let prometheus = Prometheus::scraping(observer.addr());
+    let packets = |selector: &str| format!("observer_flow_packets_total{{{selector}}}");
+
+    // Intra-pod localhost, with both containers named.
+    prometheus.wait_positive(
+        &packets(r#"namespace="shop",pod="shop",class="localhost",direction="request",port="8080",client_container="sidecar",server_container="app""#),
+        WAIT,
+    );
+    prometheus.wait_positive(
+        &packets(r#"pod="shop",class="localhost",direction="response",port="8080",client_container="sidecar",server_container="app""#),
+        WAIT,
+    );
+    prometheus.wait_positive(
+        &packets(r#"namespace="default",pod="web",class="localhost",port="80",client_container="fetcher",server_container="web""#),
+        WAIT,
+    );
+    prometheus.wait_positive(
+        r#"observer_connections_opened_total{pod="shop",class="localhost",port="8080",client_container="sidecar"}"#,
+        WAIT,
+    );
+    // Pod to pod, on one node and across nodes.
+    prometheus.wait_positive(
+        &packets(r#"pod="client",class="pod",direction="egress",port="80",peer_namespace="default",peer="web""#),
+        WAIT,
+    );
+    prometheus.wait_positive(
+        &packets(r#"pod="web",class="pod",direction="ingress",port="80",peer="client""#),
+        WAIT,
+    );
+    prometheus.wait_positive(
+        &packets(r#"pod="remote",class="pod",direction="egress",port="80",peer_namespace="default",peer="web""#),
+        WAIT,
+    );
+    // Pod to Service, with the Service's name (before DNAT), both Services.
+    prometheus.wait_positive(
+        &packets(r#"pod="client",class="service",direction="egress",port="80",peer_namespace="default",peer="web""#),
+        WAIT,
+    );
+    prometheus.wait_positive(
+        &packets(r#"pod="client",class="service",direction="ingress",port="80",peer="web""#),
+        WAIT,
+    );
+    prometheus.wait_positive(
+        &packets(r#"pod="client",class="service",port="8080",peer_namespace="shop",peer="shop""#),
+        WAIT,
+    );
+    // To the external host.
+    prometheus.wait_positive(
+        &packets(r#"pod="client",class="external",direction="egress",port="8080",peer="external""#),
+        WAIT,
+    );
+    // Never an ephemeral client port as the port label.
+    let ephemeral = prometheus.query(&format!(
+        "count({}) or vector(0)",
+        packets(r#"port=~"3[3-9][0-9]{3}|[4-5][0-9]{4}|60[0-9]{3}""#)
+    ));
+    assert_eq!(ephemeral, [0.0], "series with an ephemeral port");
+
+    // The named-pipe pair: attached, and silent.
+    prometheus.wait_positive(
+        r#"observer_programs_attached{namespace="default",pod="pipes"}"#,
+        WAIT,
+    );
+    assert!(
+        lab.log("default", "pipes", "reader").contains("message"),
+        "the pipe carried messages"
+    );
+    assert_eq!(prometheus.query(&packets(r#"pod="pipes""#)), Vec::<f64>::new());
+
+    // Health figures.
+    prometheus.wait_positive("observer_flow_map_entries", WAIT);
+    prometheus.wait_positive("observer_build_info", WAIT);
+    assert_eq!(
+        prometheus.query("sum(observer_programs_attached)"),
+        [15.0],
+        "5 pods, 3 programs each"
+    );
+    assert!(observer.terminate().success());
+}
