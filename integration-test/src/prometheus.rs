@@ -43,7 +43,10 @@ impl Prometheus {
         let mut command = Command::new("prometheus");
         command
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .arg("--log.level=warn")
             .stdin(Stdio::null())
@@ -67,7 +70,11 @@ impl Prometheus {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !http_get(self.addr, "/-/ready").is_some_and(|(code, _)| code == 200) {
-            assert!(Instant::now() < deadline, "Prometheus not ready: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus not ready: {}",
+                self.log()
+            );
             thread::sleep(Duration::from_millis(100));
         }
     }

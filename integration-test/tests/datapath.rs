@@ -358,7 +358,13 @@ fn series_of_a_pod_that_is_gone_expire_after_the_grace_period() {
     let path = pod.path().display().to_string();
     let observer = Observer::start(&["--netns", &path, "--series-grace", "1s"]);
     let receiver = udp_receiver(&pod, "127.0.0.1");
-    udp(&pod, "127.0.0.1", receiver.local_addr().unwrap(), 2, &receiver);
+    udp(
+        &pod,
+        "127.0.0.1",
+        receiver.local_addr().unwrap(),
+        2,
+        &receiver,
+    );
     let m = observer.scrape();
     assert_eq!(m.sum("observer_flow_packets_total", &[("pod", &name)]), 2.0);
 
@@ -373,6 +379,9 @@ fn series_of_a_pod_that_is_gone_expire_after_the_grace_period() {
     );
     std::thread::sleep(Duration::from_millis(1200));
     let m = observer.scrape();
-    assert!(!m.has("observer_flow_packets_total", "pod", &name), "expired");
+    assert!(
+        !m.has("observer_flow_packets_total", "pod", &name),
+        "expired"
+    );
     assert!(observer.terminate().success());
 }

@@ -24,7 +24,12 @@ fn prometheus_sees_every_scenario_of_the_default_lab() {
         .spawn()
         .expect("promtool");
     use std::io::Write;
-    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let checked = promtool.wait_with_output().unwrap();
     assert!(
         checked.status.success(),
@@ -100,7 +105,10 @@ fn prometheus_sees_every_scenario_of_the_default_lab() {
         lab.log("default", "pipes", "reader").contains("message"),
         "the pipe carried messages"
     );
-    assert_eq!(prometheus.query(&packets(r#"pod="pipes""#)), Vec::<f64>::new());
+    assert_eq!(
+        prometheus.query(&packets(r#"pod="pipes""#)),
+        Vec::<f64>::new()
+    );
 
     // Health figures.
     prometheus.wait_positive("observer_flow_map_entries", WAIT);

@@ -22,6 +22,24 @@ pub struct Cli {
 pub enum Command {
     /// Attach to pod network namespaces and serve Prometheus metrics.
     Run(RunArgs),
+    /// Show the live traffic of a running observer as a table.
+    Flows(FlowsArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct FlowsArgs {
+    /// The running observer's metrics address.
+    #[arg(long, env = "OBSERVER_METRICS_ADDR", default_value = "127.0.0.1:9465")]
+    pub addr: SocketAddr,
+    /// Only this pod: NAMESPACE/NAME.
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// How often the table refreshes.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Print one table (the traffic over one interval) and exit.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Args, Clone, Debug)]

@@ -19,7 +19,7 @@ use std::{
 
 use aya::maps::MapError;
 use observer_common::{FlowKey, FlowValue, class, direction, family, server};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     attach::AttachedNetns,
@@ -45,7 +45,7 @@ pub enum CollectError {
 }
 
 /// A series of the last collection, for `observer flows`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FlowRow {
     pub labels: Vec<(String, String)>,
     pub packets: u64,

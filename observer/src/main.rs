@@ -11,6 +11,7 @@ mod cli;
 mod collector;
 mod datapath;
 mod flow_metrics;
+mod flows_view;
 mod identities;
 mod inventory;
 mod kernel_maps;
@@ -41,6 +42,10 @@ fn main() -> ExitCode {
         Command::Run(args) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| Ok(runtime.block_on(run::run(args))?)),
+        Command::Flows(args) => {
+            flows_view::run(args.addr, args.pod.as_deref(), args.interval, args.once)
+                .map_err(anyhow::Error::from)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

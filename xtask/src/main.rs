@@ -34,6 +34,9 @@ enum Task {
     /// every network namespace under /var/run/netns, metrics on
     /// http://127.0.0.1:9465/metrics.
     Run {
+        /// Stand up the default node lab first and observe its pods.
+        #[arg(long)]
+        lab: bool,
         /// Arguments for `observer run` (see `observer run --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -54,7 +57,7 @@ fn main() -> Result<()> {
     let workspace = workspace_root();
     match cli.task {
         Task::Setup => setup(&workspace),
-        Task::Run { args } => run_observer(&workspace, &args),
+        Task::Run { lab, args } => run_observer(&workspace, lab, &args),
         Task::Lab(task) => lab::run(task),
         Task::Test { filter } => {
             packages::ensure(packages::LAB)?;
@@ -86,10 +89,19 @@ fn build_observer(workspace: &Path) -> Result<PathBuf> {
     Ok(workspace.join("target/debug/observer"))
 }
 
-fn run_observer(workspace: &Path, args: &[String]) -> Result<()> {
+fn run_observer(workspace: &Path, with_lab: bool, args: &[String]) -> Result<()> {
     let observer = build_observer(workspace)?;
     let mut command = as_root(&observer);
-    command.arg("run").args(args);
+    command.arg("run");
+    if with_lab {
+        let inventory = lab::up(None)?;
+        command.arg("--inventory").arg(inventory);
+        eprintln!(
+            "run: live view: {} flows   (`cargo xtask lab down` removes the lab)",
+            observer.display()
+        );
+    }
+    command.args(args);
     eprintln!("run: {command:?} (Ctrl-C stops it and detaches everything)");
     run(&mut command)
 }
