@@ -124,9 +124,11 @@ pub struct FlowValue {
     /// TCP connections opened: SYNs without ACK, sent by the client.
     pub connections: u64,
     /// cgroup v2 id of the sending socket, where the hook knows it (`lo`,
-    /// and `eth0` egress); 0 for packets without a socket. The receiving
-    /// container is the sender of the reverse flow.
+    /// and `eth0` egress); 0 for packets without a socket.
     pub src_cgroup: u64,
+    /// On `lo`: the sending cgroup of the reverse flow, which is this flow's
+    /// receiver; 0 until the reverse flow exists.
+    pub peer_cgroup: u64,
     /// The Service (class SERVICE), pod or node (POD, NODE) the peer is, as
     /// numbered by the daemon; 0 when unknown.
     pub peer_id: u32,
@@ -138,7 +140,7 @@ pub struct FlowValue {
     pub server: u8,
     pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 56);
 
 /// Key of [`SERVICES_MAP`]: a ClusterIP, port and protocol.
 #[repr(C)]

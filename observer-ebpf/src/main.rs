@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use observer_common::{
     CIDRS_CAPACITY, CidrValue, DEFAULT_FLOW_CAPACITY, DatapathStats, FlowKey, FlowValue,
-    SERVICES_CAPACITY, ServiceKey,
+    SERVICES_CAPACITY, ServiceKey, class,
     direction::{EGRESS, INGRESS},
 };
 
@@ -83,13 +83,13 @@ fn observe(ctx: &TcContext, direction: u8) {
     key.direction = direction;
     // SAFETY: a plain read; volatile so that the value set at load time is read.
     key.netns_cookie = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
-    count(ctx, &key, u64::from(ctx.len()), u64::from(syn));
+    count(ctx, &mut key, u64::from(ctx.len()), u64::from(syn));
 }
 
 #[inline(always)]
-fn count(ctx: &TcContext, key: &FlowKey, bytes: u64, syn: u64) {
+fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) {
     let generation = GENERATION.get(0).copied().unwrap_or(0);
-    if let Some(value) = FLOWS.get_ptr_mut(key) {
+    if let Some(value) = FLOWS.get_ptr_mut(&*key) {
         add(value, bytes, syn);
         // SAFETY: a live map value. Classification fields are written without
         // atomics: CPUs racing here write the same result.
@@ -109,14 +109,39 @@ fn count(ctx: &TcContext, key: &FlowKey, bytes: u64, syn: u64) {
         ..FlowValue::default()
     };
     classify::classify(ctx, key, &mut first);
-    if FLOWS.insert(key, &first, u64::from(BPF_NOEXIST)).is_ok() {
+    if first.class == class::LOCALHOST {
+        pair_with_reverse(key, &mut first);
+    }
+    if FLOWS.insert(&*key, &first, u64::from(BPF_NOEXIST)).is_ok() {
         bump_stats(|s| s.flows_created += 1);
-    } else if let Some(value) = FLOWS.get_ptr_mut(key) {
+    } else if let Some(value) = FLOWS.get_ptr_mut(&*key) {
         // Another CPU inserted it first.
         add(value, bytes, syn);
     } else {
         bump_stats(|s| s.flow_insert_failed += 1);
     }
+}
+
+/// Both directions of a localhost conversation pass `lo` egress, each with
+/// its sending socket: each flow learns its receiver from the other. The
+/// key is reversed in place (and back) to spare the verifier's 512-byte stack.
+#[inline(always)]
+fn pair_with_reverse(key: &mut FlowKey, value: &mut FlowValue) {
+    reverse(key);
+    if let Some(other) = FLOWS.get_ptr_mut(&*key) {
+        // SAFETY: a live map value; racing writers write the same numbers.
+        unsafe {
+            value.peer_cgroup = (*other).src_cgroup;
+            (*other).peer_cgroup = value.src_cgroup;
+        }
+    }
+    reverse(key);
+}
+
+#[inline(always)]
+fn reverse(key: &mut FlowKey) {
+    core::mem::swap(&mut key.src_addr, &mut key.dst_addr);
+    core::mem::swap(&mut key.src_port, &mut key.dst_port);
 }
 
 /// Adds one packet to a flow's counters.

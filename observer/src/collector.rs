@@ -6,9 +6,12 @@
 //! and that came back starts from zero, which the difference detects), and
 //! adds it to the flow's series. A series is what the labels can tell apart:
 //! pod, class, direction, protocol, server port, peer, and on `lo` the client
-//! and server containers. The receiving container of a localhost flow is the
-//! sending container of its reverse flow. Entries of namespaces that are not
+//! and server containers (the kernel pairs each localhost flow with its
+//! reverse, so a flow knows both). Entries of namespaces that are not
 //! attached (any more) are removed from the map.
+//!
+//! Memory: one 24-byte record per flow plus the hash map's overhead (about
+//! 40 bytes a flow); series are aggregated during the walk.
 
 use std::{
     collections::HashMap,
@@ -72,14 +75,15 @@ pub struct Collector {
     rows: Vec<FlowRow>,
 }
 
+/// A flow's counters at the last collection. Small on purpose: one per flow.
 #[derive(Clone, Copy, Default)]
 struct Seen {
     packets: u64,
     bytes: u64,
-    connections: u64,
-    src_cgroup: u64,
+    connections: u32,
     pass: u32,
 }
+const _: () = assert!(size_of::<Seen>() == 24);
 
 /// What a flow is counted under, before names are looked up.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -167,18 +171,16 @@ impl Collector {
         let (created, insert_failures) = self.read_stats()?;
         self.pass = self.pass.wrapping_add(1);
 
-        // Pass 1: new counters of every flow; keep the ones that moved.
-        let mut active = Vec::new();
         let mut stale = Vec::new();
         let mut live = 0u64;
+        let mut series: HashMap<Series, Counts> = HashMap::new();
         for entry in self.maps.flows.iter() {
             let (key, now) = entry.map_err(CollectError::Flows)?;
             let hash = self.hasher.hash_one(key);
             let seen = Seen {
                 packets: now.packets,
                 bytes: now.bytes,
-                connections: now.connections,
-                src_cgroup: now.src_cgroup,
+                connections: now.connections as u32,
                 pass: self.pass,
             };
             let before = self.last.insert(hash, seen);
@@ -192,24 +194,12 @@ impl Collector {
             live += 1;
             let delta = difference(&now, &before.unwrap_or_default());
             if delta.packets > 0 {
-                active.push((key, now, delta));
+                series.entry(series_of(&key, &now)).or_default().add(delta);
             }
         }
         let pass = self.pass;
         self.last.retain(|_, seen| seen.pass == pass);
 
-        // Pass 2: series, now that every flow's reverse is known.
-        let mut series: HashMap<Series, Counts> = HashMap::new();
-        for (key, value, delta) in &active {
-            let reverse_sender = self
-                .last
-                .get(&self.hasher.hash_one(reverse(key)))
-                .map(|s| s.src_cgroup);
-            series
-                .entry(series_of(key, value, reverse_sender))
-                .or_default()
-                .add(*delta);
-        }
         let seconds = self.last_collection.elapsed().as_secs_f64();
         self.last_collection = Instant::now();
         self.rows.clear();
@@ -304,18 +294,7 @@ fn difference(now: &FlowValue, before: &Seen) -> Counts {
     Counts {
         packets: now.packets - before.packets,
         bytes: now.bytes - before.bytes,
-        connections: now.connections.saturating_sub(before.connections),
-    }
-}
-
-/// The same conversation the other way.
-fn reverse(key: &FlowKey) -> FlowKey {
-    FlowKey {
-        src_addr: key.dst_addr,
-        dst_addr: key.src_addr,
-        src_port: key.dst_port,
-        dst_port: key.src_port,
-        ..*key
+        connections: (now.connections as u32).saturating_sub(before.connections) as u64,
     }
 }
 
@@ -340,9 +319,8 @@ fn destination_is_server(server_side: u8, src_port: u16, dst_port: u16) -> Optio
     })
 }
 
-/// The series of a flow. `reverse_sender` is the sending cgroup of the
-/// reverse flow, if it exists.
-fn series_of(key: &FlowKey, value: &FlowValue, reverse_sender: Option<u64>) -> Series {
+/// The series of a flow.
+fn series_of(key: &FlowKey, value: &FlowValue) -> Series {
     let to_server = destination_is_server(value.server, key.src_port, key.dst_port);
     let port = to_server.map(|d| if d { key.dst_port } else { key.src_port });
     let localhost = value.class == class::LOCALHOST;
@@ -353,9 +331,11 @@ fn series_of(key: &FlowKey, value: &FlowValue, reverse_sender: Option<u64>) -> S
         (false, _, direction::INGRESS) => Direction::Ingress,
         (false, _, _) => Direction::Egress,
     };
+    // The receiver is known once the reverse flow exists (0 before).
+    let receiver = (value.peer_cgroup != 0).then_some(value.peer_cgroup);
     let (client, server) = match (localhost, to_server) {
-        (true, Some(true)) => (Some(value.src_cgroup), reverse_sender),
-        (true, Some(false)) => (reverse_sender, Some(value.src_cgroup)),
+        (true, Some(true)) => (Some(value.src_cgroup), receiver),
+        (true, Some(false)) => (receiver, Some(value.src_cgroup)),
         _ => (None, None),
     };
     Series {
@@ -535,9 +515,10 @@ mod tests {
             class: class::LOCALHOST,
             server: server::DESTINATION,
             src_cgroup: 100,
+            peer_cgroup: 200,
             ..FlowValue::default()
         };
-        let series = series_of(&localhost_key(41000, 8080), &request, Some(200));
+        let series = series_of(&localhost_key(41000, 8080), &request);
         let l = labels(&series, &pod, &identities).0;
         assert_eq!(&l[2..6], ["localhost", "request", "tcp", "8080"]);
         assert_eq!(&l[8..], ["sidecar", "app"]);
@@ -545,9 +526,10 @@ mod tests {
         let response = FlowValue {
             server: server::SOURCE,
             src_cgroup: 200,
+            peer_cgroup: 100,
             ..request
         };
-        let series = series_of(&localhost_key(8080, 41000), &response, Some(100));
+        let series = series_of(&localhost_key(8080, 41000), &response);
         let l = labels(&series, &pod, &identities).0;
         assert_eq!(&l[3..6], ["response", "tcp", "8080"]);
         assert_eq!(&l[8..], ["sidecar", "app"]);
@@ -555,15 +537,16 @@ mod tests {
         // No reverse flow yet, and a packet the kernel sent: said explicitly.
         let rst = FlowValue {
             src_cgroup: 0,
+            peer_cgroup: 0,
             ..response
         };
-        let series = series_of(&localhost_key(8080, 41000), &rst, None);
+        let series = series_of(&localhost_key(8080, 41000), &rst);
         assert_eq!(
             &labels(&series, &pod, &identities).0[8..],
             [UNKNOWN, KERNEL]
         );
         // A cgroup of another pod is not this pod's container.
-        let series = series_of(&localhost_key(41000, 8080), &request, Some(200));
+        let series = series_of(&localhost_key(41000, 8080), &request);
         let other = ObjectRef::new("default", "web");
         assert_eq!(
             &labels(&series, &other, &identities).0[8..],
@@ -586,7 +569,7 @@ mod tests {
         };
         let mut key = localhost_key(40000, 80);
         key.if_index = 2;
-        let l = labels(&series_of(&key, &value, None), &pod, &identities).0;
+        let l = labels(&series_of(&key, &value), &pod, &identities).0;
         assert_eq!(
             &l[2..],
             ["service", "egress", "tcp", "80", "default", "web", "", ""]
@@ -595,14 +578,14 @@ mod tests {
             class: class::EXTERNAL,
             ..value
         };
-        let l = labels(&series_of(&key, &external, None), &pod, &identities).0;
+        let l = labels(&series_of(&key, &external), &pod, &identities).0;
         assert_eq!(&l[6..8], ["", "external"]);
         let unknown_pod = FlowValue {
             class: class::POD,
             peer_id: 0,
             ..value
         };
-        let l = labels(&series_of(&key, &unknown_pod, None), &pod, &identities).0;
+        let l = labels(&series_of(&key, &unknown_pod), &pod, &identities).0;
         assert_eq!(&l[6..8], ["", UNKNOWN]);
     }
 
