@@ -31,6 +31,10 @@ pub const SERVICES_MAP: &str = "SERVICES";
 /// Name of the LPM trie of addresses: key `(prefix length, [u8; 16])`, value
 /// [`CidrValue`].
 pub const CIDRS_MAP: &str = "CIDRS";
+/// Name of the program array holding the shared classifier.
+pub const CLASSIFIER_MAP: &str = "CLASSIFIER";
+/// Name of the shared classifier program.
+pub const CLASSIFIER_PROGRAM: &str = "classify_flow";
 /// Name of the one-element array holding the classification generation.
 pub const GENERATION_MAP: &str = "GENERATION";
 /// Capacity of the Service map (Service ports).
@@ -176,8 +180,11 @@ pub struct DatapathStats {
     pub flows_created: u64,
     /// Packets not counted because the flow could not be inserted.
     pub flow_insert_failed: u64,
+    /// Packets not counted because the shared classifier could not be
+    /// tail-called (it is not loaded).
+    pub classify_failed: u64,
 }
-const _: () = assert!(core::mem::size_of::<DatapathStats>() == 16);
+const _: () = assert!(core::mem::size_of::<DatapathStats>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -18,7 +18,7 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     programs::TcContext,
 };
 use observer_common::{
@@ -49,6 +49,10 @@ static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static STATS: PerCpuArray<DatapathStats> = PerCpuArray::with_max_entries(1, 0);
 
+/// Index 0: `classify_flow`, loaded once and tail-called by every instance.
+#[map]
+static CLASSIFIER: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 /// The network namespace these programs are attached in (its cookie), set
 /// at load time: each namespace gets its own instance of the programs.
 /// `bpf_get_netns_cookie(skb)` cannot serve: in tc it reports the namespace of
@@ -59,15 +63,32 @@ static NETNS_COOKIE: u64 = 0;
 /// Attached to `eth0` egress and to `lo` egress (loopback packets then come
 /// back through `lo` ingress, where nothing is attached: counted once).
 #[classifier]
-pub fn observe_egress(ctx: TcContext) -> i32 {
-    observe(&ctx, EGRESS);
+pub fn observe_egress(mut ctx: TcContext) -> i32 {
+    observe(&mut ctx, EGRESS);
     TC_ACT_UNSPEC
 }
 
 /// Attached to `eth0` ingress.
 #[classifier]
-pub fn observe_ingress(ctx: TcContext) -> i32 {
-    observe(&ctx, INGRESS);
+pub fn observe_ingress(mut ctx: TcContext) -> i32 {
+    observe(&mut ctx, INGRESS);
+    TC_ACT_UNSPEC
+}
+
+/// Counts a packet of a flow that is new, or was classified under an older
+/// generation, and classifies it. Tail-called by the instances: loaded (and
+/// verified) once, while each namespace's instance stays small.
+#[classifier]
+pub fn classify_flow(ctx: TcContext) -> i32 {
+    let cb = ctx.cb();
+    let (cookie, direction) = match cb {
+        [low, high, direction, ..] => (u64::from(*low) | (u64::from(*high) << 32), *direction),
+        _ => return TC_ACT_UNSPEC,
+    };
+    let (mut key, syn) = parse::flow_key(&ctx);
+    key.direction = direction as u8;
+    key.netns_cookie = cookie;
+    count(&ctx, &mut key, u64::from(ctx.len()), u64::from(syn));
     TC_ACT_UNSPEC
 }
 
@@ -77,13 +98,34 @@ pub fn noop(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// The per-packet path: a known flow gets its counters bumped; anything
+/// else goes to `classify_flow`, with the namespace and direction in the
+/// skb's control buffer (tc's scratch space for passing data between programs).
 #[inline(always)]
-fn observe(ctx: &TcContext, direction: u8) {
+fn observe(ctx: &mut TcContext, direction: u8) {
     let (mut key, syn) = parse::flow_key(ctx);
     key.direction = direction;
     // SAFETY: a plain read; volatile so that the value set at load time is read.
-    key.netns_cookie = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
-    count(ctx, &mut key, u64::from(ctx.len()), u64::from(syn));
+    let cookie = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
+    key.netns_cookie = cookie;
+    let generation = GENERATION.get(0).copied().unwrap_or(0);
+    if let Some(value) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a live map value.
+        if unsafe { (*value).generation } == generation {
+            add(value, u64::from(ctx.len()), u64::from(syn));
+            return;
+        }
+    }
+    if let [low, high, dir, ..] = ctx.cb_mut() {
+        *low = cookie as u32;
+        *high = (cookie >> 32) as u32;
+        *dir = u32::from(direction);
+    }
+    // SAFETY: on success this does not return; the program array holds only
+    // classify_flow.
+    unsafe { CLASSIFIER.tail_call(ctx, 0) };
+    // Reached only if the tail call failed (no classifier loaded).
+    bump_stats(|s| s.classify_failed += 1);
 }
 
 #[inline(always)]

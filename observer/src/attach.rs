@@ -22,7 +22,7 @@ use aya::{
 use tokio::sync::oneshot;
 
 use crate::{
-    datapath::{Datapath, DatapathError, EGRESS_PROGRAM, INGRESS_PROGRAM, Programs},
+    datapath::{Datapath, DatapathError, EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs},
     identities::ObjectRef,
     netns::{self, NetNs, NetnsError},
 };
@@ -88,14 +88,15 @@ pub struct AttachWorker {
 }
 
 impl AttachWorker {
-    pub fn start(datapath: Datapath) -> Result<Self, AttachError> {
+    /// Starts the worker; `noop` also attaches the no-op baseline everywhere.
+    pub fn start(datapath: Datapath, noop: bool) -> Result<Self, AttachError> {
         let (requests, inbox) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = thread::Builder::new()
             .name("netns-attach".into())
             .spawn(move || {
                 // Saved on this very thread: it is where setns must return to.
-                let state = NetNs::current_thread().map(|home| Worker::new(home, datapath));
+                let state = NetNs::current_thread().map(|home| Worker::new(home, datapath, noop));
                 match state {
                     Ok(mut worker) => {
                         let _ = ready_tx.send(Ok(()));
@@ -161,6 +162,7 @@ struct Worker {
     datapath: Datapath,
     /// Before 6.6 tc programs attach through the clsact qdisc, not TCX links.
     tcx: bool,
+    noop: bool,
     attached: HashMap<u64, Attachment>,
 }
 
@@ -172,12 +174,13 @@ struct Attachment {
 }
 
 impl Worker {
-    fn new(home: NetNs, datapath: Datapath) -> Self {
+    fn new(home: NetNs, datapath: Datapath, noop: bool) -> Self {
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         Self {
             home,
             datapath,
             tcx,
+            noop,
             attached: HashMap::new(),
         }
     }
@@ -215,12 +218,12 @@ impl Worker {
         }
         let mut programs = self
             .datapath
-            .instance(cookie)
+            .instance(cookie, self.noop)
             .map_err(|source| AttachError::Load {
                 path: path.into(),
                 source,
             })?;
-        let tcx = self.tcx;
+        let (tcx, noop) = (self.tcx, self.noop);
         let links = netns.run(&self.home, || {
             let mut links = Vec::new();
             // Loopback packets pass lo egress and then lo ingress: attach
@@ -231,18 +234,22 @@ impl Worker {
                 hooks.push((POD_INTERFACE, TcAttachType::Ingress));
             }
             for (interface, direction) in hooks {
+                let error = |source| AttachError::Attach {
+                    path: path.into(),
+                    interface,
+                    direction,
+                    source: Box::new(source),
+                };
                 // On error, `links` drops here, inside the namespace, which
                 // detaches what was attached so far.
-                let link =
-                    attach_one(&mut programs, tcx, interface, direction).map_err(|source| {
-                        AttachError::Attach {
-                            path: path.into(),
-                            interface,
-                            direction,
-                            source: Box::new(source),
-                        }
-                    })?;
-                links.push(link);
+                if noop {
+                    let baseline = NOOP_PROGRAM;
+                    links.push(
+                        attach_program(&mut programs, baseline, tcx, interface, direction)
+                            .map_err(error)?,
+                    );
+                }
+                links.push(attach_one(&mut programs, tcx, interface, direction).map_err(error)?);
             }
             Ok::<_, AttachError>(links)
         })??;
@@ -308,6 +315,16 @@ fn attach_one(
         TcAttachType::Ingress => INGRESS_PROGRAM,
         _ => EGRESS_PROGRAM,
     };
+    attach_program(programs, name, tcx, interface, direction)
+}
+
+fn attach_program(
+    programs: &mut Programs,
+    name: &'static str,
+    tcx: bool,
+    interface: &str,
+    direction: TcAttachType,
+) -> Result<SchedClassifierLink, ProgramError> {
     let program = programs.get(name)?;
     if !tcx {
         // Already there (ours from an earlier attach, or someone else's) is fine.

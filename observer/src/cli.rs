@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// peer_namespace, peer, client_container, server_container.
     #[arg(long, env = "OBSERVER_DROP_LABELS", value_delimiter = ',', value_parser = parse_droppable)]
     pub drop_labels: Vec<String>,
+    /// For `cargo xtask bench`: also attach the no-op classifier on every
+    /// hook, the baseline of the kernel's run-time statistics.
+    #[arg(long, hide = true)]
+    pub attach_noop: bool,
     /// Where the observer keeps its runtime state (a private bpffs for its
     /// maps, removed at exit).
     #[arg(

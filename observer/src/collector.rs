@@ -276,7 +276,10 @@ impl Collector {
     fn read_stats(&self) -> Result<(u64, u64), CollectError> {
         let per_cpu = self.maps.stats.get(&0, 0).map_err(CollectError::Stats)?;
         Ok(per_cpu.iter().fold((0, 0), |(created, failed), s| {
-            (created + s.flows_created, failed + s.flow_insert_failed)
+            (
+                created + s.flows_created,
+                failed + s.flow_insert_failed + s.classify_failed,
+            )
         }))
     }
 }

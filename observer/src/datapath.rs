@@ -6,12 +6,12 @@ use std::path::Path;
 
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{HashMap, MapData, MapError, PerCpuArray, ProgramArray},
     programs::{ProgramError, SchedClassifier},
 };
 use observer_common::{
-    CIDRS_MAP, DatapathStats, FLOWS_MAP, FlowKey, FlowValue, GENERATION_MAP, NETNS_COOKIE_GLOBAL,
-    SERVICES_MAP, STATS_MAP,
+    CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DatapathStats, FLOWS_MAP, FlowKey, FlowValue,
+    GENERATION_MAP, NETNS_COOKIE_GLOBAL, SERVICES_MAP, STATS_MAP,
 };
 
 use crate::{
@@ -24,6 +24,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ob
 
 pub const EGRESS_PROGRAM: &str = "observe_egress";
 pub const INGRESS_PROGRAM: &str = "observe_ingress";
+/// Does nothing: the benchmark's baseline.
+pub const NOOP_PROGRAM: &str = "noop";
 
 const PRIVILEGES: &str = "the observer needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and \
                           CAP_SYS_ADMIN, and a kernel with BTF";
@@ -52,6 +54,10 @@ pub enum DatapathError {
 
 /// Loads program instances that share one set of maps.
 pub struct Datapath {
+    /// The first load: owns the shared classifier (and keeps the program
+    /// array's entry alive: the kernel clears it when no fd is left).
+    _base: Ebpf,
+    _classifiers: ProgramArray<MapData>,
     pins: PinDir,
     flow_capacity: u32,
     /// The kernel's BTF, parsed once rather than at every load.
@@ -86,14 +92,9 @@ impl Datapath {
         flow_capacity: u32,
         runtime_dir: &Path,
     ) -> Result<(Self, Maps, ClassMaps), DatapathError> {
-        let datapath = Self {
-            pins: PinDir::mount(runtime_dir)?,
-            flow_capacity,
-            btf: Btf::from_sys_fs().ok(),
-        };
-        // The programs of this first load are never loaded into the kernel.
-        let mut ebpf = datapath
-            .loader()
+        let pins = PinDir::mount(runtime_dir)?;
+        let btf = Btf::from_sys_fs().ok();
+        let mut ebpf = loader(&pins, btf.as_ref(), flow_capacity)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         let maps = Maps {
@@ -106,17 +107,49 @@ impl Datapath {
             cidrs: typed(&mut ebpf, CIDRS_MAP)?,
             generation: typed(&mut ebpf, GENERATION_MAP)?,
         };
+        // The shared classifier: loaded and verified once, for all instances.
+        let mut classifiers: ProgramArray<MapData> = typed(&mut ebpf, CLASSIFIER_MAP)?;
+        let name = CLASSIFIER_PROGRAM;
+        let program_error = |source| DatapathError::Program {
+            name,
+            source: Box::new(source),
+        };
+        let classifier: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing(name))?
+            .try_into()
+            .map_err(program_error)?;
+        classifier.load().map_err(program_error)?;
+        let fd = classifier.fd().map_err(program_error)?;
+        classifiers
+            .set(0, fd, 0)
+            .map_err(|source| DatapathError::Map {
+                name: CLASSIFIER_MAP,
+                source: Box::new(source),
+            })?;
+        let datapath = Self {
+            _base: ebpf,
+            _classifiers: classifiers,
+            pins,
+            flow_capacity,
+            btf,
+        };
         Ok((datapath, maps, class_maps))
     }
 
-    /// Loads an instance of the programs for the namespace with this cookie.
-    pub fn instance(&self, netns_cookie: u64) -> Result<Programs, DatapathError> {
-        let mut ebpf = self
-            .loader()
+    /// Loads an instance of the programs for the namespace with this cookie
+    /// (and the no-op baseline if `noop`).
+    pub fn instance(&self, netns_cookie: u64, noop: bool) -> Result<Programs, DatapathError> {
+        let mut ebpf = loader(&self.pins, self.btf.as_ref(), self.flow_capacity)
             .override_global(NETNS_COOKIE_GLOBAL, &netns_cookie, true)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for name in [EGRESS_PROGRAM, INGRESS_PROGRAM] {
+        let names: &[&'static str] = if noop {
+            &[EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM]
+        } else {
+            &[EGRESS_PROGRAM, INGRESS_PROGRAM]
+        };
+        for &name in names {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::Missing(name))?
@@ -132,24 +165,24 @@ impl Datapath {
         }
         Ok(Programs { ebpf })
     }
+}
 
-    fn loader(&self) -> EbpfLoader<'_> {
-        let mut loader = EbpfLoader::new();
-        loader
-            .btf(self.btf.as_ref())
-            .map_max_entries(FLOWS_MAP, self.flow_capacity);
-        // Every map but the per-instance globals is shared through its pin.
-        for name in [
-            FLOWS_MAP,
-            STATS_MAP,
-            SERVICES_MAP,
-            CIDRS_MAP,
-            GENERATION_MAP,
-        ] {
-            loader.map_pin_path(name, self.pins.pin_path(name));
-        }
-        loader
+/// A loader whose maps are the shared, pinned ones.
+fn loader<'a>(pins: &PinDir, btf: Option<&'a Btf>, flow_capacity: u32) -> EbpfLoader<'a> {
+    let mut loader = EbpfLoader::new();
+    loader.btf(btf).map_max_entries(FLOWS_MAP, flow_capacity);
+    // Every map but the per-instance globals is shared through its pin.
+    for name in [
+        FLOWS_MAP,
+        STATS_MAP,
+        SERVICES_MAP,
+        CIDRS_MAP,
+        GENERATION_MAP,
+        CLASSIFIER_MAP,
+    ] {
+        loader.map_pin_path(name, pins.pin_path(name));
     }
+    loader
 }
 
 /// Takes map `name` out of `ebpf` as a `T`.

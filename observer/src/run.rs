@@ -96,7 +96,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if let Some(inventory) = &inventory {
         collector.set_identities(Arc::new(kernel_maps.sync(inventory)?));
     }
-    let worker = AttachWorker::start(datapath)?;
+    let worker = AttachWorker::start(datapath, args.attach_noop)?;
 
     for target in targets {
         match worker.attach(&target.path, target.pod).await {
