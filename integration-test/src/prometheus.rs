@@ -69,7 +69,7 @@ impl Prometheus {
 
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !http_get(self.addr, "/-/ready").is_some_and(|(code, _)| code == 200) {
+        while http_get(self.addr, "/-/ready").is_none_or(|(code, _)| code != 200) {
             assert!(
                 Instant::now() < deadline,
                 "Prometheus not ready: {}",
