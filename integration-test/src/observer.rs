@@ -81,6 +81,10 @@ impl Observer {
         self.addr
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Scrapes /metrics (which collects the kernel's counters first).
     pub fn scrape(&self) -> Scrape {
         let (code, body) = http_get(self.addr, "/metrics")

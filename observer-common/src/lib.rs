@@ -63,11 +63,21 @@ pub mod family {
     pub const IPV6: u8 = 6;
 }
 
-/// One flow as seen at one hook of one pod network namespace.
+/// The interface a flow was seen on.
+pub mod interface {
+    /// The pod's `lo` (ifindex 1 in every namespace).
+    pub const LOOPBACK: u8 = 0;
+    /// The pod's `eth0`.
+    pub const POD: u8 = 1;
+}
+
+/// One flow as seen at one hook of one pod network namespace. 48 bytes: the
+/// kernel hashes the whole key for every packet.
 ///
 /// Addresses are 16 bytes: IPv4 as an IPv4-mapped IPv6 address
-/// (`::ffff:a.b.c.d`). Ports are in host byte order and zero where the
-/// protocol has none (or the packet is a non-first fragment).
+/// (`::ffff:a.b.c.d`), in network byte order. Ports are in host byte order
+/// and zero where the protocol has none (or the packet is a non-first
+/// fragment).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -79,17 +89,16 @@ pub struct FlowKey {
     pub dst_addr: [u8; 16],
     pub src_port: u16,
     pub dst_port: u16,
-    /// Interface index inside the pod's namespace (1 is always `lo`).
-    pub if_index: u32,
     /// IP protocol number (6 TCP, 17 UDP, ...).
     pub protocol: u8,
     /// One of [`direction`].
     pub direction: u8,
     /// One of [`family`].
     pub family: u8,
-    pub _pad: [u8; 5],
+    /// One of [`interface`].
+    pub interface: u8,
 }
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 56);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
 
 /// Traffic classes, decided in the kernel when a flow is first seen.
 pub mod class {

@@ -14,20 +14,18 @@ use observer_common::{
     FlowKey, FlowValue, ServiceKey, class,
     direction::EGRESS,
     family::{IPV4, IPV6},
-    server,
+    interface, server,
 };
 
 use crate::{CIDRS, SERVICES};
 
-/// `lo` has this index in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 
 /// Fills the classification fields of `value` (not the counters).
 #[inline(always)]
 pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
-    if key.if_index == LOOPBACK_IFINDEX {
+    if key.interface == interface::LOOPBACK {
         value.class = class::LOCALHOST;
         value.peer_id = 0;
         localhost(ctx, key, value);

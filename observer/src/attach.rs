@@ -168,9 +168,10 @@ struct Worker {
 
 struct Attachment {
     info: AttachedNetns,
-    /// Declared before `programs`: links are dropped (detached) first.
+    /// The links keep the namespace's programs loaded; the parsed object
+    /// they came from is dropped after attaching (it is the bulk of the
+    /// memory a pod would otherwise cost).
     links: Vec<SchedClassifierLink>,
-    programs: Programs,
 }
 
 impl Worker {
@@ -266,7 +267,6 @@ impl Worker {
             Attachment {
                 info: info.clone(),
                 links,
-                programs,
             },
         );
         Ok(info)
@@ -277,11 +277,7 @@ impl Worker {
             .attached
             .remove(&cookie)
             .ok_or(AttachError::NotAttached(cookie))?;
-        let Attachment {
-            info,
-            links,
-            programs,
-        } = attachment;
+        let Attachment { info, links } = attachment;
         if self.tcx {
             // TCX links are file descriptors: closing one detaches it, from
             // any namespace, and they go away with the interface anyway.
@@ -299,7 +295,6 @@ impl Worker {
                 Err(_) => drop(links),
             }
         }
-        drop(programs);
         tracing::info!(netns = %info.name, cookie, "detached");
         Ok(())
     }

@@ -10,12 +10,14 @@
 //! reverse, so a flow knows both). Entries of namespaces that are not
 //! attached (any more) are removed from the map.
 //!
-//! Memory: one 24-byte record per flow plus the hash map's overhead (about
-//! 40 bytes a flow); series are aggregated during the walk.
+//! Memory: a 16-byte record per flow, keyed by the flow's 64-bit hash, in a
+//! table sized for the flow map's capacity up front (so it never grows, and
+//! never holds two tables at once while growing): about 50 bytes a flow of
+//! capacity. Series are aggregated during the walk.
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, RandomState},
+    hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
     sync::Arc,
     time::Instant,
 };
@@ -64,9 +66,9 @@ pub struct Collector {
     identities: SharedIdentities,
     attached: HashMap<u64, AttachedNetns>,
     /// What each flow (by key hash) had at the last collection.
-    last: HashMap<u64, Seen>,
+    last: HashMap<u64, Seen, BuildHasherDefault<PassThrough>>,
     hasher: RandomState,
-    pass: u32,
+    pass: u8,
     /// Map entries this collector removed (they are not evictions).
     removed: u64,
     evictions_reported: u64,
@@ -76,14 +78,38 @@ pub struct Collector {
 }
 
 /// A flow's counters at the last collection. Small on purpose: one per flow.
+/// Packets and connections are kept modulo 2^32 (no flow sends 4 G packets
+/// between two collections); bytes in full, which also tells a flow that was
+/// evicted and came back (its bytes went down).
 #[derive(Clone, Copy, Default)]
 struct Seen {
-    packets: u64,
     bytes: u64,
-    connections: u32,
-    pass: u32,
+    packets: u32,
+    connections: u16,
+    /// Collection pass that last saw the flow (only "this one or not" matters).
+    pass: u8,
 }
-const _: () = assert!(size_of::<Seen>() == 24);
+const _: () = assert!(size_of::<Seen>() == 16);
+
+/// The keys of `last` are hashes already.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 /// What a flow is counted under, before names are looked up.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -124,13 +150,14 @@ impl Direction {
 impl Collector {
     pub fn new(maps: Maps, metrics: Arc<Metrics>, flows: Arc<FlowMetrics>) -> Self {
         metrics.flow_map_capacity.set(i64::from(maps.flow_capacity));
+        let capacity = maps.flow_capacity as usize;
         Self {
             maps,
             metrics,
             flows,
             identities: SharedIdentities::default(),
             attached: HashMap::new(),
-            last: HashMap::new(),
+            last: HashMap::with_capacity_and_hasher(capacity, BuildHasherDefault::default()),
             hasher: RandomState::new(),
             pass: 0,
             removed: 0,
@@ -178,9 +205,9 @@ impl Collector {
             let (key, now) = entry.map_err(CollectError::Flows)?;
             let hash = self.hasher.hash_one(key);
             let seen = Seen {
-                packets: now.packets,
                 bytes: now.bytes,
-                connections: now.connections as u32,
+                packets: now.packets as u32,
+                connections: now.connections as u16,
                 pass: self.pass,
             };
             let before = self.last.insert(hash, seen);
@@ -287,7 +314,7 @@ impl Collector {
 /// What a flow gained since `before`. A flow whose counters went down was
 /// evicted and created anew in between: all of `now` is new.
 fn difference(now: &FlowValue, before: &Seen) -> Counts {
-    if now.packets < before.packets || now.bytes < before.bytes {
+    if now.bytes < before.bytes {
         return Counts {
             packets: now.packets,
             bytes: now.bytes,
@@ -295,9 +322,9 @@ fn difference(now: &FlowValue, before: &Seen) -> Counts {
         };
     }
     Counts {
-        packets: now.packets - before.packets,
+        packets: u64::from((now.packets as u32).wrapping_sub(before.packets)),
         bytes: now.bytes - before.bytes,
-        connections: (now.connections as u32).saturating_sub(before.connections) as u64,
+        connections: u64::from((now.connections as u16).wrapping_sub(before.connections)),
     }
 }
 
@@ -442,7 +469,7 @@ mod tests {
         }
     }
 
-    fn seen(packets: u64, bytes: u64) -> Seen {
+    fn seen(packets: u32, bytes: u64) -> Seen {
         Seen {
             packets,
             bytes,
@@ -494,7 +521,7 @@ mod tests {
             netns_cookie: 7,
             src_port,
             dst_port,
-            if_index: 1,
+            interface: observer_common::interface::LOOPBACK,
             protocol: 6,
             family: family::IPV4,
             ..FlowKey::default()
@@ -571,7 +598,7 @@ mod tests {
             ..FlowValue::default()
         };
         let mut key = localhost_key(40000, 80);
-        key.if_index = 2;
+        key.interface = observer_common::interface::POD;
         let l = labels(&series_of(&key, &value), &pod, &identities).0;
         assert_eq!(
             &l[2..],

@@ -44,6 +44,8 @@ enum Task {
     /// The node lab: a simulated Kubernetes node in network namespaces.
     #[command(subcommand)]
     Lab(lab::LabTask),
+    /// Measure what the observer costs (see BENCHMARKS.md); about 3 minutes.
+    Bench,
     /// Run every test: unit tests, then the end-to-end tests against the
     /// kernel (as root, one at a time).
     Test {
@@ -59,6 +61,7 @@ fn main() -> Result<()> {
         Task::Setup => setup(&workspace),
         Task::Run { lab, args } => run_observer(&workspace, lab, &args),
         Task::Lab(task) => lab::run(task),
+        Task::Bench => bench(&workspace),
         Task::Test { filter } => {
             packages::ensure(packages::LAB)?;
             packages::ensure(packages::TEST)?;
@@ -87,6 +90,31 @@ fn build_observer(workspace: &Path) -> Result<PathBuf> {
     setup(workspace)?;
     run(cargo(workspace).args(["build", "--package", "observer"]))?;
     Ok(workspace.join("target/debug/observer"))
+}
+
+fn bench(workspace: &Path) -> Result<()> {
+    packages::ensure(packages::LAB)?;
+    packages::ensure(packages::BENCH)?;
+    setup(workspace)?;
+    // Release builds: the figures are about what users run.
+    run(cargo(workspace).args(["build", "--release", "--package", "observer"]))?;
+    let mut command = cargo(workspace);
+    command.args([
+        "build",
+        "--release",
+        "--package",
+        "integration-test",
+        "--bin",
+        "bench",
+    ]);
+    run(&mut command)?;
+    let observer = workspace.join("target/release/observer");
+    let mut bench = as_root(&workspace.join("target/release/bench"));
+    bench.env("OBSERVER_BIN", observer);
+    for stale in ::lab::cleanup_stale() {
+        eprintln!("bench: removed {stale} of a killed run");
+    }
+    run(&mut bench)
 }
 
 fn run_observer(workspace: &Path, with_lab: bool, args: &[String]) -> Result<()> {

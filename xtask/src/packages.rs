@@ -44,3 +44,6 @@ pub const LAB: &[(&str, &str)] = &[
 /// What the end-to-end tests use besides the lab: a real Prometheus server
 /// and promtool.
 pub const TEST: &[(&str, &str)] = &[("prometheus", "prometheus"), ("promtool", "prometheus")];
+
+/// What `cargo xtask bench` drives traffic with.
+pub const BENCH: &[(&str, &str)] = &[("iperf3", "iperf3")];
