@@ -1,9 +1,13 @@
 //! Reads the few header fields a flow key needs, and nothing else.
 //!
 //! tc hands us the frame from its link-layer header on `lo` and on veth
-//! alike. Headers are copied with `bpf_skb_load_bytes` into aligned buffers
-//! on the stack: a direct read of packet data may be misaligned, and LLVM
-//! then reads it byte by byte. The helper also works for a non-linear skb.
+//! alike. Headers are read in place, word by word, where they lie in the
+//! packet's linear part (the common case), and copied with
+//! `bpf_skb_load_bytes` otherwise. In place, the words may be misaligned, so
+//! they are read as such (LLVM reads them byte by byte on BPF: measured, that
+//! is cheaper than a helper call per header).
+
+use core::mem::MaybeUninit;
 
 use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use observer_common::{FlowKey, family, interface};
@@ -47,15 +51,13 @@ pub fn flow_key(ctx: &TcContext) -> (FlowKey, bool) {
     };
     if key.protocol == IPPROTO_TCP {
         // Ports, sequence and acknowledgement numbers, offset and flags.
-        let mut tcp = [0u16; 7];
-        if load(ctx, offset, &mut tcp) {
+        if let Some(tcp) = load::<u16, 7>(ctx, offset) {
             set_ports(&mut key, tcp[0], tcp[1]);
             let flags = tcp[6].to_ne_bytes()[1];
             return (key, flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
         }
     } else {
-        let mut ports = [0u16; 2];
-        if load(ctx, offset, &mut ports) {
+        if let Some(ports) = load::<u16, 2>(ctx, offset) {
             set_ports(&mut key, ports[0], ports[1]);
         }
     }
@@ -67,11 +69,7 @@ pub fn flow_key(ctx: &TcContext) -> (FlowKey, bool) {
 fn ipv4(ctx: &TcContext, key: &mut FlowKey) -> Option<u32> {
     // Words: version/IHL/TOS/length, id/fragment, TTL/protocol/checksum,
     // source, destination.
-    let mut ip = [0u32; 5];
-    if !load(ctx, ETH_HLEN, &mut ip) {
-        return None;
-    }
-    let [first, fragment, ttl_protocol, src, dst] = ip;
+    let [first, fragment, ttl_protocol, src, dst] = load::<u32, 5>(ctx, ETH_HLEN)?;
     key.family = family::IPV4;
     key.protocol = ttl_protocol.to_ne_bytes()[1];
     set_addr(
@@ -94,10 +92,7 @@ fn ipv4(ctx: &TcContext, key: &mut FlowKey) -> Option<u32> {
 #[inline(always)]
 fn ipv6(ctx: &TcContext, key: &mut FlowKey) -> Option<u32> {
     // Words: version/class/flow, length/next header/hop limit, addresses.
-    let mut ip = [0u32; 10];
-    if !load(ctx, ETH_HLEN, &mut ip) {
-        return None;
-    }
+    let ip = load::<u32, 10>(ctx, ETH_HLEN)?;
     key.family = family::IPV6;
     key.protocol = ip[1].to_ne_bytes()[2];
     set_addr(&mut key.src_addr, [ip[2], ip[3], ip[4], ip[5]]);
@@ -128,17 +123,29 @@ fn set_addr(field: &mut [u8; 16], words: [u32; 4]) {
     unsafe { field.as_mut_ptr().cast::<[u32; 4]>().write(words) };
 }
 
-/// Copies `size_of_val(buf)` bytes from `offset` of the frame into `buf`.
+/// Reads `[W; N]` (plain integers) from `offset` of the frame.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: u32, buf: &mut T) -> bool {
-    // SAFETY: the helper writes at most size_of::<T>() bytes into `buf`,
-    // which is plain integers.
-    unsafe {
+fn load<W: Copy, const N: usize>(ctx: &TcContext, offset: u32) -> Option<[W; N]> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let size = size_of::<[W; N]>();
+    let at = start + offset as usize;
+    if at + size <= end {
+        // SAFETY: within [data, data_end), as checked just above.
+        return Some(unsafe { (at as *const [W; N]).read_unaligned() });
+    }
+    // Not zeroed (that would cost a memset call): the helper writes all of
+    // it or fails, and then nothing reads it.
+    let mut buf = MaybeUninit::<[W; N]>::uninit();
+    // SAFETY: the helper writes exactly `size` bytes into `buf`.
+    let copied = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
             offset,
-            (buf as *mut T).cast(),
-            size_of::<T>() as u32,
-        ) == 0
-    }
+            buf.as_mut_ptr().cast(),
+            size as u32,
+        )
+    };
+    // SAFETY: initialised by the helper when it succeeded.
+    (copied == 0).then(|| unsafe { buf.assume_init() })
 }

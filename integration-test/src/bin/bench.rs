@@ -79,13 +79,36 @@ fn main() {
     )
     .unwrap();
 
-    throughput_and_cost(&mut report);
-    scale(&mut report);
+    if std::env::args().any(|a| a == "--cost-only") {
+        cost_only(&mut report);
+    } else {
+        throughput_and_cost(&mut report);
+        scale(&mut report);
+    }
 
     println!("{report}");
     let out = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench.md");
     fs::write(out, &report).expect("write target/bench.md");
     eprintln!("bench: written to target/bench.md");
+}
+
+/// A quick reading of the per-packet cost alone (for working on the
+/// programs): one run of 64-byte UDP on lo, observer and no-op side by side.
+fn cost_only(report: &mut String) {
+    let a = Netns::create("cost").expect("namespace");
+    let _server = Server::start(&a, "127.0.0.1", 5201);
+    let path = a.path().display().to_string();
+    let observer = Observer::start(&["--netns", &path, "--attach-noop"]);
+    let pps = iperf(&a, &CASES[1]);
+    let cost = ProgramCost::read();
+    assert!(observer.terminate().success());
+    let (noop, observe) = (cost.per_run(&cost.noop), cost.per_run(&cost.observe));
+    writeln!(
+        report,
+        "lo UDP 64 B: {pps:.1} k packets/s; no-op {noop:.1} ns, observer {observe:.1} ns per run ({:.2}x)",
+        observe / noop
+    )
+    .unwrap();
 }
 
 fn throughput_and_cost(report: &mut String) {
@@ -146,14 +169,7 @@ fn throughput_and_cost(report: &mut String) {
     let noop = cost.per_run(&cost.noop);
     for (name, stat) in [
         ("no-op classifier (baseline)", &cost.noop),
-        (
-            "observe_egress + observe_ingress (every packet)",
-            &cost.observe,
-        ),
-        (
-            "classify_flow (new flows only, tail-called)",
-            &cost.classify,
-        ),
+        ("observe_egress + observe_ingress", &cost.observe),
     ] {
         let per_run = cost.per_run(stat);
         writeln!(
@@ -164,15 +180,7 @@ fn throughput_and_cost(report: &mut String) {
         )
         .unwrap();
     }
-    let observe_with_classify =
-        (cost.observe.0 + cost.classify.0) as f64 / cost.observe.1.max(1) as f64;
-    writeln!(
-        report,
-        "\nAll observer work per packet (classification included): {observe_with_classify:.1} ns, \
-         {:.2}x the no-op.\n",
-        observe_with_classify / noop
-    )
-    .unwrap();
+    writeln!(report).unwrap();
 
     writeln!(
         report,
@@ -204,7 +212,6 @@ fn throughput_and_cost(report: &mut String) {
 struct ProgramCost {
     noop: (u64, u64),
     observe: (u64, u64),
-    classify: (u64, u64),
 }
 
 impl ProgramCost {
@@ -214,7 +221,6 @@ impl ProgramCost {
             let slot = match program.name_as_str() {
                 Some("noop") => &mut cost.noop,
                 Some("observe_egress" | "observe_ingress") => &mut cost.observe,
-                Some("classify_flow") => &mut cost.classify,
                 _ => continue,
             };
             slot.0 += program.run_time().as_nanos() as u64;
@@ -227,7 +233,6 @@ impl ProgramCost {
         for (mine, theirs) in [
             (&mut self.noop, other.noop),
             (&mut self.observe, other.observe),
-            (&mut self.classify, other.classify),
         ] {
             mine.0 += theirs.0;
             mine.1 += theirs.1;
