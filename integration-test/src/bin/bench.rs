@@ -67,8 +67,6 @@ const CASES: [Case; 4] = [
 ];
 
 fn main() {
-    // Run-time statistics stay on while this fd is open, and only then.
-    let _stats = enable_stats(Stats::RunTime).expect("enable BPF run-time statistics (root?)");
     let mut report = String::new();
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = thread::available_parallelism().map_or(0, |n| n.get());
@@ -98,10 +96,7 @@ fn cost_only(report: &mut String) {
     let a = Netns::create("cost").expect("namespace");
     let _server = Server::start(&a, "127.0.0.1", 5201);
     let path = a.path().display().to_string();
-    let observer = Observer::start(&["--netns", &path, "--attach-noop"]);
-    let pps = iperf(&a, &CASES[1]);
-    let cost = ProgramCost::read();
-    assert!(observer.terminate().success());
+    let (cost, pps) = measure_cost(&["--netns", &path], || iperf(&a, &CASES[1]));
     let (noop, observe) = (cost.per_run(&cost.noop), cost.per_run(&cost.observe));
     writeln!(
         report,
@@ -124,13 +119,19 @@ fn throughput_and_cost(report: &mut String) {
         a.path().display().to_string(),
         "--netns".to_owned(),
         b.path().display().to_string(),
-        "--attach-noop".to_owned(),
     ];
     let args: Vec<&str> = netns_args.iter().map(String::as_str).collect();
 
+    // Cost first, on its own: the no-op baseline and the statistics' clock
+    // reads would otherwise weigh on the throughput figures.
+    let (cost, _) = measure_cost(&args, || {
+        for case in &CASES {
+            iperf(&a, case);
+        }
+    });
+
     // results[case][mode] = one value per round; mode 0 without, 1 with.
     let mut results = vec![[Vec::new(), Vec::new()]; CASES.len()];
-    let mut cost = ProgramCost::default();
     for round in 0..ROUNDS {
         for with_observer in [false, true] {
             let observer = with_observer.then(|| Observer::start(&args));
@@ -145,7 +146,6 @@ fn throughput_and_cost(report: &mut String) {
                 results[i][usize::from(with_observer)].push(value);
             }
             if let Some(observer) = observer {
-                cost.add(ProgramCost::read());
                 assert!(observer.terminate().success());
             }
         }
@@ -207,6 +207,19 @@ fn throughput_and_cost(report: &mut String) {
     writeln!(report, "\nRounds: {results:.2?}\n").unwrap();
 }
 
+/// Runs `traffic` with the observer (`args`) and the no-op baseline on the
+/// same hooks, with the kernel's run-time statistics on (only meanwhile).
+fn measure_cost<T>(args: &[&str], traffic: impl FnOnce() -> T) -> (ProgramCost, T) {
+    let _stats = enable_stats(Stats::RunTime).expect("enable BPF run-time statistics (root?)");
+    let mut args = args.to_vec();
+    args.push("--attach-noop");
+    let observer = Observer::start(&args);
+    let result = traffic();
+    let cost = ProgramCost::read();
+    assert!(observer.terminate().success());
+    (cost, result)
+}
+
 /// Run time (ns) and run count, summed over program instances.
 #[derive(Default, Clone, Copy)]
 struct ProgramCost {
@@ -227,16 +240,6 @@ impl ProgramCost {
             slot.1 += program.run_count();
         }
         cost
-    }
-
-    fn add(&mut self, other: Self) {
-        for (mine, theirs) in [
-            (&mut self.noop, other.noop),
-            (&mut self.observe, other.observe),
-        ] {
-            mine.0 += theirs.0;
-            mine.1 += theirs.1;
-        }
     }
 
     fn per_run(&self, stat: &(u64, u64)) -> f64 {
