@@ -470,10 +470,10 @@ fn map_memlock_kib(pid: u32) -> u64 {
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
-        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
-            if seen.insert(id) {
-                total += memlock;
-            }
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:"))
+            && seen.insert(id)
+        {
+            total += memlock;
         }
     }
     total / 1024
