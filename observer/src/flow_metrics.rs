@@ -37,16 +37,11 @@ pub const FLOW_LABELS: [&str; 10] = [
     "client_container",
     "server_container",
 ];
-/// Labels a user may drop: all but the pod's identity, class and direction.
-pub const DROPPABLE: [&str; 6] = [
-    "protocol",
-    "port",
-    "peer_namespace",
-    "peer",
-    "client_container",
-    "server_container",
-];
+/// The first labels (pod, class, direction) stay in overflow series and
+/// cannot be dropped.
 const KEPT_IN_OVERFLOW: usize = 4;
+/// Labels a user may drop (`--drop-labels`).
+pub const DROPPABLE: &[&str] = FLOW_LABELS.split_at(KEPT_IN_OVERFLOW).1;
 pub const OVERFLOW: &str = "overflow";
 
 /// Label values, in [`FLOW_LABELS`] order.
