@@ -8,11 +8,14 @@ use crate::{cmd::run, toolchain::which};
 
 /// Installs the packages whose program is missing: `(program, package)`.
 pub fn ensure(wanted: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = wanted
+    let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(program, _)| which(program).is_none())
         .map(|(_, package)| *package)
         .collect();
+    // Several programs may come from one package.
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
