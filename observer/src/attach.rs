@@ -75,15 +75,21 @@ pub struct AttachedNetns {
     pub programs: usize,
 }
 
-struct AttachRequest {
-    path: PathBuf,
-    pod: ObjectRef,
-    reply: oneshot::Sender<Result<AttachedNetns, AttachError>>,
+enum Request {
+    Attach {
+        path: PathBuf,
+        pod: ObjectRef,
+        reply: oneshot::Sender<Result<AttachedNetns, AttachError>>,
+    },
+    Detach {
+        cookie: u64,
+        reply: oneshot::Sender<Result<(), AttachError>>,
+    },
 }
 
 /// Handle to the worker thread.
 pub struct AttachWorker {
-    requests: Option<mpsc::Sender<AttachRequest>>,
+    requests: Option<mpsc::Sender<Request>>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -121,7 +127,7 @@ impl AttachWorker {
     /// Attaches to the network namespace of `pod` at `path`.
     pub async fn attach(&self, path: &Path, pod: ObjectRef) -> Result<AttachedNetns, AttachError> {
         let (reply, answer) = oneshot::channel();
-        self.send(AttachRequest {
+        self.send(Request::Attach {
             path: path.into(),
             pod,
             reply,
@@ -129,7 +135,14 @@ impl AttachWorker {
         answer.await.map_err(|_| AttachError::WorkerGone)?
     }
 
-    fn send(&self, request: AttachRequest) -> Result<(), AttachError> {
+    /// Detaches everything attached in the namespace with this cookie.
+    pub async fn detach(&self, cookie: u64) -> Result<(), AttachError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Detach { cookie, reply })?;
+        answer.await.map_err(|_| AttachError::WorkerGone)?
+    }
+
+    fn send(&self, request: Request) -> Result<(), AttachError> {
         self.requests
             .as_ref()
             .ok_or(AttachError::WorkerGone)?
@@ -186,9 +199,16 @@ impl Worker {
         }
     }
 
-    fn serve(&mut self, inbox: mpsc::Receiver<AttachRequest>) {
-        for AttachRequest { path, pod, reply } in inbox {
-            let _ = reply.send(self.attach(&path, pod));
+    fn serve(&mut self, inbox: mpsc::Receiver<Request>) {
+        for request in inbox {
+            match request {
+                Request::Attach { path, pod, reply } => {
+                    let _ = reply.send(self.attach(&path, pod));
+                }
+                Request::Detach { cookie, reply } => {
+                    let _ = reply.send(self.detach(cookie));
+                }
+            }
         }
         let cookies: Vec<u64> = self.attached.keys().copied().collect();
         for cookie in cookies {

@@ -69,6 +69,10 @@ pub struct Collector {
     last: HashMap<u64, Seen, BuildHasherDefault<PassThrough>>,
     hasher: RandomState,
     pass: u8,
+    /// Namespaces whose flows were seen without being attached at the last
+    /// collection: their flows go at this one. (Not at once: a pod attached a
+    /// moment ago may have flows before the collector hears of it.)
+    unknown: std::collections::HashSet<u64>,
     /// Map entries this collector removed (they are not evictions).
     removed: u64,
     evictions_reported: u64,
@@ -158,6 +162,7 @@ impl Collector {
             identities: SharedIdentities::default(),
             attached: HashMap::new(),
             last: HashMap::with_capacity_and_hasher(capacity, BuildHasherDefault::default()),
+            unknown: Default::default(),
             hasher: RandomState::new(),
             pass: 0,
             removed: 0,
@@ -185,6 +190,20 @@ impl Collector {
         self.attached.insert(netns.cookie, netns);
     }
 
+    /// The pod is detached: its series expire after the grace period, its
+    /// flows leave the map at the next collection.
+    pub fn detached(&mut self, cookie: u64) {
+        if let Some(netns) = self.attached.remove(&cookie) {
+            let _ = self
+                .metrics
+                .programs_attached
+                .remove_label_values(&[&netns.pod.namespace, &netns.pod.name]);
+            self.flows.pod_gone(&netns.pod, Instant::now());
+            // Its flows go at the next collection.
+            self.unknown.insert(cookie);
+        }
+    }
+
     /// The series of the last collection.
     pub fn rows(&self) -> &[FlowRow] {
         &self.rows
@@ -199,6 +218,7 @@ impl Collector {
         self.pass = self.pass.wrapping_add(1);
 
         let mut stale = Vec::new();
+        let mut unknown = std::collections::HashSet::new();
         let mut live = 0u64;
         let mut series: HashMap<Series, Counts> = HashMap::new();
         for entry in self.maps.flows.iter() {
@@ -215,7 +235,10 @@ impl Collector {
                 continue; // the walk restarted after a concurrent deletion
             }
             if !self.attached.contains_key(&key.netns_cookie) {
-                stale.push(key);
+                if self.unknown.contains(&key.netns_cookie) {
+                    stale.push(key);
+                }
+                unknown.insert(key.netns_cookie);
                 continue;
             }
             live += 1;
@@ -254,6 +277,7 @@ impl Collector {
             }
             self.last.remove(&self.hasher.hash_one(key));
         }
+        self.unknown = unknown;
         self.notice_gone_pods();
         self.flows.expire(Instant::now());
         self.report(created, insert_failures, live);

@@ -17,8 +17,10 @@ mod inventory;
 mod kernel_maps;
 mod metrics;
 mod netns;
+mod reconcile;
 mod run;
 mod server;
+mod watch;
 
 use std::process::ExitCode;
 

@@ -1,5 +1,6 @@
-//! `observer run`: load the programs, attach to the pods, keep the kernel's
-//! maps in step, serve metrics until SIGINT or SIGTERM, then detach all.
+//! `observer run`: load the programs, attach to the pods (and, watching a
+//! directory or an inventory, to the pods that come and go), serve metrics
+//! until SIGINT or SIGTERM, then detach all.
 
 use std::{
     io,
@@ -13,7 +14,7 @@ use observer_common::inventory::Inventory;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, watch},
     time::{MissedTickBehavior, interval},
 };
 
@@ -28,7 +29,9 @@ use crate::{
     kernel_maps::{KernelMaps, KernelMapsError},
     metrics::Metrics,
     netns::{self, NetNs, NetnsError},
+    reconcile::{CollectorEvent, Reconciler, Source},
     server::{self, CollectRequest, Endpoint},
+    watch::{DirWatch, WatchError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +40,8 @@ pub enum RunError {
     Netns(#[from] NetnsError),
     #[error(transparent)]
     Inventory(#[from] InventoryError),
-    #[error("cannot list network namespaces in {dir}: {source}")]
-    ListNetns { dir: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Watch(#[from] WatchError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
@@ -53,31 +56,19 @@ pub enum RunError {
     Serve(io::Error),
 }
 
-/// A namespace to attach to, and whether failing to is fatal.
+/// A namespace named on the command line: failing to attach is fatal.
 struct Target {
     path: PathBuf,
     pod: ObjectRef,
-    /// Named on the command line: an error there is the user's to fix now.
-    explicit: bool,
 }
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    // Bad input fails here, before anything is loaded.
     let inventory = match &args.inventory {
         Some(path) => Some(load_inventory(path, args.node.as_deref())?),
         None => None,
     };
-    let targets = match &inventory {
-        Some(inventory) => inventory
-            .pods
-            .iter()
-            .map(|pod| Target {
-                path: pod.netns.clone(),
-                pod: ObjectRef::new(&pod.namespace, &pod.name),
-                explicit: false,
-            })
-            .collect(),
-        None => netns_targets(&args)?,
-    };
+    let explicit = explicit_targets(&args)?;
     let listener = TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|source| RunError::Listen {
@@ -88,30 +79,53 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
 
     let (datapath, maps, class_maps) = Datapath::open(args.flow_capacity, &args.runtime_dir)?;
-    let mut kernel_maps = KernelMaps::new(class_maps);
+    let kernel_maps = KernelMaps::new(class_maps);
     let metrics = Arc::new(Metrics::new());
     let flows = Arc::new(FlowMetrics::new(series_config(&args)));
     metrics.register_flows(Arc::clone(&flows));
-    let mut collector = Collector::new(maps, Arc::clone(&metrics), flows);
-    if let Some(inventory) = &inventory {
-        collector.set_identities(Arc::new(kernel_maps.sync(inventory)?));
-    }
+    let collector = Collector::new(maps, Arc::clone(&metrics), flows);
     let worker = AttachWorker::start(datapath, args.attach_noop)?;
+    let (events, inbox) = mpsc::unbounded_channel();
 
-    for target in targets {
-        match worker.attach(&target.path, target.pod).await {
-            Ok(attached) => collector.attached(attached),
-            Err(err) if !target.explicit => {
-                metrics.error("attach");
-                tracing::warn!(%err, "skipping namespace");
+    // Pods that exist now are attached before the first scrape.
+    let (stop, stopped) = watch::channel(false);
+    let pods = match explicit {
+        Some(targets) => {
+            for target in targets {
+                let attached = worker.attach(&target.path, target.pod).await?;
+                let _ = events.send(CollectorEvent::Attached(attached));
             }
-            Err(err) => return Err(err.into()),
+            Pods::Fixed(worker)
         }
-    }
+        None => {
+            let source = match (&args.inventory, inventory) {
+                (Some(path), Some(_)) => Source::Inventory {
+                    path: path.clone(),
+                    node: args.node.clone(),
+                },
+                _ => Source::Dir(args.netns_dir.clone()),
+            };
+            let mut reconciler =
+                Reconciler::new(source, worker, kernel_maps, events, Arc::clone(&metrics));
+            let dir = reconciler.watched_dir();
+            if !dir.exists() {
+                // `ip netns add` makes it too; watching needs it now.
+                let _ = std::fs::create_dir_all(&dir);
+            }
+            let watch = DirWatch::new(&dir)?;
+            reconciler.reconcile().await;
+            Pods::Watched(tokio::spawn(reconciler.run(watch, stopped)))
+        }
+    };
 
     let ready = Arc::new(AtomicBool::new(true));
     let (collect, requests) = mpsc::channel(16);
-    let collecting = tokio::spawn(collect_loop(collector, requests, args.collect_interval));
+    let collecting = tokio::spawn(collect_loop(
+        collector,
+        requests,
+        inbox,
+        args.collect_interval,
+    ));
     let endpoint = Endpoint {
         metrics,
         ready,
@@ -127,15 +141,27 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let served = server::serve(listener, endpoint, shutdown).await;
 
     // The server is gone, so is the last collect sender: the loop ends.
+    let _ = stop.send(true);
+    let worker = match pods {
+        Pods::Fixed(worker) => worker,
+        Pods::Watched(task) => task.await.expect("the reconciler does not panic"),
+    };
     let _ = collecting.await;
     tokio::task::spawn_blocking(move || worker.shutdown())
         .await
         .expect("detaching does not panic");
-    drop(kernel_maps);
     served.map_err(RunError::Serve)
 }
 
-fn load_inventory(path: &Path, node: Option<&str>) -> Result<Inventory, RunError> {
+/// Who owns the attach worker while the observer runs.
+enum Pods {
+    /// `--netns`: attached once at start.
+    Fixed(AttachWorker),
+    /// A directory or an inventory, watched.
+    Watched(tokio::task::JoinHandle<AttachWorker>),
+}
+
+pub(crate) fn load_inventory(path: &Path, node: Option<&str>) -> Result<Inventory, RunError> {
     let mut inventory = inventory::load(path)?;
     if let Some(node) = node {
         if !inventory.nodes.iter().any(|n| n.name == node) {
@@ -180,10 +206,12 @@ fn series_config(args: &RunArgs) -> SeriesConfig {
     }
 }
 
-/// Collects every `every`, and whenever a scrape asks for it.
+/// Collects every `every`, and whenever a scrape asks for it; learns of
+/// pods attached and detached in between.
 async fn collect_loop(
     mut collector: Collector,
     mut requests: mpsc::Receiver<CollectRequest>,
+    mut events: mpsc::UnboundedReceiver<CollectorEvent>,
     every: Duration,
 ) {
     let mut tick = interval(every);
@@ -195,7 +223,15 @@ async fn collect_loop(
                 Some(done) => Some(done),
                 None => break,
             },
+            Some(event) = events.recv() => {
+                apply(&mut collector, event);
+                continue;
+            }
         };
+        // Everything attached so far must be known before its flows are read.
+        while let Ok(event) = events.try_recv() {
+            apply(&mut collector, event);
+        }
         // Walking a large map is blocking work: keep it off the async workers.
         collector = tokio::task::spawn_blocking(move || {
             if let Err(err) = collector.collect() {
@@ -212,48 +248,29 @@ async fn collect_loop(
     }
 }
 
-fn netns_targets(args: &RunArgs) -> Result<Vec<Target>, RunError> {
-    if !args.netns.is_empty() {
-        return args
-            .netns
-            .iter()
-            .map(|path| {
-                // Fail now, with the path in the message, not mid-attach.
-                NetNs::open(path)?;
-                Ok(Target {
-                    path: path.clone(),
-                    pod: ObjectRef::new("", &netns::display_name(path)),
-                    explicit: true,
-                })
-            })
-            .collect();
+fn apply(collector: &mut Collector, event: CollectorEvent) {
+    match event {
+        CollectorEvent::Attached(netns) => collector.attached(netns),
+        CollectorEvent::Detached(cookie) => collector.detached(cookie),
+        CollectorEvent::Identities(identities) => collector.set_identities(identities),
     }
-    let mut targets = list_netns_dir(&args.netns_dir)?;
-    targets.sort_by(|a, b| a.pod.cmp(&b.pod));
-    if targets.is_empty() {
-        tracing::warn!(dir = %args.netns_dir.display(), "no network namespaces to attach to");
-    }
-    Ok(targets)
 }
 
-fn list_netns_dir(dir: &Path) -> Result<Vec<Target>, RunError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(RunError::ListNetns {
-                dir: dir.into(),
-                source,
-            });
-        }
-    };
-    Ok(entries
-        .flatten()
-        .map(|entry| entry.path())
-        .map(|path| Target {
-            pod: ObjectRef::new("", &netns::display_name(&path)),
-            path,
-            explicit: false,
+/// `--netns` paths, checked now so that a bad one fails with its path in
+/// the message; `None` without any.
+fn explicit_targets(args: &RunArgs) -> Result<Option<Vec<Target>>, RunError> {
+    if args.netns.is_empty() {
+        return Ok(None);
+    }
+    args.netns
+        .iter()
+        .map(|path| {
+            NetNs::open(path)?;
+            Ok(Target {
+                path: path.clone(),
+                pod: ObjectRef::new("", &netns::display_name(path)),
+            })
         })
-        .collect())
+        .collect::<Result<Vec<_>, RunError>>()
+        .map(Some)
 }
