@@ -98,6 +98,23 @@ impl Observer {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Kills the observer with SIGKILL (no chance to clean up) and waits.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Resident memory of the observer process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Sends SIGTERM and waits (at most 10 s) for the exit.
     pub fn terminate(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");

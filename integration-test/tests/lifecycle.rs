@@ -101,3 +101,143 @@ fn the_inventory_is_watched() {
     assert!(observer.terminate().success());
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Loaded instances of the per-namespace programs (any observer's).
+fn instances() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some("observe_egress"))
+        .count()
+}
+
+#[test]
+fn churn_of_a_hundred_pods_leaves_nothing_behind() {
+    const WAVES: usize = 4;
+    const PER_WAVE: usize = 25;
+    let observer = Observer::start(&["--netns-dir", "/var/run/netns", "--series-grace", "1s"]);
+    let before_instances = instances();
+    // Measured from the end of the first wave: the first object loads warm
+    // the allocator up (about 20 MiB, once).
+    let mut warm_rss = 0;
+    let mut churned = Vec::new();
+    for wave in 0..WAVES {
+        let pods: Vec<Netns> = (0..PER_WAVE)
+            .map(|i| Netns::create(&format!("churn{wave}x{i}")).expect("namespace"))
+            .collect();
+        let names: Vec<String> = pods.iter().map(|p| p.name().to_owned()).collect();
+        eventually(&observer, "the wave attached", |m| {
+            names
+                .iter()
+                .all(|n| m.sum("observer_programs_attached", &[("pod", n)]) == 1.0)
+        });
+        for pod in &pods {
+            pod.run(|| {
+                let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+                UdpSocket::bind("127.0.0.1:0")
+                    .unwrap()
+                    .send_to(b"x", receiver.local_addr().unwrap())
+                    .unwrap();
+            })
+            .unwrap();
+        }
+        let m = observer.scrape();
+        for name in &names {
+            assert_eq!(
+                m.sum("observer_flow_packets_total", &[("pod", name)]),
+                1.0,
+                "{name}: attached once, counted once"
+            );
+        }
+        drop(pods);
+        eventually(&observer, "the wave detached", |m| {
+            names
+                .iter()
+                .all(|n| !m.has("observer_programs_attached", "pod", n))
+        });
+        if wave == 0 {
+            warm_rss = observer.rss_kib();
+        }
+        churned.extend(names);
+    }
+    eventually(&observer, "every churned pod's series expired", |m| {
+        churned
+            .iter()
+            .all(|n| !m.has("observer_flow_packets_total", "pod", n))
+    });
+    // The namespaces' programs are unloaded with their links.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while instances() > before_instances {
+        assert!(
+            Instant::now() < deadline,
+            "program instances left: {}",
+            instances() - before_instances
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let growth = observer.rss_kib().saturating_sub(warm_rss);
+    eprintln!(
+        "resident memory grew by {growth} KiB over the last {} pods",
+        (WAVES - 1) * PER_WAVE
+    );
+    assert!(
+        growth < 2 * 1024,
+        "resident memory grew by {growth} KiB over {} pods",
+        (WAVES - 1) * PER_WAVE
+    );
+    assert!(observer.terminate().success());
+}
+
+#[test]
+fn after_sigkill_traffic_flows_and_a_restart_attaches_cleanly() {
+    let pod = Netns::create("restart").expect("namespace");
+    let path = pod.path().display().to_string();
+    let send = |count: usize| {
+        pod.run(|| {
+            let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+            receiver
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut buf = [0; 8];
+            for _ in 0..count {
+                sender
+                    .send_to(b"x", receiver.local_addr().unwrap())
+                    .unwrap();
+                receiver.recv(&mut buf).expect("delivered");
+            }
+        })
+        .unwrap()
+    };
+    let first = Observer::start(&["--netns", &path]);
+    send(2);
+    assert_eq!(
+        first
+            .scrape()
+            .sum("observer_flow_packets_total", &[("pod", pod.name())]),
+        2.0
+    );
+    first.kill();
+
+    // The programs went with the process (TCX links are its file
+    // descriptors): traffic flows on, untouched.
+    send(3);
+    let left = pod
+        .run(|| {
+            aya::programs::SchedClassifier::query_tcx("lo", aya::programs::TcAttachType::Egress)
+                .map(|(_, programs)| programs.len())
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(left, 0, "no program of the killed observer on lo");
+
+    // A new observer attaches again and counts from zero: no double counting.
+    let second = Observer::start(&["--netns", &path]);
+    send(4);
+    assert_eq!(
+        second
+            .scrape()
+            .sum("observer_flow_packets_total", &[("pod", pod.name())]),
+        4.0
+    );
+    assert!(second.terminate().success());
+}
