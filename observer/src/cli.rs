@@ -24,6 +24,17 @@ pub enum Command {
     Run(RunArgs),
     /// Show the live traffic of a running observer as a table.
     Flows(FlowsArgs),
+    /// Find containers on this node by runtime id (as in a pod's status:
+    /// `containerd://<id>`, or the bare id): process, network namespace and
+    /// cgroup, one line each.
+    FindContainer(FindContainerArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct FindContainerArgs {
+    /// Container ids.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
 }
 
 #[derive(Args, Clone, Debug)]

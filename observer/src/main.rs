@@ -10,6 +10,7 @@ mod bpffs;
 mod cli;
 mod collector;
 mod datapath;
+mod discovery;
 mod flow_metrics;
 mod flows_view;
 mod identities;
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
         Command::Run(args) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| Ok(runtime.block_on(run::run(args))?)),
+        Command::FindContainer(args) => find_container(&args.ids),
         Command::Flows(args) => {
             flows_view::run(args.addr, args.pod.as_deref(), args.interval, args.once)
                 .map_err(anyhow::Error::from)
@@ -56,6 +58,45 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `observer find-container`: exits non-zero if any id is not found.
+fn find_container(ids: &[String]) -> anyhow::Result<()> {
+    let ids: Vec<&str> = ids
+        .iter()
+        .map(|id| discovery::status_id(id).unwrap_or(id))
+        .collect();
+    let cgroup_root =
+        cgroup2_root().ok_or_else(|| anyhow::anyhow!("no cgroup v2 hierarchy is mounted"))?;
+    let found = discovery::find(std::path::Path::new("/proc"), &cgroup_root, &ids);
+    let mut missing = Vec::new();
+    for id in ids {
+        match found.get(id) {
+            Some(c) => println!(
+                "{id} pid={} netns={} cgroup={}",
+                c.pid,
+                c.netns.display(),
+                c.cgroup.display()
+            ),
+            None => missing.push(id),
+        }
+    }
+    if !missing.is_empty() {
+        anyhow::bail!("no running container with id {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+/// Where cgroup v2 is mounted.
+fn cgroup2_root() -> Option<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let mount_point = before.split_whitespace().nth(4)?;
+            (after.split_whitespace().next()? == "cgroup2").then(|| mount_point.into())
+        })
 }
 
 /// The error and its sources on one line, without repeating a source that
