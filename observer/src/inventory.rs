@@ -55,6 +55,21 @@ pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
     })
 }
 
+/// Reads an inventory that must describe `node`, if one is given (a node's
+/// observer attaches to that node's pods; the others stay known as peers).
+pub fn load_for_node(path: &Path, node: Option<&str>) -> Result<Inventory, InventoryError> {
+    let inventory = load(path)?;
+    if let Some(node) = node
+        && !inventory.nodes.iter().any(|n| n.name == node)
+    {
+        return Err(InventoryError::UnknownNode {
+            path: path.into(),
+            node: node.into(),
+        });
+    }
+    Ok(inventory)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -185,7 +185,7 @@ impl Reconciler {
                 )
             }
             Source::Inventory { path, node } => {
-                let inventory = match crate::run::load_inventory(path, node.as_deref()) {
+                let inventory = match crate::inventory::load_for_node(path, node.as_deref()) {
                     Ok(inventory) => inventory,
                     Err(err) => {
                         // A half-written file, say: keep what we have.

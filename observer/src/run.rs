@@ -5,12 +5,14 @@
 use std::{
     io,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::{Arc, atomic::AtomicBool},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
-use observer_common::inventory::Inventory;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -64,10 +66,9 @@ struct Target {
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Bad input fails here, before anything is loaded.
-    let inventory = match &args.inventory {
-        Some(path) => Some(load_inventory(path, args.node.as_deref())?),
-        None => None,
-    };
+    if let Some(path) = &args.inventory {
+        inventory::load_for_node(path, args.node.as_deref())?;
+    }
     let explicit = explicit_targets(&args)?;
     let listener = TcpListener::bind(args.metrics_addr)
         .await
@@ -75,8 +76,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             addr: args.metrics_addr,
             source,
         })?;
+    let (stop, stopped) = watch::channel(false);
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        let _ = stop.send(true);
+    });
 
     let (datapath, maps, class_maps) = Datapath::open(args.flow_capacity, &args.runtime_dir)?;
     let kernel_maps = KernelMaps::new(class_maps);
@@ -87,8 +96,27 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let worker = AttachWorker::start(datapath, args.attach_noop)?;
     let (events, inbox) = mpsc::unbounded_channel();
 
-    // Pods that exist now are attached before the first scrape.
-    let (stop, stopped) = watch::channel(false);
+    // Serve from now on: /healthz answers while the pods are attached (that
+    // takes a while on a busy node), /readyz once they are.
+    let ready = Arc::new(AtomicBool::new(false));
+    let (collect, requests) = mpsc::channel(16);
+    let collecting = tokio::spawn(collect_loop(
+        collector,
+        requests,
+        inbox,
+        args.collect_interval,
+    ));
+    let endpoint = Endpoint {
+        metrics: Arc::clone(&metrics),
+        ready: Arc::clone(&ready),
+        collect,
+    };
+    let mut server_stop = stopped.clone();
+    let serving = tokio::spawn(server::serve(listener, endpoint, async move {
+        let _ = server_stop.wait_for(|stop| *stop).await;
+    }));
+    tracing::info!(addr = %args.metrics_addr, "serving metrics");
+
     let pods = match explicit {
         Some(targets) => {
             for target in targets {
@@ -98,12 +126,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             Pods::Fixed(worker)
         }
         None => {
-            let source = match (&args.inventory, inventory) {
-                (Some(path), Some(_)) => Source::Inventory {
+            let source = match &args.inventory {
+                Some(path) => Source::Inventory {
                     path: path.clone(),
                     node: args.node.clone(),
                 },
-                _ => Source::Dir(args.netns_dir.clone()),
+                None => Source::Dir(args.netns_dir.clone()),
             };
             let mut reconciler =
                 Reconciler::new(source, worker, kernel_maps, events, Arc::clone(&metrics));
@@ -117,31 +145,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             Pods::Watched(tokio::spawn(reconciler.run(watch, stopped)))
         }
     };
+    ready.store(true, Ordering::Release);
 
-    let ready = Arc::new(AtomicBool::new(true));
-    let (collect, requests) = mpsc::channel(16);
-    let collecting = tokio::spawn(collect_loop(
-        collector,
-        requests,
-        inbox,
-        args.collect_interval,
-    ));
-    let endpoint = Endpoint {
-        metrics,
-        ready,
-        collect,
-    };
-    tracing::info!(addr = %args.metrics_addr, "serving metrics");
-    let shutdown = async move {
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-    };
-    let served = server::serve(listener, endpoint, shutdown).await;
-
+    let served = serving.await.expect("the server does not panic");
     // The server is gone, so is the last collect sender: the loop ends.
-    let _ = stop.send(true);
     let worker = match pods {
         Pods::Fixed(worker) => worker,
         Pods::Watched(task) => task.await.expect("the reconciler does not panic"),
@@ -159,39 +166,6 @@ enum Pods {
     Fixed(AttachWorker),
     /// A directory or an inventory, watched.
     Watched(tokio::task::JoinHandle<AttachWorker>),
-}
-
-pub(crate) fn load_inventory(path: &Path, node: Option<&str>) -> Result<Inventory, RunError> {
-    let mut inventory = inventory::load(path)?;
-    if let Some(node) = node {
-        if !inventory.nodes.iter().any(|n| n.name == node) {
-            return Err(InventoryError::UnknownNode {
-                path: path.into(),
-                node: node.into(),
-            }
-            .into());
-        }
-        // Other nodes' pods stay known as peers (in the kernel's maps) but
-        // are not attached to: their node's observer does that.
-        let mine: Vec<_> = inventory
-            .pods
-            .iter()
-            .filter(|p| p.node == node)
-            .cloned()
-            .collect();
-        let peers = std::mem::replace(&mut inventory.pods, mine);
-        tracing::info!(
-            node,
-            pods = inventory.pods.len(),
-            of = peers.len(),
-            "pods of this node"
-        );
-        inventory
-            .pods
-            .extend(peers.into_iter().filter(|p| p.node != node));
-        inventory.pods.sort_by_key(|p| p.node != node);
-    }
-    Ok(inventory)
 }
 
 fn series_config(args: &RunArgs) -> SeriesConfig {
