@@ -136,8 +136,8 @@ pub struct FlowValue {
     pub bytes: u64,
     /// TCP connections opened: SYNs without ACK, sent by the client.
     pub connections: u64,
-    /// cgroup v2 id of the sending socket, where the hook knows it (`lo`,
-    /// and `eth0` egress); 0 for packets without a socket.
+    /// On `lo`: cgroup v2 id of the sending socket (the sending container);
+    /// 0 for packets without a socket, and on `eth0`.
     pub src_cgroup: u64,
     /// On `lo`: the sending cgroup of the reverse flow, which is this flow's
     /// receiver; 0 until the reverse flow exists.

@@ -1,5 +1,5 @@
-//! What a flow is: its class, its peer, which end is the server, and which
-//! container's socket sends it (where the hook knows the socket).
+//! What a flow is: its class, its peer, which end is the server, and (on
+//! `lo`) which container's socket sends it.
 //!
 //! Runs when a flow is first seen, and again when the daemon has changed the
 //! classification maps (new generation); never for every packet.
@@ -79,11 +79,6 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
     } else {
         server::SOURCE
     };
-    // On eth0 egress the socket is ours; on ingress it is the sender's.
-    if egress && value.src_cgroup == 0 {
-        // SAFETY: reads the socket the kernel attached to the skb.
-        value.src_cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    }
 }
 
 /// Both ends are in this namespace. The sending socket is the skb's (tc
