@@ -78,7 +78,10 @@ pub struct Collector {
     evictions_reported: u64,
     insert_failures_reported: u64,
     last_collection: Instant,
-    rows: Vec<FlowRow>,
+    /// The last collection's series (names resolved only if `rows` asks),
+    /// and the seconds it covered.
+    last_series: Vec<(Series, Counts)>,
+    last_seconds: f64,
 }
 
 /// A flow's counters at the last collection. Small on purpose: one per flow.
@@ -169,7 +172,8 @@ impl Collector {
             evictions_reported: 0,
             insert_failures_reported: 0,
             last_collection: Instant::now(),
-            rows: Vec::new(),
+            last_series: Vec::new(),
+            last_seconds: 0.0,
         }
     }
 
@@ -205,8 +209,24 @@ impl Collector {
     }
 
     /// The series of the last collection.
-    pub fn rows(&self) -> &[FlowRow] {
-        &self.rows
+    pub fn rows(&self) -> Vec<FlowRow> {
+        self.last_series
+            .iter()
+            .filter_map(|(series, counts)| {
+                let netns = self.attached.get(&series.cookie)?;
+                let labels = labels(series, &netns.pod, &self.identities);
+                Some(FlowRow {
+                    labels: crate::flow_metrics::FLOW_LABELS
+                        .iter()
+                        .map(|l| l.to_string())
+                        .zip(labels.0)
+                        .collect(),
+                    packets: counts.packets,
+                    bytes: counts.bytes,
+                    seconds: self.last_seconds,
+                })
+            })
+            .collect()
     }
 
     /// One pass over the maps.
@@ -250,25 +270,16 @@ impl Collector {
         let pass = self.pass;
         self.last.retain(|_, seen| seen.pass == pass);
 
-        let seconds = self.last_collection.elapsed().as_secs_f64();
+        self.last_seconds = self.last_collection.elapsed().as_secs_f64();
         self.last_collection = Instant::now();
-        self.rows.clear();
+        self.last_series.clear();
         for (series, counts) in series {
             let Some(netns) = self.attached.get(&series.cookie) else {
                 continue;
             };
             let labels = labels(&series, &netns.pod, &self.identities);
-            self.rows.push(FlowRow {
-                labels: crate::flow_metrics::FLOW_LABELS
-                    .iter()
-                    .map(|l| l.to_string())
-                    .zip(labels.0.iter().cloned())
-                    .collect(),
-                packets: counts.packets,
-                bytes: counts.bytes,
-                seconds,
-            });
             self.flows.add(&netns.pod, labels, counts);
+            self.last_series.push((series, counts));
         }
 
         for key in &stale {

@@ -194,7 +194,7 @@ async fn collect_loop(
         let waiter = tokio::select! {
             _ = tick.tick() => None,
             request = requests.recv() => match request {
-                Some(done) => Some(done),
+                Some(request) => Some(request),
                 None => break,
             },
             Some(event) = events.recv() => {
@@ -216,8 +216,13 @@ async fn collect_loop(
         })
         .await
         .expect("collecting does not panic");
-        if let Some(done) = waiter {
-            let _ = done.send(collector.rows().to_vec());
+        if let Some(request) = waiter {
+            let rows = if request.rows {
+                collector.rows()
+            } else {
+                Vec::new()
+            };
+            let _ = request.done.send(rows);
         }
     }
 }

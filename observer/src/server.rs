@@ -23,8 +23,12 @@ use tokio::{
 
 use crate::{collector::FlowRow, metrics::Metrics};
 
-/// Asks the collector for a fresh collection; the answer is its series.
-pub type CollectRequest = oneshot::Sender<Vec<FlowRow>>;
+/// Asks the collector for a fresh collection, and for its series if
+/// `rows` (only `/flows` needs them).
+pub struct CollectRequest {
+    pub rows: bool,
+    pub done: oneshot::Sender<Vec<FlowRow>>,
+}
 
 #[derive(Clone)]
 pub struct Endpoint {
@@ -50,10 +54,15 @@ pub async fn serve(
         .await
 }
 
-/// Runs a collection now and returns its series.
-async fn collect(endpoint: &Endpoint) -> Vec<FlowRow> {
+/// Runs a collection now; returns its series if `rows`.
+async fn collect(endpoint: &Endpoint, rows: bool) -> Vec<FlowRow> {
     let (done, collected) = oneshot::channel();
-    if endpoint.collect.send(done).await.is_err() {
+    if endpoint
+        .collect
+        .send(CollectRequest { rows, done })
+        .await
+        .is_err()
+    {
         return Vec::new();
     }
     collected.await.unwrap_or_default()
@@ -61,7 +70,7 @@ async fn collect(endpoint: &Endpoint) -> Vec<FlowRow> {
 
 async fn metrics(State(endpoint): State<Endpoint>) -> impl IntoResponse {
     // Serve what the kernel counted up to now, not up to the last tick.
-    collect(&endpoint).await;
+    collect(&endpoint, false).await;
     (
         [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         endpoint.metrics.render(),
@@ -70,7 +79,7 @@ async fn metrics(State(endpoint): State<Endpoint>) -> impl IntoResponse {
 
 /// The traffic since the previous collection, as JSON (for `observer flows`).
 async fn flows(State(endpoint): State<Endpoint>) -> impl IntoResponse {
-    let rows = collect(&endpoint).await;
+    let rows = collect(&endpoint, true).await;
     (
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::to_string(&rows).expect("rows serialize"),
