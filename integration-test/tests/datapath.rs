@@ -315,6 +315,18 @@ fn a_namespace_without_eth0_gets_lo_only() {
         2,
         &receiver,
     );
+    // /flows (what `observer flows` shows): the traffic since the last reading.
+    let (code, body) = integration_test::observer::http_get(observer.addr(), "/flows").unwrap();
+    assert_eq!(code, 200);
+    let rows: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let listed: u64 = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["labels"].to_string().contains(lonely.name()))
+        .map(|row| row["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(listed, 2, "{body}");
     let m = observer.scrape();
     assert_eq!(
         m.sum("observer_programs_attached", &[("pod", lonely.name())]),
