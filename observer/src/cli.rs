@@ -89,7 +89,8 @@ pub struct RunArgs {
     #[arg(long, env = "OBSERVER_METRICS_ADDR", default_value = "127.0.0.1:9465")]
     pub metrics_addr: SocketAddr,
     /// Flows the kernel flow map holds; the least recently used are evicted
-    /// beyond it. Each flow costs about 200 bytes of kernel memory.
+    /// beyond it. Each flow of capacity costs about 180 bytes of kernel memory
+    /// (measured: see BENCHMARKS.md).
     #[arg(long, env = "OBSERVER_FLOW_CAPACITY", default_value_t = DEFAULT_FLOW_CAPACITY,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub flow_capacity: u32,
