@@ -241,3 +241,59 @@ fn after_sigkill_traffic_flows_and_a_restart_attaches_cleanly() {
     );
     assert!(second.terminate().success());
 }
+
+#[test]
+fn a_changed_inventory_classifies_live_flows_again() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = std::env::temp_dir().join(format!("observer-reclassify-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("inventory.json");
+    let mut without_web = lab.inventory().clone();
+    without_web.pods.retain(|p| p.name != "web");
+    fs::write(&path, serde_json::to_string(&without_web).unwrap()).unwrap();
+    let inventory = path.display().to_string();
+    let observer = Observer::start(&["--inventory", &inventory]);
+
+    // One UDP flow from the client to the web pod's address, kept open.
+    let socket = lab
+        .pod_netns("default", "client")
+        .run(|| UdpSocket::bind("0.0.0.0:0").unwrap())
+        .unwrap();
+    let web = "10.244.1.10:9999";
+    let to_web = |labels: &[(&str, &str)], m: &Scrape| {
+        let mut all = vec![
+            ("pod", "client"),
+            ("class", "pod"),
+            ("protocol", "udp"),
+            ("port", "9999"),
+        ];
+        all.extend_from_slice(labels);
+        m.sum("observer_flow_packets_total", &all)
+    };
+    for _ in 0..2 {
+        socket.send_to(b"x", web).unwrap();
+    }
+    let m = observer.scrape();
+    assert_eq!(
+        to_web(&[("peer", "unknown")], &m),
+        2.0,
+        "not in the inventory yet"
+    );
+
+    // The inventory now has the web pod: the same flow names it.
+    fs::write(&path, fs::read_to_string(lab.inventory_path()).unwrap()).unwrap();
+    eventually(&observer, "web attached", |m| {
+        m.sum("observer_programs_attached", &[("pod", "web")]) == 3.0
+    });
+    for _ in 0..3 {
+        socket.send_to(b"x", web).unwrap();
+    }
+    let m = observer.scrape();
+    assert_eq!(
+        to_web(&[("peer", "web"), ("peer_namespace", "default")], &m),
+        3.0
+    );
+    assert_eq!(to_web(&[("peer", "unknown")], &m), 2.0);
+    assert!(observer.terminate().success());
+    let _ = fs::remove_dir_all(&dir);
+}
