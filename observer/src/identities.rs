@@ -4,7 +4,12 @@
 //! Ids are handed out once per identity and never reused, so a flow
 //! classified before a change still names the right peer after it.
 
-use std::{collections::HashMap, hash::Hash, os::unix::fs::MetadataExt, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    hash::Hash,
+    os::unix::fs::MetadataExt,
+    sync::Arc,
+};
 
 use observer_common::inventory::Inventory;
 
@@ -119,10 +124,11 @@ impl Ids {
                 .nodes
                 .insert(self.nodes.id(&node.name), node.name.clone());
         }
-        let pods: Vec<&ObjectRef> = identities.pods.values().collect();
-        self.pods.retain(|p| pods.contains(&p));
-        let services: Vec<&ObjectRef> = identities.services.values().collect();
-        self.services.retain(|s| services.contains(&s));
+        // Forget what is gone (a set: inventories hold every pod of a cluster).
+        let pods: HashSet<&ObjectRef> = identities.pods.values().collect();
+        self.pods.retain(|p| pods.contains(p));
+        let services: HashSet<&ObjectRef> = identities.services.values().collect();
+        self.services.retain(|s| services.contains(s));
         identities
     }
 }

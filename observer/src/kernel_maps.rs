@@ -29,11 +29,14 @@ pub struct ClassMaps {
     pub generation: Array<MapData, u32>,
 }
 
+/// Address trie entries: (prefix length, address) to value.
+type CidrEntries = HashMap<(u32, [u8; 16]), CidrValue>;
+
 pub struct KernelMaps {
     maps: ClassMaps,
     ids: Ids,
     services: HashMap<ServiceKey, u32>,
-    cidrs: HashMap<(u32, [u8; 16]), CidrValue>,
+    cidrs: CidrEntries,
     generation: u32,
 }
 
