@@ -98,6 +98,18 @@ pub fn find(proc_root: &Path, cgroup_root: &Path, ids: &[&str]) -> HashMap<Strin
     found
 }
 
+/// Where cgroup v2 is mounted.
+pub fn cgroup2_root() -> Option<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let mount_point = before.split_whitespace().nth(4)?;
+            (after.split_whitespace().next()? == "cgroup2").then(|| mount_point.into())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

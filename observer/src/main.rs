@@ -66,8 +66,8 @@ fn find_container(ids: &[String]) -> anyhow::Result<()> {
         .iter()
         .map(|id| discovery::status_id(id).unwrap_or(id))
         .collect();
-    let cgroup_root =
-        cgroup2_root().ok_or_else(|| anyhow::anyhow!("no cgroup v2 hierarchy is mounted"))?;
+    let cgroup_root = discovery::cgroup2_root()
+        .ok_or_else(|| anyhow::anyhow!("no cgroup v2 hierarchy is mounted"))?;
     let found = discovery::find(std::path::Path::new("/proc"), &cgroup_root, &ids);
     let mut missing = Vec::new();
     for id in ids {
@@ -85,18 +85,6 @@ fn find_container(ids: &[String]) -> anyhow::Result<()> {
         anyhow::bail!("no running container with id {}", missing.join(", "));
     }
     Ok(())
-}
-
-/// Where cgroup v2 is mounted.
-fn cgroup2_root() -> Option<std::path::PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()?
-        .lines()
-        .find_map(|line| {
-            let (before, after) = line.split_once(" - ")?;
-            let mount_point = before.split_whitespace().nth(4)?;
-            (after.split_whitespace().next()? == "cgroup2").then(|| mount_point.into())
-        })
 }
 
 /// The error and its sources on one line, without repeating a source that
