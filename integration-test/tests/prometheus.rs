@@ -41,58 +41,32 @@ fn prometheus_sees_every_scenario_of_the_default_lab() {
     let prometheus = Prometheus::scraping(observer.addr());
     let packets = |selector: &str| format!("observer_flow_packets_total{{{selector}}}");
 
-    // Intra-pod localhost, with both containers named.
-    prometheus.wait_positive(
-        &packets(r#"namespace="shop",pod="shop",class="localhost",direction="request",port="8080",client_container="sidecar",server_container="app""#),
-        WAIT,
-    );
-    prometheus.wait_positive(
-        &packets(r#"pod="shop",class="localhost",direction="response",port="8080",client_container="sidecar",server_container="app""#),
-        WAIT,
-    );
-    prometheus.wait_positive(
-        &packets(r#"namespace="default",pod="web",class="localhost",port="80",client_container="fetcher",server_container="web""#),
-        WAIT,
-    );
-    prometheus.wait_positive(
-        r#"observer_connections_opened_total{pod="shop",class="localhost",port="8080",client_container="sidecar"}"#,
-        WAIT,
-    );
-    // Pod to pod, on one node and across nodes.
-    prometheus.wait_positive(
-        &packets(r#"pod="client",class="pod",direction="egress",port="80",peer_namespace="default",peer="web""#),
-        WAIT,
-    );
-    prometheus.wait_positive(
-        &packets(r#"pod="web",class="pod",direction="ingress",port="80",peer="client""#),
-        WAIT,
-    );
-    prometheus.wait_positive(
-        &packets(r#"pod="remote",class="pod",direction="egress",port="80",peer_namespace="default",peer="web""#),
-        WAIT,
-    );
-    // Pod to Service, with the Service's name (before DNAT), both Services.
-    prometheus.wait_positive(
-        &packets(r#"pod="client",class="service",direction="egress",port="80",peer_namespace="default",peer="web""#),
-        WAIT,
-    );
-    prometheus.wait_positive(
-        &packets(r#"pod="client",class="service",direction="ingress",port="80",peer="web""#),
-        WAIT,
-    );
-    prometheus.wait_positive(
-        &packets(r#"pod="client",class="service",port="8080",peer_namespace="shop",peer="shop""#),
-        WAIT,
-    );
-    // To the external host.
-    prometheus.wait_positive(
-        &packets(r#"pod="client",class="external",direction="egress",port="8080",peer="external""#),
-        WAIT,
-    );
-    // Never an ephemeral client port as the port label.
+    // Every scenario of the default lab, as a selector that must have traffic.
+    let expected = [
+        // Intra-pod localhost, with both containers named.
+        packets(r#"namespace="shop",pod="shop",class="localhost",direction="request",port="8080",client_container="sidecar",server_container="app""#),
+        packets(r#"pod="shop",class="localhost",direction="response",port="8080",client_container="sidecar",server_container="app""#),
+        packets(r#"namespace="default",pod="web",class="localhost",port="80",client_container="fetcher",server_container="web""#),
+        r#"observer_connections_opened_total{pod="shop",class="localhost",port="8080",client_container="sidecar"}"#.to_owned(),
+        // Pod to pod, on one node and across nodes.
+        packets(r#"pod="client",class="pod",direction="egress",port="80",peer_namespace="default",peer="web""#),
+        packets(r#"pod="web",class="pod",direction="ingress",port="80",peer="client""#),
+        packets(r#"pod="remote",class="pod",direction="egress",port="80",peer_namespace="default",peer="web""#),
+        // Pod to Service, with the Service's name (before DNAT), both Services.
+        packets(r#"pod="client",class="service",direction="egress",port="80",peer_namespace="default",peer="web""#),
+        packets(r#"pod="client",class="service",direction="ingress",port="80",peer="web""#),
+        packets(r#"pod="client",class="service",port="8080",peer_namespace="shop",peer="shop""#),
+        // To the external host.
+        packets(r#"pod="client",class="external",direction="egress",port="8080",peer="external""#),
+    ];
+    for selector in &expected {
+        prometheus.wait_positive(selector, WAIT);
+    }
+    // Never an ephemeral client port (Linux's default range, 32768-60999)
+    // as the port label.
     let ephemeral = prometheus.query(&format!(
         "count({}) or vector(0)",
-        packets(r#"port=~"3[3-9][0-9]{3}|[4-5][0-9]{4}|60[0-9]{3}""#)
+        packets(r#"port=~"3276[89]|327[7-9][0-9]|32[89][0-9]{2}|3[3-9][0-9]{3}|[45][0-9]{4}|60[0-9]{3}""#)
     ));
     assert_eq!(ephemeral, [0.0], "series with an ephemeral port");
 
