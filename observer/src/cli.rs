@@ -56,7 +56,7 @@ pub struct FlowsArgs {
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
     /// Local mode: pods, containers and Services from this inventory (as
-    /// the node lab writes it) instead of --netns.
+    /// the node lab writes it) instead of --netns; watched for changes.
     #[arg(
         long,
         value_name = "FILE",
@@ -77,7 +77,8 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub netns: Vec<PathBuf>,
-    /// Where named network namespaces live (used when no --netns is given).
+    /// Where named network namespaces live (used when neither --netns nor
+    /// --inventory is given); watched for namespaces that come and go.
     #[arg(
         long,
         value_name = "DIR",
