@@ -17,6 +17,10 @@ fn main() {
     // script's environment, so user-space crates stay on plain stable.
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
+    // aya-build passes the inner cargo's stderr on as cargo warnings: keep
+    // its progress lines ("Compiling ...") out of them; errors still show.
+    // SAFETY: as above.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
     let package = Package {
         name: "observer-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../observer-ebpf"),
