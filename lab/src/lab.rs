@@ -60,7 +60,7 @@ impl Lab {
                 version: INVENTORY_VERSION,
                 cluster: name.clone(),
                 pod_cidrs: Vec::new(),
-                service_cidr: plan.spec.network.service_cidr,
+                service_cidr: Some(plan.spec.network.service_cidr),
                 nodes: Vec::new(),
                 pods: Vec::new(),
                 services: Vec::new(),
@@ -158,8 +158,8 @@ impl Lab {
             .map(|(node, address)| Node {
                 name: node.name.clone(),
                 address: *address,
-                pod_cidr: node.pod_cidr.trunc(),
-                netns: netns_path(&names.node(&node.name)),
+                pod_cidr: Some(node.pod_cidr.trunc()),
+                netns: Some(netns_path(&names.node(&node.name))),
             })
             .collect();
         inv.services = spec
@@ -271,7 +271,7 @@ impl Lab {
                 node: pod.node.clone(),
                 labels: pod.labels.clone(),
                 ip: plan.pod_ips[p],
-                netns,
+                netns: Some(netns),
                 containers,
             });
         }
@@ -393,12 +393,15 @@ pub fn is_healthy(name: &str) -> bool {
         return false;
     };
     inv.pods.iter().all(|pod| {
-        pod.netns.exists()
+        pod.netns.as_ref().is_some_and(|n| n.exists())
             && pod
                 .containers
                 .iter()
                 .all(|c| container::has_processes(&c.cgroup))
-    }) && inv.nodes.iter().all(|n| n.netns.exists())
+    }) && inv
+        .nodes
+        .iter()
+        .all(|n| n.netns.as_ref().is_some_and(|n| n.exists()))
 }
 
 /// What `cargo xtask lab status` shows about a lab.
@@ -419,11 +422,13 @@ pub fn status(name: &str) -> Result<String, LabError> {
     for node in &inv.nodes {
         out += &format!(
             "  node {:<12} {:<15} pods {}\n",
-            node.name, node.address, node.pod_cidr
+            node.name,
+            node.address,
+            node.pod_cidr.map(|c| c.to_string()).unwrap_or_default()
         );
     }
     for pod in &inv.pods {
-        let alive = Path::new(&pod.netns).exists();
+        let alive = pod.netns.as_ref().is_some_and(|n| n.exists());
         out += &format!(
             "  pod  {:<24} {:<15} on {:<8} {}\n",
             format!("{}/{}", pod.namespace, pod.name),

@@ -23,8 +23,10 @@ pub struct Inventory {
     pub cluster: String,
     /// Every node's pod CIDR: traffic to these is pod traffic.
     pub pod_cidrs: Vec<Ipv4Net>,
-    /// The Service ClusterIP range.
-    pub service_cidr: Ipv4Net,
+    /// The Service ClusterIP range, if known (the Kubernetes API does not
+    /// always say): an unknown ClusterIP in it is still Service traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_cidr: Option<Ipv4Net>,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
@@ -39,9 +41,11 @@ pub struct Node {
     pub name: String,
     /// The node's own address (its InternalIP).
     pub address: Ipv4Addr,
-    pub pod_cidr: Ipv4Net,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<Ipv4Net>,
     /// The node's network namespace (in the lab, a namespace of its own).
-    pub netns: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +60,9 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     pub ip: Ipv4Addr,
     /// The pod's network namespace: a bind mount or `/proc/<pid>/ns/net`.
-    pub netns: PathBuf,
+    /// Known for the pods of the observer's own node only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
     pub containers: Vec<Container>,
 }
 

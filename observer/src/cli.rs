@@ -64,9 +64,36 @@ pub struct RunArgs {
         conflicts_with = "netns"
     )]
     pub inventory: Option<PathBuf>,
-    /// With --inventory: only the pods of this node (default: all pods).
-    #[arg(long, value_name = "NAME", env = "NODE_NAME", requires = "inventory")]
+    /// Kubernetes mode: this node's pods, and the cluster's pods, Services
+    /// and nodes, from the Kubernetes API (in a pod: its service account;
+    /// else --kubeconfig, $KUBECONFIG or ~/.kube/config). Needs --node.
+    #[arg(
+        long,
+        env = "OBSERVER_KUBERNETES",
+        conflicts_with_all = ["netns", "inventory"],
+        requires = "node"
+    )]
+    pub kubernetes: bool,
+    /// With --kubernetes: the kubeconfig to use (for development).
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The Service ClusterIP range: a ClusterIP of a Service not seen yet
+    /// still counts as Service traffic. The API does not always tell it.
+    #[arg(long, value_name = "CIDR", env = "OBSERVER_SERVICE_CIDR")]
+    pub service_cidr: Option<ipnet::Ipv4Net>,
+    /// This node's name (in a DaemonSet: NODE_NAME from the downward API's
+    /// spec.nodeName). With --inventory: only this node's pods (default: all).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     pub node: Option<String>,
+    /// Where the node's processes are (with hostPID, /proc): pods are found
+    /// through their processes' cgroups.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "OBSERVER_PROC_ROOT",
+        default_value = "/proc"
+    )]
+    pub proc_root: PathBuf,
     /// A pod network namespace: a bind mount such as /var/run/netns/NAME, or
     /// /proc/PID/ns/net. Repeat for several. Without any, every namespace in
     /// --netns-dir.
@@ -78,7 +105,8 @@ pub struct RunArgs {
     )]
     pub netns: Vec<PathBuf>,
     /// Where named network namespaces live (used when neither --netns nor
-    /// --inventory is given); watched for namespaces that come and go.
+    /// --inventory nor --kubernetes is given); watched for namespaces that
+    /// come and go. With --kubernetes, watched as a hint that a pod starts.
     #[arg(
         long,
         value_name = "DIR",

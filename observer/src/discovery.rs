@@ -62,40 +62,103 @@ fn is_id(id: &str) -> bool {
 pub fn find(proc_root: &Path, cgroup_root: &Path, ids: &[&str]) -> HashMap<String, Found> {
     let wanted: HashSet<&str> = ids.iter().copied().collect();
     let mut found = HashMap::new();
-    let Ok(entries) = fs::read_dir(proc_root) else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
+    for (pid, path) in processes(proc_root) {
+        let Some(id) = id_in_cgroup(&path).filter(|id| wanted.contains(id)) else {
             continue;
         };
-        // A process may exit while we look: skip it.
-        let Ok(cgroups) = fs::read_to_string(entry.path().join("cgroup")) else {
-            continue;
-        };
-        let Some(path) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) else {
-            continue;
-        };
-        let Some(id) = id_in_cgroup(path).filter(|id| wanted.contains(id)) else {
-            continue;
-        };
-        if found.contains_key(id) {
-            continue;
-        }
-        found.insert(
-            id.to_owned(),
-            Found {
-                pid,
-                netns: entry.path().join("ns/net"),
-                cgroup: cgroup_root.join(path.trim_start_matches('/')),
-            },
-        );
+        found.entry(id.to_owned()).or_insert_with(|| Found {
+            pid,
+            netns: netns_of(proc_root, pid),
+            cgroup: cgroup_root.join(path.trim_start_matches('/')),
+        });
     }
     found
+}
+
+/// A pod found on this node by its UID.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FoundPod {
+    /// The network namespace of one of its processes (all share it).
+    pub netns: PathBuf,
+    /// Its containers' cgroup v2 directories, by container id (the pod's
+    /// sandbox, the `pause` container, among them).
+    pub containers: HashMap<String, PathBuf>,
+}
+
+/// Finds the pods with these UIDs by their processes: the kubelet puts every
+/// container of a pod under the pod's cgroup, which is named after its UID
+/// (`pod<uid>`, or `kubepods-<qos>-pod<uid_with_underscores>.slice` with the
+/// systemd driver). The sandbox's process is there as soon as the pod's
+/// network namespace exists, before the pod's status names any container.
+pub fn find_pods(
+    proc_root: &Path,
+    cgroup_root: &Path,
+    uids: &HashSet<&str>,
+) -> HashMap<String, FoundPod> {
+    let mut found: HashMap<String, FoundPod> = HashMap::new();
+    if uids.is_empty() {
+        return found;
+    }
+    for (pid, path) in processes(proc_root) {
+        let Some(uid) = pod_uid_in_cgroup(&path).filter(|uid| uids.contains(uid.as_str())) else {
+            continue;
+        };
+        let pod = found.entry(uid).or_insert_with(|| FoundPod {
+            netns: netns_of(proc_root, pid),
+            containers: HashMap::new(),
+        });
+        if let Some(id) = id_in_cgroup(&path) {
+            pod.containers
+                .entry(id.to_owned())
+                .or_insert_with(|| cgroup_root.join(path.trim_start_matches('/')));
+        }
+    }
+    found
+}
+
+/// The pod UID in a cgroup path of the kubelet's, if any, with dashes.
+pub fn pod_uid_in_cgroup(path: &str) -> Option<String> {
+    path.split('/').find_map(|component| {
+        let uid = match component.strip_suffix(".slice") {
+            // systemd: kubepods-besteffort-pod<uid_>.slice, kubepods-pod<uid_>.slice
+            Some(slice) => slice
+                .rsplit_once('-')?
+                .1
+                .strip_prefix("pod")?
+                .replace('_', "-"),
+            // cgroupfs: kubepods/besteffort/pod<uid>
+            None => component.strip_prefix("pod")?.to_owned(),
+        };
+        is_uid(&uid).then_some(uid)
+    })
+}
+
+/// Kubernetes UIDs are RFC 4122 UUIDs: 8-4-4-4-12 hex digits.
+fn is_uid(uid: &str) -> bool {
+    let groups: Vec<&str> = uid.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn netns_of(proc_root: &Path, pid: u32) -> PathBuf {
+    proc_root.join(pid.to_string()).join("ns/net")
+}
+
+/// Every process under `proc_root` with its cgroup v2 path (the `0::` line
+/// of `/proc/<pid>/cgroup`). Processes that exit meanwhile are skipped.
+fn processes(proc_root: &Path) -> impl Iterator<Item = (u32, String)> {
+    fs::read_dir(proc_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let cgroups = fs::read_to_string(entry.path().join("cgroup")).ok()?;
+            let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+            Some((pid, path.to_owned()))
+        })
 }
 
 /// Where cgroup v2 is mounted.
@@ -140,6 +203,31 @@ mod tests {
         assert_eq!(id_in_cgroup(&format!("/{pod}")), None);
         assert_eq!(id_in_cgroup("/user.slice/session-1.scope"), None);
         assert_eq!(id_in_cgroup("/"), None);
+    }
+
+    #[test]
+    fn finds_pod_uids_in_every_cgroup_driver() {
+        let uid = "0f6c1a6e-2b8e-4c47-9a57-3d2f6c8e1b21";
+        let underscored = uid.replace('-', "_");
+        for path in [
+            format!(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{underscored}.slice/cri-containerd-{ID}.scope"
+            ),
+            format!("/kubepods.slice/kubepods-pod{underscored}.slice/crio-{ID}.scope"),
+            format!("/kubepods/burstable/pod{uid}/{ID}"),
+            format!("/obslab-x/kubepods/besteffort/pod{uid}/{ID}"),
+            format!("/kubepods/pod{uid}"),
+        ] {
+            assert_eq!(pod_uid_in_cgroup(&path).as_deref(), Some(uid), "{path}");
+        }
+        for path in [
+            "/kubepods.slice/kubepods-besteffort.slice",
+            "/system.slice/containerd.service",
+            "/kubepods/burstable/podnot-a-uid",
+            "/",
+        ] {
+            assert_eq!(pod_uid_in_cgroup(path), None, "{path}");
+        }
     }
 
     #[test]

@@ -129,7 +129,9 @@ impl KernelMaps {
                 },
             );
         };
-        add(inventory.service_cidr, class::SERVICE, 0);
+        if let Some(range) = inventory.service_cidr {
+            add(range, class::SERVICE, 0);
+        }
         for cidr in &inventory.pod_cidrs {
             add(*cidr, class::POD, 0);
         }

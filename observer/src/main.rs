@@ -8,6 +8,7 @@
 mod attach;
 mod bpffs;
 mod cli;
+mod cluster;
 mod collector;
 mod datapath;
 mod discovery;

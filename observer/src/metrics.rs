@@ -17,6 +17,9 @@ pub struct Metrics {
     registry: Registry,
     /// tc programs attached per pod.
     pub programs_attached: IntGaugeVec,
+    /// Pods of this node by state: attached, waiting (known, namespace not
+    /// found yet), host_network (the node's namespace: not attached).
+    pub pods: IntGaugeVec,
     /// Flows in the kernel's flow map, and its capacity.
     pub flow_map_entries: IntGauge,
     pub flow_map_capacity: IntGauge,
@@ -43,6 +46,14 @@ impl Metrics {
                     "tc programs attached in a pod's network namespace.",
                 ),
                 &["namespace", "pod"],
+            )
+            .expect("valid metric"),
+            pods: IntGaugeVec::new(
+                Opts::new(
+                    "observer_pods",
+                    "Pods of this node: attached, waiting for their network namespace, or host_network (not attached: they share the node's).",
+                ),
+                &["state"],
             )
             .expect("valid metric"),
             flow_series: IntGauge::new(
@@ -98,6 +109,7 @@ impl Metrics {
             .set(1);
         metrics.register(build_info);
         metrics.register(metrics.programs_attached.clone());
+        metrics.register(metrics.pods.clone());
         metrics.register(metrics.flow_series.clone());
         metrics.register(metrics.collection_duration.clone());
         metrics.register(metrics.flow_map_entries.clone());

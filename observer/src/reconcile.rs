@@ -1,21 +1,27 @@
 //! Keeps what is attached in step with where the pods come from: the
-//! namespaces in a directory, or the pods of an inventory. Wakes on inotify
-//! events (a namespace appears, an inventory is rewritten), never on a timer;
-//! the only timer is a short retry for a namespace whose bind mount is not in
-//! place yet.
+//! namespaces in a directory, the pods of an inventory, or this node's pods
+//! in the Kubernetes API. Wakes on events (a namespace appears, an inventory
+//! is rewritten, the API reports a pod), never on a slow poll; the only
+//! timer is a short retry for a pod whose namespace is not there yet.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
+use ipnet::Ipv4Net;
 use observer_common::inventory::Inventory;
 use tokio::sync::{mpsc, watch};
 
 use crate::{
     attach::{AttachError, AttachWorker, AttachedNetns},
+    cluster::{ClusterView, view},
     identities::{ObjectRef, SharedIdentities},
     kernel_maps::KernelMaps,
     metrics::Metrics,
@@ -23,7 +29,8 @@ use crate::{
     watch::DirWatch,
 };
 
-/// How often, and how many times, a namespace that is not ready is retried.
+/// How often, and how many times after an event, pods whose namespace is
+/// not ready are looked for again.
 const RETRY_EVERY: Duration = Duration::from_millis(100);
 const RETRIES: u32 = 20;
 
@@ -33,6 +40,15 @@ pub enum Source {
     Dir(PathBuf),
     /// The pods of this inventory (only those of `node`, if given).
     Inventory { path: PathBuf, node: Option<String> },
+    /// The Kubernetes API: this node's pods, found on the node through
+    /// `proc_root` and `cgroup_root`.
+    Cluster {
+        view: watch::Receiver<ClusterView>,
+        node: String,
+        service_cidr: Option<Ipv4Net>,
+        proc_root: PathBuf,
+        cgroup_root: PathBuf,
+    },
 }
 
 /// What the collector learns while it runs.
@@ -42,16 +58,43 @@ pub enum CollectorEvent {
     Identities(SharedIdentities),
 }
 
+/// A namespace to attach to.
+struct Target {
+    path: PathBuf,
+    pod: ObjectRef,
+}
+
+/// A namespace attached to.
+struct Attached {
+    cookie: u64,
+    /// Device and inode of the namespace: a pod whose namespace is replaced
+    /// (its sandbox recreated) is attached again.
+    netns: (u64, u64),
+}
+
+/// What the source says now.
+#[derive(Default)]
+struct Wanted {
+    /// By a key stable over the pod's life (its UID, or the namespace's path).
+    targets: HashMap<String, Target>,
+    /// Pods known but not found on the node yet.
+    waiting: usize,
+    /// Pods sharing the node's namespace: not attached.
+    host_network: usize,
+}
+
 pub struct Reconciler {
     source: Source,
     worker: AttachWorker,
     kernel_maps: KernelMaps,
     events: mpsc::UnboundedSender<CollectorEvent>,
     metrics: Arc<Metrics>,
-    /// Attached namespaces: path to cookie.
-    attached: HashMap<PathBuf, u64>,
-    /// Namespaces not ready yet (a bind mount in progress), with retries left.
-    pending: HashMap<PathBuf, u32>,
+    attached: HashMap<String, Attached>,
+    /// Targets whose namespace could not be entered yet (a bind mount in
+    /// progress).
+    pending: HashSet<String>,
+    waiting: usize,
+    retries_left: u32,
     inventory: Option<Inventory>,
 }
 
@@ -70,13 +113,16 @@ impl Reconciler {
             events,
             metrics,
             attached: HashMap::new(),
-            pending: HashMap::new(),
+            pending: HashSet::new(),
+            waiting: 0,
+            retries_left: RETRIES,
             inventory: None,
         }
     }
 
-    /// The directory whose changes matter.
-    pub fn watched_dir(&self) -> PathBuf {
+    /// The directory whose changes matter (for the Kubernetes API: where the
+    /// runtime makes pod namespaces, a hint that a pod is coming up).
+    pub fn watched_dir(&self, netns_dir: &Path) -> PathBuf {
         match &self.source {
             Source::Dir(dir) => dir.clone(),
             Source::Inventory { path, .. } => path
@@ -84,85 +130,130 @@ impl Reconciler {
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."))
                 .to_path_buf(),
+            Source::Cluster { .. } => netns_dir.to_path_buf(),
         }
     }
 
-    /// Reacts to changes until `stop` fires; returns the worker for shutdown.
-    pub async fn run(mut self, dir: DirWatch, mut stop: watch::Receiver<bool>) -> AttachWorker {
+    /// Reacts to changes until `stop` fires; sets `ready` after the first
+    /// complete reconciliation. Returns the worker for shutdown.
+    pub async fn run(
+        mut self,
+        dir: Option<DirWatch>,
+        ready: Arc<AtomicBool>,
+        mut stop: watch::Receiver<bool>,
+    ) -> AttachWorker {
+        let mut view = match &self.source {
+            Source::Cluster { view, .. } => Some(view.clone()),
+            _ => None,
+        };
+        if self.reconcile().await {
+            ready.store(true, Ordering::Release);
+        }
         loop {
-            let retry = !self.pending.is_empty();
+            let retry = (!self.pending.is_empty() || self.waiting > 0) && self.retries_left > 0;
             tokio::select! {
                 _ = stop.changed() => break,
-                changed = dir.changed() => {
+                changed = changed(dir.as_ref()) => {
                     if let Err(err) = changed {
                         tracing::warn!(%err, "watching for pods");
                         self.metrics.error("watch");
                     }
-                    // A new event: namespaces still pending get fresh retries.
-                    self.pending.values_mut().for_each(|left| *left = RETRIES);
-                    self.reconcile().await;
                 }
-                _ = tokio::time::sleep(RETRY_EVERY), if retry => self.reconcile().await,
+                changed = view_changed(view.as_mut()) => {
+                    if changed.is_err() {
+                        // The watches stopped: only at shutdown.
+                        view = None;
+                    }
+                }
+                _ = tokio::time::sleep(RETRY_EVERY), if retry => {
+                    self.retries_left -= 1;
+                    self.reconcile_and_mark(&ready).await;
+                    continue;
+                }
             }
+            // A new event: pods still missing get fresh retries.
+            self.retries_left = RETRIES;
+            self.reconcile_and_mark(&ready).await;
         }
         self.worker
     }
 
-    /// Attaches what is new, detaches what is gone.
-    pub async fn reconcile(&mut self) {
-        let Some(targets) = self.targets() else {
-            return;
+    async fn reconcile_and_mark(&mut self, ready: &AtomicBool) {
+        if self.reconcile().await {
+            ready.store(true, Ordering::Release);
+        }
+    }
+
+    /// Attaches what is new, detaches what is gone. Returns false when the
+    /// source could not be read (the current state then stays).
+    pub async fn reconcile(&mut self) -> bool {
+        let Some(wanted) = self.wanted() else {
+            return false;
         };
-        let gone: Vec<(PathBuf, u64)> = self
+        let current: HashMap<String, Option<(u64, u64)>> = wanted
+            .targets
+            .iter()
+            .map(|(key, target)| (key.clone(), netns_id(&target.path)))
+            .collect();
+        let gone: Vec<String> = self
             .attached
             .iter()
-            .filter(|(path, _)| !targets.contains_key(*path) || !path.exists())
-            .map(|(path, cookie)| (path.clone(), *cookie))
+            .filter(|(key, attached)| current.get(*key) != Some(&Some(attached.netns)))
+            .map(|(key, _)| key.clone())
             .collect();
-        for (path, cookie) in gone {
-            self.attached.remove(&path);
-            match self.worker.detach(cookie).await {
-                Ok(()) => {}
-                Err(err) => {
-                    tracing::warn!(%err, "detach");
-                    self.metrics.error("detach");
-                }
+        for key in gone {
+            let Some(attached) = self.attached.remove(&key) else {
+                continue;
+            };
+            if let Err(err) = self.worker.detach(attached.cookie).await {
+                tracing::warn!(%err, "detach");
+                self.metrics.error("detach");
             }
-            let _ = self.events.send(CollectorEvent::Detached(cookie));
+            let _ = self.events.send(CollectorEvent::Detached(attached.cookie));
         }
-        self.pending.retain(|path, _| targets.contains_key(path));
-        for (path, pod) in targets {
-            if self.attached.contains_key(&path) {
+        self.pending.retain(|key| wanted.targets.contains_key(key));
+        for (key, target) in wanted.targets {
+            if self.attached.contains_key(&key) {
                 continue;
             }
-            match self.worker.attach(&path, pod).await {
+            let Some(id) = current.get(&key).copied().flatten() else {
+                self.pending.insert(key);
+                continue;
+            };
+            match self.worker.attach(&target.path, target.pod).await {
                 Ok(attached) => {
-                    self.pending.remove(&path);
-                    self.attached.insert(path, attached.cookie);
+                    self.pending.remove(&key);
+                    let cookie = attached.cookie;
                     let _ = self.events.send(CollectorEvent::Attached(attached));
+                    self.attached.insert(key, Attached { cookie, netns: id });
                 }
                 // Not a namespace yet: `ip netns add` creates the file, then
-                // bind-mounts the namespace on it.
+                // bind-mounts the namespace on it. Or gone meanwhile.
                 Err(AttachError::Netns(
                     NetnsError::NotNetns { .. } | NetnsError::NotFound { .. },
                 )) => {
-                    let left = self.pending.entry(path).or_insert(RETRIES);
-                    *left = left.saturating_sub(1);
+                    self.pending.insert(key);
                 }
                 Err(err) => {
                     tracing::warn!(%err, "skipping namespace");
                     self.metrics.error("attach");
-                    self.pending.remove(&path);
+                    self.pending.remove(&key);
                 }
             }
         }
-        // Out of retries: wait for the next event about it.
-        self.pending.retain(|_, left| *left > 0);
+        self.waiting = wanted.waiting;
+        let pods = &self.metrics.pods;
+        pods.with_label_values(&["attached"])
+            .set(self.attached.len() as i64);
+        pods.with_label_values(&["waiting"])
+            .set((self.pending.len() + self.waiting) as i64);
+        pods.with_label_values(&["host_network"])
+            .set(wanted.host_network as i64);
+        true
     }
 
-    /// The namespaces there should be, by path; `None` if the source cannot
-    /// be read now (the current state then stays).
-    fn targets(&mut self) -> Option<HashMap<PathBuf, ObjectRef>> {
+    /// What there should be; `None` if the source cannot be read now.
+    fn wanted(&mut self) -> Option<Wanted> {
         match &self.source {
             Source::Dir(dir) => {
                 let entries = match std::fs::read_dir(dir) {
@@ -173,18 +264,21 @@ impl Reconciler {
                         return None;
                     }
                 };
-                Some(
-                    entries
-                        .flatten()
-                        .map(|e| e.path())
-                        .map(|path| {
-                            let pod = ObjectRef::new("", &netns::display_name(&path));
-                            (path, pod)
-                        })
-                        .collect(),
-                )
+                let targets = entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .map(|path| {
+                        let pod = ObjectRef::new("", &netns::display_name(&path));
+                        (path.display().to_string(), Target { path, pod })
+                    })
+                    .collect();
+                Some(Wanted {
+                    targets,
+                    ..Wanted::default()
+                })
             }
             Source::Inventory { path, node } => {
+                let node = node.clone();
                 let inventory = match crate::inventory::load_for_node(path, node.as_deref()) {
                     Ok(inventory) => inventory,
                     Err(err) => {
@@ -194,27 +288,108 @@ impl Reconciler {
                         return None;
                     }
                 };
-                if self.inventory.as_ref() != Some(&inventory) {
-                    match self.kernel_maps.sync(&inventory) {
-                        Ok(identities) => {
-                            let identities = Arc::new(identities);
-                            let _ = self.events.send(CollectorEvent::Identities(identities));
-                        }
-                        Err(err) => {
-                            tracing::warn!(%err, "updating the kernel's maps");
-                            self.metrics.error("kernel_maps");
-                        }
-                    }
+                let targets = pod_targets(&inventory, node.as_deref());
+                self.sync_kernel_maps(inventory);
+                Some(Wanted {
+                    targets,
+                    ..Wanted::default()
+                })
+            }
+            Source::Cluster {
+                view,
+                node,
+                service_cidr,
+                proc_root,
+                cgroup_root,
+            } => {
+                let view = view.borrow().clone();
+                if !view.synced() {
+                    return None;
                 }
-                let mine = inventory
-                    .pods
-                    .iter()
-                    .filter(|p| node.as_deref().is_none_or(|n| p.node == n))
-                    .map(|p| (p.netns.clone(), ObjectRef::new(&p.namespace, &p.name)))
+                let found = view::find_on_node(&view, proc_root, cgroup_root);
+                let inventory = view.inventory(node, *service_cidr, &found);
+                // Found is enough: a pod is attached before it has an IP.
+                let targets: HashMap<String, Target> = view
+                    .pods_to_attach()
+                    .filter_map(|p| {
+                        let target = Target {
+                            path: found.get(&p.uid)?.netns.clone(),
+                            pod: ObjectRef::new(&p.namespace, &p.name),
+                        };
+                        Some((p.uid.clone(), target))
+                    })
                     .collect();
-                self.inventory = Some(inventory);
-                Some(mine)
+                let attachable = view.pods_to_attach().count();
+                let host_network = view
+                    .local_pods
+                    .items
+                    .values()
+                    .filter(|p| p.host_network && !p.finished)
+                    .count();
+                self.sync_kernel_maps(inventory);
+                Some(Wanted {
+                    waiting: attachable.saturating_sub(targets.len()),
+                    targets,
+                    host_network,
+                })
             }
         }
+    }
+
+    /// Writes a changed inventory to the kernel's maps and tells the
+    /// collector the new names.
+    fn sync_kernel_maps(&mut self, inventory: Inventory) {
+        if self.inventory.as_ref() == Some(&inventory) {
+            return;
+        }
+        match self.kernel_maps.sync(&inventory) {
+            Ok(identities) => {
+                let _ = self
+                    .events
+                    .send(CollectorEvent::Identities(Arc::new(identities)));
+            }
+            Err(err) => {
+                tracing::warn!(%err, "updating the kernel's maps");
+                self.metrics.error("kernel_maps");
+            }
+        }
+        self.inventory = Some(inventory);
+    }
+}
+
+/// The pods of `node` (or all) that have a network namespace, by UID.
+fn pod_targets(inventory: &Inventory, node: Option<&str>) -> HashMap<String, Target> {
+    inventory
+        .pods
+        .iter()
+        .filter(|p| node.is_none_or(|n| p.node == n))
+        .filter_map(|p| {
+            let target = Target {
+                path: p.netns.clone()?,
+                pod: ObjectRef::new(&p.namespace, &p.name),
+            };
+            Some((p.uid.clone(), target))
+        })
+        .collect()
+}
+
+/// The namespace a path leads to, if it exists.
+fn netns_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+async fn changed(dir: Option<&DirWatch>) -> std::io::Result<()> {
+    match dir {
+        Some(dir) => dir.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn view_changed(
+    view: Option<&mut watch::Receiver<ClusterView>>,
+) -> Result<(), watch::error::RecvError> {
+    match view {
+        Some(view) => view.changed().await,
+        None => std::future::pending().await,
     }
 }

@@ -23,8 +23,10 @@ use tokio::{
 use crate::{
     attach::{AttachError, AttachWorker},
     cli::RunArgs,
+    cluster::{self, ClusterError, ClusterWatch},
     collector::Collector,
     datapath::{Datapath, DatapathError},
+    discovery,
     flow_metrics::{FLOW_LABELS, FlowMetrics, SeriesConfig},
     identities::ObjectRef,
     inventory::{self, InventoryError},
@@ -52,6 +54,12 @@ pub enum RunError {
     Attach(#[from] AttachError),
     #[error(transparent)]
     KernelMaps(#[from] KernelMapsError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("--kubernetes needs this node's name: --node or NODE_NAME (spec.nodeName)")]
+    NoNode,
+    #[error("cgroup v2 is not mounted: pods are found through their cgroups")]
+    NoCgroup2,
     #[error("cannot watch for signals: {0}")]
     Signals(io::Error),
     #[error("metrics server: {0}")]
@@ -123,35 +131,37 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 let attached = worker.attach(&target.path, target.pod).await?;
                 let _ = events.send(CollectorEvent::Attached(attached));
             }
+            ready.store(true, Ordering::Release);
             Pods::Fixed(worker)
         }
         None => {
-            let source = match &args.inventory {
-                Some(path) => Source::Inventory {
-                    path: path.clone(),
-                    node: args.node.clone(),
-                },
-                None => Source::Dir(args.netns_dir.clone()),
-            };
-            let mut reconciler =
+            let (source, cluster) = source(&args, &metrics).await?;
+            let reconciler =
                 Reconciler::new(source, worker, kernel_maps, events, Arc::clone(&metrics));
-            let dir = reconciler.watched_dir();
-            if !dir.exists() {
-                // `ip netns add` makes it too; watching needs it now.
-                let _ = std::fs::create_dir_all(&dir);
-            }
-            let watch = DirWatch::new(&dir)?;
-            reconciler.reconcile().await;
-            Pods::Watched(tokio::spawn(reconciler.run(watch, stopped)))
+            let dir = reconciler.watched_dir(&args.netns_dir);
+            let watch = if cluster.is_some() {
+                // A hint only: not every runtime keeps namespaces there.
+                DirWatch::new(&dir).ok()
+            } else {
+                if !dir.exists() {
+                    // `ip netns add` makes it too; watching needs it now.
+                    let _ = std::fs::create_dir_all(&dir);
+                }
+                Some(DirWatch::new(&dir)?)
+            };
+            let ready = Arc::clone(&ready);
+            Pods::Watched(tokio::spawn(reconciler.run(watch, ready, stopped)), cluster)
         }
     };
-    ready.store(true, Ordering::Release);
 
     let served = serving.await.expect("the server does not panic");
     // The server is gone, so is the last collect sender: the loop ends.
     let worker = match pods {
         Pods::Fixed(worker) => worker,
-        Pods::Watched(task) => task.await.expect("the reconciler does not panic"),
+        Pods::Watched(task, cluster) => {
+            drop(cluster);
+            task.await.expect("the reconciler does not panic")
+        }
     };
     let _ = collecting.await;
     tokio::task::spawn_blocking(move || worker.shutdown())
@@ -164,8 +174,43 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 enum Pods {
     /// `--netns`: attached once at start.
     Fixed(AttachWorker),
-    /// A directory or an inventory, watched.
-    Watched(tokio::task::JoinHandle<AttachWorker>),
+    /// A directory, an inventory or the Kubernetes API, watched.
+    Watched(tokio::task::JoinHandle<AttachWorker>, Option<ClusterWatch>),
+}
+
+/// Where the pods come from, with the Kubernetes API's watches if that is it.
+async fn source(
+    args: &RunArgs,
+    metrics: &Arc<Metrics>,
+) -> Result<(Source, Option<ClusterWatch>), RunError> {
+    if args.kubernetes {
+        // clap makes sure of --node; an empty NODE_NAME is still possible.
+        let node = args
+            .node
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or(RunError::NoNode)?;
+        let client = cluster::client(args.kubeconfig.as_deref()).await?;
+        let cgroup_root = discovery::cgroup2_root().ok_or(RunError::NoCgroup2)?;
+        let watch = ClusterWatch::start(client, &node, Arc::clone(metrics));
+        tracing::info!(%node, "watching the Kubernetes API");
+        let source = Source::Cluster {
+            view: watch.view(),
+            node,
+            service_cidr: args.service_cidr,
+            proc_root: args.proc_root.clone(),
+            cgroup_root,
+        };
+        return Ok((source, Some(watch)));
+    }
+    let source = match &args.inventory {
+        Some(path) => Source::Inventory {
+            path: path.clone(),
+            node: args.node.clone(),
+        },
+        None => Source::Dir(args.netns_dir.clone()),
+    };
+    Ok((source, None))
 }
 
 fn series_config(args: &RunArgs) -> SeriesConfig {

@@ -1,0 +1,389 @@
+//! What the observer keeps of the Kubernetes API's objects: only the fields
+//! classification and naming need (a cluster-wide pod costs a few hundred
+//! bytes here, not the tens of kilobytes of the API object), and how that
+//! becomes an inventory.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+    path::Path,
+};
+
+use ipnet::Ipv4Net;
+use k8s_openapi::{
+    api::core::v1::{Node, Pod, Service},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::{Resource, runtime::watcher};
+use observer_common::inventory::{self, INVENTORY_VERSION, Inventory, Protocol};
+
+use crate::discovery::{self, FoundPod};
+
+/// A pod, trimmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    /// Its IPv4 address, once it has one.
+    pub ip: Option<Ipv4Addr>,
+    /// Shares the node's network namespace: nothing of its own to attach to.
+    pub host_network: bool,
+    /// Succeeded or Failed: its IP may already belong to another pod.
+    pub finished: bool,
+    /// Container names with the runtime ids from the status (init and
+    /// ephemeral containers included); kept for this node's pods only.
+    pub containers: Vec<(String, Option<String>)>,
+}
+
+/// A Service, trimmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<inventory::ServicePort>,
+}
+
+/// A node, trimmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Its InternalIP.
+    pub address: Option<Ipv4Addr>,
+    pub pod_cidrs: Vec<Ipv4Net>,
+}
+
+/// The objects of one kind as a watcher reports them, by UID.
+#[derive(Clone, Debug)]
+pub struct Mirror<T> {
+    pub items: HashMap<String, T>,
+    /// A (re)list in progress: replaces `items` when complete, so objects
+    /// deleted while the watch was down disappear.
+    relist: Option<HashMap<String, T>>,
+    /// A complete list has been seen.
+    pub synced: bool,
+}
+
+impl<T> Default for Mirror<T> {
+    fn default() -> Self {
+        Self {
+            items: HashMap::new(),
+            relist: None,
+            synced: false,
+        }
+    }
+}
+
+impl<T: PartialEq> Mirror<T> {
+    /// Applies a watcher event; `trim` keeps what matters of an object (or
+    /// nothing: the object is then treated as absent). Returns whether
+    /// `items` changed.
+    pub fn apply<K: Resource>(
+        &mut self,
+        event: watcher::Event<K>,
+        trim: impl Fn(&K) -> Option<T>,
+    ) -> bool {
+        let uid = |object: &K| object.meta().uid.clone().unwrap_or_default();
+        match event {
+            watcher::Event::Init => {
+                self.relist = Some(HashMap::new());
+                false
+            }
+            watcher::Event::InitApply(object) => {
+                if let (Some(relist), Some(item)) = (self.relist.as_mut(), trim(&object)) {
+                    relist.insert(uid(&object), item);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                let items = self.relist.take().unwrap_or_default();
+                let changed = items != self.items || !self.synced;
+                self.items = items;
+                self.synced = true;
+                changed
+            }
+            watcher::Event::Apply(object) => {
+                let key = uid(&object);
+                match trim(&object) {
+                    Some(item) if self.items.get(&key) == Some(&item) => false,
+                    Some(item) => {
+                        self.items.insert(key, item);
+                        true
+                    }
+                    None => self.items.remove(&key).is_some(),
+                }
+            }
+            watcher::Event::Delete(object) => self.items.remove(&uid(&object)).is_some(),
+        }
+    }
+}
+
+/// The cluster as the observer of one node sees it.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterView {
+    /// This node's pods, with their containers.
+    pub local_pods: Mirror<PodInfo>,
+    /// Every pod of the cluster (peers), without containers.
+    pub pods: Mirror<PodInfo>,
+    pub services: Mirror<ServiceInfo>,
+    pub nodes: Mirror<NodeInfo>,
+}
+
+impl ClusterView {
+    /// Every kind has been listed once.
+    pub fn synced(&self) -> bool {
+        self.local_pods.synced && self.pods.synced && self.services.synced && self.nodes.synced
+    }
+
+    /// This node's pods to look for on the node: with a network namespace of
+    /// their own, not finished.
+    pub fn pods_to_attach(&self) -> impl Iterator<Item = &PodInfo> {
+        self.local_pods
+            .items
+            .values()
+            .filter(|p| !p.host_network && !p.finished)
+    }
+
+    /// The inventory for the kernel maps and the names: every pod with an IP
+    /// (this node's with the network namespace and containers `found` on
+    /// the node), every Service with a ClusterIP, every node.
+    pub fn inventory(
+        &self,
+        node: &str,
+        service_cidr: Option<Ipv4Net>,
+        found: &HashMap<String, FoundPod>,
+    ) -> Inventory {
+        let mut nodes: Vec<inventory::Node> = self
+            .nodes
+            .items
+            .values()
+            .filter_map(|n| {
+                Some(inventory::Node {
+                    name: n.name.clone(),
+                    address: n.address?,
+                    pod_cidr: n.pod_cidrs.first().copied(),
+                    netns: None,
+                })
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut pod_cidrs: Vec<Ipv4Net> = self
+            .nodes
+            .items
+            .values()
+            .flat_map(|n| n.pod_cidrs.iter().copied())
+            .collect();
+        pod_cidrs.sort();
+        pod_cidrs.dedup();
+
+        // This node's pods from their own watch (fresher, with containers);
+        // the others from the cluster-wide one.
+        let local: HashSet<&str> = self.local_pods.items.keys().map(String::as_str).collect();
+        let remote = self
+            .pods
+            .items
+            .iter()
+            .filter(|(uid, p)| !local.contains(uid.as_str()) && p.node != node)
+            .map(|(_, p)| p);
+        let mut pods: Vec<inventory::Pod> = self
+            .local_pods
+            .items
+            .values()
+            .chain(remote)
+            // Host-network pods have the node's address: traffic to it is
+            // node traffic. Finished pods' addresses are free for others.
+            .filter(|p| !p.host_network && !p.finished)
+            .filter_map(|p| {
+                let ip = p.ip?;
+                let on_node = found.get(&p.uid);
+                Some(inventory::Pod {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    uid: p.uid.clone(),
+                    node: p.node.clone(),
+                    labels: p.labels.clone(),
+                    ip,
+                    netns: on_node.map(|f| f.netns.clone()),
+                    containers: on_node.map(|f| containers(p, f)).unwrap_or_default(),
+                })
+            })
+            .collect();
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+        let mut services: Vec<inventory::Service> = self
+            .services
+            .items
+            .values()
+            .map(|s| inventory::Service {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                cluster_ip: s.cluster_ip,
+                ports: s.ports.clone(),
+                selector: BTreeMap::new(),
+                endpoints: Vec::new(),
+            })
+            .collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+        Inventory {
+            version: INVENTORY_VERSION,
+            cluster: String::new(),
+            pod_cidrs,
+            service_cidr,
+            nodes,
+            pods,
+            services,
+            external_hosts: Vec::new(),
+        }
+    }
+}
+
+/// The containers of a pod found on the node, named by the pod's status.
+/// Containers the status does not name yet (and the sandbox) stay unnamed.
+fn containers(pod: &PodInfo, found: &FoundPod) -> Vec<inventory::Container> {
+    pod.containers
+        .iter()
+        .filter_map(|(name, id)| {
+            let id = id.as_deref()?;
+            Some(inventory::Container {
+                name: name.clone(),
+                id: id.to_owned(),
+                cgroup: found.containers.get(id)?.clone(),
+                ports: Vec::new(),
+            })
+        })
+        .collect()
+}
+
+/// Keeps what matters of a pod; `with_containers` for this node's pods.
+pub fn trim_pod(pod: &Pod, with_containers: bool) -> Option<PodInfo> {
+    let meta = &pod.metadata;
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let ip = status.and_then(|s| {
+        let ips = s.pod_ips.iter().flatten().map(|ip| ip.ip.as_str());
+        s.pod_ip
+            .as_deref()
+            .into_iter()
+            .chain(ips)
+            .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
+    });
+    let containers = if with_containers {
+        status
+            .into_iter()
+            .flat_map(|s| {
+                let init = s.init_container_statuses.iter().flatten();
+                let ephemeral = s.ephemeral_container_statuses.iter().flatten();
+                s.container_statuses
+                    .iter()
+                    .flatten()
+                    .chain(init)
+                    .chain(ephemeral)
+            })
+            .map(|c| {
+                let id = c.container_id.as_deref().and_then(discovery::status_id);
+                (c.name.clone(), id.map(str::to_owned))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Some(PodInfo {
+        namespace: meta.namespace.clone()?,
+        name: meta.name.clone()?,
+        uid: meta.uid.clone()?,
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        labels: meta.labels.clone().unwrap_or_default(),
+        ip,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        finished: matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ),
+        containers,
+    })
+}
+
+/// Keeps what matters of a Service: those without an IPv4 ClusterIP
+/// (headless, ExternalName) are not kept.
+pub fn trim_service(service: &Service) -> Option<ServiceInfo> {
+    let spec = service.spec.as_ref()?;
+    let cluster_ip = spec
+        .cluster_ip
+        .iter()
+        .chain(spec.cluster_ips.iter().flatten())
+        .find_map(|ip| ip.parse::<Ipv4Addr>().ok())?;
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let port = u16::try_from(p.port).ok()?;
+            let protocol = match p.protocol.as_deref() {
+                None | Some("TCP") => Protocol::Tcp,
+                Some("UDP") => Protocol::Udp,
+                Some("SCTP") => Protocol::Sctp,
+                Some(_) => return None,
+            };
+            let target_port = match &p.target_port {
+                None => port,
+                Some(IntOrString::Int(n)) => u16::try_from(*n).ok()?,
+                // A named port: each pod may map it differently.
+                Some(IntOrString::String(_)) => 0,
+            };
+            Some(inventory::ServicePort {
+                name: p.name.clone(),
+                port,
+                target_port,
+                protocol,
+            })
+        })
+        .collect();
+    Some(ServiceInfo {
+        namespace: service.metadata.namespace.clone()?,
+        name: service.metadata.name.clone()?,
+        cluster_ip,
+        ports,
+    })
+}
+
+/// Keeps what matters of a node.
+pub fn trim_node(node: &Node) -> Option<NodeInfo> {
+    let address = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse::<Ipv4Addr>().ok());
+    let spec = node.spec.as_ref();
+    let pod_cidrs = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .into_iter()
+        .flatten()
+        .chain(spec.and_then(|s| s.pod_cidr.clone()))
+        .filter_map(|c| c.parse::<Ipv4Net>().ok())
+        .map(|c| c.trunc());
+    let mut cidrs: Vec<Ipv4Net> = pod_cidrs.collect();
+    cidrs.sort();
+    cidrs.dedup();
+    Some(NodeInfo {
+        name: node.metadata.name.clone()?,
+        address,
+        pod_cidrs: cidrs,
+    })
+}
+
+/// Looks for this node's pods on the node (see [`discovery::find_pods`]).
+pub fn find_on_node(
+    view: &ClusterView,
+    proc_root: &Path,
+    cgroup_root: &Path,
+) -> HashMap<String, FoundPod> {
+    let uids: HashSet<&str> = view.pods_to_attach().map(|p| p.uid.as_str()).collect();
+    discovery::find_pods(proc_root, cgroup_root, &uids)
+}
