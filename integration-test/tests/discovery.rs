@@ -28,7 +28,7 @@ fn finds_every_container_of_the_lab_by_its_id() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     for pod in &lab.inventory().pods {
-        let pod_netns = fs::metadata(&pod.netns).unwrap().ino();
+        let pod_netns = fs::metadata(pod.netns.as_ref().unwrap()).unwrap().ino();
         for container in &pod.containers {
             let line = stdout
                 .lines()

@@ -108,7 +108,7 @@ fn the_default_lab_produces_every_scenario_and_leaves_nothing() {
 
     // Containers: each a process in its own cgroup, in its pod's namespace.
     for pod in &lab.inventory().pods {
-        let pod_netns = fs::metadata(&pod.netns).unwrap().ino();
+        let pod_netns = fs::metadata(pod.netns.as_ref().unwrap()).unwrap().ino();
         for c in &pod.containers {
             let procs = fs::read_to_string(c.cgroup.join("cgroup.procs")).unwrap();
             let pid = procs

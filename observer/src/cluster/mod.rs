@@ -138,6 +138,10 @@ async fn mirror<K>(
             Ok(event) => {
                 view.send_if_modified(|view| apply(view, event));
             }
+            // The watch was away too long: a relist follows. Routine.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                tracing::debug!(kind, "watch expired: listing again");
+            }
             Err(err) => {
                 tracing::warn!(%err, kind, "watching the Kubernetes API");
                 metrics.error("kubernetes_api");

@@ -387,3 +387,102 @@ pub fn find_on_node(
     let uids: HashSet<&str> = view.pods_to_attach().map(|p| p.uid.as_str()).collect();
     discovery::find_pods(proc_root, cgroup_root, &uids)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, uid: &str, node: &str, ip: Option<&str>) -> PodInfo {
+        PodInfo {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: uid.into(),
+            node: node.into(),
+            labels: BTreeMap::new(),
+            ip: ip.map(|ip| ip.parse().unwrap()),
+            host_network: false,
+            finished: false,
+            containers: vec![
+                ("app".into(), Some("a".repeat(64))),
+                ("starting".into(), None),
+            ],
+        }
+    }
+
+    fn mirror(pods: Vec<PodInfo>) -> Mirror<PodInfo> {
+        Mirror {
+            items: pods.into_iter().map(|p| (p.uid.clone(), p)).collect(),
+            relist: None,
+            synced: true,
+        }
+    }
+
+    #[test]
+    fn the_inventory_has_peers_everywhere_and_containers_here() {
+        let mut host = pod("kube-proxy", "u-host", "node-1", Some("172.18.0.2"));
+        host.host_network = true;
+        let mut done = pod("job", "u-done", "node-2", Some("10.244.2.9"));
+        done.finished = true;
+        let local = vec![
+            pod("web", "u-web", "node-1", Some("10.244.1.10")),
+            pod("new", "u-new", "node-1", None),
+            host,
+        ];
+        let mut all = local.clone();
+        all.push(pod("remote", "u-remote", "node-2", Some("10.244.2.10")));
+        all.push(done);
+        let view = ClusterView {
+            local_pods: mirror(local),
+            pods: mirror(all),
+            ..ClusterView::default()
+        };
+        let attach: Vec<&str> = {
+            let mut names: Vec<&str> = view.pods_to_attach().map(|p| p.name.as_str()).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(attach, ["new", "web"], "not the host-network pod");
+
+        let found = HashMap::from([(
+            "u-web".to_owned(),
+            FoundPod {
+                netns: "/proc/42/ns/net".into(),
+                containers: HashMap::from([("a".repeat(64), "/sys/fs/cgroup/x".into())]),
+            },
+        )]);
+        let inventory = view.inventory("node-1", None, &found);
+        let names: Vec<&str> = inventory.pods.iter().map(|p| p.name.as_str()).collect();
+        // No IP yet, host network, finished: not pods to classify by address.
+        assert_eq!(names, ["remote", "web"]);
+        let web = &inventory.pods[1];
+        assert_eq!(web.netns.as_deref(), Some(Path::new("/proc/42/ns/net")));
+        assert_eq!(web.containers.len(), 1, "only containers found and named");
+        assert_eq!(web.containers[0].name, "app");
+        assert_eq!(
+            inventory.pods[0].netns, None,
+            "a peer has no namespace here"
+        );
+    }
+
+    #[test]
+    fn a_relist_replaces_and_an_unchanged_object_changes_nothing() {
+        let mut mirror = Mirror::<String>::default();
+        let trim = |n: &Node| n.metadata.name.clone();
+        let node = |name: &str, uid: &str| {
+            let mut node = Node::default();
+            node.metadata.name = Some(name.into());
+            node.metadata.uid = Some(uid.into());
+            node
+        };
+        assert!(!mirror.apply(watcher::Event::Init, trim));
+        assert!(!mirror.apply(watcher::Event::InitApply(node("a", "1")), trim));
+        assert!(mirror.apply(watcher::Event::InitDone, trim));
+        assert!(!mirror.apply(watcher::Event::Apply(node("a", "1")), trim));
+        assert!(mirror.apply(watcher::Event::Apply(node("b", "2")), trim));
+        // Relisted without a: a is gone.
+        mirror.apply(watcher::Event::Init, trim);
+        mirror.apply(watcher::Event::InitApply(node("b", "2")), trim);
+        assert!(mirror.apply(watcher::Event::InitDone, trim));
+        assert_eq!(mirror.items.values().collect::<Vec<_>>(), ["b"]);
+    }
+}
