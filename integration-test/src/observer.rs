@@ -38,6 +38,13 @@ impl Observer {
     /// Starts `observer run <args>` on a free loopback port and waits until it
     /// is ready. Panics with the observer's output if it does not get there.
     pub fn start(args: &[&str]) -> Self {
+        let mut observer = Self::spawn(args);
+        observer.wait_ready(Duration::from_secs(30));
+        observer
+    }
+
+    /// Starts `observer run <args>` without waiting for it to be ready.
+    pub fn spawn(args: &[&str]) -> Self {
         let addr = free_port();
         let log = std::env::temp_dir().join(format!("observer-test-{}.log", addr.port()));
         let child = observer_command(
@@ -47,16 +54,15 @@ impl Observer {
         )
         .spawn()
         .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary().display()));
-        let mut observer = Self {
+        Self {
             child: Some(child),
             addr,
             log,
-        };
-        observer.wait_ready(Duration::from_secs(30));
-        observer
+        }
     }
 
-    fn wait_ready(&mut self, timeout: Duration) {
+    /// Waits until `/readyz` says ready; panics with the log if it does not.
+    pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child().try_wait().expect("wait") {
@@ -194,7 +200,8 @@ fn observer_command(first: &[&str], rest: &[&str], stderr: impl Into<Stdio>) -> 
     command
 }
 
-fn free_port() -> SocketAddr {
+/// A free port on loopback (free when asked: bind it soon).
+pub fn free_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local addr")
 }

@@ -1,0 +1,330 @@
+//! A stand-in Kubernetes API server on loopback, for the observer's
+//! Kubernetes mode on the node lab: it serves the lab's pods, Services and
+//! nodes as Kubernetes objects (list and watch, over plain HTTP/1.1), and
+//! the test adds and deletes objects while the observer watches.
+//!
+//! Only what the observer asks is implemented: GET of the core/v1 `pods`,
+//! `services` and `nodes` collections, the `spec.nodeName` field selector,
+//! and `watch=true` answered with a chunked stream of events.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Receiver, Sender},
+    },
+    thread,
+    time::Duration,
+};
+
+use observer_common::inventory::Inventory;
+use serde_json::{Value, json};
+
+/// Which collection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Pods,
+    Services,
+    Nodes,
+}
+
+impl Kind {
+    fn from_path(path: &str) -> Option<Self> {
+        match path {
+            "/api/v1/pods" => Some(Self::Pods),
+            "/api/v1/services" => Some(Self::Services),
+            "/api/v1/nodes" => Some(Self::Nodes),
+            _ => None,
+        }
+    }
+
+    fn list_kind(self) -> &'static str {
+        match self {
+            Self::Pods => "PodList",
+            Self::Services => "ServiceList",
+            Self::Nodes => "NodeList",
+        }
+    }
+}
+
+struct Watcher {
+    kind: Kind,
+    node: Option<String>,
+    events: Sender<String>,
+}
+
+#[derive(Default)]
+struct State {
+    version: u64,
+    /// By kind, then by UID.
+    objects: BTreeMap<Kind, BTreeMap<String, Value>>,
+    watchers: Vec<Watcher>,
+}
+
+/// The API server; stops serving when dropped.
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeApi {
+    /// Serves on `addr` (a free loopback port).
+    pub fn serve(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).expect("binding the fake API server");
+        listener.set_nonblocking(true).unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (shared, stopping) = (Arc::clone(&state), Arc::clone(&stop));
+        thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let state = Arc::clone(&shared);
+                        thread::spawn(move || serve_connection(stream, state));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Self { state, stop }
+    }
+
+    /// Adds (or replaces) an object, and tells the watches.
+    pub fn apply(&self, kind: Kind, mut object: Value) {
+        let mut state = self.state.lock().unwrap();
+        state.version += 1;
+        object["metadata"]["resourceVersion"] = json!(state.version.to_string());
+        let uid = object["metadata"]["uid"]
+            .as_str()
+            .expect("a uid")
+            .to_owned();
+        let objects = state.objects.entry(kind).or_default();
+        let event = if objects.insert(uid, object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        state.notify(kind, event, &object);
+    }
+
+    /// Deletes an object by UID, and tells the watches.
+    pub fn delete(&self, kind: Kind, uid: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.version += 1;
+        let version = state.version.to_string();
+        if let Some(mut object) = state.objects.entry(kind).or_default().remove(uid) {
+            object["metadata"]["resourceVersion"] = json!(version);
+            state.notify(kind, "DELETED", &object);
+        }
+    }
+
+    /// Loads the lab's pods, Services and nodes.
+    pub fn load(&self, inventory: &Inventory) {
+        for node in &inventory.nodes {
+            self.apply(Kind::Nodes, node_object(node));
+        }
+        for service in &inventory.services {
+            self.apply(Kind::Services, service_object(service));
+        }
+        for pod in &inventory.pods {
+            self.apply(Kind::Pods, pod_object(pod));
+        }
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Ends every watch: their senders go.
+        self.state.lock().unwrap().watchers.clear();
+    }
+}
+
+impl State {
+    fn notify(&mut self, kind: Kind, event: &str, object: &Value) {
+        let line = format!("{}\n", json!({"type": event, "object": object}));
+        let node = object["spec"]["nodeName"].as_str().map(str::to_owned);
+        self.watchers.retain(|w| {
+            if w.kind != kind || (w.node.is_some() && w.node != node) {
+                return true;
+            }
+            w.events.send(line.clone()).is_ok()
+        });
+    }
+}
+
+fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut stream = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        // Headers: nothing in them matters here.
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        let target = request_line.split_whitespace().nth(1).unwrap_or("/");
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let params: BTreeMap<String, String> = query
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.to_owned(), decode(v)))
+            .collect();
+        let Some(kind) = Kind::from_path(path) else {
+            let _ = respond(&mut stream, "404 Not Found", "{}");
+            continue;
+        };
+        let node = params
+            .get("fieldSelector")
+            .and_then(|s| s.strip_prefix("spec.nodeName="))
+            .map(str::to_owned);
+        if params.get("watch").map(String::as_str) == Some("true") {
+            let (sender, events) = mpsc::channel();
+            state.lock().unwrap().watchers.push(Watcher {
+                kind,
+                node,
+                events: sender,
+            });
+            stream_events(stream, events);
+            return;
+        }
+        let body = {
+            let state = state.lock().unwrap();
+            let items: Vec<&Value> = state
+                .objects
+                .get(&kind)
+                .into_iter()
+                .flat_map(|o| o.values())
+                .filter(|o| node.is_none() || o["spec"]["nodeName"].as_str() == node.as_deref())
+                .collect();
+            json!({
+                "apiVersion": "v1", "kind": kind.list_kind(),
+                "metadata": {"resourceVersion": state.version.to_string()},
+                "items": items,
+            })
+            .to_string()
+        };
+        if respond(&mut stream, "200 OK", &body).is_err() {
+            return;
+        }
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A watch: events as chunks until the server is dropped or the client goes.
+fn stream_events(mut stream: TcpStream, events: Receiver<String>) {
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    if stream.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    for event in events {
+        let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+        if stream.write_all(chunk.as_bytes()).is_err() {
+            return;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
+}
+
+fn decode(value: &str) -> String {
+    let mut out = Vec::new();
+    let bytes = value.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(byte) = value
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A kubeconfig for an API server at `addr` (plain HTTP), written to `dir`.
+pub fn kubeconfig(addr: SocketAddr, dir: &Path) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
+         clusters:\n- name: lab\n  cluster:\n    server: http://{addr}\n\
+         users:\n- name: lab\n  user: {{}}\n\
+         contexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\n"
+    );
+    std::fs::write(&path, text).expect("writing the kubeconfig");
+    path
+}
+
+/// A lab pod as the API shows it, its containers running.
+pub fn pod_object(pod: &observer_common::inventory::Pod) -> Value {
+    let statuses: Vec<Value> = pod
+        .containers
+        .iter()
+        .map(|c| {
+            json!({"name": c.name, "containerID": format!("containerd://{}", c.id),
+                   "image": "lab", "imageID": "", "ready": true, "restartCount": 0})
+        })
+        .collect();
+    let containers: Vec<Value> = pod
+        .containers
+        .iter()
+        .map(|c| json!({"name": c.name}))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
+                     "labels": pod.labels},
+        "spec": {"nodeName": pod.node, "containers": containers},
+        "status": {"phase": "Running", "podIP": pod.ip.to_string(),
+                   "podIPs": [{"ip": pod.ip.to_string()}], "containerStatuses": statuses},
+    })
+}
+
+fn service_object(service: &observer_common::inventory::Service) -> Value {
+    let ports: Vec<Value> = service
+        .ports
+        .iter()
+        .map(
+            |p| json!({"port": p.port, "targetPort": p.target_port, "protocol": p.protocol.name()}),
+        )
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": service.namespace, "name": service.name,
+                     "uid": format!("svc-{}-{}", service.namespace, service.name)},
+        "spec": {"clusterIP": service.cluster_ip.to_string(), "ports": ports},
+    })
+}
+
+fn node_object(node: &observer_common::inventory::Node) -> Value {
+    let cidrs: Vec<String> = node.pod_cidr.iter().map(ToString::to_string).collect();
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": node.name, "uid": format!("node-{}", node.name)},
+        "spec": {"podCIDR": cidrs.first(), "podCIDRs": cidrs},
+        "status": {"addresses": [{"type": "InternalIP", "address": node.address.to_string()}]},
+    })
+}

@@ -1,0 +1,162 @@
+//! Kubernetes mode on the node lab: the observer of node-1 learns its pods
+//! from an API server (a stand-in on loopback serving the lab's objects),
+//! finds them on the node through /proc and their cgroups, and follows pods
+//! the API adds and deletes. The API server is not up when the observer
+//! starts: it must serve its metrics and wait.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use integration_test::{
+    FakeApi, Observer, Scrape,
+    kube_api::{self, Kind},
+    observer::{free_port, http_get},
+};
+use lab::{Lab, Plan};
+use serde_json::json;
+
+fn eventually(observer: &Observer, what: &str, condition: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Not served yet, the first moments.
+        let scrape = http_get(observer.addr(), "/metrics").map(|(_, text)| Scrape::parse(&text));
+        if let Some(scrape) = scrape.filter(|s| condition(s)) {
+            return scrape;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{}",
+            observer.log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = std::env::temp_dir().join(format!("observer-kube-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let api_addr = free_port();
+    let kubeconfig = kube_api::kubeconfig(api_addr, &dir);
+    let kubeconfig = kubeconfig.to_str().unwrap();
+    let observer = Observer::spawn(&[
+        "--kubernetes",
+        "--node",
+        "node-1",
+        "--kubeconfig",
+        kubeconfig,
+        "--service-cidr",
+        "10.96.0.0/16",
+        "--collect-interval",
+        "1s",
+        "--series-grace",
+        "1s",
+    ]);
+
+    // No API server yet: alive, not ready, the failures counted.
+    eventually(&observer, "a counted API error", |m| {
+        m.sum("observer_errors_total", &[("kind", "kubernetes_api")]) >= 1.0
+    });
+    assert_eq!(
+        http_get(observer.addr(), "/healthz").map(|r| r.0),
+        Some(200)
+    );
+    assert_eq!(http_get(observer.addr(), "/readyz").map(|r| r.0), Some(503));
+
+    // The API server comes up: the watches back off and retry.
+    let api = FakeApi::serve(api_addr);
+    api.load(lab.inventory());
+    let mut observer = observer;
+    observer.wait_ready(Duration::from_secs(60));
+
+    let local: Vec<&str> = lab
+        .inventory()
+        .pods
+        .iter()
+        .filter(|p| p.node == "node-1")
+        .map(|p| p.name.as_str())
+        .collect();
+    let m = eventually(&observer, "node-1's pods attached", |m| {
+        local
+            .iter()
+            .all(|pod| m.sum("observer_programs_attached", &[("pod", pod)]) == 3.0)
+    });
+    assert!(
+        !m.has("observer_programs_attached", "pod", "remote"),
+        "node-2's pod"
+    );
+    assert_eq!(
+        m.sum("observer_pods", &[("state", "attached")]),
+        local.len() as f64
+    );
+
+    // Containers named through the pod status' ids and their cgroups; peers
+    // and Services named from the API.
+    let packets = "observer_flow_packets_total";
+    eventually(&observer, "sidecar to app on localhost", |m| {
+        m.sum(
+            packets,
+            &[
+                ("pod", "shop"),
+                ("class", "localhost"),
+                ("client_container", "sidecar"),
+                ("server_container", "app"),
+            ],
+        ) > 0.0
+    });
+    eventually(&observer, "client to Service web, and to pod web", |m| {
+        m.sum(
+            packets,
+            &[("pod", "client"), ("class", "service"), ("peer", "web")],
+        ) > 0.0
+            && m.sum(
+                packets,
+                &[("pod", "client"), ("class", "pod"), ("peer", "web")],
+            ) > 0.0
+    });
+    eventually(&observer, "remote (node-2) named as web's peer", |m| {
+        m.sum(
+            packets,
+            &[("pod", "web"), ("class", "pod"), ("peer", "remote")],
+        ) > 0.0
+    });
+
+    // A host-network pod: recognised, not attached.
+    api.apply(
+        Kind::Pods,
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": "kube-system", "name": "kube-proxy",
+                         "uid": "5b0f3c1e-6a3d-4c2b-9e8f-7a6b5c4d3e2f"},
+            "spec": {"nodeName": "node-1", "hostNetwork": true, "containers": [{"name": "kube-proxy"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1"},
+        }),
+    );
+    eventually(&observer, "the host-network pod counted", |m| {
+        m.sum("observer_pods", &[("state", "host_network")]) == 1.0
+    });
+    assert!(
+        !observer
+            .scrape()
+            .has("observer_programs_attached", "pod", "kube-proxy")
+    );
+
+    // Deleted from the API: detached, though its processes still run.
+    let pipes = lab.pod("default", "pipes").expect("pipes pod").clone();
+    api.delete(Kind::Pods, &pipes.uid);
+    eventually(&observer, "pipes detached", |m| {
+        !m.has("observer_programs_attached", "pod", "pipes")
+    });
+    // Created again: attached again.
+    api.apply(Kind::Pods, kube_api::pod_object(&pipes));
+    eventually(&observer, "pipes attached again", |m| {
+        m.sum("observer_programs_attached", &[("pod", "pipes")]) == 3.0
+    });
+
+    assert!(observer.terminate().success());
+    drop(api);
+    let _ = std::fs::remove_dir_all(&dir);
+}
