@@ -12,7 +12,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ipnet::Ipv4Net;
@@ -29,10 +29,13 @@ use crate::{
     watch::DirWatch,
 };
 
-/// How often, and how many times after an event, pods whose namespace is
-/// not ready are looked for again.
-const RETRY_EVERY: Duration = Duration::from_millis(100);
-const RETRIES: u32 = 20;
+/// After an event, pods whose namespace is not ready are looked for again
+/// after 10 ms, then at doubling intervals up to 200 ms, for 3 s (`ip netns
+/// add` bind-mounts the namespace on its file a moment after creating it,
+/// without an event of its own).
+const FIRST_RETRY: Duration = Duration::from_millis(10);
+const MAX_RETRY: Duration = Duration::from_millis(200);
+const RETRY_FOR: Duration = Duration::from_secs(3);
 
 /// Where pods come from.
 pub enum Source {
@@ -94,7 +97,9 @@ pub struct Reconciler {
     /// progress).
     pending: HashSet<String>,
     waiting: usize,
-    retries_left: u32,
+    /// The next retry's delay, and until when retries go on.
+    retry_in: Duration,
+    retry_until: Instant,
     inventory: Option<Inventory>,
 }
 
@@ -115,7 +120,8 @@ impl Reconciler {
             attached: HashMap::new(),
             pending: HashSet::new(),
             waiting: 0,
-            retries_left: RETRIES,
+            retry_in: FIRST_RETRY,
+            retry_until: Instant::now() + RETRY_FOR,
             inventory: None,
         }
     }
@@ -150,7 +156,8 @@ impl Reconciler {
             ready.store(true, Ordering::Release);
         }
         loop {
-            let retry = (!self.pending.is_empty() || self.waiting > 0) && self.retries_left > 0;
+            let retry =
+                (!self.pending.is_empty() || self.waiting > 0) && Instant::now() < self.retry_until;
             tokio::select! {
                 _ = stop.changed() => break,
                 changed = changed(dir.as_ref()) => {
@@ -165,14 +172,15 @@ impl Reconciler {
                         view = None;
                     }
                 }
-                _ = tokio::time::sleep(RETRY_EVERY), if retry => {
-                    self.retries_left -= 1;
+                _ = tokio::time::sleep(self.retry_in), if retry => {
+                    self.retry_in = (self.retry_in * 2).min(MAX_RETRY);
                     self.reconcile_and_mark(&ready).await;
                     continue;
                 }
             }
             // A new event: pods still missing get fresh retries.
-            self.retries_left = RETRIES;
+            self.retry_in = FIRST_RETRY;
+            self.retry_until = Instant::now() + RETRY_FOR;
             self.reconcile_and_mark(&ready).await;
         }
         self.worker

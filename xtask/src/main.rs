@@ -47,8 +47,11 @@ enum Task {
     /// Measure what the observer costs (see BENCHMARKS.md); about 4 minutes.
     Bench {
         /// Only the per-packet cost, on lo (about 10 seconds).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "latency_only")]
         cost_only: bool,
+        /// Only the attach latency of new pods (about 20 seconds).
+        #[arg(long)]
+        latency_only: bool,
     },
     /// Run every test: unit tests, then the end-to-end tests against the
     /// kernel (as root, one at a time).
@@ -65,7 +68,10 @@ fn main() -> Result<()> {
         Task::Setup => setup(&workspace),
         Task::Run { lab, args } => run_observer(&workspace, lab, &args),
         Task::Lab(task) => lab::run(task),
-        Task::Bench { cost_only } => bench(&workspace, cost_only),
+        Task::Bench {
+            cost_only,
+            latency_only,
+        } => bench(&workspace, cost_only, latency_only),
         Task::Test { filter } => {
             packages::ensure(packages::LAB)?;
             packages::ensure(packages::TEST)?;
@@ -96,7 +102,7 @@ fn build_observer(workspace: &Path) -> Result<PathBuf> {
     Ok(workspace.join("target/debug/observer"))
 }
 
-fn bench(workspace: &Path, cost_only: bool) -> Result<()> {
+fn bench(workspace: &Path, cost_only: bool, latency_only: bool) -> Result<()> {
     packages::ensure(packages::LAB)?;
     packages::ensure(packages::BENCH)?;
     setup(workspace)?;
@@ -117,6 +123,9 @@ fn bench(workspace: &Path, cost_only: bool) -> Result<()> {
     bench.env("OBSERVER_BIN", observer);
     if cost_only {
         bench.arg("--cost-only");
+    }
+    if latency_only {
+        bench.arg("--latency-only");
     }
     for stale in ::lab::cleanup_stale() {
         eprintln!("bench: removed {stale} of a killed run");

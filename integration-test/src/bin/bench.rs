@@ -7,6 +7,9 @@
 //!    without and with the observer, in alternating rounds (medians).
 //! 3. Scale: 250 pods (attach time) and 1 M flows (collection time, the
 //!    observer's resident memory, the kernel maps' memory).
+//! 4. Attach latency: from a new pod's namespace appearing (local mode), or
+//!    from the API reporting a pod whose processes run (Kubernetes mode), to
+//!    its programs attached.
 //!
 //! Prints a Markdown report and writes it to `target/bench.md`.
 
@@ -24,8 +27,12 @@ use aya::{
     programs::loaded_programs,
     sys::{Stats, enable_stats},
 };
-use integration_test::{Observer, observer::http_get};
-use lab::{Netns, veth};
+use integration_test::{
+    FakeApi, Observer, Scrape,
+    kube_api::{self, Kind},
+    observer::{free_port, http_get},
+};
+use lab::{Lab, Netns, Plan, veth};
 
 const ROUNDS: usize = 3;
 const SECONDS: u32 = 3;
@@ -79,9 +86,12 @@ fn main() {
 
     if std::env::args().any(|a| a == "--cost-only") {
         cost_only(&mut report);
+    } else if std::env::args().any(|a| a == "--latency-only") {
+        attach_latency(&mut report);
     } else {
         throughput_and_cost(&mut report);
         scale(&mut report);
+        attach_latency(&mut report);
     }
 
     println!("{report}");
@@ -441,6 +451,85 @@ fn scale(report: &mut String) {
     )
     .unwrap();
     writeln!(report).unwrap();
+}
+
+const LATENCY_ROUNDS: usize = 20;
+
+fn attach_latency(report: &mut String) {
+    writeln!(report, "## Attach latency, {LATENCY_ROUNDS} new pods\n").unwrap();
+    writeln!(report, "| event | median | max |\n|---|---|---|").unwrap();
+
+    // Local mode: `ip netns add` while the observer watches the directory.
+    let observer = Observer::start(&["--netns-dir", "/var/run/netns"]);
+    let mut times = Vec::new();
+    for i in 0..LATENCY_ROUNDS {
+        let started = Instant::now();
+        let pod = Netns::create(&format!("late{i}")).expect("namespace");
+        let name = pod.name().to_owned();
+        times.push(until_attached(&observer, &name, started));
+    }
+    assert!(observer.terminate().success());
+    latency_row(report, "namespace created (local mode)", &times);
+
+    // Kubernetes mode: the lab's pipes pod runs; the API reports it.
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = std::env::temp_dir().join(format!("observer-bench-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("temp dir");
+    let api_addr = free_port();
+    let api = FakeApi::serve(api_addr);
+    api.load(lab.inventory());
+    let pipes = lab.pod("default", "pipes").expect("pipes").clone();
+    api.delete(Kind::Pods, &pipes.uid);
+    let kubeconfig = kube_api::kubeconfig(api_addr, &dir).display().to_string();
+    let observer = Observer::start(&[
+        "--kubernetes",
+        "--node",
+        "node-1",
+        "--kubeconfig",
+        &kubeconfig,
+    ]);
+    let mut times = Vec::new();
+    for _ in 0..LATENCY_ROUNDS {
+        let started = Instant::now();
+        api.apply(Kind::Pods, kube_api::pod_object(&pipes));
+        times.push(until_attached(&observer, "pipes", started));
+        api.delete(Kind::Pods, &pipes.uid);
+        while attached(&observer, "pipes") {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    assert!(observer.terminate().success());
+    let _ = fs::remove_dir_all(&dir);
+    latency_row(report, "pod reported by the API (Kubernetes mode)", &times);
+    writeln!(report).unwrap();
+}
+
+fn attached(observer: &Observer, pod: &str) -> bool {
+    http_get(observer.addr(), "/metrics")
+        .is_some_and(|(_, text)| Scrape::parse(&text).has("observer_programs_attached", "pod", pod))
+}
+
+/// Seconds from `started` until `pod` shows as attached (polled every 5 ms).
+fn until_attached(observer: &Observer, pod: &str, started: Instant) -> f64 {
+    while !attached(observer, pod) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{pod} never attached"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    started.elapsed().as_secs_f64()
+}
+
+fn latency_row(report: &mut String, event: &str, times: &[f64]) {
+    let max = times.iter().copied().fold(0.0, f64::max);
+    writeln!(
+        report,
+        "| {event} | {:.0} ms | {:.0} ms |",
+        median(times) * 1e3,
+        max * 1e3
+    )
+    .unwrap();
 }
 
 fn rss_kib(pid: u32) -> u64 {
