@@ -189,8 +189,44 @@ fn churn_of_a_hundred_pods_leaves_nothing_behind() {
 
 #[test]
 fn after_sigkill_traffic_flows_and_a_restart_attaches_cleanly() {
+    sigkill_and_restart(false);
+}
+
+/// Kernels before 6.6 have no TCX: clsact filters, which outlive the process.
+#[test]
+fn after_sigkill_a_restart_replaces_leftover_clsact_filters() {
+    sigkill_and_restart(true);
+}
+
+/// Our filters on the pod's lo (clsact), as `tc` lists them.
+fn clsact_filters_on_lo(pod: &Netns) -> usize {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            pod.name(),
+            "tc",
+            "filter",
+            "show",
+            "dev",
+            "lo",
+            "egress",
+        ])
+        .output()
+        .expect("tc");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("observe_egress"))
+        .count()
+}
+
+fn sigkill_and_restart(netlink: bool) {
     let pod = Netns::create("restart").expect("namespace");
     let path = pod.path().display().to_string();
+    let mut args = vec!["--netns", &path];
+    if netlink {
+        args.push("--tc-netlink");
+    }
     let send = |count: usize| {
         pod.run(|| {
             let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -208,7 +244,7 @@ fn after_sigkill_traffic_flows_and_a_restart_attaches_cleanly() {
         })
         .unwrap()
     };
-    let first = Observer::start(&["--netns", &path]);
+    let first = Observer::start(&args);
     send(2);
     assert_eq!(
         first
@@ -218,20 +254,36 @@ fn after_sigkill_traffic_flows_and_a_restart_attaches_cleanly() {
     );
     first.kill();
 
-    // The programs went with the process (TCX links are its file
-    // descriptors): traffic flows on, untouched.
+    // The programs fail open: traffic flows on.
     send(3);
-    let left = pod
-        .run(|| {
-            aya::programs::SchedClassifier::query_tcx("lo", aya::programs::TcAttachType::Egress)
-                .map(|(_, programs)| programs.len())
-        })
-        .unwrap()
-        .unwrap();
-    assert_eq!(left, 0, "no program of the killed observer on lo");
+    if netlink {
+        // The filter stays with the kernel, its program still running.
+        assert_eq!(
+            clsact_filters_on_lo(&pod),
+            1,
+            "the killed observer's filter"
+        );
+    } else {
+        // TCX links are the process' file descriptors: gone with it.
+        let left = pod
+            .run(|| {
+                aya::programs::SchedClassifier::query_tcx("lo", aya::programs::TcAttachType::Egress)
+                    .map(|(_, programs)| programs.len())
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(left, 0, "no program of the killed observer on lo");
+    }
 
     // A new observer attaches again and counts from zero: no double counting.
-    let second = Observer::start(&["--netns", &path]);
+    let second = Observer::start(&args);
+    if netlink {
+        assert_eq!(
+            clsact_filters_on_lo(&pod),
+            1,
+            "the leftover replaced, not doubled"
+        );
+    }
     send(4);
     assert_eq!(
         second
@@ -240,6 +292,9 @@ fn after_sigkill_traffic_flows_and_a_restart_attaches_cleanly() {
         4.0
     );
     assert!(second.terminate().success());
+    if netlink {
+        assert_eq!(clsact_filters_on_lo(&pod), 0, "detached at exit");
+    }
 }
 
 #[test]

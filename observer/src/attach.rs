@@ -94,15 +94,18 @@ pub struct AttachWorker {
 }
 
 impl AttachWorker {
-    /// Starts the worker; `noop` also attaches the no-op baseline everywhere.
-    pub fn start(datapath: Datapath, noop: bool) -> Result<Self, AttachError> {
+    /// Starts the worker; `noop` also attaches the no-op baseline everywhere;
+    /// `netlink` uses clsact filters even where TCX links exist (to test the
+    /// path older kernels take).
+    pub fn start(datapath: Datapath, noop: bool, netlink: bool) -> Result<Self, AttachError> {
         let (requests, inbox) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = thread::Builder::new()
             .name("netns-attach".into())
             .spawn(move || {
                 // Saved on this very thread: it is where setns must return to.
-                let state = NetNs::current_thread().map(|home| Worker::new(home, datapath, noop));
+                let state =
+                    NetNs::current_thread().map(|home| Worker::new(home, datapath, noop, netlink));
                 match state {
                     Ok(mut worker) => {
                         let _ = ready_tx.send(Ok(()));
@@ -188,8 +191,9 @@ struct Attachment {
 }
 
 impl Worker {
-    fn new(home: NetNs, datapath: Datapath, noop: bool) -> Self {
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    fn new(home: NetNs, datapath: Datapath, noop: bool, netlink: bool) -> Self {
+        let tcx =
+            !netlink && KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         Self {
             home,
             datapath,
@@ -347,8 +351,25 @@ fn attach_program(
             Ok(()) | Err(TcError::AlreadyAttached) => {}
             Err(err) => tracing::debug!(%err, interface, "adding clsact"),
         }
+        // Unlike TCX links, clsact filters outlive their process: those of
+        // an observer that was killed are still there. One observer runs
+        // per node, so a filter of ours on this hook is such a leftover.
+        match tc::qdisc_detach_program(interface, direction, name) {
+            Ok(()) => tracing::info!(
+                interface,
+                program = name,
+                "removed a filter left by an earlier observer"
+            ),
+            Err(TcError::IoError(err)) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => tracing::debug!(%err, interface, "looking for leftover filters"),
+        }
     }
-    let id = program.attach(interface, direction)?;
+    let id = if tcx {
+        program.attach(interface, direction)?
+    } else {
+        let options = tc::TcAttachOptions::Netlink(tc::NlOptions::default());
+        program.attach_with_options(interface, direction, options)?
+    };
     program.take_link(id)
 }
 

@@ -139,6 +139,10 @@ pub struct RunArgs {
     /// hook, the baseline of the kernel's run-time statistics.
     #[arg(long, hide = true)]
     pub attach_noop: bool,
+    /// For the tests: attach with clsact filters (netlink), as on kernels
+    /// before 6.6, even where TCX links exist.
+    #[arg(long, hide = true)]
+    pub tc_netlink: bool,
     /// Where the observer keeps its runtime state (a private bpffs for its
     /// maps, removed at exit).
     #[arg(

@@ -101,7 +101,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let flows = Arc::new(FlowMetrics::new(series_config(&args)));
     metrics.register_flows(Arc::clone(&flows));
     let collector = Collector::new(maps, Arc::clone(&metrics), flows);
-    let worker = AttachWorker::start(datapath, args.attach_noop)?;
+    let worker = AttachWorker::start(datapath, args.attach_noop, args.tc_netlink)?;
     let (events, inbox) = mpsc::unbounded_channel();
 
     // Serve from now on: /healthz answers while the pods are attached (that
