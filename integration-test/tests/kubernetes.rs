@@ -144,6 +144,23 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
             .has("observer_programs_attached", "pod", "kube-proxy")
     );
 
+    // A pod the API reports but the node does not run (yet): waiting.
+    api.apply(
+        Kind::Pods,
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": "default", "name": "starting",
+                         "uid": "9c8b7a6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "app"}]},
+            "status": {"phase": "Pending"},
+        }),
+    );
+    eventually(
+        &observer,
+        "the pod not on the node yet counted as waiting",
+        |m| m.sum("observer_pods", &[("state", "waiting")]) == 1.0,
+    );
+
     // Deleted from the API: detached, though its processes still run.
     let pipes = lab.pod("default", "pipes").expect("pipes pod").clone();
     api.delete(Kind::Pods, &pipes.uid);

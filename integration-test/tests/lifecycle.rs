@@ -103,6 +103,38 @@ fn the_inventory_is_watched() {
 }
 
 /// Loaded instances of the per-namespace programs (any observer's).
+/// Namespaces that vanish while the observer attaches to them (created and
+/// deleted at once): errors to log and count at most, never a crash, and
+/// nothing left attached.
+#[test]
+fn namespaces_vanishing_mid_attach_leave_nothing_attached() {
+    let observer = Observer::start(&["--netns-dir", "/var/run/netns"]);
+    let before_instances = instances();
+    for i in 0..20 {
+        drop(Netns::create(&format!("blink{i}")).expect("namespace"));
+    }
+    let survivor = Netns::create("survivor").expect("namespace");
+    let name = survivor.name().to_owned();
+    eventually(&observer, "the survivor attached, the others not", |m| {
+        m.sum("observer_programs_attached", &[("pod", &name)]) == 1.0
+            && m.sum("observer_pods", &[("state", "attached")]) == 1.0
+    });
+    drop(survivor);
+    eventually(&observer, "nothing attached", |m| {
+        m.sum("observer_pods", &[("state", "attached")]) == 0.0
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while instances() > before_instances {
+        assert!(Instant::now() < deadline, "program instances left");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        observer.terminate().success(),
+        "{}",
+        "still running at the end"
+    );
+}
+
 fn instances() -> usize {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
