@@ -72,3 +72,28 @@ fn an_unknown_flag_is_a_usage_error() {
     assert_eq!(status.code(), Some(2));
     assert!(stderr.contains("--no-such-flag"), "{stderr}");
 }
+
+#[test]
+fn kubernetes_mode_without_a_kubeconfig_or_node_is_explained() {
+    let (status, stderr) = run_to_exit(&[
+        "run",
+        "--kubernetes",
+        "--node",
+        "node-1",
+        "--kubeconfig",
+        "/nonexistent/kubeconfig",
+    ]);
+    assert_eq!(status.code(), Some(1));
+    assert_one_error_line(
+        &stderr,
+        "cannot read the kubeconfig /nonexistent/kubeconfig",
+    );
+    assert!(
+        !stderr.contains("serving metrics"),
+        "refused before starting: {stderr}"
+    );
+
+    let (status, stderr) = run_to_exit(&["run", "--kubernetes", "--node", ""]);
+    assert_eq!(status.code(), Some(1));
+    assert_one_error_line(&stderr, "--kubernetes needs this node's name");
+}

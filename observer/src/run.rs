@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use kube::Client;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -78,6 +79,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         inventory::load_for_node(path, args.node.as_deref())?;
     }
     let explicit = explicit_targets(&args)?;
+    let kubernetes = match args.kubernetes {
+        true => Some(kubernetes_client(&args).await?),
+        false => None,
+    };
     let listener = TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|source| RunError::Listen {
@@ -135,7 +140,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             Pods::Fixed(worker)
         }
         None => {
-            let (source, cluster) = source(&args, &metrics).await?;
+            let (source, cluster) = source(&args, kubernetes, &metrics);
             let reconciler =
                 Reconciler::new(source, worker, kernel_maps, events, Arc::clone(&metrics));
             let dir = reconciler.watched_dir(&args.netns_dir);
@@ -178,20 +183,27 @@ enum Pods {
     Watched(tokio::task::JoinHandle<AttachWorker>, Option<ClusterWatch>),
 }
 
+/// Kubernetes mode's node name, client and cgroup root, checked before
+/// anything is loaded.
+async fn kubernetes_client(args: &RunArgs) -> Result<(String, Client, PathBuf), RunError> {
+    // clap makes sure of --node; an empty NODE_NAME is still possible.
+    let node = args
+        .node
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or(RunError::NoNode)?;
+    let client = cluster::client(args.kubeconfig.as_deref()).await?;
+    let cgroup_root = discovery::cgroup2_root().ok_or(RunError::NoCgroup2)?;
+    Ok((node, client, cgroup_root))
+}
+
 /// Where the pods come from, with the Kubernetes API's watches if that is it.
-async fn source(
+fn source(
     args: &RunArgs,
+    kubernetes: Option<(String, Client, PathBuf)>,
     metrics: &Arc<Metrics>,
-) -> Result<(Source, Option<ClusterWatch>), RunError> {
-    if args.kubernetes {
-        // clap makes sure of --node; an empty NODE_NAME is still possible.
-        let node = args
-            .node
-            .clone()
-            .filter(|n| !n.is_empty())
-            .ok_or(RunError::NoNode)?;
-        let client = cluster::client(args.kubeconfig.as_deref()).await?;
-        let cgroup_root = discovery::cgroup2_root().ok_or(RunError::NoCgroup2)?;
+) -> (Source, Option<ClusterWatch>) {
+    if let Some((node, client, cgroup_root)) = kubernetes {
         let watch = ClusterWatch::start(client, &node, Arc::clone(metrics));
         tracing::info!(%node, "watching the Kubernetes API");
         let source = Source::Cluster {
@@ -201,7 +213,7 @@ async fn source(
             proc_root: args.proc_root.clone(),
             cgroup_root,
         };
-        return Ok((source, Some(watch)));
+        return (source, Some(watch));
     }
     let source = match &args.inventory {
         Some(path) => Source::Inventory {
@@ -210,7 +222,7 @@ async fn source(
         },
         None => Source::Dir(args.netns_dir.clone()),
     };
-    Ok((source, None))
+    (source, None)
 }
 
 fn series_config(args: &RunArgs) -> SeriesConfig {
