@@ -71,6 +71,8 @@ pub struct AttachedNetns {
     pub path: PathBuf,
     /// `bpf_get_netns_cookie` value of its packets.
     pub cookie: u64,
+    /// Device and inode of the namespace (which one a path led to).
+    pub netns_id: (u64, u64),
     /// Number of tc attachments (lo egress; eth0 egress and ingress).
     pub programs: usize,
 }
@@ -188,6 +190,10 @@ struct Attachment {
     /// they came from is dropped after attaching (it is the bulk of the
     /// memory a pod would otherwise cost).
     links: Vec<SchedClassifierLink>,
+    /// clsact filters are removed inside their namespace, which the path may
+    /// not lead to any more (`/proc/<pid>/ns/net` of a process that ended):
+    /// the namespace is held open. TCX links need no namespace.
+    netns: Option<NetNs>,
 }
 
 impl Worker {
@@ -283,6 +289,10 @@ impl Worker {
             pod,
             path: path.into(),
             cookie,
+            netns_id: netns.id().map_err(|source| AttachError::Cookie {
+                path: path.into(),
+                source,
+            })?,
             programs: links.len(),
         };
         tracing::info!(netns = %info.name, path = %path.display(), cookie, programs = info.programs, "attached");
@@ -291,6 +301,7 @@ impl Worker {
             Attachment {
                 info: info.clone(),
                 links,
+                netns: (!tcx).then_some(netns),
             },
         );
         Ok(info)
@@ -301,23 +312,13 @@ impl Worker {
             .attached
             .remove(&cookie)
             .ok_or(AttachError::NotAttached(cookie))?;
-        let Attachment { info, links } = attachment;
-        if self.tcx {
+        let Attachment { info, links, netns } = attachment;
+        match netns {
+            // clsact filters are removed by netlink, inside their namespace.
+            Some(netns) => netns.run(&self.home, || drop(links))?,
             // TCX links are file descriptors: closing one detaches it, from
             // any namespace, and they go away with the interface anyway.
-            drop(links);
-        } else {
-            // clsact filters are removed by netlink, inside their namespace.
-            // If the namespace is gone (or the path now names another one),
-            // so are its interfaces and filters.
-            match NetNs::open(&info.path) {
-                Ok(netns) => netns.run(&self.home, || {
-                    if netns::cookie_of_current().ok() == Some(cookie) {
-                        drop(links);
-                    }
-                })?,
-                Err(_) => drop(links),
-            }
+            None => drop(links),
         }
         tracing::info!(netns = %info.name, cookie, "detached");
         Ok(())

@@ -62,13 +62,16 @@ fn is_id(id: &str) -> bool {
 pub fn find(proc_root: &Path, cgroup_root: &Path, ids: &[&str]) -> HashMap<String, Found> {
     let wanted: HashSet<&str> = ids.iter().copied().collect();
     let mut found = HashMap::new();
-    for (pid, path) in processes(proc_root) {
-        let Some(id) = id_in_cgroup(&path).filter(|id| wanted.contains(id)) else {
+    for process in processes(proc_root) {
+        let Some(path) = process.cgroups.lines().find_map(|l| l.strip_prefix("0::")) else {
+            continue;
+        };
+        let Some(id) = id_in_cgroup(path).filter(|id| wanted.contains(id)) else {
             continue;
         };
         found.entry(id.to_owned()).or_insert_with(|| Found {
-            pid,
-            netns: netns_of(proc_root, pid),
+            pid: process.pid,
+            netns: netns_of(proc_root, process.pid),
             cgroup: cgroup_root.join(path.trim_start_matches('/')),
         });
     }
@@ -78,7 +81,7 @@ pub fn find(proc_root: &Path, cgroup_root: &Path, ids: &[&str]) -> HashMap<Strin
 /// A pod found on this node by its UID.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FoundPod {
-    /// The network namespace of one of its processes (all share it).
+    /// The network namespace of one of its container processes.
     pub netns: PathBuf,
     /// Its containers' cgroup v2 directories, by container id (the pod's
     /// sandbox, the `pause` container, among them).
@@ -88,35 +91,72 @@ pub struct FoundPod {
 /// Finds the pods with these UIDs by their processes: the kubelet puts every
 /// container of a pod under the pod's cgroup, which is named after its UID
 /// (`pod<uid>`, or `kubepods-<qos>-pod<uid_with_underscores>.slice` with the
-/// systemd driver). The sandbox's process is there as soon as the pod's
-/// network namespace exists, before the pod's status names any container.
+/// systemd driver). A sandbox's process, where the runtime has one, is there
+/// as soon as the pod's network namespace exists, before the pod's status
+/// names any container.
+///
+/// Only container processes count (their cgroup's last component is a
+/// container id): CRI-O's `conmon` may share the pod's cgroup while it runs
+/// in the node's network namespace. For the same reason a process in the
+/// node's own namespace (`host_netns`, as [`netns_id`] gives it) never names
+/// the pod's namespace.
 pub fn find_pods(
     proc_root: &Path,
     cgroup_root: &Path,
     uids: &HashSet<&str>,
+    host_netns: Option<(u64, u64)>,
 ) -> HashMap<String, FoundPod> {
     let mut found: HashMap<String, FoundPod> = HashMap::new();
     if uids.is_empty() {
         return found;
     }
-    for (pid, path) in processes(proc_root) {
-        let Some(uid) = pod_uid_in_cgroup(&path).filter(|uid| uids.contains(uid.as_str())) else {
+    for process in processes(proc_root) {
+        // Any hierarchy names the pod (with cgroup v1 controllers the v2
+        // line may be `/`); the container's v2 directory is on the `0::` line.
+        let Some(uid) = process
+            .cgroups
+            .lines()
+            .filter_map(|line| line.splitn(3, ':').nth(2))
+            .find_map(pod_uid_in_cgroup)
+            .filter(|uid| uids.contains(uid.as_str()))
+        else {
             continue;
         };
+        let in_container = process
+            .cgroups
+            .lines()
+            .filter_map(|line| line.splitn(3, ':').nth(2))
+            .any(|path| id_in_cgroup(path).is_some());
+        if !in_container {
+            continue;
+        }
+        let netns = netns_of(proc_root, process.pid);
+        if host_netns.is_some() && netns_id(&netns) == host_netns {
+            continue;
+        }
         let pod = found.entry(uid).or_insert_with(|| FoundPod {
-            netns: netns_of(proc_root, pid),
+            netns,
             containers: HashMap::new(),
         });
-        if let Some(id) = id_in_cgroup(&path) {
+        if let Some(path) = process.cgroups.lines().find_map(|l| l.strip_prefix("0::"))
+            && let Some(v2_id) = id_in_cgroup(path)
+        {
             pod.containers
-                .entry(id.to_owned())
+                .entry(v2_id.to_owned())
                 .or_insert_with(|| cgroup_root.join(path.trim_start_matches('/')));
         }
     }
     found
 }
 
-/// The pod UID in a cgroup path of the kubelet's, if any, with dashes.
+/// The device and inode of a namespace file: which namespace it is.
+pub fn netns_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The pod UID in a cgroup path of the kubelet's, if any, with dashes (or,
+/// for a static pod, the 32 hex digits of its config hash).
 pub fn pod_uid_in_cgroup(path: &str) -> Option<String> {
     path.split('/').find_map(|component| {
         let uid = match component.strip_suffix(".slice") {
@@ -133,22 +173,27 @@ pub fn pod_uid_in_cgroup(path: &str) -> Option<String> {
     })
 }
 
-/// Kubernetes UIDs are RFC 4122 UUIDs: 8-4-4-4-12 hex digits.
+/// Kubernetes UIDs are RFC 4122 UUIDs: 8-4-4-4-12 hex digits. Static pods
+/// run under the hash of their manifest instead: 32 hex digits.
 fn is_uid(uid: &str) -> bool {
+    let hex = |g: &str| g.bytes().all(|b| b.is_ascii_hexdigit());
     let groups: Vec<&str> = uid.split('-').collect();
-    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
-        && groups
-            .iter()
-            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+    (groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]) && groups.iter().all(|g| hex(g)))
+        || (uid.len() == 32 && hex(uid))
 }
 
 fn netns_of(proc_root: &Path, pid: u32) -> PathBuf {
     proc_root.join(pid.to_string()).join("ns/net")
 }
 
-/// Every process under `proc_root` with its cgroup v2 path (the `0::` line
-/// of `/proc/<pid>/cgroup`). Processes that exit meanwhile are skipped.
-fn processes(proc_root: &Path) -> impl Iterator<Item = (u32, String)> {
+/// A process and its `/proc/<pid>/cgroup`.
+struct Process {
+    pid: u32,
+    cgroups: String,
+}
+
+/// Every process under `proc_root`. Processes that exit meanwhile are skipped.
+fn processes(proc_root: &Path) -> impl Iterator<Item = Process> {
     fs::read_dir(proc_root)
         .into_iter()
         .flatten()
@@ -156,21 +201,56 @@ fn processes(proc_root: &Path) -> impl Iterator<Item = (u32, String)> {
         .filter_map(|entry| {
             let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
             let cgroups = fs::read_to_string(entry.path().join("cgroup")).ok()?;
-            let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
-            Some((pid, path.to_owned()))
+            Some(Process { pid, cgroups })
         })
 }
 
-/// Where cgroup v2 is mounted.
-pub fn cgroup2_root() -> Option<std::path::PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()?
+/// Where cgroup v2 is mounted: a mount of the whole hierarchy (mountinfo's
+/// root field `/`) if there is one. In a container with a cgroup namespace
+/// of its own, `/sys/fs/cgroup` shows only the container's subtree; the
+/// DaemonSet mounts the node's hierarchy besides.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mounts: Vec<(&str, &str)> = mountinfo
         .lines()
-        .find_map(|line| {
+        .filter_map(|line| {
             let (before, after) = line.split_once(" - ")?;
-            let mount_point = before.split_whitespace().nth(4)?;
-            (after.split_whitespace().next()? == "cgroup2").then(|| mount_point.into())
+            let mut fields = before.split_whitespace();
+            let root = fields.nth(3)?;
+            let mount_point = fields.next()?;
+            (after.split_whitespace().next()? == "cgroup2").then_some((root, mount_point))
         })
+        .collect();
+    mounts
+        .iter()
+        .find(|(root, _)| *root == "/")
+        .or(mounts.first())
+        .map(|(_, mount_point)| PathBuf::from(mount_point))
+}
+
+/// Joins the node's cgroup namespace (PID 1's, with `hostPID`) if this
+/// process has one of its own, so that `/proc/<pid>/cgroup` shows paths
+/// from the hierarchy's root rather than relative to the container's. Call
+/// before any thread starts: it moves the calling thread only, and threads
+/// inherit it. Returns whether it moved.
+pub fn join_host_cgroup_namespace(proc_root: &Path) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let host = proc_root.join("1/ns/cgroup");
+    let own = proc_root.join("self/ns/cgroup");
+    // PID 1's namespace unreadable (a sandbox of another user namespace):
+    // nothing to join that could be told apart.
+    let (Some(host_id), Some(own_id)) = (netns_id(&host), netns_id(&own)) else {
+        return Ok(false);
+    };
+    if host_id == own_id {
+        return Ok(false);
+    }
+    let file = fs::File::open(&host)?;
+    // SAFETY: a valid namespace fd; setns does not keep it.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWCGROUP) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -217,6 +297,8 @@ mod tests {
             format!("/kubepods/burstable/pod{uid}/{ID}"),
             format!("/obslab-x/kubepods/besteffort/pod{uid}/{ID}"),
             format!("/kubepods/pod{uid}"),
+            // In a cgroup namespace of its own, relative to its root.
+            format!("/../../kubepods/besteffort/pod{uid}/{ID}"),
         ] {
             assert_eq!(pod_uid_in_cgroup(&path).as_deref(), Some(uid), "{path}");
         }
@@ -224,10 +306,107 @@ mod tests {
             "/kubepods.slice/kubepods-besteffort.slice",
             "/system.slice/containerd.service",
             "/kubepods/burstable/podnot-a-uid",
+            "/kubepods/burstable/pod1234",
             "/",
         ] {
             assert_eq!(pod_uid_in_cgroup(path), None, "{path}");
         }
+    }
+
+    #[test]
+    fn static_pods_go_by_their_config_hash() {
+        let hash = "6e9a1d2c3b4a5f60718293a4b5c6d7e8";
+        assert_eq!(
+            pod_uid_in_cgroup(&format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice"
+            ))
+            .as_deref(),
+            Some(hash)
+        );
+        assert_eq!(
+            pod_uid_in_cgroup(&format!("/kubepods/burstable/pod{hash}/{ID}")).as_deref(),
+            Some(hash)
+        );
+    }
+
+    #[test]
+    fn conmon_is_not_a_container() {
+        // CRI-O's monitor may live in the pod's cgroup, in the node's netns.
+        let path = format!("/kubepods.slice/kubepods-pod1234.slice/crio-conmon-{ID}.scope");
+        assert_eq!(id_in_cgroup(&path), None);
+    }
+
+    /// A stand-in for /proc: `(pid, cgroup file, network namespace file)`.
+    fn fake_proc(name: &str, processes: &[(u32, String, &str)]) -> PathBuf {
+        let root =
+            std::env::temp_dir().join(format!("observer-proc-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for (pid, cgroup, netns) in processes {
+            let dir = root.join(pid.to_string());
+            fs::create_dir_all(dir.join("ns")).unwrap();
+            fs::write(dir.join("cgroup"), cgroup).unwrap();
+            let netns = root.join(netns);
+            if !netns.exists() {
+                fs::write(&netns, "").unwrap();
+            }
+            fs::hard_link(&netns, dir.join("ns/net")).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn finds_pods_by_their_container_processes_only() {
+        let uid = "0f6c1a6e-2b8e-4c47-9a57-3d2f6c8e1b21";
+        let slice = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        );
+        let other = "4b825dc642cb6eb9a060e54bf8d69288fbee4904d1a1b7c0a4f6a8ecb7654321";
+        let root = fake_proc(
+            "pods",
+            &[
+                // CRI-O's conmon, first, in the node's namespace.
+                (
+                    5,
+                    format!("0::{slice}/crio-conmon-{ID}.scope\n"),
+                    "host-netns",
+                ),
+                // A container process that shares the node's namespace.
+                (6, format!("0::{slice}/crio-{other}.scope\n"), "host-netns"),
+                (7, format!("0::{slice}/crio-{ID}.scope\n"), "pod-netns"),
+                (8, "0::/system.slice/sshd.service\n".into(), "host-netns"),
+            ],
+        );
+        let host = netns_id(&root.join("host-netns"));
+        let found = find_pods(&root, Path::new("/cg"), &HashSet::from([uid]), host);
+        let pod = &found[uid];
+        assert_eq!(pod.netns, root.join("7/ns/net"));
+        assert_eq!(pod.containers.len(), 1, "{pod:?}");
+        assert_eq!(
+            pod.containers[ID],
+            Path::new("/cg").join(format!("{}/crio-{ID}.scope", &slice[1..]))
+        );
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn finds_pods_through_cgroup_v1_lines_too() {
+        let uid = "0f6c1a6e-2b8e-4c47-9a57-3d2f6c8e1b21";
+        let root = fake_proc(
+            "v1",
+            &[(
+                9,
+                format!("12:memory:/kubepods/besteffort/pod{uid}/{ID}\n0::/\n"),
+                "pod-netns",
+            )],
+        );
+        let found = find_pods(&root, Path::new("/cg"), &HashSet::from([uid]), None);
+        assert_eq!(found[uid].netns, root.join("9/ns/net"));
+        assert!(
+            found[uid].containers.is_empty(),
+            "no cgroup v2 directory to name"
+        );
+        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]

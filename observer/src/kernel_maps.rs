@@ -79,6 +79,11 @@ impl KernelMaps {
                     .map_err(|e| update_error("CIDRS", e))?;
             }
         }
+        // Only a change of class or peer calls for classifying live flows
+        // again (a pod's new label, say, does not).
+        if self.services == services && self.cidrs == cidrs && self.generation != 0 {
+            return Ok(identities);
+        }
         self.services = services;
         self.cidrs = cidrs;
         self.generation = self.generation.wrapping_add(1);

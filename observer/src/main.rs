@@ -43,7 +43,8 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Run(args) => tokio::runtime::Runtime::new()
+        Command::Run(args) => run::enter_host_cgroup_namespace(&args)
+            .and_then(|()| tokio::runtime::Runtime::new().map_err(run::RunError::Runtime))
             .map_err(anyhow::Error::from)
             .and_then(|runtime| Ok(runtime.block_on(run::run(args))?)),
         Command::FindContainer(args) => find_container(&args.ids),

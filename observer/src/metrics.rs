@@ -18,7 +18,8 @@ pub struct Metrics {
     /// tc programs attached per pod.
     pub programs_attached: IntGaugeVec,
     /// Pods of this node by state: attached, waiting (known, namespace not
-    /// found yet), host_network (the node's namespace: not attached).
+    /// found yet), failed (attach error), host_network (the node's
+    /// namespace: not attached).
     pub pods: IntGaugeVec,
     /// Flows in the kernel's flow map, and its capacity.
     pub flow_map_entries: IntGauge,
@@ -51,7 +52,7 @@ impl Metrics {
             pods: IntGaugeVec::new(
                 Opts::new(
                     "observer_pods",
-                    "Pods of this node: attached, waiting for their network namespace, or host_network (not attached: they share the node's).",
+                    "Pods of this node: attached, waiting for their network namespace, failed (attach error), or host_network (not attached: they share the node's).",
                 ),
                 &["state"],
             )

@@ -37,6 +37,14 @@ pub struct NetNs {
 }
 
 impl NetNs {
+    /// Which namespace this is: the device and inode of its file.
+    pub fn id(&self) -> io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let file = File::from(self.fd.try_clone()?);
+        let meta = file.metadata()?;
+        Ok((meta.dev(), meta.ino()))
+    }
+
     /// Opens `path` (for example `/var/run/netns/NAME` or `/proc/PID/ns/net`)
     /// and checks that it is a network namespace.
     pub fn open(path: &Path) -> Result<Self, NetnsError> {

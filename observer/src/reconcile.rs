@@ -6,7 +6,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -22,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     attach::{AttachError, AttachWorker, AttachedNetns},
     cluster::{ClusterView, view},
+    discovery::{self, FoundPod},
     identities::{ObjectRef, SharedIdentities},
     kernel_maps::KernelMaps,
     metrics::Metrics,
@@ -36,6 +36,9 @@ use crate::{
 const FIRST_RETRY: Duration = Duration::from_millis(10);
 const MAX_RETRY: Duration = Duration::from_millis(200);
 const RETRY_FOR: Duration = Duration::from_secs(3);
+/// Changes elsewhere in the cluster (peers, Services, nodes) are gathered
+/// for this long before the kernel maps are updated.
+const PEERS_SETTLE: Duration = Duration::from_millis(250);
 
 /// Where pods come from.
 pub enum Source {
@@ -61,18 +64,26 @@ pub enum CollectorEvent {
     Identities(SharedIdentities),
 }
 
-/// A namespace to attach to.
+/// A pod (or bare namespace) to be attached.
 struct Target {
-    path: PathBuf,
+    /// Its namespace; `None` while no process of the pod runs (between
+    /// restarts, with a runtime that keeps no sandbox process): an attached
+    /// pod then stays attached.
+    path: Option<PathBuf>,
     pod: ObjectRef,
+    /// It has an IP, so CNI has given it its `eth0`.
+    has_ip: bool,
 }
 
 /// A namespace attached to.
 struct Attached {
     cookie: u64,
-    /// Device and inode of the namespace: a pod whose namespace is replaced
-    /// (its sandbox recreated) is attached again.
+    /// Which namespace: a pod whose namespace is replaced (its sandbox
+    /// recreated) is attached again.
     netns: (u64, u64),
+    /// Attached to `lo` only, before the pod had an IP: attached again once
+    /// it has one (and so an `eth0`).
+    lo_only_without_ip: bool,
 }
 
 /// What the source says now.
@@ -80,10 +91,19 @@ struct Attached {
 struct Wanted {
     /// By a key stable over the pod's life (its UID, or the namespace's path).
     targets: HashMap<String, Target>,
-    /// Pods known but not found on the node yet.
-    waiting: usize,
     /// Pods sharing the node's namespace: not attached.
     host_network: usize,
+    /// The source is complete (in Kubernetes mode: every watch has listed).
+    complete: bool,
+}
+
+/// Why a reconciliation runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// Something about this node's pods: look at the node's processes again.
+    Local,
+    /// Only the rest of the cluster changed.
+    Peers,
 }
 
 pub struct Reconciler {
@@ -93,14 +113,18 @@ pub struct Reconciler {
     events: mpsc::UnboundedSender<CollectorEvent>,
     metrics: Arc<Metrics>,
     attached: HashMap<String, Attached>,
-    /// Targets whose namespace could not be entered yet (a bind mount in
-    /// progress).
-    pending: HashSet<String>,
-    waiting: usize,
+    /// Targets whose namespace could not be entered or found yet.
+    waiting: HashSet<String>,
+    /// Targets whose attach failed for another reason (retried on events).
+    failed: HashSet<String>,
     /// The next retry's delay, and until when retries go on.
     retry_in: Duration,
     retry_until: Instant,
     inventory: Option<Inventory>,
+    /// Kubernetes mode: the pods found on the node at the last look, and
+    /// the `local_changes` of the view then.
+    found: HashMap<String, FoundPod>,
+    found_at: Option<u64>,
 }
 
 impl Reconciler {
@@ -118,11 +142,13 @@ impl Reconciler {
             events,
             metrics,
             attached: HashMap::new(),
-            pending: HashSet::new(),
-            waiting: 0,
+            waiting: HashSet::new(),
+            failed: HashSet::new(),
             retry_in: FIRST_RETRY,
             retry_until: Instant::now() + RETRY_FOR,
             inventory: None,
+            found: HashMap::new(),
+            found_at: None,
         }
     }
 
@@ -141,7 +167,7 @@ impl Reconciler {
     }
 
     /// Reacts to changes until `stop` fires; sets `ready` after the first
-    /// complete reconciliation. Returns the worker for shutdown.
+    /// reconciliation with a complete source. Returns the worker for shutdown.
     pub async fn run(
         mut self,
         dir: Option<DirWatch>,
@@ -152,64 +178,81 @@ impl Reconciler {
             Source::Cluster { view, .. } => Some(view.clone()),
             _ => None,
         };
-        if self.reconcile().await {
-            ready.store(true, Ordering::Release);
-        }
+        let mut local_changes = 0;
+        let mut peers_due: Option<tokio::time::Instant> = None;
+        self.reconcile_and_mark(Trigger::Local, &ready).await;
         loop {
-            let retry =
-                (!self.pending.is_empty() || self.waiting > 0) && Instant::now() < self.retry_until;
-            tokio::select! {
+            let retry = !self.waiting.is_empty() && Instant::now() < self.retry_until;
+            let trigger = tokio::select! {
                 _ = stop.changed() => break,
                 changed = changed(dir.as_ref()) => {
                     if let Err(err) = changed {
                         tracing::warn!(%err, "watching for pods");
                         self.metrics.error("watch");
                     }
+                    Trigger::Local
                 }
                 changed = view_changed(view.as_mut()) => {
-                    if changed.is_err() {
+                    let Some(view) = view.as_ref().filter(|_| changed.is_ok()) else {
                         // The watches stopped: only at shutdown.
                         view = None;
+                        continue;
+                    };
+                    let now = view.borrow().local_changes;
+                    if now == local_changes {
+                        // Elsewhere in the cluster: gather a few.
+                        peers_due.get_or_insert_with(|| tokio::time::Instant::now() + PEERS_SETTLE);
+                        continue;
                     }
+                    local_changes = now;
+                    Trigger::Local
                 }
+                _ = sleep_until(peers_due) => Trigger::Peers,
                 _ = tokio::time::sleep(self.retry_in), if retry => {
                     self.retry_in = (self.retry_in * 2).min(MAX_RETRY);
-                    self.reconcile_and_mark(&ready).await;
+                    self.reconcile_and_mark(Trigger::Local, &ready).await;
                     continue;
                 }
+            };
+            peers_due = None;
+            if trigger == Trigger::Local {
+                // A new event here: pods still missing get fresh retries.
+                self.retry_in = FIRST_RETRY;
+                self.retry_until = Instant::now() + RETRY_FOR;
             }
-            // A new event: pods still missing get fresh retries.
-            self.retry_in = FIRST_RETRY;
-            self.retry_until = Instant::now() + RETRY_FOR;
-            self.reconcile_and_mark(&ready).await;
+            self.reconcile_and_mark(trigger, &ready).await;
         }
         self.worker
     }
 
-    async fn reconcile_and_mark(&mut self, ready: &AtomicBool) {
-        if self.reconcile().await {
+    async fn reconcile_and_mark(&mut self, trigger: Trigger, ready: &AtomicBool) {
+        if self.reconcile(trigger).await {
             ready.store(true, Ordering::Release);
         }
     }
 
-    /// Attaches what is new, detaches what is gone. Returns false when the
-    /// source could not be read (the current state then stays).
-    pub async fn reconcile(&mut self) -> bool {
-        let Some(wanted) = self.wanted() else {
+    /// Attaches what is new, detaches what is gone. Returns whether the
+    /// source was complete (false also when it could not be read: the
+    /// current state then stays).
+    async fn reconcile(&mut self, trigger: Trigger) -> bool {
+        let Some(wanted) = self.wanted(trigger) else {
             return false;
         };
-        let current: HashMap<String, Option<(u64, u64)>> = wanted
-            .targets
-            .iter()
-            .map(|(key, target)| (key.clone(), netns_id(&target.path)))
-            .collect();
-        let gone: Vec<String> = self
-            .attached
-            .iter()
-            .filter(|(key, attached)| current.get(*key) != Some(&Some(attached.netns)))
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in gone {
+        let mut detach = Vec::new();
+        for (key, attached) in &self.attached {
+            let Some(target) = wanted.targets.get(key) else {
+                detach.push(key.clone());
+                continue;
+            };
+            // No process, or it ended since the look: keep what is attached.
+            let Some(now) = target.path.as_deref().and_then(discovery::netns_id) else {
+                continue;
+            };
+            if now != attached.netns || (attached.lo_only_without_ip && target.has_ip) {
+                detach.push(key.clone());
+            }
+        }
+        for key in detach {
             let Some(attached) = self.attached.remove(&key) else {
                 continue;
             };
@@ -219,49 +262,58 @@ impl Reconciler {
             }
             let _ = self.events.send(CollectorEvent::Detached(attached.cookie));
         }
-        self.pending.retain(|key| wanted.targets.contains_key(key));
+        self.waiting.retain(|key| wanted.targets.contains_key(key));
+        self.failed.retain(|key| wanted.targets.contains_key(key));
         for (key, target) in wanted.targets {
             if self.attached.contains_key(&key) {
                 continue;
             }
-            let Some(id) = current.get(&key).copied().flatten() else {
-                self.pending.insert(key);
+            let Some(path) = target.path else {
+                self.waiting.insert(key);
                 continue;
             };
-            match self.worker.attach(&target.path, target.pod).await {
+            match self.worker.attach(&path, target.pod).await {
                 Ok(attached) => {
-                    self.pending.remove(&key);
-                    let cookie = attached.cookie;
+                    self.waiting.remove(&key);
+                    self.failed.remove(&key);
+                    let entry = Attached {
+                        cookie: attached.cookie,
+                        netns: attached.netns_id,
+                        lo_only_without_ip: attached.programs == 1 && !target.has_ip,
+                    };
                     let _ = self.events.send(CollectorEvent::Attached(attached));
-                    self.attached.insert(key, Attached { cookie, netns: id });
+                    self.attached.insert(key, entry);
                 }
                 // Not a namespace yet: `ip netns add` creates the file, then
                 // bind-mounts the namespace on it. Or gone meanwhile.
                 Err(AttachError::Netns(
                     NetnsError::NotNetns { .. } | NetnsError::NotFound { .. },
                 )) => {
-                    self.pending.insert(key);
+                    self.waiting.insert(key);
                 }
                 Err(err) => {
-                    tracing::warn!(%err, "skipping namespace");
+                    tracing::warn!(%err, "cannot attach");
                     self.metrics.error("attach");
-                    self.pending.remove(&key);
+                    self.waiting.remove(&key);
+                    self.failed.insert(key);
                 }
             }
         }
-        self.waiting = wanted.waiting;
         let pods = &self.metrics.pods;
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         pods.with_label_values(&["attached"])
-            .set(self.attached.len() as i64);
+            .set(count(self.attached.len()));
         pods.with_label_values(&["waiting"])
-            .set((self.pending.len() + self.waiting) as i64);
+            .set(count(self.waiting.len()));
+        pods.with_label_values(&["failed"])
+            .set(count(self.failed.len()));
         pods.with_label_values(&["host_network"])
-            .set(wanted.host_network as i64);
-        true
+            .set(count(wanted.host_network));
+        wanted.complete
     }
 
     /// What there should be; `None` if the source cannot be read now.
-    fn wanted(&mut self) -> Option<Wanted> {
+    fn wanted(&mut self, trigger: Trigger) -> Option<Wanted> {
         match &self.source {
             Source::Dir(dir) => {
                 let entries = match std::fs::read_dir(dir) {
@@ -276,12 +328,17 @@ impl Reconciler {
                     .flatten()
                     .map(|e| e.path())
                     .map(|path| {
-                        let pod = ObjectRef::new("", &netns::display_name(&path));
-                        (path.display().to_string(), Target { path, pod })
+                        let target = Target {
+                            pod: ObjectRef::new("", &netns::display_name(&path)),
+                            path: Some(path.clone()),
+                            has_ip: false,
+                        };
+                        (path.display().to_string(), target)
                     })
                     .collect();
                 Some(Wanted {
                     targets,
+                    complete: true,
                     ..Wanted::default()
                 })
             }
@@ -296,10 +353,23 @@ impl Reconciler {
                         return None;
                     }
                 };
-                let targets = pod_targets(&inventory, node.as_deref());
+                let targets = inventory
+                    .pods
+                    .iter()
+                    .filter(|p| node.as_deref().is_none_or(|n| p.node == n))
+                    .filter_map(|p| {
+                        let target = Target {
+                            path: Some(p.netns.clone()?),
+                            pod: ObjectRef::new(&p.namespace, &p.name),
+                            has_ip: true,
+                        };
+                        Some((p.uid.clone(), target))
+                    })
+                    .collect();
                 self.sync_kernel_maps(inventory);
                 Some(Wanted {
                     targets,
+                    complete: true,
                     ..Wanted::default()
                 })
             }
@@ -311,34 +381,48 @@ impl Reconciler {
                 cgroup_root,
             } => {
                 let view = view.borrow().clone();
-                if !view.synced() {
+                // This node's pods are enough to attach; the rest of the
+                // cluster only names peers.
+                if !view.local_pods.synced {
                     return None;
                 }
-                let found = view::find_on_node(&view, proc_root, cgroup_root);
-                let inventory = view.inventory(node, *service_cidr, &found);
+                if trigger == Trigger::Local || self.found_at != Some(view.local_changes) {
+                    // Reading every process' cgroup is blocking work.
+                    self.found = tokio::task::block_in_place(|| {
+                        view::find_on_node(&view, proc_root, cgroup_root)
+                    });
+                    self.found_at = Some(view.local_changes);
+                }
+                let inventory = view.inventory(node, *service_cidr, &self.found);
                 // Found is enough: a pod is attached before it has an IP.
-                let targets: HashMap<String, Target> = view
+                // Terminating pods stay attached while their processes run.
+                let targets = view
                     .pods_to_attach()
                     .filter_map(|p| {
+                        let path = self.found.get(&p.node_uid).map(|f| f.netns.clone());
+                        if path.is_none() && p.terminating {
+                            return None;
+                        }
                         let target = Target {
-                            path: found.get(&p.uid)?.netns.clone(),
+                            path,
                             pod: ObjectRef::new(&p.namespace, &p.name),
+                            has_ip: p.ip.is_some(),
                         };
                         Some((p.uid.clone(), target))
                     })
                     .collect();
-                let attachable = view.pods_to_attach().count();
                 let host_network = view
                     .local_pods
                     .items
                     .values()
                     .filter(|p| p.host_network && !p.finished)
                     .count();
+                let complete = view.synced();
                 self.sync_kernel_maps(inventory);
                 Some(Wanted {
-                    waiting: attachable.saturating_sub(targets.len()),
                     targets,
                     host_network,
+                    complete,
                 })
             }
         }
@@ -365,27 +449,6 @@ impl Reconciler {
     }
 }
 
-/// The pods of `node` (or all) that have a network namespace, by UID.
-fn pod_targets(inventory: &Inventory, node: Option<&str>) -> HashMap<String, Target> {
-    inventory
-        .pods
-        .iter()
-        .filter(|p| node.is_none_or(|n| p.node == n))
-        .filter_map(|p| {
-            let target = Target {
-                path: p.netns.clone()?,
-                pod: ObjectRef::new(&p.namespace, &p.name),
-            };
-            Some((p.uid.clone(), target))
-        })
-        .collect()
-}
-
-/// The namespace a path leads to, if it exists.
-fn netns_id(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
 async fn changed(dir: Option<&DirWatch>) -> std::io::Result<()> {
     match dir {
         Some(dir) => dir.changed().await,
@@ -398,6 +461,13 @@ async fn view_changed(
 ) -> Result<(), watch::error::RecvError> {
     match view {
         Some(view) => view.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
         None => std::future::pending().await,
     }
 }

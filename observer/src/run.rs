@@ -61,10 +61,27 @@ pub enum RunError {
     NoNode,
     #[error("cgroup v2 is not mounted: pods are found through their cgroups")]
     NoCgroup2,
+    #[error("cannot join the node's cgroup namespace (needs hostPID and CAP_SYS_ADMIN): {0}")]
+    CgroupNamespace(io::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(io::Error),
     #[error("cannot watch for signals: {0}")]
     Signals(io::Error),
     #[error("metrics server: {0}")]
     Serve(io::Error),
+}
+
+/// Kubernetes mode reads other pods' cgroup paths: in a cgroup namespace of
+/// its own (the default for containers on cgroup v2) those would be relative
+/// to the observer's own cgroup. Runs before any thread exists.
+pub fn enter_host_cgroup_namespace(args: &RunArgs) -> Result<(), RunError> {
+    if args.kubernetes
+        && discovery::join_host_cgroup_namespace(&args.proc_root)
+            .map_err(RunError::CgroupNamespace)?
+    {
+        tracing::info!("joined the node's cgroup namespace");
+    }
+    Ok(())
 }
 
 /// A namespace named on the command line: failing to attach is fatal.

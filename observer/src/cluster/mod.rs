@@ -87,7 +87,11 @@ impl ClusterWatch {
             watcher(pods.clone(), local),
             Arc::clone(&sender),
             Arc::clone(&metrics),
-            |view, event| view.local_pods.apply(event, |p| view::trim_pod(p, true)),
+            |view, event| {
+                let changed = view.local_pods.apply(event, |p| view::trim_pod(p, true));
+                view.local_changes += u64::from(changed);
+                changed
+            },
         ));
         tasks.spawn(mirror(
             watcher(pods, running),

@@ -25,8 +25,13 @@ pub struct PodInfo {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// The UID the node runs it under: a static pod's config hash (the
+    /// `kubernetes.io/config.mirror` annotation of its mirror pod), else `uid`.
+    pub node_uid: String,
     pub node: String,
     pub labels: BTreeMap<String, String>,
+    /// Being deleted (its processes may already be gone).
+    pub terminating: bool,
     /// Its IPv4 address, once it has one.
     pub ip: Option<Ipv4Addr>,
     /// Shares the node's network namespace: nothing of its own to attach to.
@@ -126,6 +131,9 @@ impl<T: PartialEq> Mirror<T> {
 pub struct ClusterView {
     /// This node's pods, with their containers.
     pub local_pods: Mirror<PodInfo>,
+    /// Counts changes to `local_pods`: only those call for looking at the
+    /// node's processes again.
+    pub local_changes: u64,
     /// Every pod of the cluster (peers), without containers.
     pub pods: Mirror<PodInfo>,
     pub services: Mirror<ServiceInfo>,
@@ -198,7 +206,7 @@ impl ClusterView {
             .filter(|p| !p.host_network && !p.finished)
             .filter_map(|p| {
                 let ip = p.ip?;
-                let on_node = found.get(&p.uid);
+                let on_node = found.get(&p.node_uid);
                 Some(inventory::Pod {
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
@@ -291,10 +299,17 @@ pub fn trim_pod(pod: &Pod, with_containers: bool) -> Option<PodInfo> {
     } else {
         Vec::new()
     };
+    let uid = meta.uid.clone()?;
+    let mirror_of = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("kubernetes.io/config.mirror"));
     Some(PodInfo {
         namespace: meta.namespace.clone()?,
         name: meta.name.clone()?,
-        uid: meta.uid.clone()?,
+        node_uid: mirror_of.cloned().unwrap_or_else(|| uid.clone()),
+        uid,
+        terminating: meta.deletion_timestamp.is_some(),
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         labels: meta.labels.clone().unwrap_or_default(),
         ip,
@@ -384,8 +399,9 @@ pub fn find_on_node(
     proc_root: &Path,
     cgroup_root: &Path,
 ) -> HashMap<String, FoundPod> {
-    let uids: HashSet<&str> = view.pods_to_attach().map(|p| p.uid.as_str()).collect();
-    discovery::find_pods(proc_root, cgroup_root, &uids)
+    let uids: HashSet<&str> = view.pods_to_attach().map(|p| p.node_uid.as_str()).collect();
+    let host = discovery::netns_id(&proc_root.join("1/ns/net"));
+    discovery::find_pods(proc_root, cgroup_root, &uids, host)
 }
 
 #[cfg(test)]
@@ -397,7 +413,9 @@ mod tests {
             namespace: "default".into(),
             name: name.into(),
             uid: uid.into(),
+            node_uid: uid.into(),
             node: node.into(),
+            terminating: false,
             labels: BTreeMap::new(),
             ip: ip.map(|ip| ip.parse().unwrap()),
             host_network: false,
