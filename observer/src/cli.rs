@@ -28,6 +28,43 @@ pub enum Command {
     /// `containerd://<id>`, or the bare id): process, network namespace and
     /// cgroup, one line each.
     FindContainer(FindContainerArgs),
+    /// Policy files: check one, or explain what applies to a pod.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file offline; exits 1 with the file, line and problem.
+    Check {
+        /// The policy file (YAML, one or more TrafficPolicy documents).
+        file: PathBuf,
+        /// Also check that the Services it names exist in this inventory.
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
+    },
+    /// Print the rules that apply to a pod, in the order they are tried.
+    Explain {
+        /// The policy file.
+        file: PathBuf,
+        /// Where the pod's labels come from.
+        #[arg(long, value_name = "FILE")]
+        inventory: PathBuf,
+        /// The pod: NAMESPACE/NAME.
+        #[arg(long)]
+        pod: String,
+        /// Also decide a connection of the pod to ADDRESS:PORT (127.0.0.1
+        /// for localhost, a ClusterIP, a pod's or any other address), as the
+        /// observer would.
+        #[arg(long, value_name = "ADDRESS:PORT")]
+        connect: Option<std::net::SocketAddrV4>,
+        /// With --connect to localhost: the client container.
+        #[arg(long, value_name = "CONTAINER", requires = "connect")]
+        client: Option<String>,
+        /// With --connect: UDP instead of TCP.
+        #[arg(long, requires = "connect")]
+        udp: bool,
+    },
 }
 
 #[derive(Args, Clone, Debug)]

@@ -19,6 +19,7 @@ mod inventory;
 mod kernel_maps;
 mod metrics;
 mod netns;
+mod policy;
 mod reconcile;
 mod run;
 mod server;
@@ -29,7 +30,29 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, PolicyCommand};
+
+fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
+    let out = match command {
+        PolicyCommand::Check { file, inventory } => {
+            policy::explain::check(&file, inventory.as_deref())?
+        }
+        PolicyCommand::Explain {
+            file,
+            inventory,
+            pod,
+            connect,
+            client,
+            udp,
+        } => {
+            let connect = connect.map(|to| policy::explain::Probe { to, client, udp });
+            policy::explain::explain(&file, &inventory, &pod, connect.as_ref())?
+        }
+    };
+    print!("{}", out.trim_end());
+    println!();
+    Ok(())
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -48,6 +71,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|runtime| Ok(runtime.block_on(run::run(args))?)),
         Command::FindContainer(args) => find_container(&args.ids),
+        Command::Policy(command) => policy_command(command),
         Command::Flows(args) => {
             flows_view::run(args.addr, args.pod.as_deref(), args.interval, args.once)
                 .map_err(anyhow::Error::from)
