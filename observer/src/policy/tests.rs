@@ -6,7 +6,7 @@ use proptest::prelude::*;
 
 use super::*;
 
-/// The README's examples, verbatim (the README test checks they match).
+/// The README's examples (the README links to this file).
 pub const EXAMPLES: &str = include_str!("../../../deploy/examples/policies.yaml");
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
