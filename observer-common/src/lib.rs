@@ -195,6 +195,108 @@ pub struct DatapathStats {
 }
 const _: () = assert!(core::mem::size_of::<DatapathStats>() == 24);
 
+/// Pod network namespace cookie to the pod's compiled policy
+/// ([`PodPolicy`]), read by the cgroup socket hooks.
+pub const POLICIES_MAP: &str = "POLICIES";
+/// Members of rule sets ([`MemberKey`]): client containers, peer pods.
+pub const POLICY_MEMBERS_MAP: &str = "POLICY_MEMBERS";
+/// Per (pod, rule, verdict, class), connections decided ([`VerdictKey`]).
+pub const VERDICTS_MAP: &str = "VERDICTS";
+pub const POLICIES_CAPACITY: u32 = 4_096;
+pub const POLICY_MEMBERS_CAPACITY: u32 = 65_536;
+pub const VERDICTS_CAPACITY: u32 = 65_536;
+/// Rules per pod the kernel tries (all policies selecting it, in order).
+pub const MAX_POD_RULES: usize = 16;
+
+/// A verdict.
+pub mod verdict {
+    pub const ALLOW: u8 = 1;
+    pub const DENY: u8 = 2;
+    /// Denied by an `audit` policy: counted, let through.
+    pub const AUDIT_DENY: u8 = 3;
+}
+
+/// What a rule's set holds, and how it matches.
+pub mod set_kind {
+    pub const NONE: u8 = 0;
+    /// The client container's cgroup is in the set.
+    pub const CLIENTS: u8 = 1;
+    /// The client container's cgroup is not in the set.
+    pub const NOT_CLIENTS: u8 = 2;
+    /// The peer pod's id is in the set.
+    pub const PEERS: u8 = 3;
+}
+
+/// One compiled rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyRule {
+    /// One of [`class`]; [`class::UNKNOWN`] for any.
+    pub class: u8,
+    /// An IP protocol number; 0 for any.
+    pub protocol: u8,
+    /// [`verdict::ALLOW`] or [`verdict::DENY`].
+    pub action: u8,
+    /// 1 in an `audit` policy: a deny is counted, not enforced.
+    pub audit: u8,
+    /// Server ports, inclusive, host byte order.
+    pub port_first: u16,
+    pub port_last: u16,
+    /// The Service's id for Service rules; 0 for any.
+    pub service: u32,
+    /// The rule's set in [`POLICY_MEMBERS_MAP`], if `set_kind` says so.
+    pub set: u32,
+    /// One of [`set_kind`].
+    pub set_kind: u8,
+    pub _pad: [u8; 3],
+    /// Names the rule in [`VERDICTS_MAP`] (the daemon maps it to names).
+    pub id: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyRule>() == 24);
+
+/// A pod's compiled policy: its rules in the order they are tried, and what
+/// happens when none matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodPolicy {
+    pub rules: u32,
+    /// [`verdict::ALLOW`] (no policy has a say) or [`verdict::DENY`].
+    pub default_action: u8,
+    pub default_audit: u8,
+    pub _pad: [u8; 2],
+    /// Names the default in [`VERDICTS_MAP`].
+    pub default_id: u32,
+    pub _pad2: u32,
+    pub rule: [PolicyRule; MAX_POD_RULES],
+}
+const _: () = assert!(core::mem::size_of::<PodPolicy>() == 16 + 24 * MAX_POD_RULES);
+
+/// Key of [`POLICY_MEMBERS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MemberKey {
+    pub set: u32,
+    pub _pad: u32,
+    /// A cgroup id, or a peer id.
+    pub member: u64,
+}
+const _: () = assert!(core::mem::size_of::<MemberKey>() == 16);
+
+/// Key of [`VERDICTS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VerdictKey {
+    pub netns_cookie: u64,
+    /// [`PolicyRule::id`] or [`PodPolicy::default_id`].
+    pub rule: u32,
+    /// One of [`verdict`].
+    pub verdict: u8,
+    /// One of [`class`].
+    pub class: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<VerdictKey>() == 16);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers and byte arrays with explicit padding.
@@ -203,4 +305,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::CidrValue {}
     unsafe impl aya::Pod for super::DatapathStats {}
+    unsafe impl aya::Pod for super::PodPolicy {}
+    unsafe impl aya::Pod for super::MemberKey {}
+    unsafe impl aya::Pod for super::VerdictKey {}
 }

@@ -12,6 +12,7 @@
 
 mod classify;
 mod parse;
+mod policy;
 
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 

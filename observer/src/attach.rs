@@ -15,6 +15,7 @@ use std::{
 use aya::{
     programs::{
         ProgramError, TcAttachType,
+        cgroup_sock_addr::CgroupSockAddrLink,
         tc::{self, SchedClassifierLink, TcError},
     },
     util::KernelVersion,
@@ -75,12 +76,15 @@ pub struct AttachedNetns {
     pub netns_id: (u64, u64),
     /// Number of tc attachments (lo egress; eth0 egress and ingress).
     pub programs: usize,
+    /// The policy hooks are on the pod's cgroup.
+    pub policy_hooks: bool,
 }
 
 enum Request {
     Attach {
         path: PathBuf,
         pod: ObjectRef,
+        cgroup: Option<PathBuf>,
         reply: oneshot::Sender<Result<AttachedNetns, AttachError>>,
     },
     Detach {
@@ -129,12 +133,19 @@ impl AttachWorker {
         })
     }
 
-    /// Attaches to the network namespace of `pod` at `path`.
-    pub async fn attach(&self, path: &Path, pod: ObjectRef) -> Result<AttachedNetns, AttachError> {
+    /// Attaches to the network namespace of `pod` at `path`, and to the
+    /// pod's `cgroup` (the policy hooks) if it is known.
+    pub async fn attach(
+        &self,
+        path: &Path,
+        pod: ObjectRef,
+        cgroup: Option<&Path>,
+    ) -> Result<AttachedNetns, AttachError> {
         let (reply, answer) = oneshot::channel();
         self.send(Request::Attach {
             path: path.into(),
             pod,
+            cgroup: cgroup.map(Path::to_path_buf),
             reply,
         })?;
         answer.await.map_err(|_| AttachError::WorkerGone)?
@@ -190,6 +201,9 @@ struct Attachment {
     /// they came from is dropped after attaching (it is the bulk of the
     /// memory a pod would otherwise cost).
     links: Vec<SchedClassifierLink>,
+    /// The policy hooks on the pod's cgroup (bpf links: they go with the
+    /// process, and the pod is then unaffected).
+    sock_links: Vec<CgroupSockAddrLink>,
     /// clsact filters are removed inside their namespace, which the path may
     /// not lead to any more (`/proc/<pid>/ns/net` of a process that ended):
     /// the namespace is held open. TCX links need no namespace.
@@ -212,8 +226,13 @@ impl Worker {
     fn serve(&mut self, inbox: mpsc::Receiver<Request>) {
         for request in inbox {
             match request {
-                Request::Attach { path, pod, reply } => {
-                    let _ = reply.send(self.attach(&path, pod));
+                Request::Attach {
+                    path,
+                    pod,
+                    cgroup,
+                    reply,
+                } => {
+                    let _ = reply.send(self.attach(&path, pod, cgroup.as_deref()));
                 }
                 Request::Detach { cookie, reply } => {
                     let _ = reply.send(self.detach(cookie));
@@ -228,7 +247,12 @@ impl Worker {
         }
     }
 
-    fn attach(&mut self, path: &Path, pod: ObjectRef) -> Result<AttachedNetns, AttachError> {
+    fn attach(
+        &mut self,
+        path: &Path,
+        pod: ObjectRef,
+        cgroup: Option<&Path>,
+    ) -> Result<AttachedNetns, AttachError> {
         let name = if pod.namespace.is_empty() {
             pod.name.clone()
         } else {
@@ -284,7 +308,17 @@ impl Worker {
             }
             Ok::<_, AttachError>(links)
         })??;
+        // Without them the pod is observed, and no policy applies to it.
+        let sock_links = match cgroup.map(|c| self.datapath.attach_policy(c)) {
+            Some(Ok(links)) => links,
+            Some(Err(err)) => {
+                tracing::warn!(%err, netns = %name, "no policy hooks");
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
         let info = AttachedNetns {
+            policy_hooks: !sock_links.is_empty(),
             name,
             pod,
             path: path.into(),
@@ -295,12 +329,13 @@ impl Worker {
             })?,
             programs: links.len(),
         };
-        tracing::info!(netns = %info.name, path = %path.display(), cookie, programs = info.programs, "attached");
+        tracing::info!(netns = %info.name, path = %path.display(), cookie, programs = info.programs, policy_hooks = info.policy_hooks, "attached");
         self.attached.insert(
             cookie,
             Attachment {
                 info: info.clone(),
                 links,
+                sock_links,
                 netns: (!tcx).then_some(netns),
             },
         );
@@ -312,7 +347,13 @@ impl Worker {
             .attached
             .remove(&cookie)
             .ok_or(AttachError::NotAttached(cookie))?;
-        let Attachment { info, links, netns } = attachment;
+        let Attachment {
+            info,
+            links,
+            sock_links,
+            netns,
+        } = attachment;
+        drop(sock_links);
         match netns {
             // clsact filters are removed by netlink, inside their namespace.
             Some(netns) => netns.run(&self.home, || drop(links))?,

@@ -7,11 +7,15 @@ use std::path::Path;
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, ProgramArray},
-    programs::{ProgramError, SchedClassifier},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier,
+        cgroup_sock_addr::CgroupSockAddrLink,
+    },
 };
 use observer_common::{
     CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DatapathStats, FLOWS_MAP, FlowKey, FlowValue,
-    GENERATION_MAP, NETNS_COOKIE_GLOBAL, SERVICES_MAP, STATS_MAP,
+    GENERATION_MAP, NETNS_COOKIE_GLOBAL, POLICIES_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP, STATS_MAP,
+    VERDICTS_MAP,
 };
 
 use crate::{
@@ -26,6 +30,8 @@ pub const EGRESS_PROGRAM: &str = "observe_egress";
 pub const INGRESS_PROGRAM: &str = "observe_ingress";
 /// Does nothing: the benchmark's baseline.
 pub const NOOP_PROGRAM: &str = "noop";
+/// The policy hooks on a pod's cgroup: `connect()`, and UDP `sendmsg()`.
+pub const POLICY_PROGRAMS: [&str; 2] = ["policy_connect4", "policy_sendmsg4"];
 
 const PRIVILEGES: &str = "the observer needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and \
                           CAP_SYS_ADMIN, and a kernel with BTF";
@@ -50,13 +56,19 @@ pub enum DatapathError {
     },
     #[error("the eBPF object has no {0}: it does not match this daemon")]
     Missing(&'static str),
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Loads program instances that share one set of maps.
 pub struct Datapath {
     /// The first load: owns the shared classifier (and keeps the program
-    /// array's entry alive: the kernel clears it when no fd is left).
-    _base: Ebpf,
+    /// array's entry alive: the kernel clears it when no fd is left) and the
+    /// policy hooks, loaded once and attached to every pod's cgroup.
+    base: Ebpf,
     _classifiers: ProgramArray<MapData>,
     pins: PinDir,
     flow_capacity: u32,
@@ -127,14 +139,59 @@ impl Datapath {
                 name: CLASSIFIER_MAP,
                 source: Box::new(source),
             })?;
+        for name in POLICY_PROGRAMS {
+            let program_error = |source| DatapathError::Program {
+                name,
+                source: Box::new(source),
+            };
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(program_error)?;
+            program.load().map_err(program_error)?;
+        }
         let datapath = Self {
-            _base: ebpf,
+            base: ebpf,
             _classifiers: classifiers,
             pins,
             flow_capacity,
             btf,
         };
         Ok((datapath, maps, class_maps))
+    }
+
+    /// Attaches the policy hooks to a pod's cgroup. They allow everything
+    /// until the pod has a compiled policy; the links go with the process.
+    pub fn attach_policy(
+        &mut self,
+        cgroup: &Path,
+    ) -> Result<Vec<CgroupSockAddrLink>, DatapathError> {
+        let dir = std::fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.into(),
+            source,
+        })?;
+        let mut links = Vec::new();
+        for name in POLICY_PROGRAMS {
+            let program_error = |source| DatapathError::Program {
+                name,
+                source: Box::new(source),
+            };
+            let program: &mut CgroupSockAddr = self
+                .base
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(program_error)?;
+            // A bpf link (kernels 5.7+): it runs beside other programs on
+            // the cgroup whatever the mode, and the kernel refuses any mode
+            // flag with it, so the default (no flag) it is.
+            let id = program
+                .attach(&dir, CgroupAttachMode::default())
+                .map_err(program_error)?;
+            links.push(program.take_link(id).map_err(program_error)?);
+        }
+        Ok(links)
     }
 
     /// Loads an instance of the programs for the namespace with this cookie
@@ -179,6 +236,9 @@ fn loader<'a>(pins: &PinDir, btf: Option<&'a Btf>, flow_capacity: u32) -> EbpfLo
         CIDRS_MAP,
         GENERATION_MAP,
         CLASSIFIER_MAP,
+        POLICIES_MAP,
+        POLICY_MEMBERS_MAP,
+        VERDICTS_MAP,
     ] {
         loader.map_pin_path(name, pins.pin_path(name));
     }

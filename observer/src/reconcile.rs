@@ -71,6 +71,8 @@ struct Target {
     /// pod then stays attached.
     path: Option<PathBuf>,
     pod: ObjectRef,
+    /// The pod's cgroup (the parent of its containers'), for the policy hooks.
+    cgroup: Option<PathBuf>,
     /// It has an IP, so CNI has given it its `eth0`.
     has_ip: bool,
 }
@@ -272,7 +274,8 @@ impl Reconciler {
                 self.waiting.insert(key);
                 continue;
             };
-            match self.worker.attach(&path, target.pod).await {
+            let cgroup = target.cgroup.as_deref();
+            match self.worker.attach(&path, target.pod, cgroup).await {
                 Ok(attached) => {
                     self.waiting.remove(&key);
                     self.failed.remove(&key);
@@ -331,6 +334,7 @@ impl Reconciler {
                         let target = Target {
                             pod: ObjectRef::new("", &netns::display_name(&path)),
                             path: Some(path.clone()),
+                            cgroup: None,
                             has_ip: false,
                         };
                         (path.display().to_string(), target)
@@ -361,6 +365,7 @@ impl Reconciler {
                         let target = Target {
                             path: Some(p.netns.clone()?),
                             pod: ObjectRef::new(&p.namespace, &p.name),
+                            cgroup: pod_cgroup(p.containers.iter().map(|c| c.cgroup.as_path())),
                             has_ip: true,
                         };
                         Some((p.uid.clone(), target))
@@ -399,13 +404,17 @@ impl Reconciler {
                 let targets = view
                     .pods_to_attach()
                     .filter_map(|p| {
-                        let path = self.found.get(&p.node_uid).map(|f| f.netns.clone());
+                        let found = self.found.get(&p.node_uid);
+                        let path = found.map(|f| f.netns.clone());
                         if path.is_none() && p.terminating {
                             return None;
                         }
                         let target = Target {
                             path,
                             pod: ObjectRef::new(&p.namespace, &p.name),
+                            cgroup: found.and_then(|f| {
+                                pod_cgroup(f.containers.values().map(PathBuf::as_path))
+                            }),
                             has_ip: p.ip.is_some(),
                         };
                         Some((p.uid.clone(), target))
@@ -447,6 +456,14 @@ impl Reconciler {
         }
         self.inventory = Some(inventory);
     }
+}
+
+/// A pod's cgroup: the directory its containers' cgroups are in.
+fn pod_cgroup<'a>(mut containers: impl Iterator<Item = &'a Path>) -> Option<PathBuf> {
+    containers
+        .next()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
 }
 
 async fn changed(dir: Option<&DirWatch>) -> std::io::Result<()> {

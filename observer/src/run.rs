@@ -150,7 +150,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let pods = match explicit {
         Some(targets) => {
             for target in targets {
-                let attached = worker.attach(&target.path, target.pod).await?;
+                let attached = worker.attach(&target.path, target.pod, None).await?;
                 let _ = events.send(CollectorEvent::Attached(attached));
             }
             ready.store(true, Ordering::Release);
