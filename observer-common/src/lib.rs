@@ -200,6 +200,10 @@ const _: () = assert!(core::mem::size_of::<DatapathStats>() == 24);
 pub const POLICIES_MAP: &str = "POLICIES";
 /// Members of rule sets ([`MemberKey`]): client containers, peer pods.
 pub const POLICY_MEMBERS_MAP: &str = "POLICY_MEMBERS";
+/// CIDRs of rule sets: an LPM trie over the set id (big-endian) followed by
+/// the IPv4 address, 8 bytes.
+pub const POLICY_CIDRS_MAP: &str = "POLICY_CIDRS";
+pub const POLICY_CIDRS_CAPACITY: u32 = 16_384;
 /// Per (pod, rule, verdict, class), connections decided ([`VerdictKey`]).
 pub const VERDICTS_MAP: &str = "VERDICTS";
 pub const POLICIES_CAPACITY: u32 = 4_096;
@@ -225,6 +229,8 @@ pub mod set_kind {
     pub const NOT_CLIENTS: u8 = 2;
     /// The peer pod's id is in the set.
     pub const PEERS: u8 = 3;
+    /// The destination address is in one of the set's CIDRs.
+    pub const CIDRS: u8 = 4;
 }
 
 /// One compiled rule.

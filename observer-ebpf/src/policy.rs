@@ -12,12 +12,13 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie},
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::SockAddrContext,
 };
 use observer_common::{
-    MAX_POD_RULES, MemberKey, POLICIES_CAPACITY, POLICY_MEMBERS_CAPACITY, PodPolicy, PolicyRule,
-    ServiceKey, VERDICTS_CAPACITY, VerdictKey, class, ipv4_mapped, set_kind, verdict,
+    MAX_POD_RULES, MemberKey, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY,
+    PodPolicy, PolicyRule, ServiceKey, VERDICTS_CAPACITY, VerdictKey, class, ipv4_mapped, set_kind,
+    verdict,
 };
 
 use crate::{CIDRS, SERVICES};
@@ -30,6 +31,10 @@ static POLICIES: HashMap<u64, PodPolicy> = HashMap::with_max_entries(POLICIES_CA
 #[map]
 static POLICY_MEMBERS: HashMap<MemberKey, u8> =
     HashMap::with_max_entries(POLICY_MEMBERS_CAPACITY, 0);
+
+/// Rule set CIDRs: set id (big-endian) and IPv4 address.
+#[map]
+static POLICY_CIDRS: LpmTrie<[u8; 8], u8> = LpmTrie::with_max_entries(POLICY_CIDRS_CAPACITY, 0);
 
 /// Connections decided, per pod, rule, verdict and class.
 #[map]
@@ -75,7 +80,7 @@ fn decide(ctx: &SockAddrContext) -> i32 {
             break;
         }
         let rule = &policy.rule[i];
-        if matches(rule, class, protocol, port, service, peer, cgroup) {
+        if matches(rule, class, protocol, port, service, peer, cgroup, address) {
             return verdict_of(cookie, rule.id, rule.action, rule.audit, class);
         }
         i += 1;
@@ -117,6 +122,7 @@ fn classify(address: [u8; 4], port: u16, protocol: u8) -> (u8, u32, u32) {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn matches(
     rule: &PolicyRule,
     class: u8,
@@ -125,6 +131,7 @@ fn matches(
     service: u32,
     peer: u32,
     cgroup: u64,
+    address: [u8; 4],
 ) -> bool {
     if rule.class != class::UNKNOWN && rule.class != class {
         return false;
@@ -151,6 +158,13 @@ fn matches(
         set_kind::CLIENTS => member(cgroup),
         set_kind::NOT_CLIENTS => !member(cgroup),
         set_kind::PEERS => peer != 0 && member(u64::from(peer)),
+        set_kind::CIDRS => {
+            let set = rule.set.to_be_bytes();
+            let data = [
+                set[0], set[1], set[2], set[3], address[0], address[1], address[2], address[3],
+            ];
+            POLICY_CIDRS.get(&Key::new(64, data)).is_some()
+        }
         _ => true,
     }
 }

@@ -151,6 +151,11 @@ pub struct RunArgs {
         default_value = "/var/run/netns"
     )]
     pub netns_dir: PathBuf,
+    /// A policy file (TrafficPolicy objects, see `observer policy check`),
+    /// enforced on the pods it selects; watched, and reloaded on change.
+    /// Needs --inventory or --kubernetes (policies name pods and Services).
+    #[arg(long, value_name = "FILE", env = "OBSERVER_POLICY")]
+    pub policy: Option<PathBuf>,
     /// Address of the metrics endpoint (/metrics, /healthz, /readyz).
     #[arg(long, env = "OBSERVER_METRICS_ADDR", default_value = "127.0.0.1:9465")]
     pub metrics_addr: SocketAddr,

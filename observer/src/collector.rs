@@ -32,6 +32,8 @@ use crate::{
     flow_metrics::{Counts, FlowLabels, FlowMetrics},
     identities::{Identities, ObjectRef, SharedIdentities},
     metrics::Metrics,
+    policy::compile::RuleName,
+    verdicts::Verdicts,
 };
 
 /// Linux's default `ip_local_port_range`: where client ports come from.
@@ -47,6 +49,8 @@ pub enum CollectError {
     Flows(#[source] MapError),
     #[error("reading the datapath statistics: {0}")]
     Stats(#[source] MapError),
+    #[error("reading the policy verdicts: {0}")]
+    Verdicts(#[source] MapError),
 }
 
 /// A series of the last collection, for `observer flows`.
@@ -82,6 +86,7 @@ pub struct Collector {
     /// and the seconds it covered.
     last_series: Vec<(Series, Counts)>,
     last_seconds: f64,
+    verdicts: Verdicts,
 }
 
 /// A flow's counters at the last collection. Small on purpose: one per flow.
@@ -174,11 +179,16 @@ impl Collector {
             last_collection: Instant::now(),
             last_series: Vec::new(),
             last_seconds: 0.0,
+            verdicts: Verdicts::default(),
         }
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    pub fn set_policy_names(&mut self, names: Arc<HashMap<u32, RuleName>>) {
+        self.verdicts.set_names(names);
     }
 
     pub fn set_identities(&mut self, identities: SharedIdentities) {
@@ -203,6 +213,7 @@ impl Collector {
                 .programs_attached
                 .remove_label_values(&[&netns.pod.namespace, &netns.pod.name]);
             self.flows.pod_gone(&netns.pod, Instant::now());
+            self.verdicts.detached(cookie, &self.metrics);
             // Its flows go at the next collection.
             self.unknown.insert(cookie);
         }
@@ -235,6 +246,9 @@ impl Collector {
         // Statistics first: flows inserted after this read are then at worst
         // missing from the eviction estimate, never counted as evicted.
         let (created, insert_failures) = self.read_stats()?;
+        self.verdicts
+            .collect(&mut self.maps.verdicts, &self.attached, &self.metrics)
+            .map_err(CollectError::Verdicts)?;
         self.pass = self.pass.wrapping_add(1);
 
         let mut stale = Vec::new();

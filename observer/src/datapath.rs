@@ -14,13 +14,14 @@ use aya::{
 };
 use observer_common::{
     CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DatapathStats, FLOWS_MAP, FlowKey, FlowValue,
-    GENERATION_MAP, NETNS_COOKIE_GLOBAL, POLICIES_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP, STATS_MAP,
-    VERDICTS_MAP,
+    GENERATION_MAP, NETNS_COOKIE_GLOBAL, POLICIES_MAP, POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP,
+    SERVICES_MAP, STATS_MAP, VERDICTS_MAP, VerdictKey,
 };
 
 use crate::{
     bpffs::{BpffsError, PinDir},
     kernel_maps::ClassMaps,
+    policy::kernel::PolicyMaps,
 };
 
 /// The object built from observer-ebpf by build.rs.
@@ -94,6 +95,7 @@ impl Programs {
 pub struct Maps {
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
     pub stats: PerCpuArray<MapData, DatapathStats>,
+    pub verdicts: HashMap<MapData, VerdictKey, u64>,
     pub flow_capacity: u32,
 }
 
@@ -103,7 +105,7 @@ impl Datapath {
     pub fn open(
         flow_capacity: u32,
         runtime_dir: &Path,
-    ) -> Result<(Self, Maps, ClassMaps), DatapathError> {
+    ) -> Result<(Self, Maps, ClassMaps, PolicyMaps), DatapathError> {
         let pins = PinDir::mount(runtime_dir)?;
         let btf = Btf::from_sys_fs().ok();
         let mut ebpf = loader(&pins, btf.as_ref(), flow_capacity)
@@ -112,7 +114,13 @@ impl Datapath {
         let maps = Maps {
             flows: typed(&mut ebpf, FLOWS_MAP)?,
             stats: typed(&mut ebpf, STATS_MAP)?,
+            verdicts: typed(&mut ebpf, VERDICTS_MAP)?,
             flow_capacity,
+        };
+        let policy_maps = PolicyMaps {
+            policies: typed(&mut ebpf, POLICIES_MAP)?,
+            members: typed(&mut ebpf, POLICY_MEMBERS_MAP)?,
+            cidrs: typed(&mut ebpf, POLICY_CIDRS_MAP)?,
         };
         let class_maps = ClassMaps {
             services: typed(&mut ebpf, SERVICES_MAP)?,
@@ -158,7 +166,7 @@ impl Datapath {
             flow_capacity,
             btf,
         };
-        Ok((datapath, maps, class_maps))
+        Ok((datapath, maps, class_maps, policy_maps))
     }
 
     /// Attaches the policy hooks to a pod's cgroup. They allow everything
@@ -238,6 +246,7 @@ fn loader<'a>(pins: &PinDir, btf: Option<&'a Btf>, flow_capacity: u32) -> EbpfLo
         CLASSIFIER_MAP,
         POLICIES_MAP,
         POLICY_MEMBERS_MAP,
+        POLICY_CIDRS_MAP,
         VERDICTS_MAP,
     ] {
         loader.map_pin_path(name, pins.pin_path(name));

@@ -67,6 +67,11 @@ impl<K> Default for IdTable<K> {
 }
 
 impl<K: Eq + Hash + Clone> IdTable<K> {
+    /// The id of `key`, if it has one.
+    pub fn get(&self, key: &K) -> Option<u32> {
+        self.ids.get(key).copied()
+    }
+
     pub fn id(&mut self, key: &K) -> u32 {
         if let Some(id) = self.ids.get(key) {
             return *id;
@@ -130,6 +135,16 @@ impl Ids {
         let services: HashSet<&ObjectRef> = identities.services.values().collect();
         self.services.retain(|s| services.contains(s));
         identities
+    }
+}
+
+impl crate::policy::compile::Ids for Ids {
+    fn service(&self, service: &ObjectRef) -> Option<u32> {
+        self.services.get(service)
+    }
+
+    fn pod(&self, pod: &ObjectRef) -> Option<u32> {
+        self.pods.get(pod)
     }
 }
 

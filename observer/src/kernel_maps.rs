@@ -51,6 +51,11 @@ impl KernelMaps {
         }
     }
 
+    /// The ids the maps use, for compiling policies.
+    pub fn ids(&self) -> &Ids {
+        &self.ids
+    }
+
     /// Writes what changed since the last sync, then bumps the generation so
     /// live flows are classified again. Returns the names for the new ids.
     pub fn sync(&mut self, inventory: &Inventory) -> Result<Identities, KernelMapsError> {

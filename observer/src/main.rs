@@ -23,6 +23,7 @@ mod policy;
 mod reconcile;
 mod run;
 mod server;
+mod verdicts;
 mod watch;
 
 use std::process::ExitCode;

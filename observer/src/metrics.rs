@@ -35,6 +35,10 @@ pub struct Metrics {
     pub collection_duration: Histogram,
     /// Errors by kind (attach, map_read, ...).
     pub errors: IntCounterVec,
+    /// Policy file reloads: ok, or refused (the last good policy stays).
+    pub policy_reloads: IntCounterVec,
+    /// Connections decided by a policy, from the kernel's counts.
+    pub policy_verdicts: IntCounterVec,
 }
 
 impl Metrics {
@@ -90,6 +94,22 @@ impl Metrics {
                 "Packets not counted because their flow could not be inserted.",
             )
             .expect("valid metric"),
+            policy_reloads: IntCounterVec::new(
+                Opts::new(
+                    "observer_policy_reloads_total",
+                    "Reloads of the policy file: ok, or refused (invalid; the last good policy stays in force).",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            policy_verdicts: IntCounterVec::new(
+                Opts::new(
+                    "observer_policy_verdicts_total",
+                    "Connections a policy decided: allow, deny, or audit_deny (would be denied; let through).",
+                ),
+                &["namespace", "pod", "policy", "rule", "class", "direction", "verdict"],
+            )
+            .expect("valid metric"),
             errors: IntCounterVec::new(
                 Opts::new("observer_errors_total", "Errors of the observer, by kind."),
                 &["kind"],
@@ -118,6 +138,8 @@ impl Metrics {
         metrics.register(metrics.flow_map_evictions.clone());
         metrics.register(metrics.flow_insert_failures.clone());
         metrics.register(metrics.errors.clone());
+        metrics.register(metrics.policy_reloads.clone());
+        metrics.register(metrics.policy_verdicts.clone());
         metrics
     }
 

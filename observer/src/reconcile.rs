@@ -26,6 +26,11 @@ use crate::{
     kernel_maps::KernelMaps,
     metrics::Metrics,
     netns::{self, NetnsError},
+    policy::{
+        self, Policies,
+        compile::{Compiled, Compiler, RuleName},
+        kernel::PolicyMaps,
+    },
     watch::DirWatch,
 };
 
@@ -62,6 +67,8 @@ pub enum CollectorEvent {
     Attached(AttachedNetns),
     Detached(u64),
     Identities(SharedIdentities),
+    /// Names of the policy rules in the kernel's verdict counts, by id.
+    PolicyNames(Arc<HashMap<u32, RuleName>>),
 }
 
 /// A pod (or bare namespace) to be attached.
@@ -80,6 +87,7 @@ struct Target {
 /// A namespace attached to.
 struct Attached {
     cookie: u64,
+    pod: ObjectRef,
     /// Which namespace: a pod whose namespace is replaced (its sandbox
     /// recreated) is attached again.
     netns: (u64, u64),
@@ -108,8 +116,30 @@ enum Trigger {
     Peers,
 }
 
+/// The policy file, and what was compiled from it into the kernel.
+pub struct PolicyState {
+    pub path: PathBuf,
+    pub policies: Policies,
+    pub maps: PolicyMaps,
+    compiler: Compiler,
+    compiled: Compiled,
+}
+
+impl PolicyState {
+    pub fn new(path: PathBuf, policies: Policies, maps: PolicyMaps) -> Self {
+        Self {
+            path,
+            policies,
+            maps,
+            compiler: Compiler::default(),
+            compiled: Compiled::default(),
+        }
+    }
+}
+
 pub struct Reconciler {
     source: Source,
+    policy: Option<PolicyState>,
     worker: AttachWorker,
     kernel_maps: KernelMaps,
     events: mpsc::UnboundedSender<CollectorEvent>,
@@ -136,9 +166,11 @@ impl Reconciler {
         kernel_maps: KernelMaps,
         events: mpsc::UnboundedSender<CollectorEvent>,
         metrics: Arc<Metrics>,
+        policy: Option<PolicyState>,
     ) -> Self {
         Self {
             source,
+            policy,
             worker,
             kernel_maps,
             events,
@@ -173,6 +205,7 @@ impl Reconciler {
     pub async fn run(
         mut self,
         dir: Option<DirWatch>,
+        policy_dir: Option<DirWatch>,
         ready: Arc<AtomicBool>,
         mut stop: watch::Receiver<bool>,
     ) -> AttachWorker {
@@ -210,6 +243,16 @@ impl Reconciler {
                     Trigger::Local
                 }
                 _ = sleep_until(peers_due) => Trigger::Peers,
+                changed = changed(policy_dir.as_ref()) => {
+                    if let Err(err) = changed {
+                        tracing::warn!(%err, "watching the policy file");
+                        self.metrics.error("watch");
+                    }
+                    if !self.reload_policy() {
+                        continue;
+                    }
+                    Trigger::Peers
+                }
                 _ = tokio::time::sleep(self.retry_in), if retry => {
                     self.retry_in = (self.retry_in * 2).min(MAX_RETRY);
                     self.reconcile_and_mark(Trigger::Local, &ready).await;
@@ -281,6 +324,7 @@ impl Reconciler {
                     self.failed.remove(&key);
                     let entry = Attached {
                         cookie: attached.cookie,
+                        pod: attached.pod.clone(),
                         netns: attached.netns_id,
                         lo_only_without_ip: attached.programs == 1 && !target.has_ip,
                     };
@@ -302,6 +346,7 @@ impl Reconciler {
                 }
             }
         }
+        self.apply_policy();
         let pods = &self.metrics.pods;
         let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         pods.with_label_values(&["attached"])
@@ -433,6 +478,80 @@ impl Reconciler {
                     host_network,
                     complete,
                 })
+            }
+        }
+    }
+
+    /// Reads the policy file again after a change in its directory. An
+    /// invalid file changes nothing: the last good policy stays in force.
+    /// Returns whether the policies changed.
+    fn reload_policy(&mut self) -> bool {
+        let Some(state) = self.policy.as_mut() else {
+            return false;
+        };
+        let services = self.inventory.as_ref().map(|i| {
+            i.services
+                .iter()
+                .map(|s| (s.namespace.clone(), s.name.clone()))
+                .collect::<HashSet<_>>()
+        });
+        match policy::load(&state.path, services.as_ref()) {
+            Ok(policies) if policies == state.policies => false,
+            Ok(policies) => {
+                let rules: usize = policies.policies.iter().map(|p| p.spec.rules.len()).sum();
+                tracing::info!(path = %state.path.display(), policies = policies.policies.len(), rules, "policy reloaded");
+                state.policies = policies;
+                self.metrics.policy_reloads.with_label_values(&["ok"]).inc();
+                true
+            }
+            Err(err) => {
+                tracing::error!(%err, "policy file refused: the last good policy stays in force");
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["refused"])
+                    .inc();
+                self.metrics.error("policy");
+                false
+            }
+        }
+    }
+
+    /// Compiles the policies for the pods attached now and writes what
+    /// changed to the kernel.
+    fn apply_policy(&mut self) {
+        let (Some(state), Some(inventory)) = (self.policy.as_mut(), self.inventory.as_ref()) else {
+            return;
+        };
+        let attached: HashMap<ObjectRef, u64> = self
+            .attached
+            .values()
+            .map(|a| (a.pod.clone(), a.cookie))
+            .collect();
+        let compiled = state.compiler.compile(
+            &state.policies,
+            inventory,
+            &attached,
+            self.kernel_maps.ids(),
+        );
+        if compiled == state.compiled {
+            return;
+        }
+        for problem in compiled
+            .problems
+            .iter()
+            .filter(|p| !state.compiled.problems.contains(p))
+        {
+            tracing::warn!(problem = %problem, "policy");
+        }
+        match state.maps.sync(&state.compiled, &compiled) {
+            Ok(()) => {
+                let names = Arc::new(compiled.names.clone());
+                let _ = self.events.send(CollectorEvent::PolicyNames(names));
+                state.compiled = compiled;
+            }
+            Err(err) => {
+                tracing::warn!(%err, "writing the policy maps");
+                self.metrics.error("kernel_maps");
             }
         }
     }

@@ -5,7 +5,7 @@
 use std::{
     io,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -34,7 +34,8 @@ use crate::{
     kernel_maps::{KernelMaps, KernelMapsError},
     metrics::Metrics,
     netns::{self, NetNs, NetnsError},
-    reconcile::{CollectorEvent, Reconciler, Source},
+    policy::{self, Policies, PolicyError},
+    reconcile::{CollectorEvent, PolicyState, Reconciler, Source},
     server::{self, CollectRequest, Endpoint},
     watch::{DirWatch, WatchError},
 };
@@ -65,6 +66,10 @@ pub enum RunError {
     CgroupNamespace(io::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(io::Error),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("--policy needs --inventory or --kubernetes: policies select pods by name and labels")]
+    PolicyWithoutNames,
     #[error("cannot watch for signals: {0}")]
     Signals(io::Error),
     #[error("metrics server: {0}")]
@@ -96,6 +101,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         inventory::load_for_node(path, args.node.as_deref())?;
     }
     let explicit = explicit_targets(&args)?;
+    let policies = match &args.policy {
+        Some(path) => Some((path.clone(), load_policy(&args, path)?)),
+        None => None,
+    };
     let kubernetes = match args.kubernetes {
         true => Some(kubernetes_client(&args).await?),
         false => None,
@@ -117,7 +126,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let _ = stop.send(true);
     });
 
-    let (datapath, maps, class_maps) = Datapath::open(args.flow_capacity, &args.runtime_dir)?;
+    let (datapath, maps, class_maps, policy_maps) =
+        Datapath::open(args.flow_capacity, &args.runtime_dir)?;
+    let policy = policies.map(|(path, policies)| PolicyState::new(path, policies, policy_maps));
     let kernel_maps = KernelMaps::new(class_maps);
     let metrics = Arc::new(Metrics::new());
     let flows = Arc::new(FlowMetrics::new(series_config(&args)));
@@ -158,8 +169,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
         None => {
             let (source, cluster) = source(&args, kubernetes, &metrics);
-            let reconciler =
-                Reconciler::new(source, worker, kernel_maps, events, Arc::clone(&metrics));
+            let policy_watch = match &policy {
+                Some(state) => Some(DirWatch::new(&parent_dir(&state.path))?),
+                None => None,
+            };
+            let reconciler = Reconciler::new(
+                source,
+                worker,
+                kernel_maps,
+                events,
+                Arc::clone(&metrics),
+                policy,
+            );
             let dir = reconciler.watched_dir(&args.netns_dir);
             let watch = if cluster.is_some() {
                 // A hint only: not every runtime keeps namespaces there.
@@ -172,7 +193,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 Some(DirWatch::new(&dir)?)
             };
             let ready = Arc::clone(&ready);
-            Pods::Watched(tokio::spawn(reconciler.run(watch, ready, stopped)), cluster)
+            Pods::Watched(
+                tokio::spawn(reconciler.run(watch, policy_watch, ready, stopped)),
+                cluster,
+            )
         }
     };
 
@@ -198,6 +222,32 @@ enum Pods {
     Fixed(AttachWorker),
     /// A directory, an inventory or the Kubernetes API, watched.
     Watched(tokio::task::JoinHandle<AttachWorker>, Option<ClusterWatch>),
+}
+
+/// The policy file, checked at start: a bad one is refused before anything
+/// is loaded (later, a bad one leaves the last good one in force).
+fn load_policy(args: &RunArgs, path: &Path) -> Result<Policies, RunError> {
+    if args.inventory.is_none() && !args.kubernetes {
+        return Err(RunError::PolicyWithoutNames);
+    }
+    let services = match &args.inventory {
+        Some(inventory) => Some(
+            inventory::load(inventory)?
+                .services
+                .iter()
+                .map(|s| (s.namespace.clone(), s.name.clone()))
+                .collect(),
+        ),
+        None => None,
+    };
+    Ok(policy::load(path, services.as_ref())?)
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
 }
 
 /// Kubernetes mode's node name, client and cgroup root, checked before
@@ -306,6 +356,7 @@ fn apply(collector: &mut Collector, event: CollectorEvent) {
         CollectorEvent::Attached(netns) => collector.attached(netns),
         CollectorEvent::Detached(cookie) => collector.detached(cookie),
         CollectorEvent::Identities(identities) => collector.set_identities(identities),
+        CollectorEvent::PolicyNames(names) => collector.set_policy_names(names),
     }
 }
 

@@ -5,7 +5,9 @@
 //! - this module: reading a file (several YAML documents), and which rules
 //!   apply to a pod, in which order, and what they decide.
 
+pub mod compile;
 pub mod explain;
+pub mod kernel;
 pub mod model;
 
 use std::{

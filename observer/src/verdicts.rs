@@ -1,0 +1,115 @@
+//! The kernel's policy verdict counts (VERDICTS) into
+//! `observer_policy_verdicts_total`, and denials into the log, at most one
+//! line per pod and rule every [`LOG_EVERY`].
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use observer_common::{VerdictKey, verdict};
+
+use crate::{
+    attach::AttachedNetns,
+    metrics::Metrics,
+    policy::compile::{RuleName, class_label},
+};
+
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+pub struct Verdicts {
+    names: Arc<HashMap<u32, RuleName>>,
+    /// The kernel's count at the last collection, and the labels exported.
+    seen: HashMap<VerdictKey, (u64, [String; 7])>,
+    logged: HashMap<(u64, u32), Instant>,
+}
+
+impl Verdicts {
+    pub fn set_names(&mut self, names: Arc<HashMap<u32, RuleName>>) {
+        self.names = names;
+    }
+
+    /// Adds what the kernel counted since the last collection.
+    pub fn collect(
+        &mut self,
+        map: &mut BpfHashMap<MapData, VerdictKey, u64>,
+        attached: &HashMap<u64, AttachedNetns>,
+        metrics: &Metrics,
+    ) -> Result<(), MapError> {
+        let mut gone = Vec::new();
+        for entry in map.iter() {
+            let (key, count) = entry?;
+            let Some(pod) = attached.get(&key.netns_cookie) else {
+                // A pod detached since: its counts are exported no more.
+                gone.push(key);
+                continue;
+            };
+            let Some(names) = self.names.get(&key.rule) else {
+                continue;
+            };
+            let verdict = match key.verdict {
+                verdict::ALLOW => "allow",
+                verdict::DENY => "deny",
+                _ => "audit_deny",
+            };
+            let labels = [
+                pod.pod.namespace.clone(),
+                pod.pod.name.clone(),
+                names.policy.clone(),
+                names.rule.clone(),
+                class_label(key.class).to_owned(),
+                // The socket hooks decide what the pod sends.
+                "egress".to_owned(),
+                verdict.to_owned(),
+            ];
+            let before = self.seen.get(&key).map_or(0, |(n, _)| *n);
+            let added = count.saturating_sub(before);
+            if added > 0 {
+                let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+                metrics
+                    .policy_verdicts
+                    .with_label_values(&values)
+                    .inc_by(added);
+                if key.verdict != verdict::ALLOW {
+                    self.log(&key, &labels, added);
+                }
+            }
+            self.seen.insert(key, (count, labels));
+        }
+        for key in gone {
+            let _ = map.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Logs a denial, unless one of this pod and rule was logged lately.
+    fn log(&mut self, key: &VerdictKey, labels: &[String; 7], added: u64) {
+        let now = Instant::now();
+        let last = self
+            .logged
+            .entry((key.netns_cookie, key.rule))
+            .or_insert(now - LOG_EVERY);
+        if now.duration_since(*last) < LOG_EVERY {
+            return;
+        }
+        *last = now;
+        let [namespace, pod, policy, rule, class, _, verdict] = labels;
+        tracing::warn!(pod = %format!("{namespace}/{pod}"), %policy, %rule, %class, %verdict, connections = added, "policy denial");
+    }
+
+    /// Forgets a pod that is detached (its series go with it).
+    pub fn detached(&mut self, cookie: u64, metrics: &Metrics) {
+        self.seen.retain(|key, (_, labels)| {
+            if key.netns_cookie != cookie {
+                return true;
+            }
+            let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+            let _ = metrics.policy_verdicts.remove_label_values(&values);
+            false
+        });
+        self.logged.retain(|(c, _), _| *c != cookie);
+    }
+}
