@@ -4,6 +4,7 @@
 //! The tests need root and a kernel that loads eBPF. Where either is missing
 //! they fail with the observer's own error message: they never skip.
 
+pub mod container;
 pub mod kube_api;
 mod metrics;
 pub mod observer;

@@ -1,0 +1,63 @@
+//! Runs a command as a process of a lab container: in its pod's network
+//! namespace and in the container's cgroup, where the observer's policy
+//! hooks see it.
+
+use std::{
+    fs::File,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::Path,
+    process::Command,
+};
+
+/// How a TCP connection attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Connect {
+    Connected,
+    /// Refused by a policy hook (EPERM), at once.
+    NotPermitted,
+    Other(String),
+}
+
+/// Connects to `host:port` from the container with this cgroup, in the pod
+/// namespace at `netns`, with a 5 s timeout.
+pub fn connect_from(cgroup: &Path, netns: &Path, host: &str, port: u16) -> Connect {
+    let script = format!(
+        "import socket, errno\n\
+         try:\n    socket.create_connection(('{host}', {port}), timeout=5).close(); print('connected')\n\
+         except PermissionError:\n    print('eperm')\n\
+         except OSError as e:\n    print('error', e)\n"
+    );
+    let output = in_container(cgroup, netns, Command::new("python3").args(["-c", &script]))
+        .output()
+        .expect("python3");
+    let out = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    match out.as_str() {
+        "connected" => Connect::Connected,
+        "eperm" => Connect::NotPermitted,
+        _ => Connect::Other(format!("{out} {}", String::from_utf8_lossy(&output.stderr))),
+    }
+}
+
+/// Makes `command` start in the container's cgroup and pod namespace.
+pub fn in_container<'a>(cgroup: &Path, netns: &Path, command: &'a mut Command) -> &'a mut Command {
+    // Opened before the fork: between fork and exec only raw syscalls run
+    // (the test harness has other threads; no allocation is safe there).
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .expect("the container's cgroup");
+    let netns = File::open(netns).expect("the pod's namespace");
+    // SAFETY: write and setns on fds this closure owns; "0" moves the
+    // writing process, the child, into the cgroup.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,176 @@
+//! Policies enforced on the node lab, with real connections from real
+//! container cgroups: each README case, audit mode, a reload, a refused
+//! file, and failing open when the observer is killed.
+
+use std::{
+    fs,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use integration_test::{
+    Observer, Scrape,
+    container::{Connect, connect_from},
+};
+use lab::{Lab, Plan};
+
+fn eventually(observer: &Observer, what: &str, condition: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let scrape = observer.scrape();
+        if condition(&scrape) {
+            return scrape;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{}",
+            observer.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A container of the lab: its cgroup and its pod's namespace.
+fn container(lab: &Lab, namespace: &str, pod: &str, name: &str) -> (PathBuf, PathBuf) {
+    let pod = lab.pod(namespace, pod).expect("pod");
+    let container = pod
+        .containers
+        .iter()
+        .find(|c| c.name == name)
+        .expect("container");
+    (container.cgroup.clone(), pod.netns.clone().expect("netns"))
+}
+
+const SHOP_PORT: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: shop-port}
+spec:
+  podSelector: {namespace: shop, matchLabels: {app: shop}}
+  mode: MODE
+  rules:
+    - {name: sidecar-ok, class: localhost, ports: [8080], clientContainers: [sidecar], action: allow}
+    - {name: no-one-else, class: localhost, ports: [8080], action: deny}
+---
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: client-not-shop}
+spec:
+  podSelector: {namespace: default, matchLabels: {app: client}}
+  mode: MODE
+  rules:
+    - {name: no-shop, class: service, service: {namespace: shop, name: shop}, action: deny}
+";
+
+#[test]
+fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = std::env::temp_dir().join(format!("observer-policy-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    fs::write(&policy, SHOP_PORT.replace("MODE", "enforce")).unwrap();
+    let inventory = lab.inventory_path().display().to_string();
+    let observer = Observer::start(&[
+        "--inventory",
+        &inventory,
+        "--policy",
+        policy.to_str().unwrap(),
+        "--collect-interval",
+        "1s",
+    ]);
+
+    // Localhost: the wrong container is refused at once (EPERM, no hang);
+    // the sidecar still gets through.
+    let (app, shop_netns) = container(&lab, "shop", "shop", "app");
+    let (sidecar, _) = container(&lab, "shop", "shop", "sidecar");
+    assert_eq!(
+        connect_from(&app, &shop_netns, "127.0.0.1", 8080),
+        Connect::NotPermitted
+    );
+    assert_eq!(
+        connect_from(&sidecar, &shop_netns, "127.0.0.1", 8080),
+        Connect::Connected
+    );
+
+    // A Service: denied before DNAT, by name; another Service works.
+    let (client, client_netns) = container(&lab, "default", "client", "to-pod");
+    assert_eq!(
+        connect_from(&client, &client_netns, "10.96.0.20", 8080),
+        Connect::NotPermitted
+    );
+    assert_eq!(
+        connect_from(&client, &client_netns, "10.96.0.10", 80),
+        Connect::Connected
+    );
+    // The pod behind it, by its own address: not a Service, allowed.
+    let shop_ip = lab.pod("shop", "shop").unwrap().ip.to_string();
+    assert_eq!(
+        connect_from(&client, &client_netns, &shop_ip, 8080),
+        Connect::Connected
+    );
+
+    let verdicts = |m: &Scrape, rule: &str, verdict: &str| {
+        m.sum(
+            "observer_policy_verdicts_total",
+            &[("rule", rule), ("verdict", verdict)],
+        )
+    };
+    let m = eventually(&observer, "the verdicts counted", |m| {
+        verdicts(m, "no-one-else", "deny") >= 1.0 && verdicts(m, "no-shop", "deny") >= 1.0
+    });
+    assert!(m.has("observer_policy_verdicts_total", "class", "service"));
+
+    // Audit: everything goes through, the would-be denials are counted.
+    fs::write(&policy, SHOP_PORT.replace("MODE", "audit")).unwrap();
+    eventually(&observer, "the reload", |m| {
+        m.sum("observer_policy_reloads_total", &[("result", "ok")]) >= 1.0
+    });
+    assert_eq!(
+        connect_from(&app, &shop_netns, "127.0.0.1", 8080),
+        Connect::Connected
+    );
+    assert_eq!(
+        connect_from(&client, &client_netns, "10.96.0.20", 8080),
+        Connect::Connected
+    );
+    eventually(&observer, "audit denials counted", |m| {
+        verdicts(m, "no-one-else", "audit_deny") >= 1.0
+            && verdicts(m, "no-shop", "audit_deny") >= 1.0
+    });
+
+    // A broken file: refused, counted; the audit policy stays in force.
+    fs::write(
+        &policy,
+        "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nspec: [",
+    )
+    .unwrap();
+    eventually(&observer, "the refusal", |m| {
+        m.sum("observer_policy_reloads_total", &[("result", "refused")]) >= 1.0
+    });
+    let before = verdicts(&observer.scrape(), "no-one-else", "audit_deny");
+    assert_eq!(
+        connect_from(&app, &shop_netns, "127.0.0.1", 8080),
+        Connect::Connected
+    );
+    eventually(&observer, "the old policy still counting", |m| {
+        verdicts(m, "no-one-else", "audit_deny") > before
+    });
+
+    // Enforce again, then kill the observer: the hooks go with it (fail
+    // open: no policy at all applies until it is back).
+    fs::write(&policy, SHOP_PORT.replace("MODE", "enforce")).unwrap();
+    eventually(&observer, "the second reload", |m| {
+        m.sum("observer_policy_reloads_total", &[("result", "ok")]) >= 2.0
+    });
+    assert_eq!(
+        connect_from(&app, &shop_netns, "127.0.0.1", 8080),
+        Connect::NotPermitted
+    );
+    observer.kill();
+    assert_eq!(
+        connect_from(&app, &shop_netns, "127.0.0.1", 8080),
+        Connect::Connected
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
