@@ -61,3 +61,43 @@ pub fn in_container<'a>(cgroup: &Path, netns: &Path, command: &'a mut Command) -
         })
     }
 }
+
+/// A TCP connection held open by a process of a container, to show that a
+/// policy change leaves it alone.
+pub struct HeldConnection {
+    child: std::process::Child,
+}
+
+impl HeldConnection {
+    /// Connects now (panics if that fails).
+    pub fn open(cgroup: &Path, netns: &Path, host: &str, port: u16) -> Self {
+        use std::io::{BufRead, BufReader};
+        let script = format!(
+            "import socket, sys\n\
+             s = socket.create_connection(('{host}', {port}), timeout=5)\n\
+             print('open', flush=True)\n\
+             sys.stdin.readline()\n\
+             s.sendall(b'GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n')\n\
+             print(s.recv(64).split(b'\\r\\n')[0].decode(), flush=True)\n"
+        );
+        let mut child = in_container(cgroup, netns, Command::new("python3").args(["-c", &script]))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "open", "the connection did not open");
+        Self { child }
+    }
+
+    /// Sends an HTTP request over it; returns the status line.
+    pub fn request(mut self) -> String {
+        use std::io::Write;
+        self.child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let output = self.child.wait_with_output().expect("python3");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}

@@ -11,7 +11,7 @@ use std::{
 
 use integration_test::{
     Observer, Scrape,
-    container::{Connect, connect_from},
+    container::{Connect, HeldConnection, connect_from},
 };
 use lab::{Lab, Plan};
 
@@ -139,6 +139,9 @@ fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
             && verdicts(m, "no-shop", "audit_deny") >= 1.0
     });
 
+    // Opened while allowed: stays up whatever comes next.
+    let held = HeldConnection::open(&app, &shop_netns, "127.0.0.1", 8080);
+
     // A broken file: refused, counted; the audit policy stays in force.
     fs::write(
         &policy,
@@ -157,8 +160,9 @@ fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
         verdicts(m, "no-one-else", "audit_deny") > before
     });
 
-    // Enforce again, then kill the observer: the hooks go with it (fail
-    // open: no policy at all applies until it is back).
+    // Enforce again: new connections are refused; one opened before is
+    // left alone. Then kill the observer: the hooks go with it (fail open:
+    // no policy at all applies until it is back).
     fs::write(&policy, SHOP_PORT.replace("MODE", "enforce")).unwrap();
     eventually(&observer, "the second reload", |m| {
         m.sum("observer_policy_reloads_total", &[("result", "ok")]) >= 2.0
@@ -166,6 +170,11 @@ fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
     assert_eq!(
         connect_from(&app, &shop_netns, "127.0.0.1", 8080),
         Connect::NotPermitted
+    );
+    let status = held.request();
+    assert!(
+        status.contains(" 200 "),
+        "the established connection: {status}"
     );
     observer.kill();
     assert_eq!(
