@@ -276,3 +276,74 @@ fn peer_namespaces_and_external_cidrs() {
     assert!(observer.terminate().success());
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn ingress_rules_drop_inbound_connections_at_eth0() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = std::env::temp_dir().join(format!("observer-policy3-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    fs::write(
+        &policy,
+        "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web-ingress}
+spec:
+  podSelector: {namespace: default, matchLabels: {app: web}}
+  mode: enforce
+  rules:
+    - name: not-from-client
+      class: pod
+      direction: ingress
+      peer: {namespace: default, matchLabels: {app: client}}
+      ports: [80]
+      action: deny
+",
+    )
+    .unwrap();
+    let inventory = lab.inventory_path().display().to_string();
+    let observer = Observer::start(&[
+        "--inventory",
+        &inventory,
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+
+    // The client's SYNs are dropped on web's eth0 (tc can only drop): the
+    // connection times out. The remote pod on node-2 still gets in.
+    let web = lab.pod("default", "web").unwrap().ip.to_string();
+    let (client, client_netns) = container(&lab, "default", "client", "to-pod");
+    let (remote, remote_netns) = container(&lab, "default", "remote", "to-pod");
+    match connect_from(&client, &client_netns, &web, 80) {
+        Connect::Other(error) => assert!(error.contains("timed out"), "{error}"),
+        other => panic!("the client got in: {other:?}"),
+    }
+    assert_eq!(
+        connect_from(&remote, &remote_netns, &web, 80),
+        Connect::Connected
+    );
+    let m = eventually(&observer, "the ingress denial counted", |m| {
+        m.sum(
+            "observer_policy_verdicts_total",
+            &[
+                ("rule", "not-from-client"),
+                ("direction", "ingress"),
+                ("verdict", "deny"),
+            ],
+        ) >= 1.0
+    });
+    assert!(m.has("observer_policy_verdicts_total", "class", "pod"));
+
+    // Policy gone: the live flows are classified again, and the client gets in.
+    fs::write(&policy, "").unwrap();
+    eventually(&observer, "the reload", |m| {
+        m.sum("observer_policy_reloads_total", &[("result", "ok")]) >= 1.0
+    });
+    assert_eq!(
+        connect_from(&client, &client_netns, &web, 80),
+        Connect::Connected
+    );
+    assert!(observer.terminate().success());
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -151,7 +151,10 @@ pub struct FlowValue {
     pub class: u8,
     /// One of [`server`].
     pub server: u8,
-    pub _pad: [u8; 6],
+    /// [`verdict::DENY`]: an inbound connection a policy denies; its packets
+    /// are dropped at `eth0` ingress. 0 otherwise.
+    pub verdict: u8,
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 56);
 
@@ -254,7 +257,10 @@ pub struct PolicyRule {
     pub set: u32,
     /// One of [`set_kind`].
     pub set_kind: u8,
-    pub _pad: [u8; 3],
+    /// [`direction::EGRESS`] (decided at `connect()`; localhost too) or
+    /// [`direction::INGRESS`] (decided at `eth0` ingress).
+    pub direction: u8,
+    pub _pad: [u8; 2],
     /// Names the rule in [`VERDICTS_MAP`] (the daemon maps it to names).
     pub id: u32,
 }
@@ -266,13 +272,16 @@ const _: () = assert!(core::mem::size_of::<PolicyRule>() == 24);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodPolicy {
     pub rules: u32,
-    /// [`verdict::ALLOW`] (no policy has a say) or [`verdict::DENY`].
+    /// What no egress rule matches: [`verdict::ALLOW`] (no policy has a
+    /// say) or [`verdict::DENY`].
     pub default_action: u8,
     pub default_audit: u8,
-    pub _pad: [u8; 2],
-    /// Names the default in [`VERDICTS_MAP`].
+    /// The same for inbound connections.
+    pub default_ingress_action: u8,
+    pub default_ingress_audit: u8,
+    /// Name the defaults in [`VERDICTS_MAP`].
     pub default_id: u32,
-    pub _pad2: u32,
+    pub default_ingress_id: u32,
     pub rule: [PolicyRule; MAX_POD_RULES],
 }
 const _: () = assert!(core::mem::size_of::<PodPolicy>() == 16 + 24 * MAX_POD_RULES);
@@ -299,7 +308,9 @@ pub struct VerdictKey {
     pub verdict: u8,
     /// One of [`class`].
     pub class: u8,
-    pub _pad: [u8; 2],
+    /// One of [`direction`].
+    pub direction: u8,
+    pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<VerdictKey>() == 16);
 

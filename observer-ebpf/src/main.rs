@@ -1,8 +1,10 @@
 //! tc programs that count every packet of a pod's `lo` and `eth0` per flow.
 //!
-//! They observe only: every entry point returns `TC_ACT_UNSPEC` (TCX_NEXT),
-//! which hands the packet to the next program or to the stack unchanged.
-//! Counting happens in kernel maps; nothing is sent to user space per packet.
+//! They observe: every entry point returns `TC_ACT_UNSPEC` (TCX_NEXT), which
+//! hands the packet to the next program or to the stack unchanged, except
+//! for the packets of an inbound connection that a policy denies, which are
+//! dropped at `eth0` ingress (`TC_ACT_SHOT`). Counting happens in kernel
+//! maps; nothing is sent to user space per packet.
 #![no_std]
 #![no_main]
 // The BPF target has no `AtomicU64::fetch_add`; `atomic_xadd` lowers to BPF's
@@ -17,7 +19,7 @@ mod policy;
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
+    bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     programs::TcContext,
@@ -26,6 +28,7 @@ use observer_common::{
     CIDRS_CAPACITY, CidrValue, DEFAULT_FLOW_CAPACITY, DatapathStats, FlowKey, FlowValue,
     SERVICES_CAPACITY, ServiceKey, class,
     direction::{EGRESS, INGRESS},
+    family, interface, server, verdict,
 };
 
 /// Flows of every attached namespace. A shared LRU (not per-CPU): per-CPU
@@ -65,15 +68,13 @@ static NETNS_COOKIE: u64 = 0;
 /// back through `lo` ingress, where nothing is attached: counted once).
 #[classifier]
 pub fn observe_egress(mut ctx: TcContext) -> i32 {
-    observe(&mut ctx, EGRESS);
-    TC_ACT_UNSPEC
+    observe(&mut ctx, EGRESS)
 }
 
 /// Attached to `eth0` ingress.
 #[classifier]
 pub fn observe_ingress(mut ctx: TcContext) -> i32 {
-    observe(&mut ctx, INGRESS);
-    TC_ACT_UNSPEC
+    observe(&mut ctx, INGRESS)
 }
 
 /// Counts a packet of a flow that is new, or was classified under an older
@@ -89,8 +90,17 @@ pub fn classify_flow(ctx: TcContext) -> i32 {
     let (mut key, syn) = parse::flow_key(&ctx);
     key.direction = direction as u8;
     key.netns_cookie = cookie;
-    count(&ctx, &mut key, u64::from(ctx.len()), u64::from(syn));
-    TC_ACT_UNSPEC
+    action(count(&ctx, &mut key, u64::from(ctx.len()), u64::from(syn)))
+}
+
+/// What tc does with a packet of a flow with this verdict.
+#[inline(always)]
+fn action(verdict: u8) -> i32 {
+    if verdict == verdict::DENY {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_UNSPEC
+    }
 }
 
 /// Does nothing: the baseline `cargo xtask bench` measures the others against.
@@ -103,7 +113,7 @@ pub fn noop(_ctx: TcContext) -> i32 {
 /// else goes to `classify_flow`, with the namespace and direction in the
 /// skb's control buffer (tc's scratch space for passing data between programs).
 #[inline(always)]
-fn observe(ctx: &mut TcContext, direction: u8) {
+fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
     let (mut key, syn) = parse::flow_key(ctx);
     key.direction = direction;
     // SAFETY: a plain read; volatile so that the value set at load time is read.
@@ -114,7 +124,8 @@ fn observe(ctx: &mut TcContext, direction: u8) {
         // SAFETY: a live map value.
         if unsafe { (*value).generation } == generation {
             add(value, u64::from(ctx.len()), u64::from(syn));
-            return;
+            // SAFETY: as above.
+            return action(unsafe { (*value).verdict });
         }
     }
     if let [low, high, dir, ..] = ctx.cb_mut() {
@@ -127,10 +138,13 @@ fn observe(ctx: &mut TcContext, direction: u8) {
     unsafe { CLASSIFIER.tail_call(ctx, 0) };
     // Reached only if the tail call failed (no classifier loaded).
     bump_stats(|s| s.classify_failed += 1);
+    TC_ACT_UNSPEC
 }
 
+/// Counts a packet of a flow, classifying the flow if it is new or its
+/// classification is stale. Returns the flow's verdict.
 #[inline(always)]
-fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) {
+fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> u8 {
     let generation = GENERATION.get(0).copied().unwrap_or(0);
     if let Some(value) = FLOWS.get_ptr_mut(&*key) {
         add(value, bytes, syn);
@@ -140,9 +154,10 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) {
             if (*value).generation != generation {
                 (*value).generation = generation;
                 classify::classify(ctx, key, &mut *value);
+                (*value).verdict = ingress_verdict(key, &*value);
             }
+            return (*value).verdict;
         }
-        return;
     }
     let mut first = FlowValue {
         packets: 1,
@@ -152,6 +167,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) {
         ..FlowValue::default()
     };
     classify::classify(ctx, key, &mut first);
+    first.verdict = ingress_verdict(key, &first);
     if first.class == class::LOCALHOST {
         pair_with_reverse(key, &mut first);
     }
@@ -163,6 +179,30 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) {
     } else {
         bump_stats(|s| s.flow_insert_failed += 1);
     }
+    first.verdict
+}
+
+/// The policy verdict of an inbound IPv4 TCP connection to the pod (the pod
+/// is the server, the flow enters at `eth0`); 0 for every other flow.
+#[inline(always)]
+fn ingress_verdict(key: &FlowKey, value: &FlowValue) -> u8 {
+    if key.interface != interface::POD
+        || key.direction != INGRESS
+        || key.family != family::IPV4
+        || value.server != server::DESTINATION
+    {
+        return 0;
+    }
+    let a = key.src_addr;
+    let verdict = policy::ingress(
+        key.netns_cookie,
+        value.class,
+        key.protocol,
+        key.dst_port,
+        value.peer_id,
+        [a[12], a[13], a[14], a[15]],
+    );
+    if verdict == verdict::DENY { verdict } else { 0 }
 }
 
 /// Both directions of a localhost conversation pass `lo` egress, each with

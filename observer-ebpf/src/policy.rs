@@ -5,6 +5,10 @@
 //!
 //! Attached to each pod's cgroup. A pod without a compiled policy (or a
 //! daemon that is gone, taking the links with it) is never affected.
+//!
+//! Inbound connections have no socket call of the pod's to hook: their
+//! first packet is decided at `eth0` ingress by [`ingress`], called from
+//! the flow classifier, and the flow's later packets follow that verdict.
 
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 
@@ -17,8 +21,9 @@ use aya_ebpf::{
 };
 use observer_common::{
     MAX_POD_RULES, MemberKey, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY,
-    PodPolicy, PolicyRule, ServiceKey, VERDICTS_CAPACITY, VerdictKey, class, ipv4_mapped, set_kind,
-    verdict,
+    PodPolicy, PolicyRule, ServiceKey, VERDICTS_CAPACITY, VerdictKey, class,
+    direction::{EGRESS, INGRESS},
+    ipv4_mapped, set_kind, verdict,
 };
 
 use crate::{CIDRS, SERVICES};
@@ -58,9 +63,6 @@ fn decide(ctx: &SockAddrContext) -> i32 {
     // SAFETY: helpers valid for cgroup sock_addr programs; `ctx` is the
     // program's context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    let Some(policy) = (unsafe { POLICIES.get(&cookie) }) else {
-        return 1;
-    };
     // SAFETY: the context the kernel passed.
     let (address, port, protocol) = unsafe {
         let sa = &*ctx.sock_addr;
@@ -73,28 +75,87 @@ fn decide(ctx: &SockAddrContext) -> i32 {
     let (class, service, peer) = classify(address, port, protocol);
     // SAFETY: plain helper.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let connection = Connection {
+        direction: EGRESS,
+        class,
+        protocol,
+        port,
+        service,
+        peer,
+        cgroup,
+        address,
+    };
+    i32::from(verdict(cookie, &connection) != verdict::DENY)
+}
 
+/// An inbound connection to a pod (its first packet at `eth0` ingress):
+/// [`verdict::DENY`] if a policy denies it.
+#[inline(always)]
+pub fn ingress(cookie: u64, class: u8, protocol: u8, port: u16, peer: u32, address: [u8; 4]) -> u8 {
+    let connection = Connection {
+        direction: INGRESS,
+        class,
+        protocol,
+        port,
+        service: 0,
+        peer,
+        cgroup: 0,
+        address,
+    };
+    verdict(cookie, &connection)
+}
+
+/// What a policy hook knows of a connection.
+struct Connection {
+    direction: u8,
+    class: u8,
+    protocol: u8,
+    /// The server's port.
+    port: u16,
+    service: u32,
+    peer: u32,
+    /// The client's cgroup (egress only).
+    cgroup: u64,
+    /// The remote address.
+    address: [u8; 4],
+}
+
+/// The pod's rules for this direction, in order; the first that matches
+/// decides, else the default. Counted in VERDICTS.
+#[inline(always)]
+fn verdict(cookie: u64, c: &Connection) -> u8 {
+    // SAFETY: a plain lookup.
+    let Some(policy) = (unsafe { POLICIES.get(&cookie) }) else {
+        return verdict::ALLOW;
+    };
     let mut i = 0;
     while i < MAX_POD_RULES {
         if i as u32 >= policy.rules {
             break;
         }
         let rule = &policy.rule[i];
-        if matches(rule, class, protocol, port, service, peer, cgroup, address) {
-            return verdict_of(cookie, rule.id, rule.action, rule.audit, class);
+        if rule.direction == c.direction && matches(rule, c) {
+            return count(cookie, rule.id, rule.action, rule.audit, c);
         }
         i += 1;
     }
-    if policy.default_action == verdict::DENY {
-        return verdict_of(
-            cookie,
-            policy.default_id,
-            verdict::DENY,
+    let (action, audit, id) = if c.direction == INGRESS {
+        (
+            policy.default_ingress_action,
+            policy.default_ingress_audit,
+            policy.default_ingress_id,
+        )
+    } else {
+        (
+            policy.default_action,
             policy.default_audit,
-            class,
-        );
+            policy.default_id,
+        )
+    };
+    if action == verdict::DENY {
+        return count(cookie, id, verdict::DENY, audit, c);
     }
-    1
+    verdict::ALLOW
 }
 
 /// The destination's class, and its Service or peer id.
@@ -122,27 +183,17 @@ fn classify(address: [u8; 4], port: u16, protocol: u8) -> (u8, u32, u32) {
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn matches(
-    rule: &PolicyRule,
-    class: u8,
-    protocol: u8,
-    port: u16,
-    service: u32,
-    peer: u32,
-    cgroup: u64,
-    address: [u8; 4],
-) -> bool {
-    if rule.class != class::UNKNOWN && rule.class != class {
+fn matches(rule: &PolicyRule, c: &Connection) -> bool {
+    if rule.class != class::UNKNOWN && rule.class != c.class {
         return false;
     }
-    if rule.protocol != 0 && rule.protocol != protocol {
+    if rule.protocol != 0 && rule.protocol != c.protocol {
         return false;
     }
-    if port < rule.port_first || port > rule.port_last {
+    if c.port < rule.port_first || c.port > rule.port_last {
         return false;
     }
-    if rule.service != 0 && rule.service != service {
+    if rule.service != 0 && rule.service != c.service {
         return false;
     }
     let member = |member: u64| {
@@ -155,23 +206,23 @@ fn matches(
         unsafe { POLICY_MEMBERS.get(&key) }.is_some()
     };
     match rule.set_kind {
-        set_kind::CLIENTS => member(cgroup),
-        set_kind::NOT_CLIENTS => !member(cgroup),
-        set_kind::PEERS => peer != 0 && member(u64::from(peer)),
+        set_kind::CLIENTS => member(c.cgroup),
+        set_kind::NOT_CLIENTS => !member(c.cgroup),
+        set_kind::PEERS => c.peer != 0 && member(u64::from(c.peer)),
         set_kind::CIDRS => {
             let set = rule.set.to_be_bytes();
-            let data = [
-                set[0], set[1], set[2], set[3], address[0], address[1], address[2], address[3],
-            ];
+            let a = c.address;
+            let data = [set[0], set[1], set[2], set[3], a[0], a[1], a[2], a[3]];
             POLICY_CIDRS.get(&Key::new(64, data)).is_some()
         }
         _ => true,
     }
 }
 
-/// Counts the decision and returns what the hook returns.
+/// Counts the decision and returns the verdict to act on: an `audit`
+/// denial is counted as such and lets the connection through.
 #[inline(always)]
-fn verdict_of(cookie: u64, rule: u32, action: u8, audit: u8, class: u8) -> i32 {
+fn count(cookie: u64, rule: u32, action: u8, audit: u8, c: &Connection) -> u8 {
     let decided = match (action, audit) {
         (verdict::DENY, 0) => verdict::DENY,
         (verdict::DENY, _) => verdict::AUDIT_DENY,
@@ -181,8 +232,9 @@ fn verdict_of(cookie: u64, rule: u32, action: u8, audit: u8, class: u8) -> i32 {
         netns_cookie: cookie,
         rule,
         verdict: decided,
-        class,
-        _pad: [0; 2],
+        class: c.class,
+        direction: c.direction,
+        _pad: 0,
     };
     match VERDICTS.get_ptr_mut(&key) {
         // SAFETY: a live, aligned map value; other CPUs add too.
@@ -198,5 +250,9 @@ fn verdict_of(cookie: u64, rule: u32, action: u8, audit: u8, class: u8) -> i32 {
             }
         }
     }
-    i32::from(decided != verdict::DENY)
+    if decided == verdict::DENY {
+        verdict::DENY
+    } else {
+        verdict::ALLOW
+    }
 }

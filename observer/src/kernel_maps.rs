@@ -51,6 +51,16 @@ impl KernelMaps {
         }
     }
 
+    /// Bumps the generation: every live flow is classified again at its
+    /// next packet (after a policy change, for its ingress verdict).
+    pub fn reclassify(&mut self) -> Result<(), KernelMapsError> {
+        self.generation = self.generation.wrapping_add(1);
+        self.maps
+            .generation
+            .set(0, self.generation, 0)
+            .map_err(|e| update_error("GENERATION", e))
+    }
+
     /// The ids the maps use, for compiling policies.
     pub fn ids(&self) -> &Ids {
         &self.ids

@@ -548,6 +548,11 @@ impl Reconciler {
                 let names = Arc::new(compiled.names.clone());
                 let _ = self.events.send(CollectorEvent::PolicyNames(names));
                 state.compiled = compiled;
+                // Live inbound flows take the new ingress verdicts.
+                if let Err(err) = self.kernel_maps.reclassify() {
+                    tracing::warn!(%err, "classifying live flows again");
+                    self.metrics.error("kernel_maps");
+                }
             }
             Err(err) => {
                 tracing::warn!(%err, "writing the policy maps");

@@ -61,8 +61,12 @@ impl Verdicts {
                 names.policy.clone(),
                 names.rule.clone(),
                 class_label(key.class).to_owned(),
-                // The socket hooks decide what the pod sends.
-                "egress".to_owned(),
+                if key.direction == observer_common::direction::INGRESS {
+                    "ingress"
+                } else {
+                    "egress"
+                }
+                .to_owned(),
                 verdict.to_owned(),
             ];
             let before = self.seen.get(&key).map_or(0, |(n, _)| *n);

@@ -2,8 +2,9 @@
 //! it, in the order they are tried, as fixed-size entries the socket hooks
 //! walk; client containers, peer pods and CIDRs as set members.
 //!
-//! The kernel decides at `connect()` and UDP `sendmsg()`, so it enforces
-//! egress and localhost rules. Ingress rules are reported, not compiled.
+//! The kernel decides egress and localhost rules at `connect()` and UDP
+//! `sendmsg()`, ingress rules at the first packet of an inbound TCP
+//! connection on `eth0`.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -11,7 +12,8 @@ use std::{
 };
 
 use observer_common::{
-    MAX_POD_RULES, MemberKey, PodPolicy, PolicyRule, class, inventory::Inventory, set_kind, verdict,
+    MAX_POD_RULES, MemberKey, PodPolicy, PolicyRule, class, direction, inventory::Inventory,
+    set_kind, verdict,
 };
 
 use super::{
@@ -76,6 +78,7 @@ impl Compiler {
             }
             let mut entry = PodPolicy {
                 default_action: verdict::ALLOW,
+                default_ingress_action: verdict::ALLOW,
                 ..PodPolicy::default()
             };
             let mut rules = Vec::new();
@@ -86,13 +89,6 @@ impl Compiler {
                         policy: policy.metadata.name.clone(),
                         rule: rule_name(rule, i),
                     };
-                    if rule.class != Class::Localhost && rule.direction == Direction::Ingress {
-                        out.problems.push(format!(
-                            "policy {}, rule {}: ingress rules are not enforced yet",
-                            names.policy, names.rule
-                        ));
-                        continue;
-                    }
                     let id = self.rules.id(&names);
                     out.names.insert(id, names);
                     let mut base = PolicyRule {
@@ -108,6 +104,13 @@ impl Compiler {
                             Action::Deny => verdict::DENY,
                         },
                         audit,
+                        direction: if rule.class != Class::Localhost
+                            && rule.direction == Direction::Ingress
+                        {
+                            direction::INGRESS
+                        } else {
+                            direction::EGRESS
+                        },
                         port_first: 0,
                         port_last: u16::MAX,
                         id,
@@ -191,18 +194,28 @@ impl Compiler {
                 ));
                 continue;
             }
-            if let Some(policy) = selected
-                .iter()
-                .find(|p| p.spec.default_action == Action::Deny)
-            {
+            for ingress in [false, true] {
+                let Some(policy) = selected.iter().find(|p| {
+                    p.spec.default_action == Action::Deny && (!ingress || has_ingress(p))
+                }) else {
+                    continue;
+                };
                 let names = RuleName {
                     policy: policy.metadata.name.clone(),
                     rule: "default".into(),
                 };
-                entry.default_id = self.rules.id(&names);
-                out.names.insert(entry.default_id, names);
-                entry.default_action = verdict::DENY;
-                entry.default_audit = u8::from(policy.spec.mode == Mode::Audit);
+                let id = self.rules.id(&names);
+                out.names.insert(id, names);
+                let audit = u8::from(policy.spec.mode == Mode::Audit);
+                if ingress {
+                    entry.default_ingress_id = id;
+                    entry.default_ingress_action = verdict::DENY;
+                    entry.default_ingress_audit = audit;
+                } else {
+                    entry.default_id = id;
+                    entry.default_action = verdict::DENY;
+                    entry.default_audit = audit;
+                }
             }
             entry.rules = rules.len() as u32;
             entry.rule[..rules.len()].copy_from_slice(&rules);
@@ -210,6 +223,16 @@ impl Compiler {
         }
         out
     }
+}
+
+/// A policy's default covers ingress only if it has ingress rules: a policy
+/// about what a pod sends leaves what it receives alone.
+pub fn has_ingress(policy: &super::TrafficPolicy) -> bool {
+    policy
+        .spec
+        .rules
+        .iter()
+        .any(|r| r.class != Class::Localhost && r.direction == Direction::Ingress)
 }
 
 fn kernel_class(class: Class) -> u8 {

@@ -93,8 +93,10 @@ fn check_services(
 pub fn parse(text: &str) -> Result<Policies, (usize, String)> {
     let mut policies: Vec<TrafficPolicy> = Vec::new();
     for document in serde_norway::Deserializer::from_str(text) {
-        let policy = match TrafficPolicy::deserialize(document) {
-            Ok(policy) => policy,
+        // An empty document (an empty file, a trailing `---`) holds no policy.
+        let policy = match Option::<TrafficPolicy>::deserialize(document) {
+            Ok(None) => continue,
+            Ok(Some(policy)) => policy,
             Err(err) => {
                 let line = err.location().map_or(1, |l| l.line());
                 // The message without serde_norway's own " at line N" tail.
@@ -215,8 +217,9 @@ impl Policies {
     /// How rules combine: the policies selecting the pod are tried by name,
     /// the rules of each in order; the first rule that matches decides.
     /// Without a match, the first policy (by name) whose `defaultAction` is
-    /// `deny` decides; else the traffic is allowed (`None`: no policy has a
-    /// say).
+    /// `deny` decides (for inbound connections: the first such policy that
+    /// has ingress rules); else the traffic is allowed (`None`: no policy
+    /// has a say).
     pub fn decide(
         &self,
         namespace: &str,
@@ -236,9 +239,13 @@ impl Policies {
                 }
             }
         }
+        let inbound =
+            connection.class != Class::Localhost && connection.direction == Direction::Ingress;
         selected
             .iter()
-            .find(|p| p.spec.default_action == Action::Deny)
+            .find(|p| {
+                p.spec.default_action == Action::Deny && (!inbound || compile::has_ingress(p))
+            })
             .map(|p| Decision {
                 policy: p.metadata.name.clone(),
                 rule: "default".into(),

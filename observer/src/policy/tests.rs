@@ -262,6 +262,14 @@ fn bad_files_are_refused_with_the_line_and_the_problem() {
 }
 
 #[test]
+fn empty_files_and_documents_hold_no_policy() {
+    assert_eq!(parse("").unwrap(), Policies::default());
+    assert_eq!(parse("# none yet\n").unwrap(), Policies::default());
+    let one = format!("---\n{EXAMPLES}\n---\n");
+    assert_eq!(parse(&one).unwrap().policies.len(), 4);
+}
+
+#[test]
 fn load_names_the_file() {
     let path = std::env::temp_dir().join(format!("observer-policy-{}.yaml", std::process::id()));
     std::fs::write(&path, "apiVersion: observer.dev/v1alpha1\nkind: Pod\n").unwrap();
