@@ -273,6 +273,28 @@ fn peer_namespaces_and_external_cidrs() {
             &[("rule", "partner-api"), ("verdict", "allow")]
         ) >= 1.0
     );
+
+    // Audit: the same connections go through, counted as would-be denials.
+    fs::write(&policy, PEERS_AND_CIDRS.replace("enforce", "audit")).unwrap();
+    eventually(&observer, "the reload", |m| {
+        m.sum("observer_policy_reloads_total", &[("result", "ok")]) >= 1.0
+    });
+    assert_eq!(
+        connect_from(&client, &client_netns, &ip("shop", "shop"), 8080),
+        Connect::Connected
+    );
+    // Let through, with nowhere to go: the lab has no such host.
+    let outside = connect_from(&fetcher, &web_netns, "203.0.113.7", 80);
+    assert!(matches!(outside, Connect::Other(_)), "{outside:?}");
+    eventually(&observer, "audit denials", |m| {
+        let audit = |rule| {
+            m.sum(
+                "observer_policy_verdicts_total",
+                &[("rule", rule), ("verdict", "audit_deny")],
+            )
+        };
+        audit("no-shop-pods") >= 1.0 && audit("default") >= 1.0
+    });
     assert!(observer.terminate().success());
     let _ = fs::remove_dir_all(&dir);
 }
