@@ -321,6 +321,13 @@ spec:
       peer: {namespace: default, matchLabels: {app: client}}
       ports: [80]
       action: deny
+    - name: no-udp-from-client
+      class: pod
+      direction: ingress
+      protocol: UDP
+      peer: {namespace: default, matchLabels: {app: client}}
+      ports: [5353]
+      action: deny
 ",
     )
     .unwrap();
@@ -345,6 +352,33 @@ spec:
         connect_from(&remote, &remote_netns, &web, 80),
         Connect::Connected
     );
+    // UDP: datagrams to a socket bound in web (no listener to speak of).
+    let receiver = lab
+        .pod_netns("default", "web")
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:5353").expect("bind"))
+        .unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let send = |netns: lab::Netns, text: &'static [u8]| {
+        let target = format!("{web}:5353");
+        netns
+            .run(move || {
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                socket.send_to(text, &target).unwrap();
+            })
+            .unwrap();
+    };
+    let mut buf = [0u8; 16];
+    send(lab.pod_netns("default", "client"), b"client");
+    assert!(
+        receiver.recv(&mut buf).is_err(),
+        "the client's datagram was dropped"
+    );
+    send(lab.pod_netns("default", "remote"), b"remote");
+    let n = receiver.recv(&mut buf).expect("the remote's datagram");
+    assert_eq!(&buf[..n], b"remote");
+
     let m = eventually(&observer, "the ingress denial counted", |m| {
         m.sum(
             "observer_policy_verdicts_total",

@@ -20,7 +20,7 @@ use observer_common::{
 use crate::{CIDRS, SERVICES};
 
 const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_UDP: u8 = 17;
 
 /// Fills the classification fields of `value` (not the counters).
 #[inline(always)]
@@ -115,7 +115,7 @@ struct Ends {
 /// Whether a socket listens (TCP) or is bound without a peer (UDP) on
 /// `addr:port`: a lookup with a zero source matches no connected socket.
 #[inline(always)]
-fn listening(ctx: &TcContext, family: u8, protocol: u8, addr: [u8; 16], port: u16) -> bool {
+pub fn listening(ctx: &TcContext, family: u8, protocol: u8, addr: [u8; 16], port: u16) -> bool {
     socket_exists(
         ctx,
         family,

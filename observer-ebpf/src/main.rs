@@ -93,6 +93,9 @@ pub fn classify_flow(ctx: TcContext) -> i32 {
     action(count(&ctx, &mut key, u64::from(ctx.len()), u64::from(syn)))
 }
 
+/// Linux's default `ip_local_port_range` starts here.
+const FIRST_EPHEMERAL_PORT: u16 = 32768;
+
 /// What tc does with a packet of a flow with this verdict.
 #[inline(always)]
 fn action(verdict: u8) -> i32 {
@@ -154,7 +157,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> u8 {
             if (*value).generation != generation {
                 (*value).generation = generation;
                 classify::classify(ctx, key, &mut *value);
-                (*value).verdict = ingress_verdict(key, &*value);
+                (*value).verdict = ingress_verdict(ctx, key, &*value);
             }
             return (*value).verdict;
         }
@@ -167,7 +170,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> u8 {
         ..FlowValue::default()
     };
     classify::classify(ctx, key, &mut first);
-    first.verdict = ingress_verdict(key, &first);
+    first.verdict = ingress_verdict(ctx, key, &first);
     if first.class == class::LOCALHOST {
         pair_with_reverse(key, &mut first);
     }
@@ -182,15 +185,22 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> u8 {
     first.verdict
 }
 
-/// The policy verdict of an inbound IPv4 TCP connection to the pod (the pod
-/// is the server, the flow enters at `eth0`); 0 for every other flow.
+/// The policy verdict of an inbound IPv4 connection to the pod (the flow
+/// enters at `eth0` and the pod is the server: a TCP listener, or a UDP
+/// socket bound to the port); 0 for every other flow.
 #[inline(always)]
-fn ingress_verdict(key: &FlowKey, value: &FlowValue) -> u8 {
-    if key.interface != interface::POD
-        || key.direction != INGRESS
-        || key.family != family::IPV4
-        || value.server != server::DESTINATION
-    {
+fn ingress_verdict(ctx: &TcContext, key: &FlowKey, value: &FlowValue) -> u8 {
+    if key.interface != interface::POD || key.direction != INGRESS || key.family != family::IPV4 {
+        return 0;
+    }
+    // UDP has no listener: a socket bound to the port, outside Linux's
+    // ephemeral range (where the replies to the pod's own queries land).
+    let inbound = value.server == server::DESTINATION
+        || (key.protocol == classify::IPPROTO_UDP
+            && value.server == server::UNKNOWN
+            && key.dst_port < FIRST_EPHEMERAL_PORT
+            && classify::listening(ctx, key.family, key.protocol, key.dst_addr, key.dst_port));
+    if !inbound {
         return 0;
     }
     let a = key.src_addr;
