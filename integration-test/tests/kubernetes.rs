@@ -11,6 +11,7 @@ use std::{
 
 use integration_test::{
     FakeApi, Observer, Scrape,
+    container::{Connect, connect_from},
     kube_api::{self, Kind},
     observer::{free_port, http_get},
 };
@@ -42,7 +43,18 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
     let api_addr = free_port();
     let kubeconfig = kube_api::kubeconfig(api_addr, &dir);
     let kubeconfig = kubeconfig.to_str().unwrap();
+    // A policy, to see that Kubernetes mode enforces it too.
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: client-not-shop}\n\
+         spec:\n  podSelector: {namespace: default, matchLabels: {app: client}}\n  mode: enforce\n\
+         \x20 rules:\n  - {class: service, service: {namespace: shop, name: shop}, action: deny}\n",
+    )
+    .unwrap();
     let observer = Observer::spawn(&[
+        "--policy",
+        policy.to_str().unwrap(),
         "--kubernetes",
         "--node",
         "node-1",
@@ -123,6 +135,23 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
             &[("pod", "web"), ("class", "pod"), ("peer", "remote")],
         ) > 0.0
     });
+
+    // The policy, compiled from the API's names, enforced at connect.
+    let client = lab.pod("default", "client").unwrap();
+    let to_pod = client
+        .containers
+        .iter()
+        .find(|c| c.name == "to-pod")
+        .unwrap();
+    let netns = client.netns.clone().unwrap();
+    assert_eq!(
+        connect_from(&to_pod.cgroup, &netns, "10.96.0.20", 8080),
+        Connect::NotPermitted
+    );
+    assert_eq!(
+        connect_from(&to_pod.cgroup, &netns, "10.96.0.10", 80),
+        Connect::Connected
+    );
 
     // A host-network pod: recognised, not attached.
     api.apply(
