@@ -206,3 +206,41 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
     drop(api);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// In Kubernetes mode the Services are known once the API is listed: a
+/// policy naming one that does not exist is refused then.
+#[test]
+fn a_policy_naming_an_unknown_service_is_refused_once_the_api_is_listed() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = std::env::temp_dir().join(format!("observer-kube-svc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let api_addr = free_port();
+    let api = FakeApi::serve(api_addr);
+    api.load(lab.inventory());
+    let kubeconfig = kube_api::kubeconfig(api_addr, &dir);
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  mode: enforce\n  rules:\n  - {class: service, service: {namespace: shop, name: nope}, action: deny}\n",
+    )
+    .unwrap();
+    let observer = Observer::start(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--kubernetes",
+        "--node",
+        "node-1",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ]);
+    eventually(&observer, "the refusal", |m| {
+        m.sum("observer_policy_reloads_total", &[("result", "refused")]) == 1.0
+    });
+    assert!(
+        observer.log().contains("there is no Service shop/nope"),
+        "{}",
+        observer.log()
+    );
+    assert!(observer.terminate().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

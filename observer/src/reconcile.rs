@@ -107,6 +107,15 @@ struct Wanted {
     complete: bool,
 }
 
+/// What reading the policy file again did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reload {
+    Changed,
+    Unchanged,
+    /// Invalid: the last good policy stays.
+    Refused,
+}
+
 /// Why a reconciliation runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Trigger {
@@ -123,16 +132,27 @@ pub struct PolicyState {
     pub maps: PolicyMaps,
     compiler: Compiler,
     compiled: Compiled,
+    /// The Services it names were checked to exist (in Kubernetes mode they
+    /// are known only once the API has been listed).
+    services_checked: bool,
 }
 
 impl PolicyState {
-    pub fn new(path: PathBuf, policies: Policies, maps: PolicyMaps) -> Self {
+    /// `services_checked`: whether `policies` was loaded with the Services
+    /// known.
+    pub fn new(
+        path: PathBuf,
+        policies: Policies,
+        maps: PolicyMaps,
+        services_checked: bool,
+    ) -> Self {
         Self {
             path,
             policies,
             maps,
             compiler: Compiler::default(),
             compiled: Compiled::default(),
+            services_checked,
         }
     }
 }
@@ -157,6 +177,8 @@ pub struct Reconciler {
     /// the `local_changes` of the view then.
     found: HashMap<String, FoundPod>,
     found_at: Option<u64>,
+    /// The last reconciliation had a complete source: its Services are all.
+    complete: bool,
 }
 
 impl Reconciler {
@@ -183,6 +205,7 @@ impl Reconciler {
             inventory: None,
             found: HashMap::new(),
             found_at: None,
+            complete: false,
         }
     }
 
@@ -248,7 +271,7 @@ impl Reconciler {
                         tracing::warn!(%err, "watching the policy file");
                         self.metrics.error("watch");
                     }
-                    if !self.reload_policy() {
+                    if self.reload_policy() != Reload::Changed {
                         continue;
                     }
                     Trigger::Peers
@@ -346,6 +369,7 @@ impl Reconciler {
                 }
             }
         }
+        self.complete = wanted.complete;
         self.apply_policy();
         let pods = &self.metrics.pods;
         let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
@@ -484,25 +508,27 @@ impl Reconciler {
 
     /// Reads the policy file again after a change in its directory. An
     /// invalid file changes nothing: the last good policy stays in force.
-    /// Returns whether the policies changed.
-    fn reload_policy(&mut self) -> bool {
+    fn reload_policy(&mut self) -> Reload {
         let Some(state) = self.policy.as_mut() else {
-            return false;
+            return Reload::Unchanged;
         };
-        let services = self.inventory.as_ref().map(|i| {
+        // Services are checked once every one is known.
+        let known = self.inventory.as_ref().filter(|_| self.complete);
+        state.services_checked = known.is_some();
+        let services = known.map(|i| {
             i.services
                 .iter()
                 .map(|s| (s.namespace.clone(), s.name.clone()))
                 .collect::<HashSet<_>>()
         });
         match policy::load(&state.path, services.as_ref()) {
-            Ok(policies) if policies == state.policies => false,
+            Ok(policies) if policies == state.policies => Reload::Unchanged,
             Ok(policies) => {
                 let rules: usize = policies.policies.iter().map(|p| p.spec.rules.len()).sum();
                 tracing::info!(path = %state.path.display(), policies = policies.policies.len(), rules, "policy reloaded");
                 state.policies = policies;
                 self.metrics.policy_reloads.with_label_values(&["ok"]).inc();
-                true
+                Reload::Changed
             }
             Err(err) => {
                 tracing::error!(%err, "policy file refused: the last good policy stays in force");
@@ -511,7 +537,7 @@ impl Reconciler {
                     .with_label_values(&["refused"])
                     .inc();
                 self.metrics.error("policy");
-                false
+                Reload::Refused
             }
         }
     }
@@ -519,6 +545,19 @@ impl Reconciler {
     /// Compiles the policies for the pods attached now and writes what
     /// changed to the kernel.
     fn apply_policy(&mut self) {
+        if self.complete
+            && self.inventory.is_some()
+            && self.policy.as_ref().is_some_and(|p| !p.services_checked)
+        {
+            // The file was read before the Services were known: read it
+            // again with them; if it names one that does not exist, it is
+            // refused (and with no earlier policy, none is in force).
+            if self.reload_policy() == Reload::Refused
+                && let Some(state) = self.policy.as_mut()
+            {
+                state.policies = Policies::default();
+            }
+        }
         let (Some(state), Some(inventory)) = (self.policy.as_mut(), self.inventory.as_ref()) else {
             return;
         };

@@ -128,7 +128,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     let (datapath, maps, class_maps, policy_maps) =
         Datapath::open(args.flow_capacity, &args.runtime_dir)?;
-    let policy = policies.map(|(path, policies)| PolicyState::new(path, policies, policy_maps));
+    // In Kubernetes mode the Services are known only once the API is listed.
+    let policy = policies
+        .map(|(path, policies)| PolicyState::new(path, policies, policy_maps, !args.kubernetes));
     let kernel_maps = KernelMaps::new(class_maps);
     let metrics = Arc::new(Metrics::new());
     let flows = Arc::new(FlowMetrics::new(series_config(&args)));
