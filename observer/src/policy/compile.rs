@@ -50,10 +50,14 @@ pub trait Ids {
     fn pod(&self, pod: &ObjectRef) -> Option<u32>;
 }
 
-/// Compiles with rule ids that stay the same across compilations.
+/// Compiles with ids that stay the same across compilations: a rule keeps
+/// its id, and a pod's rule its set, so that a pod's entry never points at
+/// a set meant for another rule while the maps are being updated.
 #[derive(Debug, Default)]
 pub struct Compiler {
     rules: IdTable<RuleName>,
+    /// By (pod namespace cookie, rule id).
+    sets: IdTable<(u64, u32)>,
 }
 
 impl Compiler {
@@ -66,7 +70,21 @@ impl Compiler {
         ids: &impl Ids,
     ) -> Compiled {
         let mut out = Compiled::default();
-        let mut next_set = 1u32;
+        // Forget what is gone (ids are never reused).
+        let cookies: HashSet<u64> = attached.values().copied().collect();
+        self.sets.retain(|(cookie, _)| cookies.contains(cookie));
+        let names: HashSet<(&str, String)> = policies
+            .policies
+            .iter()
+            .flat_map(|p| {
+                let rules = p.spec.rules.iter().enumerate();
+                rules
+                    .map(|(i, r)| (p.metadata.name.as_str(), rule_name(r, i)))
+                    .chain([(p.metadata.name.as_str(), "default".to_owned())])
+            })
+            .collect();
+        self.rules
+            .retain(|n| names.contains(&(n.policy.as_str(), n.rule.clone())));
         for pod in &inventory.pods {
             let pod_ref = ObjectRef::new(&pod.namespace, &pod.name);
             let Some(&cookie) = attached.get(&pod_ref) else {
@@ -130,8 +148,7 @@ impl Compiler {
                             Containers::Not(names) => (set_kind::NOT_CLIENTS, names),
                         };
                         base.set_kind = kind;
-                        base.set = next_set;
-                        next_set += 1;
+                        base.set = self.sets.id(&(cookie, id));
                         for container in pod.containers.iter().filter(|c| names.contains(&c.name)) {
                             if let Ok(meta) = std::fs::metadata(&container.cgroup) {
                                 out.members.insert(MemberKey {
@@ -144,8 +161,7 @@ impl Compiler {
                     }
                     if let Some(peer) = &rule.peer {
                         base.set_kind = set_kind::PEERS;
-                        base.set = next_set;
-                        next_set += 1;
+                        base.set = self.sets.id(&(cookie, id));
                         for other in inventory
                             .pods
                             .iter()
@@ -164,8 +180,7 @@ impl Compiler {
                     }
                     if !rule.cidrs.is_empty() {
                         base.set_kind = set_kind::CIDRS;
-                        base.set = next_set;
-                        next_set += 1;
+                        base.set = self.sets.id(&(cookie, id));
                         for net in &rule.cidrs {
                             let mut key = [0u8; 8];
                             key[..4].copy_from_slice(&base.set.to_be_bytes());
@@ -254,5 +269,125 @@ pub fn class_label(class: u8) -> &'static str {
         class::EXTERNAL => class_name(Class::External),
         class::NODE => "node",
         _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use observer_common::inventory::{INVENTORY_VERSION, Pod};
+
+    use super::*;
+    use crate::policy::parse;
+
+    struct NoIds;
+    impl Ids for NoIds {
+        fn service(&self, _: &ObjectRef) -> Option<u32> {
+            None
+        }
+        fn pod(&self, _: &ObjectRef) -> Option<u32> {
+            None
+        }
+    }
+
+    fn pod(name: &str) -> Pod {
+        Pod {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: name.into(),
+            node: "node-1".into(),
+            labels: BTreeMap::from([("app".into(), "x".into())]),
+            ip: "10.244.1.5".parse().unwrap(),
+            netns: None,
+            containers: Vec::new(),
+        }
+    }
+
+    fn inventory(pods: Vec<Pod>) -> Inventory {
+        Inventory {
+            version: INVENTORY_VERSION,
+            cluster: String::new(),
+            pod_cidrs: Vec::new(),
+            service_cidr: None,
+            nodes: Vec::new(),
+            pods,
+            services: Vec::new(),
+            external_hosts: Vec::new(),
+        }
+    }
+
+    const POLICY: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: p}
+spec:
+  podSelector: {matchLabels: {app: x}}
+  mode: enforce
+  defaultAction: deny
+  rules:
+  - {name: a, class: localhost, ports: [80, \"8000-8100\"], clientContainers: [c], action: allow}
+  - {name: b, class: pod, direction: ingress, peer: {namespace: y}, action: deny}
+";
+
+    #[test]
+    fn rules_expand_per_port_range_in_order_with_stable_sets() {
+        let policies = parse(POLICY).unwrap();
+        let mut compiler = Compiler::default();
+        let b = HashMap::from([(ObjectRef::new("default", "b"), 2u64)]);
+        let first = compiler.compile(&policies, &inventory(vec![pod("b")]), &b, &NoIds);
+        let entry = first.pods[&2];
+        assert_eq!(entry.rules, 3, "two port ranges, then the ingress rule");
+        assert_eq!(
+            (entry.rule[0].port_first, entry.rule[0].port_last),
+            (80, 80)
+        );
+        assert_eq!(
+            (entry.rule[1].port_first, entry.rule[1].port_last),
+            (8000, 8100)
+        );
+        assert_eq!(entry.rule[2].direction, direction::INGRESS);
+        assert_eq!(entry.default_action, verdict::DENY);
+        assert_eq!(
+            entry.default_ingress_action,
+            verdict::DENY,
+            "the policy has ingress rules"
+        );
+
+        // Another pod comes first in the inventory: b keeps its sets.
+        let both = HashMap::from([
+            (ObjectRef::new("default", "a"), 1u64),
+            (ObjectRef::new("default", "b"), 2u64),
+        ]);
+        let second = compiler.compile(
+            &policies,
+            &inventory(vec![pod("a"), pod("b")]),
+            &both,
+            &NoIds,
+        );
+        assert_eq!(second.pods[&2], entry);
+        assert_ne!(second.pods[&1].rule[0].set, entry.rule[0].set);
+    }
+
+    #[test]
+    fn an_egress_only_policy_leaves_ingress_alone_and_too_many_rules_are_reported() {
+        let egress_only = POLICY.replace("direction: ingress", "direction: egress");
+        let policies = parse(&egress_only).unwrap();
+        let pods = HashMap::from([(ObjectRef::new("default", "b"), 2u64)]);
+        let compiled =
+            Compiler::default().compile(&policies, &inventory(vec![pod("b")]), &pods, &NoIds);
+        assert_eq!(compiled.pods[&2].default_ingress_action, verdict::ALLOW);
+
+        let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+        let many = POLICY.replace("[80, \"8000-8100\"]", &format!("[{}]", ports.join(", ")));
+        let policies = parse(&many).unwrap();
+        let compiled =
+            Compiler::default().compile(&policies, &inventory(vec![pod("b")]), &pods, &NoIds);
+        assert!(compiled.pods.is_empty());
+        assert!(
+            compiled.problems[0].contains("at most 16"),
+            "{:?}",
+            compiled.problems
+        );
     }
 }
