@@ -101,3 +101,28 @@ impl HeldConnection {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 }
+
+/// A UDP echo server in a container: answers `count` datagrams on `port`
+/// (or gives up after 10 s).
+pub fn udp_echo(cgroup: &Path, netns: &Path, port: u16, count: u32) -> std::process::Child {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0', {port}))\n\
+         s.settimeout(10)\n\
+         print('bound', flush=True)\n\
+         for _ in range({count}):\n    data, peer = s.recvfrom(64)\n    s.sendto(data, peer)\n"
+    );
+    let mut child = in_container(cgroup, netns, Command::new("python3").args(["-c", &script]))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "bound");
+    child
+}

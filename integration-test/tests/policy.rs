@@ -11,7 +11,7 @@ use std::{
 
 use integration_test::{
     Observer, Scrape,
-    container::{Connect, HeldConnection, connect_from},
+    container::{Connect, HeldConnection, connect_from, udp_echo},
 };
 use lab::{Lab, Plan};
 
@@ -102,6 +102,11 @@ fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
     assert_eq!(
         connect_from(&client, &client_netns, "10.96.0.10", 80),
         Connect::Connected
+    );
+    // An IPv6 socket to the v4-mapped address is the same connection.
+    assert_eq!(
+        connect_from(&client, &client_netns, "::ffff:10.96.0.20", 8080),
+        Connect::NotPermitted
     );
     // The pod behind it, by its own address: not a Service, allowed.
     let shop_ip = lab.pod("shop", "shop").unwrap().ip.to_string();
@@ -256,6 +261,29 @@ fn peer_namespaces_and_external_cidrs() {
         connect_from(&fetcher, &web_netns, "10.96.0.20", 8080),
         Connect::Connected
     );
+
+    // The client may not talk to shop's pods, but a UDP server in the client
+    // answers them: a reply (from its port to the asker's ephemeral one) is
+    // not a new conversation of the client's.
+    let (to_service, _) = container(&lab, "default", "client", "to-service");
+    let mut echo = udp_echo(&to_service, &client_netns, 5353, 1);
+    let client_ip = ip("default", "client");
+    let echoed = lab
+        .pod_netns("shop", "shop")
+        .run(move || {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            socket
+                .send_to(b"ping", format!("{client_ip}:5353"))
+                .unwrap();
+            let mut buf = [0u8; 8];
+            socket.recv(&mut buf).map(|n| buf[..n].to_vec())
+        })
+        .unwrap();
+    assert_eq!(echoed.expect("the reply"), b"ping");
+    assert!(echo.wait().unwrap().success());
 
     let m = eventually(&observer, "the verdicts", |m| {
         m.sum(

@@ -93,9 +93,6 @@ pub fn classify_flow(ctx: TcContext) -> i32 {
     action(count(&ctx, &mut key, u64::from(ctx.len()), u64::from(syn)))
 }
 
-/// Linux's default `ip_local_port_range` starts here.
-const FIRST_EPHEMERAL_PORT: u16 = 32768;
-
 /// What tc does with a packet of a flow with this verdict.
 #[inline(always)]
 fn action(verdict: u8) -> i32 {
@@ -157,7 +154,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> u8 {
             if (*value).generation != generation {
                 (*value).generation = generation;
                 classify::classify(ctx, key, &mut *value);
-                (*value).verdict = ingress_verdict(ctx, key, &*value);
+                (*value).verdict = ingress_verdict(ctx, key, &*value, false);
             }
             return (*value).verdict;
         }
@@ -170,7 +167,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> u8 {
         ..FlowValue::default()
     };
     classify::classify(ctx, key, &mut first);
-    first.verdict = ingress_verdict(ctx, key, &first);
+    first.verdict = ingress_verdict(ctx, key, &first, true);
     if first.class == class::LOCALHOST {
         pair_with_reverse(key, &mut first);
     }
@@ -189,7 +186,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> u8 {
 /// enters at `eth0` and the pod is the server: a TCP listener, or a UDP
 /// socket bound to the port); 0 for every other flow.
 #[inline(always)]
-fn ingress_verdict(ctx: &TcContext, key: &FlowKey, value: &FlowValue) -> u8 {
+fn ingress_verdict(ctx: &TcContext, key: &FlowKey, value: &FlowValue, first: bool) -> u8 {
     if key.interface != interface::POD || key.direction != INGRESS || key.family != family::IPV4 {
         return 0;
     }
@@ -198,7 +195,7 @@ fn ingress_verdict(ctx: &TcContext, key: &FlowKey, value: &FlowValue) -> u8 {
     let inbound = value.server == server::DESTINATION
         || (key.protocol == classify::IPPROTO_UDP
             && value.server == server::UNKNOWN
-            && key.dst_port < FIRST_EPHEMERAL_PORT
+            && key.dst_port < policy::FIRST_EPHEMERAL_PORT
             && classify::listening(ctx, key.family, key.protocol, key.dst_addr, key.dst_port));
     if !inbound {
         return 0;
@@ -211,6 +208,7 @@ fn ingress_verdict(ctx: &TcContext, key: &FlowKey, value: &FlowValue) -> u8 {
         key.dst_port,
         value.peer_id,
         [a[12], a[13], a[14], a[15]],
+        first,
     );
     if verdict == verdict::DENY { verdict } else { 0 }
 }

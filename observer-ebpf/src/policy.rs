@@ -45,37 +45,87 @@ static POLICY_CIDRS: LpmTrie<[u8; 8], u8> = LpmTrie::with_max_entries(POLICY_CID
 #[map]
 static VERDICTS: LruHashMap<VerdictKey, u64> = LruHashMap::with_max_entries(VERDICTS_CAPACITY, 0);
 
+/// Linux's default `ip_local_port_range` starts here.
+pub const FIRST_EPHEMERAL_PORT: u16 = 32768;
+
 /// `connect()` on an IPv4 socket (TCP, and connected UDP).
 #[cgroup_sock_addr(connect4)]
 pub fn policy_connect4(ctx: SockAddrContext) -> i32 {
-    decide(&ctx)
+    // SAFETY: the context the kernel passed.
+    let address = unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes();
+    decide(&ctx, address, false)
 }
 
-/// `sendmsg()` with an address on an unconnected UDP socket.
+/// `sendmsg()` with an address on an unconnected IPv4 UDP socket.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn policy_sendmsg4(ctx: SockAddrContext) -> i32 {
-    decide(&ctx)
+    // SAFETY: as above.
+    let address = unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes();
+    decide(&ctx, address, true)
+}
+
+/// `connect()` on an IPv6 socket: to an IPv4 address, it is v4-mapped
+/// (dual-stack sockets, Java's default). Other IPv6 traffic is not subject
+/// to policies.
+#[cgroup_sock_addr(connect6)]
+pub fn policy_connect6(ctx: SockAddrContext) -> i32 {
+    match v4_mapped(&ctx) {
+        Some(address) => decide(&ctx, address, false),
+        None => 1,
+    }
+}
+
+/// `sendmsg()` with an address on an unconnected IPv6 UDP socket.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn policy_sendmsg6(ctx: SockAddrContext) -> i32 {
+    match v4_mapped(&ctx) {
+        Some(address) => decide(&ctx, address, true),
+        None => 1,
+    }
+}
+
+/// The IPv4 address in a v4-mapped IPv6 destination (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn v4_mapped(ctx: &SockAddrContext) -> Option<[u8; 4]> {
+    // SAFETY: the context the kernel passed; `user_ip6` is read a 4-byte
+    // word at a time, as the verifier requires.
+    let (a, b, c, d) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        )
+    };
+    (a == 0 && b == 0 && c.to_ne_bytes() == [0, 0, 0xff, 0xff]).then(|| d.to_ne_bytes())
 }
 
 /// 1 lets the call through; 0 fails it with EPERM.
 #[inline(always)]
-fn decide(ctx: &SockAddrContext) -> i32 {
+fn decide(ctx: &SockAddrContext, address: [u8; 4], datagram: bool) -> i32 {
     // SAFETY: helpers valid for cgroup sock_addr programs; `ctx` is the
     // program's context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     // SAFETY: the context the kernel passed.
-    let (address, port, protocol) = unsafe {
+    let (port, protocol) = unsafe {
         let sa = &*ctx.sock_addr;
-        (
-            sa.user_ip4.to_ne_bytes(),
-            u16::from_be(sa.user_port as u16),
-            sa.protocol as u8,
-        )
+        (u16::from_be(sa.user_port as u16), sa.protocol as u8)
     };
+    // A UDP server answering a client: sent from the server's port to the
+    // client's ephemeral one. Its inbound side was decided at ingress.
+    if datagram && port >= FIRST_EPHEMERAL_PORT {
+        // SAFETY: `sk`, the sending socket, is always set for these hooks.
+        let local = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).src_port };
+        if local != 0 && local < u32::from(FIRST_EPHEMERAL_PORT) {
+            return 1;
+        }
+    }
     let (class, service, peer) = classify(address, port, protocol);
     // SAFETY: plain helper.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     let connection = Connection {
+        counted: true,
         direction: EGRESS,
         class,
         protocol,
@@ -89,10 +139,25 @@ fn decide(ctx: &SockAddrContext) -> i32 {
 }
 
 /// An inbound connection to a pod (its first packet at `eth0` ingress):
-/// [`verdict::DENY`] if a policy denies it.
+/// [`verdict::DENY`] if a policy denies it. Counted in VERDICTS if
+/// `counted` (a flow's first decision, not a decision again after a
+/// change). Traffic from the node (the kubelet's probes) is never subject
+/// to it.
 #[inline(always)]
-pub fn ingress(cookie: u64, class: u8, protocol: u8, port: u16, peer: u32, address: [u8; 4]) -> u8 {
+pub fn ingress(
+    cookie: u64,
+    class: u8,
+    protocol: u8,
+    port: u16,
+    peer: u32,
+    address: [u8; 4],
+    counted: bool,
+) -> u8 {
+    if class == class::NODE {
+        return verdict::ALLOW;
+    }
     let connection = Connection {
+        counted,
         direction: INGRESS,
         class,
         protocol,
@@ -107,6 +172,8 @@ pub fn ingress(cookie: u64, class: u8, protocol: u8, port: u16, peer: u32, addre
 
 /// What a policy hook knows of a connection.
 struct Connection {
+    /// Count the decision in VERDICTS.
+    counted: bool,
     direction: u8,
     class: u8,
     protocol: u8,
@@ -228,6 +295,14 @@ fn count(cookie: u64, rule: u32, action: u8, audit: u8, c: &Connection) -> u8 {
         (verdict::DENY, _) => verdict::AUDIT_DENY,
         _ => verdict::ALLOW,
     };
+    let acted = if decided == verdict::DENY {
+        verdict::DENY
+    } else {
+        verdict::ALLOW
+    };
+    if !c.counted {
+        return acted;
+    }
     let key = VerdictKey {
         netns_cookie: cookie,
         rule,
@@ -250,9 +325,5 @@ fn count(cookie: u64, rule: u32, action: u8, audit: u8, c: &Connection) -> u8 {
             }
         }
     }
-    if decided == verdict::DENY {
-        verdict::DENY
-    } else {
-        verdict::ALLOW
-    }
+    acted
 }

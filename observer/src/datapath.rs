@@ -31,8 +31,14 @@ pub const EGRESS_PROGRAM: &str = "observe_egress";
 pub const INGRESS_PROGRAM: &str = "observe_ingress";
 /// Does nothing: the benchmark's baseline.
 pub const NOOP_PROGRAM: &str = "noop";
-/// The policy hooks on a pod's cgroup: `connect()`, and UDP `sendmsg()`.
-pub const POLICY_PROGRAMS: [&str; 2] = ["policy_connect4", "policy_sendmsg4"];
+/// The policy hooks on a pod's cgroup: `connect()`, and UDP `sendmsg()`, on
+/// IPv4 and on IPv6 sockets (IPv4 destinations v4-mapped).
+pub const POLICY_PROGRAMS: [&str; 4] = [
+    "policy_connect4",
+    "policy_sendmsg4",
+    "policy_connect6",
+    "policy_sendmsg6",
+];
 
 const PRIVILEGES: &str = "the observer needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and \
                           CAP_SYS_ADMIN, and a kernel with BTF";

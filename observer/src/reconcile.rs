@@ -546,15 +546,25 @@ impl Reconciler {
     /// changed to the kernel.
     fn apply_policy(&mut self) {
         if self.complete
-            && self.inventory.is_some()
-            && self.policy.as_ref().is_some_and(|p| !p.services_checked)
+            && let (Some(state), Some(inventory)) = (self.policy.as_mut(), self.inventory.as_ref())
+            && !state.services_checked
         {
-            // The file was read before the Services were known: read it
-            // again with them; if it names one that does not exist, it is
-            // refused (and with no earlier policy, none is in force).
-            if self.reload_policy() == Reload::Refused
-                && let Some(state) = self.policy.as_mut()
-            {
+            // The policy in force was read before the Services were known:
+            // if it names one that does not exist, it is refused now (and
+            // with no earlier good policy, none is in force).
+            state.services_checked = true;
+            let services: HashSet<(String, String)> = inventory
+                .services
+                .iter()
+                .map(|s| (s.namespace.clone(), s.name.clone()))
+                .collect();
+            if let Some(service) = policy::unknown_service(&state.policies, &services) {
+                tracing::error!(path = %state.path.display(), %service, "policy refused: there is no Service {service} with a ClusterIP (a headless Service has none to match)");
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["refused"])
+                    .inc();
+                self.metrics.error("policy");
                 state.policies = Policies::default();
             }
         }

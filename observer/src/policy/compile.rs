@@ -50,14 +50,14 @@ pub trait Ids {
     fn pod(&self, pod: &ObjectRef) -> Option<u32>;
 }
 
-/// Compiles with ids that stay the same across compilations: a rule keeps
-/// its id, and a pod's rule its set, so that a pod's entry never points at
-/// a set meant for another rule while the maps are being updated.
+/// Compiles with ids that stay the same across compilations, and are never
+/// reused. A rule's set is named by the rule's id and shared by every pod
+/// the rule applies to (cgroup and pod ids are unique node- and
+/// cluster-wide), so that no entry ever points at a set meant for another
+/// rule while the maps are being updated, and a set is stored once.
 #[derive(Debug, Default)]
 pub struct Compiler {
     rules: IdTable<RuleName>,
-    /// By (pod namespace cookie, rule id).
-    sets: IdTable<(u64, u32)>,
 }
 
 impl Compiler {
@@ -71,8 +71,6 @@ impl Compiler {
     ) -> Compiled {
         let mut out = Compiled::default();
         // Forget what is gone (ids are never reused).
-        let cookies: HashSet<u64> = attached.values().copied().collect();
-        self.sets.retain(|(cookie, _)| cookies.contains(cookie));
         let names: HashSet<(&str, String)> = policies
             .policies
             .iter()
@@ -148,7 +146,7 @@ impl Compiler {
                             Containers::Not(names) => (set_kind::NOT_CLIENTS, names),
                         };
                         base.set_kind = kind;
-                        base.set = self.sets.id(&(cookie, id));
+                        base.set = id;
                         for container in pod.containers.iter().filter(|c| names.contains(&c.name)) {
                             if let Ok(meta) = std::fs::metadata(&container.cgroup) {
                                 out.members.insert(MemberKey {
@@ -161,7 +159,7 @@ impl Compiler {
                     }
                     if let Some(peer) = &rule.peer {
                         base.set_kind = set_kind::PEERS;
-                        base.set = self.sets.id(&(cookie, id));
+                        base.set = id;
                         for other in inventory
                             .pods
                             .iter()
@@ -180,7 +178,7 @@ impl Compiler {
                     }
                     if !rule.cidrs.is_empty() {
                         base.set_kind = set_kind::CIDRS;
-                        base.set = self.sets.id(&(cookie, id));
+                        base.set = id;
                         for net in &rule.cidrs {
                             let mut key = [0u8; 8];
                             key[..4].copy_from_slice(&base.set.to_be_bytes());
@@ -256,6 +254,7 @@ fn kernel_class(class: Class) -> u8 {
         Class::Localhost => class::LOCALHOST,
         Class::Pod => class::POD,
         Class::Service => class::SERVICE,
+        Class::Node => class::NODE,
         Class::External => class::EXTERNAL,
     }
 }
@@ -267,7 +266,7 @@ pub fn class_label(class: u8) -> &'static str {
         class::POD => class_name(Class::Pod),
         class::SERVICE => class_name(Class::Service),
         class::EXTERNAL => class_name(Class::External),
-        class::NODE => "node",
+        class::NODE => class_name(Class::Node),
         _ => "unknown",
     }
 }
@@ -331,7 +330,7 @@ spec:
 ";
 
     #[test]
-    fn rules_expand_per_port_range_in_order_with_stable_sets() {
+    fn rules_expand_per_port_range_in_order_with_stable_ids() {
         let policies = parse(POLICY).unwrap();
         let mut compiler = Compiler::default();
         let b = HashMap::from([(ObjectRef::new("default", "b"), 2u64)]);
@@ -366,7 +365,10 @@ spec:
             &NoIds,
         );
         assert_eq!(second.pods[&2], entry);
-        assert_ne!(second.pods[&1].rule[0].set, entry.rule[0].set);
+        assert_eq!(
+            second.pods[&1].rule[0].set, entry.rule[0].set,
+            "one set per rule"
+        );
     }
 
     #[test]

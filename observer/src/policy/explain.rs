@@ -122,6 +122,8 @@ fn connection_to<'a>(inventory: &'a Inventory, probe: &'a Probe) -> Connection<'
     {
         connection.class = Class::Service;
         connection.service = Some((&s.namespace, &s.name));
+    } else if inventory.nodes.iter().any(|n| n.address == address) {
+        connection.class = Class::Node;
     } else if let Some(p) = inventory.pods.iter().find(|p| p.ip == address) {
         connection.class = Class::Pod;
         connection.peer = Some((&p.namespace, &p.labels));

@@ -63,6 +63,21 @@ pub fn load(
     Ok(policies)
 }
 
+/// The first Service the policies name that is not in `services`, as
+/// `namespace/name`.
+pub fn unknown_service(
+    policies: &Policies,
+    services: &HashSet<(String, String)>,
+) -> Option<String> {
+    policies
+        .policies
+        .iter()
+        .flat_map(|p| p.spec.rules.iter())
+        .filter_map(|r| r.service.as_ref())
+        .find(|s| !services.contains(&(s.namespace.clone(), s.name.clone())))
+        .map(|s| format!("{}/{}", s.namespace, s.name))
+}
+
 /// Refuses rules that name a Service that does not exist.
 fn check_services(
     text: &str,
@@ -78,7 +93,7 @@ fn check_services(
                 return Err((
                     service_line(text, &service.name),
                     format!(
-                        "policy `{}`: there is no Service {}/{}",
+                        "policy `{}`: there is no Service {}/{} with a ClusterIP (a headless Service has none to match)",
                         policy.metadata.name, service.namespace, service.name
                     ),
                 ));
@@ -123,6 +138,15 @@ pub fn parse(text: &str) -> Result<Policies, (usize, String)> {
         }
         let mut rules = HashSet::new();
         for (i, rule) in policy.spec.rules.iter().enumerate() {
+            if rule.name.as_deref() == Some("default") {
+                let line = line_of(text, "name: default");
+                return Err((
+                    line,
+                    format!(
+                        "policy `{name}`: `default` names what no rule matches; give the rule another name"
+                    ),
+                ));
+            }
             if !rules.insert(rule_name(rule, i)) {
                 let line = line_of(text, &format!("name: {}", rule_name(rule, i)));
                 return Err((
@@ -226,6 +250,10 @@ impl Policies {
         labels: &BTreeMap<String, String>,
         connection: &Connection,
     ) -> Option<Decision> {
+        // The kubelet's probes come from the node: never denied on the way in.
+        if connection.class == Class::Node && connection.direction == Direction::Ingress {
+            return None;
+        }
         let selected = self.for_pod(namespace, labels);
         for policy in &selected {
             for (i, rule) in policy.spec.rules.iter().enumerate() {
@@ -258,9 +286,13 @@ impl Policies {
 /// Whether a rule matches a connection.
 pub fn matches(rule: &Rule, c: &Connection) -> bool {
     let class = rule.class == Class::Any || rule.class == c.class;
-    let direction = rule.class == Class::Localhost
-        || c.class == Class::Localhost
-        || rule.direction == c.direction;
+    // Localhost traffic is decided at the client's `connect()`: ingress
+    // rules never see it (as in the kernel).
+    let direction = if c.class == Class::Localhost {
+        rule.class == Class::Localhost || rule.direction == Direction::Egress
+    } else {
+        rule.direction == c.direction
+    };
     let protocol = rule.protocol == Protocol::Any || rule.protocol == c.protocol;
     let port = rule.ports.is_empty() || rule.ports.iter().any(|r| r.contains(c.port));
     let clients = match &rule.clients {

@@ -96,6 +96,8 @@ pub enum Class {
     Localhost,
     Pod,
     Service,
+    /// A node's own address (host-network pods included).
+    Node,
     External,
 }
 
@@ -335,6 +337,7 @@ pub fn class_name(class: Class) -> &'static str {
         Class::Localhost => "localhost",
         Class::Pod => "pod",
         Class::Service => "service",
+        Class::Node => "node",
         Class::External => "external",
     }
 }
