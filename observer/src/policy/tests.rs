@@ -262,6 +262,43 @@ fn bad_files_are_refused_with_the_line_and_the_problem() {
 }
 
 #[test]
+fn ingress_rules_never_see_localhost_and_the_node_is_never_denied_inbound() {
+    let text = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: p}
+spec:
+  podSelector: {}
+  mode: enforce
+  defaultAction: deny
+  rules:
+  - {name: in, class: any, direction: ingress, action: allow}
+";
+    let policies = parse(text).unwrap();
+    let none = BTreeMap::new();
+    // Localhost goes to the egress default, not to the ingress rule.
+    let d = policies.decide("x", &none, &localhost(80, None)).unwrap();
+    assert_eq!((d.rule.as_str(), d.action), ("default", Action::Deny));
+    let probe = Connection {
+        class: Class::Node,
+        direction: Direction::Ingress,
+        ..localhost(8080, None)
+    };
+    assert_eq!(
+        policies.decide("x", &none, &probe),
+        None,
+        "the kubelet's probes"
+    );
+    let reserved = text.replace("name: in,", "name: default,");
+    assert!(
+        parse(&reserved)
+            .unwrap_err()
+            .1
+            .contains("`default` names what no rule matches")
+    );
+}
+
+#[test]
 fn empty_files_and_documents_hold_no_policy() {
     assert_eq!(parse("").unwrap(), Policies::default());
     assert_eq!(parse("# none yet\n").unwrap(), Policies::default());
