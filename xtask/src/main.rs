@@ -4,6 +4,7 @@
 //! nothing but Rust from rustup.
 
 mod cmd;
+mod deploy;
 mod lab;
 mod packages;
 mod test;
@@ -53,8 +54,10 @@ enum Task {
         #[arg(long)]
         latency_only: bool,
     },
+    /// Validate deploy/ against the Kubernetes schemas (also part of test).
+    CheckDeploy,
     /// Run every test: unit tests, then the end-to-end tests against the
-    /// kernel (as root, one at a time).
+    /// kernel (as root, one at a time), then the deploy/ manifests.
     Test {
         /// Only the end-to-end tests whose name contains this.
         filter: Option<String>,
@@ -72,6 +75,10 @@ fn main() -> Result<()> {
             cost_only,
             latency_only,
         } => bench(&workspace, cost_only, latency_only),
+        Task::CheckDeploy => match deploy::check(&workspace)? {
+            (_, 0) => Ok(()),
+            (_, problems) => anyhow::bail!("deploy/: {problems} problems"),
+        },
         Task::Test { filter } => {
             packages::ensure(packages::LAB)?;
             packages::ensure(packages::TEST)?;

@@ -33,9 +33,22 @@ pub fn run_all(workspace: &Path, observer: &Path, filter: Option<&str>) -> Resul
         command.arg(filter);
     }
     let end_to_end = tally.run(&mut command);
+    // The manifests: each valid resource counts as a test passed.
+    let deploy = crate::deploy::check(workspace);
+    match &deploy {
+        Ok((passed, problems)) => {
+            tally.passed += passed;
+            tally.failed += problems;
+        }
+        Err(_) => tally.failed += 1,
+    }
     println!("{} passed, {} failed", tally.passed, tally.failed);
     unit.context("unit tests failed")?;
-    end_to_end.context("end-to-end tests failed")
+    end_to_end.context("end-to-end tests failed")?;
+    match deploy? {
+        (_, 0) => Ok(()),
+        (_, problems) => anyhow::bail!("deploy/: {problems} manifest problems"),
+    }
 }
 
 /// Adds up cargo test's `test result:` lines, passing the output through.
