@@ -97,3 +97,22 @@ fn kubernetes_mode_without_a_kubeconfig_or_node_is_explained() {
     assert_eq!(status.code(), Some(1));
     assert_one_error_line(&stderr, "--kubernetes needs this node's name");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let pod = Netns::create("json").expect("namespace");
+    let path = pod.path().display().to_string();
+    let observer = integration_test::Observer::start(&["--log-format", "json", "--netns", &path]);
+    let log = observer.log();
+    assert!(observer.terminate().success());
+    let lines: Vec<&str> = log.lines().filter(|l| !l.is_empty()).collect();
+    assert!(lines.len() >= 2, "{log}");
+    for line in lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            value["level"].is_string() && value["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+}

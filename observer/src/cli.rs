@@ -14,8 +14,18 @@ pub struct Cli {
     /// Log filter: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, env = "OBSERVER_LOG", default_value = "info", global = true)]
     pub log_level: String,
+    /// Log format: text (for people), or json (one object per line, for
+    /// log collectors; what the DaemonSet uses).
+    #[arg(long, env = "OBSERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]

@@ -31,7 +31,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command, PolicyCommand};
+use crate::cli::{Cli, Command, LogFormat, PolicyCommand};
 
 fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
     let out = match command {
@@ -61,10 +61,13 @@ fn main() -> ExitCode {
         eprintln!("error: --log-level {}: {err}", cli.log_level);
         std::process::exit(2);
     });
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
 
     let result = match cli.command {
         Command::Run(args) => run::enter_host_cgroup_namespace(&args)
