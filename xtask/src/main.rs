@@ -5,6 +5,7 @@
 
 mod cmd;
 mod deploy;
+mod image;
 mod lab;
 mod packages;
 mod test;
@@ -56,6 +57,9 @@ enum Task {
     },
     /// Validate deploy/ against the Kubernetes schemas (also part of test).
     CheckDeploy,
+    /// Build the container image (no Docker engine: buildah) as an OCI
+    /// archive in target/image/, and check it.
+    Image,
     /// Run every test: unit tests, then the end-to-end tests against the
     /// kernel (as root, one at a time), then the deploy/ manifests.
     Test {
@@ -75,6 +79,7 @@ fn main() -> Result<()> {
             cost_only,
             latency_only,
         } => bench(&workspace, cost_only, latency_only),
+        Task::Image => image::build(&workspace).map(|_| ()),
         Task::CheckDeploy => match deploy::check(&workspace)? {
             (_, 0) => Ok(()),
             (_, problems) => anyhow::bail!("deploy/: {problems} problems"),
@@ -88,7 +93,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn setup(workspace: &Path) -> Result<()> {
+pub(crate) fn setup(workspace: &Path) -> Result<()> {
     match toolchain::setup(workspace)? {
         toolchain::Outcome::AlreadySetUp => {
             eprintln!("setup: the eBPF toolchain is already set up; nothing to do")
