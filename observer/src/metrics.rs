@@ -12,6 +12,19 @@ use prometheus::{
 
 use crate::flow_metrics::FlowMetrics;
 
+/// The kinds of `observer_errors_total`.
+pub const ERROR_KINDS: [&str; 9] = [
+    "attach",
+    "detach",
+    "map_read",
+    "kernel_maps",
+    "inventory",
+    "list_netns",
+    "watch",
+    "kubernetes_api",
+    "policy",
+];
+
 /// The observer's own health; the traffic families are in `flow_metrics`.
 pub struct Metrics {
     registry: Registry,
@@ -140,6 +153,14 @@ impl Metrics {
         metrics.register(metrics.errors.clone());
         metrics.register(metrics.policy_reloads.clone());
         metrics.register(metrics.policy_verdicts.clone());
+        // Every known series from the start, at 0: `rate()` and alerts see
+        // the first error, not only the second.
+        for kind in ERROR_KINDS {
+            metrics.errors.with_label_values(&[kind]);
+        }
+        for result in ["ok", "refused"] {
+            metrics.policy_reloads.with_label_values(&[result]);
+        }
         metrics
     }
 
@@ -155,7 +176,8 @@ impl Metrics {
     }
 
     /// Counts one error of `kind`.
-    pub fn error(&self, kind: &str) {
+    pub fn error(&self, kind: &'static str) {
+        debug_assert!(ERROR_KINDS.contains(&kind), "unknown error kind {kind}");
         self.errors.with_label_values(&[kind]).inc();
     }
 
