@@ -163,10 +163,10 @@ fn label_names(query: &str) -> Vec<String> {
         }
         rest = &rest[end..];
     }
-    if let Some(args) = query.strip_prefix("label_values(") {
-        if let Some((_, label)) = args.trim_end_matches(')').rsplit_once(',') {
-            labels.push(label.trim().to_owned());
-        }
+    if let Some(args) = query.strip_prefix("label_values(")
+        && let Some((_, label)) = args.trim_end_matches(')').rsplit_once(',')
+    {
+        labels.push(label.trim().to_owned());
     }
     labels.retain(|l| !l.is_empty());
     labels
