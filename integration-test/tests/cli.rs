@@ -116,3 +116,46 @@ fn json_logs_are_one_object_per_line() {
         );
     }
 }
+
+#[test]
+fn a_configuration_file_sets_flags_and_flags_win() {
+    let pod = Netns::create("config").expect("namespace");
+    let path = pod.path().display().to_string();
+    let dir = std::env::temp_dir().join(format!("observer-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("observer.yaml");
+    std::fs::write(
+        &config,
+        format!("netns: [{path}]\nflow-capacity: 1234\nlog-format: json\n"),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let observer = integration_test::Observer::start(&["--config", config]);
+    let m = observer.scrape();
+    assert_eq!(m.sum("observer_flow_map_capacity", &[]), 1234.0);
+    assert_eq!(
+        m.sum("observer_programs_attached", &[("pod", pod.name())]),
+        1.0
+    );
+    assert!(
+        observer.log().starts_with('{'),
+        "json logs: {}",
+        observer.log()
+    );
+    assert!(observer.terminate().success());
+
+    let observer =
+        integration_test::Observer::start(&["--config", config, "--flow-capacity", "4321"]);
+    assert_eq!(
+        observer.scrape().sum("observer_flow_map_capacity", &[]),
+        4321.0
+    );
+    assert!(observer.terminate().success());
+
+    std::fs::write(dir.join("bad.yaml"), "flow-capacity: 1\ncolour: red\n").unwrap();
+    let bad = dir.join("bad.yaml").display().to_string();
+    let (status, stderr) = run_to_exit(&["run", "--config", &bad]);
+    assert_eq!(status.code(), Some(1));
+    assert_one_error_line(&stderr, &format!("{bad}: `colour` is not a setting"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

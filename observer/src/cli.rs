@@ -11,6 +11,10 @@ use observer_common::DEFAULT_FLOW_CAPACITY;
     about = "Observe the traffic inside Kubernetes pods with eBPF"
 )]
 pub struct Cli {
+    /// A configuration file (YAML, long flag names as keys). Flags and
+    /// environment variables win over it.
+    #[arg(long, value_name = "FILE", env = "OBSERVER_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
     /// Log filter: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, env = "OBSERVER_LOG", default_value = "info", global = true)]
     pub log_level: String,

@@ -10,6 +10,7 @@ mod bpffs;
 mod cli;
 mod cluster;
 mod collector;
+mod config;
 mod datapath;
 mod discovery;
 mod flow_metrics;
@@ -56,6 +57,11 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(err) = config::apply(&args) {
+        eprintln!("error: {err}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|err| {
         eprintln!("error: --log-level {}: {err}", cli.log_level);
