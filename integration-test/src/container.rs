@@ -5,9 +5,20 @@
 use std::{
     fs::File,
     os::{fd::AsRawFd, unix::process::CommandExt},
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
 };
+
+/// A container of the lab: its cgroup, and its pod's network namespace.
+pub fn container(lab: &lab::Lab, namespace: &str, pod: &str, name: &str) -> (PathBuf, PathBuf) {
+    let pod = lab.pod(namespace, pod).expect("pod");
+    let container = pod
+        .containers
+        .iter()
+        .find(|c| c.name == name)
+        .expect("container");
+    (container.cgroup.clone(), pod.netns.clone().expect("netns"))
+}
 
 /// How a TCP connection attempt ended.
 #[derive(Debug, PartialEq, Eq)]

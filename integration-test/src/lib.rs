@@ -14,3 +14,34 @@ pub use kube_api::FakeApi;
 pub use metrics::Scrape;
 pub use observer::Observer;
 pub use prometheus::Prometheus;
+
+/// A directory of a test's own under the system's temporary directory,
+/// removed when dropped (also when the test fails).
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// `observer-<tag>-<pid>`, created empty.
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("observer-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("a temporary directory");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// Writes `name` in it; returns its path as a string, for arguments.
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("writing a temporary file");
+        path.display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

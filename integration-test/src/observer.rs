@@ -43,6 +43,15 @@ impl Observer {
         observer
     }
 
+    /// Starts the observer on `lab`'s inventory with `policy` as its policy
+    /// file, written in `dir`; returns the file's path (tests rewrite it).
+    pub fn with_policy(lab: &lab::Lab, dir: &crate::TempDir, policy: &str) -> (PathBuf, Self) {
+        let path = dir.write("policy.yaml", policy);
+        let inventory = lab.inventory_path().display().to_string();
+        let observer = Self::start(&["--inventory", &inventory, "--policy", &path]);
+        (path.into(), observer)
+    }
+
     /// Starts `observer run <args>` without waiting for it to be ready.
     pub fn spawn(args: &[&str]) -> Self {
         let addr = free_port();
@@ -97,6 +106,24 @@ impl Observer {
             .unwrap_or_else(|| panic!("/metrics did not answer:\n{}", self.log()));
         assert_eq!(code, 200, "/metrics: {body}");
         Scrape::parse(&body)
+    }
+
+    /// Scrapes until `condition` holds; panics with the log after 30 s. A
+    /// scrape that gets no answer yet (the first moments) is tried again.
+    pub fn eventually(&self, what: &str, condition: impl Fn(&Scrape) -> bool) -> Scrape {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let scrape = http_get(self.addr, "/metrics").map(|(_, text)| Scrape::parse(&text));
+            if let Some(scrape) = scrape.filter(|s| condition(s)) {
+                return scrape;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Everything the observer logged so far.

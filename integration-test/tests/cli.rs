@@ -2,6 +2,7 @@
 
 use std::net::TcpListener;
 
+use integration_test::TempDir;
 use integration_test::observer::{run_to_exit, run_to_exit_as};
 use lab::Netns;
 
@@ -121,15 +122,12 @@ fn json_logs_are_one_object_per_line() {
 fn a_configuration_file_sets_flags_and_flags_win() {
     let pod = Netns::create("config").expect("namespace");
     let path = pod.path().display().to_string();
-    let dir = std::env::temp_dir().join(format!("observer-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("observer.yaml");
-    std::fs::write(
-        &config,
-        format!("netns: [{path}]\nflow-capacity: 1234\nlog-format: json\n"),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap();
+    let dir = TempDir::new("config");
+    let config = dir.write(
+        "observer.yaml",
+        &format!("netns: [{path}]\nflow-capacity: 1234\nlog-format: json\n"),
+    );
+    let config = config.as_str();
     let observer = integration_test::Observer::start(&["--config", config]);
     let m = observer.scrape();
     assert_eq!(m.sum("observer_flow_map_capacity", &[]), 1234.0);
@@ -152,10 +150,8 @@ fn a_configuration_file_sets_flags_and_flags_win() {
     );
     assert!(observer.terminate().success());
 
-    std::fs::write(dir.join("bad.yaml"), "flow-capacity: 1\ncolour: red\n").unwrap();
-    let bad = dir.join("bad.yaml").display().to_string();
+    let bad = dir.write("bad.yaml", "flow-capacity: 1\ncolour: red\n");
     let (status, stderr) = run_to_exit(&["run", "--config", &bad]);
     assert_eq!(status.code(), Some(1));
     assert_one_error_line(&stderr, &format!("{bad}: `colour` is not a setting"));
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,8 +10,8 @@ use std::{
 };
 
 use integration_test::{
-    Observer, Scrape,
-    container::{Connect, connect_from},
+    Observer, Scrape, TempDir,
+    container::{Connect, connect_from, container},
     observer::http_get,
 };
 use lab::{Lab, Plan};
@@ -26,23 +26,12 @@ const POLICY: &str = "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nme
 #[test]
 fn every_dashboard_query_names_exported_metrics_and_labels() {
     let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
-    let dir = std::env::temp_dir().join(format!("observer-dashboard-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let policy = dir.join("policy.yaml");
-    fs::write(&policy, POLICY).unwrap();
-    let inventory = lab.inventory_path().display().to_string();
-    let observer = Observer::start(&[
-        "--inventory",
-        &inventory,
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
+    let dir = TempDir::new("dashboard");
+    let (_, observer) = Observer::with_policy(&lab, &dir, POLICY);
     // A verdict, and the lab's own traffic of every class.
-    let shop = lab.pod("shop", "shop").unwrap();
-    let app = shop.containers.iter().find(|c| c.name == "app").unwrap();
-    let netns = shop.netns.clone().unwrap();
+    let (app, netns) = container(&lab, "shop", "shop", "app");
     assert_eq!(
-        connect_from(&app.cgroup, &netns, "127.0.0.1", 8080),
+        connect_from(&app, &netns, "127.0.0.1", 8080),
         Connect::NotPermitted
     );
     let exported = wait_for_labels(&observer);
@@ -70,7 +59,6 @@ fn every_dashboard_query_names_exported_metrics_and_labels() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     assert!(observer.terminate().success());
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Sample names and their label names, once the traffic families are there.

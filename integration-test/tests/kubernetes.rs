@@ -4,57 +4,34 @@
 //! the API adds and deletes. The API server is not up when the observer
 //! starts: it must serve its metrics and wait.
 
-use std::{
-    thread,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use integration_test::{
-    FakeApi, Observer, Scrape,
-    container::{Connect, connect_from},
+    FakeApi, Observer, TempDir,
+    container::{Connect, connect_from, container},
     kube_api::{self, Kind},
     observer::{free_port, http_get},
 };
 use lab::{Lab, Plan};
 use serde_json::json;
 
-fn eventually(observer: &Observer, what: &str, condition: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // Not served yet, the first moments.
-        let scrape = http_get(observer.addr(), "/metrics").map(|(_, text)| Scrape::parse(&text));
-        if let Some(scrape) = scrape.filter(|s| condition(s)) {
-            return scrape;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            observer.log()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
     let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
-    let dir = std::env::temp_dir().join(format!("observer-kube-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("kube");
     let api_addr = free_port();
-    let kubeconfig = kube_api::kubeconfig(api_addr, &dir);
+    let kubeconfig = kube_api::kubeconfig(api_addr, dir.path());
     let kubeconfig = kubeconfig.to_str().unwrap();
     // A policy, to see that Kubernetes mode enforces it too.
-    let policy = dir.join("policy.yaml");
-    std::fs::write(
-        &policy,
+    let policy = dir.write(
+        "policy.yaml",
         "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: client-not-shop}\n\
          spec:\n  podSelector: {namespace: default, matchLabels: {app: client}}\n  mode: enforce\n\
          \x20 rules:\n  - {class: service, service: {namespace: shop, name: shop}, action: deny}\n",
-    )
-    .unwrap();
+    );
     let observer = Observer::spawn(&[
         "--policy",
-        policy.to_str().unwrap(),
+        &policy,
         "--kubernetes",
         "--node",
         "node-1",
@@ -69,7 +46,7 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
     ]);
 
     // No API server yet: alive, not ready, the failures counted.
-    eventually(&observer, "a counted API error", |m| {
+    observer.eventually("a counted API error", |m| {
         m.sum("observer_errors_total", &[("kind", "kubernetes_api")]) >= 1.0
     });
     assert_eq!(
@@ -91,7 +68,7 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
         .filter(|p| p.node == "node-1")
         .map(|p| p.name.as_str())
         .collect();
-    let m = eventually(&observer, "node-1's pods attached", |m| {
+    let m = observer.eventually("node-1's pods attached", |m| {
         local
             .iter()
             .all(|pod| m.sum("observer_programs_attached", &[("pod", pod)]) == 3.0)
@@ -108,7 +85,7 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
     // Containers named through the pod status' ids and their cgroups; peers
     // and Services named from the API.
     let packets = "observer_flow_packets_total";
-    eventually(&observer, "sidecar to app on localhost", |m| {
+    observer.eventually("sidecar to app on localhost", |m| {
         m.sum(
             packets,
             &[
@@ -119,7 +96,7 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
             ],
         ) > 0.0
     });
-    eventually(&observer, "client to Service web, and to pod web", |m| {
+    observer.eventually("client to Service web, and to pod web", |m| {
         m.sum(
             packets,
             &[("pod", "client"), ("class", "service"), ("peer", "web")],
@@ -129,7 +106,7 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
                 &[("pod", "client"), ("class", "pod"), ("peer", "web")],
             ) > 0.0
     });
-    eventually(&observer, "remote (node-2) named as web's peer", |m| {
+    observer.eventually("remote (node-2) named as web's peer", |m| {
         m.sum(
             packets,
             &[("pod", "web"), ("class", "pod"), ("peer", "remote")],
@@ -137,19 +114,13 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
     });
 
     // The policy, compiled from the API's names, enforced at connect.
-    let client = lab.pod("default", "client").unwrap();
-    let to_pod = client
-        .containers
-        .iter()
-        .find(|c| c.name == "to-pod")
-        .unwrap();
-    let netns = client.netns.clone().unwrap();
+    let (to_pod, netns) = container(&lab, "default", "client", "to-pod");
     assert_eq!(
-        connect_from(&to_pod.cgroup, &netns, "10.96.0.20", 8080),
+        connect_from(&to_pod, &netns, "10.96.0.20", 8080),
         Connect::NotPermitted
     );
     assert_eq!(
-        connect_from(&to_pod.cgroup, &netns, "10.96.0.10", 80),
+        connect_from(&to_pod, &netns, "10.96.0.10", 80),
         Connect::Connected
     );
 
@@ -164,7 +135,7 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
             "status": {"phase": "Running", "podIP": "10.0.0.1"},
         }),
     );
-    eventually(&observer, "the host-network pod counted", |m| {
+    observer.eventually("the host-network pod counted", |m| {
         m.sum("observer_pods", &[("state", "host_network")]) == 1.0
     });
     assert!(
@@ -184,27 +155,24 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
             "status": {"phase": "Pending"},
         }),
     );
-    eventually(
-        &observer,
-        "the pod not on the node yet counted as waiting",
-        |m| m.sum("observer_pods", &[("state", "waiting")]) == 1.0,
-    );
+    observer.eventually("the pod not on the node yet counted as waiting", |m| {
+        m.sum("observer_pods", &[("state", "waiting")]) == 1.0
+    });
 
     // Deleted from the API: detached, though its processes still run.
     let pipes = lab.pod("default", "pipes").expect("pipes pod").clone();
     api.delete(Kind::Pods, &pipes.uid);
-    eventually(&observer, "pipes detached", |m| {
+    observer.eventually("pipes detached", |m| {
         !m.has("observer_programs_attached", "pod", "pipes")
     });
     // Created again: attached again.
     api.apply(Kind::Pods, kube_api::pod_object(&pipes));
-    eventually(&observer, "pipes attached again", |m| {
+    observer.eventually("pipes attached again", |m| {
         m.sum("observer_programs_attached", &[("pod", "pipes")]) == 3.0
     });
 
     assert!(observer.terminate().success());
     drop(api);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// In Kubernetes mode the Services are known once the API is listed: a
@@ -212,28 +180,25 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
 #[test]
 fn a_policy_naming_an_unknown_service_is_refused_once_the_api_is_listed() {
     let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
-    let dir = std::env::temp_dir().join(format!("observer-kube-svc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("kube-svc");
     let api_addr = free_port();
     let api = FakeApi::serve(api_addr);
     api.load(lab.inventory());
-    let kubeconfig = kube_api::kubeconfig(api_addr, &dir);
-    let policy = dir.join("policy.yaml");
-    std::fs::write(
-        &policy,
+    let kubeconfig = kube_api::kubeconfig(api_addr, dir.path());
+    let policy = dir.write(
+        "policy.yaml",
         "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  mode: enforce\n  rules:\n  - {class: service, service: {namespace: shop, name: nope}, action: deny}\n",
-    )
-    .unwrap();
+    );
     let observer = Observer::start(&[
         "--policy",
-        policy.to_str().unwrap(),
+        &policy,
         "--kubernetes",
         "--node",
         "node-1",
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
     ]);
-    eventually(&observer, "the refusal", |m| {
+    observer.eventually("the refusal", |m| {
         m.sum("observer_policy_reloads_total", &[("result", "refused")]) == 1.0
     });
     assert!(
@@ -242,5 +207,4 @@ fn a_policy_naming_an_unknown_service_is_refused_once_the_api_is_listed() {
         observer.log()
     );
     assert!(observer.terminate().success());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,25 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_test::{Observer, Scrape};
+use integration_test::{Observer, Scrape, TempDir};
 use lab::{Lab, Netns, Plan};
-
-/// Scrapes until `condition` holds (at most 10 s).
-fn eventually(observer: &Observer, what: &str, condition: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let scrape = observer.scrape();
-        if condition(&scrape) {
-            return scrape;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            observer.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn namespaces_created_and_deleted_while_running_are_attached_and_detached() {
@@ -34,7 +17,7 @@ fn namespaces_created_and_deleted_while_running_are_attached_and_detached() {
 
     let pod = Netns::create("late").expect("namespace");
     let name = pod.name().to_owned();
-    eventually(&observer, "the new namespace attached", |m| {
+    observer.eventually("the new namespace attached", |m| {
         m.sum("observer_programs_attached", &[("pod", &name)]) == 1.0
     });
     let count = pod
@@ -56,10 +39,10 @@ fn namespaces_created_and_deleted_while_running_are_attached_and_detached() {
     );
 
     drop(pod);
-    eventually(&observer, "the deleted namespace detached", |m| {
+    observer.eventually("the deleted namespace detached", |m| {
         !m.has("observer_programs_attached", "pod", &name)
     });
-    eventually(&observer, "its series expired", |m| {
+    observer.eventually("its series expired", |m| {
         !m.has("observer_flow_packets_total", "pod", &name)
     });
     assert!(observer.terminate().success());
@@ -68,23 +51,20 @@ fn namespaces_created_and_deleted_while_running_are_attached_and_detached() {
 #[test]
 fn the_inventory_is_watched() {
     let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
-    let dir = std::env::temp_dir().join(format!("observer-inventory-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("inventory.json");
+    let dir = TempDir::new("inventory");
+    let path = dir.path().join("inventory.json");
     let full = fs::read_to_string(lab.inventory_path()).unwrap();
     fs::write(&path, &full).unwrap();
     let inventory = path.display().to_string();
     let observer = Observer::start(&["--inventory", &inventory]);
     let attached = |m: &Scrape, pod: &str| m.sum("observer_programs_attached", &[("pod", pod)]);
-    eventually(&observer, "all pods attached", |m| {
-        attached(m, "pipes") == 3.0
-    });
+    observer.eventually("all pods attached", |m| attached(m, "pipes") == 3.0);
 
     // The inventory loses a pod: it is detached.
     let mut less = lab.inventory().clone();
     less.pods.retain(|p| p.name != "pipes");
     fs::write(&path, serde_json::to_string(&less).unwrap()).unwrap();
-    eventually(&observer, "pipes detached", |m| attached(m, "pipes") == 0.0);
+    observer.eventually("pipes detached", |m| attached(m, "pipes") == 0.0);
     assert_eq!(attached(&observer.scrape(), "web"), 3.0, "the others stay");
 
     // A broken file changes nothing; the pod comes back with the next good one.
@@ -94,12 +74,9 @@ fn the_inventory_is_watched() {
     assert_eq!(attached(&m, "web"), 3.0);
     assert!(m.sum("observer_errors_total", &[("kind", "inventory")]) >= 1.0);
     fs::write(&path, &full).unwrap();
-    eventually(&observer, "pipes attached again", |m| {
-        attached(m, "pipes") == 3.0
-    });
+    observer.eventually("pipes attached again", |m| attached(m, "pipes") == 3.0);
 
     assert!(observer.terminate().success());
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Loaded instances of the per-namespace programs (any observer's).
@@ -115,12 +92,12 @@ fn namespaces_vanishing_mid_attach_leave_nothing_attached() {
     }
     let survivor = Netns::create("survivor").expect("namespace");
     let name = survivor.name().to_owned();
-    eventually(&observer, "the survivor attached, the others not", |m| {
+    observer.eventually("the survivor attached, the others not", |m| {
         m.sum("observer_programs_attached", &[("pod", &name)]) == 1.0
             && m.sum("observer_pods", &[("state", "attached")]) == 1.0
     });
     drop(survivor);
-    eventually(&observer, "nothing attached", |m| {
+    observer.eventually("nothing attached", |m| {
         m.sum("observer_pods", &[("state", "attached")]) == 0.0
     });
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -157,7 +134,7 @@ fn churn_of_a_hundred_pods_leaves_nothing_behind() {
             .map(|i| Netns::create(&format!("churn{wave}x{i}")).expect("namespace"))
             .collect();
         let names: Vec<String> = pods.iter().map(|p| p.name().to_owned()).collect();
-        eventually(&observer, "the wave attached", |m| {
+        observer.eventually("the wave attached", |m| {
             names
                 .iter()
                 .all(|n| m.sum("observer_programs_attached", &[("pod", n)]) == 1.0)
@@ -181,7 +158,7 @@ fn churn_of_a_hundred_pods_leaves_nothing_behind() {
             );
         }
         drop(pods);
-        eventually(&observer, "the wave detached", |m| {
+        observer.eventually("the wave detached", |m| {
             names
                 .iter()
                 .all(|n| !m.has("observer_programs_attached", "pod", n))
@@ -191,7 +168,7 @@ fn churn_of_a_hundred_pods_leaves_nothing_behind() {
         }
         churned.extend(names);
     }
-    eventually(&observer, "every churned pod's series expired", |m| {
+    observer.eventually("every churned pod's series expired", |m| {
         churned
             .iter()
             .all(|n| !m.has("observer_flow_packets_total", "pod", n))
@@ -332,9 +309,8 @@ fn sigkill_and_restart(netlink: bool) {
 #[test]
 fn a_changed_inventory_classifies_live_flows_again() {
     let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
-    let dir = std::env::temp_dir().join(format!("observer-reclassify-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("inventory.json");
+    let dir = TempDir::new("reclassify");
+    let path = dir.path().join("inventory.json");
     let mut without_web = lab.inventory().clone();
     without_web.pods.retain(|p| p.name != "web");
     fs::write(&path, serde_json::to_string(&without_web).unwrap()).unwrap();
@@ -369,7 +345,7 @@ fn a_changed_inventory_classifies_live_flows_again() {
 
     // The inventory now has the web pod: the same flow names it.
     fs::write(&path, fs::read_to_string(lab.inventory_path()).unwrap()).unwrap();
-    eventually(&observer, "web attached", |m| {
+    observer.eventually("web attached", |m| {
         m.sum("observer_programs_attached", &[("pod", "web")]) == 3.0
     });
     for _ in 0..3 {
@@ -382,5 +358,4 @@ fn a_changed_inventory_classifies_live_flows_again() {
     );
     assert_eq!(to_web(&[("peer", "unknown")], &m), 2.0);
     assert!(observer.terminate().success());
-    let _ = fs::remove_dir_all(&dir);
 }

@@ -2,45 +2,13 @@
 //! container cgroups: each README case, audit mode, a reload, a refused
 //! file, and failing open when the observer is killed.
 
-use std::{
-    fs,
-    path::PathBuf,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{fs, time::Duration};
 
 use integration_test::{
-    Observer, Scrape,
-    container::{Connect, HeldConnection, connect_from, udp_echo},
+    Observer, Scrape, TempDir,
+    container::{Connect, HeldConnection, connect_from, container, udp_echo},
 };
 use lab::{Lab, Plan};
-
-fn eventually(observer: &Observer, what: &str, condition: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let scrape = observer.scrape();
-        if condition(&scrape) {
-            return scrape;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            observer.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A container of the lab: its cgroup and its pod's namespace.
-fn container(lab: &Lab, namespace: &str, pod: &str, name: &str) -> (PathBuf, PathBuf) {
-    let pod = lab.pod(namespace, pod).expect("pod");
-    let container = pod
-        .containers
-        .iter()
-        .find(|c| c.name == name)
-        .expect("container");
-    (container.cgroup.clone(), pod.netns.clone().expect("netns"))
-}
 
 const SHOP_PORT: &str = "
 apiVersion: observer.dev/v1alpha1
@@ -66,19 +34,9 @@ spec:
 #[test]
 fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
     let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
-    let dir = std::env::temp_dir().join(format!("observer-policy-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let policy = dir.join("policy.yaml");
-    fs::write(&policy, SHOP_PORT.replace("MODE", "enforce")).unwrap();
-    let inventory = lab.inventory_path().display().to_string();
-    let observer = Observer::start(&[
-        "--inventory",
-        &inventory,
-        "--policy",
-        policy.to_str().unwrap(),
-        "--collect-interval",
-        "1s",
-    ]);
+    let dir = TempDir::new("policy");
+    let (policy, observer) =
+        Observer::with_policy(&lab, &dir, &SHOP_PORT.replace("MODE", "enforce"));
 
     // Localhost: the wrong container is refused at once (EPERM, no hang);
     // the sidecar still gets through.
@@ -121,14 +79,14 @@ fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
             &[("rule", rule), ("verdict", verdict)],
         )
     };
-    let m = eventually(&observer, "the verdicts counted", |m| {
+    let m = observer.eventually("the verdicts counted", |m| {
         verdicts(m, "no-one-else", "deny") >= 1.0 && verdicts(m, "no-shop", "deny") >= 1.0
     });
     assert!(m.has("observer_policy_verdicts_total", "class", "service"));
 
     // Audit: everything goes through, the would-be denials are counted.
     fs::write(&policy, SHOP_PORT.replace("MODE", "audit")).unwrap();
-    eventually(&observer, "the reload", |m| {
+    observer.eventually("the reload", |m| {
         m.sum("observer_policy_reloads_total", &[("result", "ok")]) >= 1.0
     });
     assert_eq!(
@@ -139,7 +97,7 @@ fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
         connect_from(&client, &client_netns, "10.96.0.20", 8080),
         Connect::Connected
     );
-    eventually(&observer, "audit denials counted", |m| {
+    observer.eventually("audit denials counted", |m| {
         verdicts(m, "no-one-else", "audit_deny") >= 1.0
             && verdicts(m, "no-shop", "audit_deny") >= 1.0
     });
@@ -153,7 +111,7 @@ fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
         "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nspec: [",
     )
     .unwrap();
-    eventually(&observer, "the refusal", |m| {
+    observer.eventually("the refusal", |m| {
         m.sum("observer_policy_reloads_total", &[("result", "refused")]) >= 1.0
     });
     let before = verdicts(&observer.scrape(), "no-one-else", "audit_deny");
@@ -161,7 +119,7 @@ fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
         connect_from(&app, &shop_netns, "127.0.0.1", 8080),
         Connect::Connected
     );
-    eventually(&observer, "the old policy still counting", |m| {
+    observer.eventually("the old policy still counting", |m| {
         verdicts(m, "no-one-else", "audit_deny") > before
     });
 
@@ -169,7 +127,7 @@ fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
     // left alone. Then kill the observer: the hooks go with it (fail open:
     // no policy at all applies until it is back).
     fs::write(&policy, SHOP_PORT.replace("MODE", "enforce")).unwrap();
-    eventually(&observer, "the second reload", |m| {
+    observer.eventually("the second reload", |m| {
         m.sum("observer_policy_reloads_total", &[("result", "ok")]) >= 2.0
     });
     assert_eq!(
@@ -186,7 +144,6 @@ fn policies_deny_at_connect_audit_counts_and_a_bad_file_changes_nothing() {
         connect_from(&app, &shop_netns, "127.0.0.1", 8080),
         Connect::Connected
     );
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// The README's other two cases, on the lab: a namespace kept from another's
@@ -218,17 +175,8 @@ spec:
 #[test]
 fn peer_namespaces_and_external_cidrs() {
     let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
-    let dir = std::env::temp_dir().join(format!("observer-policy2-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let policy = dir.join("policy.yaml");
-    fs::write(&policy, PEERS_AND_CIDRS).unwrap();
-    let inventory = lab.inventory_path().display().to_string();
-    let observer = Observer::start(&[
-        "--inventory",
-        &inventory,
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
+    let dir = TempDir::new("policy2");
+    let (policy, observer) = Observer::with_policy(&lab, &dir, PEERS_AND_CIDRS);
 
     // Pods of namespace shop are off limits to the client; others are not.
     let (client, client_netns) = container(&lab, "default", "client", "to-pod");
@@ -285,7 +233,7 @@ fn peer_namespaces_and_external_cidrs() {
     assert_eq!(echoed.expect("the reply"), b"ping");
     assert!(echo.wait().unwrap().success());
 
-    let m = eventually(&observer, "the verdicts", |m| {
+    let m = observer.eventually("the verdicts", |m| {
         m.sum(
             "observer_policy_verdicts_total",
             &[("rule", "no-shop-pods"), ("verdict", "deny")],
@@ -304,7 +252,7 @@ fn peer_namespaces_and_external_cidrs() {
 
     // Audit: the same connections go through, counted as would-be denials.
     fs::write(&policy, PEERS_AND_CIDRS.replace("enforce", "audit")).unwrap();
-    eventually(&observer, "the reload", |m| {
+    observer.eventually("the reload", |m| {
         m.sum("observer_policy_reloads_total", &[("result", "ok")]) >= 1.0
     });
     assert_eq!(
@@ -314,7 +262,7 @@ fn peer_namespaces_and_external_cidrs() {
     // Let through, with nowhere to go: the lab has no such host.
     let outside = connect_from(&fetcher, &web_netns, "203.0.113.7", 80);
     assert!(matches!(outside, Connect::Other(_)), "{outside:?}");
-    eventually(&observer, "audit denials", |m| {
+    observer.eventually("audit denials", |m| {
         let audit = |rule| {
             m.sum(
                 "observer_policy_verdicts_total",
@@ -324,18 +272,9 @@ fn peer_namespaces_and_external_cidrs() {
         audit("no-shop-pods") >= 1.0 && audit("default") >= 1.0
     });
     assert!(observer.terminate().success());
-    let _ = fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn ingress_rules_drop_inbound_connections_at_eth0() {
-    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
-    let dir = std::env::temp_dir().join(format!("observer-policy3-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let policy = dir.join("policy.yaml");
-    fs::write(
-        &policy,
-        "
+const WEB_INGRESS: &str = "
 apiVersion: observer.dev/v1alpha1
 kind: TrafficPolicy
 metadata: {name: web-ingress}
@@ -356,16 +295,13 @@ spec:
       peer: {namespace: default, matchLabels: {app: client}}
       ports: [5353]
       action: deny
-",
-    )
-    .unwrap();
-    let inventory = lab.inventory_path().display().to_string();
-    let observer = Observer::start(&[
-        "--inventory",
-        &inventory,
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
+";
+
+#[test]
+fn ingress_rules_drop_inbound_connections_at_eth0() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = TempDir::new("policy3");
+    let (policy, observer) = Observer::with_policy(&lab, &dir, WEB_INGRESS);
 
     // The client's SYNs are dropped on web's eth0 (tc can only drop): the
     // connection times out. The remote pod on node-2 still gets in.
@@ -407,7 +343,7 @@ spec:
     let n = receiver.recv(&mut buf).expect("the remote's datagram");
     assert_eq!(&buf[..n], b"remote");
 
-    let m = eventually(&observer, "the ingress denial counted", |m| {
+    let m = observer.eventually("the ingress denial counted", |m| {
         m.sum(
             "observer_policy_verdicts_total",
             &[
@@ -421,7 +357,7 @@ spec:
 
     // Policy gone: the live flows are classified again, and the client gets in.
     fs::write(&policy, "").unwrap();
-    eventually(&observer, "the reload", |m| {
+    observer.eventually("the reload", |m| {
         m.sum("observer_policy_reloads_total", &[("result", "ok")]) >= 1.0
     });
     assert_eq!(
@@ -429,5 +365,4 @@ spec:
         Connect::Connected
     );
     assert!(observer.terminate().success());
-    let _ = fs::remove_dir_all(&dir);
 }
