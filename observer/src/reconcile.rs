@@ -107,15 +107,6 @@ struct Wanted {
     complete: bool,
 }
 
-/// What reading the policy file again did.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Reload {
-    Changed,
-    Unchanged,
-    /// Invalid: the last good policy stays.
-    Refused,
-}
-
 /// Why a reconciliation runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Trigger {
@@ -271,7 +262,7 @@ impl Reconciler {
                         tracing::warn!(%err, "watching the policy file");
                         self.metrics.error("watch");
                     }
-                    if self.reload_policy() != Reload::Changed {
+                    if !self.reload_policy() {
                         continue;
                     }
                     Trigger::Peers
@@ -508,27 +499,23 @@ impl Reconciler {
 
     /// Reads the policy file again after a change in its directory. An
     /// invalid file changes nothing: the last good policy stays in force.
-    fn reload_policy(&mut self) -> Reload {
+    /// Returns whether the policies changed.
+    fn reload_policy(&mut self) -> bool {
         let Some(state) = self.policy.as_mut() else {
-            return Reload::Unchanged;
+            return false;
         };
         // Services are checked once every one is known.
         let known = self.inventory.as_ref().filter(|_| self.complete);
         state.services_checked = known.is_some();
-        let services = known.map(|i| {
-            i.services
-                .iter()
-                .map(|s| (s.namespace.clone(), s.name.clone()))
-                .collect::<HashSet<_>>()
-        });
+        let services = known.map(policy::service_names);
         match policy::load(&state.path, services.as_ref()) {
-            Ok(policies) if policies == state.policies => Reload::Unchanged,
+            Ok(policies) if policies == state.policies => false,
             Ok(policies) => {
                 let rules: usize = policies.policies.iter().map(|p| p.spec.rules.len()).sum();
                 tracing::info!(path = %state.path.display(), policies = policies.policies.len(), rules, "policy reloaded");
                 state.policies = policies;
                 self.metrics.policy_reloads.with_label_values(&["ok"]).inc();
-                Reload::Changed
+                true
             }
             Err(err) => {
                 tracing::error!(%err, "policy file refused: the last good policy stays in force");
@@ -537,7 +524,7 @@ impl Reconciler {
                     .with_label_values(&["refused"])
                     .inc();
                 self.metrics.error("policy");
-                Reload::Refused
+                false
             }
         }
     }
@@ -553,13 +540,9 @@ impl Reconciler {
             // if it names one that does not exist, it is refused now (and
             // with no earlier good policy, none is in force).
             state.services_checked = true;
-            let services: HashSet<(String, String)> = inventory
-                .services
-                .iter()
-                .map(|s| (s.namespace.clone(), s.name.clone()))
-                .collect();
-            if let Some(service) = policy::unknown_service(&state.policies, &services) {
-                tracing::error!(path = %state.path.display(), %service, "policy refused: there is no Service {service} with a ClusterIP (a headless Service has none to match)");
+            let services = policy::service_names(inventory);
+            if let Some((problem, _)) = policy::unknown_service(&state.policies, &services) {
+                tracing::error!(path = %state.path.display(), "policy refused: {problem}");
                 self.metrics
                     .policy_reloads
                     .with_label_values(&["refused"])

@@ -97,12 +97,13 @@ struct Target {
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Bad input fails here, before anything is loaded.
-    if let Some(path) = &args.inventory {
-        inventory::load_for_node(path, args.node.as_deref())?;
-    }
+    let inventory = match &args.inventory {
+        Some(path) => Some(inventory::load_for_node(path, args.node.as_deref())?),
+        None => None,
+    };
     let explicit = explicit_targets(&args)?;
     let policies = match &args.policy {
-        Some(path) => Some((path.clone(), load_policy(&args, path)?)),
+        Some(path) => Some((path.clone(), load_policy(&args, inventory.as_ref(), path)?)),
         None => None,
     };
     let kubernetes = match args.kubernetes {
@@ -228,20 +229,15 @@ enum Pods {
 
 /// The policy file, checked at start: a bad one is refused before anything
 /// is loaded (later, a bad one leaves the last good one in force).
-fn load_policy(args: &RunArgs, path: &Path) -> Result<Policies, RunError> {
-    if args.inventory.is_none() && !args.kubernetes {
+fn load_policy(
+    args: &RunArgs,
+    inventory: Option<&observer_common::inventory::Inventory>,
+    path: &Path,
+) -> Result<Policies, RunError> {
+    if inventory.is_none() && !args.kubernetes {
         return Err(RunError::PolicyWithoutNames);
     }
-    let services = match &args.inventory {
-        Some(inventory) => Some(
-            inventory::load(inventory)?
-                .services
-                .iter()
-                .map(|s| (s.namespace.clone(), s.name.clone()))
-                .collect(),
-        ),
-        None => None,
-    };
+    let services = inventory.map(policy::service_names);
     Ok(policy::load(path, services.as_ref())?)
 }
 

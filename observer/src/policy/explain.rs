@@ -1,12 +1,7 @@
 //! `observer policy check` and `observer policy explain`: a policy file
 //! checked offline, and the rules that apply to one pod, in words.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    fmt::Write as _,
-    net::SocketAddrV4,
-    path::Path,
-};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddrV4, path::Path};
 
 use observer_common::inventory::Inventory;
 
@@ -33,7 +28,7 @@ pub fn check(path: &Path, inventory: Option<&Path>) -> Result<String, ExplainErr
     let services = inventory
         .map(inventory::load)
         .transpose()?
-        .map(|i| services(&i));
+        .map(|i| super::service_names(&i));
     let policies = super::load(path, services.as_ref())?;
     let rules: usize = policies.policies.iter().map(|p| p.spec.rules.len()).sum();
     Ok(format!(
@@ -59,7 +54,7 @@ pub fn explain(
     probe: Option<&Probe>,
 ) -> Result<String, ExplainError> {
     let inventory = inventory::load(inventory)?;
-    let policies = super::load(path, Some(&services(&inventory)))?;
+    let policies = super::load(path, Some(&super::service_names(&inventory)))?;
     let (namespace, name) = pod
         .split_once('/')
         .ok_or_else(|| ExplainError::NoPod(pod.into()))?;
@@ -129,14 +124,6 @@ fn connection_to<'a>(inventory: &'a Inventory, probe: &'a Probe) -> Connection<'
         connection.peer = Some((&p.namespace, &p.labels));
     }
     connection
-}
-
-fn services(inventory: &Inventory) -> HashSet<(String, String)> {
-    inventory
-        .services
-        .iter()
-        .map(|s| (s.namespace.clone(), s.name.clone()))
-        .collect()
 }
 
 /// The explanation of what applies to a pod with these labels.

@@ -15,6 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use observer_common::inventory::Inventory;
 use serde::Deserialize;
 
 pub use model::{Action, Class, Direction, Mode, Protocol, Rule, TrafficPolicy};
@@ -63,44 +64,54 @@ pub fn load(
     Ok(policies)
 }
 
-/// The first Service the policies name that is not in `services`, as
-/// `namespace/name`.
+/// The Services a policy may name: those with a ClusterIP, as
+/// (namespace, name).
+pub fn service_names(inventory: &Inventory) -> HashSet<(String, String)> {
+    inventory
+        .services
+        .iter()
+        .map(|s| (s.namespace.clone(), s.name.clone()))
+        .collect()
+}
+
+/// Why a rule naming a Service that is not in `services` is refused.
+fn no_such_service(policy: &str, service: &model::ServiceRef) -> String {
+    format!(
+        "policy `{policy}`: there is no Service {}/{} with a ClusterIP (a headless Service has none to match)",
+        service.namespace, service.name
+    )
+}
+
+/// The first rule naming a Service not in `services`: the message, and
+/// the Service's name.
 pub fn unknown_service(
     policies: &Policies,
     services: &HashSet<(String, String)>,
-) -> Option<String> {
-    policies
-        .policies
-        .iter()
-        .flat_map(|p| p.spec.rules.iter())
-        .filter_map(|r| r.service.as_ref())
-        .find(|s| !services.contains(&(s.namespace.clone(), s.name.clone())))
-        .map(|s| format!("{}/{}", s.namespace, s.name))
+) -> Option<(String, String)> {
+    policies.policies.iter().find_map(|policy| {
+        let service = policy
+            .spec
+            .rules
+            .iter()
+            .filter_map(|r| r.service.as_ref())
+            .find(|s| !services.contains(&(s.namespace.clone(), s.name.clone())))?;
+        Some((
+            no_such_service(&policy.metadata.name, service),
+            service.name.clone(),
+        ))
+    })
 }
 
-/// Refuses rules that name a Service that does not exist.
+/// Refuses rules that name a Service that does not exist, with the line.
 fn check_services(
     text: &str,
     policies: &Policies,
     services: &HashSet<(String, String)>,
 ) -> Result<(), (usize, String)> {
-    for policy in &policies.policies {
-        for rule in &policy.spec.rules {
-            let Some(service) = &rule.service else {
-                continue;
-            };
-            if !services.contains(&(service.namespace.clone(), service.name.clone())) {
-                return Err((
-                    service_line(text, &service.name),
-                    format!(
-                        "policy `{}`: there is no Service {}/{} with a ClusterIP (a headless Service has none to match)",
-                        policy.metadata.name, service.namespace, service.name
-                    ),
-                ));
-            }
-        }
+    match unknown_service(policies, services) {
+        Some((message, name)) => Err((service_line(text, &name), message)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Parses the text of a policy file: one or more YAML documents, each a
