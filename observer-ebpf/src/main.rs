@@ -192,24 +192,14 @@ fn ingress_verdict(ctx: &TcContext, key: &FlowKey, value: &FlowValue, first: boo
     }
     // UDP has no listener: a socket bound to the port, outside Linux's
     // ephemeral range (where the replies to the pod's own queries land).
-    let inbound = value.server == server::DESTINATION
-        || (key.protocol == classify::IPPROTO_UDP
-            && value.server == server::UNKNOWN
-            && key.dst_port < policy::FIRST_EPHEMERAL_PORT
-            && classify::listening(ctx, key.family, key.protocol, key.dst_addr, key.dst_port));
-    if !inbound {
-        return 0;
-    }
-    let a = key.src_addr;
-    let verdict = policy::ingress(
-        key.netns_cookie,
-        value.class,
-        key.protocol,
-        key.dst_port,
-        value.peer_id,
-        [a[12], a[13], a[14], a[15]],
-        first,
-    );
+    let inbound = || {
+        value.server == server::DESTINATION
+            || (key.protocol == classify::IPPROTO_UDP
+                && value.server == server::UNKNOWN
+                && key.dst_port < policy::FIRST_EPHEMERAL_PORT
+                && classify::listening(ctx, key.family, key.protocol, key.dst_addr, key.dst_port))
+    };
+    let verdict = policy::ingress(key, value, first, inbound);
     if verdict == verdict::DENY { verdict } else { 0 }
 }
 

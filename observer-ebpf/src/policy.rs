@@ -20,8 +20,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use observer_common::{
-    MAX_POD_RULES, MemberKey, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY,
-    PodPolicy, PolicyRule, ServiceKey, VERDICTS_CAPACITY, VerdictKey, class,
+    FlowKey, FlowValue, MAX_POD_RULES, MemberKey, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY,
+    POLICY_MEMBERS_CAPACITY, PodPolicy, PolicyRule, ServiceKey, VERDICTS_CAPACITY, VerdictKey,
+    class,
     direction::{EGRESS, INGRESS},
     ipv4_mapped, set_kind, verdict,
 };
@@ -139,35 +140,43 @@ fn decide(ctx: &SockAddrContext, address: [u8; 4], datagram: bool) -> i32 {
 }
 
 /// An inbound connection to a pod (its first packet at `eth0` ingress):
-/// [`verdict::DENY`] if a policy denies it. Counted in VERDICTS if
-/// `counted` (a flow's first decision, not a decision again after a
-/// change). Traffic from the node (the kubelet's probes) is never subject
-/// to it.
+/// [`verdict::DENY`] if a policy denies it. `inbound` tells whether the
+/// pod is the flow's server (asked only of pods with a policy). Counted in
+/// VERDICTS if `counted` (a flow's first decision, not a decision again
+/// after a change). Traffic from the node (the kubelet's probes) is never
+/// subject to it.
 #[inline(always)]
 pub fn ingress(
-    cookie: u64,
-    class: u8,
-    protocol: u8,
-    port: u16,
-    peer: u32,
-    address: [u8; 4],
+    key: &FlowKey,
+    value: &FlowValue,
     counted: bool,
+    inbound: impl FnOnce() -> bool,
 ) -> u8 {
+    let (cookie, class) = (key.netns_cookie, value.class);
     if class == class::NODE {
         return verdict::ALLOW;
     }
+    // SAFETY: a plain lookup. First: most pods have no policy, and telling
+    // an inbound flow may take a socket lookup.
+    let Some(policy) = (unsafe { POLICIES.get(&cookie) }) else {
+        return verdict::ALLOW;
+    };
+    if !inbound() {
+        return verdict::ALLOW;
+    }
+    let a = key.src_addr;
     let connection = Connection {
         counted,
         direction: INGRESS,
         class,
-        protocol,
-        port,
+        protocol: key.protocol,
+        port: key.dst_port,
         service: 0,
-        peer,
+        peer: value.peer_id,
         cgroup: 0,
-        address,
+        address: [a[12], a[13], a[14], a[15]],
     };
-    verdict(cookie, &connection)
+    decide_with(policy, cookie, &connection)
 }
 
 /// What a policy hook knows of a connection.
@@ -192,9 +201,15 @@ struct Connection {
 #[inline(always)]
 fn verdict(cookie: u64, c: &Connection) -> u8 {
     // SAFETY: a plain lookup.
-    let Some(policy) = (unsafe { POLICIES.get(&cookie) }) else {
-        return verdict::ALLOW;
-    };
+    match unsafe { POLICIES.get(&cookie) } {
+        Some(policy) => decide_with(policy, cookie, c),
+        None => verdict::ALLOW,
+    }
+}
+
+/// [`verdict`] with the pod's policy in hand.
+#[inline(always)]
+fn decide_with(policy: &PodPolicy, cookie: u64, c: &Connection) -> u8 {
     let mut i = 0;
     while i < MAX_POD_RULES {
         if i as u32 >= policy.rules {

@@ -136,17 +136,9 @@ impl Datapath {
         // The shared classifier: loaded and verified once, for all instances.
         let mut classifiers: ProgramArray<MapData> = typed(&mut ebpf, CLASSIFIER_MAP)?;
         let name = CLASSIFIER_PROGRAM;
-        let program_error = |source| DatapathError::Program {
-            name,
-            source: Box::new(source),
-        };
-        let classifier: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing(name))?
-            .try_into()
-            .map_err(program_error)?;
-        classifier.load().map_err(program_error)?;
-        let fd = classifier.fd().map_err(program_error)?;
+        let classifier: &mut SchedClassifier = program(&mut ebpf, name)?;
+        classifier.load().map_err(program_error(name))?;
+        let fd = classifier.fd().map_err(program_error(name))?;
         classifiers
             .set(0, fd, 0)
             .map_err(|source| DatapathError::Map {
@@ -154,16 +146,8 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         for name in POLICY_PROGRAMS {
-            let program_error = |source| DatapathError::Program {
-                name,
-                source: Box::new(source),
-            };
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(program_error)?;
-            program.load().map_err(program_error)?;
+            let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            hook.load().map_err(program_error(name))?;
         }
         let datapath = Self {
             base: ebpf,
@@ -187,23 +171,14 @@ impl Datapath {
         })?;
         let mut links = Vec::new();
         for name in POLICY_PROGRAMS {
-            let program_error = |source| DatapathError::Program {
-                name,
-                source: Box::new(source),
-            };
-            let program: &mut CgroupSockAddr = self
-                .base
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(program_error)?;
+            let hook: &mut CgroupSockAddr = program(&mut self.base, name)?;
             // A bpf link (kernels 5.7+): it runs beside other programs on
             // the cgroup whatever the mode, and the kernel refuses any mode
             // flag with it, so the default (no flag) it is.
-            let id = program
+            let id = hook
                 .attach(&dir, CgroupAttachMode::default())
-                .map_err(program_error)?;
-            links.push(program.take_link(id).map_err(program_error)?);
+                .map_err(program_error(name))?;
+            links.push(hook.take_link(id).map_err(program_error(name))?);
         }
         Ok(links)
     }
@@ -221,18 +196,8 @@ impl Datapath {
             &[EGRESS_PROGRAM, INGRESS_PROGRAM]
         };
         for &name in names {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program {
-                    name,
-                    source: Box::new(source),
-                })?;
-            program.load().map_err(|source| DatapathError::Program {
-                name,
-                source: Box::new(source),
-            })?;
+            let classifier: &mut SchedClassifier = program(&mut ebpf, name)?;
+            classifier.load().map_err(program_error(name))?;
         }
         Ok(Programs { ebpf })
     }
@@ -258,6 +223,25 @@ fn loader<'a>(pins: &PinDir, btf: Option<&'a Btf>, flow_capacity: u32) -> EbpfLo
         loader.map_pin_path(name, pins.pin_path(name));
     }
     loader
+}
+
+/// Program `name` of `ebpf`, as the type it must be.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing(name))?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+/// The kernel (or aya) refused program `name`.
+fn program_error(name: &'static str) -> impl Fn(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program {
+        name,
+        source: Box::new(source),
+    }
 }
 
 /// Takes map `name` out of `ebpf` as a `T`.

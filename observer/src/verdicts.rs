@@ -47,41 +47,29 @@ impl Verdicts {
                 gone.push(key);
                 continue;
             };
-            let Some(names) = self.names.get(&key.rule) else {
-                continue;
-            };
-            let verdict = match key.verdict {
-                verdict::ALLOW => "allow",
-                verdict::DENY => "deny",
-                _ => "audit_deny",
-            };
-            let labels = [
-                pod.pod.namespace.clone(),
-                pod.pod.name.clone(),
-                names.policy.clone(),
-                names.rule.clone(),
-                class_label(key.class).to_owned(),
-                if key.direction == observer_common::direction::INGRESS {
-                    "ingress"
-                } else {
-                    "egress"
+            let before = match self.seen.get_mut(&key) {
+                // Nothing new: the common case, with no work.
+                Some((seen, _)) if *seen == count => continue,
+                Some((seen, _)) => std::mem::replace(seen, count),
+                None => {
+                    // A rule id always names the same rule: labels once.
+                    let Some(labels) = self.labels(&key, pod) else {
+                        continue;
+                    };
+                    self.seen.insert(key, (count, labels));
+                    0
                 }
-                .to_owned(),
-                verdict.to_owned(),
-            ];
-            let before = self.seen.get(&key).map_or(0, |(n, _)| *n);
+            };
+            let labels = &self.seen[&key].1;
             let added = count.saturating_sub(before);
-            if added > 0 {
-                let values: Vec<&str> = labels.iter().map(String::as_str).collect();
-                metrics
-                    .policy_verdicts
-                    .with_label_values(&values)
-                    .inc_by(added);
-                if key.verdict != verdict::ALLOW {
-                    self.log(&key, &labels, added);
-                }
+            let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+            metrics
+                .policy_verdicts
+                .with_label_values(&values)
+                .inc_by(added);
+            if key.verdict != verdict::ALLOW {
+                self.log(&key, added);
             }
-            self.seen.insert(key, (count, labels));
         }
         for key in gone {
             let _ = map.remove(&key);
@@ -89,8 +77,32 @@ impl Verdicts {
         Ok(())
     }
 
+    /// The series' labels: pod, policy, rule, class, direction, verdict.
+    fn labels(&self, key: &VerdictKey, pod: &AttachedNetns) -> Option<[String; 7]> {
+        let names = self.names.get(&key.rule)?;
+        let verdict = match key.verdict {
+            verdict::ALLOW => "allow",
+            verdict::DENY => "deny",
+            _ => "audit_deny",
+        };
+        let direction = if key.direction == observer_common::direction::INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        };
+        Some([
+            pod.pod.namespace.clone(),
+            pod.pod.name.clone(),
+            names.policy.clone(),
+            names.rule.clone(),
+            class_label(key.class).to_owned(),
+            direction.to_owned(),
+            verdict.to_owned(),
+        ])
+    }
+
     /// Logs a denial, unless one of this pod and rule was logged lately.
-    fn log(&mut self, key: &VerdictKey, labels: &[String; 7], added: u64) {
+    fn log(&mut self, key: &VerdictKey, added: u64) {
         let now = Instant::now();
         let last = self
             .logged
@@ -100,7 +112,10 @@ impl Verdicts {
             return;
         }
         *last = now;
-        let [namespace, pod, policy, rule, class, _, verdict] = labels;
+        let Some((_, [namespace, pod, policy, rule, class, _, verdict])) = self.seen.get(key)
+        else {
+            return;
+        };
         tracing::warn!(pod = %format!("{namespace}/{pod}"), %policy, %rule, %class, %verdict, connections = added, "policy denial");
     }
 
