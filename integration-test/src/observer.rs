@@ -188,9 +188,15 @@ pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
 }
 
 /// Like [`run_to_exit`], as user and group `uid` (without capabilities).
+///
+/// That user may not reach the workspace (a checkout under `/root`, or in a
+/// `mktemp -d` directory, is private): it runs a copy of the binary in a
+/// world-readable directory of its own.
 pub fn run_to_exit_as(args: &[&str], uid: Option<u32>) -> (ExitStatus, String) {
+    let copy = uid.map(|_| reachable_copy());
     let mut command = observer_command(args, &[], Stdio::piped());
-    if let Some(uid) = uid {
+    if let (Some(uid), Some((_, binary))) = (uid, &copy) {
+        command = observer_command_with(binary, args, &[], Stdio::piped());
         command.uid(uid).gid(uid);
     }
     let out = command
@@ -207,8 +213,30 @@ pub fn run_to_exit_as(args: &[&str], uid: Option<u32>) -> (ExitStatus, String) {
     )
 }
 
+/// A copy of the observer binary that any user can run: a directory of
+/// mode 0755 under the system's temporary directory, removed on drop.
+fn reachable_copy() -> (crate::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::TempDir::new("reachable");
+    let open = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(dir.path(), open.clone()).expect("chmod the directory");
+    let copy = dir.path().join("observer");
+    std::fs::copy(binary(), &copy).expect("copying the observer binary");
+    std::fs::set_permissions(&copy, open).expect("chmod the copy");
+    (dir, copy)
+}
+
 fn observer_command(first: &[&str], rest: &[&str], stderr: impl Into<Stdio>) -> Command {
-    let mut command = Command::new(binary());
+    observer_command_with(&binary(), first, rest, stderr)
+}
+
+fn observer_command_with(
+    binary: &std::path::Path,
+    first: &[&str],
+    rest: &[&str],
+    stderr: impl Into<Stdio>,
+) -> Command {
+    let mut command = Command::new(binary);
     command
         .args(first)
         .args(rest)

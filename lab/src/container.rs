@@ -33,6 +33,53 @@ pub fn cgroup2_root() -> Result<PathBuf, LabError> {
         .ok_or(LabError::NoCgroup2)
 }
 
+/// A cgroup of a test's own, `<cgroup2>/obslab-<pid>-<n>-<role>`: removed
+/// with its processes on drop, and by [`crate::cleanup_stale`] after a
+/// killed run (the name reads as a test lab's).
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn create(role: &str) -> Result<Self, LabError> {
+        let n = crate::netns::next();
+        let name = format!("{}-{}-{n}-{role}", crate::netns::PREFIX, std::process::id());
+        let path = cgroup2_root()?.join(name);
+        create_cgroup(&path)?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates `relative` (and its parents) below this cgroup.
+    pub fn child(&self, relative: &Path) -> Result<PathBuf, LabError> {
+        let path = self.path.join(relative);
+        create_cgroup(&path)?;
+        Ok(path)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = remove_cgroup_tree(&self.path);
+    }
+}
+
+/// The cgroup v2 id of a cgroup directory (its inode number): what the
+/// kernel reports for the sockets of its processes.
+pub fn cgroup_id(path: &Path) -> Result<u64, LabError> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| LabError::Io {
+            what: format!("reading cgroup {}", path.display()),
+            source,
+        })
+}
+
 /// Creates a cgroup directory and its parents.
 pub fn create_cgroup(path: &Path) -> Result<(), LabError> {
     fs::create_dir_all(path).map_err(|source| LabError::Io {

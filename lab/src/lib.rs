@@ -18,6 +18,7 @@ mod netns;
 mod network;
 pub mod spec;
 
+pub use container::{Cgroup, cgroup_id};
 pub use lab::{Lab, STATE_DIR, cleanup_stale, down, is_healthy, list, status};
 pub use netns::{Netns, veth};
 pub use spec::{Plan, SpecError};

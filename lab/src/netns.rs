@@ -17,6 +17,11 @@ pub(crate) const PREFIX: &str = "obslab";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// A number for a name of this process' own, never given twice.
+pub(crate) fn next() -> u32 {
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A named network namespace with `lo` up. One made by [`Netns::create`] is
 /// deleted on drop, with everything in it: its interfaces, addresses, routes,
 /// firewall rules, qdiscs and tc programs.
@@ -30,7 +35,7 @@ pub struct Netns {
 impl Netns {
     /// Creates `obslab-<pid>-<n>-<role>`, deleted on drop.
     pub fn create(role: &str) -> Result<Self, LabError> {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let n = next();
         let mut netns = Self::create_named(&format!("{PREFIX}-{}-{n}-{role}", std::process::id()))?;
         netns.owned = true;
         Ok(netns)

@@ -102,9 +102,9 @@ impl Protocol {
     /// The IP protocol number.
     pub const fn number(self) -> u8 {
         match self {
-            Self::Tcp => 6,
-            Self::Udp => 17,
-            Self::Sctp => 132,
+            Self::Tcp => crate::protocol::TCP,
+            Self::Udp => crate::protocol::UDP,
+            Self::Sctp => crate::protocol::SCTP,
         }
     }
 

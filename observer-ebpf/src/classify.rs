@@ -1,5 +1,6 @@
-//! What a flow is: its class, its peer, which end is the server, and (on
-//! `lo`) which container's socket sends it.
+//! What a flow is: its class and peer ([`observer_common::classify`], on
+//! the kernel's maps), which end is the server, and (on `lo`) which
+//! container's socket sends it.
 //!
 //! Runs when a flow is first seen, and again when the daemon has changed the
 //! classification maps (new generation); never for every packet.
@@ -11,16 +12,30 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use observer_common::{
-    FlowKey, FlowValue, ServiceKey, class,
+    CidrValue, FlowKey, FlowValue, ServiceKey, class,
+    classify::{self, ClassMaps},
     direction::EGRESS,
     family::{IPV4, IPV6},
-    interface, server,
+    interface, protocol, server,
 };
 
 use crate::{CIDRS, SERVICES};
 
-const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
+/// The classification maps as the programs read them.
+pub struct KernelClassMaps;
+
+impl ClassMaps for KernelClassMaps {
+    #[inline(always)]
+    fn service(&self, key: &ServiceKey) -> Option<u32> {
+        // SAFETY: a plain lookup; the value is copied out at once.
+        unsafe { SERVICES.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn address(&self, addr: &[u8; 16]) -> Option<CidrValue> {
+        CIDRS.get(Key::new(128, *addr)).copied()
+    }
+}
 
 /// Fills the classification fields of `value` (not the counters).
 #[inline(always)]
@@ -32,52 +47,28 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
         return;
     }
     let egress = key.direction == EGRESS;
-    let (peer, peer_port, local, local_port) = if egress {
+    let (remote, remote_port, local, local_port) = if egress {
         (key.dst_addr, key.dst_port, key.src_addr, key.src_port)
     } else {
         (key.src_addr, key.src_port, key.dst_addr, key.dst_port)
     };
-    let service = ServiceKey {
-        addr: peer,
-        port: peer_port,
-        protocol: key.protocol,
-        _pad: [0; 5],
-    };
-    // SAFETY: a plain read of a map value.
-    if let Some(id) = unsafe { SERVICES.get(&service) } {
-        value.class = class::SERVICE;
-        value.peer_id = *id;
-        // The ClusterIP end is the server.
-        value.server = if egress {
-            server::DESTINATION
-        } else {
-            server::SOURCE
-        };
+    let peer = classify::remote(&KernelClassMaps, remote, remote_port, key.protocol);
+    value.class = peer.class;
+    value.peer_id = peer.id;
+    // Whoever has the listening socket is the server: a ClusterIP's end,
+    // else is it us?
+    let local_is_server = if peer.class == class::SERVICE {
+        false
+    } else if key.protocol != protocol::TCP {
+        value.server = server::UNKNOWN;
         return;
-    }
-    match CIDRS.get(Key::new(128, peer)) {
-        Some(cidr) => {
-            value.class = cidr.class;
-            value.peer_id = cidr.id;
-        }
-        None => {
-            value.class = class::EXTERNAL;
-            value.peer_id = 0;
-        }
-    }
-    // Whoever has the listening socket is the server: is it us?
-    value.server = if key.protocol != IPPROTO_TCP {
-        server::UNKNOWN
-    } else if listening(ctx, key.family, IPPROTO_TCP, local, local_port) {
-        if egress {
-            server::SOURCE
-        } else {
-            server::DESTINATION
-        }
-    } else if egress {
-        server::DESTINATION
     } else {
+        listening(ctx, key.family, protocol::TCP, local, local_port)
+    };
+    value.server = if local_is_server == egress {
         server::SOURCE
+    } else {
+        server::DESTINATION
     };
 }
 
@@ -90,13 +81,13 @@ fn localhost(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
         // SAFETY: reads the socket the kernel attached to the skb.
         value.src_cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     }
-    let protocol = key.protocol;
-    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+    let proto = key.protocol;
+    if proto != protocol::TCP && proto != protocol::UDP {
         value.server = server::UNKNOWN;
         return;
     }
-    let dst_listens = listening(ctx, key.family, protocol, key.dst_addr, key.dst_port);
-    let src_listens = listening(ctx, key.family, protocol, key.src_addr, key.src_port);
+    let dst_listens = listening(ctx, key.family, proto, key.dst_addr, key.dst_port);
+    let src_listens = listening(ctx, key.family, proto, key.src_addr, key.src_port);
     value.server = match (dst_listens, src_listens) {
         (true, false) => server::DESTINATION,
         (false, true) => server::SOURCE,
@@ -105,44 +96,18 @@ fn localhost(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
     };
 }
 
-struct Ends {
-    src: [u8; 16],
-    src_port: u16,
-    dst: [u8; 16],
-    dst_port: u16,
-}
-
 /// Whether a socket listens (TCP) or is bound without a peer (UDP) on
 /// `addr:port`: a lookup with a zero source matches no connected socket.
 #[inline(always)]
-pub fn listening(ctx: &TcContext, family: u8, protocol: u8, addr: [u8; 16], port: u16) -> bool {
-    socket_exists(
-        ctx,
-        family,
-        protocol,
-        Ends {
-            src: [0; 16],
-            src_port: 0,
-            dst: addr,
-            dst_port: port,
-        },
-    )
-}
-
-/// Whether the kernel has a socket that a packet between `ends` would be
-/// delivered to.
-#[inline(always)]
-fn socket_exists(ctx: &TcContext, family: u8, protocol: u8, ends: Ends) -> bool {
+pub fn listening(ctx: &TcContext, family: u8, proto: u8, addr: [u8; 16], port: u16) -> bool {
     // SAFETY: an all-zero tuple is valid; both variants are plain integers.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = match family {
         IPV4 => {
             // SAFETY: writing the IPv4 variant of the union.
             let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
-            v4.saddr = u32::from_ne_bytes([ends.src[12], ends.src[13], ends.src[14], ends.src[15]]);
-            v4.daddr = u32::from_ne_bytes([ends.dst[12], ends.dst[13], ends.dst[14], ends.dst[15]]);
-            v4.sport = ends.src_port.to_be();
-            v4.dport = ends.dst_port.to_be();
+            v4.daddr = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+            v4.dport = port.to_be();
             size_of_val(v4)
         }
         IPV6 => {
@@ -150,10 +115,8 @@ fn socket_exists(ctx: &TcContext, family: u8, protocol: u8, ends: Ends) -> bool 
             let v6 = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
             // SAFETY: [u8; 16] and [u32; 4] have the same size; network order
             // is kept byte for byte.
-            v6.saddr = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(ends.src) };
-            v6.daddr = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(ends.dst) };
-            v6.sport = ends.src_port.to_be();
-            v6.dport = ends.dst_port.to_be();
+            v6.daddr = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(addr) };
+            v6.dport = port.to_be();
             size_of_val(v6)
         }
         _ => return false,
@@ -163,7 +126,7 @@ fn socket_exists(ctx: &TcContext, family: u8, protocol: u8, ends: Ends) -> bool 
     // SAFETY: the tuple lives on the stack for the call; a found socket is
     // released below on every path.
     let sk: *mut bpf_sock = unsafe {
-        if protocol == IPPROTO_TCP {
+        if proto == protocol::TCP {
             bpf_sk_lookup_tcp(ctx_ptr, &mut tuple, size, netns, 0)
         } else {
             bpf_sk_lookup_udp(ctx_ptr, &mut tuple, size, netns, 0)

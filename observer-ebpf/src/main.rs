@@ -5,6 +5,11 @@
 //! for the packets of an inbound connection that a policy denies, which are
 //! dropped at `eth0` ingress (`TC_ACT_SHOT`). Counting happens in kernel
 //! maps; nothing is sent to user space per packet.
+//!
+//! Diagnostics (aya-log, debug level: a flow classified, a policy decision,
+//! a failed tail call) are compiled in, and switched off at load time unless
+//! the daemon's log level asks for them: the verifier then removes them, so
+//! they cost nothing.
 #![no_std]
 #![no_main]
 // The BPF target has no `AtomicU64::fetch_add`; `atomic_xadd` lowers to BPF's
@@ -24,11 +29,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use observer_common::{
     CIDRS_CAPACITY, CidrValue, DEFAULT_FLOW_CAPACITY, DatapathStats, FlowKey, FlowValue,
     SERVICES_CAPACITY, ServiceKey, class,
     direction::{EGRESS, INGRESS},
-    family, interface, server, verdict,
+    family, interface, ports, protocol, server, verdict,
 };
 
 /// Flows of every attached namespace. A shared LRU (not per-CPU): per-CPU
@@ -53,9 +59,11 @@ static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static STATS: PerCpuArray<DatapathStats> = PerCpuArray::with_max_entries(1, 0);
 
-/// Index 0: `classify_flow`, loaded once and tail-called by every instance.
+/// The shared programs, loaded once and tail-called: [`CLASSIFY`]
+/// (`classify_flow`, by every instance) and [`DECIDE`] (`decide_ingress`,
+/// by `classify_flow`).
 #[map]
-static CLASSIFIER: ProgramArray = ProgramArray::with_max_entries(1, 0);
+static CLASSIFIER: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 /// The network namespace these programs are attached in (its cookie), set
 /// at load time: each namespace gets its own instance of the programs.
@@ -81,16 +89,60 @@ pub fn observe_ingress(mut ctx: TcContext) -> i32 {
 /// generation, and classifies it. Tail-called by the instances: loaded (and
 /// verified) once, while each namespace's instance stays small.
 #[classifier]
-pub fn classify_flow(ctx: TcContext) -> i32 {
-    let cb = ctx.cb();
-    let (cookie, direction) = match cb {
-        [low, high, direction, ..] => (u64::from(*low) | (u64::from(*high) << 32), *direction),
-        _ => return TC_ACT_UNSPEC,
+pub fn classify_flow(mut ctx: TcContext) -> i32 {
+    let Some((mut key, syn, _)) = flow_of(&ctx) else {
+        return TC_ACT_UNSPEC;
     };
-    let (mut key, syn) = parse::flow_key(&ctx);
+    let (verdict, decide) = count(&ctx, &mut key, u64::from(ctx.len()), u64::from(syn));
+    if let Some(counted) = decide {
+        if let [_, _, _, flag, ..] = ctx.cb_mut() {
+            *flag = u32::from(counted);
+        }
+        // SAFETY: on success this does not return; index DECIDE holds
+        // decide_ingress.
+        unsafe { CLASSIFIER.tail_call(&ctx, DECIDE) };
+        debug!(&ctx, "tail call to the ingress decision failed");
+        bump_stats(|s| s.classify_failed += 1);
+    }
+    action(verdict)
+}
+
+/// Decides an inbound connection of a pod with a policy (its flow was just
+/// classified, and is in the map): writes the flow's verdict, counts the
+/// decision (if its first), and drops the packet if it is denied. A program
+/// of its own, so that the verifier walks the rules once, not once for each
+/// way a flow can be classified.
+#[classifier]
+pub fn decide_ingress(ctx: TcContext) -> i32 {
+    let Some((key, _, counted)) = flow_of(&ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    let Some(value) = FLOWS.get_ptr_mut(&key) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: a live map value; racing writers write the same verdict.
+    let value = unsafe { &mut *value };
+    let verdict = policy::ingress(&ctx, &key, value, counted);
+    value.verdict = if verdict == verdict::DENY { verdict } else { 0 };
+    action(value.verdict)
+}
+
+/// Tail calls: index of `classify_flow` and of `decide_ingress` in CLASSIFIER.
+const CLASSIFY: u32 = 0;
+const DECIDE: u32 = 1;
+
+/// The flow of a tail-called program's packet: the key (with the namespace
+/// and direction its caller put in the control buffer), whether it opens a
+/// TCP connection, and the caller's flag.
+#[inline(always)]
+fn flow_of(ctx: &TcContext) -> Option<(FlowKey, bool, bool)> {
+    let [low, high, direction, flag, ..] = *ctx.cb() else {
+        return None;
+    };
+    let (mut key, syn) = parse::flow_key(ctx);
     key.direction = direction as u8;
-    key.netns_cookie = cookie;
-    action(count(&ctx, &mut key, u64::from(ctx.len()), u64::from(syn)))
+    key.netns_cookie = u64::from(low) | (u64::from(high) << 32);
+    Some((key, syn, flag != 0))
 }
 
 /// What tc does with a packet of a flow with this verdict.
@@ -128,23 +180,27 @@ fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
             return action(unsafe { (*value).verdict });
         }
     }
-    if let [low, high, dir, ..] = ctx.cb_mut() {
+    if let [low, high, dir, flag, ..] = ctx.cb_mut() {
         *low = cookie as u32;
         *high = (cookie >> 32) as u32;
         *dir = u32::from(direction);
+        *flag = 0;
     }
-    // SAFETY: on success this does not return; the program array holds only
+    // SAFETY: on success this does not return; index CLASSIFY holds
     // classify_flow.
-    unsafe { CLASSIFIER.tail_call(ctx, 0) };
+    unsafe { CLASSIFIER.tail_call(ctx, CLASSIFY) };
     // Reached only if the tail call failed (no classifier loaded).
+    debug!(ctx, "tail call to the classifier failed");
     bump_stats(|s| s.classify_failed += 1);
     TC_ACT_UNSPEC
 }
 
 /// Counts a packet of a flow, classifying the flow if it is new or its
-/// classification is stale. Returns the flow's verdict.
+/// classification is stale. Returns the flow's verdict, and whether an
+/// ingress decision is to be made (`Some(counted)`: counted if the flow's
+/// first).
 #[inline(always)]
-fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> u8 {
+fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Option<bool>) {
     let generation = GENERATION.get(0).copied().unwrap_or(0);
     if let Some(value) = FLOWS.get_ptr_mut(&*key) {
         add(value, bytes, syn);
@@ -154,9 +210,13 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> u8 {
             if (*value).generation != generation {
                 (*value).generation = generation;
                 classify::classify(ctx, key, &mut *value);
-                (*value).verdict = ingress_verdict(ctx, key, &*value, false);
+                (*value).verdict = 0;
+                log_classified(ctx, &*value);
+                if needs_decision(ctx, key, &*value) {
+                    return (0, Some(false));
+                }
             }
-            return (*value).verdict;
+            return ((*value).verdict, None);
         }
     }
     let mut first = FlowValue {
@@ -167,40 +227,58 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> u8 {
         ..FlowValue::default()
     };
     classify::classify(ctx, key, &mut first);
-    first.verdict = ingress_verdict(ctx, key, &first, true);
+    log_classified(ctx, &first);
     if first.class == class::LOCALHOST {
         pair_with_reverse(key, &mut first);
     }
     if FLOWS.insert(&*key, &first, u64::from(BPF_NOEXIST)).is_ok() {
         bump_stats(|s| s.flows_created += 1);
+        if needs_decision(ctx, key, &first) {
+            return (0, Some(true));
+        }
     } else if let Some(value) = FLOWS.get_ptr_mut(&*key) {
-        // Another CPU inserted it first.
+        // Another CPU inserted it first (and decides it).
         add(value, bytes, syn);
+        // SAFETY: a live map value.
+        return (unsafe { (*value).verdict }, None);
     } else {
         bump_stats(|s| s.flow_insert_failed += 1);
     }
-    first.verdict
+    (0, None)
 }
 
-/// The policy verdict of an inbound IPv4 connection to the pod (the flow
+/// Whether a flow is an inbound IPv4 connection to a pod with a policy (it
 /// enters at `eth0` and the pod is the server: a TCP listener, or a UDP
-/// socket bound to the port); 0 for every other flow.
+/// socket bound to the port), to be decided by `decide_ingress`.
 #[inline(always)]
-fn ingress_verdict(ctx: &TcContext, key: &FlowKey, value: &FlowValue, first: bool) -> u8 {
+fn needs_decision(ctx: &TcContext, key: &FlowKey, value: &FlowValue) -> bool {
     if key.interface != interface::POD || key.direction != INGRESS || key.family != family::IPV4 {
-        return 0;
+        return false;
+    }
+    // SAFETY: a plain lookup. First: most pods have no policy, and telling
+    // an inbound flow may take a socket lookup.
+    if !policy::has_policy(key.netns_cookie) {
+        return false;
     }
     // UDP has no listener: a socket bound to the port, outside Linux's
     // ephemeral range (where the replies to the pod's own queries land).
-    let inbound = || {
-        value.server == server::DESTINATION
-            || (key.protocol == classify::IPPROTO_UDP
-                && value.server == server::UNKNOWN
-                && key.dst_port < policy::FIRST_EPHEMERAL_PORT
-                && classify::listening(ctx, key.family, key.protocol, key.dst_addr, key.dst_port))
-    };
-    let verdict = policy::ingress(key, value, first, inbound);
-    if verdict == verdict::DENY { verdict } else { 0 }
+    value.server == server::DESTINATION
+        || (key.protocol == protocol::UDP
+            && value.server == server::UNKNOWN
+            && key.dst_port < ports::EPHEMERAL_FIRST
+            && classify::listening(ctx, key.family, key.protocol, key.dst_addr, key.dst_port))
+}
+
+#[inline(always)]
+fn log_classified(ctx: &TcContext, value: &FlowValue) {
+    debug!(
+        ctx,
+        "flow classified: class {} peer {} server {} verdict {}",
+        value.class,
+        value.peer_id,
+        value.server,
+        value.verdict
+    );
 }
 
 /// Both directions of a localhost conversation pass `lo` egress, each with

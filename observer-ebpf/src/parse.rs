@@ -10,7 +10,10 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
-use observer_common::{FlowKey, family, interface};
+use observer_common::{
+    FlowKey, family, interface,
+    protocol::{self, has_ports},
+};
 
 const ETH_HLEN: u32 = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -18,10 +21,6 @@ const ETH_P_IPV6: u16 = 0x86dd;
 /// `lo` has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_SCTP: u8 = 132;
-const IPPROTO_UDPLITE: u8 = 136;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
@@ -49,7 +48,7 @@ pub fn flow_key(ctx: &TcContext) -> (FlowKey, bool) {
     let Some(offset) = l4 else {
         return (key, false);
     };
-    if key.protocol == IPPROTO_TCP {
+    if key.protocol == protocol::TCP {
         // Ports, sequence and acknowledgement numbers, offset and flags.
         if let Some(tcp) = load::<u16, 7>(ctx, offset) {
             set_ports(&mut key, tcp[0], tcp[1]);
@@ -98,14 +97,6 @@ fn ipv6(ctx: &TcContext, key: &mut FlowKey) -> Option<u32> {
     set_addr(&mut key.src_addr, [ip[2], ip[3], ip[4], ip[5]]);
     set_addr(&mut key.dst_addr, [ip[6], ip[7], ip[8], ip[9]]);
     has_ports(key.protocol).then_some(ETH_HLEN + 40)
-}
-
-#[inline(always)]
-fn has_ports(protocol: u8) -> bool {
-    matches!(
-        protocol,
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
-    )
 }
 
 #[inline(always)]

@@ -1,16 +1,10 @@
 //! The Prometheus metric families the observer exports. Every name starts with
 //! `observer_`; counters end in `_total`; bytes are bytes.
 
-use std::sync::Arc;
-
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
-    core::{Collector, Desc},
-    proto::MetricFamily,
 };
-
-use crate::flow_metrics::FlowMetrics;
 
 /// The kinds of `observer_errors_total`.
 pub const ERROR_KINDS: [&str; 9] = [
@@ -25,7 +19,8 @@ pub const ERROR_KINDS: [&str; 9] = [
     "policy",
 ];
 
-/// The observer's own health; the traffic families are in `flow_metrics`.
+/// The observer's registry, with its own health families; the traffic
+/// families (`flows::metrics`) are registered in it too.
 pub struct Metrics {
     registry: Registry,
     /// tc programs attached per pod.
@@ -164,12 +159,8 @@ impl Metrics {
         metrics
     }
 
-    /// Adds the traffic families.
-    pub fn register_flows(&self, flows: Arc<FlowMetrics>) {
-        self.register(SharedFlows(flows));
-    }
-
-    fn register(&self, collector: impl prometheus::core::Collector + 'static) {
+    /// Adds families of another part of the observer.
+    pub fn register(&self, collector: impl prometheus::core::Collector + 'static) {
         self.registry
             .register(Box::new(collector))
             .expect("metric names are unique");
@@ -194,18 +185,5 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// The registry owns its collectors; the collector thread shares this one.
-struct SharedFlows(Arc<FlowMetrics>);
-
-impl Collector for SharedFlows {
-    fn desc(&self) -> Vec<&Desc> {
-        self.0.desc()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        self.0.collect()
     }
 }

@@ -10,34 +10,42 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
 use kube::Client;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::{mpsc, watch},
-    time::{MissedTickBehavior, interval},
+    sync::watch,
 };
 
 use crate::{
-    attach::{AttachError, AttachWorker},
     cli::RunArgs,
-    cluster::{self, ClusterError, ClusterWatch},
-    collector::Collector,
-    datapath::{Datapath, DatapathError},
-    discovery,
-    flow_metrics::{FLOW_LABELS, FlowMetrics, SeriesConfig},
-    identities::ObjectRef,
-    inventory::{self, InventoryError},
-    kernel_maps::{KernelMaps, KernelMapsError},
+    endpoint::{self, Endpoint},
+    flows::{
+        collector::Collector,
+        metrics::{FlowMetrics, Registered, SeriesConfig},
+        schema,
+        task::{self, CollectorEvent},
+    },
+    kernel::{
+        attach::{AttachError, AttachWorker},
+        class_maps::ClassMapsWriter,
+        datapath::{Datapath, DatapathConfig, DatapathError, Opened},
+        log,
+        netns::{self, NetNs, NetnsError},
+    },
     metrics::Metrics,
-    netns::{self, NetNs, NetnsError},
-    policy::{self, Policies, PolicyError},
-    reconcile::{CollectorEvent, PolicyState, Reconciler, Source},
-    server::{self, CollectRequest, Endpoint},
-    watch::{DirWatch, WatchError},
+    names::ObjectRef,
+    pods::{
+        cluster::{self, ClusterError, ClusterWatch},
+        discovery,
+        inventory::{self, InventoryError},
+        reconcile::Reconciler,
+        source::{ClusterSource, Source},
+        watch::{DirWatch, WatchError},
+    },
+    policy::{self, Policies, PolicyError, lifecycle::Enforcer},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +62,6 @@ pub enum RunError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Attach(#[from] AttachError),
-    #[error(transparent)]
-    KernelMaps(#[from] KernelMapsError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error("--kubernetes needs this node's name: --node or NODE_NAME (spec.nodeName)")]
@@ -127,36 +133,40 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let _ = stop.send(true);
     });
 
-    let (datapath, maps, class_maps, policy_maps) =
-        Datapath::open(args.flow_capacity, &args.runtime_dir)?;
+    let Opened {
+        datapath,
+        maps,
+        class_maps,
+        policy_maps,
+        logger,
+    } = Datapath::open(&DatapathConfig {
+        flow_capacity: args.flow_capacity,
+        runtime_dir: args.runtime_dir.clone(),
+        log_level: log::level_for(tracing::level_filters::LevelFilter::current()),
+    })?;
+    if let Some(logger) = logger {
+        tokio::spawn(logger.run());
+    }
     // In Kubernetes mode the Services are known only once the API is listed.
-    let policy = policies
-        .map(|(path, policies)| PolicyState::new(path, policies, policy_maps, !args.kubernetes));
-    let kernel_maps = KernelMaps::new(class_maps);
+    let enforcer = policies
+        .map(|(path, policies)| Enforcer::new(path, policies, policy_maps, !args.kubernetes));
     let metrics = Arc::new(Metrics::new());
     let flows = Arc::new(FlowMetrics::new(series_config(&args)));
-    metrics.register_flows(Arc::clone(&flows));
+    metrics.register(Registered(Arc::clone(&flows)));
     let collector = Collector::new(maps, Arc::clone(&metrics), flows);
     let worker = AttachWorker::start(datapath, args.attach_noop, args.tc_netlink)?;
-    let (events, inbox) = mpsc::unbounded_channel();
 
     // Serve from now on: /healthz answers while the pods are attached (that
     // takes a while on a busy node), /readyz once they are.
     let ready = Arc::new(AtomicBool::new(false));
-    let (collect, requests) = mpsc::channel(16);
-    let collecting = tokio::spawn(collect_loop(
-        collector,
-        requests,
-        inbox,
-        args.collect_interval,
-    ));
+    let (collector, collecting) = task::spawn(collector, args.collect_interval);
     let endpoint = Endpoint {
         metrics: Arc::clone(&metrics),
         ready: Arc::clone(&ready),
-        collect,
+        collector: collector.clone(),
     };
     let mut server_stop = stopped.clone();
-    let serving = tokio::spawn(server::serve(listener, endpoint, async move {
+    let serving = tokio::spawn(endpoint::serve(listener, endpoint, async move {
         let _ = server_stop.wait_for(|stop| *stop).await;
     }));
     tracing::info!(addr = %args.metrics_addr, "serving metrics");
@@ -165,26 +175,26 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         Some(targets) => {
             for target in targets {
                 let attached = worker.attach(&target.path, target.pod, None).await?;
-                let _ = events.send(CollectorEvent::Attached(attached));
+                collector.send(CollectorEvent::Attached(attached));
             }
             ready.store(true, Ordering::Release);
             Pods::Fixed(worker)
         }
         None => {
             let (source, cluster) = source(&args, kubernetes, &metrics);
-            let policy_watch = match &policy {
-                Some(state) => Some(DirWatch::new(&parent_dir(&state.path))?),
+            let policy_watch = match &enforcer {
+                Some(enforcer) => Some(DirWatch::new(&parent_dir(enforcer.path()))?),
                 None => None,
             };
             let reconciler = Reconciler::new(
                 source,
                 worker,
-                kernel_maps,
-                events,
+                ClassMapsWriter::new(class_maps),
+                enforcer,
+                collector.clone(),
                 Arc::clone(&metrics),
-                policy,
             );
-            let dir = reconciler.watched_dir(&args.netns_dir);
+            let dir = reconciler.source().watched_dir(&args.netns_dir);
             let watch = if cluster.is_some() {
                 // A hint only: not every runtime keeps namespaces there.
                 DirWatch::new(&dir).ok()
@@ -202,9 +212,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             )
         }
     };
+    // The collector's task ends once the server and the reconciler, the
+    // other holders of a handle, are gone.
+    drop(collector);
 
     let served = serving.await.expect("the server does not panic");
-    // The server is gone, so is the last collect sender: the loop ends.
     let worker = match pods {
         Pods::Fixed(worker) => worker,
         Pods::Watched(task, cluster) => {
@@ -271,14 +283,14 @@ fn source(
     if let Some((node, client, cgroup_root)) = kubernetes {
         let watch = ClusterWatch::start(client, &node, Arc::clone(metrics));
         tracing::info!(%node, "watching the Kubernetes API");
-        let source = Source::Cluster {
-            view: watch.view(),
+        let source = ClusterSource::new(
+            watch.view(),
             node,
-            service_cidr: args.service_cidr,
-            proc_root: args.proc_root.clone(),
+            args.service_cidr,
+            args.proc_root.clone(),
             cgroup_root,
-        };
-        return (source, Some(watch));
+        );
+        return (Source::Cluster(Box::new(source)), Some(watch));
     }
     let source = match &args.inventory {
         Some(path) => Source::Inventory {
@@ -297,64 +309,8 @@ fn series_config(args: &RunArgs) -> SeriesConfig {
         dropped: args
             .drop_labels
             .iter()
-            .filter_map(|label| FLOW_LABELS.iter().position(|l| l == label))
+            .filter_map(|label| schema::index(label))
             .collect(),
-    }
-}
-
-/// Collects every `every`, and whenever a scrape asks for it; learns of
-/// pods attached and detached in between.
-async fn collect_loop(
-    mut collector: Collector,
-    mut requests: mpsc::Receiver<CollectRequest>,
-    mut events: mpsc::UnboundedReceiver<CollectorEvent>,
-    every: Duration,
-) {
-    let mut tick = interval(every);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        let waiter = tokio::select! {
-            _ = tick.tick() => None,
-            request = requests.recv() => match request {
-                Some(request) => Some(request),
-                None => break,
-            },
-            Some(event) = events.recv() => {
-                apply(&mut collector, event);
-                continue;
-            }
-        };
-        // Everything attached so far must be known before its flows are read.
-        while let Ok(event) = events.try_recv() {
-            apply(&mut collector, event);
-        }
-        // Walking a large map is blocking work: keep it off the async workers.
-        collector = tokio::task::spawn_blocking(move || {
-            if let Err(err) = collector.collect() {
-                tracing::warn!(%err, "collection failed");
-                collector.metrics().error("map_read");
-            }
-            collector
-        })
-        .await
-        .expect("collecting does not panic");
-        if let Some(request) = waiter {
-            let rows = if request.rows {
-                collector.rows()
-            } else {
-                Vec::new()
-            };
-            let _ = request.done.send(rows);
-        }
-    }
-}
-
-fn apply(collector: &mut Collector, event: CollectorEvent) {
-    match event {
-        CollectorEvent::Attached(netns) => collector.attached(netns),
-        CollectorEvent::Detached(cookie) => collector.detached(cookie),
-        CollectorEvent::Identities(identities) => collector.set_identities(identities),
-        CollectorEvent::PolicyNames(names) => collector.set_policy_names(names),
     }
 }
 

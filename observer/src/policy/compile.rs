@@ -1,27 +1,31 @@
-//! Policies to kernel maps: for every attached pod, the rules that select
-//! it, in the order they are tried, as fixed-size entries the socket hooks
-//! walk; client containers, peer pods and CIDRs as set members.
+//! Policies to kernel entries: for every attached pod, the rules that
+//! select it, in the order they are tried, as fixed-size entries the
+//! kernel walks; client containers, peer pods and CIDRs as set members.
+//! A pure function of its inputs: everything it needs comes in [`Inputs`].
+//!
+//! How rules combine (what `observer_common::policy::decide` then does with
+//! the entries): the policies selecting a pod are tried by name, the rules
+//! of each in order; the first rule that matches decides. Without a match,
+//! the first policy (by name) whose `defaultAction` is `deny` decides (for
+//! inbound connections: the first such policy that has ingress rules); else
+//! the traffic is allowed and no policy has a say.
 //!
 //! The kernel decides egress and localhost rules at `connect()` and UDP
-//! `sendmsg()`, ingress rules at the first packet of an inbound TCP
-//! connection on `eth0`.
+//! `sendmsg()`, ingress rules at the first packet of an inbound connection
+//! on `eth0`.
 
-use std::{
-    collections::{HashMap, HashSet},
-    os::unix::fs::MetadataExt,
-};
+use std::collections::{HashMap, HashSet};
 
 use observer_common::{
-    MAX_POD_RULES, MemberKey, PodPolicy, PolicyRule, class, direction, inventory::Inventory,
-    set_kind, verdict,
+    MAX_POD_RULES, MemberKey, PodPolicy, PolicyRule, inventory::Inventory, ipv4_mapped,
+    policy::rule_direction, policy_cidr_key, set_kind, verdict,
 };
 
-use super::{
-    Action, Class, Direction, Mode, Policies, Protocol,
-    model::{Containers, class_name},
-    rule_name,
+use super::{Mode, Policies, Target, TrafficPolicy, rule_name};
+use crate::{
+    kernel::policy_maps::PolicyEntries,
+    names::{CgroupIds, IdTable, Ids, ObjectRef},
 };
-use crate::identities::{IdTable, ObjectRef};
 
 /// A rule's names, for metrics and logs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -31,23 +35,27 @@ pub struct RuleName {
     pub rule: String,
 }
 
-/// What the kernel maps should hold.
+/// What the kernel maps should hold, and what it means.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
-    /// By network namespace cookie.
-    pub pods: HashMap<u64, PodPolicy>,
-    pub members: HashSet<MemberKey>,
-    /// (prefix length, set id and address) of the LPM trie.
-    pub cidrs: HashSet<(u32, [u8; 8])>,
+    pub entries: PolicyEntries,
+    /// The names of the rule ids in the entries.
     pub names: HashMap<u32, RuleName>,
     /// What could not be compiled, for the log.
     pub problems: Vec<String>,
 }
 
-/// Ids for everything the daemon names in the kernel.
-pub trait Ids {
-    fn service(&self, service: &ObjectRef) -> Option<u32>;
-    fn pod(&self, pod: &ObjectRef) -> Option<u32>;
+/// Everything a compilation reads.
+pub struct Inputs<'a> {
+    pub policies: &'a Policies,
+    /// Pods (with labels and containers), Services.
+    pub inventory: &'a Inventory,
+    /// The pods attached, by namespace cookie: those get entries.
+    pub attached: &'a HashMap<ObjectRef, u64>,
+    /// The ids the classification maps give pods and Services.
+    pub ids: &'a Ids,
+    /// The containers' cgroup ids.
+    pub cgroups: &'a CgroupIds,
 }
 
 /// Compiles with ids that stay the same across compilations, and are never
@@ -61,17 +69,12 @@ pub struct Compiler {
 }
 
 impl Compiler {
-    /// Compiles `policies` for the `attached` pods (by namespace cookie).
-    pub fn compile(
-        &mut self,
-        policies: &Policies,
-        inventory: &Inventory,
-        attached: &HashMap<ObjectRef, u64>,
-        ids: &impl Ids,
-    ) -> Compiled {
+    /// Compiles the policies for the attached pods.
+    pub fn compile(&mut self, inputs: &Inputs) -> Compiled {
         let mut out = Compiled::default();
         // Forget what is gone (ids are never reused).
-        let names: HashSet<(&str, String)> = policies
+        let names: HashSet<(&str, String)> = inputs
+            .policies
             .policies
             .iter()
             .flat_map(|p| {
@@ -83,23 +86,17 @@ impl Compiler {
             .collect();
         self.rules
             .retain(|n| names.contains(&(n.policy.as_str(), n.rule.clone())));
-        for pod in &inventory.pods {
+        for pod in &inputs.inventory.pods {
             let pod_ref = ObjectRef::new(&pod.namespace, &pod.name);
-            let Some(&cookie) = attached.get(&pod_ref) else {
+            let Some(&cookie) = inputs.attached.get(&pod_ref) else {
                 continue;
             };
-            let selected = policies.for_pod(&pod.namespace, &pod.labels);
+            let selected = inputs.policies.for_pod(&pod.namespace, &pod.labels);
             if selected.is_empty() {
                 continue;
             }
-            let mut entry = PodPolicy {
-                default_action: verdict::ALLOW,
-                default_ingress_action: verdict::ALLOW,
-                ..PodPolicy::default()
-            };
             let mut rules = Vec::new();
             for policy in &selected {
-                let audit = u8::from(policy.spec.mode == Mode::Audit);
                 for (i, rule) in policy.spec.rules.iter().enumerate() {
                     let names = RuleName {
                         policy: policy.metadata.name.clone(),
@@ -108,82 +105,70 @@ impl Compiler {
                     let id = self.rules.id(&names);
                     out.names.insert(id, names);
                     let mut base = PolicyRule {
-                        class: kernel_class(rule.class),
-                        protocol: match rule.protocol {
-                            Protocol::Any => 0,
-                            Protocol::Tcp => 6,
-                            Protocol::Udp => 17,
-                            Protocol::Sctp => 132,
-                        },
-                        action: match rule.action {
-                            Action::Allow => verdict::ALLOW,
-                            Action::Deny => verdict::DENY,
-                        },
-                        audit,
-                        direction: if rule.class != Class::Localhost
-                            && rule.direction == Direction::Ingress
-                        {
-                            direction::INGRESS
-                        } else {
-                            direction::EGRESS
-                        },
+                        id,
+                        class: rule.class,
+                        protocol: rule.protocol,
+                        action: rule.action,
+                        audit: u8::from(policy.spec.mode == Mode::Audit),
+                        direction: rule_direction(
+                            rule.class,
+                            rule.direction == observer_common::direction::INGRESS,
+                        ),
                         port_first: 0,
                         port_last: u16::MAX,
-                        id,
                         ..PolicyRule::default()
                     };
-                    if let Some(service) = &rule.service {
-                        let service = ObjectRef::new(&service.namespace, &service.name);
-                        // A Service that is gone matches nothing.
-                        let Some(service_id) = ids.service(&service) else {
-                            continue;
-                        };
-                        base.service = service_id;
-                    }
-                    if let Some(clients) = &rule.clients {
-                        let (kind, names) = match clients {
-                            Containers::Only(names) => (set_kind::CLIENTS, names),
-                            Containers::Not(names) => (set_kind::NOT_CLIENTS, names),
-                        };
-                        base.set_kind = kind;
-                        base.set = id;
-                        for container in pod.containers.iter().filter(|c| names.contains(&c.name)) {
-                            if let Ok(meta) = std::fs::metadata(&container.cgroup) {
-                                out.members.insert(MemberKey {
-                                    set: base.set,
-                                    _pad: 0,
-                                    member: meta.ino(),
-                                });
+                    // A set is named by its rule: `set` is the rule's id.
+                    let set = id;
+                    let entries = &mut out.entries;
+                    match &rule.target {
+                        Target::Any => {}
+                        Target::Clients(names) | Target::NotClients(names) => {
+                            base.set_kind = match rule.target {
+                                Target::Clients(_) => set_kind::CLIENTS,
+                                _ => set_kind::NOT_CLIENTS,
+                            };
+                            base.set = set;
+                            let containers =
+                                pod.containers.iter().filter(|c| names.contains(&c.name));
+                            for cgroup in containers.filter_map(|c| inputs.cgroups.get(&c.cgroup)) {
+                                entries.members.insert(MemberKey::new(set, *cgroup));
                             }
                         }
-                    }
-                    if let Some(peer) = &rule.peer {
-                        base.set_kind = set_kind::PEERS;
-                        base.set = id;
-                        for other in inventory
-                            .pods
-                            .iter()
-                            .filter(|p| peer.matches(&p.namespace, &p.labels))
-                        {
-                            if let Some(peer_id) =
-                                ids.pod(&ObjectRef::new(&other.namespace, &other.name))
-                            {
-                                out.members.insert(MemberKey {
-                                    set: base.set,
-                                    _pad: 0,
-                                    member: u64::from(peer_id),
-                                });
+                        Target::Peers(peer) => {
+                            base.set_kind = set_kind::PEERS;
+                            base.set = set;
+                            let peers = inputs
+                                .inventory
+                                .pods
+                                .iter()
+                                .filter(|p| peer.matches(&p.namespace, &p.labels));
+                            for other in peers {
+                                let other = ObjectRef::new(&other.namespace, &other.name);
+                                if let Some(peer_id) = inputs.ids.pods.get(&other) {
+                                    entries
+                                        .members
+                                        .insert(MemberKey::new(set, u64::from(peer_id)));
+                                }
                             }
                         }
-                    }
-                    if !rule.cidrs.is_empty() {
-                        base.set_kind = set_kind::CIDRS;
-                        base.set = id;
-                        for net in &rule.cidrs {
-                            let mut key = [0u8; 8];
-                            key[..4].copy_from_slice(&base.set.to_be_bytes());
-                            key[4..].copy_from_slice(&net.network().octets());
-                            out.cidrs.insert((32 + u32::from(net.prefix_len()), key));
+                        Target::Service(service) => {
+                            let service = ObjectRef::new(&service.namespace, &service.name);
+                            // A Service that is gone matches nothing.
+                            let Some(service_id) = inputs.ids.services.get(&service) else {
+                                continue;
+                            };
+                            base.set_kind = set_kind::SERVICE;
+                            base.set = service_id;
+                        }
+                        Target::Cidrs(cidrs) => {
+                            base.set_kind = set_kind::CIDRS;
+                            base.set = set;
+                            for net in cidrs {
+                                let addr = ipv4_mapped(net.network().octets());
+                                let prefix = 32 + 96 + u32::from(net.prefix_len());
+                                entries.cidrs.insert((prefix, policy_cidr_key(set, addr)));
+                            }
                         }
                     }
                     if rule.ports.is_empty() {
@@ -207,9 +192,14 @@ impl Compiler {
                 ));
                 continue;
             }
+            let mut entry = PodPolicy {
+                default_action: verdict::ALLOW,
+                default_ingress_action: verdict::ALLOW,
+                ..PodPolicy::default()
+            };
             for ingress in [false, true] {
                 let Some(policy) = selected.iter().find(|p| {
-                    p.spec.default_action == Action::Deny && (!ingress || has_ingress(p))
+                    p.spec.default_action == verdict::DENY && (!ingress || has_ingress(p))
                 }) else {
                     continue;
                 };
@@ -232,7 +222,7 @@ impl Compiler {
             }
             entry.rules = rules.len() as u32;
             entry.rule[..rules.len()].copy_from_slice(&rules);
-            out.pods.insert(cookie, entry);
+            out.entries.pods.insert(cookie, entry);
         }
         out
     }
@@ -240,54 +230,38 @@ impl Compiler {
 
 /// A policy's default covers ingress only if it has ingress rules: a policy
 /// about what a pod sends leaves what it receives alone.
-pub fn has_ingress(policy: &super::TrafficPolicy) -> bool {
-    policy
-        .spec
-        .rules
-        .iter()
-        .any(|r| r.class != Class::Localhost && r.direction == Direction::Ingress)
-}
-
-fn kernel_class(class: Class) -> u8 {
-    match class {
-        Class::Any => class::UNKNOWN,
-        Class::Localhost => class::LOCALHOST,
-        Class::Pod => class::POD,
-        Class::Service => class::SERVICE,
-        Class::Node => class::NODE,
-        Class::External => class::EXTERNAL,
-    }
-}
-
-/// The class label of a kernel class number.
-pub fn class_label(class: u8) -> &'static str {
-    match class {
-        class::LOCALHOST => class_name(Class::Localhost),
-        class::POD => class_name(Class::Pod),
-        class::SERVICE => class_name(Class::Service),
-        class::EXTERNAL => class_name(Class::External),
-        class::NODE => class_name(Class::Node),
-        _ => "unknown",
-    }
+pub fn has_ingress(policy: &TrafficPolicy) -> bool {
+    policy.spec.rules.iter().any(|r| {
+        rule_direction(r.class, r.direction == observer_common::direction::INGRESS)
+            == observer_common::direction::INGRESS
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
-    use observer_common::inventory::{INVENTORY_VERSION, Pod};
+    use observer_common::{
+        direction,
+        inventory::{INVENTORY_VERSION, Pod},
+    };
 
     use super::*;
     use crate::policy::parse;
 
-    struct NoIds;
-    impl Ids for NoIds {
-        fn service(&self, _: &ObjectRef) -> Option<u32> {
-            None
-        }
-        fn pod(&self, _: &ObjectRef) -> Option<u32> {
-            None
-        }
+    fn compile(
+        compiler: &mut Compiler,
+        policies: &Policies,
+        inventory: &Inventory,
+        attached: &HashMap<ObjectRef, u64>,
+    ) -> Compiled {
+        compiler.compile(&Inputs {
+            policies,
+            inventory,
+            attached,
+            ids: &Ids::default(),
+            cgroups: &CgroupIds::default(),
+        })
     }
 
     fn pod(name: &str) -> Pod {
@@ -334,8 +308,8 @@ spec:
         let policies = parse(POLICY).unwrap();
         let mut compiler = Compiler::default();
         let b = HashMap::from([(ObjectRef::new("default", "b"), 2u64)]);
-        let first = compiler.compile(&policies, &inventory(vec![pod("b")]), &b, &NoIds);
-        let entry = first.pods[&2];
+        let first = compile(&mut compiler, &policies, &inventory(vec![pod("b")]), &b);
+        let entry = first.entries.pods[&2];
         assert_eq!(entry.rules, 3, "two port ranges, then the ingress rule");
         assert_eq!(
             (entry.rule[0].port_first, entry.rule[0].port_last),
@@ -358,15 +332,15 @@ spec:
             (ObjectRef::new("default", "a"), 1u64),
             (ObjectRef::new("default", "b"), 2u64),
         ]);
-        let second = compiler.compile(
+        let second = compile(
+            &mut compiler,
             &policies,
             &inventory(vec![pod("a"), pod("b")]),
             &both,
-            &NoIds,
         );
-        assert_eq!(second.pods[&2], entry);
+        assert_eq!(second.entries.pods[&2], entry);
         assert_eq!(
-            second.pods[&1].rule[0].set, entry.rule[0].set,
+            second.entries.pods[&1].rule[0].set, entry.rule[0].set,
             "one set per rule"
         );
     }
@@ -376,16 +350,27 @@ spec:
         let egress_only = POLICY.replace("direction: ingress", "direction: egress");
         let policies = parse(&egress_only).unwrap();
         let pods = HashMap::from([(ObjectRef::new("default", "b"), 2u64)]);
-        let compiled =
-            Compiler::default().compile(&policies, &inventory(vec![pod("b")]), &pods, &NoIds);
-        assert_eq!(compiled.pods[&2].default_ingress_action, verdict::ALLOW);
+        let compiled = compile(
+            &mut Compiler::default(),
+            &policies,
+            &inventory(vec![pod("b")]),
+            &pods,
+        );
+        assert_eq!(
+            compiled.entries.pods[&2].default_ingress_action,
+            verdict::ALLOW
+        );
 
         let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
         let many = POLICY.replace("[80, \"8000-8100\"]", &format!("[{}]", ports.join(", ")));
         let policies = parse(&many).unwrap();
-        let compiled =
-            Compiler::default().compile(&policies, &inventory(vec![pod("b")]), &pods, &NoIds);
-        assert!(compiled.pods.is_empty());
+        let compiled = compile(
+            &mut Compiler::default(),
+            &policies,
+            &inventory(vec![pod("b")]),
+            &pods,
+        );
+        assert!(compiled.entries.pods.is_empty());
         assert!(
             compiled.problems[0].contains("at most 16"),
             "{:?}",

@@ -1,16 +1,37 @@
 //! `observer policy check` and `observer policy explain`: a policy file
-//! checked offline, and the rules that apply to one pod, in words.
+//! checked offline, the rules that apply to one pod in words, and what they
+//! decide for a connection. The decision is the kernel's own: the policies
+//! are compiled for the pod and the kernel's entries are walked by
+//! `observer_common::policy::decide`, with the connection classified by
+//! `observer_common::classify` on the entries the kernel's maps
+//! would hold ([`World`]).
 
-use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddrV4, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    net::SocketAddrV4,
+    path::Path,
+};
 
-use observer_common::inventory::Inventory;
+use observer_common::{
+    classify, direction,
+    inventory::{Inventory, Pod},
+    ipv4_mapped,
+    policy::{self, Connection},
+    protocol, verdict,
+};
 
 use super::{
-    Action, Class, Connection, Direction, Mode, PolicyError, Protocol, Rule,
-    model::{Containers, class_name},
+    Mode, Policies, PolicyError, Rule, Target,
+    compile::{Compiled, Compiler, Inputs, RuleName},
+    model::words,
     rule_name,
 };
-use crate::inventory::{self, InventoryError};
+use crate::{
+    kernel::class_maps::ClassEntries,
+    names::{CgroupIds, Ids, ObjectRef},
+    pods::inventory::{self, InventoryError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExplainError {
@@ -58,72 +79,179 @@ pub fn explain(
     let (namespace, name) = pod
         .split_once('/')
         .ok_or_else(|| ExplainError::NoPod(pod.into()))?;
-    let found = inventory
-        .pods
-        .iter()
-        .find(|p| p.namespace == namespace && p.name == name)
+    let world = World::new(inventory);
+    let found = world
+        .pod(namespace, name)
         .ok_or_else(|| ExplainError::NoPod(pod.into()))?;
     let mut out = describe(&policies, namespace, name, &found.labels);
     if let Some(probe) = probe {
-        let connection = connection_to(&inventory, probe);
+        let connection = Connect {
+            direction: direction::EGRESS,
+            protocol: if probe.udp {
+                protocol::UDP
+            } else {
+                protocol::TCP
+            },
+            remote: probe.to,
+            port: probe.to.port(),
+            client: probe.client.clone(),
+        };
+        let outcome = world.decide(&policies, found, &connection);
         let what = format!(
             "{} {} to {}",
             if probe.udp { "UDP" } else { "TCP" },
-            class_name(connection.class),
+            observer_common::class::name(outcome.class),
             probe.to
         );
-        let _ = match policies.decide(namespace, &found.labels, &connection) {
+        let _ = match outcome.decision {
             None => writeln!(out, "{what}: allowed (no policy decides it)"),
-            Some(d) => {
-                let action = match (d.action, d.mode) {
-                    (Action::Allow, _) => "allowed",
-                    (Action::Deny, Mode::Enforce) => "denied",
-                    (Action::Deny, Mode::Audit) => "allowed, counted as a would-be denial (audit)",
+            Some((names, decided)) => {
+                let action = match decided {
+                    verdict::DENY => "denied",
+                    verdict::AUDIT_DENY => "allowed, counted as a would-be denial (audit)",
+                    _ => "allowed",
                 };
-                writeln!(out, "{what}: {action} by {}/{}", d.policy, d.rule)
+                writeln!(out, "{what}: {action} by {}/{}", names.policy, names.rule)
             }
         };
     }
     Ok(out)
 }
 
-/// Classifies a probe's destination the way the kernel does: loopback,
-/// a Service's ClusterIP and port, a pod's IP, or elsewhere.
-fn connection_to<'a>(inventory: &'a Inventory, probe: &'a Probe) -> Connection<'a> {
-    let address = *probe.to.ip();
-    let port = probe.to.port();
-    let protocol = if probe.udp {
-        Protocol::Udp
-    } else {
-        Protocol::Tcp
-    };
-    let mut connection = Connection {
-        class: Class::External,
-        direction: Direction::Egress,
-        protocol,
-        port,
-        client: None,
-        peer: None,
-        service: None,
-        address: Some(address),
-    };
-    if address.is_loopback() {
-        connection.class = Class::Localhost;
-        connection.client = probe.client.as_deref();
-    } else if let Some(s) = inventory
-        .services
-        .iter()
-        .find(|s| s.cluster_ip == address && s.ports.iter().any(|p| p.port == port))
-    {
-        connection.class = Class::Service;
-        connection.service = Some((&s.namespace, &s.name));
-    } else if inventory.nodes.iter().any(|n| n.address == address) {
-        connection.class = Class::Node;
-    } else if let Some(p) = inventory.pods.iter().find(|p| p.ip == address) {
-        connection.class = Class::Pod;
-        connection.peer = Some((&p.namespace, &p.labels));
+/// A connection of a pod, as the kernel sees it.
+#[derive(Clone, Debug)]
+pub struct Connect {
+    /// `observer_common::direction`.
+    pub direction: u8,
+    /// An IP protocol number.
+    pub protocol: u8,
+    /// The other end: the destination of an egress connection, the client
+    /// of an ingress one.
+    pub remote: SocketAddrV4,
+    /// The server's port (for ingress: the pod's).
+    pub port: u16,
+    /// The pod's client container (egress).
+    pub client: Option<String>,
+}
+
+/// What the kernel would decide.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// The remote end's class and id.
+    pub class: u8,
+    pub peer: u32,
+    /// The rule that decided, and its verdict; `None`: no policy has a say.
+    pub decision: Option<(RuleName, u8)>,
+}
+
+/// An inventory, with the ids and classification entries the kernel's maps
+/// would hold for it, and cgroup ids for its containers (offline they need
+/// not exist: they are numbered here).
+pub struct World {
+    inventory: Inventory,
+    ids: Ids,
+    entries: ClassEntries,
+    cgroups: CgroupIds,
+}
+
+impl World {
+    /// Offline: the containers' cgroups are numbered here.
+    pub fn new(inventory: Inventory) -> Self {
+        let cgroups: CgroupIds = inventory
+            .pods
+            .iter()
+            .flat_map(|p| &p.containers)
+            .enumerate()
+            .map(|(i, c)| (c.cgroup.clone(), i as u64 + 1))
+            .collect();
+        Self::with_cgroups(inventory, cgroups)
     }
-    connection
+
+    /// With the containers' cgroup ids found on the node.
+    pub fn with_cgroups(inventory: Inventory, cgroups: CgroupIds) -> Self {
+        let mut ids = Ids::default();
+        ids.update(&inventory, &cgroups);
+        let entries = ClassEntries::new(&inventory, &ids);
+        Self {
+            inventory,
+            ids,
+            entries,
+            cgroups,
+        }
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.inventory
+            .pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+
+    /// The ids the kernel's maps give pods, Services and nodes.
+    pub fn ids(&self) -> &Ids {
+        &self.ids
+    }
+
+    /// What the kernel's classification maps hold.
+    pub fn class_entries(&self) -> &ClassEntries {
+        &self.entries
+    }
+
+    /// The policies compiled for the `attached` pods (by namespace cookie).
+    pub fn compile(&self, policies: &Policies, attached: &HashMap<ObjectRef, u64>) -> Compiled {
+        Compiler::default().compile(&Inputs {
+            policies,
+            inventory: &self.inventory,
+            attached,
+            ids: &self.ids,
+            cgroups: &self.cgroups,
+        })
+    }
+
+    /// A connection of `pod` as the kernel sees it.
+    pub fn connection(&self, pod: &Pod, c: &Connect) -> Connection {
+        let addr = ipv4_mapped(c.remote.ip().octets());
+        let peer = if c.direction == direction::INGRESS {
+            classify::remote(&self.entries, addr, c.remote.port(), c.protocol)
+        } else {
+            classify::destination(&self.entries, addr, c.remote.port(), c.protocol)
+        };
+        let cgroup = c
+            .client
+            .as_ref()
+            .and_then(|name| pod.containers.iter().find(|x| &x.name == name))
+            .and_then(|x| self.cgroups.get(&x.cgroup))
+            .copied()
+            .unwrap_or(0);
+        Connection {
+            direction: c.direction,
+            class: peer.class,
+            protocol: c.protocol,
+            port: c.port,
+            peer: peer.id,
+            cgroup,
+            addr,
+        }
+    }
+
+    /// Decides a connection of `pod` as the kernel would.
+    pub fn decide(&self, policies: &Policies, pod: &Pod, c: &Connect) -> Outcome {
+        let connection = self.connection(pod, c);
+        const COOKIE: u64 = 1;
+        let attached = HashMap::from([(ObjectRef::new(&pod.namespace, &pod.name), COOKIE)]);
+        let compiled = self.compile(policies, &attached);
+        let decision = compiled
+            .entries
+            .pods
+            .get(&COOKIE)
+            .and_then(|entry| policy::decide(entry, &connection, &compiled.entries))
+            .map(|d| (compiled.names[&d.rule].clone(), d.verdict));
+        Outcome {
+            class: connection.class,
+            peer: connection.peer,
+            decision,
+        }
+    }
 }
 
 /// The explanation of what applies to a pod with these labels.
@@ -163,7 +291,7 @@ pub fn describe(
     }
     let default = selected
         .iter()
-        .find(|p| p.spec.default_action == Action::Deny);
+        .find(|p| p.spec.default_action == verdict::DENY);
     let _ = match default {
         Some(p) => writeln!(
             out,
@@ -177,56 +305,48 @@ pub fn describe(
 
 /// A rule in words: `deny localhost TCP to port 9090 from containers other than sidecar`.
 pub fn rule_words(rule: &Rule) -> String {
-    let mut words = vec![
-        match rule.action {
-            Action::Allow => "allow",
-            Action::Deny => "deny",
-        }
-        .to_owned(),
-    ];
+    let mut words = vec![words::word(&words::actions(), rule.action).to_owned()];
     match rule.class {
-        super::Class::Any => words.push("any traffic".into()),
-        super::Class::Localhost => words.push("localhost".into()),
+        observer_common::class::UNKNOWN => words.push("any traffic".into()),
+        observer_common::class::LOCALHOST => words.push("localhost".into()),
         class => words.push(format!(
             "{} {}",
-            class_name(class),
-            match rule.direction {
-                super::Direction::Egress => "egress",
-                super::Direction::Ingress => "ingress",
-            }
+            observer_common::class::name(class),
+            direction::name(rule.direction)
         )),
     }
-    match rule.protocol {
-        Protocol::Any => {}
-        Protocol::Tcp => words.push("TCP".into()),
-        Protocol::Udp => words.push("UDP".into()),
-        Protocol::Sctp => words.push("SCTP".into()),
+    if rule.protocol != 0 {
+        words.push(words::word(&words::protocols(), rule.protocol).to_owned());
     }
-    if let Some(service) = &rule.service {
-        words.push(format!("to Service {}/{}", service.namespace, service.name));
-    }
-    if let Some(peer) = &rule.peer {
-        let mut what = vec![format!(
-            "namespace {}",
-            peer.namespace.as_deref().unwrap_or("any")
-        )];
-        what.extend(peer.match_labels.iter().map(|(k, v)| format!("{k}={v}")));
-        words.push(format!("with pods of {}", what.join(", ")));
-    }
-    if !rule.cidrs.is_empty() {
-        let cidrs: Vec<String> = rule.cidrs.iter().map(ToString::to_string).collect();
-        words.push(format!("to {}", cidrs.join(", ")));
+    match &rule.target {
+        Target::Any => {}
+        Target::Service(service) => {
+            words.push(format!("to Service {}/{}", service.namespace, service.name))
+        }
+        Target::Peers(peer) => {
+            let mut what = vec![format!(
+                "namespace {}",
+                peer.namespace.as_deref().unwrap_or("any")
+            )];
+            what.extend(peer.match_labels.iter().map(|(k, v)| format!("{k}={v}")));
+            words.push(format!("with pods of {}", what.join(", ")));
+        }
+        Target::Cidrs(cidrs) => {
+            let cidrs: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+            words.push(format!("to {}", cidrs.join(", ")));
+        }
+        Target::Clients(_) | Target::NotClients(_) => {}
     }
     if !rule.ports.is_empty() {
         let ports: Vec<String> = rule.ports.iter().map(ToString::to_string).collect();
         words.push(format!("port {}", ports.join(", ")));
     }
-    match &rule.clients {
-        Some(Containers::Only(names)) => words.push(format!("from {}", names.join(", "))),
-        Some(Containers::Not(names)) => {
+    match &rule.target {
+        Target::Clients(names) => words.push(format!("from {}", names.join(", "))),
+        Target::NotClients(names) => {
             words.push(format!("from containers other than {}", names.join(", ")))
         }
-        None => {}
+        _ => {}
     }
     words.join(" ")
 }

@@ -1,14 +1,21 @@
 //! Policies: allow, deny and audit rules on a pod's localhost, pod-to-pod,
 //! Service and external traffic.
 //!
-//! - `model`: the file format, checked as it is read;
-//! - this module: reading a file (several YAML documents), and which rules
-//!   apply to a pod, in which order, and what they decide.
+//! - [`model`]: the file format, checked as it is read;
+//! - this module: reading a file (several YAML documents), and which
+//!   policies select a pod, in which order;
+//! - [`compile`]: the rules of every attached pod as the kernel's entries (a
+//!   pure function); what they decide is `observer_common::policy::decide`,
+//!   the same in the kernel and in [`explain`];
+//! - [`lifecycle`]: the policy file in force, reloaded on change, compiled
+//!   and written to the kernel.
 
 pub mod compile;
 pub mod explain;
-pub mod kernel;
+pub mod lifecycle;
 pub mod model;
+#[cfg(any(test, feature = "test-support"))]
+pub mod table;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -18,7 +25,7 @@ use std::{
 use observer_common::inventory::Inventory;
 use serde::Deserialize;
 
-pub use model::{Action, Class, Direction, Mode, Protocol, Rule, TrafficPolicy};
+pub use model::{Mode, Rule, Target, TrafficPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -93,7 +100,10 @@ pub fn unknown_service(
             .spec
             .rules
             .iter()
-            .filter_map(|r| r.service.as_ref())
+            .filter_map(|r| match &r.target {
+                Target::Service(service) => Some(service),
+                _ => None,
+            })
             .find(|s| !services.contains(&(s.namespace.clone(), s.name.clone())))?;
         Some((
             no_such_service(&policy.metadata.name, service),
@@ -205,34 +215,6 @@ pub fn rule_name(rule: &Rule, index: usize) -> String {
         .unwrap_or_else(|| format!("rule-{}", index + 1))
 }
 
-/// A connection to decide on, as the observer sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Connection<'a> {
-    pub class: Class,
-    pub direction: Direction,
-    pub protocol: Protocol,
-    /// The server's port.
-    pub port: u16,
-    /// Localhost: the client container's name, if known.
-    pub client: Option<&'a str>,
-    /// Pod traffic: the peer pod's namespace and labels.
-    pub peer: Option<(&'a str, &'a BTreeMap<String, String>)>,
-    /// Service traffic: the Service's namespace and name.
-    pub service: Option<(&'a str, &'a str)>,
-    /// External traffic: the remote address.
-    pub address: Option<std::net::Ipv4Addr>,
-}
-
-/// What decides a connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Decision {
-    pub policy: String,
-    /// The rule, or `default` when none matched.
-    pub rule: String,
-    pub action: Action,
-    pub mode: Mode,
-}
-
 impl Policies {
     /// The policies that select a pod, in the order they are tried: by name.
     pub fn for_pod(
@@ -248,85 +230,6 @@ impl Policies {
         selected.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         selected
     }
-
-    /// How rules combine: the policies selecting the pod are tried by name,
-    /// the rules of each in order; the first rule that matches decides.
-    /// Without a match, the first policy (by name) whose `defaultAction` is
-    /// `deny` decides (for inbound connections: the first such policy that
-    /// has ingress rules); else the traffic is allowed (`None`: no policy
-    /// has a say).
-    pub fn decide(
-        &self,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-        connection: &Connection,
-    ) -> Option<Decision> {
-        // The kubelet's probes come from the node: never denied on the way in.
-        if connection.class == Class::Node && connection.direction == Direction::Ingress {
-            return None;
-        }
-        let selected = self.for_pod(namespace, labels);
-        for policy in &selected {
-            for (i, rule) in policy.spec.rules.iter().enumerate() {
-                if matches(rule, connection) {
-                    return Some(Decision {
-                        policy: policy.metadata.name.clone(),
-                        rule: rule_name(rule, i),
-                        action: rule.action,
-                        mode: policy.spec.mode,
-                    });
-                }
-            }
-        }
-        let inbound =
-            connection.class != Class::Localhost && connection.direction == Direction::Ingress;
-        selected
-            .iter()
-            .find(|p| {
-                p.spec.default_action == Action::Deny && (!inbound || compile::has_ingress(p))
-            })
-            .map(|p| Decision {
-                policy: p.metadata.name.clone(),
-                rule: "default".into(),
-                action: Action::Deny,
-                mode: p.spec.mode,
-            })
-    }
-}
-
-/// Whether a rule matches a connection.
-pub fn matches(rule: &Rule, c: &Connection) -> bool {
-    let class = rule.class == Class::Any || rule.class == c.class;
-    // Localhost traffic is decided at the client's `connect()`: ingress
-    // rules never see it (as in the kernel).
-    let direction = if c.class == Class::Localhost {
-        rule.class == Class::Localhost || rule.direction == Direction::Egress
-    } else {
-        rule.direction == c.direction
-    };
-    let protocol = rule.protocol == Protocol::Any || rule.protocol == c.protocol;
-    let port = rule.ports.is_empty() || rule.ports.iter().any(|r| r.contains(c.port));
-    let clients = match &rule.clients {
-        None => true,
-        Some(model::Containers::Only(names)) => {
-            c.client.is_some_and(|n| names.iter().any(|x| x == n))
-        }
-        Some(model::Containers::Not(names)) => {
-            c.client.is_none_or(|n| names.iter().all(|x| x != n))
-        }
-    };
-    let peer = rule.peer.as_ref().is_none_or(|selector| {
-        c.peer
-            .is_some_and(|(namespace, labels)| selector.matches(namespace, labels))
-    });
-    let service = rule.service.as_ref().is_none_or(|s| {
-        c.service
-            .is_some_and(|(namespace, name)| s.namespace == namespace && s.name == name)
-    });
-    let cidrs = rule.cidrs.is_empty()
-        || c.address
-            .is_some_and(|a| rule.cidrs.iter().any(|net| net.contains(&a)));
-    class && direction && protocol && port && clients && peer && service && cidrs
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use ipnet::Ipv4Net;
+use observer_common::{class, direction, verdict};
 use serde::{Deserialize, Deserializer, de};
 
 pub const API_VERSION: &str = "observer.dev/v1alpha1";
@@ -45,9 +46,10 @@ pub struct PolicySpec {
     pub pod_selector: Selector,
     /// `enforce` or `audit` (count what would be denied, deny nothing).
     pub mode: Mode,
-    /// What happens to traffic no rule matches.
-    #[serde(default)]
-    pub default_action: Action,
+    /// What happens to traffic no rule matches: [`verdict::ALLOW`] or
+    /// [`verdict::DENY`].
+    #[serde(default = "allow", deserialize_with = "action_word")]
+    pub default_action: u8,
     /// Tried in order; the first that matches decides.
     #[serde(default)]
     pub rules: Vec<Rule>,
@@ -80,46 +82,87 @@ pub enum Mode {
     Audit,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    #[default]
-    Allow,
-    Deny,
+/// What a rule's fields mean in the kernel's vocabulary: each word a user
+/// writes stands for the number the kernel's rules hold.
+pub mod words {
+    use observer_common::{class, direction, inventory::Protocol, verdict};
+
+    /// `class:` any, or a traffic class.
+    pub fn classes() -> Vec<(&'static str, u8)> {
+        let mut words = vec![("any", class::UNKNOWN)];
+        words.extend((class::LOCALHOST..=class::EXTERNAL).map(|c| (class::name(c), c)));
+        words
+    }
+
+    /// `direction:`.
+    pub fn directions() -> Vec<(&'static str, u8)> {
+        [direction::EGRESS, direction::INGRESS]
+            .map(|d| (direction::name(d), d))
+            .into()
+    }
+
+    /// `protocol:` any, or a protocol as Kubernetes spells it.
+    pub fn protocols() -> Vec<(&'static str, u8)> {
+        let mut words = vec![("any", 0)];
+        words
+            .extend([Protocol::Tcp, Protocol::Udp, Protocol::Sctp].map(|p| (p.name(), p.number())));
+        words
+    }
+
+    /// `action:` and `defaultAction:`.
+    pub fn actions() -> Vec<(&'static str, u8)> {
+        [verdict::ALLOW, verdict::DENY]
+            .map(|v| (verdict::name(v), v))
+            .into()
+    }
+
+    /// The word for `number` among `words`.
+    pub fn word(words: &[(&'static str, u8)], number: u8) -> &'static str {
+        words
+            .iter()
+            .find(|(_, n)| *n == number)
+            .map_or("?", |(w, _)| w)
+    }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Class {
-    #[default]
-    Any,
-    Localhost,
-    Pod,
-    Service,
-    /// A node's own address (host-network pods included).
-    Node,
-    External,
+/// Reads a word of `words` as its number.
+fn word<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    what: &str,
+    words: Vec<(&'static str, u8)>,
+) -> Result<u8, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    words
+        .iter()
+        .find(|(w, _)| *w == text)
+        .map(|(_, n)| *n)
+        .ok_or_else(|| {
+            let known: Vec<&str> = words.iter().map(|(w, _)| *w).collect();
+            de::Error::custom(format!(
+                "unknown variant `{text}` for `{what}`, expected one of {}",
+                known.join(", ")
+            ))
+        })
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    #[default]
-    Egress,
-    Ingress,
+fn class_word<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    word(d, "class", words::classes())
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-pub enum Protocol {
-    #[default]
-    #[serde(rename = "any")]
-    Any,
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
-    #[serde(rename = "SCTP")]
-    Sctp,
+fn direction_word<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
+    word(d, "direction", words::directions()).map(Some)
+}
+
+fn protocol_word<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    word(d, "protocol", words::protocols())
+}
+
+fn action_word<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    word(d, "action", words::actions())
+}
+
+const fn allow() -> u8 {
+    verdict::ALLOW
 }
 
 /// A port or an inclusive range: `8080` or `"8000-8100"`.
@@ -196,34 +239,55 @@ pub struct ServiceRef {
     pub name: String,
 }
 
-/// One rule, checked when read.
+/// One rule, checked when read. Its fields hold the kernel's numbers
+/// ([`observer_common`]'s vocabulary), as the compiled rule will.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "RawRule")]
 pub struct Rule {
     pub name: Option<String>,
-    pub class: Class,
-    pub direction: Direction,
-    pub protocol: Protocol,
+    /// A traffic class; [`class::UNKNOWN`]: any.
+    pub class: u8,
+    /// [`direction::EGRESS`] or [`direction::INGRESS`].
+    pub direction: u8,
+    /// An IP protocol number; 0: any.
+    pub protocol: u8,
     /// Server ports; empty: any.
     pub ports: Vec<PortRange>,
-    /// Localhost: who may (or may not) be the client.
-    pub clients: Option<Containers>,
-    /// Pod traffic: the peer pods.
-    pub peer: Option<Selector>,
-    /// Service traffic: the Service.
-    pub service: Option<ServiceRef>,
-    /// External traffic: the destinations.
-    pub cidrs: Vec<Ipv4Net>,
-    pub action: Action,
+    /// Who or what else the rule is about.
+    pub target: Target,
+    /// [`verdict::ALLOW`] or [`verdict::DENY`].
+    pub action: u8,
 }
 
-/// Client containers of a localhost rule.
+/// What a rule is about beyond class, direction, protocol and ports: the
+/// kernel's set kinds ([`observer_common::set_kind`]), one to one.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Containers {
-    /// Only these.
-    Only(Vec<String>),
-    /// Any but these.
-    Not(Vec<String>),
+pub enum Target {
+    Any,
+    /// Localhost: only these client containers.
+    Clients(Vec<String>),
+    /// Localhost: any client container but these.
+    NotClients(Vec<String>),
+    /// Pod traffic: the peer pods.
+    Peers(Selector),
+    /// Service traffic: this Service.
+    Service(ServiceRef),
+    /// External traffic: these destinations.
+    Cidrs(Vec<Ipv4Net>),
+}
+
+impl Target {
+    /// The field a user writes it with, and the only class it can match.
+    pub fn field_and_class(&self) -> Option<(&'static str, u8)> {
+        match self {
+            Self::Any => None,
+            Self::Clients(_) => Some(("clientContainers", class::LOCALHOST)),
+            Self::NotClients(_) => Some(("notClientContainers", class::LOCALHOST)),
+            Self::Peers(_) => Some(("peer", class::POD)),
+            Self::Service(_) => Some(("service", class::SERVICE)),
+            Self::Cidrs(_) => Some(("cidrs", class::EXTERNAL)),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -231,12 +295,12 @@ pub enum Containers {
 struct RawRule {
     #[serde(default, deserialize_with = "optional_dns_label")]
     name: Option<String>,
-    #[serde(default)]
-    class: Class,
-    #[serde(default)]
-    direction: Option<Direction>,
-    #[serde(default)]
-    protocol: Protocol,
+    #[serde(default, deserialize_with = "class_word")]
+    class: u8,
+    #[serde(default, deserialize_with = "direction_word")]
+    direction: Option<u8>,
+    #[serde(default, deserialize_with = "protocol_word")]
+    protocol: u8,
     #[serde(default)]
     ports: Option<Vec<PortRange>>,
     #[serde(default)]
@@ -249,7 +313,8 @@ struct RawRule {
     service: Option<ServiceRef>,
     #[serde(default)]
     cidrs: Option<Vec<Ipv4Net>>,
-    action: Action,
+    #[serde(deserialize_with = "action_word")]
+    action: u8,
 }
 
 impl TryFrom<RawRule> for Rule {
@@ -257,40 +322,42 @@ impl TryFrom<RawRule> for Rule {
 
     /// Refuses rules that could never match anything.
     fn try_from(raw: RawRule) -> Result<Self, String> {
-        let only = |field: &str, class: Class| {
-            format!(
-                "`{field}` is for `class: {}` rules only: this rule could never match",
-                class_name(class)
-            )
-        };
-        let class = raw.class;
         if raw.ports.as_ref().is_some_and(Vec::is_empty) {
             return Err("`ports: []` matches no port: leave `ports` out for any port".into());
-        }
-        if (raw.client_containers.is_some() || raw.not_client_containers.is_some())
-            && class != Class::Localhost
-        {
-            let field = if raw.client_containers.is_some() {
-                "clientContainers"
-            } else {
-                "notClientContainers"
-            };
-            return Err(only(field, Class::Localhost));
-        }
-        if raw.peer.is_some() && class != Class::Pod {
-            return Err(only("peer", Class::Pod));
-        }
-        if raw.service.is_some() && class != Class::Service {
-            return Err(only("service", Class::Service));
-        }
-        if raw.cidrs.is_some() && class != Class::External {
-            return Err(only("cidrs", Class::External));
         }
         if raw.cidrs.as_ref().is_some_and(Vec::is_empty) {
             return Err("`cidrs: []` matches no address: leave `cidrs` out for any".into());
         }
+        if raw.client_containers.as_ref().is_some_and(Vec::is_empty) {
+            return Err(
+                "`clientContainers: []` matches no client: this rule could never match".into(),
+            );
+        }
+        let targets = [
+            raw.client_containers.map(Target::Clients),
+            raw.not_client_containers.map(Target::NotClients),
+            raw.peer.map(Target::Peers),
+            raw.service.map(Target::Service),
+            raw.cidrs.map(Target::Cidrs),
+        ];
+        let mut given = targets.into_iter().flatten();
+        let target = given.next().unwrap_or(Target::Any);
+        if let Some(other) = given.next() {
+            let (first, _) = target.field_and_class().expect("given");
+            let (second, _) = other.field_and_class().expect("given");
+            return Err(format!("give `{first}` or `{second}`, not both"));
+        }
+        let class = raw.class;
+        if let Some((field, only)) = target.field_and_class()
+            && class != only
+        {
+            return Err(format!(
+                "`{field}` is for `class: {}` rules only: this rule could never match",
+                class::name(only)
+            ));
+        }
         let direction = match (class, raw.direction) {
-            (Class::Localhost, Some(_)) => {
+            (class::LOCALHOST, Some(_)) => {
                 return Err(
                     "`direction` does not apply to localhost traffic (it never leaves the pod): leave it out"
                         .into(),
@@ -298,23 +365,10 @@ impl TryFrom<RawRule> for Rule {
             }
             // The pod's side sees a Service's ClusterIP only on the way out;
             // what comes in through a Service arrives as pod traffic.
-            (Class::Service, Some(Direction::Ingress)) => {
+            (class::SERVICE, Some(direction::INGRESS)) => {
                 return Err("`class: service` with `direction: ingress` could never match: traffic into a pod through a Service is `class: pod` on arrival".into());
             }
-            (_, direction) => direction.unwrap_or_default(),
-        };
-        let clients = match (raw.client_containers, raw.not_client_containers) {
-            (Some(_), Some(_)) => {
-                return Err("give `clientContainers` or `notClientContainers`, not both".into());
-            }
-            (Some(names), None) if names.is_empty() => {
-                return Err(
-                    "`clientContainers: []` matches no client: this rule could never match".into(),
-                );
-            }
-            (Some(names), None) => Some(Containers::Only(names)),
-            (None, Some(names)) => Some(Containers::Not(names)),
-            (None, None) => None,
+            (_, direction) => direction.unwrap_or(direction::EGRESS),
         };
         Ok(Self {
             name: raw.name,
@@ -322,23 +376,9 @@ impl TryFrom<RawRule> for Rule {
             direction,
             protocol: raw.protocol,
             ports: raw.ports.unwrap_or_default(),
-            clients,
-            peer: raw.peer,
-            service: raw.service,
-            cidrs: raw.cidrs.unwrap_or_default(),
+            target,
             action: raw.action,
         })
-    }
-}
-
-pub fn class_name(class: Class) -> &'static str {
-    match class {
-        Class::Any => "any",
-        Class::Localhost => "localhost",
-        Class::Pod => "pod",
-        Class::Service => "service",
-        Class::Node => "node",
-        Class::External => "external",
     }
 }
 

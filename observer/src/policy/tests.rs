@@ -1,70 +1,176 @@
-//! The README's examples, how rules combine, and bad files.
+//! The README's examples, how rules combine, and bad files; and the shared
+//! table of cases (`cases.yaml`), which the kernel's programs must decide
+//! alike (integration-test/tests/kernel.rs).
 
-use std::collections::{BTreeMap, HashSet};
+use std::{collections::HashSet, net::SocketAddrV4};
 
+use observer_common::{
+    direction,
+    inventory::{Container, INVENTORY_VERSION, Inventory, Node, Pod, Service, ServicePort},
+    protocol,
+    verdict::{ALLOW, AUDIT_DENY, DENY},
+};
 use proptest::prelude::*;
 
-use super::*;
+use super::{
+    explain::{Connect, World},
+    table::Table,
+    *,
+};
 
 /// The README's examples (the README links to this file).
 pub const EXAMPLES: &str = include_str!("../../../deploy/examples/policies.yaml");
 
-fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn localhost(port: u16, client: Option<&str>) -> Connection<'_> {
-    Connection {
-        class: Class::Localhost,
-        direction: Direction::Egress,
-        protocol: Protocol::Tcp,
-        port,
-        client,
-        peer: None,
-        service: None,
-        address: None,
+fn pod(namespace: &str, name: &str, app: Option<&str>, ip: &str, containers: &[&str]) -> Pod {
+    Pod {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: format!("{namespace}-{name}"),
+        node: "node-1".into(),
+        labels: app.map(|a| ("app".into(), a.into())).into_iter().collect(),
+        ip: ip.parse().unwrap(),
+        netns: None,
+        containers: containers
+            .iter()
+            .map(|c| Container {
+                name: (*c).into(),
+                id: String::new(),
+                cgroup: format!("{namespace}/{name}/{c}").into(),
+                ports: Vec::new(),
+            })
+            .collect(),
     }
 }
 
-fn decided(
-    policies: &Policies,
-    ns: &str,
-    l: &BTreeMap<String, String>,
-    c: &Connection,
-) -> Option<(String, Action)> {
-    policies.decide(ns, l, c).map(|d| (d.rule, d.action))
+fn service(namespace: &str, name: &str, ip: &str, port: u16) -> Service {
+    Service {
+        namespace: namespace.into(),
+        name: name.into(),
+        cluster_ip: ip.parse().unwrap(),
+        ports: vec![ServicePort {
+            name: None,
+            port,
+            target_port: port,
+            protocol: Default::default(),
+        }],
+        selector: Default::default(),
+        endpoints: Vec::new(),
+    }
+}
+
+/// The pods and Services the README's examples are about.
+fn world() -> World {
+    World::new(Inventory {
+        version: INVENTORY_VERSION,
+        cluster: "examples".into(),
+        pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        service_cidr: Some("10.96.0.0/16".parse().unwrap()),
+        nodes: vec![Node {
+            name: "node-1".into(),
+            address: "172.18.0.2".parse().unwrap(),
+            pod_cidr: None,
+            netns: None,
+        }],
+        pods: vec![
+            pod(
+                "shop",
+                "shop",
+                Some("shop"),
+                "10.244.1.10",
+                &["app", "sidecar"],
+            ),
+            pod("shop", "worker", None, "10.244.1.14", &["worker"]),
+            pod(
+                "default",
+                "client",
+                Some("client"),
+                "10.244.1.11",
+                &["client"],
+            ),
+            pod("default", "web", Some("web"), "10.244.1.12", &["web"]),
+            pod("default", "other", Some("other"), "10.244.1.13", &["app"]),
+            pod("default", "x", None, "10.244.1.15", &[]),
+            pod("payments", "db", Some("db"), "10.244.2.5", &[]),
+            pod("default", "db", Some("db"), "10.244.2.6", &[]),
+        ],
+        services: vec![
+            service("shop", "shop", "10.96.0.20", 8080),
+            service("default", "web", "10.96.0.10", 80),
+        ],
+        external_hosts: Vec::new(),
+    })
+}
+
+/// A TCP connection of pod `ns/name` to `to` (from container `client`).
+fn egress(to: &str, client: Option<&str>) -> Connect {
+    let remote: SocketAddrV4 = to.parse().unwrap();
+    Connect {
+        direction: direction::EGRESS,
+        protocol: protocol::TCP,
+        remote,
+        port: remote.port(),
+        client: client.map(Into::into),
+    }
+}
+
+/// The rule (or `default`) and the verdict that decide, if any.
+fn decided(policies: &Policies, pod: &str, c: &Connect) -> Option<(String, u8)> {
+    let world = world();
+    let (namespace, name) = pod.split_once('/').unwrap();
+    let pod = world.pod(namespace, name).expect("a pod of the world");
+    world
+        .decide(policies, pod, c)
+        .decision
+        .map(|(names, verdict)| (names.rule, verdict))
+}
+
+#[test]
+fn the_shared_table_decides_in_user_space() {
+    let table = Table::load();
+    let world = World::new(table.inventory.clone());
+    let mut failures = Vec::new();
+    for case in &table.cases {
+        let (namespace, name) = case.pod();
+        let pod = world.pod(namespace, name).expect("a pod of the table");
+        let outcome = world.decide(&table.policies, pod, &case.connect());
+        let decided = outcome
+            .decision
+            .as_ref()
+            .map(|(n, v)| (n.policy.as_str(), n.rule.as_str(), *v));
+        if let Err(failure) = case.check(decided) {
+            failures.push(failure);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(table.cases.len() >= 20, "the table has its cases");
 }
 
 #[test]
 fn only_the_sidecar_may_reach_the_admin_port() {
     let policies = parse(EXAMPLES).unwrap();
-    let shop = labels(&[("app", "shop")]);
-    let d = |client| decided(&policies, "shop", &shop, &localhost(9090, client));
-    assert_eq!(
-        d(Some("sidecar")),
-        Some(("sidecar-to-admin".into(), Action::Allow))
-    );
-    assert_eq!(d(Some("app")), Some(("no-one-else".into(), Action::Deny)));
+    let d = |client| decided(&policies, "shop/shop", &egress("127.0.0.1:9090", client));
+    assert_eq!(d(Some("sidecar")), Some(("sidecar-to-admin".into(), ALLOW)));
+    assert_eq!(d(Some("app")), Some(("no-one-else".into(), DENY)));
     assert_eq!(
         d(None),
-        Some(("no-one-else".into(), Action::Deny)),
+        Some(("no-one-else".into(), DENY)),
         "unknown client"
     );
     // Other ports: no rule, default allow.
     assert_eq!(
-        decided(&policies, "shop", &shop, &localhost(8080, Some("app"))),
+        decided(
+            &policies,
+            "shop/shop",
+            &egress("127.0.0.1:8080", Some("app"))
+        ),
         None
     );
     // Other pods are not selected.
     assert_eq!(
         decided(
             &policies,
-            "default",
-            &labels(&[("app", "other")]),
-            &localhost(9090, Some("app"))
+            "default/other",
+            &egress("127.0.0.1:9090", Some("app"))
         ),
         None
     );
@@ -73,86 +179,37 @@ fn only_the_sidecar_may_reach_the_admin_port() {
 #[test]
 fn a_pod_may_not_call_a_service() {
     let policies = parse(EXAMPLES).unwrap();
-    let client = labels(&[("app", "client")]);
-    let call = |namespace, name| Connection {
-        class: Class::Service,
-        direction: Direction::Egress,
-        protocol: Protocol::Tcp,
-        port: 8080,
-        client: None,
-        peer: None,
-        service: Some((namespace, name)),
-        address: None,
-    };
-    let decision = policies
-        .decide("default", &client, &call("shop", "shop"))
-        .unwrap();
+    let to = |addr| decided(&policies, "default/client", &egress(addr, Some("client")));
     assert_eq!(
-        (decision.rule.as_str(), decision.action, decision.mode),
-        ("no-shop", Action::Deny, Mode::Enforce)
+        to("10.96.0.20:8080"),
+        Some(("no-shop".into(), DENY)),
+        "enforced"
     );
-    assert_eq!(
-        policies.decide("default", &client, &call("default", "web")),
-        None
-    );
+    assert_eq!(to("10.96.0.10:80"), None);
 }
 
 #[test]
 fn a_namespace_may_not_talk_to_another_and_audit_counts_it() {
     let policies = parse(EXAMPLES).unwrap();
-    let peer_labels = labels(&[("app", "db")]);
-    let to = |peer_ns| Connection {
-        class: Class::Pod,
-        direction: Direction::Egress,
-        protocol: Protocol::Tcp,
-        port: 5432,
-        client: None,
-        peer: Some((peer_ns, &peer_labels)),
-        service: None,
-        address: None,
-    };
-    let decision = policies
-        .decide("shop", &BTreeMap::new(), &to("payments"))
-        .unwrap();
+    let to = |addr| decided(&policies, "shop/worker", &egress(addr, None));
     assert_eq!(
-        (decision.action, decision.mode),
-        (Action::Deny, Mode::Audit)
+        to("10.244.2.5:5432"),
+        Some(("no-payments".into(), AUDIT_DENY))
     );
-    assert_eq!(
-        policies.decide("shop", &BTreeMap::new(), &to("default")),
-        None
-    );
+    assert_eq!(to("10.244.2.6:5432"), None, "a pod of namespace default");
 }
 
 #[test]
 fn no_internet_except_one_range() {
     let policies = parse(EXAMPLES).unwrap();
-    let to = |address: &str| Connection {
-        class: Class::External,
-        direction: Direction::Egress,
-        protocol: Protocol::Tcp,
-        port: 443,
-        client: None,
-        peer: None,
-        service: None,
-        address: Some(address.parse().unwrap()),
-    };
-    let web = labels(&[("app", "web")]);
-    let d = |a| decided(&policies, "default", &web, &to(a));
-    assert_eq!(
-        d("192.168.200.10"),
-        Some(("partner-api".into(), Action::Allow))
-    );
-    assert_eq!(d("203.0.113.7"), Some(("default".into(), Action::Deny)));
+    let d = |addr| decided(&policies, "default/web", &egress(addr, Some("web")));
+    assert_eq!(d("192.168.200.10:443"), Some(("partner-api".into(), ALLOW)));
+    assert_eq!(d("203.0.113.7:443"), Some(("default".into(), DENY)));
     // The default applies to what no rule matches, whatever the class: the
     // example allows the cluster's own traffic with a rule of its own.
-    let pod = Connection {
-        class: Class::Pod,
-        ..to("10.244.1.5")
-    };
     assert_eq!(
-        decided(&policies, "default", &web, &pod),
-        Some(("in-cluster-pods".into(), Action::Allow))
+        d("10.244.1.11:443"),
+        Some(("in-cluster-pods".into(), ALLOW))
     );
 }
 
@@ -178,12 +235,15 @@ spec:
   - {class: localhost, ports: [80], action: deny}
 ";
     let policies = parse(text).unwrap();
-    let d = policies
-        .decide("x", &BTreeMap::new(), &localhost(80, None))
+    let world = world();
+    let pod = world.pod("default", "x").unwrap();
+    let (names, verdict) = world
+        .decide(&policies, pod, &egress("127.0.0.1:80", None))
+        .decision
         .unwrap();
     assert_eq!(
-        (d.policy.as_str(), d.rule.as_str(), d.action),
-        ("a-deny", "rule-1", Action::Deny)
+        (names.policy.as_str(), names.rule.as_str(), verdict),
+        ("a-deny", "rule-1", DENY)
     );
 }
 
@@ -275,17 +335,19 @@ spec:
   - {name: in, class: any, direction: ingress, action: allow}
 ";
     let policies = parse(text).unwrap();
-    let none = BTreeMap::new();
     // Localhost goes to the egress default, not to the ingress rule.
-    let d = policies.decide("x", &none, &localhost(80, None)).unwrap();
-    assert_eq!((d.rule.as_str(), d.action), ("default", Action::Deny));
-    let probe = Connection {
-        class: Class::Node,
-        direction: Direction::Ingress,
-        ..localhost(8080, None)
+    assert_eq!(
+        decided(&policies, "default/x", &egress("127.0.0.1:80", None)),
+        Some(("default".into(), DENY))
+    );
+    let probe = Connect {
+        direction: direction::INGRESS,
+        remote: "172.18.0.2:41000".parse().unwrap(),
+        port: 8080,
+        ..egress("127.0.0.1:8080", None)
     };
     assert_eq!(
-        policies.decide("x", &none, &probe),
+        decided(&policies, "default/x", &probe),
         None,
         "the kubelet's probes"
     );

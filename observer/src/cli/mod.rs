@@ -1,9 +1,19 @@
-//! Command-line interface.
+//! The command line: its arguments ([`Cli`]), the configuration file that
+//! can stand in for them ([`config`]), the commands' entry ([`commands`]),
+//! and `observer flows`' view ([`flows`]).
+
+pub mod commands;
+pub mod config;
+pub mod flows;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use observer_common::DEFAULT_FLOW_CAPACITY;
+
+pub use commands::main;
+
+use crate::flows::schema;
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +45,7 @@ pub enum LogFormat {
 #[derive(Subcommand)]
 pub enum Command {
     /// Attach to pod network namespaces and serve Prometheus metrics.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the live traffic of a running observer as a table.
     Flows(FlowsArgs),
     /// Find containers on this node by runtime id (as in a pod's status:
@@ -214,12 +224,13 @@ pub struct RunArgs {
 }
 
 fn parse_droppable(label: &str) -> Result<String, String> {
-    if crate::flow_metrics::DROPPABLE.contains(&label) {
+    if schema::droppable().any(|l| l == label) {
         Ok(label.to_owned())
     } else {
+        let droppable: Vec<&str> = schema::droppable().collect();
         Err(format!(
             "`{label}` cannot be dropped; droppable labels: {}",
-            crate::flow_metrics::DROPPABLE.join(", ")
+            droppable.join(", ")
         ))
     }
 }
@@ -232,11 +243,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()
-        .map_err(|_| format!("`{text}` does not start with a number"))?;
+        .map_err(|_| format!("`{text}` does not start with a number (or it is too large)"))?;
     let duration = match unit {
         "ms" => Duration::from_millis(number),
         "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number * 60),
+        "m" => Duration::from_secs(
+            number
+                .checked_mul(60)
+                .ok_or_else(|| format!("`{text}` is too long"))?,
+        ),
         _ => return Err(format!("`{text}`: unknown unit `{unit}`, use ms, s or m")),
     };
     if duration.is_zero() {
@@ -258,6 +273,14 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("s").is_err());
+        assert!(
+            parse_duration("18446744073709551615m").is_err(),
+            "overflows"
+        );
+        assert!(
+            parse_duration("99999999999999999999s").is_err(),
+            "not a u64"
+        );
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Loads the embedded eBPF object: once for the shared maps, which the
 //! collector reads, and once more for every namespace, whose instance of the
 //! programs carries that namespace's cookie.
+//!
+//! The programs' aya-log diagnostics are switched off at load time (the
+//! verifier then removes them) unless a log level is given.
 
 use std::path::Path;
 
@@ -12,16 +15,18 @@ use aya::{
         cgroup_sock_addr::CgroupSockAddrLink,
     },
 };
+use aya_log::Level;
 use observer_common::{
-    CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DatapathStats, FLOWS_MAP, FlowKey, FlowValue,
-    GENERATION_MAP, NETNS_COOKIE_GLOBAL, POLICIES_MAP, POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP,
-    SERVICES_MAP, STATS_MAP, VERDICTS_MAP, VerdictKey,
+    CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DECIDE_PROGRAM, DatapathStats, FLOWS_MAP,
+    FlowKey, FlowValue, GENERATION_MAP, NETNS_COOKIE_GLOBAL, POLICIES_MAP, POLICY_CIDRS_MAP,
+    POLICY_MEMBERS_MAP, SERVICES_MAP, STATS_MAP, VERDICTS_MAP, VerdictKey,
 };
 
-use crate::{
+use super::{
     bpffs::{BpffsError, PinDir},
-    kernel_maps::ClassMaps,
-    policy::kernel::PolicyMaps,
+    class_maps::KernelClassMaps,
+    log::KernelLog,
+    policy_maps::KernelPolicyMaps,
 };
 
 /// The object built from observer-ebpf by build.rs.
@@ -31,6 +36,9 @@ pub const EGRESS_PROGRAM: &str = "observe_egress";
 pub const INGRESS_PROGRAM: &str = "observe_ingress";
 /// Does nothing: the benchmark's baseline.
 pub const NOOP_PROGRAM: &str = "noop";
+/// Tail-called by the instances, in the order of their index in
+/// [`CLASSIFIER_MAP`].
+const SHARED_PROGRAMS: [&str; 2] = [CLASSIFIER_PROGRAM, DECIDE_PROGRAM];
 /// The policy hooks on a pod's cgroup: `connect()`, and UDP `sendmsg()`, on
 /// IPv4 and on IPv6 sockets (IPv4 destinations v4-mapped).
 pub const POLICY_PROGRAMS: [&str; 4] = [
@@ -68,6 +76,38 @@ pub enum DatapathError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read the programs' diagnostics: {0}")]
+    Log(#[from] aya_log::Error),
+}
+
+/// The map the programs' diagnostics go to (aya-log's).
+const LOG_MAP: &str = "AYA_LOGS";
+
+/// How to load the programs.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// Capacity of the flow map.
+    pub flow_capacity: u32,
+    /// Where the private bpffs for the shared maps' pins is mounted.
+    pub runtime_dir: std::path::PathBuf,
+    /// The level of the programs' diagnostics; `None`: off (they are then
+    /// removed by the verifier and cost nothing).
+    pub log_level: Option<Level>,
+}
+
+/// What opening the datapath gives: the loader of per-namespace instances,
+/// and the shared maps, each to the part of the daemon that uses it.
+pub struct Opened {
+    pub datapath: Datapath,
+    /// Read by the collector.
+    pub maps: Maps,
+    /// Written from the inventory.
+    pub class_maps: KernelClassMaps,
+    /// Written from the policies.
+    pub policy_maps: KernelPolicyMaps,
+    /// Reads the programs' diagnostics, if they are on: keep it for as long
+    /// as the programs run (dropping it closes the map).
+    pub logger: Option<KernelLog>,
 }
 
 /// Loads program instances that share one set of maps.
@@ -79,6 +119,7 @@ pub struct Datapath {
     _classifiers: ProgramArray<MapData>,
     pins: PinDir,
     flow_capacity: u32,
+    log_level: u8,
     /// The kernel's BTF, parsed once rather than at every load.
     btf: Option<Btf>,
 }
@@ -106,15 +147,15 @@ pub struct Maps {
 }
 
 impl Datapath {
-    /// Creates the shared maps (a flow map of `flow_capacity` entries), pinned
-    /// in a private bpffs under `runtime_dir`.
-    pub fn open(
-        flow_capacity: u32,
-        runtime_dir: &Path,
-    ) -> Result<(Self, Maps, ClassMaps, PolicyMaps), DatapathError> {
-        let pins = PinDir::mount(runtime_dir)?;
+    /// Creates the shared maps, pinned in a private bpffs, and loads the
+    /// programs every instance shares.
+    pub fn open(config: &DatapathConfig) -> Result<Opened, DatapathError> {
+        let pins = PinDir::mount(&config.runtime_dir)?;
         let btf = Btf::from_sys_fs().ok();
-        let mut ebpf = loader(&pins, btf.as_ref(), flow_capacity)
+        // aya-log's levels: 0 is off, Error is 1, ..., Trace is 5.
+        let log_level = config.log_level.map_or(0, |level| level as u8);
+        let flow_capacity = config.flow_capacity;
+        let mut ebpf = loader(&pins, btf.as_ref(), flow_capacity, &log_level)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         let maps = Maps {
@@ -123,40 +164,52 @@ impl Datapath {
             verdicts: typed(&mut ebpf, VERDICTS_MAP)?,
             flow_capacity,
         };
-        let policy_maps = PolicyMaps {
+        let policy_maps = KernelPolicyMaps {
             policies: typed(&mut ebpf, POLICIES_MAP)?,
             members: typed(&mut ebpf, POLICY_MEMBERS_MAP)?,
             cidrs: typed(&mut ebpf, POLICY_CIDRS_MAP)?,
         };
-        let class_maps = ClassMaps {
+        let class_maps = KernelClassMaps {
             services: typed(&mut ebpf, SERVICES_MAP)?,
             cidrs: typed(&mut ebpf, CIDRS_MAP)?,
             generation: typed(&mut ebpf, GENERATION_MAP)?,
         };
-        // The shared classifier: loaded and verified once, for all instances.
+        // The shared programs: loaded and verified once, for all instances.
         let mut classifiers: ProgramArray<MapData> = typed(&mut ebpf, CLASSIFIER_MAP)?;
-        let name = CLASSIFIER_PROGRAM;
-        let classifier: &mut SchedClassifier = program(&mut ebpf, name)?;
-        classifier.load().map_err(program_error(name))?;
-        let fd = classifier.fd().map_err(program_error(name))?;
-        classifiers
-            .set(0, fd, 0)
-            .map_err(|source| DatapathError::Map {
-                name: CLASSIFIER_MAP,
-                source: Box::new(source),
-            })?;
+        for (index, name) in SHARED_PROGRAMS.into_iter().enumerate() {
+            let classifier: &mut SchedClassifier = program(&mut ebpf, name)?;
+            classifier.load().map_err(program_error(name))?;
+            let fd = classifier.fd().map_err(program_error(name))?;
+            classifiers
+                .set(index as u32, fd, 0)
+                .map_err(|source| DatapathError::Map {
+                    name: CLASSIFIER_MAP,
+                    source: Box::new(source),
+                })?;
+        }
         for name in POLICY_PROGRAMS {
             let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             hook.load().map_err(program_error(name))?;
         }
+        let logger = match config.log_level {
+            Some(_) => Some(KernelLog::start(&mut ebpf)?),
+            None => None,
+        };
         let datapath = Self {
             base: ebpf,
             _classifiers: classifiers,
             pins,
             flow_capacity,
+            log_level,
             btf,
         };
-        Ok((datapath, maps, class_maps, policy_maps))
+        Ok(Opened {
+            datapath,
+            maps,
+            class_maps,
+            policy_maps,
+            logger,
+        })
     }
 
     /// Attaches the policy hooks to a pod's cgroup. They allow everything
@@ -186,10 +239,15 @@ impl Datapath {
     /// Loads an instance of the programs for the namespace with this cookie
     /// (and the no-op baseline if `noop`).
     pub fn instance(&self, netns_cookie: u64, noop: bool) -> Result<Programs, DatapathError> {
-        let mut ebpf = loader(&self.pins, self.btf.as_ref(), self.flow_capacity)
-            .override_global(NETNS_COOKIE_GLOBAL, &netns_cookie, true)
-            .load(OBJECT)
-            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let mut ebpf = loader(
+            &self.pins,
+            self.btf.as_ref(),
+            self.flow_capacity,
+            &self.log_level,
+        )
+        .override_global(NETNS_COOKIE_GLOBAL, &netns_cookie, true)
+        .load(OBJECT)
+        .map_err(|e| DatapathError::Load(Box::new(e)))?;
         let names: &[&'static str] = if noop {
             &[EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM]
         } else {
@@ -204,9 +262,17 @@ impl Datapath {
 }
 
 /// A loader whose maps are the shared, pinned ones.
-fn loader<'a>(pins: &PinDir, btf: Option<&'a Btf>, flow_capacity: u32) -> EbpfLoader<'a> {
+fn loader<'a>(
+    pins: &PinDir,
+    btf: Option<&'a Btf>,
+    flow_capacity: u32,
+    log_level: &'a u8,
+) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
-    loader.btf(btf).map_max_entries(FLOWS_MAP, flow_capacity);
+    loader
+        .btf(btf)
+        .map_max_entries(FLOWS_MAP, flow_capacity)
+        .override_global(aya_log::LEVEL, log_level, true);
     // Every map but the per-instance globals is shared through its pin.
     for name in [
         FLOWS_MAP,
@@ -219,6 +285,7 @@ fn loader<'a>(pins: &PinDir, btf: Option<&'a Btf>, flow_capacity: u32) -> EbpfLo
         POLICY_MEMBERS_MAP,
         POLICY_CIDRS_MAP,
         VERDICTS_MAP,
+        LOG_MAP,
     ] {
         loader.map_pin_path(name, pins.pin_path(name));
     }

@@ -22,11 +22,11 @@ use aya::{
 };
 use tokio::sync::oneshot;
 
-use crate::{
+use super::{
     datapath::{Datapath, DatapathError, EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs},
-    identities::ObjectRef,
     netns::{self, NetNs, NetnsError},
 };
+use crate::names::ObjectRef;
 
 /// The pod's loopback: container-to-container traffic. Always ifindex 1.
 pub const LOOPBACK: &str = "lo";
@@ -253,11 +253,7 @@ impl Worker {
         pod: ObjectRef,
         cgroup: Option<&Path>,
     ) -> Result<AttachedNetns, AttachError> {
-        let name = if pod.namespace.is_empty() {
-            pod.name.clone()
-        } else {
-            format!("{}/{}", pod.namespace, pod.name)
-        };
+        let name = pod.to_string();
         let netns = NetNs::open(path)?;
         let cookie = netns
             .run(&self.home, netns::cookie_of_current)?

@@ -9,13 +9,9 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use observer_common::{VerdictKey, verdict};
+use observer_common::{VerdictKey, class, direction, verdict};
 
-use crate::{
-    attach::AttachedNetns,
-    metrics::Metrics,
-    policy::compile::{RuleName, class_label},
-};
+use crate::{kernel::attach::AttachedNetns, metrics::Metrics, policy::compile::RuleName};
 
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -80,24 +76,14 @@ impl Verdicts {
     /// The series' labels: pod, policy, rule, class, direction, verdict.
     fn labels(&self, key: &VerdictKey, pod: &AttachedNetns) -> Option<[String; 7]> {
         let names = self.names.get(&key.rule)?;
-        let verdict = match key.verdict {
-            verdict::ALLOW => "allow",
-            verdict::DENY => "deny",
-            _ => "audit_deny",
-        };
-        let direction = if key.direction == observer_common::direction::INGRESS {
-            "ingress"
-        } else {
-            "egress"
-        };
         Some([
             pod.pod.namespace.clone(),
             pod.pod.name.clone(),
             names.policy.clone(),
             names.rule.clone(),
-            class_label(key.class).to_owned(),
-            direction.to_owned(),
-            verdict.to_owned(),
+            class::name(key.class).to_owned(),
+            direction::name(key.direction).to_owned(),
+            verdict::name(key.verdict).to_owned(),
         ])
     }
 

@@ -1,5 +1,5 @@
-//! The HTTP endpoint: `/metrics` for Prometheus, `/healthz` and `/readyz` for
-//! Kubernetes probes.
+//! The HTTP endpoint: `/metrics` for Prometheus, `/flows` for `observer
+//! flows`, `/healthz` and `/readyz` for Kubernetes probes.
 
 use std::{
     future::Future,
@@ -16,26 +16,16 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
-use tokio::{
-    net::TcpListener,
-    sync::{mpsc, oneshot},
-};
+use tokio::net::TcpListener;
 
-use crate::{collector::FlowRow, metrics::Metrics};
-
-/// Asks the collector for a fresh collection, and for its series if
-/// `rows` (only `/flows` needs them).
-pub struct CollectRequest {
-    pub rows: bool,
-    pub done: oneshot::Sender<Vec<FlowRow>>,
-}
+use crate::{flows::task::CollectorHandle, metrics::Metrics};
 
 #[derive(Clone)]
 pub struct Endpoint {
     pub metrics: Arc<Metrics>,
     /// Set once the first attach round is done.
     pub ready: Arc<AtomicBool>,
-    pub collect: mpsc::Sender<CollectRequest>,
+    pub collector: CollectorHandle,
 }
 
 pub async fn serve(
@@ -54,23 +44,9 @@ pub async fn serve(
         .await
 }
 
-/// Runs a collection now; returns its series if `rows`.
-async fn collect(endpoint: &Endpoint, rows: bool) -> Vec<FlowRow> {
-    let (done, collected) = oneshot::channel();
-    if endpoint
-        .collect
-        .send(CollectRequest { rows, done })
-        .await
-        .is_err()
-    {
-        return Vec::new();
-    }
-    collected.await.unwrap_or_default()
-}
-
 async fn metrics(State(endpoint): State<Endpoint>) -> impl IntoResponse {
     // Serve what the kernel counted up to now, not up to the last tick.
-    collect(&endpoint, false).await;
+    endpoint.collector.collect(false).await;
     (
         [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         endpoint.metrics.render(),
@@ -79,7 +55,7 @@ async fn metrics(State(endpoint): State<Endpoint>) -> impl IntoResponse {
 
 /// The traffic since the previous collection, as JSON (for `observer flows`).
 async fn flows(State(endpoint): State<Endpoint>) -> impl IntoResponse {
-    let rows = collect(&endpoint, true).await;
+    let rows = endpoint.collector.collect(true).await;
     (
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::to_string(&rows).expect("rows serialize"),

@@ -13,7 +13,7 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -22,31 +22,8 @@ use prometheus::{
     proto::{Counter, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::identities::ObjectRef;
-
-/// Labels of the traffic families, in this order in [`FlowLabels`].
-pub const FLOW_LABELS: [&str; 10] = [
-    "namespace",
-    "pod",
-    "class",
-    "direction",
-    "protocol",
-    "port",
-    "peer_namespace",
-    "peer",
-    "client_container",
-    "server_container",
-];
-/// The first labels (pod, class, direction) stay in overflow series and
-/// cannot be dropped.
-const KEPT_IN_OVERFLOW: usize = 4;
-/// Labels a user may drop (`--drop-labels`).
-pub const DROPPABLE: &[&str] = FLOW_LABELS.split_at(KEPT_IN_OVERFLOW).1;
-pub const OVERFLOW: &str = "overflow";
-
-/// Label values, in [`FLOW_LABELS`] order.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowLabels(pub [String; 10]);
+use super::schema::{FlowLabels, LABELS, OVERFLOW, Role};
+use crate::names::ObjectRef;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -68,7 +45,7 @@ pub struct SeriesConfig {
     pub max_series_per_pod: usize,
     /// How long the series of a pod that is gone stay.
     pub grace: Duration,
-    /// Indices into [`FLOW_LABELS`] of the labels exported empty.
+    /// Indices into [`LABELS`] of the labels exported empty.
     pub dropped: Vec<usize>,
 }
 
@@ -101,7 +78,7 @@ const FAMILIES: [(&str, &str); 3] = [
 
 impl FlowMetrics {
     pub fn new(config: SeriesConfig) -> Self {
-        let labels: Vec<String> = FLOW_LABELS.iter().map(|l| l.to_string()).collect();
+        let labels: Vec<String> = LABELS.iter().map(|l| l.name.to_owned()).collect();
         let descs = FAMILIES.map(|(name, help)| {
             Desc::new(name.into(), help.into(), labels.clone(), HashMap::new())
                 .expect("valid metric description")
@@ -116,7 +93,7 @@ impl FlowMetrics {
     /// Adds traffic to a series of `pod`.
     pub fn add(&self, pod: &ObjectRef, mut labels: FlowLabels, delta: Counts) {
         for &index in &self.config.dropped {
-            labels.0[index].clear();
+            labels.value_mut(index).clear();
         }
         let mut state = self.state.lock().expect("not poisoned");
         let series = &mut state.entry(pod.clone()).or_default().series;
@@ -124,13 +101,12 @@ impl FlowMetrics {
             counts.add(delta);
             return;
         }
-        let regular = series
-            .keys()
-            .filter(|l| l.0[KEPT_IN_OVERFLOW] != OVERFLOW)
-            .count();
+        let regular = series.keys().filter(|l| !is_overflow(l)).count();
         if regular >= self.config.max_series_per_pod {
-            for value in &mut labels.0[KEPT_IN_OVERFLOW..] {
-                *value = OVERFLOW.into();
+            for (i, label) in LABELS.iter().enumerate() {
+                if label.role == Role::Detail {
+                    *labels.value_mut(i) = OVERFLOW.into();
+                }
             }
         }
         series.entry(labels).or_default().add(delta);
@@ -189,7 +165,11 @@ impl Collector for FlowMetrics {
                 for (family, value) in families.iter_mut().zip(values) {
                     // Connections only mean something for TCP.
                     let connections = family.name() == FAMILIES[2].0;
-                    if connections && labels.0[4] != "tcp" && labels.0[4] != OVERFLOW {
+                    let tcp = observer_common::protocol::name(observer_common::protocol::TCP);
+                    if connections
+                        && Some(labels.protocol.as_str()) != tcp
+                        && labels.protocol != OVERFLOW
+                    {
                         continue;
                     }
                     family.mut_metric().push(metric(labels, value));
@@ -200,14 +180,33 @@ impl Collector for FlowMetrics {
     }
 }
 
+/// The families, for the registry (which owns what it is given, while the
+/// collector's task updates the same series).
+pub struct Registered(pub Arc<FlowMetrics>);
+
+impl Collector for Registered {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
+/// An `overflow` series (its details say so).
+fn is_overflow(labels: &FlowLabels) -> bool {
+    labels.protocol == OVERFLOW
+}
+
 fn metric(labels: &FlowLabels, value: u64) -> Metric {
-    let pairs = FLOW_LABELS
+    let pairs = LABELS
         .iter()
-        .zip(&labels.0)
-        .map(|(name, value)| {
+        .zip(labels.values())
+        .map(|(label, value)| {
             let mut pair = LabelPair::default();
-            pair.set_name(name.to_string());
-            pair.set_value(value.clone());
+            pair.set_name(label.name.to_owned());
+            pair.set_value(value.to_owned());
             pair
         })
         .collect();
@@ -223,21 +222,17 @@ mod tests {
     use super::*;
 
     fn labels(port: &str) -> FlowLabels {
-        FlowLabels(
-            [
-                "default",
-                "web",
-                "localhost",
-                "request",
-                "tcp",
-                port,
-                "",
-                "",
-                "fetcher",
-                "web",
-            ]
-            .map(String::from),
-        )
+        FlowLabels {
+            namespace: "default".into(),
+            pod: "web".into(),
+            class: "localhost".into(),
+            direction: "request".into(),
+            protocol: "tcp".into(),
+            port: port.into(),
+            client_container: "fetcher".into(),
+            server_container: "web".into(),
+            ..FlowLabels::default()
+        }
     }
 
     fn one() -> Counts {
@@ -281,7 +276,7 @@ mod tests {
 
     #[test]
     fn dropped_labels_fold_series_together() {
-        let m = metrics(10, vec![5]);
+        let m = metrics(10, vec![crate::flows::schema::index("port").unwrap()]);
         let pod = ObjectRef::new("default", "web");
         m.add(&pod, labels("1"), one());
         m.add(&pod, labels("2"), one());
@@ -310,7 +305,7 @@ mod tests {
         let m = metrics(10, vec![]);
         let pod = ObjectRef::new("default", "web");
         let mut udp = labels("53");
-        udp.0[4] = "udp".into();
+        udp.protocol = "udp".into();
         m.add(&pod, udp, one());
         m.add(&pod, labels("80"), one());
         let families = m.collect();

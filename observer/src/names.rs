@@ -2,12 +2,14 @@
 //! nodes) and cgroup ids (containers).
 //!
 //! Ids are handed out once per identity and never reused, so a flow
-//! classified before a change still names the right peer after it.
+//! classified before a change still names the right peer after it. Nothing
+//! here reads the file system: cgroup ids come in as [`CgroupIds`], found
+//! by whoever produced the inventory.
 
 use std::{
     collections::{HashMap, HashSet},
     hash::Hash,
-    os::unix::fs::MetadataExt,
+    path::PathBuf,
     sync::Arc,
 };
 
@@ -29,12 +31,26 @@ impl ObjectRef {
     }
 }
 
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{}", self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
 /// A container, known by its cgroup.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ContainerRef {
     pub pod: ObjectRef,
     pub name: String,
 }
+
+/// The cgroup v2 id (the inode of the directory) of each container cgroup
+/// directory that exists: what the kernel reports for a container's sockets.
+pub type CgroupIds = HashMap<PathBuf, u64>;
 
 /// What the collector resolves names with. Cheap to share: swapped whole
 /// when the inventory changes.
@@ -43,7 +59,7 @@ pub struct Identities {
     pub pods: HashMap<u32, ObjectRef>,
     pub services: HashMap<u32, ObjectRef>,
     pub nodes: HashMap<u32, String>,
-    /// By cgroup id (the inode of the cgroup v2 directory).
+    /// By cgroup id.
     pub containers: HashMap<u64, ContainerRef>,
 }
 
@@ -97,8 +113,9 @@ pub struct Ids {
 }
 
 impl Ids {
-    /// Names for everything in the inventory, with ids from these tables.
-    pub fn identities(&mut self, inventory: &Inventory) -> Identities {
+    /// Gives everything in the inventory an id (forgetting what is gone),
+    /// and returns the names for them.
+    pub fn update(&mut self, inventory: &Inventory, cgroups: &CgroupIds) -> Identities {
         let mut identities = Identities::default();
         for pod in &inventory.pods {
             let pod_ref = ObjectRef::new(&pod.namespace, &pod.name);
@@ -107,9 +124,9 @@ impl Ids {
                 .insert(self.pods.id(&pod_ref), pod_ref.clone());
             for container in &pod.containers {
                 // A container whose cgroup is gone has no traffic to name.
-                if let Ok(meta) = std::fs::metadata(&container.cgroup) {
+                if let Some(&id) = cgroups.get(&container.cgroup) {
                     identities.containers.insert(
-                        meta.ino(),
+                        id,
                         ContainerRef {
                             pod: pod_ref.clone(),
                             name: container.name.clone(),
@@ -134,17 +151,9 @@ impl Ids {
         self.pods.retain(|p| pods.contains(p));
         let services: HashSet<&ObjectRef> = identities.services.values().collect();
         self.services.retain(|s| services.contains(s));
+        let nodes: HashSet<&String> = identities.nodes.values().collect();
+        self.nodes.retain(|n| nodes.contains(n));
         identities
-    }
-}
-
-impl crate::policy::compile::Ids for Ids {
-    fn service(&self, service: &ObjectRef) -> Option<u32> {
-        self.services.get(service)
-    }
-
-    fn pod(&self, pod: &ObjectRef) -> Option<u32> {
-        self.pods.get(pod)
     }
 }
 

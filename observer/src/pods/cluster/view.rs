@@ -17,7 +17,7 @@ use k8s_openapi::{
 use kube::{Resource, runtime::watcher};
 use observer_common::inventory::{self, INVENTORY_VERSION, Inventory, Protocol};
 
-use crate::discovery::{self, FoundPod};
+use crate::pods::discovery::{self, FoundPod};
 
 /// A pod, trimmed.
 #[derive(Clone, Debug, PartialEq, Eq)]

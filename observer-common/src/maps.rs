@@ -1,0 +1,282 @@
+//! The kernel maps both sides use: names, capacities, keys and values.
+//!
+//! Every key and value is `#[repr(C)]` with fixed-width fields, explicit
+//! padding (padding bytes in a hash key must be zero or lookups miss), no
+//! `bool`, `Option` or enum, and a compile-time size check.
+
+/// Name of the flow map ([`FlowKey`] to [`FlowValue`]).
+pub const FLOWS_MAP: &str = "FLOWS";
+/// Capacity the flow map is built with; the daemon may resize it before load.
+pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
+/// Name of the per-CPU datapath statistics map ([`DatapathStats`]).
+pub const STATS_MAP: &str = "STATS";
+/// Name of the Service map: [`ServiceKey`] to a Service id (`u32`).
+pub const SERVICES_MAP: &str = "SERVICES";
+/// Capacity of the Service map (Service ports).
+pub const SERVICES_CAPACITY: u32 = 16_384;
+/// Name of the LPM trie of addresses: key `(prefix length, [u8; 16])`, value
+/// [`CidrValue`].
+pub const CIDRS_MAP: &str = "CIDRS";
+/// Capacity of the address trie (pods, nodes and ranges).
+pub const CIDRS_CAPACITY: u32 = 65_536;
+/// Name of the one-element array holding the classification generation.
+pub const GENERATION_MAP: &str = "GENERATION";
+/// Name of the program array holding the shared classifier.
+pub const CLASSIFIER_MAP: &str = "CLASSIFIER";
+/// Name of the shared classifier program (index 0 of [`CLASSIFIER_MAP`]).
+pub const CLASSIFIER_PROGRAM: &str = "classify_flow";
+/// Name of the ingress policy decision (index 1 of [`CLASSIFIER_MAP`]).
+pub const DECIDE_PROGRAM: &str = "decide_ingress";
+/// Name of the global that tells a program instance its namespace.
+pub const NETNS_COOKIE_GLOBAL: &str = "NETNS_COOKIE";
+
+/// Pod network namespace cookie to the pod's compiled policy
+/// ([`PodPolicy`]), read by the cgroup socket hooks.
+pub const POLICIES_MAP: &str = "POLICIES";
+pub const POLICIES_CAPACITY: u32 = 4_096;
+/// Members of rule sets ([`MemberKey`]): client containers, peer pods.
+pub const POLICY_MEMBERS_MAP: &str = "POLICY_MEMBERS";
+pub const POLICY_MEMBERS_CAPACITY: u32 = 65_536;
+/// CIDRs of rule sets: an LPM trie over [`policy_cidr_key`].
+pub const POLICY_CIDRS_MAP: &str = "POLICY_CIDRS";
+pub const POLICY_CIDRS_CAPACITY: u32 = 16_384;
+/// Per (pod, rule, verdict, class), connections decided ([`VerdictKey`]).
+pub const VERDICTS_MAP: &str = "VERDICTS";
+pub const VERDICTS_CAPACITY: u32 = 65_536;
+/// Rules per pod the kernel tries (all policies selecting it, in order).
+pub const MAX_POD_RULES: usize = 16;
+
+/// Address bytes of an IPv4 address as flows carry it: `::ffff:a.b.c.d`.
+pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    let mut addr = [0; 16];
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    addr[12] = octets[0];
+    addr[13] = octets[1];
+    addr[14] = octets[2];
+    addr[15] = octets[3];
+    addr
+}
+
+/// One flow as seen at one hook of one pod network namespace. 48 bytes: the
+/// kernel hashes the whole key for every packet.
+///
+/// Addresses are 16 bytes: IPv4 as an IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`), in network byte order. Ports are in host byte order
+/// and zero where the protocol has none (or the packet is a non-first
+/// fragment).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`), from the
+    /// program instance attached there: tells pods apart although every `lo`
+    /// is ifindex 1 and many `eth0` share an index.
+    pub netns_cookie: u64,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// IP protocol number ([`crate::protocol`]).
+    pub protocol: u8,
+    /// One of [`crate::direction`].
+    pub direction: u8,
+    /// One of [`crate::family`].
+    pub family: u8,
+    /// One of [`crate::interface`].
+    pub interface: u8,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
+
+/// What the kernel knows of one flow: counters (updated with atomic adds by
+/// every CPU) and the flow's classification (written when it is first seen,
+/// and again when the daemon changes the classification maps).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub packets: u64,
+    /// Bytes as seen at the hook, link-layer header included.
+    pub bytes: u64,
+    /// TCP connections opened: SYNs without ACK, sent by the client.
+    pub connections: u64,
+    /// On `lo`: cgroup v2 id of the sending socket (the sending container);
+    /// 0 for packets without a socket, and on `eth0`.
+    pub src_cgroup: u64,
+    /// On `lo`: the sending cgroup of the reverse flow, which is this flow's
+    /// receiver; 0 until the reverse flow exists.
+    pub peer_cgroup: u64,
+    /// The Service (class SERVICE), pod or node (POD, NODE) the peer is, as
+    /// numbered by the daemon; 0 when unknown.
+    pub peer_id: u32,
+    /// [`GENERATION_MAP`] value the classification was made with.
+    pub generation: u32,
+    /// One of [`crate::class`].
+    pub class: u8,
+    /// One of [`crate::server`].
+    pub server: u8,
+    /// [`crate::verdict::DENY`]: an inbound connection a policy denies; its
+    /// packets are dropped at `eth0` ingress. 0 otherwise.
+    pub verdict: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 56);
+
+/// Key of [`SERVICES_MAP`]: a ClusterIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// IPv4-mapped for IPv4, like flow addresses.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
+
+impl ServiceKey {
+    pub const fn new(addr: [u8; 16], port: u16, protocol: u8) -> Self {
+        Self {
+            addr,
+            port,
+            protocol,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// Value of [`CIDRS_MAP`], an LPM trie over 16-byte addresses: pod CIDRs and
+/// the Service range (id 0), pod and node addresses (/128, with their id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrValue {
+    /// One of [`crate::class`].
+    pub class: u8,
+    pub _pad: [u8; 3],
+    pub id: u32,
+}
+const _: () = assert!(core::mem::size_of::<CidrValue>() == 8);
+
+impl CidrValue {
+    pub const fn new(class: u8, id: u32) -> Self {
+        Self {
+            class,
+            _pad: [0; 3],
+            id,
+        }
+    }
+}
+
+/// Per-CPU datapath statistics (index 0 of [`STATS_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathStats {
+    /// New flow entries inserted. Inserted minus live entries (minus entries
+    /// the daemon removed) is what the LRU evicted.
+    pub flows_created: u64,
+    /// Packets not counted because the flow could not be inserted.
+    pub flow_insert_failed: u64,
+    /// Packets not counted because the shared classifier could not be
+    /// tail-called (it is not loaded).
+    pub classify_failed: u64,
+}
+const _: () = assert!(core::mem::size_of::<DatapathStats>() == 24);
+
+/// One compiled rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyRule {
+    /// Names the rule in [`VERDICTS_MAP`] (the daemon maps it to names).
+    pub id: u32,
+    /// What [`PolicyRule::set_kind`] says: a set in [`POLICY_MEMBERS_MAP`] or
+    /// [`POLICY_CIDRS_MAP`], or a Service id.
+    pub set: u32,
+    /// Server ports, inclusive, host byte order.
+    pub port_first: u16,
+    pub port_last: u16,
+    /// One of [`crate::class`]; [`crate::class::UNKNOWN`] for any.
+    pub class: u8,
+    /// An IP protocol number; 0 for any.
+    pub protocol: u8,
+    /// [`crate::verdict::ALLOW`] or [`crate::verdict::DENY`].
+    pub action: u8,
+    /// 1 in an `audit` policy: a deny is counted, not enforced.
+    pub audit: u8,
+    /// One of [`crate::set_kind`].
+    pub set_kind: u8,
+    /// [`crate::direction::EGRESS`] (decided at `connect()`; localhost too)
+    /// or [`crate::direction::INGRESS`] (decided at `eth0` ingress).
+    pub direction: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<PolicyRule>() == 24);
+
+/// A pod's compiled policy: its rules in the order they are tried, and what
+/// happens when none matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodPolicy {
+    pub rules: u32,
+    /// What no egress rule matches: [`crate::verdict::ALLOW`] (no policy
+    /// has a say) or [`crate::verdict::DENY`].
+    pub default_action: u8,
+    pub default_audit: u8,
+    /// The same for inbound connections.
+    pub default_ingress_action: u8,
+    pub default_ingress_audit: u8,
+    /// Name the defaults in [`VERDICTS_MAP`].
+    pub default_id: u32,
+    pub default_ingress_id: u32,
+    pub rule: [PolicyRule; MAX_POD_RULES],
+}
+const _: () = assert!(core::mem::size_of::<PodPolicy>() == 16 + 24 * MAX_POD_RULES);
+
+/// Key of [`POLICY_MEMBERS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MemberKey {
+    pub set: u32,
+    pub _pad: u32,
+    /// A cgroup id, or a peer id.
+    pub member: u64,
+}
+const _: () = assert!(core::mem::size_of::<MemberKey>() == 16);
+
+impl MemberKey {
+    pub const fn new(set: u32, member: u64) -> Self {
+        Self {
+            set,
+            _pad: 0,
+            member,
+        }
+    }
+}
+
+/// Data of a [`POLICY_CIDRS_MAP`] key: the set id (big-endian, so that the
+/// trie's prefix covers it) and a 16-byte address (IPv4-mapped for IPv4).
+/// A CIDR `a/n` of set `s` is stored with prefix length `32 + n` for IPv6,
+/// `32 + 96 + n` for IPv4.
+pub const fn policy_cidr_key(set: u32, a: [u8; 16]) -> [u8; 20] {
+    // Spelled out: a loop here would be a loop in the kernel's rule loop.
+    let s = set.to_be_bytes();
+    [
+        s[0], s[1], s[2], s[3], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
+        a[11], a[12], a[13], a[14], a[15],
+    ]
+}
+
+/// Key of [`VERDICTS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VerdictKey {
+    pub netns_cookie: u64,
+    /// [`PolicyRule::id`] or [`PodPolicy::default_id`].
+    pub rule: u32,
+    /// One of [`crate::verdict`].
+    pub verdict: u8,
+    /// One of [`crate::class`].
+    pub class: u8,
+    /// One of [`crate::direction`].
+    pub direction: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<VerdictKey>() == 16);

@@ -1,0 +1,151 @@
+//! How a pod's compiled rules decide a connection. One description, run by
+//! the socket hooks (`connect()`, UDP `sendmsg()`), by the flow classifier
+//! (the first packet of an inbound connection) and by `observer policy
+//! explain`; each reads the rule sets through [`RuleSets`].
+
+use crate::{
+    MAX_POD_RULES, PodPolicy, PolicyRule, class,
+    direction::{EGRESS, INGRESS},
+    set_kind, verdict,
+};
+
+/// The rule sets, as each side reads them: [`crate::POLICY_MEMBERS_MAP`] and
+/// [`crate::POLICY_CIDRS_MAP`] in the kernel, their contents in the daemon.
+pub trait RuleSets {
+    /// Whether `member` (a cgroup id, or a pod id) is in set `set`.
+    fn member(&self, set: u32, member: u64) -> bool;
+    /// Whether `addr` (16 bytes, IPv4-mapped for IPv4) is in a CIDR of set
+    /// `set`.
+    fn cidr(&self, set: u32, addr: &[u8; 16]) -> bool;
+}
+
+/// A connection as a policy sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Connection {
+    /// [`EGRESS`]: the pod opens it (localhost too); [`INGRESS`]: the pod
+    /// accepts it on `eth0`.
+    pub direction: u8,
+    /// The remote end's class ([`crate::classify::remote`]).
+    pub class: u8,
+    pub protocol: u8,
+    /// The server's port.
+    pub port: u16,
+    /// The remote end's id ([`crate::classify::Peer::id`]).
+    pub peer: u32,
+    /// The client container's cgroup (egress; 0 when not known).
+    pub cgroup: u64,
+    /// The remote address, 16 bytes (IPv4-mapped for IPv4).
+    pub addr: [u8; 16],
+}
+
+/// What decided a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// [`PolicyRule::id`], or the default's id.
+    pub rule: u32,
+    /// [`verdict::ALLOW`], [`verdict::DENY`] or [`verdict::AUDIT_DENY`].
+    pub verdict: u8,
+}
+
+impl Decision {
+    /// What happens to the connection: only a denial in `enforce` mode
+    /// refuses it.
+    #[inline(always)]
+    pub const fn enforced(&self) -> u8 {
+        if self.verdict == verdict::DENY {
+            verdict::DENY
+        } else {
+            verdict::ALLOW
+        }
+    }
+}
+
+/// The pod's rules for this direction, in order: the first that matches
+/// decides; else the default for the direction, if it denies. `None`: no
+/// policy has a say, and the connection is allowed.
+///
+/// The node's own traffic to the pod (the kubelet's probes) is never
+/// subject to ingress rules.
+#[inline(always)]
+pub fn decide(policy: &PodPolicy, c: &Connection, sets: &impl RuleSets) -> Option<Decision> {
+    if c.direction == INGRESS && c.class == class::NODE {
+        return None;
+    }
+    let mut i = 0;
+    while i < MAX_POD_RULES {
+        if i as u32 >= policy.rules {
+            break;
+        }
+        let rule = &policy.rule[i];
+        if matches(rule, c, sets) {
+            return Some(Decision {
+                rule: rule.id,
+                verdict: verdict_of(rule.action, rule.audit),
+            });
+        }
+        i += 1;
+    }
+    let (action, audit, id) = if c.direction == INGRESS {
+        (
+            policy.default_ingress_action,
+            policy.default_ingress_audit,
+            policy.default_ingress_id,
+        )
+    } else {
+        (
+            policy.default_action,
+            policy.default_audit,
+            policy.default_id,
+        )
+    };
+    (action == verdict::DENY).then_some(Decision {
+        rule: id,
+        verdict: verdict_of(action, audit),
+    })
+}
+
+/// Whether a rule matches a connection.
+#[inline(always)]
+pub fn matches(rule: &PolicyRule, c: &Connection, sets: &impl RuleSets) -> bool {
+    if rule.direction != c.direction {
+        return false;
+    }
+    if rule.class != class::UNKNOWN && rule.class != c.class {
+        return false;
+    }
+    if rule.protocol != 0 && rule.protocol != c.protocol {
+        return false;
+    }
+    if c.port < rule.port_first || c.port > rule.port_last {
+        return false;
+    }
+    match rule.set_kind {
+        set_kind::CLIENTS => sets.member(rule.set, c.cgroup),
+        set_kind::NOT_CLIENTS => !sets.member(rule.set, c.cgroup),
+        set_kind::PEERS => {
+            c.class == class::POD && c.peer != 0 && sets.member(rule.set, u64::from(c.peer))
+        }
+        set_kind::CIDRS => sets.cidr(rule.set, &c.addr),
+        set_kind::SERVICE => c.class == class::SERVICE && c.peer == rule.set,
+        _ => true,
+    }
+}
+
+#[inline(always)]
+const fn verdict_of(action: u8, audit: u8) -> u8 {
+    match (action, audit) {
+        (verdict::DENY, 0) => verdict::DENY,
+        (verdict::DENY, _) => verdict::AUDIT_DENY,
+        _ => verdict::ALLOW,
+    }
+}
+
+/// Localhost connections are decided at the client's `connect()`, as
+/// egress: a rule with this direction and class never sees one.
+pub const fn rule_direction(rule_class: u8, ingress: bool) -> u8 {
+    if ingress && rule_class != class::LOCALHOST {
+        INGRESS
+    } else {
+        EGRESS
+    }
+}

@@ -1,0 +1,352 @@
+//! Turns the kernel's flow map into the traffic metrics. The one data path:
+//! FLOWS (kernel) -> deltas -> series -> [`FlowMetrics`] -> /metrics.
+//!
+//! The kernel keeps cumulative counters per flow. Each collection walks the
+//! map, takes the difference to what it saw last time (a flow the LRU evicted
+//! and that came back starts from zero, which the difference detects), and
+//! adds it to the flow's series ([`super::series`]). Entries of namespaces
+//! that are not attached (any more) are removed from the map.
+//!
+//! Memory: a 16-byte record per flow, keyed by the flow's 64-bit hash, in a
+//! table sized for the flow map's capacity up front (so it never grows, and
+//! never holds two tables at once while growing): about 50 bytes a flow of
+//! capacity. Series are aggregated during the walk.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
+    sync::Arc,
+    time::Instant,
+};
+
+use aya::maps::MapError;
+use observer_common::FlowValue;
+
+use super::{
+    metrics::{Counts, FlowMetrics},
+    schema::FlowRow,
+    series::Series,
+    verdicts::Verdicts,
+};
+use crate::{
+    kernel::{attach::AttachedNetns, datapath::Maps},
+    metrics::Metrics,
+    names::SharedIdentities,
+    policy::compile::RuleName,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error("reading the flow map: {0}")]
+    Flows(#[source] MapError),
+    #[error("reading the datapath statistics: {0}")]
+    Stats(#[source] MapError),
+    #[error("reading the policy verdicts: {0}")]
+    Verdicts(#[source] MapError),
+}
+
+pub struct Collector {
+    maps: Maps,
+    metrics: Arc<Metrics>,
+    flows: Arc<FlowMetrics>,
+    identities: SharedIdentities,
+    attached: HashMap<u64, AttachedNetns>,
+    /// What each flow (by key hash) had at the last collection.
+    last: HashMap<u64, Seen, BuildHasherDefault<PassThrough>>,
+    hasher: RandomState,
+    pass: u8,
+    /// Namespaces whose flows were seen without being attached at the last
+    /// collection: their flows go at this one. (Not at once: a pod attached a
+    /// moment ago may have flows before the collector hears of it.)
+    unknown: std::collections::HashSet<u64>,
+    /// Map entries this collector removed (they are not evictions).
+    removed: u64,
+    evictions_reported: u64,
+    insert_failures_reported: u64,
+    last_collection: Instant,
+    /// The last collection's series (names resolved only if `rows` asks),
+    /// and the seconds it covered.
+    last_series: Vec<(Series, Counts)>,
+    last_seconds: f64,
+    verdicts: Verdicts,
+}
+
+/// A flow's counters at the last collection. Small on purpose: one per flow.
+/// Packets and connections are kept modulo 2^32 (no flow sends 4 G packets
+/// between two collections); bytes in full, which also tells a flow that was
+/// evicted and came back (its bytes went down).
+#[derive(Clone, Copy, Default)]
+struct Seen {
+    bytes: u64,
+    packets: u32,
+    connections: u16,
+    /// Collection pass that last saw the flow (only "this one or not" matters).
+    pass: u8,
+}
+const _: () = assert!(size_of::<Seen>() == 16);
+
+/// The keys of `last` are hashes already.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl Collector {
+    pub fn new(maps: Maps, metrics: Arc<Metrics>, flows: Arc<FlowMetrics>) -> Self {
+        metrics.flow_map_capacity.set(i64::from(maps.flow_capacity));
+        let capacity = maps.flow_capacity as usize;
+        Self {
+            maps,
+            metrics,
+            flows,
+            identities: SharedIdentities::default(),
+            attached: HashMap::new(),
+            last: HashMap::with_capacity_and_hasher(capacity, BuildHasherDefault::default()),
+            unknown: Default::default(),
+            hasher: RandomState::new(),
+            pass: 0,
+            removed: 0,
+            evictions_reported: 0,
+            insert_failures_reported: 0,
+            last_collection: Instant::now(),
+            last_series: Vec::new(),
+            last_seconds: 0.0,
+            verdicts: Verdicts::default(),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn set_policy_names(&mut self, names: Arc<HashMap<u32, RuleName>>) {
+        self.verdicts.set_names(names);
+    }
+
+    pub fn set_identities(&mut self, identities: SharedIdentities) {
+        self.identities = identities;
+    }
+
+    pub fn attached(&mut self, netns: AttachedNetns) {
+        self.metrics
+            .programs_attached
+            .with_label_values(&[&netns.pod.namespace, &netns.pod.name])
+            .set(netns.programs as i64);
+        self.flows.pod_present(&netns.pod);
+        self.attached.insert(netns.cookie, netns);
+    }
+
+    /// The pod is detached: its series expire after the grace period, its
+    /// flows leave the map at the next collection.
+    pub fn detached(&mut self, cookie: u64) {
+        if let Some(netns) = self.attached.remove(&cookie) {
+            let _ = self
+                .metrics
+                .programs_attached
+                .remove_label_values(&[&netns.pod.namespace, &netns.pod.name]);
+            self.flows.pod_gone(&netns.pod, Instant::now());
+            self.verdicts.detached(cookie, &self.metrics);
+            // Its flows go at the next collection.
+            self.unknown.insert(cookie);
+        }
+    }
+
+    /// The series of the last collection.
+    pub fn rows(&self) -> Vec<FlowRow> {
+        self.last_series
+            .iter()
+            .filter_map(|(series, counts)| {
+                let netns = self.attached.get(&series.cookie)?;
+                Some(FlowRow {
+                    labels: series.labels(&netns.pod, &self.identities),
+                    packets: counts.packets,
+                    bytes: counts.bytes,
+                    seconds: self.last_seconds,
+                })
+            })
+            .collect()
+    }
+
+    /// One pass over the maps.
+    pub fn collect(&mut self) -> Result<(), CollectError> {
+        let started = Instant::now();
+        // Statistics first: flows inserted after this read are then at worst
+        // missing from the eviction estimate, never counted as evicted.
+        let (created, insert_failures) = self.read_stats()?;
+        self.verdicts
+            .collect(&mut self.maps.verdicts, &self.attached, &self.metrics)
+            .map_err(CollectError::Verdicts)?;
+        self.pass = self.pass.wrapping_add(1);
+
+        let mut stale = Vec::new();
+        let mut unknown = std::collections::HashSet::new();
+        let mut live = 0u64;
+        let mut series: HashMap<Series, Counts> = HashMap::new();
+        for entry in self.maps.flows.iter() {
+            let (key, now) = entry.map_err(CollectError::Flows)?;
+            let hash = self.hasher.hash_one(key);
+            let seen = Seen {
+                bytes: now.bytes,
+                packets: now.packets as u32,
+                connections: now.connections as u16,
+                pass: self.pass,
+            };
+            let before = self.last.insert(hash, seen);
+            if before.is_some_and(|b| b.pass == self.pass) {
+                continue; // the walk restarted after a concurrent deletion
+            }
+            if !self.attached.contains_key(&key.netns_cookie) {
+                if self.unknown.contains(&key.netns_cookie) {
+                    stale.push(key);
+                }
+                unknown.insert(key.netns_cookie);
+                continue;
+            }
+            live += 1;
+            let delta = difference(&now, &before.unwrap_or_default());
+            if delta.packets > 0 {
+                series.entry(Series::of(&key, &now)).or_default().add(delta);
+            }
+        }
+        let pass = self.pass;
+        self.last.retain(|_, seen| seen.pass == pass);
+
+        self.last_seconds = self.last_collection.elapsed().as_secs_f64();
+        self.last_collection = Instant::now();
+        self.last_series.clear();
+        for (series, counts) in series {
+            let Some(netns) = self.attached.get(&series.cookie) else {
+                continue;
+            };
+            let labels = series.labels(&netns.pod, &self.identities);
+            self.flows.add(&netns.pod, labels, counts);
+            self.last_series.push((series, counts));
+        }
+
+        for key in &stale {
+            if self.maps.flows.remove(key).is_ok() {
+                self.removed += 1;
+            }
+            self.last.remove(&self.hasher.hash_one(key));
+        }
+        self.unknown = unknown;
+        self.notice_gone_pods();
+        self.flows.expire(Instant::now());
+        self.report(created, insert_failures, live);
+        self.metrics
+            .collection_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// A pod whose namespace is gone stops being attached: its series expire
+    /// after the grace period, its map entries are removed next time.
+    fn notice_gone_pods(&mut self) {
+        let now = Instant::now();
+        self.attached.retain(|_, netns| {
+            if netns.path.exists() {
+                return true;
+            }
+            tracing::info!(pod = %netns.name, "network namespace gone");
+            let _ = self
+                .metrics
+                .programs_attached
+                .remove_label_values(&[&netns.pod.namespace, &netns.pod.name]);
+            self.flows.pod_gone(&netns.pod, now);
+            false
+        });
+    }
+
+    fn report(&mut self, created: u64, insert_failures: u64, live: u64) {
+        self.metrics.flow_map_entries.set(live as i64);
+        self.metrics.flow_series.set(self.flows.series() as i64);
+        let evictions = created.saturating_sub(live + self.removed);
+        if evictions > self.evictions_reported {
+            self.metrics
+                .flow_map_evictions
+                .inc_by(evictions - self.evictions_reported);
+            self.evictions_reported = evictions;
+        }
+        if insert_failures > self.insert_failures_reported {
+            self.metrics
+                .flow_insert_failures
+                .inc_by(insert_failures - self.insert_failures_reported);
+            self.insert_failures_reported = insert_failures;
+        }
+    }
+
+    /// Flows created and insert failures, summed over CPUs.
+    fn read_stats(&self) -> Result<(u64, u64), CollectError> {
+        let per_cpu = self.maps.stats.get(&0, 0).map_err(CollectError::Stats)?;
+        Ok(per_cpu.iter().fold((0, 0), |(created, failed), s| {
+            (
+                created + s.flows_created,
+                failed + s.flow_insert_failed + s.classify_failed,
+            )
+        }))
+    }
+}
+
+/// What a flow gained since `before`. A flow whose counters went down was
+/// evicted and created anew in between: all of `now` is new.
+fn difference(now: &FlowValue, before: &Seen) -> Counts {
+    if now.bytes < before.bytes {
+        return Counts {
+            packets: now.packets,
+            bytes: now.bytes,
+            connections: now.connections,
+        };
+    }
+    Counts {
+        packets: u64::from((now.packets as u32).wrapping_sub(before.packets)),
+        bytes: now.bytes - before.bytes,
+        connections: u64::from((now.connections as u16).wrapping_sub(before.connections)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(packets: u64, bytes: u64) -> FlowValue {
+        FlowValue {
+            packets,
+            bytes,
+            ..FlowValue::default()
+        }
+    }
+
+    fn seen(packets: u32, bytes: u64) -> Seen {
+        Seen {
+            packets,
+            bytes,
+            ..Seen::default()
+        }
+    }
+
+    #[test]
+    fn difference_is_what_was_added() {
+        let d = difference(&value(5, 500), &seen(2, 200));
+        assert_eq!((d.packets, d.bytes), (3, 300));
+    }
+
+    #[test]
+    fn a_flow_that_restarted_counts_from_zero() {
+        let d = difference(&value(2, 100), &seen(9, 900));
+        assert_eq!((d.packets, d.bytes), (2, 100));
+    }
+}

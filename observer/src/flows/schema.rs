@@ -1,0 +1,199 @@
+//! The flow schema: the labels of a traffic series, each declared once with
+//! everything that depends on it. The collector fills [`FlowLabels`]; the
+//! Prometheus families ([`super::metrics`]) and `/flows` serialize it;
+//! `observer flows` reads the same type back and lays its table out from
+//! [`LABELS`]; the README's label table is checked against it.
+//!
+//! Adding a label: one line in [`flow_labels!`] below, and the line in
+//! `series.rs` that fills it.
+
+use serde::{Deserialize, Serialize};
+
+/// What a label is to the series bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Names the series' pod and kind of traffic: kept in `overflow` series,
+    /// never dropped.
+    Identity,
+    /// A detail: `--drop-labels` may export it empty, and `overflow` series
+    /// say `overflow` in it.
+    Detail,
+}
+
+/// One label of the traffic families.
+#[derive(Clone, Copy, Debug)]
+pub struct Label {
+    pub name: &'static str,
+    pub role: Role,
+    /// The `observer flows` column it is shown in; labels sharing a column
+    /// are joined with its separator.
+    pub column: Column,
+    /// Its line in the README's label table.
+    pub doc: &'static str,
+}
+
+/// A column of `observer flows`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Column {
+    pub header: &'static str,
+    /// Between the values of the labels it shows (the empty ones left out).
+    pub separator: &'static str,
+}
+
+const POD: Column = Column {
+    header: "POD",
+    separator: "/",
+};
+const CLASS: Column = Column {
+    header: "CLASS",
+    separator: "",
+};
+const DIRECTION: Column = Column {
+    header: "DIRECTION",
+    separator: "",
+};
+const PROTO: Column = Column {
+    header: "PROTO",
+    separator: "",
+};
+const PORT: Column = Column {
+    header: "PORT",
+    separator: "",
+};
+const PEER: Column = Column {
+    header: "PEER",
+    separator: "/",
+};
+const CONTAINERS: Column = Column {
+    header: "CONTAINERS (client -> server)",
+    separator: " -> ",
+};
+
+/// Declares the labels, in their export order: the [`FlowLabels`] struct,
+/// and [`LABELS`] with each one's role, column and documentation.
+macro_rules! flow_labels {
+    ($($field:ident: $role:ident, $column:ident, $doc:literal;)*) => {
+        /// A traffic series' label values.
+        #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub struct FlowLabels {
+            $(#[doc = $doc] pub $field: String,)*
+        }
+
+        /// The labels, in [`FlowLabels::values`] order.
+        pub const LABELS: &[Label] = &[$(Label {
+            name: stringify!($field),
+            role: Role::$role,
+            column: $column,
+            doc: $doc,
+        },)*];
+
+        impl FlowLabels {
+            /// The values, in [`LABELS`] order.
+            pub fn values(&self) -> impl Iterator<Item = &str> {
+                [$(self.$field.as_str(),)*].into_iter()
+            }
+
+            /// The value of the label at `index` of [`LABELS`].
+            pub fn value_mut(&mut self, index: usize) -> &mut String {
+                [$(&mut self.$field,)*]
+                    .into_iter()
+                    .nth(index)
+                    .expect("an index into LABELS")
+            }
+        }
+    };
+}
+
+flow_labels! {
+    namespace: Identity, POD, "the observed pod's namespace (with `--netns`: empty)";
+    pod: Identity, POD, "the observed pod (with `--netns`: the network namespace's name)";
+    class: Identity, CLASS, "`localhost`, `pod`, `service`, `node`, `external`";
+    direction: Identity, DIRECTION, "`egress` / `ingress` on `eth0`, from the pod's side; on `lo`, `request` (client to server) / `response`, or `unknown` for traffic without ports";
+    protocol: Detail, PROTO, "`tcp`, `udp`, `icmp`, `icmpv6`, `sctp`, the IP protocol number for others, `non_ip` (ARP)";
+    port: Detail, PORT, "the server's port; empty for traffic without ports";
+    peer_namespace: Detail, PEER, "the peer pod's or Service's namespace; empty for `localhost`, `node` and `external`";
+    peer: Detail, PEER, "the peer pod, or the Service; the node's name for `node`; `external`; empty for `localhost`; `unknown` when the address is in a pod CIDR or the Service range but not known";
+    client_container: Detail, CONTAINERS, "on `lo`: the client container (or `unknown`, `kernel` for a packet without a socket); empty otherwise";
+    server_container: Detail, CONTAINERS, "on `lo`: the server container (or `unknown`, `kernel`); empty otherwise";
+}
+
+/// What `overflow` series say in their details.
+pub const OVERFLOW: &str = "overflow";
+
+/// The index of a label in [`LABELS`].
+pub fn index(name: &str) -> Option<usize> {
+    LABELS.iter().position(|l| l.name == name)
+}
+
+/// The labels `--drop-labels` accepts.
+pub fn droppable() -> impl Iterator<Item = &'static str> {
+    LABELS
+        .iter()
+        .filter(|l| l.role == Role::Detail)
+        .map(|l| l.name)
+}
+
+/// The columns of `observer flows`, in order, each with the indices of the
+/// labels it shows.
+pub fn columns() -> Vec<(Column, Vec<usize>)> {
+    let mut columns: Vec<(Column, Vec<usize>)> = Vec::new();
+    for (i, label) in LABELS.iter().enumerate() {
+        match columns.iter_mut().find(|(c, _)| *c == label.column) {
+            Some((_, labels)) => labels.push(i),
+            None => columns.push((label.column, vec![i])),
+        }
+    }
+    columns
+}
+
+/// The README's table of traffic labels.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| label | value |\n|---|---|\n");
+    for label in LABELS {
+        out.push_str(&format!("| `{}` | {} |\n", label.name, label.doc));
+    }
+    out
+}
+
+/// A series of the last collection, as `/flows` serves it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FlowRow {
+    pub labels: FlowLabels,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Seconds the counts were gathered over.
+    pub seconds: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_label_has_a_column_and_values_follow_the_table() {
+        let labels = FlowLabels {
+            namespace: "a".into(),
+            server_container: "z".into(),
+            ..FlowLabels::default()
+        };
+        let values: Vec<&str> = labels.values().collect();
+        assert_eq!(values.len(), LABELS.len());
+        assert_eq!((values[0], values[LABELS.len() - 1]), ("a", "z"));
+        let shown: usize = columns().iter().map(|(_, l)| l.len()).sum();
+        assert_eq!(shown, LABELS.len());
+        let mut copy = labels.clone();
+        *copy.value_mut(index("pod").unwrap()) = "p".into();
+        assert_eq!(copy.pod, "p");
+        assert_eq!(copy.namespace, "a", "only that label changed");
+    }
+
+    #[test]
+    fn the_readme_documents_every_label() {
+        let readme = include_str!("../../../README.md");
+        assert!(
+            readme.contains(&markdown_table()),
+            "README.md's traffic label table is out of date; it should read:\n{}",
+            markdown_table()
+        );
+    }
+}

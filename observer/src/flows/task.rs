@@ -1,0 +1,122 @@
+//! The collector's own task: it collects every `--collect-interval` and
+//! whenever a scrape asks, and learns of pods attached and detached (and of
+//! new names) in between. Others talk to it through a [`CollectorHandle`].
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+    time::{MissedTickBehavior, interval},
+};
+
+use super::{collector::Collector, schema::FlowRow};
+use crate::{kernel::attach::AttachedNetns, names::SharedIdentities, policy::compile::RuleName};
+
+/// What the collector learns while it runs.
+pub enum CollectorEvent {
+    Attached(AttachedNetns),
+    /// The namespace with this cookie is detached.
+    Detached(u64),
+    Identities(SharedIdentities),
+    /// Names of the policy rules in the kernel's verdict counts, by id.
+    PolicyNames(Arc<HashMap<u32, RuleName>>),
+}
+
+/// Asks for a fresh collection, and for its series if `rows` (only
+/// `/flows` needs them).
+struct CollectRequest {
+    rows: bool,
+    done: oneshot::Sender<Vec<FlowRow>>,
+}
+
+/// Talks to the collector's task; the task ends when every handle is gone.
+#[derive(Clone)]
+pub struct CollectorHandle {
+    events: mpsc::UnboundedSender<CollectorEvent>,
+    requests: mpsc::Sender<CollectRequest>,
+}
+
+impl CollectorHandle {
+    /// Tells the collector (it applies events in order, before collecting).
+    pub fn send(&self, event: CollectorEvent) {
+        // The task is gone only at shutdown: nothing is left to tell.
+        let _ = self.events.send(event);
+    }
+
+    /// Runs a collection now; returns its series if `rows`.
+    pub async fn collect(&self, rows: bool) -> Vec<FlowRow> {
+        let (done, collected) = oneshot::channel();
+        if self
+            .requests
+            .send(CollectRequest { rows, done })
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        collected.await.unwrap_or_default()
+    }
+}
+
+/// Starts the collector's task.
+pub fn spawn(collector: Collector, every: Duration) -> (CollectorHandle, JoinHandle<()>) {
+    let (events, inbox) = mpsc::unbounded_channel();
+    let (requests, asks) = mpsc::channel(16);
+    let task = tokio::spawn(run(collector, asks, inbox, every));
+    (CollectorHandle { events, requests }, task)
+}
+
+async fn run(
+    mut collector: Collector,
+    mut requests: mpsc::Receiver<CollectRequest>,
+    mut events: mpsc::UnboundedReceiver<CollectorEvent>,
+    every: Duration,
+) {
+    let mut tick = interval(every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let waiter = tokio::select! {
+            _ = tick.tick() => None,
+            request = requests.recv() => match request {
+                Some(request) => Some(request),
+                None => break,
+            },
+            Some(event) = events.recv() => {
+                apply(&mut collector, event);
+                continue;
+            }
+        };
+        // Everything attached so far must be known before its flows are read.
+        while let Ok(event) = events.try_recv() {
+            apply(&mut collector, event);
+        }
+        // Walking a large map is blocking work: keep it off the async workers.
+        collector = tokio::task::spawn_blocking(move || {
+            if let Err(err) = collector.collect() {
+                tracing::warn!(%err, "collection failed");
+                collector.metrics().error("map_read");
+            }
+            collector
+        })
+        .await
+        .expect("collecting does not panic");
+        if let Some(request) = waiter {
+            let rows = if request.rows {
+                collector.rows()
+            } else {
+                Vec::new()
+            };
+            let _ = request.done.send(rows);
+        }
+    }
+}
+
+fn apply(collector: &mut Collector, event: CollectorEvent) {
+    match event {
+        CollectorEvent::Attached(netns) => collector.attached(netns),
+        CollectorEvent::Detached(cookie) => collector.detached(cookie),
+        CollectorEvent::Identities(identities) => collector.set_identities(identities),
+        CollectorEvent::PolicyNames(names) => collector.set_policy_names(names),
+    }
+}

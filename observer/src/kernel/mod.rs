@@ -1,0 +1,12 @@
+//! The kernel side as the daemon sees it: loading the eBPF programs
+//! ([`datapath`]), attaching them in pod network namespaces and on pod
+//! cgroups ([`attach`], [`netns`]), the shared maps' pins ([`bpffs`]), and
+//! what the daemon writes into the maps ([`class_maps`], [`policy_maps`]).
+
+pub mod attach;
+pub mod bpffs;
+pub mod class_maps;
+pub mod datapath;
+pub mod log;
+pub mod netns;
+pub mod policy_maps;

@@ -1,0 +1,353 @@
+//! Keeps what is attached in step with the source: wakes on events (a
+//! namespace appears, an inventory is rewritten, the API reports a pod, the
+//! policy file changes), never on a slow poll; the only timer is a short
+//! retry for a pod whose namespace is not there yet. Each round takes a
+//! snapshot, plans, attaches and detaches, then brings the kernel's maps,
+//! the policies and the collector up to date.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use observer_common::inventory::Inventory;
+use tokio::sync::watch;
+
+use super::{
+    Snapshot,
+    cluster::ClusterView,
+    discovery,
+    plan::{self, Attached},
+    source::{Source, Trigger},
+    watch::DirWatch,
+};
+use crate::{
+    flows::task::{CollectorEvent, CollectorHandle},
+    kernel::{
+        attach::{AttachError, AttachWorker},
+        class_maps::{ClassEntries, ClassMapsWriter},
+        netns::NetnsError,
+    },
+    metrics::Metrics,
+    names::{CgroupIds, Ids, ObjectRef},
+    policy::{self, lifecycle::Enforcer},
+};
+
+/// After an event, pods whose namespace is not ready are looked for again
+/// after 10 ms, then at doubling intervals up to 200 ms, for 3 s (`ip netns
+/// add` bind-mounts the namespace on its file a moment after creating it,
+/// without an event of its own).
+const FIRST_RETRY: Duration = Duration::from_millis(10);
+const MAX_RETRY: Duration = Duration::from_millis(200);
+const RETRY_FOR: Duration = Duration::from_secs(3);
+/// Changes elsewhere in the cluster (peers, Services, nodes) are gathered
+/// for this long before the kernel maps are updated.
+const PEERS_SETTLE: Duration = Duration::from_millis(250);
+
+pub struct Reconciler {
+    source: Source,
+    worker: AttachWorker,
+    class_maps: ClassMapsWriter,
+    enforcer: Option<Enforcer>,
+    collector: CollectorHandle,
+    metrics: Arc<Metrics>,
+    attached: HashMap<String, Attached>,
+    /// Targets whose namespace could not be entered or found yet.
+    waiting: HashSet<String>,
+    /// Targets whose attach failed for another reason (retried on events).
+    failed: HashSet<String>,
+    /// The next retry's delay, and until when retries go on.
+    retry_in: Duration,
+    retry_until: Instant,
+    /// The names the kernel's maps were last written for.
+    ids: Ids,
+    names: Option<(Inventory, CgroupIds)>,
+    /// The last snapshot was complete: its Services are all there are.
+    complete: bool,
+}
+
+impl Reconciler {
+    pub fn new(
+        source: Source,
+        worker: AttachWorker,
+        class_maps: ClassMapsWriter,
+        enforcer: Option<Enforcer>,
+        collector: CollectorHandle,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            source,
+            worker,
+            class_maps,
+            enforcer,
+            collector,
+            metrics,
+            attached: HashMap::new(),
+            waiting: HashSet::new(),
+            failed: HashSet::new(),
+            retry_in: FIRST_RETRY,
+            retry_until: Instant::now() + RETRY_FOR,
+            ids: Ids::default(),
+            names: None,
+            complete: false,
+        }
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// Reacts to changes until `stop` fires; sets `ready` after the first
+    /// reconciliation with a complete source. Returns the worker for shutdown.
+    pub async fn run(
+        mut self,
+        mut dir: Option<DirWatch>,
+        mut policy_dir: Option<DirWatch>,
+        ready: Arc<AtomicBool>,
+        mut stop: watch::Receiver<bool>,
+    ) -> AttachWorker {
+        let mut view = match &self.source {
+            Source::Cluster(cluster) => Some(cluster.view.clone()),
+            _ => None,
+        };
+        let mut local_changes = 0;
+        let mut peers_due: Option<tokio::time::Instant> = None;
+        self.reconcile_and_mark(Trigger::Local, &ready).await;
+        loop {
+            let retry = !self.waiting.is_empty() && Instant::now() < self.retry_until;
+            let trigger = tokio::select! {
+                _ = stop.changed() => break,
+                changed = changed(dir.as_mut()) => {
+                    if let Err(err) = changed {
+                        tracing::warn!(%err, "watching for pods");
+                        self.metrics.error("watch");
+                    }
+                    Trigger::Local
+                }
+                changed = view_changed(view.as_mut()) => {
+                    let Some(view) = view.as_ref().filter(|_| changed.is_ok()) else {
+                        // The watches stopped: only at shutdown.
+                        view = None;
+                        continue;
+                    };
+                    let now = view.borrow().local_changes;
+                    if now == local_changes {
+                        // Elsewhere in the cluster: gather a few.
+                        peers_due.get_or_insert_with(|| tokio::time::Instant::now() + PEERS_SETTLE);
+                        continue;
+                    }
+                    local_changes = now;
+                    Trigger::Local
+                }
+                _ = sleep_until(peers_due) => Trigger::Peers,
+                changed = changed(policy_dir.as_mut()) => {
+                    if let Err(err) = changed {
+                        tracing::warn!(%err, "watching the policy file");
+                        self.metrics.error("watch");
+                    }
+                    if !self.reload_policy() {
+                        continue;
+                    }
+                    Trigger::Peers
+                }
+                _ = tokio::time::sleep(self.retry_in), if retry => {
+                    self.retry_in = (self.retry_in * 2).min(MAX_RETRY);
+                    self.reconcile_and_mark(Trigger::Local, &ready).await;
+                    continue;
+                }
+            };
+            peers_due = None;
+            if trigger == Trigger::Local {
+                // A new event here: pods still missing get fresh retries.
+                self.retry_in = FIRST_RETRY;
+                self.retry_until = Instant::now() + RETRY_FOR;
+            }
+            self.reconcile_and_mark(trigger, &ready).await;
+        }
+        self.worker
+    }
+
+    async fn reconcile_and_mark(&mut self, trigger: Trigger, ready: &AtomicBool) {
+        if self.reconcile(trigger).await {
+            ready.store(true, Ordering::Release);
+        }
+    }
+
+    /// One round. Returns whether the source was complete (false also when
+    /// it could not be read: the current state then stays).
+    async fn reconcile(&mut self, trigger: Trigger) -> bool {
+        let Some(mut snapshot) = self.source.snapshot(trigger, &self.metrics) else {
+            return false;
+        };
+        self.complete = snapshot.complete;
+        // Names first: a pod's first packets are classified with them.
+        if let Some(inventory) = snapshot.inventory.take() {
+            self.sync_names(inventory, std::mem::take(&mut snapshot.cgroups));
+        }
+        self.attach(&snapshot).await;
+        self.apply_policy();
+        let Snapshot {
+            host_network,
+            complete,
+            ..
+        } = snapshot;
+        let pods = &self.metrics.pods;
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        for (state, n) in [
+            ("attached", self.attached.len()),
+            ("waiting", self.waiting.len()),
+            ("failed", self.failed.len()),
+            ("host_network", host_network),
+        ] {
+            pods.with_label_values(&[state]).set(count(n));
+        }
+        complete
+    }
+
+    /// Attaches what is new, detaches what is gone.
+    async fn attach(&mut self, snapshot: &Snapshot) {
+        let plan = plan::plan(&self.attached, &snapshot.targets, discovery::netns_id);
+        for key in plan.detach {
+            let Some(attached) = self.attached.remove(&key) else {
+                continue;
+            };
+            if let Err(err) = self.worker.detach(attached.cookie).await {
+                tracing::warn!(%err, "detach");
+                self.metrics.error("detach");
+            }
+            self.collector
+                .send(CollectorEvent::Detached(attached.cookie));
+        }
+        self.waiting
+            .retain(|key| snapshot.targets.contains_key(key));
+        self.failed.retain(|key| snapshot.targets.contains_key(key));
+        self.waiting.extend(plan.waiting);
+        for key in plan.attach {
+            let target = &snapshot.targets[&key];
+            let Some(path) = &target.path else {
+                continue;
+            };
+            let cgroup = target.cgroup.as_deref();
+            match self.worker.attach(path, target.pod.clone(), cgroup).await {
+                Ok(attached) => {
+                    self.waiting.remove(&key);
+                    self.failed.remove(&key);
+                    let entry = Attached {
+                        cookie: attached.cookie,
+                        pod: attached.pod.clone(),
+                        netns: attached.netns_id,
+                        lo_only_without_ip: attached.programs == 1 && !target.has_ip,
+                    };
+                    self.collector.send(CollectorEvent::Attached(attached));
+                    self.attached.insert(key, entry);
+                }
+                // Not a namespace yet: `ip netns add` creates the file, then
+                // bind-mounts the namespace on it. Or gone meanwhile.
+                Err(AttachError::Netns(
+                    NetnsError::NotNetns { .. } | NetnsError::NotFound { .. },
+                )) => {
+                    self.waiting.insert(key);
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "cannot attach");
+                    self.metrics.error("attach");
+                    self.waiting.remove(&key);
+                    self.failed.insert(key);
+                }
+            }
+        }
+    }
+
+    /// Gives a changed inventory's objects ids, writes them to the kernel's
+    /// classification maps and tells the collector the new names.
+    fn sync_names(&mut self, inventory: Inventory, cgroups: CgroupIds) {
+        if self
+            .names
+            .as_ref()
+            .is_some_and(|(i, c)| *i == inventory && *c == cgroups)
+        {
+            return;
+        }
+        let identities = self.ids.update(&inventory, &cgroups);
+        let entries = ClassEntries::new(&inventory, &self.ids);
+        if let Err(err) = self.class_maps.sync(entries) {
+            tracing::warn!(%err, "updating the kernel's maps");
+            self.metrics.error("kernel_maps");
+        }
+        self.collector
+            .send(CollectorEvent::Identities(Arc::new(identities)));
+        self.names = Some((inventory, cgroups));
+    }
+
+    /// Reads the policy file again; returns whether the policies changed.
+    fn reload_policy(&mut self) -> bool {
+        let Some(enforcer) = self.enforcer.as_mut() else {
+            return false;
+        };
+        // Services are checked once every one is known.
+        let services = self
+            .names
+            .as_ref()
+            .filter(|_| self.complete)
+            .map(|(inventory, _)| policy::service_names(inventory));
+        enforcer.reload(services.as_ref(), &self.metrics)
+    }
+
+    /// Compiles the policies for the pods attached now and writes what
+    /// changed to the kernel.
+    fn apply_policy(&mut self) {
+        let (Some(enforcer), Some((inventory, cgroups))) =
+            (self.enforcer.as_mut(), self.names.as_ref())
+        else {
+            return;
+        };
+        let attached: HashMap<ObjectRef, u64> = self
+            .attached
+            .values()
+            .map(|a| (a.pod.clone(), a.cookie))
+            .collect();
+        let world = policy::lifecycle::World {
+            inventory,
+            ids: &self.ids,
+            cgroups,
+            attached: &attached,
+            complete: self.complete,
+        };
+        let Some(names) = enforcer.apply(&world, &self.metrics) else {
+            return;
+        };
+        self.collector.send(CollectorEvent::PolicyNames(names));
+        // Live inbound flows take the new ingress verdicts.
+        if let Err(err) = self.class_maps.reclassify() {
+            tracing::warn!(%err, "classifying live flows again");
+            self.metrics.error("kernel_maps");
+        }
+    }
+}
+
+async fn changed(dir: Option<&mut DirWatch>) -> std::io::Result<()> {
+    match dir {
+        Some(dir) => dir.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn view_changed(
+    view: Option<&mut watch::Receiver<ClusterView>>,
+) -> Result<(), watch::error::RecvError> {
+    match view {
+        Some(view) => view.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
