@@ -5,6 +5,7 @@
 //! they fail with the observer's own error message: they never skip.
 
 pub mod container;
+pub mod kernel;
 pub mod kube_api;
 mod metrics;
 pub mod observer;

@@ -38,7 +38,13 @@ impl Observer {
     /// Starts `observer run <args>` on a free loopback port and waits until it
     /// is ready. Panics with the observer's output if it does not get there.
     pub fn start(args: &[&str]) -> Self {
-        let mut observer = Self::spawn(args);
+        Self::start_binary(&binary(), args)
+    }
+
+    /// [`Observer::start`] with another observer binary (the benchmark's
+    /// comparisons).
+    pub fn start_binary(binary: &std::path::Path, args: &[&str]) -> Self {
+        let mut observer = Self::spawn_binary(binary, args);
         observer.wait_ready(Duration::from_secs(30));
         observer
     }
@@ -54,15 +60,20 @@ impl Observer {
 
     /// Starts `observer run <args>` without waiting for it to be ready.
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_binary(&binary(), args)
+    }
+
+    fn spawn_binary(binary: &std::path::Path, args: &[&str]) -> Self {
         let addr = free_port();
         let log = std::env::temp_dir().join(format!("observer-test-{}.log", addr.port()));
-        let child = observer_command(
+        let child = observer_command_with(
+            binary,
             &["run", "--metrics-addr", &addr.to_string()],
             args,
             File::create(&log).expect("log file"),
         )
         .spawn()
-        .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary().display()));
+        .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
         Self {
             child: Some(child),
             addr,

@@ -1,5 +1,6 @@
 //! The observer against the real kernel: two pod-like namespaces joined by a
 //! veth pair, real packets, exact counts, and nothing left after SIGTERM.
+//! (Longer than most files: these checks share the helpers below.)
 
 use std::{
     io::ErrorKind,
@@ -403,4 +404,40 @@ fn series_of_a_pod_that_is_gone_expire_after_the_grace_period() {
         "expired"
     );
     assert!(observer.terminate().success());
+}
+
+#[test]
+fn the_programs_diagnostics_appear_with_debug_logs_only() {
+    let pod = Netns::create("diag").expect("namespace");
+    let path = pod.path().display().to_string();
+    for (level, shown) in [("debug", true), ("info", false)] {
+        let observer = Observer::start(&["--netns", &path, "--log-level", level]);
+        let receiver = udp_receiver(&pod, "127.0.0.1");
+        udp(
+            &pod,
+            "127.0.0.1",
+            receiver.local_addr().unwrap(),
+            1,
+            &receiver,
+        );
+        let classified = || observer.log().contains("flow classified: class 1");
+        if shown {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !classified() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no kernel diagnostics in the log:\n{}",
+                    observer.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        } else {
+            // The flow is counted (so classified) without a word of it.
+            observer.eventually("the datagram counted", |m| {
+                packets(m, &pod, "lo", "egress", "udp") >= 1.0
+            });
+            assert!(!classified(), "{}", observer.log());
+        }
+        assert!(observer.terminate().success());
+    }
 }

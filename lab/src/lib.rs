@@ -3,10 +3,13 @@
 //! end-to-end tests, its demo (`cargo xtask lab up`) and its benchmarks.
 //!
 //! - [`spec`]: the lab file (YAML) and its validation into a [`Plan`].
-//! - [`network`]: nodes, bridge, pods, Services (iptables DNAT), external hosts.
-//! - [`container`]: container processes in cgroups of their own.
-//! - [`Lab`]: up, down, status, and the inventory the observer reads.
-//! - [`Netns`], [`veth`]: the building blocks, also for small test topologies.
+//! - `network`: nodes, bridge, pods, Services (iptables DNAT), external hosts.
+//! - `runtime`: a pod's containers, started as processes in kubelet-style
+//!   cgroups; `container`: a process in a cgroup and a namespace.
+//! - [`Lab`]: up, and the inventory the observer reads; `state`: down,
+//!   list, status, and cleaning up after killed runs.
+//! - [`Netns`], [`veth`], [`Cgroup`]: the building blocks, also for small
+//!   test topologies.
 //!
 //! Nothing here touches the machine's own interfaces, routes or firewall.
 //! Names carry the lab (or, for test labs, the creating process's PID), so
@@ -16,12 +19,15 @@ mod container;
 mod lab;
 mod netns;
 mod network;
+mod runtime;
 pub mod spec;
+mod state;
 
 pub use container::{Cgroup, cgroup_id};
-pub use lab::{Lab, STATE_DIR, cleanup_stale, down, is_healthy, list, status};
+pub use lab::{Lab, STATE_DIR};
 pub use netns::{Netns, veth};
 pub use spec::{Plan, SpecError};
+pub use state::{cleanup_stale, down, is_healthy, list, status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {

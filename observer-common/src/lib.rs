@@ -20,6 +20,7 @@ pub mod policy;
 pub mod vocabulary;
 
 pub use maps::*;
+pub use policy::set_kind;
 pub use vocabulary::*;
 
 #[cfg(feature = "user")]

@@ -201,7 +201,7 @@ pub struct PolicyRule {
     pub action: u8,
     /// 1 in an `audit` policy: a deny is counted, not enforced.
     pub audit: u8,
-    /// One of [`crate::set_kind`].
+    /// One of [`crate::policy::set_kind`].
     pub set_kind: u8,
     /// [`crate::direction::EGRESS`] (decided at `connect()`; localhost too)
     /// or [`crate::direction::INGRESS`] (decided at `eth0` ingress).

@@ -6,8 +6,23 @@
 use crate::{
     MAX_POD_RULES, PodPolicy, PolicyRule, class,
     direction::{EGRESS, INGRESS},
-    set_kind, verdict,
+    verdict,
 };
+
+/// What a rule's set holds, and how it matches (see [`matches`]).
+pub mod set_kind {
+    pub const NONE: u8 = 0;
+    /// The client container's cgroup is in the set.
+    pub const CLIENTS: u8 = 1;
+    /// The client container's cgroup is not in the set.
+    pub const NOT_CLIENTS: u8 = 2;
+    /// The peer pod's id is in the set.
+    pub const PEERS: u8 = 3;
+    /// The remote address is in one of the set's CIDRs.
+    pub const CIDRS: u8 = 4;
+    /// The Service whose id is the set id.
+    pub const SERVICE: u8 = 5;
+}
 
 /// The rule sets, as each side reads them: [`crate::POLICY_MEMBERS_MAP`] and
 /// [`crate::POLICY_CIDRS_MAP`] in the kernel, their contents in the daemon.

@@ -155,21 +155,6 @@ pub mod verdict {
     }
 }
 
-/// What a rule's set holds, and how it matches (see [`crate::policy`]).
-pub mod set_kind {
-    pub const NONE: u8 = 0;
-    /// The client container's cgroup is in the set.
-    pub const CLIENTS: u8 = 1;
-    /// The client container's cgroup is not in the set.
-    pub const NOT_CLIENTS: u8 = 2;
-    /// The peer pod's id is in the set.
-    pub const PEERS: u8 = 3;
-    /// The remote address is in one of the set's CIDRs.
-    pub const CIDRS: u8 = 4;
-    /// The Service whose id is the set id.
-    pub const SERVICE: u8 = 5;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

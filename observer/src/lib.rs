@@ -4,8 +4,8 @@
 //! The layers, each depending only on those listed after it:
 //!
 //! - [`run`]: `observer run`, wiring the layers below together;
-//! - [`cli`]: the command line, its configuration file, and the views of
-//!   the other commands (`observer flows`, `policy check`, ...);
+//! - [`cli`]: the command line, its configuration file, and `observer
+//!   flows`' view (the binary's `main.rs` dispatches the commands);
 //! - [`endpoint`]: the HTTP server (`/metrics`, `/flows`, probes);
 //! - [`pods`]: where pods come from (a directory, an inventory, the
 //!   Kubernetes API) and keeping what is attached in step with them;

@@ -1,7 +1,116 @@
-//! The `observer` command: see the library's documentation for the layers.
+//! The `observer` command: parse, set up logging, run the command, report
+//! an error on one line. The library's documentation describes the layers.
 
 use std::process::ExitCode;
 
+use observer::{
+    cli::{Command, LogFormat, PolicyCommand, config, flows},
+    pods::discovery,
+    policy::explain,
+    run,
+};
+use tracing_subscriber::EnvFilter;
+
 fn main() -> ExitCode {
-    observer::cli::main()
+    let cli = match config::parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let filter = match EnvFilter::try_new(&cli.log_level) {
+        Ok(filter) => filter,
+        Err(err) => {
+            eprintln!("error: --log-level {}: {err}", cli.log_level);
+            return ExitCode::from(2);
+        }
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+
+    let result = match cli.command {
+        Command::Run(args) => run::enter_host_cgroup_namespace(&args)
+            .and_then(|()| tokio::runtime::Runtime::new().map_err(run::RunError::Runtime))
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| Ok(runtime.block_on(run::run(*args))?)),
+        Command::FindContainer(args) => find_container(&args.ids),
+        Command::Policy(command) => policy_command(command),
+        Command::Flows(args) => flows::run(&args).map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&*err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
+    let out = match command {
+        PolicyCommand::Check { file, inventory } => explain::check(&file, inventory.as_deref())?,
+        PolicyCommand::Explain {
+            file,
+            inventory,
+            pod,
+            connect,
+            client,
+            udp,
+        } => {
+            let connect = connect.map(|to| explain::Probe { to, client, udp });
+            explain::explain(&file, &inventory, &pod, connect.as_ref())?
+        }
+    };
+    print!("{}", out.trim_end());
+    println!();
+    Ok(())
+}
+
+/// `observer find-container`: exits non-zero if any id is not found.
+fn find_container(ids: &[String]) -> anyhow::Result<()> {
+    let ids: Vec<&str> = ids
+        .iter()
+        .map(|id| discovery::status_id(id).unwrap_or(id))
+        .collect();
+    let cgroup_root = discovery::cgroup2_root()
+        .ok_or_else(|| anyhow::anyhow!("no cgroup v2 hierarchy is mounted"))?;
+    let found = discovery::find(std::path::Path::new("/proc"), &cgroup_root, &ids);
+    let mut missing = Vec::new();
+    for id in ids {
+        match found.get(id) {
+            Some(c) => println!(
+                "{id} pid={} netns={} cgroup={}",
+                c.pid,
+                c.netns.display(),
+                c.cgroup.display()
+            ),
+            None => missing.push(id),
+        }
+    }
+    if !missing.is_empty() {
+        anyhow::bail!("no running container with id {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+/// The error and its sources on one line, without repeating a source that
+/// the message already quotes.
+fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
 }

@@ -1,9 +1,10 @@
-//! Developer tasks: `cargo xtask <setup|run|test>`.
+//! Developer tasks: `cargo xtask <setup|run|test|lab|bench|image|check-deploy>`.
 //!
 //! Each task installs what it needs first (`setup`), so a new machine needs
 //! nothing but Rust from rustup.
 
 mod cmd;
+mod compare;
 mod deploy;
 mod image;
 mod lab;
@@ -54,6 +55,10 @@ enum Task {
         /// Only the attach latency of new pods (about 20 seconds).
         #[arg(long)]
         latency_only: bool,
+        /// Also measure the observer of another commit (a branch, tag or
+        /// hash), built from it, side by side in the same run.
+        #[arg(long, value_name = "REF")]
+        compare: Option<String>,
     },
     /// Validate deploy/ against the Kubernetes schemas (also part of test).
     CheckDeploy,
@@ -78,7 +83,8 @@ fn main() -> Result<()> {
         Task::Bench {
             cost_only,
             latency_only,
-        } => bench(&workspace, cost_only, latency_only),
+            compare,
+        } => bench(&workspace, cost_only, latency_only, compare.as_deref()),
         Task::Image => image::build(&workspace).map(|_| ()),
         Task::CheckDeploy => match deploy::check(&workspace)? {
             (_, 0) => Ok(()),
@@ -114,10 +120,20 @@ fn build_observer(workspace: &Path) -> Result<PathBuf> {
     Ok(workspace.join("target/debug/observer"))
 }
 
-fn bench(workspace: &Path, cost_only: bool, latency_only: bool) -> Result<()> {
+fn bench(
+    workspace: &Path,
+    cost_only: bool,
+    latency_only: bool,
+    compare: Option<&str>,
+) -> Result<()> {
     packages::ensure(packages::LAB)?;
     packages::ensure(packages::BENCH)?;
     setup(workspace)?;
+    // The other observer first: a failing build of it stops before anything
+    // is measured.
+    let compared = compare
+        .map(|reference| compare::build(workspace, reference))
+        .transpose()?;
     // Release builds: the figures are about what users run.
     run(cargo(workspace).args(["build", "--release", "--package", "observer"]))?;
     let mut command = cargo(workspace);
@@ -133,6 +149,10 @@ fn bench(workspace: &Path, cost_only: bool, latency_only: bool) -> Result<()> {
     let observer = workspace.join("target/release/observer");
     let mut bench = as_root(&workspace.join("target/release/bench"));
     bench.env("OBSERVER_BIN", observer);
+    if let Some((name, binary)) = compared {
+        bench.env("OBSERVER_COMPARE_BIN", binary);
+        bench.env("OBSERVER_COMPARE_NAME", name);
+    }
     if cost_only {
         bench.arg("--cost-only");
     }

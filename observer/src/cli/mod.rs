@@ -1,8 +1,7 @@
 //! The command line: its arguments ([`Cli`]), the configuration file that
-//! can stand in for them ([`config`]), the commands' entry ([`commands`]),
-//! and `observer flows`' view ([`flows`]).
+//! can stand in for them ([`config`]), and `observer flows`' view
+//! ([`flows`]).
 
-pub mod commands;
 pub mod config;
 pub mod flows;
 
@@ -10,8 +9,6 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use observer_common::DEFAULT_FLOW_CAPACITY;
-
-pub use commands::main;
 
 use crate::flows::schema;
 

@@ -1,6 +1,6 @@
 //! The kernel side as the daemon sees it: loading the eBPF programs
 //! ([`datapath`]), attaching them in pod network namespaces and on pod
-//! cgroups ([`attach`], [`netns`]), the shared maps' pins ([`bpffs`]), and
+//! cgroups ([`attach`], [`netns`], [`tc`]), the shared maps' pins ([`bpffs`]), and
 //! what the daemon writes into the maps ([`class_maps`], [`policy_maps`]).
 
 pub mod attach;
@@ -10,3 +10,4 @@ pub mod datapath;
 pub mod log;
 pub mod netns;
 pub mod policy_maps;
+pub mod tc;

@@ -22,7 +22,7 @@ use observer_common::{
 };
 
 use super::{
-    Mode, Policies, PolicyError, Rule, Target,
+    Mode, Policies, PolicyError, Rule,
     compile::{Compiled, Compiler, Inputs, RuleName},
     model::words,
     rule_name,
@@ -318,35 +318,12 @@ pub fn rule_words(rule: &Rule) -> String {
     if rule.protocol != 0 {
         words.push(words::word(&words::protocols(), rule.protocol).to_owned());
     }
-    match &rule.target {
-        Target::Any => {}
-        Target::Service(service) => {
-            words.push(format!("to Service {}/{}", service.namespace, service.name))
-        }
-        Target::Peers(peer) => {
-            let mut what = vec![format!(
-                "namespace {}",
-                peer.namespace.as_deref().unwrap_or("any")
-            )];
-            what.extend(peer.match_labels.iter().map(|(k, v)| format!("{k}={v}")));
-            words.push(format!("with pods of {}", what.join(", ")));
-        }
-        Target::Cidrs(cidrs) => {
-            let cidrs: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
-            words.push(format!("to {}", cidrs.join(", ")));
-        }
-        Target::Clients(_) | Target::NotClients(_) => {}
-    }
+    let (before_ports, after_ports) = rule.target.words();
+    words.extend(before_ports);
     if !rule.ports.is_empty() {
         let ports: Vec<String> = rule.ports.iter().map(ToString::to_string).collect();
         words.push(format!("port {}", ports.join(", ")));
     }
-    match &rule.target {
-        Target::Clients(names) => words.push(format!("from {}", names.join(", "))),
-        Target::NotClients(names) => {
-            words.push(format!("from containers other than {}", names.join(", ")))
-        }
-        _ => {}
-    }
+    words.extend(after_ports);
     words.join(" ")
 }

@@ -12,6 +12,7 @@
 
 pub mod compile;
 pub mod explain;
+mod fields;
 pub mod lifecycle;
 pub mod model;
 #[cfg(any(test, feature = "test-support"))]

@@ -8,8 +8,14 @@
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use ipnet::Ipv4Net;
-use observer_common::{class, direction, verdict};
+use observer_common::{class, direction};
 use serde::{Deserialize, Deserializer, de};
+
+pub use super::fields::words;
+use super::fields::{
+    action_word, allow, api_version, class_word, direction_word, dns_label, kind, labels,
+    optional_dns_label, protocol_word,
+};
 
 pub const API_VERSION: &str = "observer.dev/v1alpha1";
 pub const KIND: &str = "TrafficPolicy";
@@ -80,89 +86,6 @@ impl Selector {
 pub enum Mode {
     Enforce,
     Audit,
-}
-
-/// What a rule's fields mean in the kernel's vocabulary: each word a user
-/// writes stands for the number the kernel's rules hold.
-pub mod words {
-    use observer_common::{class, direction, inventory::Protocol, verdict};
-
-    /// `class:` any, or a traffic class.
-    pub fn classes() -> Vec<(&'static str, u8)> {
-        let mut words = vec![("any", class::UNKNOWN)];
-        words.extend((class::LOCALHOST..=class::EXTERNAL).map(|c| (class::name(c), c)));
-        words
-    }
-
-    /// `direction:`.
-    pub fn directions() -> Vec<(&'static str, u8)> {
-        [direction::EGRESS, direction::INGRESS]
-            .map(|d| (direction::name(d), d))
-            .into()
-    }
-
-    /// `protocol:` any, or a protocol as Kubernetes spells it.
-    pub fn protocols() -> Vec<(&'static str, u8)> {
-        let mut words = vec![("any", 0)];
-        words
-            .extend([Protocol::Tcp, Protocol::Udp, Protocol::Sctp].map(|p| (p.name(), p.number())));
-        words
-    }
-
-    /// `action:` and `defaultAction:`.
-    pub fn actions() -> Vec<(&'static str, u8)> {
-        [verdict::ALLOW, verdict::DENY]
-            .map(|v| (verdict::name(v), v))
-            .into()
-    }
-
-    /// The word for `number` among `words`.
-    pub fn word(words: &[(&'static str, u8)], number: u8) -> &'static str {
-        words
-            .iter()
-            .find(|(_, n)| *n == number)
-            .map_or("?", |(w, _)| w)
-    }
-}
-
-/// Reads a word of `words` as its number.
-fn word<'de, D: Deserializer<'de>>(
-    deserializer: D,
-    what: &str,
-    words: Vec<(&'static str, u8)>,
-) -> Result<u8, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    words
-        .iter()
-        .find(|(w, _)| *w == text)
-        .map(|(_, n)| *n)
-        .ok_or_else(|| {
-            let known: Vec<&str> = words.iter().map(|(w, _)| *w).collect();
-            de::Error::custom(format!(
-                "unknown variant `{text}` for `{what}`, expected one of {}",
-                known.join(", ")
-            ))
-        })
-}
-
-fn class_word<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
-    word(d, "class", words::classes())
-}
-
-fn direction_word<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
-    word(d, "direction", words::directions()).map(Some)
-}
-
-fn protocol_word<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
-    word(d, "protocol", words::protocols())
-}
-
-fn action_word<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
-    word(d, "action", words::actions())
-}
-
-const fn allow() -> u8 {
-    verdict::ALLOW
 }
 
 /// A port or an inclusive range: `8080` or `"8000-8100"`.
@@ -277,6 +200,35 @@ pub enum Target {
 }
 
 impl Target {
+    /// The target in words, for `observer policy explain`: what comes
+    /// after the class and protocol, and what comes after the ports.
+    pub fn words(&self) -> (Option<String>, Option<String>) {
+        match self {
+            Self::Any => (None, None),
+            Self::Service(service) => (
+                Some(format!("to Service {}/{}", service.namespace, service.name)),
+                None,
+            ),
+            Self::Peers(peer) => {
+                let mut what = vec![format!(
+                    "namespace {}",
+                    peer.namespace.as_deref().unwrap_or("any")
+                )];
+                what.extend(peer.match_labels.iter().map(|(k, v)| format!("{k}={v}")));
+                (Some(format!("with pods of {}", what.join(", "))), None)
+            }
+            Self::Cidrs(cidrs) => {
+                let cidrs: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+                (Some(format!("to {}", cidrs.join(", "))), None)
+            }
+            Self::Clients(names) => (None, Some(format!("from {}", names.join(", ")))),
+            Self::NotClients(names) => (
+                None,
+                Some(format!("from containers other than {}", names.join(", "))),
+            ),
+        }
+    }
+
     /// The field a user writes it with, and the only class it can match.
     pub fn field_and_class(&self) -> Option<(&'static str, u8)> {
         match self {
@@ -380,83 +332,4 @@ impl TryFrom<RawRule> for Rule {
             action: raw.action,
         })
     }
-}
-
-fn api_version<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    let value = String::deserialize(deserializer)?;
-    if value != API_VERSION {
-        return Err(de::Error::custom(format!(
-            "apiVersion `{value}` is not known: this observer reads `{API_VERSION}`"
-        )));
-    }
-    Ok(value)
-}
-
-fn kind<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    let value = String::deserialize(deserializer)?;
-    if value != KIND {
-        return Err(de::Error::custom(format!(
-            "kind `{value}` is not a policy: expected `{KIND}`"
-        )));
-    }
-    Ok(value)
-}
-
-/// A Kubernetes name (RFC 1123 label): what namespaces, Services and our
-/// policies and rules are named with.
-fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
-fn dns_label<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    let name = String::deserialize(deserializer)?;
-    if !is_dns_label(&name) {
-        return Err(de::Error::custom(format!(
-            "`{name}` is not a valid name: lowercase letters, digits and `-`, at most 63"
-        )));
-    }
-    Ok(name)
-}
-
-fn optional_dns_label<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<String>, D::Error> {
-    dns_label(deserializer).map(Some)
-}
-
-/// Label keys and values as Kubernetes accepts them.
-fn labels<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<BTreeMap<String, String>, D::Error> {
-    let labels = BTreeMap::<String, String>::deserialize(deserializer)?;
-    let name_ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            && s.as_bytes()[0].is_ascii_alphanumeric()
-            && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
-    };
-    for (key, value) in &labels {
-        let (prefix, name) = key.rsplit_once('/').unwrap_or(("", key));
-        let prefix_ok =
-            prefix.is_empty() || (prefix.len() <= 253 && prefix.split('.').all(is_dns_label));
-        if !prefix_ok || !name_ok(name) {
-            return Err(de::Error::custom(format!(
-                "`{key}` is not a valid label key"
-            )));
-        }
-        if !value.is_empty() && !name_ok(value) {
-            return Err(de::Error::custom(format!(
-                "`{value}` is not a valid label value (for `{key}`)"
-            )));
-        }
-    }
-    Ok(labels)
 }

@@ -12,6 +12,7 @@
 //! | services | cluster | ClusterIP, ports |
 //! | nodes | cluster | InternalIP, pod CIDRs |
 
+pub mod trim;
 pub mod view;
 
 use std::{path::Path, sync::Arc};
@@ -88,7 +89,7 @@ impl ClusterWatch {
             Arc::clone(&sender),
             Arc::clone(&metrics),
             |view, event| {
-                let changed = view.local_pods.apply(event, |p| view::trim_pod(p, true));
+                let changed = view.local_pods.apply(event, |p| trim::trim_pod(p, true));
                 view.local_changes += u64::from(changed);
                 changed
             },
@@ -97,19 +98,19 @@ impl ClusterWatch {
             watcher(pods, running),
             Arc::clone(&sender),
             Arc::clone(&metrics),
-            |view, event| view.pods.apply(event, |p| view::trim_pod(p, false)),
+            |view, event| view.pods.apply(event, |p| trim::trim_pod(p, false)),
         ));
         tasks.spawn(mirror(
             watcher(Api::<Service>::all(client.clone()), all.clone()),
             Arc::clone(&sender),
             Arc::clone(&metrics),
-            |view, event| view.services.apply(event, view::trim_service),
+            |view, event| view.services.apply(event, trim::trim_service),
         ));
         tasks.spawn(mirror(
             watcher(Api::<Node>::all(client), all),
             sender,
             metrics,
-            |view, event| view.nodes.apply(event, view::trim_node),
+            |view, event| view.nodes.apply(event, trim::trim_node),
         ));
         Self {
             view,

@@ -1,8 +1,5 @@
-//! The lab file (YAML) and its validation into a [`Plan`].
-//!
-//! Everything is checked before anything is created, so a bad file creates
-//! nothing. Each problem names the field it is about, as a path such as
-//! `pods[2].containers[0].ports[1]`.
+//! Validation of a lab file: every field checked, every address given out
+//! once, before anything is created.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -11,225 +8,8 @@ use std::{
 
 use ipnet::Ipv4Net;
 use observer_common::inventory::Protocol;
-use serde::Deserialize;
 
-pub const API_VERSION: &str = "observer-lab/v1";
-/// The default lab: the cases users ask about.
-pub const DEFAULT_LAB: &str = include_str!("../default-lab.yaml");
-
-/// A lab file as written.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LabSpec {
-    pub api_version: String,
-    pub kind: String,
-    /// Lowercase letters, digits and `-`; names the lab's namespaces.
-    pub name: String,
-    #[serde(default)]
-    pub network: NetworkSpec,
-    pub nodes: Vec<NodeSpec>,
-    pub pods: Vec<PodSpec>,
-    #[serde(default)]
-    pub services: Vec<ServiceSpec>,
-    #[serde(default)]
-    pub external_hosts: Vec<ExternalSpec>,
-}
-
-/// Address ranges of the lab.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NetworkSpec {
-    /// ClusterIPs come from here; traffic to it without a Service is dropped.
-    #[serde(rename = "serviceCIDR", default = "default_service_cidr")]
-    pub service_cidr: Ipv4Net,
-    /// The network between nodes (node addresses: .2, .3, ...).
-    #[serde(rename = "nodeCIDR", default = "default_node_cidr")]
-    pub node_cidr: Ipv4Net,
-    /// Where external hosts live: outside every cluster range.
-    #[serde(rename = "externalCIDR", default = "default_external_cidr")]
-    pub external_cidr: Ipv4Net,
-}
-
-impl Default for NetworkSpec {
-    fn default() -> Self {
-        Self {
-            service_cidr: default_service_cidr(),
-            node_cidr: default_node_cidr(),
-            external_cidr: default_external_cidr(),
-        }
-    }
-}
-
-fn default_service_cidr() -> Ipv4Net {
-    "10.96.0.0/16".parse().expect("valid")
-}
-fn default_node_cidr() -> Ipv4Net {
-    "172.18.0.0/24".parse().expect("valid")
-}
-fn default_external_cidr() -> Ipv4Net {
-    "192.168.200.0/24".parse().expect("valid")
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NodeSpec {
-    pub name: String,
-    #[serde(rename = "podCIDR")]
-    pub pod_cidr: Ipv4Net,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PodSpec {
-    pub name: String,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    pub node: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// A fixed address in the node's pod CIDR; by default the next free one.
-    #[serde(default)]
-    pub ip: Option<Ipv4Addr>,
-    /// Directories shared by the pod's containers (`$POD_VOLUMES/<name>`).
-    #[serde(default)]
-    pub volumes: Vec<String>,
-    pub containers: Vec<ContainerSpec>,
-}
-
-fn default_namespace() -> String {
-    "default".into()
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ContainerSpec {
-    pub name: String,
-    /// The program and its arguments, as in a Kubernetes container.
-    pub command: Vec<String>,
-    #[serde(default)]
-    pub ports: Vec<PortSpec>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PortSpec {
-    pub container_port: u16,
-    #[serde(default)]
-    pub protocol: Protocol,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServiceSpec {
-    pub name: String,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    #[serde(rename = "clusterIP")]
-    pub cluster_ip: Ipv4Addr,
-    pub selector: BTreeMap<String, String>,
-    pub ports: Vec<ServicePortSpec>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServicePortSpec {
-    #[serde(default)]
-    pub name: Option<String>,
-    pub port: u16,
-    /// Defaults to `port`.
-    #[serde(default)]
-    pub target_port: Option<u16>,
-    #[serde(default)]
-    pub protocol: Protocol,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ExternalSpec {
-    pub name: String,
-    pub address: Ipv4Addr,
-    /// A server to run on the host, if any.
-    #[serde(default)]
-    pub command: Vec<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SpecError {
-    #[error("{file}: {source}")]
-    Yaml {
-        file: String,
-        source: serde_norway::Error,
-    },
-    #[error("{file}: {field}: {problem}")]
-    Invalid {
-        file: String,
-        field: String,
-        problem: String,
-    },
-}
-
-/// A validated lab: every address decided.
-#[derive(Clone, Debug)]
-pub struct Plan {
-    pub spec: LabSpec,
-    /// The file as written, kept with the running lab.
-    pub source: String,
-    /// Node address, by node index.
-    pub node_addresses: Vec<Ipv4Addr>,
-    /// Pod address, by pod index.
-    pub pod_ips: Vec<Ipv4Addr>,
-    /// Backing pods (indices), by service index.
-    pub endpoints: Vec<Vec<usize>>,
-}
-
-impl Plan {
-    /// The lab that `cargo xtask lab up` builds without a file.
-    pub fn default_lab() -> Self {
-        Self::from_yaml(DEFAULT_LAB, "lab/default-lab.yaml").expect("the default lab is valid")
-    }
-
-    /// Parses and validates a lab file; `file` names it in errors.
-    pub fn from_yaml(text: &str, file: &str) -> Result<Self, SpecError> {
-        let spec: LabSpec = serde_norway::from_str(text).map_err(|source| SpecError::Yaml {
-            file: file.into(),
-            source,
-        })?;
-        Self::new(spec, text).map_err(|(field, problem)| SpecError::Invalid {
-            file: file.into(),
-            field,
-            problem,
-        })
-    }
-
-    fn new(spec: LabSpec, source: &str) -> Result<Self, (String, String)> {
-        let mut check = Checker::default();
-        check.header(&spec)?;
-        let node_addresses = check.network(&spec)?;
-        let pod_ips = check.pods(&spec)?;
-        let endpoints = check.services(&spec)?;
-        check.external(&spec)?;
-        Ok(Self {
-            spec,
-            source: source.into(),
-            node_addresses,
-            pod_ips,
-            endpoints,
-        })
-    }
-
-    /// The gateway of a node's pods: the first address of its pod CIDR.
-    pub fn gateway(&self, node: usize) -> Ipv4Addr {
-        first_host(self.spec.nodes[node].pod_cidr)
-    }
-
-    pub fn node_index(&self, name: &str) -> usize {
-        self.spec
-            .nodes
-            .iter()
-            .position(|n| n.name == name)
-            .expect("validated")
-    }
-}
+use super::*;
 
 type Check<T> = Result<T, (String, String)>;
 
@@ -238,13 +18,13 @@ fn problem<T>(field: impl Into<String>, problem: impl Into<String>) -> Check<T> 
 }
 
 #[derive(Default)]
-struct Checker {
+pub(super) struct Checker {
     /// Every address given out so far, and to whom.
     addresses: HashMap<Ipv4Addr, String>,
 }
 
 impl Checker {
-    fn header(&mut self, spec: &LabSpec) -> Check<()> {
+    pub(super) fn header(&mut self, spec: &LabSpec) -> Check<()> {
         if spec.api_version != API_VERSION {
             return problem(
                 "apiVersion",
@@ -260,7 +40,7 @@ impl Checker {
         dns_label("name", &spec.name, 20)
     }
 
-    fn network(&mut self, spec: &LabSpec) -> Check<Vec<Ipv4Addr>> {
+    pub(super) fn network(&mut self, spec: &LabSpec) -> Check<Vec<Ipv4Addr>> {
         let net = &spec.network;
         let mut ranges: Vec<(String, Ipv4Net)> = vec![
             ("network.serviceCIDR".into(), net.service_cidr),
@@ -314,7 +94,7 @@ impl Checker {
         Ok(hosts)
     }
 
-    fn pods(&mut self, spec: &LabSpec) -> Check<Vec<Ipv4Addr>> {
+    pub(super) fn pods(&mut self, spec: &LabSpec) -> Check<Vec<Ipv4Addr>> {
         let mut names = HashSet::new();
         // Fixed addresses first, so that automatic ones go around them.
         for (i, pod) in spec.pods.iter().enumerate() {
@@ -433,7 +213,7 @@ impl Checker {
         Ok(())
     }
 
-    fn services(&mut self, spec: &LabSpec) -> Check<Vec<Vec<usize>>> {
+    pub(super) fn services(&mut self, spec: &LabSpec) -> Check<Vec<Vec<usize>>> {
         let mut names = HashSet::new();
         let mut all = Vec::new();
         for (i, service) in spec.services.iter().enumerate() {
@@ -513,7 +293,7 @@ impl Checker {
         Ok(all)
     }
 
-    fn external(&mut self, spec: &LabSpec) -> Check<()> {
+    pub(super) fn external(&mut self, spec: &LabSpec) -> Check<()> {
         let mut names = HashSet::new();
         for (i, host) in spec.external_hosts.iter().enumerate() {
             let field = format!("externalHosts[{i}]");
@@ -554,7 +334,7 @@ impl Checker {
     }
 }
 
-fn first_host(cidr: Ipv4Net) -> Ipv4Addr {
+pub(super) fn first_host(cidr: Ipv4Net) -> Ipv4Addr {
     cidr.trunc().hosts().next().expect("prefix checked")
 }
 
@@ -586,159 +366,4 @@ fn selector_text(selector: &BTreeMap<String, String>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = r#"
-apiVersion: observer-lab/v1
-kind: Lab
-name: t
-nodes:
-  - name: node-1
-    podCIDR: 10.244.1.0/24
-  - name: node-2
-    podCIDR: 10.244.2.0/24
-pods:
-  - name: web
-    labels: {app: web}
-    node: node-1
-    containers:
-      - name: web
-        command: [python3, -m, http.server, "80"]
-        ports: [{containerPort: 80}]
-  - name: fixed
-    node: node-2
-    ip: 10.244.2.50
-    containers:
-      - name: c
-        command: [sleep, "60"]
-services:
-  - name: web
-    clusterIP: 10.96.0.10
-    selector: {app: web}
-    ports: [{port: 80}]
-externalHosts:
-  - name: internet
-    address: 192.168.200.10
-"#;
-
-    fn invalid(yaml: &str) -> String {
-        Plan::from_yaml(yaml, "lab.yaml").unwrap_err().to_string()
-    }
-
-    /// The good file with `from` replaced by `to`.
-    fn with(from: &str, to: &str) -> String {
-        assert!(GOOD.contains(from), "{from}");
-        GOOD.replacen(from, to, 1)
-    }
-
-    #[test]
-    fn the_default_lab_is_valid() {
-        let plan = Plan::default_lab();
-        assert_eq!(plan.spec.name, "demo");
-    }
-
-    #[test]
-    fn plans_addresses() {
-        let plan = Plan::from_yaml(GOOD, "lab.yaml").unwrap();
-        assert_eq!(
-            plan.node_addresses,
-            [
-                "172.18.0.2".parse::<Ipv4Addr>().unwrap(),
-                "172.18.0.3".parse().unwrap()
-            ]
-        );
-        assert_eq!(plan.pod_ips[0], "10.244.1.2".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(plan.pod_ips[1], "10.244.2.50".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(plan.gateway(0), "10.244.1.1".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(plan.endpoints, [vec![0]]);
-    }
-
-    #[test]
-    fn names_duplicate_names() {
-        let yaml = with(
-            "  - name: fixed\n    node: node-2",
-            "  - name: web\n    node: node-2",
-        );
-        assert_eq!(
-            invalid(&yaml),
-            "lab.yaml: pods[1].name: duplicate pod `default/web`"
-        );
-        let yaml = with(
-            "      - name: c\n",
-            "      - name: c\n        command: [x]\n      - name: c\n",
-        );
-        assert!(invalid(&yaml).contains("duplicate"), "{}", invalid(&yaml));
-    }
-
-    #[test]
-    fn names_a_selector_that_selects_nothing() {
-        let yaml = with("selector: {app: web}", "selector: {app: nope}");
-        assert_eq!(
-            invalid(&yaml),
-            "lab.yaml: services[0].selector: selects no pod in namespace `default`: app=nope"
-        );
-    }
-
-    #[test]
-    fn names_overlapping_addresses() {
-        let yaml = with("podCIDR: 10.244.2.0/24", "podCIDR: 10.244.0.0/16");
-        assert_eq!(
-            invalid(&yaml),
-            "lab.yaml: nodes[1].podCIDR: 10.244.0.0/16 overlaps nodes[0].podCIDR (10.244.1.0/24)"
-        );
-        let yaml = with(
-            "    node: node-1\n",
-            "    node: node-2\n    ip: 10.244.2.50\n",
-        );
-        assert_eq!(
-            invalid(&yaml),
-            "lab.yaml: pods[1].ip: 10.244.2.50 is already the address of pod web"
-        );
-        let yaml = with("clusterIP: 10.96.0.10", "clusterIP: 10.244.1.9");
-        assert_eq!(
-            invalid(&yaml),
-            "lab.yaml: services[0].clusterIP: 10.244.1.9 is not in network.serviceCIDR (10.96.0.0/16)"
-        );
-    }
-
-    #[test]
-    fn names_a_port_used_twice_in_one_pod() {
-        let yaml = with(
-            "      - name: c\n        command: [sleep, \"60\"]",
-            "      - name: c\n        command: [sleep, \"60\"]\n        ports: [{containerPort: 9}]\n      - name: d\n        command: [sleep, \"60\"]\n        ports: [{containerPort: 9}]",
-        );
-        assert!(
-            invalid(&yaml).starts_with("lab.yaml: pods[1].containers[1].ports[0].containerPort: 9/TCP is already used by container `c`"),
-            "{}",
-            invalid(&yaml)
-        );
-    }
-
-    #[test]
-    fn yaml_errors_carry_the_line() {
-        let yaml = with("    node: node-1\n", "    node: node-1\n    colour: red\n");
-        let err = invalid(&yaml);
-        assert!(
-            err.contains("unknown field `colour`") && err.contains("line"),
-            "{err}"
-        );
-        let err = invalid(&with("containerPort: 80", "containerPort: 70000"));
-        assert!(err.contains("line") && err.contains("70000"), "{err}");
-    }
-
-    #[test]
-    fn names_unknown_nodes_and_bad_names() {
-        assert_eq!(
-            invalid(&with("    node: node-2\n", "    node: node-9\n")),
-            "lab.yaml: pods[1].node: no node is named `node-9`"
-        );
-        assert!(invalid(&with("name: t\n", "name: Bad_Name\n")).starts_with("lab.yaml: name:"));
-        assert!(
-            invalid(&with("apiVersion: observer-lab/v1", "apiVersion: v2")).contains("apiVersion")
-        );
-    }
 }

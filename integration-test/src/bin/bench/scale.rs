@@ -1,0 +1,152 @@
+//! Scale: start-up with 250 pods, and 1 M flows collected.
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, UdpSocket},
+    time::Instant,
+};
+
+use integration_test::{Observer, observer::http_get};
+use lab::{Netns, veth};
+
+use crate::{
+    Subject,
+    process::{map_memlock_kib, rss_kib, status_kib},
+};
+
+const PODS: usize = 250;
+const FLOWS: usize = 1_000_000;
+
+/// One observer's figures.
+struct Figures {
+    startup: f64,
+    idle_rss: u64,
+    send: f64,
+    entries: f64,
+    evictions: f64,
+    first_collection: f64,
+    second_collection: f64,
+    rss: u64,
+    peak: u64,
+    map_memory: u64,
+}
+
+pub fn run(report: &mut String, subjects: &[Subject]) {
+    eprintln!("bench: creating {PODS} pod namespaces");
+    let pods: Vec<Netns> = (0..PODS)
+        .map(|i| Netns::create(&format!("s{i}")).expect("namespace"))
+        .collect();
+    for (i, pair) in pods.chunks(2).enumerate() {
+        if let [x, y] = pair {
+            let (hi, lo) = (i / 200, i % 200);
+            veth(
+                (x, "eth0", &format!("10.{}.{lo}.1/24", 100 + hi)),
+                (y, "eth0", &format!("10.{}.{lo}.2/24", 100 + hi)),
+            )
+            .expect("veth");
+        }
+    }
+    let mut args = vec![
+        "--flow-capacity".to_owned(),
+        (FLOWS + FLOWS / 10).to_string(),
+    ];
+    for pod in &pods {
+        args.push("--netns".into());
+        args.push(pod.path().display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let figures: Vec<Figures> = subjects
+        .iter()
+        .map(|s| measure(s, &args, &pods[0]))
+        .collect();
+
+    writeln!(report, "## Scale: {PODS} pods, {FLOWS} flows\n").unwrap();
+    let names: Vec<&str> = subjects.iter().map(|s| s.name.as_str()).collect();
+    writeln!(report, "| figure | {} |", names.join(" | ")).unwrap();
+    writeln!(report, "|---|{}", "---|".repeat(subjects.len())).unwrap();
+    let mut row = |figure: &str, value: &dyn Fn(&Figures) -> String| {
+        let values: Vec<String> = figures.iter().map(value).collect();
+        writeln!(report, "| {figure} | {} |", values.join(" | ")).unwrap();
+    };
+    row(&format!("start-up to ready, {PODS} pods attached"), &|f| {
+        format!(
+            "{:.2} s ({:.0} ms per pod)",
+            f.startup,
+            f.startup * 1e3 / PODS as f64
+        )
+    });
+    row(
+        &format!("resident memory, {PODS} pods, before traffic"),
+        &|f| format!("{:.1} MiB", f.idle_rss as f64 / 1024.0),
+    );
+    row(&format!("{FLOWS} flows sent in"), &|f| {
+        format!("{:.2} s", f.send)
+    });
+    row("flows in the kernel map", &|f| {
+        format!("{} (evicted: {})", f.entries, f.evictions)
+    });
+    row("first collection (all flows new)", &|f| {
+        format!("{:.2} s", f.first_collection)
+    });
+    row("next collection (no change)", &|f| {
+        format!("{:.2} s", f.second_collection)
+    });
+    row("resident memory after the collections", &|f| {
+        format!("{:.1} MiB", f.rss as f64 / 1024.0)
+    });
+    row("peak resident memory (VmHWM)", &|f| {
+        format!("{:.1} MiB", f.peak as f64 / 1024.0)
+    });
+    row("kernel memory of the observer's maps (memlock)", &|f| {
+        format!("{:.1} MiB", f.map_memory as f64 / 1024.0)
+    });
+    writeln!(report).unwrap();
+}
+
+fn measure(subject: &Subject, args: &[&str], first: &Netns) -> Figures {
+    let started = Instant::now();
+    let observer = Observer::start_binary(&subject.binary, args);
+    let startup = started.elapsed().as_secs_f64();
+    let pid = observer.pid();
+    let idle_rss = rss_kib(pid);
+
+    // FLOWS distinct flows: one datagram from one socket to as many
+    // (address, port) pairs on the loopback of the first pod.
+    eprintln!("bench: {}: sending {FLOWS} flows", subject.name);
+    let sent = Instant::now();
+    first
+        .run(|| {
+            let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            let per_address = 60_000;
+            for n in 0..FLOWS {
+                let address = Ipv4Addr::new(127, 0, 1 + (n / per_address) as u8, 1);
+                let port = 1 + (n % per_address) as u16;
+                // Closed ports: the kernel may refuse later sends with
+                // ECONNREFUSED from an ICMP error; the datagram still left.
+                let _ = socket.send_to(&[0; 8], (address, port));
+            }
+        })
+        .expect("enter namespace");
+    let send = sent.elapsed().as_secs_f64();
+
+    let collect = Instant::now();
+    let scrape = observer.scrape();
+    let first_collection = collect.elapsed().as_secs_f64();
+    let collect = Instant::now();
+    let _ = http_get(observer.addr(), "/metrics");
+    let second_collection = collect.elapsed().as_secs_f64();
+    let figures = Figures {
+        startup,
+        idle_rss,
+        send,
+        entries: scrape.sum("observer_flow_map_entries", &[]),
+        evictions: scrape.sum("observer_flow_map_evictions_total", &[]),
+        first_collection,
+        second_collection,
+        rss: rss_kib(pid),
+        peak: status_kib(pid, "VmHWM:"),
+        map_memory: map_memlock_kib(pid),
+    };
+    assert!(observer.terminate().success());
+    figures
+}

@@ -1,0 +1,235 @@
+//! The lab file (YAML) and its validation into a [`Plan`].
+//!
+//! Everything is checked before anything is created, so a bad file creates
+//! nothing. Each problem names the field it is about, as a path such as
+//! `pods[2].containers[0].ports[1]`.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use observer_common::inventory::Protocol;
+use serde::Deserialize;
+
+mod check;
+#[cfg(test)]
+mod tests;
+
+use check::{Checker, first_host};
+
+pub const API_VERSION: &str = "observer-lab/v1";
+/// The default lab: the cases users ask about.
+pub const DEFAULT_LAB: &str = include_str!("../../default-lab.yaml");
+
+/// A lab file as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabSpec {
+    pub api_version: String,
+    pub kind: String,
+    /// Lowercase letters, digits and `-`; names the lab's namespaces.
+    pub name: String,
+    #[serde(default)]
+    pub network: NetworkSpec,
+    pub nodes: Vec<NodeSpec>,
+    pub pods: Vec<PodSpec>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub external_hosts: Vec<ExternalSpec>,
+}
+
+/// Address ranges of the lab.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// ClusterIPs come from here; traffic to it without a Service is dropped.
+    #[serde(rename = "serviceCIDR", default = "default_service_cidr")]
+    pub service_cidr: Ipv4Net,
+    /// The network between nodes (node addresses: .2, .3, ...).
+    #[serde(rename = "nodeCIDR", default = "default_node_cidr")]
+    pub node_cidr: Ipv4Net,
+    /// Where external hosts live: outside every cluster range.
+    #[serde(rename = "externalCIDR", default = "default_external_cidr")]
+    pub external_cidr: Ipv4Net,
+}
+
+impl Default for NetworkSpec {
+    fn default() -> Self {
+        Self {
+            service_cidr: default_service_cidr(),
+            node_cidr: default_node_cidr(),
+            external_cidr: default_external_cidr(),
+        }
+    }
+}
+
+fn default_service_cidr() -> Ipv4Net {
+    "10.96.0.0/16".parse().expect("valid")
+}
+fn default_node_cidr() -> Ipv4Net {
+    "172.18.0.0/24".parse().expect("valid")
+}
+fn default_external_cidr() -> Ipv4Net {
+    "192.168.200.0/24".parse().expect("valid")
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: Ipv4Net,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodSpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub node: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// A fixed address in the node's pod CIDR; by default the next free one.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    /// Directories shared by the pod's containers (`$POD_VOLUMES/<name>`).
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    pub containers: Vec<ContainerSpec>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerSpec {
+    pub name: String,
+    /// The program and its arguments, as in a Kubernetes container.
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortSpec {
+    pub container_port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Ipv4Addr,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePortSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePortSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u16,
+    /// Defaults to `port`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExternalSpec {
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// A server to run on the host, if any.
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{file}: {source}")]
+    Yaml {
+        file: String,
+        source: serde_norway::Error,
+    },
+    #[error("{file}: {field}: {problem}")]
+    Invalid {
+        file: String,
+        field: String,
+        problem: String,
+    },
+}
+
+/// A validated lab: every address decided.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub spec: LabSpec,
+    /// The file as written, kept with the running lab.
+    pub source: String,
+    /// Node address, by node index.
+    pub node_addresses: Vec<Ipv4Addr>,
+    /// Pod address, by pod index.
+    pub pod_ips: Vec<Ipv4Addr>,
+    /// Backing pods (indices), by service index.
+    pub endpoints: Vec<Vec<usize>>,
+}
+
+impl Plan {
+    /// The lab that `cargo xtask lab up` builds without a file.
+    pub fn default_lab() -> Self {
+        Self::from_yaml(DEFAULT_LAB, "lab/default-lab.yaml").expect("the default lab is valid")
+    }
+
+    /// Parses and validates a lab file; `file` names it in errors.
+    pub fn from_yaml(text: &str, file: &str) -> Result<Self, SpecError> {
+        let spec: LabSpec = serde_norway::from_str(text).map_err(|source| SpecError::Yaml {
+            file: file.into(),
+            source,
+        })?;
+        Self::new(spec, text).map_err(|(field, problem)| SpecError::Invalid {
+            file: file.into(),
+            field,
+            problem,
+        })
+    }
+
+    fn new(spec: LabSpec, source: &str) -> Result<Self, (String, String)> {
+        let mut check = Checker::default();
+        check.header(&spec)?;
+        let node_addresses = check.network(&spec)?;
+        let pod_ips = check.pods(&spec)?;
+        let endpoints = check.services(&spec)?;
+        check.external(&spec)?;
+        Ok(Self {
+            spec,
+            source: source.into(),
+            node_addresses,
+            pod_ips,
+            endpoints,
+        })
+    }
+
+    /// The gateway of a node's pods: the first address of its pod CIDR.
+    pub fn gateway(&self, node: usize) -> Ipv4Addr {
+        first_host(self.spec.nodes[node].pod_cidr)
+    }
+
+    pub fn node_index(&self, name: &str) -> usize {
+        self.spec
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .expect("validated")
+    }
+}
