@@ -34,4 +34,5 @@ mod pod {
     unsafe impl aya::Pod for super::PodPolicy {}
     unsafe impl aya::Pod for super::MemberKey {}
     unsafe impl aya::Pod for super::VerdictKey {}
+    unsafe impl aya::Pod for super::SocketInfo {}
 }

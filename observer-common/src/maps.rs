@@ -27,6 +27,9 @@ pub const CLASSIFIER_MAP: &str = "CLASSIFIER";
 pub const CLASSIFIER_PROGRAM: &str = "classify_flow";
 /// Name of the ingress policy decision (index 1 of [`CLASSIFIER_MAP`]).
 pub const DECIDE_PROGRAM: &str = "decide_ingress";
+/// Name of the diagnostics of a classified flow (index 2 of
+/// [`CLASSIFIER_MAP`]).
+pub const LOG_PROGRAM: &str = "log_flow";
 /// Name of the global that tells a program instance its namespace.
 pub const NETNS_COOKIE_GLOBAL: &str = "NETNS_COOKIE";
 
@@ -98,17 +101,26 @@ pub struct FlowValue {
     pub bytes: u64,
     /// TCP connections opened: SYNs without ACK, sent by the client.
     pub connections: u64,
-    /// On `lo`: cgroup v2 id of the sending socket (the sending container);
-    /// 0 for packets without a socket, and on `eth0`.
+    /// cgroup v2 id of the sending socket's container, on egress (`lo` and
+    /// `eth0`); 0 for packets without a socket, and on ingress.
     pub src_cgroup: u64,
-    /// On `lo`: the sending cgroup of the reverse flow, which is this flow's
-    /// receiver; 0 until the reverse flow exists.
-    pub peer_cgroup: u64,
+    /// cgroup v2 id of the receiving socket's container (`lo`, and `eth0`
+    /// ingress), from the socket's storage ([`SOCKETS_MAP`]), or on `lo`
+    /// from the reverse flow; 0 where unknown.
+    pub dst_cgroup: u64,
     /// The Service (class SERVICE), pod or node (POD, NODE) the peer is, as
     /// numbered by the daemon; 0 when unknown.
     pub peer_id: u32,
     /// [`GENERATION_MAP`] value the classification was made with.
     pub generation: u32,
+    /// Where a redirected connection was going (a sidecar's `REDIRECT` to
+    /// a local proxy): the original destination's peer id, port and class,
+    /// from the client socket's storage; class 0 otherwise.
+    pub orig_peer_id: u32,
+    pub orig_port: u16,
+    /// The server's port as the server's socket has it (behind a NAT the
+    /// packet's ports may say otherwise); 0: tell from the packet.
+    pub server_port: u16,
     /// One of [`crate::class`].
     pub class: u8,
     /// One of [`crate::server`].
@@ -116,9 +128,37 @@ pub struct FlowValue {
     /// [`crate::verdict::DENY`]: an inbound connection a policy denies; its
     /// packets are dropped at `eth0` ingress. 0 otherwise.
     pub verdict: u8,
-    pub _pad: [u8; 5],
+    /// One of [`crate::class`]: the original destination's (see
+    /// [`FlowValue::orig_peer_id`]).
+    pub orig_class: u8,
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 56);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
+
+/// Name of the socket storage map: a [`SocketInfo`] for each socket of a
+/// pod's that bound, connected or sent to an address.
+pub const SOCKETS_MAP: &str = "SOCKETS";
+
+/// What the socket hooks on a pod's cgroup learned of one of its sockets,
+/// kept in the socket's own storage (it goes with the socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketInfo {
+    /// The cgroup v2 id of the process that bound or connected it: its
+    /// container.
+    pub cgroup: u64,
+    /// The destination the process gave `connect()` or `sendmsg()`, before
+    /// any translation (a socket load balancer's, a DNAT's, a sidecar's
+    /// redirect), IPv4-mapped; zero if none yet.
+    pub orig_addr: [u8; 16],
+    pub orig_port: u16,
+    /// The original destination's class ([`crate::class`]); 0 if none.
+    pub orig_class: u8,
+    pub _pad: u8,
+    /// The original destination's peer id ([`crate::classify::Peer::id`]).
+    pub orig_peer: u32,
+}
+const _: () = assert!(core::mem::size_of::<SocketInfo>() == 32);
 
 /// Key of [`SERVICES_MAP`]: a ClusterIP, port and protocol.
 #[repr(C)]

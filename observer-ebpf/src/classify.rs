@@ -1,25 +1,25 @@
-//! What a flow is: its class and peer ([`observer_common::classify`], on
-//! the kernel's maps), which end is the server, and (on `lo`) which
-//! container's socket sends it.
+//! What a flow is: its class and peer, which end is the server, and which
+//! containers send and receive it. Decided, where a local socket knows, by
+//! what its hooks recorded ([`crate::sockets`]): the original destination
+//! before any translation, and the container. Otherwise from the packet,
+//! with [`observer_common::classify`] on the kernel's maps.
 //!
 //! Runs when a flow is first seen, and again when the daemon has changed the
 //! classification maps (new generation); never for every packet.
 
-use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple},
-    helpers::{bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_cgroup_id},
-    maps::lpm_trie::Key,
-    programs::TcContext,
-};
+use aya_ebpf::{helpers::bpf_skb_cgroup_id, maps::lpm_trie::Key, programs::TcContext};
 use observer_common::{
     CidrValue, FlowKey, FlowValue, ServiceKey, class,
-    classify::{self, ClassMaps},
+    classify::{self, ClassMaps, Peer},
     direction::EGRESS,
-    family::{IPV4, IPV6},
-    interface, protocol, server,
+    family::IPV4,
+    interface, ipv4_mapped, protocol, server,
 };
 
-use crate::{CIDRS, SERVICES};
+use crate::{
+    CIDRS, SERVICES,
+    sockets::{self, Socket},
+};
 
 /// The classification maps as the programs read them.
 pub struct KernelClassMaps;
@@ -40,30 +40,61 @@ impl ClassMaps for KernelClassMaps {
 /// Fills the classification fields of `value` (not the counters).
 #[inline(always)]
 pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
+    let egress = key.direction == EGRESS;
+    // The sending socket is the skb's on egress; the receiving one is looked
+    // up on `lo` (both ends are the pod's) and on `eth0` ingress.
+    let sender = if egress {
+        sockets::sender(ctx)
+    } else {
+        Socket::default()
+    };
+    let receiver = if !egress || key.interface == interface::LOOPBACK {
+        sockets::receiver(ctx, key)
+    } else {
+        Socket::default()
+    };
+    if egress {
+        // SAFETY: reads the socket the kernel attached to the skb.
+        value.src_cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    }
+    value.dst_cgroup = receiver.info.cgroup;
     if key.interface == interface::LOOPBACK {
-        value.class = class::LOCALHOST;
-        value.peer_id = 0;
-        localhost(ctx, key, value);
+        localhost(ctx, key, value, sender, receiver);
         return;
     }
-    let egress = key.direction == EGRESS;
-    let (remote, remote_port, local, local_port) = if egress {
+    // The pod's own socket, if it connected somewhere: its destination as
+    // the process gave it, before any translation.
+    let local = if egress { sender } else { receiver };
+    let decided = local.info.orig_class != class::UNKNOWN;
+    let (remote, remote_port, local_addr, local_port) = if egress {
         (key.dst_addr, key.dst_port, key.src_addr, key.src_port)
     } else {
         (key.src_addr, key.src_port, key.dst_addr, key.dst_port)
     };
-    let peer = classify::remote(&KernelClassMaps, remote, remote_port, key.protocol);
+    let peer = if decided {
+        Peer {
+            class: local.info.orig_class,
+            id: local.info.orig_peer,
+        }
+    } else {
+        classify::remote(&KernelClassMaps, remote, remote_port, key.protocol)
+    };
     value.class = peer.class;
     value.peer_id = peer.id;
-    // Whoever has the listening socket is the server: a ClusterIP's end,
-    // else is it us?
-    let local_is_server = if peer.class == class::SERVICE {
+    value.server_port = 0;
+    // Whoever has the listening socket is the server: the other end of a
+    // socket that connected, or of a ClusterIP; else is it us?
+    let local_is_server = if decided {
+        // The port the process asked for, whatever a translation made of it.
+        value.server_port = local.info.orig_port;
+        false
+    } else if peer.class == class::SERVICE {
         false
     } else if key.protocol != protocol::TCP {
         value.server = server::UNKNOWN;
         return;
     } else {
-        listening(ctx, key.family, protocol::TCP, local, local_port)
+        sockets::listening(ctx, key.family, protocol::TCP, local_addr, local_port)
     };
     value.server = if local_is_server == egress {
         server::SOURCE
@@ -72,70 +103,62 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
     };
 }
 
-/// Both ends are in this namespace. The sending socket is the skb's (tc
-/// programs may not ask a looked-up socket for its cgroup, so the receiving
-/// container is known from the reverse flow, which the daemon pairs).
+/// Both ends are in this namespace: the server is the end whose socket's
+/// own address listens (behind a redirect the packet's ports are the
+/// translated ones: the sockets' are what the containers use), and a
+/// redirected client socket says where it was going.
 #[inline(always)]
-fn localhost(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
-    if value.src_cgroup == 0 {
-        // SAFETY: reads the socket the kernel attached to the skb.
-        value.src_cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    }
+fn localhost(
+    ctx: &TcContext,
+    key: &FlowKey,
+    value: &mut FlowValue,
+    sender: Socket,
+    receiver: Socket,
+) {
+    value.class = class::LOCALHOST;
+    value.peer_id = 0;
+    value.server_port = 0;
+    let redirected =
+        |s: &Socket| s.info.orig_class != class::UNKNOWN && s.info.orig_class != class::LOCALHOST;
+    let origin = if redirected(&sender) {
+        sender.info
+    } else if redirected(&receiver) {
+        receiver.info
+    } else {
+        observer_common::SocketInfo::default()
+    };
+    value.orig_class = origin.orig_class;
+    value.orig_peer_id = origin.orig_peer;
+    value.orig_port = origin.orig_port;
     let proto = key.protocol;
     if proto != protocol::TCP && proto != protocol::UDP {
         value.server = server::UNKNOWN;
         return;
     }
-    let dst_listens = listening(ctx, key.family, proto, key.dst_addr, key.dst_port);
-    let src_listens = listening(ctx, key.family, proto, key.src_addr, key.src_port);
-    value.server = match (dst_listens, src_listens) {
-        (true, false) => server::DESTINATION,
-        (false, true) => server::SOURCE,
+    // Each end as its socket has it, else as the packet says.
+    let ipv4 = key.family == IPV4;
+    let (src_addr, src_port) = if sender.found() && ipv4 {
+        (
+            ipv4_mapped(sender.local_ip4.to_ne_bytes()),
+            sender.local_port,
+        )
+    } else {
+        (key.src_addr, key.src_port)
+    };
+    let (dst_addr, dst_port) = if receiver.found() && ipv4 {
+        (
+            ipv4_mapped(receiver.local_ip4.to_ne_bytes()),
+            receiver.local_port,
+        )
+    } else {
+        (key.dst_addr, key.dst_port)
+    };
+    let dst_listens = sockets::listening(ctx, key.family, proto, dst_addr, dst_port);
+    let src_listens = sockets::listening(ctx, key.family, proto, src_addr, src_port);
+    (value.server, value.server_port) = match (dst_listens, src_listens) {
+        (true, false) => (server::DESTINATION, dst_port),
+        (false, true) => (server::SOURCE, src_port),
         // UDP: both ends are bound sockets; TCP: neither listens (any more).
-        _ => server::UNKNOWN,
+        _ => (server::UNKNOWN, 0),
     };
-}
-
-/// Whether a socket listens (TCP) or is bound without a peer (UDP) on
-/// `addr:port`: a lookup with a zero source matches no connected socket.
-#[inline(always)]
-pub fn listening(ctx: &TcContext, family: u8, proto: u8, addr: [u8; 16], port: u16) -> bool {
-    // SAFETY: an all-zero tuple is valid; both variants are plain integers.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = match family {
-        IPV4 => {
-            // SAFETY: writing the IPv4 variant of the union.
-            let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
-            v4.daddr = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
-            v4.dport = port.to_be();
-            size_of_val(v4)
-        }
-        IPV6 => {
-            // SAFETY: writing the IPv6 variant of the union.
-            let v6 = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
-            // SAFETY: [u8; 16] and [u32; 4] have the same size; network order
-            // is kept byte for byte.
-            v6.daddr = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(addr) };
-            v6.dport = port.to_be();
-            size_of_val(v6)
-        }
-        _ => return false,
-    } as u32;
-    let netns = BPF_F_CURRENT_NETNS as u64;
-    let ctx_ptr = ctx.skb.skb.cast();
-    // SAFETY: the tuple lives on the stack for the call; a found socket is
-    // released below on every path.
-    let sk: *mut bpf_sock = unsafe {
-        if proto == protocol::TCP {
-            bpf_sk_lookup_tcp(ctx_ptr, &mut tuple, size, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx_ptr, &mut tuple, size, netns, 0)
-        }
-    };
-    if sk.is_null() {
-        return false;
-    }
-    // SAFETY: releases the reference taken by the lookup.
-    unsafe { bpf_sk_release(sk.cast()) };
-    true
 }

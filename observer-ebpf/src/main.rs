@@ -20,6 +20,7 @@
 mod classify;
 mod parse;
 mod policy;
+mod sockets;
 
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 
@@ -29,7 +30,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     programs::TcContext,
 };
-use aya_log_ebpf::debug;
+use aya_log_ebpf::{
+    debug,
+    macro_support::{Level, level_enabled},
+};
 use observer_common::{
     CIDRS_CAPACITY, CidrValue, DEFAULT_FLOW_CAPACITY, DatapathStats, FlowKey, FlowValue,
     SERVICES_CAPACITY, ServiceKey, class,
@@ -60,10 +64,10 @@ static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 static STATS: PerCpuArray<DatapathStats> = PerCpuArray::with_max_entries(1, 0);
 
 /// The shared programs, loaded once and tail-called: [`CLASSIFY`]
-/// (`classify_flow`, by every instance) and [`DECIDE`] (`decide_ingress`,
-/// by `classify_flow`).
+/// (`classify_flow`, by every instance), [`DECIDE`] (`decide_ingress`, by
+/// `classify_flow`) and [`LOG`] (`log_flow`, with diagnostics on).
 #[map]
-static CLASSIFIER: ProgramArray = ProgramArray::with_max_entries(2, 0);
+static CLASSIFIER: ProgramArray = ProgramArray::with_max_entries(3, 0);
 
 /// The network namespace these programs are attached in (its cookie), set
 /// at load time: each namespace gets its own instance of the programs.
@@ -101,8 +105,10 @@ pub fn classify_flow(mut ctx: TcContext) -> i32 {
         // SAFETY: on success this does not return; index DECIDE holds
         // decide_ingress.
         unsafe { CLASSIFIER.tail_call(&ctx, DECIDE) };
-        debug!(&ctx, "tail call to the ingress decision failed");
         bump_stats(|s| s.classify_failed += 1);
+    } else if level_enabled(Level::Debug) {
+        // SAFETY: as above; index LOG holds log_flow.
+        unsafe { CLASSIFIER.tail_call(&ctx, LOG) };
     }
     action(verdict)
 }
@@ -124,12 +130,18 @@ pub fn decide_ingress(ctx: TcContext) -> i32 {
     let value = unsafe { &mut *value };
     let verdict = policy::ingress(&ctx, &key, value, counted);
     value.verdict = if verdict == verdict::DENY { verdict } else { 0 };
+    if level_enabled(Level::Debug) {
+        // SAFETY: on success this does not return; index LOG holds log_flow.
+        unsafe { CLASSIFIER.tail_call(&ctx, LOG) };
+    }
     action(value.verdict)
 }
 
-/// Tail calls: index of `classify_flow` and of `decide_ingress` in CLASSIFIER.
+/// Tail calls: the index of `classify_flow`, `decide_ingress` and
+/// `log_flow` in CLASSIFIER.
 const CLASSIFY: u32 = 0;
 const DECIDE: u32 = 1;
+const LOG: u32 = 2;
 
 /// The flow of a tail-called program's packet: the key (with the namespace
 /// and direction its caller put in the control buffer), whether it opens a
@@ -211,7 +223,6 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Optio
                 (*value).generation = generation;
                 classify::classify(ctx, key, &mut *value);
                 (*value).verdict = 0;
-                log_classified(ctx, &*value);
                 if needs_decision(ctx, key, &*value) {
                     return (0, Some(false));
                 }
@@ -227,7 +238,6 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Optio
         ..FlowValue::default()
     };
     classify::classify(ctx, key, &mut first);
-    log_classified(ctx, &first);
     if first.class == class::LOCALHOST {
         pair_with_reverse(key, &mut first);
     }
@@ -266,32 +276,51 @@ fn needs_decision(ctx: &TcContext, key: &FlowKey, value: &FlowValue) -> bool {
         || (key.protocol == protocol::UDP
             && value.server == server::UNKNOWN
             && key.dst_port < ports::EPHEMERAL_FIRST
-            && classify::listening(ctx, key.family, key.protocol, key.dst_addr, key.dst_port))
+            && sockets::listening(ctx, key.family, key.protocol, key.dst_addr, key.dst_port))
 }
 
-#[inline(always)]
-fn log_classified(ctx: &TcContext, value: &FlowValue) {
+/// With diagnostics on (debug level), the classification of each flow, in
+/// a program of its own: in `classify_flow` the verifier would walk the
+/// logging code once for each way a flow can be classified.
+#[classifier]
+pub fn log_flow(ctx: TcContext) -> i32 {
+    let Some((key, _, _)) = flow_of(&ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    let Some(value) = FLOWS.get_ptr(&key) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: a live map value, copied.
+    let value = unsafe { *value };
     debug!(
-        ctx,
-        "flow classified: class {} peer {} server {} verdict {}",
+        &ctx,
+        "flow classified: class {} peer {} server {} containers {} -> {} original class {}",
         value.class,
         value.peer_id,
         value.server,
-        value.verdict
+        value.src_cgroup,
+        value.dst_cgroup,
+        value.orig_class
     );
+    action(value.verdict)
 }
 
 /// Both directions of a localhost conversation pass `lo` egress, each with
-/// its sending socket: each flow learns its receiver from the other. The
-/// key is reversed in place (and back) to spare the verifier's 512-byte stack.
+/// its sending socket: where the receiving socket's storage did not name
+/// its container, each flow learns it from the other. The key is reversed
+/// in place (and back) to spare the verifier's 512-byte stack.
 #[inline(always)]
 fn pair_with_reverse(key: &mut FlowKey, value: &mut FlowValue) {
     reverse(key);
     if let Some(other) = FLOWS.get_ptr_mut(&*key) {
         // SAFETY: a live map value; racing writers write the same numbers.
         unsafe {
-            value.peer_cgroup = (*other).src_cgroup;
-            (*other).peer_cgroup = value.src_cgroup;
+            if value.dst_cgroup == 0 {
+                value.dst_cgroup = (*other).src_cgroup;
+            }
+            if (*other).dst_cgroup == 0 {
+                (*other).dst_cgroup = value.src_cgroup;
+            }
         }
     }
     reverse(key);

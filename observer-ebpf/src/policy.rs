@@ -11,7 +11,9 @@
 //! the flow classifier, and the flow's later packets follow that verdict.
 //!
 //! What a policy decides is [`observer_common::policy::decide`]; this file
-//! only gathers the connection and counts the decision.
+//! only gathers the connection and counts the decision. The same hooks
+//! record each socket's container and original destination
+//! ([`crate::sockets`]), for every pod, with a policy or not.
 
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 
@@ -33,7 +35,7 @@ use observer_common::{
     policy_cidr_key, ports, verdict,
 };
 
-use crate::classify::KernelClassMaps;
+use crate::{classify::KernelClassMaps, sockets};
 
 /// Pod network namespace cookie to the pod's rules.
 #[map]
@@ -70,6 +72,20 @@ impl RuleSets for KernelRuleSets {
     }
 }
 
+/// `bind()` of an IPv4 socket: a server's container, for the classifier.
+#[cgroup_sock_addr(bind4)]
+pub fn socket_bind4(ctx: SockAddrContext) -> i32 {
+    sockets::bound(&ctx);
+    1
+}
+
+/// `bind()` of an IPv6 socket.
+#[cgroup_sock_addr(bind6)]
+pub fn socket_bind6(ctx: SockAddrContext) -> i32 {
+    sockets::bound(&ctx);
+    1
+}
+
 /// `connect()` on an IPv4 socket (TCP, and connected UDP).
 #[cgroup_sock_addr(connect4)]
 pub fn policy_connect4(ctx: SockAddrContext) -> i32 {
@@ -84,12 +100,15 @@ pub fn policy_sendmsg4(ctx: SockAddrContext) -> i32 {
 
 /// `connect()` on an IPv6 socket: to an IPv4 address, it is v4-mapped
 /// (dual-stack sockets, Java's default). Other IPv6 traffic is not subject
-/// to policies.
+/// to policies (its container is still recorded).
 #[cgroup_sock_addr(connect6)]
 pub fn policy_connect6(ctx: SockAddrContext) -> i32 {
     match v4_mapped(&ctx) {
         Some(address) => decide(&ctx, ipv4_mapped(address), false),
-        None => 1,
+        None => {
+            sockets::bound(&ctx);
+            1
+        }
     }
 }
 
@@ -98,7 +117,10 @@ pub fn policy_connect6(ctx: SockAddrContext) -> i32 {
 pub fn policy_sendmsg6(ctx: SockAddrContext) -> i32 {
     match v4_mapped(&ctx) {
         Some(address) => decide(&ctx, ipv4_mapped(address), true),
-        None => 1,
+        None => {
+            sockets::bound(&ctx);
+            1
+        }
     }
 }
 
@@ -125,20 +147,24 @@ fn v4_mapped(ctx: &SockAddrContext) -> Option<[u8; 4]> {
     (a == 0 && b == 0 && c.to_ne_bytes() == [0, 0, 0xff, 0xff]).then(|| d.to_ne_bytes())
 }
 
-/// 1 lets the call through; 0 fails it with EPERM.
+/// Records where the socket is going (the original destination, for the
+/// classifier), then decides: 1 lets the call through; 0 fails it with
+/// EPERM.
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, addr: [u8; 16], datagram: bool) -> i32 {
-    // SAFETY: helper valid for cgroup sock_addr programs; `ctx` is the
-    // program's context.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    // SAFETY: a plain lookup. First: most pods have no policy.
-    let Some(pod) = (unsafe { POLICIES.get(&cookie) }) else {
-        return 1;
-    };
     // SAFETY: the context the kernel passed.
     let (port, proto) = unsafe {
         let sa = &*ctx.sock_addr;
         (u16::from_be(sa.user_port as u16), sa.protocol as u8)
+    };
+    let peer = classify::destination(&KernelClassMaps, addr, port, proto);
+    sockets::sent_to(ctx, addr, port, peer);
+    // SAFETY: helper valid for cgroup sock_addr programs; `ctx` is the
+    // program's context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: a plain lookup. Most pods have no policy.
+    let Some(pod) = (unsafe { POLICIES.get(&cookie) }) else {
+        return 1;
     };
     // A UDP server answering a client: sent from the server's port to the
     // client's ephemeral one. Its inbound side was decided at ingress.
@@ -149,7 +175,6 @@ fn decide(ctx: &SockAddrContext, addr: [u8; 16], datagram: bool) -> i32 {
             return 1;
         }
     }
-    let peer = classify::destination(&KernelClassMaps, addr, port, proto);
     let connection = Connection {
         direction: EGRESS,
         class: peer.class,

@@ -153,7 +153,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let flows = Arc::new(FlowMetrics::new(series_config(&args)));
     metrics.register(Registered(Arc::clone(&flows)));
-    let collector = Collector::new(maps, Arc::clone(&metrics), flows);
+    let collector = Collector::new(maps, Arc::clone(&metrics), flows, discovery::cgroup2_root());
     let worker = AttachWorker::start(datapath, args.attach_noop, args.tc_netlink)?;
 
     // Serve from now on: /healthz answers while the pods are attached (that

@@ -23,6 +23,7 @@ use aya::maps::MapError;
 use observer_common::FlowValue;
 
 use super::{
+    cgroups::CgroupNames,
     metrics::{Counts, FlowMetrics},
     schema::FlowRow,
     series::Series,
@@ -50,6 +51,8 @@ pub struct Collector {
     metrics: Arc<Metrics>,
     flows: Arc<FlowMetrics>,
     identities: SharedIdentities,
+    /// Names of the cgroups the identities do not name.
+    cgroups: CgroupNames,
     attached: HashMap<u64, AttachedNetns>,
     /// What each flow (by key hash) had at the last collection.
     last: HashMap<u64, Seen, BuildHasherDefault<PassThrough>>,
@@ -106,7 +109,14 @@ impl Hasher for PassThrough {
 }
 
 impl Collector {
-    pub fn new(maps: Maps, metrics: Arc<Metrics>, flows: Arc<FlowMetrics>) -> Self {
+    /// `cgroup_root`: where cgroup v2 is mounted, to name the cgroups of
+    /// containers that no inventory or API names.
+    pub fn new(
+        maps: Maps,
+        metrics: Arc<Metrics>,
+        flows: Arc<FlowMetrics>,
+        cgroup_root: Option<std::path::PathBuf>,
+    ) -> Self {
         metrics.flow_map_capacity.set(i64::from(maps.flow_capacity));
         let capacity = maps.flow_capacity as usize;
         Self {
@@ -114,6 +124,7 @@ impl Collector {
             metrics,
             flows,
             identities: SharedIdentities::default(),
+            cgroups: CgroupNames::new(cgroup_root),
             attached: HashMap::new(),
             last: HashMap::with_capacity_and_hasher(capacity, BuildHasherDefault::default()),
             unknown: Default::default(),
@@ -172,7 +183,7 @@ impl Collector {
             .filter_map(|(series, counts)| {
                 let netns = self.attached.get(&series.cookie)?;
                 Some(FlowRow {
-                    labels: series.labels(&netns.pod, &self.identities),
+                    labels: series.labels(&netns.pod, &self.identities, &self.cgroups),
                     packets: counts.packets,
                     bytes: counts.bytes,
                     seconds: self.last_seconds,
@@ -225,6 +236,14 @@ impl Collector {
         let pass = self.pass;
         self.last.retain(|_, seen| seen.pass == pass);
 
+        // Cgroups no identity names are named after their directory.
+        let unnamed: std::collections::HashSet<u64> = series
+            .keys()
+            .flat_map(Series::cgroups)
+            .filter(|id| !self.identities.containers.contains_key(id))
+            .collect();
+        self.cgroups.learn(&unnamed);
+
         self.last_seconds = self.last_collection.elapsed().as_secs_f64();
         self.last_collection = Instant::now();
         self.last_series.clear();
@@ -232,7 +251,7 @@ impl Collector {
             let Some(netns) = self.attached.get(&series.cookie) else {
                 continue;
             };
-            let labels = series.labels(&netns.pod, &self.identities);
+            let labels = series.labels(&netns.pod, &self.identities, &self.cgroups);
             self.flows.add(&netns.pod, labels, counts);
             self.last_series.push((series, counts));
         }

@@ -7,6 +7,7 @@
 //! labels are declared once, in [`schema`]. The policy verdict counts take
 //! the same path ([`verdicts`]). [`task`] runs it all.
 
+pub mod cgroups;
 pub mod collector;
 pub mod metrics;
 pub mod schema;

@@ -25,9 +25,9 @@ pub enum Role {
 pub struct Label {
     pub name: &'static str,
     pub role: Role,
-    /// The `observer flows` column it is shown in; labels sharing a column
-    /// are joined with its separator.
-    pub column: Column,
+    /// The `observer flows` column it is shown in, if any; labels sharing
+    /// a column are joined with its separator.
+    pub column: Option<Column>,
     /// Its line in the README's label table.
     pub doc: &'static str,
 }
@@ -68,11 +68,25 @@ const CONTAINERS: Column = Column {
     header: "CONTAINERS (client -> server)",
     separator: " -> ",
 };
+const ORIGINAL: Column = Column {
+    header: "ORIGINALLY TO",
+    separator: "/",
+};
+
+/// A label's column, or none.
+macro_rules! column {
+    () => {
+        None
+    };
+    ($column:ident) => {
+        Some($column)
+    };
+}
 
 /// Declares the labels, in their export order: the [`FlowLabels`] struct,
 /// and [`LABELS`] with each one's role, column and documentation.
 macro_rules! flow_labels {
-    ($($field:ident: $role:ident, $column:ident, $doc:literal;)*) => {
+    ($($field:ident: $role:ident, $($column:ident)?, $doc:literal;)*) => {
         /// A traffic series' label values.
         #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
         pub struct FlowLabels {
@@ -83,7 +97,7 @@ macro_rules! flow_labels {
         pub const LABELS: &[Label] = &[$(Label {
             name: stringify!($field),
             role: Role::$role,
-            column: $column,
+            column: column!($($column)?),
             doc: $doc,
         },)*];
 
@@ -113,8 +127,12 @@ flow_labels! {
     port: Detail, PORT, "the server's port; empty for traffic without ports";
     peer_namespace: Detail, PEER, "the peer pod's or Service's namespace; empty for `localhost`, `node` and `external`";
     peer: Detail, PEER, "the peer pod, or the Service; the node's name for `node`; `external`; empty for `localhost`; `unknown` when the address is in a pod CIDR or the Service range but not known";
-    client_container: Detail, CONTAINERS, "on `lo`: the client container (or `unknown`, `kernel` for a packet without a socket); empty otherwise";
-    server_container: Detail, CONTAINERS, "on `lo`: the server container (or `unknown`, `kernel`); empty otherwise";
+    client_container: Detail, CONTAINERS, "the pod's container at the client's end: the one whose socket connects or sends (on `lo` and `eth0` alike); its cgroup's directory name where no inventory or API names it; `kernel` for a packet without a socket, `unknown` where the receiving socket is not known; empty when the client is not in the pod";
+    server_container: Detail, CONTAINERS, "the pod's container at the server's end: the one whose socket listens (for UDP: is bound to the port); as `client_container` otherwise";
+    original_class: Detail, , "behind a redirect to a local proxy (a sidecar mesh's): the class of where the client's connection was going (`service`, `pod`, `node`, `external`); empty otherwise";
+    original_namespace: Detail, ORIGINAL, "behind a redirect: the namespace of the Service or pod the client was calling";
+    original_peer: Detail, ORIGINAL, "behind a redirect: the Service, pod or node the client was calling (`external` outside the cluster)";
+    original_port: Detail, , "behind a redirect: the port the client was calling";
 }
 
 /// What `overflow` series say in their details.
@@ -138,9 +156,12 @@ pub fn droppable() -> impl Iterator<Item = &'static str> {
 pub fn columns() -> Vec<(Column, Vec<usize>)> {
     let mut columns: Vec<(Column, Vec<usize>)> = Vec::new();
     for (i, label) in LABELS.iter().enumerate() {
-        match columns.iter_mut().find(|(c, _)| *c == label.column) {
+        let Some(column) = label.column else {
+            continue;
+        };
+        match columns.iter_mut().find(|(c, _)| *c == column) {
             Some((_, labels)) => labels.push(i),
-            None => columns.push((label.column, vec![i])),
+            None => columns.push((column, vec![i])),
         }
     }
     columns
@@ -173,14 +194,15 @@ mod tests {
     fn every_label_has_a_column_and_values_follow_the_table() {
         let labels = FlowLabels {
             namespace: "a".into(),
-            server_container: "z".into(),
+            original_port: "z".into(),
             ..FlowLabels::default()
         };
         let values: Vec<&str> = labels.values().collect();
         assert_eq!(values.len(), LABELS.len());
         assert_eq!((values[0], values[LABELS.len() - 1]), ("a", "z"));
         let shown: usize = columns().iter().map(|(_, l)| l.len()).sum();
-        assert_eq!(shown, LABELS.len());
+        let columned = LABELS.iter().filter(|l| l.column.is_some()).count();
+        assert_eq!(shown, columned);
         let mut copy = labels.clone();
         *copy.value_mut(index("pod").unwrap()) = "p".into();
         assert_eq!(copy.pod, "p");

@@ -1,13 +1,13 @@
 //! What a flow is counted under: its [`Series`] (numbers, as the kernel
 //! gives them), and that series' [`FlowLabels`] (names, from the
 //! identities). A series is what the labels can tell apart: pod, class,
-//! direction, protocol, server port, peer, and on `lo` the client and
-//! server containers (the kernel pairs each localhost flow with its
-//! reverse, so a flow knows both).
+//! direction, protocol, server port, peer, the pod's containers at either
+//! end (the sender's and the receiver's, from their sockets), and where a
+//! redirected connection was originally going.
 
 use observer_common::{FlowKey, FlowValue, class, direction, family, ports, protocol, server};
 
-use super::schema::FlowLabels;
+use super::{cgroups::CgroupNames, schema::FlowLabels};
 use crate::names::{Identities, ObjectRef};
 
 /// A sender without a socket: a packet the kernel made (an RST, an ICMP error).
@@ -25,9 +25,41 @@ pub struct Series {
     protocol: u8,
     port: Option<u16>,
     peer_id: u32,
-    /// cgroup ids on `lo`: `None` where not attributable.
-    client: Option<u64>,
-    server: Option<u64>,
+    /// The pod's ends of the flow: the client's and the server's; `None`
+    /// for an end that is not the pod's (or not attributable).
+    client: Option<End>,
+    server: Option<End>,
+    /// Where a redirected connection was going: class, peer id, port.
+    original: Option<(u8, u32, u16)>,
+}
+
+/// An end of a flow in the pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum End {
+    /// A socket of the container with this cgroup id.
+    Container(u64),
+    /// A packet without a socket (an RST, an ICMP error).
+    Kernel,
+    /// A receiver whose socket is not known.
+    Unknown,
+}
+
+impl End {
+    fn sender(cgroup: u64) -> Self {
+        if cgroup == 0 {
+            Self::Kernel
+        } else {
+            Self::Container(cgroup)
+        }
+    }
+
+    fn receiver(cgroup: u64) -> Self {
+        if cgroup == 0 {
+            Self::Unknown
+        } else {
+            Self::Container(cgroup)
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -75,7 +107,12 @@ impl Series {
     /// The series of a flow.
     pub fn of(key: &FlowKey, value: &FlowValue) -> Self {
         let to_server = destination_is_server(value.server, key.src_port, key.dst_port);
-        let port = to_server.map(|d| if d { key.dst_port } else { key.src_port });
+        let port = match (value.server_port, to_server) {
+            (0, to_server) => to_server.map(|d| if d { key.dst_port } else { key.src_port }),
+            // As the server's socket has it (behind a redirect the packet's
+            // ports are the translated ones).
+            (port, _) => Some(port),
+        };
         let localhost = value.class == class::LOCALHOST;
         let direction = match (localhost, to_server) {
             (true, Some(true)) => Direction::Request,
@@ -83,13 +120,27 @@ impl Series {
             (true, None) => Direction::Unknown,
             (false, _) => Direction::Hook(key.direction),
         };
-        // The receiver is known once the reverse flow exists (0 before).
-        let receiver = (value.peer_cgroup != 0).then_some(value.peer_cgroup);
-        let (client, server) = match (localhost, to_server) {
-            (true, Some(true)) => (Some(value.src_cgroup), receiver),
-            (true, Some(false)) => (receiver, Some(value.src_cgroup)),
-            _ => (None, None),
+        let egress = key.direction == direction::EGRESS;
+        let sender = Some(End::sender(value.src_cgroup));
+        let receiver = Some(End::receiver(value.dst_cgroup));
+        let (client, server) = match (localhost, to_server, egress) {
+            (true, Some(true), _) => (sender, receiver),
+            (true, Some(false), _) => (receiver, sender),
+            (true, None, _) => (None, None),
+            // On eth0 one end is the pod's: the sender on egress, the
+            // receiver on ingress. Is it the server?
+            (false, Some(true), true) => (sender, None),
+            (false, Some(false), true) => (None, sender),
+            (false, Some(true), false) => (None, receiver),
+            (false, Some(false), false) => (receiver, None),
+            (false, None, true) => (sender, None),
+            (false, None, false) => (None, None),
         };
+        let original = (value.orig_class != class::UNKNOWN).then_some((
+            value.orig_class,
+            value.orig_peer_id,
+            value.orig_port,
+        ));
         Self {
             cookie: key.netns_cookie,
             class: value.class,
@@ -100,41 +151,54 @@ impl Series {
             peer_id: value.peer_id,
             client,
             server,
+            original,
         }
     }
 
+    /// The cgroup ids of the pod's ends.
+    pub fn cgroups(&self) -> impl Iterator<Item = u64> {
+        [self.client, self.server]
+            .into_iter()
+            .filter_map(|end| match end {
+                Some(End::Container(id)) => Some(id),
+                _ => None,
+            })
+    }
+
     /// The series' labels, for `pod`.
-    pub fn labels(&self, pod: &ObjectRef, identities: &Identities) -> FlowLabels {
-        let unknown = || (String::new(), UNKNOWN.to_owned());
-        let (peer_namespace, peer) = match self.class {
-            class::LOCALHOST => (String::new(), String::new()),
-            class::POD => identities
-                .pods
-                .get(&self.peer_id)
-                .map_or_else(unknown, |p| (p.namespace.clone(), p.name.clone())),
-            class::SERVICE => identities
-                .services
-                .get(&self.peer_id)
-                .map_or_else(unknown, |s| (s.namespace.clone(), s.name.clone())),
-            class::NODE => identities
-                .nodes
-                .get(&self.peer_id)
-                .map_or_else(unknown, |n| (String::new(), n.clone())),
-            _ => (String::new(), class::name(class::EXTERNAL).to_owned()),
+    pub fn labels(
+        &self,
+        pod: &ObjectRef,
+        identities: &Identities,
+        cgroups: &CgroupNames,
+    ) -> FlowLabels {
+        let (peer_namespace, peer) = peer_names(self.class, self.peer_id, identities);
+        // A container of the pod by its name; another cgroup by its
+        // directory's; `kernel` for a packet without a socket.
+        let container = |end: Option<End>| -> String {
+            match end {
+                None => String::new(),
+                Some(End::Kernel) => KERNEL.to_owned(),
+                Some(End::Unknown) => UNKNOWN.to_owned(),
+                Some(End::Container(id)) => match identities.containers.get(&id) {
+                    Some(c) if &c.pod == pod => c.name.clone(),
+                    Some(_) => UNKNOWN.to_owned(),
+                    None => cgroups.name(id).unwrap_or_else(|| UNKNOWN.to_owned()),
+                },
+            }
         };
-        let container = |cgroup: Option<u64>| -> String {
-            if self.class != class::LOCALHOST {
-                return String::new();
+        let (original_class, original_namespace, original_peer, original_port) = match self.original
+        {
+            Some((class, id, port)) => {
+                let (namespace, peer) = peer_names(class, id, identities);
+                (
+                    class::name(class).to_owned(),
+                    namespace,
+                    peer,
+                    port.to_string(),
+                )
             }
-            match cgroup {
-                Some(0) => KERNEL.to_owned(),
-                Some(id) => identities
-                    .containers
-                    .get(&id)
-                    .filter(|c| &c.pod == pod)
-                    .map_or_else(|| UNKNOWN.to_owned(), |c| c.name.clone()),
-                None => UNKNOWN.to_owned(),
-            }
+            None => Default::default(),
         };
         FlowLabels {
             namespace: pod.namespace.clone(),
@@ -147,7 +211,32 @@ impl Series {
             peer,
             client_container: container(self.client),
             server_container: container(self.server),
+            original_class,
+            original_namespace,
+            original_peer,
+            original_port,
         }
+    }
+}
+
+/// The namespace and name of a peer of `class` with this id.
+fn peer_names(class: u8, id: u32, identities: &Identities) -> (String, String) {
+    let unknown = || (String::new(), UNKNOWN.to_owned());
+    match class {
+        class::LOCALHOST => (String::new(), String::new()),
+        class::POD => identities
+            .pods
+            .get(&id)
+            .map_or_else(unknown, |p| (p.namespace.clone(), p.name.clone())),
+        class::SERVICE => identities
+            .services
+            .get(&id)
+            .map_or_else(unknown, |s| (s.namespace.clone(), s.name.clone())),
+        class::NODE => identities
+            .nodes
+            .get(&id)
+            .map_or_else(unknown, |n| (String::new(), n.clone())),
+        _ => (String::new(), class::name(class::EXTERNAL).to_owned()),
     }
 }
 
@@ -166,6 +255,10 @@ mod tests {
 
     use super::*;
     use crate::names::ContainerRef;
+
+    fn labels(key: &FlowKey, value: &FlowValue, pod: &ObjectRef, ids: &Identities) -> FlowLabels {
+        Series::of(key, value).labels(pod, ids, &CgroupNames::default())
+    }
 
     #[test]
     fn the_server_port_is_never_the_client_port() {
@@ -236,36 +329,48 @@ mod tests {
             class: class::LOCALHOST,
             server: server::DESTINATION,
             src_cgroup: 100,
-            peer_cgroup: 200,
+            dst_cgroup: 200,
             ..FlowValue::default()
         };
-        let l = Series::of(&localhost_key(41000, 8080), &request).labels(&pod, &identities);
+        let l = Series::of(&localhost_key(41000, 8080), &request).labels(
+            &pod,
+            &identities,
+            &CgroupNames::default(),
+        );
         assert_eq!(kind(&l), ["localhost", "request", "tcp", "8080"]);
         assert_eq!(containers(&l), ["sidecar", "app"]);
 
         let response = FlowValue {
             server: server::SOURCE,
             src_cgroup: 200,
-            peer_cgroup: 100,
+            dst_cgroup: 100,
             ..request
         };
-        let l = Series::of(&localhost_key(8080, 41000), &response).labels(&pod, &identities);
+        let l = Series::of(&localhost_key(8080, 41000), &response).labels(
+            &pod,
+            &identities,
+            &CgroupNames::default(),
+        );
         assert_eq!(kind(&l)[1..], ["response", "tcp", "8080"]);
         assert_eq!(containers(&l), ["sidecar", "app"]);
 
         // No reverse flow yet, and a packet the kernel sent: said explicitly.
         let rst = FlowValue {
             src_cgroup: 0,
-            peer_cgroup: 0,
+            dst_cgroup: 0,
             ..response
         };
-        let l = Series::of(&localhost_key(8080, 41000), &rst).labels(&pod, &identities);
+        let l = Series::of(&localhost_key(8080, 41000), &rst).labels(
+            &pod,
+            &identities,
+            &CgroupNames::default(),
+        );
         assert_eq!(containers(&l), [UNKNOWN, KERNEL]);
         // A cgroup of another pod is not this pod's container.
         let series = Series::of(&localhost_key(41000, 8080), &request);
         let other = ObjectRef::new("default", "web");
         assert_eq!(
-            containers(&series.labels(&other, &identities)),
+            containers(&series.labels(&other, &identities, &CgroupNames::default())),
             [UNKNOWN, UNKNOWN]
         );
     }
@@ -277,30 +382,42 @@ mod tests {
         identities
             .services
             .insert(3, ObjectRef::new("default", "web"));
+        identities.containers.insert(
+            100,
+            ContainerRef {
+                pod: pod.clone(),
+                name: "to-service".into(),
+            },
+        );
         let value = FlowValue {
             class: class::SERVICE,
             server: server::DESTINATION,
             peer_id: 3,
+            src_cgroup: 100,
             ..FlowValue::default()
         };
         let mut key = localhost_key(40000, 80);
         key.interface = interface::POD;
-        let l = Series::of(&key, &value).labels(&pod, &identities);
+        let l = Series::of(&key, &value).labels(&pod, &identities, &CgroupNames::default());
         assert_eq!(kind(&l), ["service", "egress", "tcp", "80"]);
         assert_eq!(peer(&l), ["default", "web"]);
-        assert_eq!(containers(&l), ["", ""]);
+        assert_eq!(
+            containers(&l),
+            ["to-service", ""],
+            "the sender is the client"
+        );
         let external = FlowValue {
             class: class::EXTERNAL,
             ..value
         };
-        let l = Series::of(&key, &external).labels(&pod, &identities);
+        let l = Series::of(&key, &external).labels(&pod, &identities, &CgroupNames::default());
         assert_eq!(peer(&l), ["", "external"]);
         let unknown_pod = FlowValue {
             class: class::POD,
             peer_id: 0,
             ..value
         };
-        let l = Series::of(&key, &unknown_pod).labels(&pod, &identities);
+        let l = Series::of(&key, &unknown_pod).labels(&pod, &identities, &CgroupNames::default());
         assert_eq!(peer(&l), ["", UNKNOWN]);
     }
 
@@ -311,5 +428,84 @@ mod tests {
         assert_eq!(protocol_label(family::IPV6, 58), "icmpv6");
         assert_eq!(protocol_label(family::IPV4, 47), "47");
         assert_eq!(protocol_label(family::OTHER, 0), "non_ip");
+    }
+
+    #[test]
+    fn names_the_pods_end_on_eth0_and_the_original_destination_behind_a_redirect() {
+        let pod = ObjectRef::new("default", "web");
+        let mut identities = Identities::default();
+        for (cgroup, name) in [(200, "web"), (300, "app"), (400, "proxy")] {
+            identities.containers.insert(
+                cgroup,
+                ContainerRef {
+                    pod: pod.clone(),
+                    name: name.into(),
+                },
+            );
+        }
+        identities
+            .services
+            .insert(7, ObjectRef::new("shop", "shop"));
+        // Inbound to the pod's server: the receiver is the server.
+        let mut key = localhost_key(41000, 80);
+        key.interface = interface::POD;
+        key.direction = direction::INGRESS;
+        let inbound = FlowValue {
+            class: class::POD,
+            server: server::DESTINATION,
+            dst_cgroup: 200,
+            ..FlowValue::default()
+        };
+        assert_eq!(
+            containers(&labels(&key, &inbound, &pod, &identities)),
+            ["", "web"]
+        );
+        // No socket received it (a closed port): said so.
+        let closed = FlowValue {
+            dst_cgroup: 0,
+            ..inbound
+        };
+        assert_eq!(
+            containers(&labels(&key, &closed, &pod, &identities)),
+            ["", UNKNOWN]
+        );
+        // The app called shop:8080; a sidecar redirected it to its proxy on
+        // 15001. The proxy's answer comes back from the translated address:
+        // the socket's port says what the series is.
+        let request = FlowValue {
+            class: class::LOCALHOST,
+            server: server::DESTINATION,
+            server_port: 15001,
+            src_cgroup: 300,
+            dst_cgroup: 400,
+            orig_class: class::SERVICE,
+            orig_peer_id: 7,
+            orig_port: 8080,
+            ..FlowValue::default()
+        };
+        let l = labels(&localhost_key(41000, 15001), &request, &pod, &identities);
+        assert_eq!(kind(&l), ["localhost", "request", "tcp", "15001"]);
+        assert_eq!(containers(&l), ["app", "proxy"]);
+        assert_eq!(
+            [
+                &l.original_class,
+                &l.original_namespace,
+                &l.original_peer,
+                &l.original_port
+            ],
+            ["service", "shop", "shop", "8080"]
+        );
+        let response = FlowValue {
+            server: server::SOURCE,
+            src_cgroup: 400,
+            dst_cgroup: 300,
+            ..request
+        };
+        let mut back = localhost_key(8080, 41000);
+        back.src_addr = observer_common::ipv4_mapped([10, 96, 0, 20]);
+        let answer = labels(&back, &response, &pod, &identities);
+        assert_eq!(kind(&answer)[1..], ["response", "tcp", "15001"]);
+        assert_eq!(containers(&answer), ["app", "proxy"], "one conversation");
+        assert_eq!(answer.original_peer, "shop");
     }
 }

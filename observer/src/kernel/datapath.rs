@@ -18,8 +18,9 @@ use aya::{
 use aya_log::Level;
 use observer_common::{
     CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DECIDE_PROGRAM, DatapathStats, FLOWS_MAP,
-    FlowKey, FlowValue, GENERATION_MAP, NETNS_COOKIE_GLOBAL, POLICIES_MAP, POLICY_CIDRS_MAP,
-    POLICY_MEMBERS_MAP, SERVICES_MAP, STATS_MAP, VERDICTS_MAP, VerdictKey,
+    FlowKey, FlowValue, GENERATION_MAP, LOG_PROGRAM, NETNS_COOKIE_GLOBAL, POLICIES_MAP,
+    POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP, SOCKETS_MAP, STATS_MAP, VERDICTS_MAP,
+    VerdictKey,
 };
 
 use super::{
@@ -38,10 +39,13 @@ pub const INGRESS_PROGRAM: &str = "observe_ingress";
 pub const NOOP_PROGRAM: &str = "noop";
 /// Tail-called by the instances, in the order of their index in
 /// [`CLASSIFIER_MAP`].
-const SHARED_PROGRAMS: [&str; 2] = [CLASSIFIER_PROGRAM, DECIDE_PROGRAM];
-/// The policy hooks on a pod's cgroup: `connect()`, and UDP `sendmsg()`, on
-/// IPv4 and on IPv6 sockets (IPv4 destinations v4-mapped).
-pub const POLICY_PROGRAMS: [&str; 4] = [
+const SHARED_PROGRAMS: [&str; 3] = [CLASSIFIER_PROGRAM, DECIDE_PROGRAM, LOG_PROGRAM];
+/// The socket hooks on a pod's cgroup: `bind()` (a server's container),
+/// `connect()` and UDP `sendmsg()` (the original destination, and the
+/// policy decision), on IPv4 and on IPv6 sockets.
+pub const SOCKET_PROGRAMS: [&str; 6] = [
+    "socket_bind4",
+    "socket_bind6",
     "policy_connect4",
     "policy_sendmsg4",
     "policy_connect6",
@@ -187,7 +191,7 @@ impl Datapath {
                     source: Box::new(source),
                 })?;
         }
-        for name in POLICY_PROGRAMS {
+        for name in SOCKET_PROGRAMS {
             let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             hook.load().map_err(program_error(name))?;
         }
@@ -223,7 +227,7 @@ impl Datapath {
             source,
         })?;
         let mut links = Vec::new();
-        for name in POLICY_PROGRAMS {
+        for name in SOCKET_PROGRAMS {
             let hook: &mut CgroupSockAddr = program(&mut self.base, name)?;
             // A bpf link (kernels 5.7+): it runs beside other programs on
             // the cgroup whatever the mode, and the kernel refuses any mode
@@ -285,6 +289,7 @@ fn loader<'a>(
         POLICY_MEMBERS_MAP,
         POLICY_CIDRS_MAP,
         VERDICTS_MAP,
+        SOCKETS_MAP,
         LOG_MAP,
     ] {
         loader.map_pin_path(name, pins.pin_path(name));

@@ -1,0 +1,120 @@
+//! Names of cgroups by id (the inode of a cgroup v2 directory): the
+//! directory's own name, for the containers no inventory or API names (bare
+//! `--netns` mode, a container the API does not list yet).
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+/// An id that a walk did not find is looked for again after this long at
+/// the earliest: an id that no cgroup has (any more) must not cost a walk
+/// at every collection.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// A name no series asked for in this long is forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// How deep, and how many directories, a walk goes at most.
+const MAX_DEPTH: usize = 12;
+const MAX_DIRS: usize = 200_000;
+
+#[derive(Debug, Default)]
+pub struct CgroupNames {
+    /// Where cgroup v2 is mounted; `None`: nothing is named.
+    root: Option<PathBuf>,
+    /// Names, and when a series last asked for each.
+    names: HashMap<u64, (String, Instant)>,
+    /// Ids the last walk did not find, and when it ran.
+    not_found: HashSet<u64>,
+    walked: Option<Instant>,
+}
+
+impl CgroupNames {
+    pub fn new(root: Option<PathBuf>) -> Self {
+        Self {
+            root,
+            ..Self::default()
+        }
+    }
+
+    pub fn name(&self, id: u64) -> Option<String> {
+        self.names.get(&id).map(|(name, _)| name.clone())
+    }
+
+    /// Makes the names of `ids` known: walks the hierarchy if one is not
+    /// (an id a walk did not find waits [`RETRY_AFTER`]); forgets the
+    /// names no series asked for in [`FORGET_AFTER`].
+    pub fn learn(&mut self, ids: &HashSet<u64>) {
+        let now = Instant::now();
+        for id in ids {
+            if let Some((_, used)) = self.names.get_mut(id) {
+                *used = now;
+            }
+        }
+        self.names
+            .retain(|_, (_, used)| now.duration_since(*used) < FORGET_AFTER);
+        let retry = self.walked.is_none_or(|t| t.elapsed() >= RETRY_AFTER);
+        let missing: HashSet<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.names.contains_key(id))
+            .filter(|id| retry || !self.not_found.contains(id))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let Some(root) = &self.root else {
+            return;
+        };
+        self.walked = Some(now);
+        self.not_found = missing.clone();
+        let mut dirs = vec![(root.clone(), 0)];
+        let mut seen = 0;
+        while let Some((dir, depth)) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                seen += 1;
+                if seen > MAX_DIRS {
+                    return;
+                }
+                let path = entry.path();
+                if let Ok(meta) = entry.metadata()
+                    && missing.contains(&meta.ino())
+                {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    self.names.insert(meta.ino(), (name, now));
+                    self.not_found.remove(&meta.ino());
+                }
+                if depth + 1 < MAX_DEPTH {
+                    dirs.push((path, depth + 1));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_a_directory_by_its_inode() {
+        let root = std::env::temp_dir().join(format!("observer-cgroups-{}", std::process::id()));
+        let dir = root.join("kubepods/pod1/cri-containerd-abc.scope");
+        std::fs::create_dir_all(&dir).unwrap();
+        let id = std::fs::metadata(&dir).unwrap().ino();
+        let mut names = CgroupNames::new(Some(root.clone()));
+        names.learn(&HashSet::from([id, 1]));
+        assert_eq!(names.name(id).as_deref(), Some("cri-containerd-abc.scope"));
+        assert_eq!(names.name(1), None);
+        names.learn(&HashSet::new());
+        assert!(names.name(id).is_some(), "kept a while without series");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
