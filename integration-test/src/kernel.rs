@@ -274,7 +274,7 @@ pub fn table_world(table: &Table) -> TableWorld {
         .flat_map(|pod| {
             kernel
                 .datapath
-                .attach_policy(&pod.cgroup)
+                .attach_socket_hooks(&pod.cgroup)
                 .expect("the policy hooks")
         })
         .collect();

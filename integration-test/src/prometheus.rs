@@ -104,18 +104,42 @@ impl Prometheus {
 
     /// Waits (at most `timeout`) until `promql` has a sample above zero.
     pub fn wait_positive(&self, promql: &str, timeout: Duration) {
+        self.wait_positive_or(promql, timeout, "");
+    }
+
+    /// [`Prometheus::wait_positive`], saying `what` is awaited if it fails,
+    /// with the series of the same family that do exist.
+    pub fn wait_positive_or(&self, promql: &str, timeout: Duration, what: &str) {
         let deadline = Instant::now() + timeout;
         loop {
             let values = self.query(promql);
             if values.iter().any(|v| *v > 0.0) {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no sample above 0 for {promql} within {timeout:?} (got {values:?})"
-            );
+            if Instant::now() >= deadline {
+                let family = promql.split('{').next().unwrap_or(promql);
+                panic!(
+                    "{what}: no sample above 0 for {promql} within {timeout:?} (got {values:?}); the series there are:\n{}",
+                    self.series(family)
+                );
+            }
             thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// The label sets of a family's series, one per line.
+    pub fn series(&self, family: &str) -> String {
+        let path = format!("/api/v1/series?match[]={}", percent_encode(family));
+        http_get(self.addr, &path).map_or_else(String::new, |(_, body)| {
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            json["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
     }
 }
 

@@ -95,6 +95,8 @@ pub struct Launch<'a> {
     pub cgroup: &'a Path,
     pub env: Vec<(String, String)>,
     pub log: &'a Path,
+    /// The user and group to run as; `None`: as the lab runs (root).
+    pub user: Option<u32>,
 }
 
 /// Starts a container process: in `cgroup` first, then in `netns`, in a
@@ -118,6 +120,7 @@ pub fn spawn(launch: &Launch<'_>) -> Result<Child, LabError> {
         .stdout(log.try_clone().map_err(io_error("log".into()))?)
         .stderr(log);
     let (procs_fd, netns_fd) = (procs.as_raw_fd(), netns.as_raw_fd());
+    let user = launch.user;
     // SAFETY: only async-signal-safe calls between fork and exec, on fds that
     // stay open until `spawn` returns.
     unsafe {
@@ -126,6 +129,14 @@ pub fn spawn(launch: &Launch<'_>) -> Result<Child, LabError> {
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1
                 || libc::setns(netns_fd, libc::CLONE_NEWNET) != 0
                 || libc::setsid() < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // Last: joining the cgroup and the namespace take root.
+            if let Some(user) = user
+                && (libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(user) != 0
+                    || libc::setuid(user) != 0)
             {
                 return Err(io::Error::last_os_error());
             }

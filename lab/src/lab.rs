@@ -23,8 +23,8 @@ use crate::{
     container::{self, Launch},
     netns::{self, NETNS_DIR, Netns},
     network::{self, Names},
-    runtime,
-    spec::Plan,
+    runtime, socket_lb,
+    spec::{Dataplane, Plan},
     state::down,
 };
 
@@ -148,6 +148,10 @@ impl Lab {
         network::build(plan, &names)?;
 
         let cgroup_root = cgroup_root(&self.name)?;
+        container::create_cgroup(&cgroup_root)?;
+        if spec.network.dataplane == Dataplane::SocketLb {
+            socket_lb::install(plan, &cgroup_root, &state)?;
+        }
         let inv = &mut self.inventory;
         inv.pod_cidrs = spec.nodes.iter().map(|n| n.pod_cidr.trunc()).collect();
         inv.nodes = spec
@@ -204,6 +208,7 @@ impl Lab {
                     cgroup: &cgroup,
                     env,
                     log: &log,
+                    user: None,
                 })?);
             }
             self.inventory.external_hosts.push(ExternalHost {

@@ -20,6 +20,7 @@ mod lab;
 mod netns;
 mod network;
 mod runtime;
+mod socket_lb;
 pub mod spec;
 mod state;
 
@@ -52,6 +53,8 @@ pub enum LabError {
     NoCgroup2,
     #[error("`{0}` is not installed (Debian: apt-get install iproute2 iptables)")]
     MissingTool(&'static str),
+    #[error("the socket load balancer: {0}")]
+    SocketLb(String),
     #[error("{pod}: container {container} does not listen on port {port}; its log:\n{log}")]
     NotListening {
         pod: String,

@@ -24,7 +24,11 @@
 
 use std::net::Ipv4Addr;
 
-use crate::{LabError, netns::Netns, spec::Plan};
+use crate::{
+    LabError,
+    netns::Netns,
+    spec::{Dataplane, Mesh, PROXY_PORT, PROXY_UID, Plan},
+};
 
 /// Namespace names of one lab: `obslab-<lab>-...`.
 #[derive(Clone, Debug)]
@@ -125,7 +129,11 @@ pub fn build(plan: &Plan, names: &Names) -> Result<(), LabError> {
                 "MASQUERADE",
             ],
         )?;
-        services(plan, netns)?;
+        // With a socket load balancer the node has no Service rules: the
+        // pods' sockets are translated before a packet leaves them.
+        if spec.network.dataplane == Dataplane::KubeProxy {
+            services(plan, netns)?;
+        }
     }
 
     for (i, host) in spec.external_hosts.iter().enumerate() {
@@ -169,6 +177,58 @@ pub fn build(plan: &Plan, names: &Names) -> Result<(), LabError> {
         netns.ip(&[
             "route", "add", "default", "via", &gateway, "dev", "eth0", "onlink",
         ])?;
+        if pod.mesh == Mesh::Sidecar {
+            redirect_to_proxy(&netns)?;
+        }
+    }
+    Ok(())
+}
+
+/// A sidecar mesh's capture, in the pod's namespace: its outbound TCP goes
+/// to the proxy, but for the proxy's own (uid 1337) and loopback's.
+fn redirect_to_proxy(pod: &Netns) -> Result<(), LabError> {
+    let uid = PROXY_UID.to_string();
+    let port = PROXY_PORT.to_string();
+    let rules: [&[&str]; 5] = [
+        &["-t", "nat", "-N", "LAB-MESH"],
+        &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "LAB-MESH"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "LAB-MESH",
+            "-m",
+            "owner",
+            "--uid-owner",
+            &uid,
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "LAB-MESH",
+            "-d",
+            "127.0.0.0/8",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "LAB-MESH",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
+        ],
+    ];
+    for rule in rules {
+        pod.exec("iptables", rule)?;
     }
     Ok(())
 }

@@ -72,6 +72,7 @@ pub fn start_pod(start: &PodStart, children: &mut Vec<Child>) -> Result<Pod, Lab
             cgroup: &cgroup,
             env,
             log: &log,
+            user: c.run_as_user,
         })?);
         containers.push(Container {
             name: c.name.clone(),

@@ -15,6 +15,8 @@ use crate::{
 /// Takes down the lab called `name`: its processes, cgroups, namespaces
 /// (with their interfaces, routes and iptables rules) and files. Idempotent.
 pub fn down(name: &str) -> Result<(), LabError> {
+    // First: the socket load balancer's links go with the lab's bpffs.
+    crate::socket_lb::uninstall(&state_dir(name));
     if let Ok(root) = container::cgroup2_root() {
         container::remove_cgroup_tree(&root.join(format!("{}-{name}", netns::PREFIX)))?;
     }

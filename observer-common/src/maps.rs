@@ -131,7 +131,17 @@ pub struct FlowValue {
     /// One of [`crate::class`]: the original destination's (see
     /// [`FlowValue::orig_peer_id`]).
     pub orig_class: u8,
-    pub _pad: [u8; 4],
+    /// [`flow_flags`].
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Bits of [`FlowValue::flags`].
+pub mod flow_flags {
+    /// The class and peer are the local socket's original destination (a
+    /// translation may hide it from the packets): the reverse flow, whose
+    /// packets come back translated, takes them too.
+    pub const DECIDED_AT_SOCKET: u8 = 1;
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 

@@ -13,7 +13,7 @@ use observer_common::{
     classify::{self, ClassMaps, Peer},
     direction::EGRESS,
     family::IPV4,
-    interface, ipv4_mapped, protocol, server,
+    flow_flags, interface, ipv4_mapped, protocol, server,
 };
 
 use crate::{
@@ -71,7 +71,9 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
     } else {
         (key.src_addr, key.src_port, key.dst_addr, key.dst_port)
     };
+    value.flags &= !flow_flags::DECIDED_AT_SOCKET;
     let peer = if decided {
+        value.flags |= flow_flags::DECIDED_AT_SOCKET;
         Peer {
             class: local.info.orig_class,
             id: local.info.orig_peer,

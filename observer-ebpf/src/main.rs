@@ -36,9 +36,9 @@ use aya_log_ebpf::{
 };
 use observer_common::{
     CIDRS_CAPACITY, CidrValue, DEFAULT_FLOW_CAPACITY, DatapathStats, FlowKey, FlowValue,
-    SERVICES_CAPACITY, ServiceKey, class,
+    SERVICES_CAPACITY, ServiceKey,
     direction::{EGRESS, INGRESS},
-    family, interface, ports, protocol, server, verdict,
+    family, flow_flags, interface, ports, protocol, server, verdict,
 };
 
 /// Flows of every attached namespace. A shared LRU (not per-CPU): per-CPU
@@ -238,9 +238,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Optio
         ..FlowValue::default()
     };
     classify::classify(ctx, key, &mut first);
-    if first.class == class::LOCALHOST {
-        pair_with_reverse(key, &mut first);
-    }
+    pair_with_reverse(key, &mut first);
     if FLOWS.insert(&*key, &first, u64::from(BPF_NOEXIST)).is_ok() {
         bump_stats(|s| s.flows_created += 1);
         if needs_decision(ctx, key, &first) {
@@ -305,10 +303,12 @@ pub fn log_flow(ctx: TcContext) -> i32 {
     action(value.verdict)
 }
 
-/// Both directions of a localhost conversation pass `lo` egress, each with
-/// its sending socket: where the receiving socket's storage did not name
-/// its container, each flow learns it from the other. The key is reversed
-/// in place (and back) to spare the verifier's 512-byte stack.
+/// Each direction of a conversation knows its sending socket's container
+/// (the skb's): where the receiving socket's storage did not name its
+/// container (a socket made before the observer attached), each flow
+/// learns it from the other direction's flow. On `lo` both directions pass
+/// egress; on `eth0` the reverse flow is the other hook's. The key is
+/// reversed in place (and back) to spare the verifier's 512-byte stack.
 #[inline(always)]
 fn pair_with_reverse(key: &mut FlowKey, value: &mut FlowValue) {
     reverse(key);
@@ -321,6 +321,21 @@ fn pair_with_reverse(key: &mut FlowKey, value: &mut FlowValue) {
             if (*other).dst_cgroup == 0 {
                 (*other).dst_cgroup = value.src_cgroup;
             }
+            // Answers to a connection whose socket knew where it was going
+            // (before a translation in the pod, which the answers still
+            // carry at tc): the same peer.
+            let decided = flow_flags::DECIDED_AT_SOCKET;
+            if value.flags & decided == 0 && (*other).flags & decided != 0 {
+                value.class = (*other).class;
+                value.peer_id = (*other).peer_id;
+                value.server_port = (*other).server_port;
+                value.server = match (*other).server {
+                    server::SOURCE => server::DESTINATION,
+                    server::DESTINATION => server::SOURCE,
+                    _ => server::UNKNOWN,
+                };
+                value.flags |= decided;
+            }
         }
     }
     reverse(key);
@@ -330,6 +345,9 @@ fn pair_with_reverse(key: &mut FlowKey, value: &mut FlowValue) {
 fn reverse(key: &mut FlowKey) {
     core::mem::swap(&mut key.src_addr, &mut key.dst_addr);
     core::mem::swap(&mut key.src_port, &mut key.dst_port);
+    if key.interface == interface::POD {
+        key.direction ^= EGRESS ^ INGRESS;
+    }
 }
 
 /// Adds one packet to a flow's counters.

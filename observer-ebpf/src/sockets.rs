@@ -90,8 +90,9 @@ impl Socket {
     }
 }
 
-/// The socket that sends the packet (egress), if it is a full socket of
-/// this host.
+/// The socket that sends the packet (egress), if any: its local end, and
+/// (if it is a full socket, not a listener's request socket answering a
+/// SYN) its storage.
 #[inline(always)]
 pub fn sender(ctx: &TcContext) -> Socket {
     // SAFETY: reads the context the kernel passed.
@@ -99,12 +100,22 @@ pub fn sender(ctx: &TcContext) -> Socket {
     if sk.is_null() {
         return Socket::default();
     }
+    // SAFETY: fields every socket has (a request socket too). Read here,
+    // before `bpf_sk_fullsock`: the verifier refuses one load instruction
+    // used with two kinds of socket pointer.
+    let (port, ip4) = unsafe { ((*sk).src_port, (*sk).src_ip4) };
     // SAFETY: a socket of the skb's (the verifier checks what is read).
     let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return Socket::default();
+    Socket {
+        found: 1,
+        info: if full.is_null() {
+            SocketInfo::default()
+        } else {
+            storage(full)
+        },
+        local_ip4: ip4,
+        local_port: port as u16,
     }
-    socket(full)
 }
 
 /// The socket of this host that would receive a packet of the flow `key`:
@@ -140,15 +151,21 @@ pub fn listening(ctx: &TcContext, family: u8, proto: u8, addr: [u8; 16], port: u
     true
 }
 
-/// What a full socket says: its storage and local end.
+/// What a full socket's storage holds (read, never created, here).
 #[inline(always)]
-fn socket(sk: *mut bpf_sock) -> Socket {
-    // SAFETY: a full socket; the storage is read, never created, here.
+fn storage(sk: *mut bpf_sock) -> SocketInfo {
     let map = core::ptr::from_ref(&SOCKETS).cast_mut().cast();
+    // SAFETY: a full socket and the storage map.
     let info = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }
         .cast::<SocketInfo>();
     // SAFETY: a live storage value, or null.
-    let info = unsafe { info.as_ref() }.copied().unwrap_or_default();
+    unsafe { info.as_ref() }.copied().unwrap_or_default()
+}
+
+/// What a full socket a lookup found says: its storage and local end.
+#[inline(always)]
+fn socket(sk: *mut bpf_sock) -> Socket {
+    let info = storage(sk);
     // SAFETY: fields of a socket the verifier lets us read. (Not its IPv6
     // address: the verifier refuses the pointer arithmetic LLVM makes of
     // reading an array field. IPv6 flows go by the packet's addresses.)

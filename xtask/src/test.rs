@@ -15,6 +15,8 @@ pub fn run_all(workspace: &Path, observer: &Path, filter: Option<&str>) -> Resul
         "integration-test",
         "--exclude",
         "observer-ebpf",
+        "--exclude",
+        "lab-ebpf",
     ]));
     // Namespaces of an earlier run that was killed.
     for stale in lab::cleanup_stale() {

@@ -11,9 +11,9 @@ use observer_common::inventory::Protocol;
 
 use super::*;
 
-type Check<T> = Result<T, (String, String)>;
+pub(super) type Check<T> = Result<T, (String, String)>;
 
-fn problem<T>(field: impl Into<String>, problem: impl Into<String>) -> Check<T> {
+pub(super) fn problem<T>(field: impl Into<String>, problem: impl Into<String>) -> Check<T> {
     Err((field.into(), problem.into()))
 }
 

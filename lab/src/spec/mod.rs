@@ -14,7 +14,7 @@ mod check;
 #[cfg(test)]
 mod tests;
 
-use check::{Checker, first_host};
+use check::{Check, Checker, first_host};
 
 pub const API_VERSION: &str = "observer-lab/v1";
 /// The default lab: the cases users ask about.
@@ -51,6 +51,9 @@ pub struct NetworkSpec {
     /// Where external hosts live: outside every cluster range.
     #[serde(rename = "externalCIDR", default = "default_external_cidr")]
     pub external_cidr: Ipv4Net,
+    /// How Services are implemented.
+    #[serde(default)]
+    pub dataplane: Dataplane,
 }
 
 impl Default for NetworkSpec {
@@ -59,9 +62,43 @@ impl Default for NetworkSpec {
             service_cidr: default_service_cidr(),
             node_cidr: default_node_cidr(),
             external_cidr: default_external_cidr(),
+            dataplane: Dataplane::default(),
         }
     }
 }
+
+/// How the lab implements Services.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dataplane {
+    /// kube-proxy in iptables mode: DNAT in each node's namespace, after
+    /// the packet left the pod.
+    #[default]
+    KubeProxy,
+    /// A socket load balancer (Cilium's kube-proxy replacement): the
+    /// ClusterIP is translated at `connect()`, inside the pod, by cgroup
+    /// programs on the lab's top cgroup; the nodes have no Service rules.
+    SocketLb,
+}
+
+/// A pod's service mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mesh {
+    #[default]
+    None,
+    /// A sidecar proxy (Istio's, Linkerd's sidecar mode): the lab adds a
+    /// container `proxy` (uid 1337, port 15001) and redirects the pod's
+    /// outbound TCP to it with iptables `REDIRECT` in the pod's namespace;
+    /// the proxy forwards each connection to its original destination.
+    Sidecar,
+}
+
+/// The sidecar proxy the lab adds to a meshed pod.
+pub const PROXY_CONTAINER: &str = "proxy";
+pub const PROXY_PORT: u16 = 15001;
+pub const PROXY_UID: u32 = 1337;
+const PROXY_SCRIPT: &str = include_str!("../../sidecar-proxy.py");
 
 fn default_service_cidr() -> Ipv4Net {
     "10.96.0.0/16".parse().expect("valid")
@@ -97,6 +134,9 @@ pub struct PodSpec {
     #[serde(default)]
     pub volumes: Vec<String>,
     pub containers: Vec<ContainerSpec>,
+    /// A service mesh's sidecar, if any.
+    #[serde(default)]
+    pub mesh: Mesh,
 }
 
 fn default_namespace() -> String {
@@ -111,6 +151,9 @@ pub struct ContainerSpec {
     pub command: Vec<String>,
     #[serde(default)]
     pub ports: Vec<PortSpec>,
+    /// The user (and group) it runs as; root by default.
+    #[serde(default)]
+    pub run_as_user: Option<u32>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -204,9 +247,10 @@ impl Plan {
         })
     }
 
-    fn new(spec: LabSpec, source: &str) -> Result<Self, (String, String)> {
+    fn new(mut spec: LabSpec, source: &str) -> Result<Self, (String, String)> {
         let mut check = Checker::default();
         check.header(&spec)?;
+        add_sidecars(&mut spec)?;
         let node_addresses = check.network(&spec)?;
         let pod_ips = check.pods(&spec)?;
         let endpoints = check.services(&spec)?;
@@ -218,6 +262,11 @@ impl Plan {
             pod_ips,
             endpoints,
         })
+    }
+
+    /// The meshed pods, by index.
+    pub fn meshed(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.spec.pods.len()).filter(|&p| self.spec.pods[p].mesh == Mesh::Sidecar)
     }
 
     /// The gateway of a node's pods: the first address of its pod CIDR.
@@ -232,4 +281,29 @@ impl Plan {
             .position(|n| n.name == name)
             .expect("validated")
     }
+}
+
+/// Gives each meshed pod its proxy container.
+fn add_sidecars(spec: &mut LabSpec) -> Check<()> {
+    for (p, pod) in spec.pods.iter_mut().enumerate() {
+        if pod.mesh != Mesh::Sidecar {
+            continue;
+        }
+        if pod.containers.iter().any(|c| c.name == PROXY_CONTAINER) {
+            return check::problem(
+                format!("pods[{p}].mesh"),
+                format!("a meshed pod gets a container `{PROXY_CONTAINER}`: name yours otherwise"),
+            );
+        }
+        pod.containers.push(ContainerSpec {
+            name: PROXY_CONTAINER.into(),
+            command: vec!["python3".into(), "-c".into(), PROXY_SCRIPT.into()],
+            ports: vec![PortSpec {
+                container_port: PROXY_PORT,
+                protocol: Protocol::Tcp,
+            }],
+            run_as_user: Some(PROXY_UID),
+        });
+    }
+    Ok(())
 }

@@ -114,12 +114,8 @@ pub fn render(rows: &[FlowRow], pod: Option<(&str, &str)>) -> String {
             let mut cells: Vec<String> = columns
                 .iter()
                 .map(|(column, labels)| {
-                    let parts: Vec<&str> = labels
-                        .iter()
-                        .map(|&i| values[i])
-                        .filter(|v| !v.is_empty())
-                        .collect();
-                    parts.join(column.separator)
+                    let parts: Vec<&str> = labels.iter().map(|&i| values[i]).collect();
+                    column.cell(&parts)
                 })
                 .collect();
             cells.push(format!("{:.1}", row.packets as f64 / seconds));
@@ -225,6 +221,18 @@ mod tests {
         );
         let only = render(&rows, Some(("shop", "shop")));
         assert_eq!(only.lines().count(), 2, "{only}");
+        // One end in the pod: its place says which.
+        let answer = row(
+            FlowLabels {
+                namespace: "default".into(),
+                pod: "web".into(),
+                class: "pod".into(),
+                server_container: "web".into(),
+                ..FlowLabels::default()
+            },
+            1,
+        );
+        assert!(render(&[answer], None).contains("- -> web"));
     }
 
     #[test]

@@ -36,41 +36,69 @@ pub struct Label {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Column {
     pub header: &'static str,
-    /// Between the values of the labels it shows (the empty ones left out).
+    /// Between the values of the labels it shows.
     pub separator: &'static str,
+    /// What stands for an empty value among others (`None`: it is left
+    /// out), so that a value's place says what it is.
+    pub placeholder: Option<&'static str>,
+}
+
+impl Column {
+    /// The cell for these label values: empty if all are.
+    pub fn cell(&self, values: &[&str]) -> String {
+        if values.iter().all(|v| v.is_empty()) {
+            return String::new();
+        }
+        let parts: Vec<&str> = values
+            .iter()
+            .filter_map(|v| match (v.is_empty(), self.placeholder) {
+                (false, _) => Some(*v),
+                (true, placeholder) => placeholder,
+            })
+            .collect();
+        parts.join(self.separator)
+    }
 }
 
 const POD: Column = Column {
     header: "POD",
     separator: "/",
+    placeholder: None,
 };
 const CLASS: Column = Column {
     header: "CLASS",
     separator: "",
+    placeholder: None,
 };
 const DIRECTION: Column = Column {
     header: "DIRECTION",
     separator: "",
+    placeholder: None,
 };
 const PROTO: Column = Column {
     header: "PROTO",
     separator: "",
+    placeholder: None,
 };
 const PORT: Column = Column {
     header: "PORT",
     separator: "",
+    placeholder: None,
 };
 const PEER: Column = Column {
     header: "PEER",
     separator: "/",
+    placeholder: None,
 };
 const CONTAINERS: Column = Column {
     header: "CONTAINERS (client -> server)",
     separator: " -> ",
+    placeholder: Some("-"),
 };
 const ORIGINAL: Column = Column {
     header: "ORIGINALLY TO",
     separator: "/",
+    placeholder: None,
 };
 
 /// A label's column, or none.

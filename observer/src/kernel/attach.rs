@@ -273,6 +273,18 @@ impl Worker {
                 path: path.into(),
                 source,
             })?;
+        // The socket hooks first, and the storage of the sockets the pod
+        // already has: the first packet a tc program classifies then finds
+        // its sockets' containers. Without the hooks the pod is observed,
+        // and no policy applies to it.
+        let sock_links = match cgroup.map(|c| self.datapath.attach_socket_hooks(c)) {
+            Some(Ok(links)) => links,
+            Some(Err(err)) => {
+                tracing::warn!(%err, netns = %name, "no socket hooks: no policy, fewer container names");
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
         let (tcx, noop) = (self.tcx, self.noop);
         let links = netns.run(&self.home, || {
             let mut links = Vec::new();
@@ -303,15 +315,6 @@ impl Worker {
             }
             Ok::<_, AttachError>(links)
         })??;
-        // Without them the pod is observed, and no policy applies to it.
-        let sock_links = match cgroup.map(|c| self.datapath.attach_policy(c)) {
-            Some(Ok(links)) => links,
-            Some(Err(err)) => {
-                tracing::warn!(%err, netns = %name, "no policy hooks");
-                Vec::new()
-            }
-            None => Vec::new(),
-        };
         let info = AttachedNetns {
             policy_hooks: !sock_links.is_empty(),
             name,

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, ProgramArray},
+    maps::{HashMap, MapData, MapError, PerCpuArray, ProgramArray, SkStorage},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier,
         cgroup_sock_addr::CgroupSockAddrLink,
@@ -19,8 +19,8 @@ use aya_log::Level;
 use observer_common::{
     CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DECIDE_PROGRAM, DatapathStats, FLOWS_MAP,
     FlowKey, FlowValue, GENERATION_MAP, LOG_PROGRAM, NETNS_COOKIE_GLOBAL, POLICIES_MAP,
-    POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP, SOCKETS_MAP, STATS_MAP, VERDICTS_MAP,
-    VerdictKey,
+    POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP, SOCKETS_MAP, STATS_MAP, SocketInfo,
+    VERDICTS_MAP, VerdictKey,
 };
 
 use super::{
@@ -122,6 +122,9 @@ pub struct Datapath {
     base: Ebpf,
     _classifiers: ProgramArray<MapData>,
     pins: PinDir,
+    /// The sockets' storage: seeded for the sockets a pod had before its
+    /// hooks were attached.
+    sockets: SkStorage<MapData, SocketInfo>,
     flow_capacity: u32,
     log_level: u8,
     /// The kernel's BTF, parsed once rather than at every load.
@@ -195,6 +198,7 @@ impl Datapath {
             let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             hook.load().map_err(program_error(name))?;
         }
+        let sockets = typed(&mut ebpf, SOCKETS_MAP)?;
         let logger = match config.log_level {
             Some(_) => Some(KernelLog::start(&mut ebpf)?),
             None => None,
@@ -203,6 +207,7 @@ impl Datapath {
             base: ebpf,
             _classifiers: classifiers,
             pins,
+            sockets,
             flow_capacity,
             log_level,
             btf,
@@ -216,9 +221,11 @@ impl Datapath {
         })
     }
 
-    /// Attaches the policy hooks to a pod's cgroup. They allow everything
-    /// until the pod has a compiled policy; the links go with the process.
-    pub fn attach_policy(
+    /// Attaches the socket hooks to a pod's cgroup, and seeds the storage
+    /// of the sockets its processes already have. The hooks allow
+    /// everything until the pod has a compiled policy; the links go with
+    /// the process.
+    pub fn attach_socket_hooks(
         &mut self,
         cgroup: &Path,
     ) -> Result<Vec<CgroupSockAddrLink>, DatapathError> {
@@ -237,6 +244,8 @@ impl Datapath {
                 .map_err(program_error(name))?;
             links.push(hook.take_link(id).map_err(program_error(name))?);
         }
+        let seeded = super::sockets::seed(&mut self.sockets, cgroup);
+        tracing::debug!(cgroup = %cgroup.display(), sockets = seeded.sockets, failed = seeded.failed, "seeded the sockets' storage");
         Ok(links)
     }
 

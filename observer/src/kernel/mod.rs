@@ -10,4 +10,5 @@ pub mod datapath;
 pub mod log;
 pub mod netns;
 pub mod policy_maps;
+pub mod sockets;
 pub mod tc;

@@ -114,6 +114,12 @@ pub fn explain(
                 writeln!(out, "{what}: {action} by {}/{}", names.policy, names.rule)
             }
         };
+        if outcome.class == observer_common::class::SERVICE {
+            let _ = writeln!(
+                out,
+                "(decided at connect(), on the ClusterIP the process asked for: before any translation, by kube-proxy, a socket load balancer or a sidecar's redirect)"
+            );
+        }
     }
     Ok(out)
 }
