@@ -224,6 +224,14 @@ fn check(mode: Mode) {
         "{mode:?}: the pod behind it is not"
     );
     assert!(observer.terminate().success());
+    // `lab down` leaves no program of the lab's socket load balancer.
+    drop(lab);
+    let left: Vec<String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_owned))
+        .filter(|name| name.starts_with("lb_"))
+        .collect();
+    assert!(left.is_empty(), "{mode:?}: still loaded: {left:?}");
 }
 
 const NO_WEB_SERVICE: &str = "
