@@ -441,3 +441,38 @@ fn the_programs_diagnostics_appear_with_debug_logs_only() {
         assert!(observer.terminate().success());
     }
 }
+
+#[test]
+fn a_cgroup_no_inventory_names_goes_by_its_directory() {
+    // Bare --netns mode: no inventory, no container names but the cgroups'.
+    let pod = Netns::create("cgname").expect("namespace");
+    let cgroup = lab::Cgroup::create("cgname").expect("cgroup");
+    let sender = cgroup
+        .child(std::path::Path::new("sender-ctr"))
+        .expect("cgroup");
+    let path = pod.path().display().to_string();
+    let observer = Observer::start(&["--netns", &path]);
+    // A server's port (not an ephemeral one): the receiver is the server.
+    let _receiver = pod
+        .run(|| UdpSocket::bind("127.0.0.1:5300").expect("bind"))
+        .expect("enter namespace");
+    let port = 5300;
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'x', ('127.0.0.1', {port}))"
+    );
+    let status = integration_test::container::in_container(
+        &sender,
+        &pod.path(),
+        std::process::Command::new("python3").args(["-c", &script]),
+    )
+    .status()
+    .expect("python3");
+    assert!(status.success());
+    observer.eventually("the datagram, named after its sender's cgroup", |m| {
+        m.sum(
+            "observer_flow_packets_total",
+            &[("class", "localhost"), ("client_container", "sender-ctr")],
+        ) >= 1.0
+    });
+    assert!(observer.terminate().success());
+}

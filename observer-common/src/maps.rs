@@ -164,11 +164,24 @@ pub struct SocketInfo {
     pub orig_port: u16,
     /// The original destination's class ([`crate::class`]); 0 if none.
     pub orig_class: u8,
-    pub _pad: u8,
+    /// [`socket_flags`].
+    pub flags: u8,
     /// The original destination's peer id ([`crate::classify::Peer::id`]).
     pub orig_peer: u32,
 }
 const _: () = assert!(core::mem::size_of::<SocketInfo>() == 32);
+
+/// Bits of [`SocketInfo::flags`].
+pub mod socket_flags {
+    /// The process bound it to an address of its choosing (`bind()`): a
+    /// server's socket. (A client's gets its port when it connects or
+    /// sends.) For UDP, where both ends are bound sockets, this tells the
+    /// server.
+    pub const BOUND: u8 = 1;
+    /// Seeded by the daemon for a socket made before the hooks were
+    /// attached: whether its process bound it is not known.
+    pub const SEEDED: u8 = 2;
+}
 
 /// Key of [`SERVICES_MAP`]: a ClusterIP, port and protocol.
 #[repr(C)]

@@ -92,6 +92,10 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
         false
     } else if peer.class == class::SERVICE {
         false
+    } else if key.protocol == protocol::UDP && local.known() {
+        // Both ends of UDP are bound sockets: the one its process bound
+        // itself is the server's.
+        local.bound()
     } else if key.protocol != protocol::TCP {
         value.server = server::UNKNOWN;
         return;
@@ -160,7 +164,11 @@ fn localhost(
     (value.server, value.server_port) = match (dst_listens, src_listens) {
         (true, false) => (server::DESTINATION, dst_port),
         (false, true) => (server::SOURCE, src_port),
-        // UDP: both ends are bound sockets; TCP: neither listens (any more).
+        // UDP: both ends are bound sockets; the one its process bound
+        // itself is the server's.
+        (true, true) if receiver.bound() && !sender.bound() => (server::DESTINATION, dst_port),
+        (true, true) if sender.bound() && !receiver.bound() => (server::SOURCE, src_port),
+        // TCP: neither listens (any more).
         _ => (server::UNKNOWN, 0),
     };
 }

@@ -106,7 +106,7 @@ pub fn policy_connect6(ctx: SockAddrContext) -> i32 {
     match v4_mapped(&ctx) {
         Some(address) => decide(&ctx, ipv4_mapped(address), false),
         None => {
-            sockets::bound(&ctx);
+            sockets::seen(&ctx);
             1
         }
     }
@@ -118,7 +118,7 @@ pub fn policy_sendmsg6(ctx: SockAddrContext) -> i32 {
     match v4_mapped(&ctx) {
         Some(address) => decide(&ctx, ipv4_mapped(address), true),
         None => {
-            sockets::bound(&ctx);
+            sockets::seen(&ctx);
             1
         }
     }

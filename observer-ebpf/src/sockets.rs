@@ -23,7 +23,7 @@ use observer_common::{
     FlowKey, SocketInfo,
     classify::Peer,
     family::{IPV4, IPV6},
-    protocol,
+    protocol, socket_flags,
 };
 
 /// Each socket's [`SocketInfo`]: freed with the socket.
@@ -48,6 +48,15 @@ fn info_of(ctx: &SockAddrContext) -> Option<&'static mut SocketInfo> {
 /// `bind()`: the socket's container (a server's, before it listens).
 #[inline(always)]
 pub fn bound(ctx: &SockAddrContext) {
+    if let Some(info) = info_of(ctx) {
+        info.flags |= socket_flags::BOUND;
+    }
+}
+
+/// A socket of a pod's that has no address to record (IPv6): its
+/// container only.
+#[inline(always)]
+pub fn seen(ctx: &SockAddrContext) {
     let _ = info_of(ctx);
 }
 
@@ -87,6 +96,18 @@ impl Socket {
     #[inline(always)]
     pub fn found(&self) -> bool {
         self.found != 0
+    }
+
+    /// Its hooks saw it from its start: whether it was bound is known.
+    #[inline(always)]
+    pub fn known(&self) -> bool {
+        self.info.cgroup != 0 && self.info.flags & socket_flags::SEEDED == 0
+    }
+
+    /// Its process bound it (a server's).
+    #[inline(always)]
+    pub fn bound(&self) -> bool {
+        self.info.flags & socket_flags::BOUND != 0
     }
 }
 

@@ -19,7 +19,7 @@ use std::{
 };
 
 use aya::maps::{MapData, SkStorage};
-use observer_common::SocketInfo;
+use observer_common::{SocketInfo, socket_flags};
 
 /// How many sockets a pod's cgroups may hold for a seeding to go through
 /// them all (the rest are left: they get storage at their next call).
@@ -111,6 +111,7 @@ fn seed_process(
         };
         let info = SocketInfo {
             cgroup,
+            flags: socket_flags::SEEDED,
             ..SocketInfo::default()
         };
         // An existing storage (the hooks got there first) stays.
