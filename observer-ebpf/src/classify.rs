@@ -63,9 +63,12 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
         return;
     }
     // The pod's own socket, if it connected somewhere: its destination as
-    // the process gave it, before any translation.
+    // the process gave it, before any translation. Not a UDP socket its
+    // process bound: a server's, what it sends are answers, and where the
+    // last one went says nothing of this flow.
     let local = if egress { sender } else { receiver };
-    let decided = local.info.orig_class != class::UNKNOWN;
+    let bound_udp = key.protocol == protocol::UDP && local.bound();
+    let decided = local.info.orig_class != class::UNKNOWN && !bound_udp;
     let (remote, remote_port, local_addr, local_port) = if egress {
         (key.dst_addr, key.dst_port, key.src_addr, key.src_port)
     } else {
@@ -92,10 +95,10 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
         false
     } else if peer.class == class::SERVICE {
         false
-    } else if key.protocol == protocol::UDP && local.known() {
+    } else if key.protocol == protocol::UDP && (local.known() || bound_udp) {
         // Both ends of UDP are bound sockets: the one its process bound
-        // itself is the server's.
-        local.bound()
+        // itself is the server's (a seeded socket may be known bound).
+        bound_udp
     } else if key.protocol != protocol::TCP {
         value.server = server::UNKNOWN;
         return;

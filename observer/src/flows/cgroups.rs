@@ -1,6 +1,7 @@
 //! Names of cgroups by id (the inode of a cgroup v2 directory): the
 //! directory's own name, for the containers no inventory or API names (bare
-//! `--netns` mode, a container the API does not list yet).
+//! `--netns` mode, a container the API does not list yet); and how long the
+//! flows of a container the API does not list yet wait for its name.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -18,6 +19,31 @@ const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// How deep, and how many directories, a walk goes at most.
 const MAX_DEPTH: usize = 12;
 const MAX_DIRS: usize = 200_000;
+
+/// How long the flows of a container that no source names yet wait to be
+/// counted (a container the runtime just started or restarted, before the
+/// API reports its id): then under its directory's name.
+const HOLD: Duration = Duration::from_secs(10);
+
+/// Containers not named yet, and when their flows were first held.
+#[derive(Debug, Default)]
+pub struct Unnamed {
+    first_held: HashMap<u64, Instant>,
+}
+
+impl Unnamed {
+    /// Whether a flow of the container with cgroup `id` waits for its name.
+    pub fn holds(&mut self, id: u64, now: Instant) -> bool {
+        let first = *self.first_held.entry(id).or_insert(now);
+        now.duration_since(first) < HOLD
+    }
+
+    /// Forgets the containers named since, and those held long ago.
+    pub fn forget(&mut self, named: impl Fn(u64) -> bool, now: Instant) {
+        self.first_held
+            .retain(|&id, first| !named(id) && now.duration_since(*first) < FORGET_AFTER);
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct CgroupNames {
@@ -102,6 +128,17 @@ impl CgroupNames {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holds_an_unnamed_containers_flows_a_while() {
+        let mut unnamed = Unnamed::default();
+        let start = Instant::now();
+        assert!(unnamed.holds(7, start));
+        assert!(unnamed.holds(7, start + HOLD / 2));
+        assert!(!unnamed.holds(7, start + HOLD));
+        unnamed.forget(|id| id == 7, start + HOLD);
+        assert!(unnamed.first_held.is_empty());
+    }
 
     #[test]
     fn names_a_directory_by_its_inode() {

@@ -23,7 +23,7 @@ use aya::maps::MapError;
 use observer_common::FlowValue;
 
 use super::{
-    cgroups::CgroupNames,
+    cgroups::{CgroupNames, Unnamed},
     metrics::{Counts, FlowMetrics},
     schema::FlowRow,
     series::Series,
@@ -32,7 +32,7 @@ use super::{
 use crate::{
     kernel::{attach::AttachedNetns, datapath::Maps},
     metrics::Metrics,
-    names::SharedIdentities,
+    names::{Identities, SharedIdentities},
     policy::compile::RuleName,
 };
 
@@ -53,6 +53,7 @@ pub struct Collector {
     identities: SharedIdentities,
     /// Names of the cgroups the identities do not name.
     cgroups: CgroupNames,
+    unnamed: Unnamed,
     attached: HashMap<u64, AttachedNetns>,
     /// What each flow (by key hash) had at the last collection.
     last: HashMap<u64, Seen, BuildHasherDefault<PassThrough>>,
@@ -125,6 +126,7 @@ impl Collector {
             flows,
             identities: SharedIdentities::default(),
             cgroups: CgroupNames::new(cgroup_root),
+            unnamed: Unnamed::default(),
             attached: HashMap::new(),
             last: HashMap::with_capacity_and_hasher(capacity, BuildHasherDefault::default()),
             unknown: Default::default(),
@@ -230,7 +232,21 @@ impl Collector {
             live += 1;
             let delta = difference(&now, &before.unwrap_or_default());
             if delta.packets > 0 {
-                series.entry(Series::of(&key, &now)).or_default().add(delta);
+                let of = Series::of(&key, &now);
+                if awaits_name(&self.identities, &mut self.unnamed, &of, started) {
+                    // Counted at a later pass, under its container's name.
+                    let pass = self.pass;
+                    let kept = before.map_or(
+                        Seen {
+                            pass,
+                            ..Seen::default()
+                        },
+                        |b| Seen { pass, ..b },
+                    );
+                    self.last.insert(hash, kept);
+                    continue;
+                }
+                series.entry(of).or_default().add(delta);
             }
         }
         let pass = self.pass;
@@ -243,6 +259,9 @@ impl Collector {
             .filter(|id| !self.identities.containers.contains_key(id))
             .collect();
         self.cgroups.learn(&unnamed);
+        let containers = &self.identities.containers;
+        self.unnamed
+            .forget(|id| containers.contains_key(&id), started);
 
         self.last_seconds = self.last_collection.elapsed().as_secs_f64();
         self.last_collection = Instant::now();
@@ -318,6 +337,23 @@ impl Collector {
             )
         }))
     }
+}
+
+/// Whether the series' flows wait for a container's name: where the pods'
+/// source names containers (an inventory, the API), a container it does not
+/// name yet has just started; its name is on its way.
+fn awaits_name(
+    identities: &Identities,
+    unnamed: &mut Unnamed,
+    series: &Series,
+    now: Instant,
+) -> bool {
+    let containers = &identities.containers;
+    !containers.is_empty()
+        && series
+            .cgroups()
+            .filter(|id| !containers.contains_key(id))
+            .any(|id| unnamed.holds(id, now))
 }
 
 /// What a flow gained since `before`. A flow whose counters went down was

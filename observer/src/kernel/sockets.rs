@@ -26,6 +26,8 @@ use observer_common::{SocketInfo, socket_flags};
 const MAX_SOCKETS: usize = 65_536;
 /// `BPF_NOEXIST`: insert only where there is nothing.
 const BPF_NOEXIST: u64 = 1;
+/// `BPF_EXIST`: update only what is there.
+const BPF_EXIST: u64 = 2;
 
 /// What a seeding did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -109,16 +111,71 @@ fn seed_process(
             seeded.failed += 1;
             continue;
         };
+        let bound = if bound_udp_server(&socket) {
+            socket_flags::BOUND
+        } else {
+            0
+        };
         let info = SocketInfo {
             cgroup,
-            flags: socket_flags::SEEDED,
+            flags: socket_flags::SEEDED | bound,
             ..SocketInfo::default()
         };
-        // An existing storage (the hooks got there first) stays.
         if storage.insert(&socket, info, BPF_NOEXIST).is_ok() {
             seeded.sockets += 1;
+        } else if bound != 0
+            && let Ok(mut existing) = storage.get(&socket, 0)
+            && existing.flags & socket_flags::BOUND == 0
+        {
+            // The hooks got there first (a send since they were attached),
+            // but could not know of a bind before: say it.
+            existing.flags |= socket_flags::BOUND;
+            if storage.insert(&socket, existing, BPF_EXIST).is_ok() {
+                seeded.sockets += 1;
+            }
         }
     }
+}
+
+/// Whether a socket is a UDP server's, bound by its process: unconnected,
+/// on a port the kernel never picks by itself (outside the ephemeral
+/// range, where a UDP socket that sends first is bound automatically). A
+/// server bound to an ephemeral port is not told apart: its socket is
+/// classified as one of unknown origin.
+fn bound_udp_server(socket: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let int_option = |level, name| {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: an int-sized option into an int.
+        let rc =
+            unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &raw mut len) };
+        (rc == 0).then_some(value)
+    };
+    if int_option(libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_UDP) {
+        return false;
+    }
+    // SAFETY: sockaddr_storage fits any address.
+    let mut address: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes.
+    let connected = unsafe { libc::getpeername(fd, (&raw mut address).cast(), &raw mut len) } == 0;
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: as above.
+    if connected || unsafe { libc::getsockname(fd, (&raw mut address).cast(), &raw mut len) } != 0 {
+        return false;
+    }
+    // The port is at the same offset in sockaddr_in and sockaddr_in6.
+    let port = match i32::from(address.ss_family) {
+        libc::AF_INET | libc::AF_INET6 => {
+            // SAFETY: an inet address, as the family says.
+            let inet: &libc::sockaddr_in = unsafe { &*(&raw const address).cast() };
+            u16::from_be(inet.sin_port)
+        }
+        _ => return false,
+    };
+    port != 0 && !observer_common::ports::is_ephemeral(port)
 }
 
 /// The inode in a descriptor's link `socket:[12345]`.
@@ -148,6 +205,29 @@ fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> Option<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_a_udp_servers_socket() {
+        use std::net::{TcpListener, UdpSocket};
+        let fd = |s: &dyn std::os::fd::AsFd| s.as_fd().try_clone_to_owned().unwrap();
+        // A port of the server's choosing, outside the ephemeral range.
+        let server = (20_000..20_200)
+            .find_map(|port| UdpSocket::bind(("127.0.0.1", port)).ok())
+            .expect("a free port");
+        assert!(bound_udp_server(&fd(&server)));
+        // A client's, bound by the kernel in the ephemeral range.
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"x", server.local_addr().unwrap()).unwrap();
+        assert!(!bound_udp_server(&fd(&client)));
+        // Connected: a client's, whatever its port.
+        let connected = (20_200..20_400)
+            .find_map(|port| UdpSocket::bind(("127.0.0.1", port)).ok())
+            .unwrap();
+        connected.connect(server.local_addr().unwrap()).unwrap();
+        assert!(!bound_udp_server(&fd(&connected)));
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(!bound_udp_server(&fd(&tcp)));
+    }
 
     #[test]
     fn reads_socket_links() {
