@@ -280,12 +280,23 @@ pub fn kubeconfig(addr: SocketAddr, dir: &Path) -> PathBuf {
 
 /// A lab pod as the API shows it, its containers running.
 pub fn pod_object(pod: &observer_common::inventory::Pod) -> Value {
+    pod_object_restarted(pod, &BTreeMap::new())
+}
+
+/// A lab pod as the API shows it, its containers running, restarted as
+/// often as `restarts` says (by container name; none if absent).
+pub fn pod_object_restarted(
+    pod: &observer_common::inventory::Pod,
+    restarts: &BTreeMap<String, u32>,
+) -> Value {
     let statuses: Vec<Value> = pod
         .containers
         .iter()
         .map(|c| {
             json!({"name": c.name, "containerID": format!("containerd://{}", c.id),
-                   "image": "lab", "imageID": "", "ready": true, "restartCount": 0})
+                   "image": "lab", "imageID": "", "ready": true,
+                   "restartCount": restarts.get(&c.name).copied().unwrap_or(0),
+                   "state": {"running": {}}})
         })
         .collect();
     let containers: Vec<Value> = pod
@@ -293,12 +304,39 @@ pub fn pod_object(pod: &observer_common::inventory::Pod) -> Value {
         .iter()
         .map(|c| json!({"name": c.name}))
         .collect();
+    object(pod, containers, "Running", statuses)
+}
+
+/// A pod whose sandbox runs while its containers are being created: the
+/// API knows its IP, and no container id yet.
+pub fn pending_pod_object(pod: &observer_common::inventory::Pod, containers: &[&str]) -> Value {
+    let statuses: Vec<Value> = containers
+        .iter()
+        .map(|name| {
+            json!({"name": name, "image": "lab", "imageID": "", "ready": false,
+                   "restartCount": 0,
+                   "state": {"waiting": {"reason": "ContainerCreating"}}})
+        })
+        .collect();
+    let specs: Vec<Value> = containers
+        .iter()
+        .map(|name| json!({"name": name}))
+        .collect();
+    object(pod, specs, "Pending", statuses)
+}
+
+fn object(
+    pod: &observer_common::inventory::Pod,
+    containers: Vec<Value>,
+    phase: &str,
+    statuses: Vec<Value>,
+) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
                      "labels": pod.labels},
         "spec": {"nodeName": pod.node, "containers": containers},
-        "status": {"phase": "Running", "podIP": pod.ip.to_string(),
+        "status": {"phase": phase, "podIP": pod.ip.to_string(),
                    "podIPs": [{"ip": pod.ip.to_string()}], "containerStatuses": statuses},
     })
 }

@@ -7,6 +7,7 @@
 pub mod container;
 pub mod kernel;
 pub mod kube_api;
+pub mod leftovers;
 mod metrics;
 pub mod observer;
 pub mod prometheus;

@@ -3,9 +3,10 @@
 //! replacement: the ClusterIP is translated at `connect()`, inside the pod),
 //! a translation inside the pod (iptables DNAT in the pod's own `OUTPUT`
 //! chain), and a sidecar mesh (the pod's outbound TCP redirected to a proxy
-//! container). The same (pod, container, class, peer, Service) rows must
-//! show, through a real Prometheus, whatever the dataplane; and a policy on
-//! the Service must apply to it.
+//! container); on the lab's process pods and on real pods (containerd). The
+//! same (pod, container, class, peer, Service) rows must show, through a
+//! real Prometheus, whatever the dataplane, the cluster DNS queries among
+//! them; and a policy on the Service must apply to it.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use integration_test::{
     Observer, Prometheus, TempDir,
     container::{Connect, connect_from, container},
 };
-use lab::{Lab, Plan};
+use lab::{Lab, Plan, Runtime};
 
 const WAIT: Duration = Duration::from_secs(40);
 
@@ -23,6 +24,7 @@ const LAB: &str = r#"
 apiVersion: observer-lab/v1
 kind: Lab
 name: dataplanes
+runtime: RUNTIME
 network:
   dataplane: DATAPLANE
 nodes:
@@ -43,7 +45,7 @@ pods:
     mesh: MESH
     containers:
       - name: to-service
-        command: [sh, -c, 'for i in $(seq 600); do curl -s -m 2 -o /dev/null http://10.96.0.10/; sleep 1; done']
+        command: [sh, -c, 'for i in $(seq 600); do curl -s -m 2 -o /dev/null http://web/; sleep 1; done']
       - name: to-pod
         command: [sh, -c, 'for i in $(seq 600); do curl -s -m 2 -o /dev/null http://10.244.1.10/; sleep 1; done']
       - name: stats
@@ -108,6 +110,15 @@ fn expected(mode: Mode) -> Vec<Row> {
             selector: r#"pod="web",server_container="web",class="pod",direction="egress",peer="client""#.into(),
         },
         Row {
+            // UDP is not redirected to a sidecar: the container asks.
+            what: "the name asked of the cluster's DNS, by the container that calls",
+            selector: r#"pod="client",client_container="to-service",class="service",direction="egress",peer_namespace="kube-system",peer="kube-dns",protocol="udp",port="53""#.into(),
+        },
+        Row {
+            what: "the DNS server's answers",
+            selector: r#"pod="kube-dns",server_container="dnsmasq",class="pod",direction="egress",peer="client",protocol="udp""#.into(),
+        },
+        Row {
             what: "one-way datagrams name their receiver",
             selector: r#"pod="client",class="localhost",protocol="udp",port="8125",client_container="stats",server_container="agent""#.into(),
         },
@@ -131,7 +142,7 @@ fn expected(mode: Mode) -> Vec<Row> {
     rows
 }
 
-fn lab(mode: Mode) -> Plan {
+fn lab(mode: Mode, runtime: Runtime) -> Plan {
     let dataplane = if mode == Mode::SocketLb {
         "socket-lb"
     } else {
@@ -142,12 +153,15 @@ fn lab(mode: Mode) -> Plan {
     } else {
         "none"
     };
-    let text = LAB.replace("DATAPLANE", dataplane).replace("MESH", mesh);
+    let text = LAB
+        .replace("DATAPLANE", dataplane)
+        .replace("MESH", mesh)
+        .replace("RUNTIME", runtime.name());
     Plan::from_yaml(&text, "dataplanes").expect("a valid lab")
 }
 
-fn check(mode: Mode) {
-    let lab = Lab::up_for_test(&lab(mode)).expect("lab up");
+fn check(mode: Mode, runtime: Runtime) {
+    let lab = Lab::up_for_test(&lab(mode, runtime)).expect("lab up");
     if mode == Mode::PodDnat {
         // A translation inside the pod's namespace: its own nat OUTPUT chain
         // sends the ClusterIP to the backend, as a socket load balancer
@@ -188,7 +202,11 @@ fn check(mode: Mode) {
     let prometheus = Prometheus::scraping(observer.addr());
     for row in expected(mode) {
         let selector = format!("observer_flow_packets_total{{{}}}", row.selector);
-        prometheus.wait_positive_or(&selector, WAIT, &format!("{mode:?}: {}", row.what));
+        prometheus.wait_positive_or(
+            &selector,
+            WAIT,
+            &format!("{mode:?} on {runtime:?}: {}", row.what),
+        );
     }
     // Every row the pods send names the container that sent it.
     let nameless = prometheus.query(
@@ -247,20 +265,35 @@ spec:
 
 #[test]
 fn the_same_rows_behind_kube_proxy() {
-    check(Mode::KubeProxy);
+    check(Mode::KubeProxy, Runtime::Process);
 }
 
 #[test]
 fn the_same_rows_behind_a_socket_load_balancer() {
-    check(Mode::SocketLb);
+    check(Mode::SocketLb, Runtime::Process);
 }
 
 #[test]
 fn the_same_rows_behind_a_translation_in_the_pod() {
-    check(Mode::PodDnat);
+    check(Mode::PodDnat, Runtime::Process);
 }
 
 #[test]
 fn the_same_rows_behind_a_sidecar_proxy() {
-    check(Mode::Sidecar);
+    check(Mode::Sidecar, Runtime::Process);
+}
+
+#[test]
+fn the_same_rows_on_containerd_pods_behind_kube_proxy() {
+    check(Mode::KubeProxy, Runtime::Containerd);
+}
+
+#[test]
+fn the_same_rows_on_containerd_pods_behind_a_socket_load_balancer() {
+    check(Mode::SocketLb, Runtime::Containerd);
+}
+
+#[test]
+fn the_same_rows_on_containerd_pods_behind_a_sidecar_proxy() {
+    check(Mode::Sidecar, Runtime::Containerd);
 }

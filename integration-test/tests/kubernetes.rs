@@ -12,7 +12,7 @@ use integration_test::{
     kube_api::{self, Kind},
     observer::{free_port, http_get},
 };
-use lab::{Lab, Plan};
+use lab::{Lab, Plan, Runtime};
 use serde_json::json;
 
 #[test]
@@ -206,5 +206,156 @@ fn a_policy_naming_an_unknown_service_is_refused_once_the_api_is_listed() {
         "{}",
         observer.log()
     );
+    assert!(observer.terminate().success());
+}
+
+/// In the shop pod, only the sidecar may reach the app's 8080 over
+/// localhost.
+const SHOP_LOCALHOST: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: shop-localhost}
+spec:
+  podSelector: {namespace: shop, matchLabels: {app: shop}}
+  mode: enforce
+  rules:
+  - {name: sidecar, class: localhost, ports: [8080], clientContainers: [sidecar], action: allow}
+  - {name: no-one-else, class: localhost, ports: [8080], action: deny}
+";
+
+/// Kubernetes mode on real pods: containerd made them through CRI (the lab
+/// as their kubelet), the API reports them as a real API server does, and
+/// the observer finds them through /proc and the runtime's cgroups. A
+/// container restarted by the runtime (a new id and cgroup), a pod deleted
+/// and made again under the same name, and a pod whose sandbox runs alone
+/// for a while are all followed, named and held to the policy.
+#[test]
+fn kubernetes_mode_follows_real_pods_through_restarts_and_recreation() {
+    let mut lab =
+        Lab::up_for_test(&Plan::default_lab().with_runtime(Runtime::Containerd)).expect("lab up");
+    let dir = TempDir::new("kube-containerd");
+    let api_addr = free_port();
+    let api = FakeApi::serve(api_addr);
+    api.load(lab.inventory());
+    let kubeconfig = kube_api::kubeconfig(api_addr, dir.path());
+    let policy = dir.write("policy.yaml", SHOP_LOCALHOST);
+    let observer = Observer::start(&[
+        "--policy",
+        &policy,
+        "--kubernetes",
+        "--node",
+        "node-1",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--collect-interval",
+        "1s",
+        "--series-grace",
+        "1s",
+    ]);
+    let local: Vec<String> = lab
+        .inventory()
+        .pods
+        .iter()
+        .filter(|p| p.node == "node-1")
+        .map(|p| p.name.clone())
+        .collect();
+    observer.eventually("node-1's pods attached", |m| {
+        local
+            .iter()
+            .all(|pod| m.sum("observer_programs_attached", &[("pod", pod)]) == 3.0)
+    });
+    let packets = "observer_flow_packets_total";
+    let fetcher_to_web = [
+        ("pod", "web"),
+        ("class", "localhost"),
+        ("direction", "request"),
+        ("client_container", "fetcher"),
+        ("server_container", "web"),
+    ];
+    observer.eventually("fetcher -> web, named through containerd's ids", |m| {
+        m.sum(packets, &fetcher_to_web) > 0.0
+    });
+    observer.eventually(
+        "the client's DNS queries, with the container that asked",
+        |m| {
+            m.sum(
+                packets,
+                &[
+                    ("pod", "client"),
+                    ("class", "service"),
+                    ("peer_namespace", "kube-system"),
+                    ("peer", "kube-dns"),
+                    ("client_container", "to-service"),
+                ],
+            ) > 0.0
+        },
+    );
+    let enforced = |lab: &Lab, what: &str| {
+        let (sidecar, netns) = container(lab, "shop", "shop", "sidecar");
+        let (app, _) = container(lab, "shop", "shop", "app");
+        assert_eq!(
+            connect_from(&sidecar, &netns, "127.0.0.1", 8080),
+            Connect::Connected,
+            "{what}: the sidecar"
+        );
+        assert_eq!(
+            connect_from(&app, &netns, "127.0.0.1", 8080),
+            Connect::NotPermitted,
+            "{what}: anyone else"
+        );
+    };
+    enforced(&lab, "first");
+
+    // The runtime restarts a container: a new id, a new cgroup, one more
+    // restart in the pod's status.
+    let old = lab.pod("default", "web").unwrap().clone();
+    let web = lab
+        .restart_container("default", "web", "fetcher")
+        .expect("restart");
+    let (old_id, new_id) = (&old.containers[1].id, &web.containers[1].id);
+    assert_ne!(old_id, new_id);
+    let restarts = lab.restarts("default", "web");
+    assert_eq!(restarts["fetcher"], 1);
+    api.apply(Kind::Pods, kube_api::pod_object_restarted(&web, &restarts));
+    let before = observer.scrape().sum(packets, &fetcher_to_web);
+    observer.eventually("the restarted fetcher's requests, named", |m| {
+        m.sum(packets, &fetcher_to_web) > before + 2.0
+    });
+    assert!(
+        !observer.scrape().has(packets, "client_container", new_id),
+        "the new container went by its id"
+    );
+
+    // The shop pod deleted, and made again under its name: a new UID. Its
+    // sandbox runs alone for a while (containers being created).
+    let shop = lab.pod("shop", "shop").unwrap().clone();
+    lab.delete_pod("shop", "shop").expect("delete");
+    api.delete(Kind::Pods, &shop.uid);
+    observer.eventually("the deleted pod detached", |m| {
+        !m.has("observer_programs_attached", "pod", "shop")
+    });
+    let sandbox = lab.create_pod("shop", "shop", true).expect("a new sandbox");
+    assert_ne!(sandbox.uid, shop.uid);
+    assert!(sandbox.containers.is_empty());
+    api.apply(
+        Kind::Pods,
+        kube_api::pending_pod_object(&sandbox, &["app", "sidecar"]),
+    );
+    observer.eventually("the new pod attached through its sandbox alone", |m| {
+        m.sum("observer_programs_attached", &[("pod", "shop")]) == 3.0
+    });
+    let shop = lab.start_containers("shop", "shop").expect("containers");
+    api.apply(Kind::Pods, kube_api::pod_object(&shop));
+    let sidecar_to_app = [
+        ("pod", "shop"),
+        ("class", "localhost"),
+        ("direction", "request"),
+        ("client_container", "sidecar"),
+        ("server_container", "app"),
+    ];
+    observer.eventually("the new pod's sidecar -> app, named", |m| {
+        m.sum(packets, &sidecar_to_app) > 0.0
+    });
+    enforced(&lab, "the pod made again");
     assert!(observer.terminate().success());
 }

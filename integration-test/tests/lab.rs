@@ -11,30 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use integration_test::leftovers::{Machine, alive, assert_lab_gone};
 use lab::{Lab, Netns, Plan};
 use observer_common::inventory::Inventory;
-
-/// What the root namespace looks like: none of it may change.
-fn root_namespace() -> String {
-    let mut snapshot = String::new();
-    for (program, args) in [
-        ("ip", &["-d", "link", "show"][..]),
-        ("ip", &["addr", "show"]),
-        ("ip", &["route", "show", "table", "all"]),
-        ("ip", &["rule", "show"]),
-        ("tc", &["qdisc", "show"]),
-        ("iptables-save", &[]),
-    ] {
-        let out = Command::new(program).args(args).output().expect(program);
-        let text = String::from_utf8_lossy(&out.stdout);
-        // iptables-save stamps its output with the time.
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            snapshot.push_str(line);
-            snapshot.push('\n');
-        }
-    }
-    snapshot
-}
 
 fn curl(netns: &Netns, url: &str) -> Result<String, String> {
     let out = Command::new("ip")
@@ -68,31 +47,9 @@ fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-fn assert_gone(name: &str) {
-    let prefix = format!("obslab-{name}-");
-    let left: Vec<_> = fs::read_dir("/var/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(left.is_empty(), "namespaces left: {left:?}");
-    let cgroups: Vec<_> = fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(" - cgroup2 "))
-        .map(|l| Path::new(l.split_whitespace().nth(4).unwrap()).join(format!("obslab-{name}")))
-        .filter(|p| p.exists())
-        .collect();
-    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
-    assert!(!Path::new(lab::STATE_DIR).join(name).exists(), "state left");
-}
-
 #[test]
 fn the_default_lab_produces_every_scenario_and_leaves_nothing() {
-    let before = root_namespace();
+    let before = Machine::now();
     let started = Instant::now();
     let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
     assert!(
@@ -133,6 +90,18 @@ fn the_default_lab_produces_every_scenario_and_leaves_nothing() {
     assert_eq!(curl(&web, "http://localhost/").unwrap(), "Hello");
     // The Service answers through DNAT: nothing owns 10.96.0.10.
     assert_eq!(curl(&client, "http://10.96.0.10/").unwrap(), "Hello");
+    // By name, through the cluster's DNS (the pod's resolv.conf, which
+    // `ip netns exec` honours, searches its namespace's Services first).
+    assert_eq!(curl(&client, "http://web/").unwrap(), "Hello");
+    assert_eq!(curl(&client, "http://shop.shop:8080/").unwrap(), "shop");
+    assert_eq!(
+        curl(&client, "http://web.default.svc.cluster.local/").unwrap(),
+        "Hello"
+    );
+    eventually("the DNS server's log of the queries", || {
+        lab.log("kube-system", "kube-dns", "dnsmasq")
+            .contains("web.default.svc.cluster.local is 10.96.0.10")
+    });
     assert_eq!(curl(&client, "http://10.96.0.20:8080/").unwrap(), "shop");
     // A ClusterIP that no Service has is dropped inside the lab (a timeout).
     assert_eq!(
@@ -181,7 +150,7 @@ fn the_default_lab_produces_every_scenario_and_leaves_nothing() {
         .expect("a valid inventory");
     assert_eq!(&file, lab.inventory());
     assert_eq!(file.version, 1);
-    assert_eq!(file.pods.len(), 7);
+    assert_eq!(file.pods.len(), 8);
     assert_eq!(file.services[0].endpoints[0].ip.to_string(), "10.244.1.10");
 
     let pids: Vec<String> = lab
@@ -199,19 +168,8 @@ fn the_default_lab_produces_every_scenario_and_leaves_nothing() {
         .collect();
     assert!(pids.len() >= 11, "{pids:?}");
     drop(lab);
-    assert_gone(&name);
-    // A zombie waiting for init to reap it is dead already.
-    let alive: Vec<_> = pids
-        .iter()
-        .filter(|pid| {
-            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                stat.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-            })
-        })
-        .collect();
-    assert!(alive.is_empty(), "processes left: {alive:?}");
-    assert_eq!(root_namespace(), before, "the root namespace changed");
+    assert_lab_gone(&name, &before);
+    assert_eq!(alive(&pids), Vec::<String>::new(), "processes left");
 }
 
 #[test]
@@ -237,6 +195,7 @@ fn a_lab_that_fails_to_start_leaves_nothing() {
 
 #[test]
 fn a_killed_run_is_cleaned_up() {
+    let before = Machine::now();
     let mut holder = Command::new(env!("CARGO_BIN_EXE_lab-holder"))
         .stdout(Stdio::piped())
         .spawn()
@@ -254,5 +213,5 @@ fn a_killed_run_is_cleaned_up() {
     let removed = lab::cleanup_stale();
     assert!(removed.contains(&format!("lab {name}")), "{removed:?}");
     // ... until the cleanup of killed runs.
-    assert_gone(&name);
+    assert_lab_gone(&name, &before);
 }

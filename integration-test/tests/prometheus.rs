@@ -60,6 +60,9 @@ fn prometheus_sees_every_scenario_of_the_default_lab() {
         packets(r#"pod="client",class="external",direction="egress",port="8080",peer="external""#),
         // A container named on every class.
         packets(r#"pod="client",class="service",direction="egress",peer="web",client_container="to-service""#),
+        // Calls by name: the cluster's DNS, asked by the container that calls.
+        packets(r#"pod="client",class="service",direction="egress",peer_namespace="kube-system",peer="kube-dns",protocol="udp",port="53",client_container="to-shop""#),
+        packets(r#"pod="kube-dns",class="pod",direction="ingress",peer="client",protocol="udp",port="53",server_container="dnsmasq""#),
         packets(r#"pod="web",class="pod",direction="ingress",port="80",server_container="web""#),
         // One-way StatsD datagrams over localhost name their receiver.
         packets(r#"pod="metrics",class="localhost",protocol="udp",port="8125",client_container="app",server_container="agent""#),
@@ -100,8 +103,8 @@ fn prometheus_sees_every_scenario_of_the_default_lab() {
     prometheus.wait_positive("observer_build_info", WAIT);
     assert_eq!(
         prometheus.query("sum(observer_programs_attached)"),
-        [21.0],
-        "7 pods, 3 programs each"
+        [24.0],
+        "8 pods (the cluster DNS among them), 3 programs each"
     );
     assert!(observer.terminate().success());
 }

@@ -4,9 +4,13 @@
 //! apart by cgroup, as on a real node.
 
 use std::{
+    ffi::CString,
     fs::{self, File, OpenOptions},
     io,
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::{
+        fd::AsRawFd,
+        unix::{ffi::OsStrExt, process::CommandExt},
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -31,6 +35,20 @@ pub fn cgroup2_root() -> Result<PathBuf, LabError> {
             (after.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
         })
         .ok_or(LabError::NoCgroup2)
+}
+
+/// Where the cgroup v1 hierarchies are mounted (none on a pure cgroup v2
+/// machine). runc, on a hybrid machine, makes a container's cgroup in each.
+pub fn cgroup1_roots() -> Vec<PathBuf> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let mount_point = before.split_whitespace().nth(4)?;
+            (after.split_whitespace().next()? == "cgroup").then(|| PathBuf::from(mount_point))
+        })
+        .collect()
 }
 
 /// A cgroup of a test's own, `<cgroup2>/obslab-<pid>-<n>-<role>`: removed
@@ -97,6 +115,9 @@ pub struct Launch<'a> {
     pub log: &'a Path,
     /// The user and group to run as; `None`: as the lab runs (root).
     pub user: Option<u32>,
+    /// A file to see as `/etc/resolv.conf` (in a mount namespace of the
+    /// process's own, as `ip netns exec` does it).
+    pub resolv_conf: Option<&'a Path>,
 }
 
 /// Starts a container process: in `cgroup` first, then in `netns`, in a
@@ -121,6 +142,15 @@ pub fn spawn(launch: &Launch<'_>) -> Result<Child, LabError> {
         .stderr(log);
     let (procs_fd, netns_fd) = (procs.as_raw_fd(), netns.as_raw_fd());
     let user = launch.user;
+    let resolv_conf = launch
+        .resolv_conf
+        .map(|path| CString::new(path.as_os_str().as_bytes()))
+        .transpose()
+        .map_err(|_| LabError::Io {
+            what: "a resolv.conf path with a NUL byte".into(),
+            source: io::ErrorKind::InvalidInput.into(),
+        })?;
+    let (root, etc_resolv_conf) = (c"/", c"/etc/resolv.conf");
     // SAFETY: only async-signal-safe calls between fork and exec, on fds that
     // stay open until `spawn` returns.
     unsafe {
@@ -131,6 +161,27 @@ pub fn spawn(launch: &Launch<'_>) -> Result<Child, LabError> {
                 || libc::setsid() < 0
             {
                 return Err(io::Error::last_os_error());
+            }
+            if let Some(resolv_conf) = &resolv_conf {
+                let null = std::ptr::null::<libc::c_char>();
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        null,
+                        root.as_ptr(),
+                        null,
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        null.cast(),
+                    ) != 0
+                    || libc::mount(
+                        resolv_conf.as_ptr(),
+                        etc_resolv_conf.as_ptr(),
+                        null,
+                        libc::MS_BIND,
+                        null.cast(),
+                    ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
             }
             // Last: joining the cgroup and the namespace take root.
             if let Some(user) = user

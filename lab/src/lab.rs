@@ -24,7 +24,7 @@ use crate::{
     netns::{self, NETNS_DIR, Netns},
     network::{self, Names},
     runtime, socket_lb,
-    spec::{Dataplane, Plan},
+    spec::{Dataplane, Plan, PodSpec, Runtime},
     state::down,
 };
 
@@ -38,7 +38,10 @@ static NEXT_TEST_LAB: AtomicU32 = AtomicU32::new(0);
 /// A lab that is up. Dropping it takes it down, unless it was [`Lab::keep`]t.
 pub struct Lab {
     name: String,
+    plan: Plan,
     inventory: Inventory,
+    /// The nodes' kubelets and containerds, with the containerd runtime.
+    nodes: Option<runtime::cri::Nodes>,
     children: Vec<Child>,
     keep: bool,
 }
@@ -66,6 +69,8 @@ impl Lab {
                 external_hosts: Vec::new(),
             },
             name,
+            plan: plan.clone(),
+            nodes: None,
             children: Vec::new(),
             keep: false,
         };
@@ -118,11 +123,128 @@ impl Lab {
 
     /// What a container printed so far.
     pub fn log(&self, namespace: &str, pod: &str, container: &str) -> String {
+        if let (Some(nodes), Some(spec)) = (&self.nodes, self.pod_spec(namespace, pod)) {
+            return nodes.log(spec, container);
+        }
         fs::read_to_string(log_path(
             &self.name,
             &format!("{namespace}_{pod}_{container}"),
         ))
         .unwrap_or_default()
+    }
+
+    /// containerd runtime: the node's containerd process (its mount
+    /// namespace is the node's filesystem).
+    pub fn containerd_pid(&self, node: &str) -> Option<u32> {
+        self.nodes.as_ref()?.containerd_pid(node)
+    }
+
+    /// How pods are made in this lab.
+    pub fn runtime(&self) -> Runtime {
+        self.plan.spec.runtime
+    }
+
+    /// containerd runtime: what the kubelet does when a container exited: a
+    /// new container in the pod (new id, new cgroup). Returns the pod as it
+    /// is now.
+    pub fn restart_container(
+        &mut self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<Pod, LabError> {
+        let spec = self.known_pod(namespace, pod)?;
+        let described = self.cri()?.restart_container(&spec, container)?;
+        self.wait_listening(std::slice::from_ref(&described))?;
+        Ok(self.record(described))
+    }
+
+    /// containerd runtime: deletes a pod (its containers, its sandbox).
+    pub fn delete_pod(&mut self, namespace: &str, pod: &str) -> Result<(), LabError> {
+        let spec = self.known_pod(namespace, pod)?;
+        self.cri()?.delete_pod(&spec)?;
+        self.inventory
+            .pods
+            .retain(|p| !(p.namespace == namespace && p.name == pod));
+        Ok(())
+    }
+
+    /// containerd runtime: makes a pod of the lab file again (a new UID),
+    /// after [`Lab::delete_pod`]; with `sandbox_only`, only its sandbox (the
+    /// pod's state between RunPodSandbox and its first container), until
+    /// [`Lab::start_containers`].
+    pub fn create_pod(
+        &mut self,
+        namespace: &str,
+        pod: &str,
+        sandbox_only: bool,
+    ) -> Result<Pod, LabError> {
+        let spec = self.known_pod(namespace, pod)?;
+        let index = self
+            .plan
+            .spec
+            .pods
+            .iter()
+            .position(|p| p.namespace == namespace && p.name == pod)
+            .expect("known");
+        let ip = self.plan.pod_ips[index];
+        let services = self.inventory.services.clone();
+        let described = self.cri()?.start_pod(&spec, ip, &services, sandbox_only)?;
+        self.wait_listening(std::slice::from_ref(&described))?;
+        Ok(self.record(described))
+    }
+
+    /// containerd runtime: starts the containers of a pod made with
+    /// `sandbox_only`.
+    pub fn start_containers(&mut self, namespace: &str, pod: &str) -> Result<Pod, LabError> {
+        let spec = self.known_pod(namespace, pod)?;
+        let described = self.cri()?.start_containers(&spec)?;
+        self.wait_listening(std::slice::from_ref(&described))?;
+        Ok(self.record(described))
+    }
+
+    /// containerd runtime: how many times each container of the pod was
+    /// restarted.
+    pub fn restarts(&self, namespace: &str, pod: &str) -> std::collections::BTreeMap<String, u32> {
+        match (&self.nodes, self.pod_spec(namespace, pod)) {
+            (Some(nodes), Some(spec)) => nodes.restarts(spec),
+            _ => Default::default(),
+        }
+    }
+
+    fn pod_spec(&self, namespace: &str, pod: &str) -> Option<&PodSpec> {
+        self.plan
+            .spec
+            .pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == pod)
+    }
+
+    fn known_pod(&self, namespace: &str, pod: &str) -> Result<PodSpec, LabError> {
+        self.pod_spec(namespace, pod)
+            .cloned()
+            .ok_or_else(|| LabError::NoSuchPod(format!("{namespace}/{pod}")))
+    }
+
+    fn cri(&mut self) -> Result<&mut runtime::cri::Nodes, LabError> {
+        self.nodes.as_mut().ok_or(LabError::NotContainerd)
+    }
+
+    /// Puts the pod, as it is now, in the inventory (and its file).
+    fn record(&mut self, pod: Pod) -> Pod {
+        let pods = &mut self.inventory.pods;
+        match pods
+            .iter_mut()
+            .find(|p| p.namespace == pod.namespace && p.name == pod.name)
+        {
+            Some(entry) => *entry = pod.clone(),
+            None => pods.push(pod.clone()),
+        }
+        let json = serde_json::to_string_pretty(&self.inventory).expect("serializable");
+        if let Err(err) = fs::write(self.inventory_path(), json) {
+            eprintln!("lab {}: writing the inventory: {err}", self.name);
+        }
+        pod
     }
 
     /// What an external host's server printed so far.
@@ -144,6 +266,8 @@ impl Lab {
         }
         fs::write(state.join("lab.yaml"), plan.source.as_bytes())
             .map_err(io_error("writing lab.yaml".into()))?;
+        fs::write(state.join("runtime"), spec.runtime.name())
+            .map_err(io_error("writing the runtime".into()))?;
 
         network::build(plan, &names)?;
 
@@ -209,6 +333,7 @@ impl Lab {
                     env,
                     log: &log,
                     user: None,
+                    resolv_conf: None,
                 })?);
             }
             self.inventory.external_hosts.push(ExternalHost {
@@ -218,31 +343,48 @@ impl Lab {
             });
         }
 
-        for p in 0..spec.pods.len() {
-            let pod = runtime::start_pod(
-                &runtime::PodStart {
-                    lab: &self.name,
-                    plan,
-                    index: p,
-                    names: &names,
-                    cgroup_root: &cgroup_root,
-                    services: &self.inventory.services,
-                },
+        if spec.runtime == Runtime::Containerd {
+            self.nodes = Some(runtime::cri::Nodes::start(
+                &self.name,
+                plan,
+                &cgroup_root,
+                &state,
                 &mut self.children,
-            )?;
+            )?);
+        }
+        for p in 0..spec.pods.len() {
+            let pod = match &mut self.nodes {
+                Some(nodes) => nodes.start_pod(
+                    &spec.pods[p],
+                    plan.pod_ips[p],
+                    &self.inventory.services,
+                    false,
+                )?,
+                None => runtime::process::start_pod(
+                    &runtime::process::PodStart {
+                        lab: &self.name,
+                        plan,
+                        index: p,
+                        names: &names,
+                        cgroup_root: &cgroup_root,
+                        services: &self.inventory.services,
+                    },
+                    &mut self.children,
+                )?,
+            };
             self.inventory.pods.push(pod);
         }
 
         let json = serde_json::to_string_pretty(&self.inventory).expect("serializable");
         fs::write(self.inventory_path(), json).map_err(io_error("writing the inventory".into()))?;
-        self.wait_listening()
+        self.wait_listening(&self.inventory.pods)
     }
 
-    /// Waits until every declared TCP port listens in its pod, reading the
+    /// Waits until every declared TCP port of `pods` listens, reading the
     /// pod's socket table (so the check itself sends no traffic).
-    fn wait_listening(&self) -> Result<(), LabError> {
+    fn wait_listening(&self, pods: &[Pod]) -> Result<(), LabError> {
         let deadline = Instant::now() + LISTEN_TIMEOUT;
-        for pod in &self.inventory.pods {
+        for pod in pods {
             let netns = self.pod_netns(&pod.namespace, &pod.name);
             for c in &pod.containers {
                 for port in c.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
@@ -313,7 +455,7 @@ fn cgroup_root(lab: &str) -> Result<PathBuf, LabError> {
     Ok(container::cgroup2_root()?.join(format!("{}-{lab}", netns::PREFIX)))
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join(program))

@@ -16,6 +16,10 @@
 //! leftovers of a killed run are found and removed ([`cleanup_stale`]).
 
 mod container;
+mod containerd;
+mod cri;
+mod dns;
+mod kubelet;
 mod lab;
 mod netns;
 mod network;
@@ -25,10 +29,11 @@ pub mod spec;
 mod state;
 
 pub use container::{Cgroup, cgroup_id};
+pub use containerd::{LAB_IMAGE, LAB_IMAGE_ENV};
 pub use lab::{Lab, STATE_DIR};
 pub use netns::{Netns, veth};
-pub use spec::{Plan, SpecError};
-pub use state::{cleanup_stale, down, is_healthy, list, status};
+pub use spec::{Plan, Runtime, SpecError};
+pub use state::{cleanup_stale, down, is_healthy, list, runtime_of, status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -53,6 +58,23 @@ pub enum LabError {
     NoCgroup2,
     #[error("`{0}` is not installed (Debian: apt-get install iproute2 iptables)")]
     MissingTool(&'static str),
+    #[error("containerd of node {node}: {problem}")]
+    Containerd { node: String, problem: String },
+    #[error(
+        "the containerd runtime runs the lab's image: run through `cargo xtask` (which \
+         builds it), or set OBSERVER_LAB_IMAGE to its OCI archive"
+    )]
+    NoLabImage,
+    #[error("kubelet of node {node}: pod {pod}: {problem}")]
+    Kubelet {
+        node: String,
+        pod: String,
+        problem: String,
+    },
+    #[error("the lab has no pod {0}")]
+    NoSuchPod(String),
+    #[error("only the containerd runtime makes, restarts and deletes pods one by one")]
+    NotContainerd,
     #[error("the socket load balancer: {0}")]
     SocketLb(String),
     #[error("{pod}: container {container} does not listen on port {port}; its log:\n{log}")]

@@ -11,10 +11,14 @@
 //!   CIDR, as the CNI bridge plugin makes it, and an `eth0` on the underlay
 //!   with the node's address. Nodes route each other's pod CIDRs.
 //! - A pod has `lo` and an `eth0` (the pod end of a veth on `cni0`) with an
-//!   address from its node's pod CIDR. Its address has no prefix route, so
-//!   all its traffic, to pods of the same node too, goes through the node's
-//!   gateway, where Service NAT happens both ways (kube-proxy relies on
-//!   br_netfilter for that; the lab does not load kernel modules).
+//!   address from its node's pod CIDR. With the process runtime the lab
+//!   makes both, and the address has no prefix route, so all the pod's
+//!   traffic, to pods of the same node too, goes through the node's
+//!   gateway, where Service NAT happens both ways. With containerd the CNI
+//!   bridge plugin makes the bridge and the pods' interfaces (with a prefix
+//!   route: pods of a node talk over the bridge, and the node's
+//!   `bridge-nf-call-iptables`, on by default in a new namespace, gives
+//!   kube-proxy's NAT the bridged answers).
 //! - Services are iptables DNAT rules in every node, as kube-proxy writes
 //!   them in iptables mode. Traffic to the Service range that no rule
 //!   translates hits a blackhole route: dropped inside the lab.
@@ -27,7 +31,7 @@ use std::net::Ipv4Addr;
 use crate::{
     LabError,
     netns::Netns,
-    spec::{Dataplane, Mesh, PROXY_PORT, PROXY_UID, Plan},
+    spec::{Dataplane, Mesh, PROXY_PORT, PROXY_UID, Plan, Runtime},
 };
 
 /// Namespace names of one lab: `obslab-<lab>-...`.
@@ -92,10 +96,13 @@ pub fn build(plan: &Plan, names: &Names) -> Result<(), LabError> {
         ] {
             netns.sysctl(key, value)?;
         }
-        let gateway = format!("{}/{}", plan.gateway(i), node.pod_cidr.prefix_len());
-        netns.ip(&["link", "add", "cni0", "type", "bridge"])?;
-        netns.ip(&["addr", "add", &gateway, "dev", "cni0"])?;
-        netns.ip(&["link", "set", "cni0", "up"])?;
+        // With containerd, the CNI bridge plugin makes the bridge.
+        if spec.runtime == Runtime::Process {
+            let gateway = format!("{}/{}", plan.gateway(i), node.pod_cidr.prefix_len());
+            netns.ip(&["link", "add", "cni0", "type", "bridge"])?;
+            netns.ip(&["addr", "add", &gateway, "dev", "cni0"])?;
+            netns.ip(&["link", "set", "cni0", "up"])?;
+        }
         let address = format!("{}/{node_prefix}", plan.node_addresses[i]);
         uplink(netns, &underlay, &format!("n{i}"), &address)?;
         for (j, other) in spec.nodes.iter().enumerate() {
@@ -148,6 +155,10 @@ pub fn build(plan: &Plan, names: &Names) -> Result<(), LabError> {
         netns.ip(&["route", "add", &node_cidr, "dev", "eth0", "scope", "link"])?;
     }
 
+    if spec.runtime == Runtime::Containerd {
+        // Pods are the CNI's to network.
+        return Ok(());
+    }
     for (p, pod) in spec.pods.iter().enumerate() {
         let n = plan.node_index(&pod.node);
         let node = &nodes[n];
@@ -186,7 +197,7 @@ pub fn build(plan: &Plan, names: &Names) -> Result<(), LabError> {
 
 /// A sidecar mesh's capture, in the pod's namespace: its outbound TCP goes
 /// to the proxy, but for the proxy's own (uid 1337) and loopback's.
-fn redirect_to_proxy(pod: &Netns) -> Result<(), LabError> {
+pub(crate) fn redirect_to_proxy(pod: &Netns) -> Result<(), LabError> {
     let uid = PROXY_UID.to_string();
     let port = PROXY_PORT.to_string();
     let rules: [&[&str]; 5] = [

@@ -10,19 +10,29 @@ use crate::{
     lab::{STATE_DIR, state_dir},
     netns,
     network::Names,
+    spec::Runtime,
 };
 
-/// Takes down the lab called `name`: its processes, cgroups, namespaces
-/// (with their interfaces, routes and iptables rules) and files. Idempotent.
+/// Takes down the lab called `name`: its processes (containerd and its
+/// pods among them, whose mounts go with the node's mount namespace),
+/// cgroups, namespaces (with their interfaces, routes and iptables rules)
+/// and files. Idempotent.
 pub fn down(name: &str) -> Result<(), LabError> {
     // First: the socket load balancer's links go with the lab's bpffs.
     crate::socket_lb::uninstall(&state_dir(name));
+    let cgroup = format!("{}-{name}", netns::PREFIX);
     if let Ok(root) = container::cgroup2_root() {
-        container::remove_cgroup_tree(&root.join(format!("{}-{name}", netns::PREFIX)))?;
+        container::remove_cgroup_tree(&root.join(&cgroup))?;
+    }
+    // runc's cgroups in the v1 hierarchies of a hybrid machine: empty now.
+    for root in container::cgroup1_roots() {
+        container::remove_cgroup_tree(&root.join(&cgroup))?;
     }
     for netns in netns::named_with_prefix(Names::new(name).prefix()) {
         netns::delete(&netns)?;
     }
+    remove_etc_netns(Names::new(name).prefix())?;
+    unmount_below(&state_dir(name))?;
     match fs::remove_dir_all(state_dir(name)) {
         Err(err) if err.kind() != io::ErrorKind::NotFound => Err(LabError::Io {
             what: format!("removing {}", state_dir(name).display()),
@@ -30,6 +40,74 @@ pub fn down(name: &str) -> Result<(), LabError> {
         }),
         _ => Ok(()),
     }
+}
+
+/// Removes the pods' `/etc/netns/<name>` directories (their resolv.conf),
+/// and `/etc/netns` itself once empty.
+fn remove_etc_netns(prefix: &str) -> Result<(), LabError> {
+    let dir = Path::new(crate::runtime::ETC_NETNS);
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(prefix) {
+            fs::remove_dir_all(entry.path()).map_err(|source| LabError::Io {
+                what: format!("removing {}", entry.path().display()),
+                source,
+            })?;
+        }
+    }
+    // Fails while another lab has files there: that is fine.
+    let _ = fs::remove_dir(dir);
+    Ok(())
+}
+
+/// Unmounts whatever is mounted below `dir` in this mount namespace (the
+/// lab's bpffs, or mounts of a node whose namespace is gone but for them),
+/// so that removing `dir` never reaches into another filesystem.
+fn unmount_below(dir: &Path) -> Result<(), LabError> {
+    let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4).map(unescape))
+        .filter(|point| Path::new(point).starts_with(dir))
+        .collect();
+    // Deepest first.
+    mounts.sort_by_key(|point| std::cmp::Reverse(point.len()));
+    for point in mounts {
+        let c = std::ffi::CString::new(point.as_str()).map_err(|_| LabError::Io {
+            what: format!("{point}: a path with a NUL byte"),
+            source: io::ErrorKind::InvalidInput.into(),
+        })?;
+        // SAFETY: a NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(LabError::Io {
+                what: format!("unmounting {point}"),
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// mountinfo's escapes (`\040` for a space, ...).
+fn unescape(field: &str) -> String {
+    let mut out = String::new();
+    let mut rest = field;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        match u8::from_str_radix(rest.get(i + 1..i + 4).unwrap_or(""), 8) {
+            Ok(byte) => {
+                out.push(char::from(byte));
+                rest = &rest[i + 4..];
+            }
+            Err(_) => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out + rest
 }
 
 /// Labs with anything left on this machine: state, namespaces or cgroups.
@@ -76,6 +154,15 @@ pub fn cleanup_stale() -> Vec<String> {
     removed
 }
 
+/// How the lab called `name` makes its pods, if it is up.
+pub fn runtime_of(name: &str) -> Option<Runtime> {
+    fs::read_to_string(state_dir(name).join("runtime"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Whether the lab is fully up: every namespace there, every container
 /// running.
 pub fn is_healthy(name: &str) -> bool {
@@ -111,7 +198,11 @@ pub fn status(name: &str) -> Result<String, LabError> {
         what: format!("reading {}", path.display()),
         source: e.into(),
     })?;
-    let mut out = format!("lab {name} (inventory: {})\n", path.display());
+    let runtime = runtime_of(name).map_or("?", Runtime::name);
+    let mut out = format!(
+        "lab {name} (runtime {runtime}, inventory: {})\n",
+        path.display()
+    );
     for node in &inv.nodes {
         out += &format!(
             "  node {:<12} {:<15} pods {}\n",
@@ -167,4 +258,14 @@ pub fn status(name: &str) -> Result<String, LabError> {
         out += &format!("  ext  {:<24} {}\n", host.name, host.address);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_mountinfo_escapes() {
+        assert_eq!(super::unescape("/run/a\\040b"), "/run/a b");
+        assert_eq!(super::unescape("/plain"), "/plain");
+        assert_eq!(super::unescape("/odd\\x"), "/odd\\x");
+    }
 }

@@ -12,31 +12,35 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{
-    cargo,
-    cmd::{output, run},
-    packages,
-};
+use crate::{buildah::Buildah, cargo, cmd::output, packages};
 
 const NAME: &str = "observer";
 
-/// Builds and checks the image; returns the archive's path.
+/// Builds the release binary, then the image around it, and checks it;
+/// returns the archive's path.
 pub fn build(workspace: &Path) -> Result<PathBuf> {
-    packages::ensure(&[("buildah", "buildah"), ("skopeo", "skopeo")])?;
     crate::setup(workspace)?;
-    run(cargo(workspace).args(["build", "--release", "--package", "observer"]))?;
-    let binary = workspace.join("target/release/observer");
+    crate::cmd::run(cargo(workspace).args(["build", "--release", "--package", "observer"]))?;
+    package(
+        &workspace.join("target/release/observer"),
+        &workspace.join("target/image"),
+    )
+}
+
+/// The image around `binary` (the tests use their debug build), as an OCI
+/// archive in `dir`, checked.
+pub fn package(binary: &Path, dir: &Path) -> Result<PathBuf> {
+    packages::ensure(&[("buildah", "buildah"), ("skopeo", "skopeo")])?;
     let version = env!("CARGO_PKG_VERSION");
-    let dir = workspace.join("target/image");
-    fs::create_dir_all(&dir)?;
+    fs::create_dir_all(dir)?;
     let archive = dir.join(format!("{NAME}-{version}.tar"));
     let _ = fs::remove_file(&archive);
 
-    let buildah = Buildah::new(&dir);
+    let buildah = Buildah::new(dir);
     let container = buildah.output(&["from", "scratch"])?.trim().to_owned();
     let built = (|| -> Result<()> {
-        buildah.run(&["copy", &container, path(&binary), "/observer"])?;
-        for library in libraries(&binary)? {
+        buildah.run(&["copy", &container, path(binary), "/observer"])?;
+        for library in libraries(binary)? {
             // The file itself, at the path the binary asks for (the loader's
             // is a symlink on the host).
             let source = fs::canonicalize(&library)?;
@@ -95,7 +99,7 @@ pub fn build(workspace: &Path) -> Result<PathBuf> {
 }
 
 /// The shared libraries `ldd` says the binary loads (the loader included).
-fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+pub fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     let listing = output(Command::new("ldd").arg(binary))?;
     Ok(listing
         .lines()
@@ -115,38 +119,4 @@ fn inspect_field(json: &str, field: &str) -> Result<serde_json::Value> {
 
 fn path(path: &Path) -> &str {
     path.to_str().expect("UTF-8 paths")
-}
-
-/// buildah with its own storage under target/image (vfs: no overlay or fuse
-/// needed), so the machine's containers are not touched.
-struct Buildah {
-    args: Vec<String>,
-}
-
-impl Buildah {
-    fn new(dir: &Path) -> Self {
-        let args = vec![
-            "--storage-driver".into(),
-            "vfs".into(),
-            "--root".into(),
-            dir.join("storage").display().to_string(),
-            "--runroot".into(),
-            dir.join("run").display().to_string(),
-        ];
-        Self { args }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new("buildah");
-        command.args(&self.args).args(args);
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Result<()> {
-        run(&mut self.command(args))
-    }
-
-    fn output(&self, args: &[&str]) -> Result<String> {
-        output(&mut self.command(args))
-    }
 }

@@ -14,6 +14,10 @@ pub enum LabTask {
     Up {
         /// A lab file (YAML); see lab/default-lab.yaml.
         file: Option<std::path::PathBuf>,
+        /// How pods are made (overrides the file's `runtime`): process, or
+        /// containerd for real pods through CRI.
+        #[arg(long)]
+        runtime: Option<lab::Runtime>,
     },
     /// Remove labs: everything they made, also after a killed `up`.
     Down {
@@ -24,19 +28,23 @@ pub enum LabTask {
     Status,
 }
 
-pub fn run(task: LabTask) -> Result<()> {
+pub fn run(workspace: &Path, task: LabTask) -> Result<()> {
     match task {
-        LabTask::Up { file } => up(file.as_deref()).map(drop),
+        LabTask::Up { file, runtime } => up(workspace, file.as_deref(), runtime).map(drop),
         LabTask::Down { name } => down(name),
         LabTask::Status => status(),
     }
 }
 
 /// Builds the lab; returns its inventory path. Idempotent: a lab that is up
-/// with the same file is left as it is.
-pub fn up(file: Option<&Path>) -> Result<std::path::PathBuf> {
+/// with the same file and runtime is left as it is.
+pub fn up(
+    workspace: &Path,
+    file: Option<&Path>,
+    runtime: impl Into<Option<lab::Runtime>>,
+) -> Result<std::path::PathBuf> {
     packages::ensure(packages::LAB)?;
-    let plan = match file {
+    let mut plan = match file {
         Some(path) => {
             let text = fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
@@ -44,10 +52,20 @@ pub fn up(file: Option<&Path>) -> Result<std::path::PathBuf> {
         }
         None => Plan::default_lab(),
     };
+    if let Some(runtime) = runtime.into() {
+        plan = plan.with_runtime(runtime);
+    }
+    if plan.spec.runtime == lab::Runtime::Containerd {
+        packages::ensure_installed(packages::CONTAINERD)?;
+        let image = crate::lab_image::build(workspace)?;
+        // SAFETY: xtask is single-threaded here; the lab reads it below.
+        unsafe { std::env::set_var(lab::LAB_IMAGE_ENV, image) };
+    }
     let name = &plan.spec.name;
     let state = Path::new(lab::STATE_DIR).join(name);
     let inventory = state.join("inventory.json");
-    let same_file = fs::read_to_string(state.join("lab.yaml")).is_ok_and(|t| t == plan.source);
+    let same_file = fs::read_to_string(state.join("lab.yaml")).is_ok_and(|t| t == plan.source)
+        && lab::runtime_of(name) == Some(plan.spec.runtime);
     if same_file && lab::is_healthy(name) {
         eprintln!("lab {name} is already up with this file; nothing to do");
         return Ok(inventory);

@@ -3,11 +3,13 @@
 //! Each task installs what it needs first (`setup`), so a new machine needs
 //! nothing but Rust from rustup.
 
+mod buildah;
 mod cmd;
 mod compare;
 mod deploy;
 mod image;
 mod lab;
+mod lab_image;
 mod packages;
 mod test;
 mod toolchain;
@@ -40,6 +42,10 @@ enum Task {
         /// Stand up the default node lab first and observe its pods.
         #[arg(long)]
         lab: bool,
+        /// With --lab: how the lab makes pods (process, or containerd for
+        /// real pods through CRI).
+        #[arg(long, requires = "lab", default_value = "process")]
+        runtime: ::lab::Runtime,
         /// Arguments for `observer run` (see `observer run --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -78,8 +84,8 @@ fn main() -> Result<()> {
     let workspace = workspace_root();
     match cli.task {
         Task::Setup => setup(&workspace),
-        Task::Run { lab, args } => run_observer(&workspace, lab, &args),
-        Task::Lab(task) => lab::run(task),
+        Task::Run { lab, runtime, args } => run_observer(&workspace, lab.then_some(runtime), &args),
+        Task::Lab(task) => lab::run(&workspace, task),
         Task::Bench {
             cost_only,
             latency_only,
@@ -93,8 +99,13 @@ fn main() -> Result<()> {
         Task::Test { filter } => {
             packages::ensure(packages::LAB)?;
             packages::ensure(packages::TEST)?;
+            packages::ensure_installed(packages::CONTAINERD)?;
             let observer = build_observer(&workspace)?;
-            test::run_all(&workspace, &observer, filter.as_deref())
+            let images = test::Images {
+                lab: lab_image::build(&workspace)?,
+                observer: image::package(&observer, &workspace.join("target/image-test"))?,
+            };
+            test::run_all(&workspace, &observer, &images, filter.as_deref())
         }
     }
 }
@@ -165,12 +176,12 @@ fn bench(
     run(&mut bench)
 }
 
-fn run_observer(workspace: &Path, with_lab: bool, args: &[String]) -> Result<()> {
+fn run_observer(workspace: &Path, lab: Option<::lab::Runtime>, args: &[String]) -> Result<()> {
     let observer = build_observer(workspace)?;
     let mut command = as_root(&observer);
     command.arg("run");
-    if with_lab {
-        let inventory = lab::up(None)?;
+    if let Some(runtime) = lab {
+        let inventory = lab::up(workspace, None, runtime)?;
         command.arg("--inventory").arg(inventory);
         eprintln!(
             "run: live view: {} flows   (`cargo xtask lab down` removes the lab)",

@@ -16,28 +16,58 @@ pub fn ensure(wanted: &[(&str, &str)]) -> Result<()> {
     // Several programs may come from one package.
     missing.sort_unstable();
     missing.dedup();
+    install(&missing)
+}
+
+/// Installs the Debian packages that are not installed (for those whose
+/// files matter, not only a program in PATH).
+pub fn ensure_installed(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|package| !installed(package))
+        .collect();
+    install(&missing)
+}
+
+fn install(missing: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
     if which("apt-get").is_none() {
-        bail!(
-            "missing programs: install the packages {}",
-            missing.join(" ")
-        );
+        bail!("missing packages: install {}", missing.join(" "));
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-q"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
+        .args(missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .with_context(|| format!("installing {} failed: are you root?", missing.join(" ")))
 }
 
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["--show", "--showformat=${Status}", package])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).ends_with("installed"))
+}
+
+/// What the node lab's containerd runtime runs: containerd (with its CRI
+/// plugin), runc and the CNI plugins; the lab's image is built with buildah.
+pub const CONTAINERD: &[&str] = &[
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "buildah",
+    "skopeo",
+];
+
 /// What the node lab runs: iproute2, iptables (kube-proxy's rules), curl and
-/// Python (the default lab's clients and servers).
+/// Python (the default lab's clients and servers), dnsmasq (cluster DNS).
 pub const LAB: &[(&str, &str)] = &[
     ("ip", "iproute2"),
+    ("dnsmasq", "dnsmasq-base"),
     ("iptables", "iptables"),
     ("curl", "curl"),
     ("python3", "python3"),

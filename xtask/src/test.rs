@@ -1,13 +1,28 @@
 //! `cargo xtask test`: unit tests, then the end-to-end tests against the
 //! kernel, with one closing `N passed, N failed` line for both.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result};
 
 use crate::{cargo, is_root};
 
-pub fn run_all(workspace: &Path, observer: &Path, filter: Option<&str>) -> Result<()> {
+/// The images the end-to-end tests run: the lab's workload image, and the
+/// observer's around the binary under test.
+pub struct Images {
+    pub lab: PathBuf,
+    pub observer: PathBuf,
+}
+
+pub fn run_all(
+    workspace: &Path,
+    observer: &Path,
+    images: &Images,
+    filter: Option<&str>,
+) -> Result<()> {
     let mut tally = Tally::default();
     // Unit tests: everything but the end-to-end crate and the eBPF crate.
     let unit = tally.run(cargo(workspace).args(["test", "--workspace"]).args([
@@ -26,7 +41,9 @@ pub fn run_all(workspace: &Path, observer: &Path, filter: Option<&str>) -> Resul
     let mut command = cargo(workspace);
     command
         .args(["test", "--package", "integration-test"])
-        .env("OBSERVER_BIN", observer);
+        .env("OBSERVER_BIN", observer)
+        .env(lab::LAB_IMAGE_ENV, &images.lab)
+        .env("OBSERVER_IMAGE", &images.observer);
     if !is_root() {
         command.args(["--config", "target.'cfg(all())'.runner='sudo -E'"]);
     }

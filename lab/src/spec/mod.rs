@@ -28,6 +28,9 @@ pub struct LabSpec {
     pub kind: String,
     /// Lowercase letters, digits and `-`; names the lab's namespaces.
     pub name: String,
+    /// How pods are made.
+    #[serde(default)]
+    pub runtime: Runtime,
     #[serde(default)]
     pub network: NetworkSpec,
     pub nodes: Vec<NodeSpec>,
@@ -54,6 +57,10 @@ pub struct NetworkSpec {
     /// How Services are implemented.
     #[serde(default)]
     pub dataplane: Dataplane,
+    /// The ClusterIP of the cluster's DNS Service, `kube-system/kube-dns`,
+    /// which the lab adds with its DNS server pod.
+    #[serde(rename = "clusterDNS", default = "default_cluster_dns")]
+    pub cluster_dns: Ipv4Addr,
 }
 
 impl Default for NetworkSpec {
@@ -63,6 +70,42 @@ impl Default for NetworkSpec {
             node_cidr: default_node_cidr(),
             external_cidr: default_external_cidr(),
             dataplane: Dataplane::default(),
+            cluster_dns: default_cluster_dns(),
+        }
+    }
+}
+
+/// How the lab makes pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Runtime {
+    /// Each container a process the lab starts, in a cgroup laid out as the
+    /// kubelet lays it out, in a network namespace the lab made.
+    #[default]
+    Process,
+    /// Real pods: a containerd per node, called through CRI by the lab as
+    /// the kubelet, networked by the CNI bridge plugin; containers run the
+    /// lab's image.
+    Containerd,
+}
+
+impl Runtime {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::Containerd => "containerd",
+        }
+    }
+}
+
+impl std::str::FromStr for Runtime {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "process" => Ok(Self::Process),
+            "containerd" => Ok(Self::Containerd),
+            _ => Err(format!("`{text}`: the runtime is process or containerd")),
         }
     }
 }
@@ -102,6 +145,9 @@ const PROXY_SCRIPT: &str = include_str!("../../sidecar-proxy.py");
 
 fn default_service_cidr() -> Ipv4Net {
     "10.96.0.0/16".parse().expect("valid")
+}
+fn default_cluster_dns() -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, 0, 53)
 }
 fn default_node_cidr() -> Ipv4Net {
     "172.18.0.0/24".parse().expect("valid")
@@ -154,6 +200,10 @@ pub struct ContainerSpec {
     /// The user (and group) it runs as; root by default.
     #[serde(default)]
     pub run_as_user: Option<u32>,
+    /// Requests and limits: they decide the pod's QoS class, hence its
+    /// cgroup (nothing is enforced).
+    #[serde(default)]
+    pub resources: crate::kubelet::Resources,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -251,10 +301,23 @@ impl Plan {
         let mut check = Checker::default();
         check.header(&spec)?;
         add_sidecars(&mut spec)?;
+        let cluster_dns = spec.network.cluster_dns;
+        if !spec.network.service_cidr.contains(&cluster_dns) {
+            return check::problem(
+                "network.clusterDNS",
+                format!(
+                    "{cluster_dns} is not in network.serviceCIDR ({})",
+                    spec.network.service_cidr
+                ),
+            );
+        }
+        crate::dns::add(&mut spec, cluster_dns)
+            .or_else(|problem| check::problem("network.clusterDNS", problem))?;
         let node_addresses = check.network(&spec)?;
         let pod_ips = check.pods(&spec)?;
         let endpoints = check.services(&spec)?;
         check.external(&spec)?;
+        crate::dns::command(&mut spec, &pod_ips);
         Ok(Self {
             spec,
             source: source.into(),
@@ -264,9 +327,20 @@ impl Plan {
         })
     }
 
+    /// The same lab on another runtime.
+    pub fn with_runtime(mut self, runtime: Runtime) -> Self {
+        self.spec.runtime = runtime;
+        self
+    }
+
     /// The meshed pods, by index.
     pub fn meshed(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.spec.pods.len()).filter(|&p| self.spec.pods[p].mesh == Mesh::Sidecar)
+    }
+
+    /// The cluster DNS Service's address, for pods' resolv.conf.
+    pub fn cluster_dns(&self) -> Ipv4Addr {
+        self.spec.network.cluster_dns
     }
 
     /// The gateway of a node's pods: the first address of its pod CIDR.
@@ -303,6 +377,7 @@ fn add_sidecars(spec: &mut LabSpec) -> Check<()> {
                 protocol: Protocol::Tcp,
             }],
             run_as_user: Some(PROXY_UID),
+            resources: Default::default(),
         });
     }
     Ok(())

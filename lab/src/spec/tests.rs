@@ -64,7 +64,31 @@ fn plans_addresses() {
     assert_eq!(plan.pod_ips[0], "10.244.1.2".parse::<Ipv4Addr>().unwrap());
     assert_eq!(plan.pod_ips[1], "10.244.2.50".parse::<Ipv4Addr>().unwrap());
     assert_eq!(plan.gateway(0), "10.244.1.1".parse::<Ipv4Addr>().unwrap());
-    assert_eq!(plan.endpoints, [vec![0]]);
+    // The lab's cluster DNS: a pod on the first node, behind its Service.
+    assert_eq!(plan.spec.pods[2].name, "kube-dns");
+    assert_eq!(plan.pod_ips[2], "10.244.1.3".parse::<Ipv4Addr>().unwrap());
+    assert_eq!(plan.endpoints, [vec![0], vec![2]]);
+    let dnsmasq = &plan.spec.pods[2].containers[0].command;
+    assert!(
+        dnsmasq.contains(&"--host-record=web.default.svc.cluster.local,10.96.0.10".to_owned()),
+        "{dnsmasq:?}"
+    );
+    assert!(
+        dnsmasq.contains(
+            &"--host-record=10-244-2-50.default.pod.cluster.local,10.244.2.50".to_owned()
+        )
+    );
+}
+
+#[test]
+fn names_the_cluster_dns_outside_the_service_range() {
+    let yaml = with("nodes:", "network:\n  clusterDNS: 10.97.0.53\nnodes:");
+    assert!(
+        Plan::from_yaml(&yaml, "lab.yaml")
+            .unwrap_err()
+            .to_string()
+            .contains("network.clusterDNS: 10.97.0.53 is not in network.serviceCIDR"),
+    );
 }
 
 #[test]

@@ -1,0 +1,631 @@
+//! The lab's kubelet, for the containerd runtime: it turns a pod into the
+//! CRI calls a kubelet makes (RunPodSandbox with the pod's cgroup parent
+//! and DNS, CreateContainer and StartContainer per container), sets up the
+//! pod's volumes in the node's filesystem, and restarts and deletes pods
+//! and containers on request. It runs no sync loop: what it does happens
+//! when the lab (or a test) asks.
+
+pub mod qos;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    LabError,
+    containerd::Containerd,
+    cri::api::{self, ContainerState, NamespaceMode},
+    lab::io_error,
+};
+pub use qos::{Qos, Resources};
+
+/// How long a stopped container gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A pod as the kubelet needs it, from a lab file or a manifest.
+#[derive(Clone, Debug, Default)]
+pub struct PodDef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    /// `hostPID: true`.
+    pub host_pid: bool,
+    /// The pod's resolv.conf (the cluster's DNS), if any.
+    pub dns: Option<api::DnsConfig>,
+    pub volumes: Vec<Volume>,
+    pub containers: Vec<ContainerDef>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ContainerDef {
+    pub name: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<VolumeMount>,
+    pub security: Security,
+    pub resources: Resources,
+}
+
+/// A container's `securityContext`.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    pub run_as_user: Option<i64>,
+    pub read_only_root: bool,
+    /// `allowPrivilegeEscalation: false`.
+    pub no_new_privileges: bool,
+    pub add_capabilities: Vec<String>,
+    pub drop_capabilities: Vec<String>,
+    pub seccomp: Option<api::ProfileType>,
+    pub apparmor: Option<api::ProfileType>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Volume {
+    pub name: String,
+    pub source: VolumeSource,
+}
+
+#[derive(Clone, Debug)]
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "host paths and files: the DaemonSet's pod, next")
+)]
+pub enum VolumeSource {
+    /// A directory of the pod's; in memory (tmpfs) if `memory`.
+    EmptyDir {
+        memory: bool,
+        size_limit: Option<String>,
+    },
+    /// A path of the node's.
+    HostPath(String),
+    /// Files (a ConfigMap's data), by name.
+    Files(BTreeMap<String, String>),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct VolumeMount {
+    pub volume: String,
+    pub path: String,
+    pub read_only: bool,
+    /// `mountPropagation: HostToContainer`.
+    pub host_to_container: bool,
+}
+
+/// A pod the kubelet runs.
+#[derive(Clone, Debug)]
+pub struct RunningPod {
+    pub def: PodDef,
+    pub sandbox: String,
+    /// The sandbox's process (the pause), which holds the namespaces.
+    pub sandbox_pid: u32,
+    pub ip: Option<Ipv4Addr>,
+    /// The pod's cgroup, from the hierarchy's root.
+    pub cgroup_parent: String,
+    pub containers: Vec<RunningContainer>,
+    config: api::PodSandboxConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunningContainer {
+    pub name: String,
+    pub id: String,
+    /// How many times it was restarted.
+    pub restarts: u32,
+}
+
+/// The kubelet of one node.
+pub struct Kubelet {
+    node: String,
+    containerd: Containerd,
+    /// The lab's cgroup, from the hierarchy's root (`/obslab-<lab>`):
+    /// `kubepods` goes below it.
+    cgroup_root: String,
+}
+
+impl Kubelet {
+    pub fn new(node: &str, containerd: Containerd, cgroup_root: String) -> Self {
+        Self {
+            node: node.into(),
+            containerd,
+            cgroup_root,
+        }
+    }
+
+    pub fn containerd(&self) -> &Containerd {
+        &self.containerd
+    }
+
+    /// Makes the pod's sandbox, at `ip` if given; no container yet.
+    pub fn run_sandbox(&self, def: &PodDef, ip: Option<Ipv4Addr>) -> Result<RunningPod, LabError> {
+        let qos = Qos::of(def.containers.iter().map(|c| &c.resources));
+        let cgroup_parent = format!("{}/{}", self.cgroup_root, qos.pod_cgroup(&def.uid));
+        let config = sandbox_config(def, &cgroup_parent);
+        self.volumes(def)?;
+        if let Some(ip) = ip {
+            self.containerd.next_address(ip)?;
+        }
+        let cri = self.containerd.cri();
+        let sandbox = cri
+            .run_pod_sandbox(&config)
+            .map_err(|e| self.error(def, e))?;
+        let state = cri
+            .pod_sandbox_status(&sandbox)
+            .map_err(|e| self.error(def, e))?;
+        let got = state.ip.as_deref().and_then(|ip| ip.parse().ok());
+        if let Some(want) = ip
+            && got != Some(want)
+        {
+            return Err(LabError::Kubelet {
+                node: self.node.clone(),
+                pod: pod_name(def),
+                problem: format!("the sandbox got {:?}, not the planned {want}", state.ip),
+            });
+        }
+        Ok(RunningPod {
+            def: def.clone(),
+            sandbox,
+            sandbox_pid: state.pid,
+            ip: got,
+            cgroup_parent,
+            containers: Vec::new(),
+            config,
+        })
+    }
+
+    /// Creates and starts the pod's containers, in order.
+    pub fn start_containers(&self, pod: &mut RunningPod) -> Result<(), LabError> {
+        for c in 0..pod.def.containers.len() {
+            let id = self.start_container(pod, c, 0)?;
+            pod.containers.push(RunningContainer {
+                name: pod.def.containers[c].name.clone(),
+                id,
+                restarts: 0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Does what the kubelet does when a container has exited: a new
+    /// container (new id, new cgroup) in the same sandbox. The old one is
+    /// stopped first if it still runs.
+    pub fn restart_container(&self, pod: &mut RunningPod, name: &str) -> Result<(), LabError> {
+        let c = pod
+            .containers
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| LabError::Kubelet {
+                node: self.node.clone(),
+                pod: pod_name(&pod.def),
+                problem: format!("no container {name}"),
+            })?;
+        let cri = self.containerd.cri();
+        let old = pod.containers[c].clone();
+        cri.stop_container(&old.id, STOP_GRACE)
+            .map_err(|e| self.error(&pod.def, e))?;
+        cri.remove_container(&old.id)
+            .map_err(|e| self.error(&pod.def, e))?;
+        let index = pod
+            .def
+            .containers
+            .iter()
+            .position(|d| d.name == name)
+            .expect("a running container has a definition");
+        let id = self.start_container(pod, index, old.restarts + 1)?;
+        pod.containers[c] = RunningContainer {
+            name: old.name,
+            id,
+            restarts: old.restarts + 1,
+        };
+        Ok(())
+    }
+
+    /// Deletes the pod: its containers, then its sandbox and network.
+    pub fn delete(&self, pod: &RunningPod) -> Result<(), LabError> {
+        let cri = self.containerd.cri();
+        for c in &pod.containers {
+            cri.stop_container(&c.id, STOP_GRACE)
+                .map_err(|e| self.error(&pod.def, e))?;
+        }
+        cri.stop_pod_sandbox(&pod.sandbox)
+            .map_err(|e| self.error(&pod.def, e))?;
+        cri.remove_pod_sandbox(&pod.sandbox)
+            .map_err(|e| self.error(&pod.def, e))
+    }
+
+    /// The container's log, as the runtime wrote it (CRI format: time,
+    /// stream, tag, then the line).
+    pub fn log(&self, pod: &RunningPod, container: &str) -> String {
+        let Some(c) = pod.containers.iter().find(|c| c.name == container) else {
+            return String::new();
+        };
+        let path = self.containerd.fs().host_path(&format!(
+            "{}/{}",
+            pod.config.log_directory,
+            log_path(container, c.restarts)
+        ));
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| line.splitn(4, ' ').nth(3).unwrap_or(line))
+            .fold(String::new(), |log, line| log + line + "\n")
+    }
+
+    fn start_container(
+        &self,
+        pod: &RunningPod,
+        index: usize,
+        attempt: u32,
+    ) -> Result<String, LabError> {
+        let def = &pod.def.containers[index];
+        let config = container_config(&pod.def, def, attempt, &self.volume_dir(&pod.def));
+        let cri = self.containerd.cri();
+        let id = cri
+            .create_container(&pod.sandbox, &config, &pod.config)
+            .map_err(|e| self.error(&pod.def, e))?;
+        cri.start_container(&id)
+            .map_err(|e| self.error(&pod.def, e))?;
+        // Running, or the reason it is not.
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let (status, _) = cri
+                .container_status(&id)
+                .map_err(|e| self.error(&pod.def, e))?;
+            match ContainerState::try_from(status.state) {
+                Ok(ContainerState::Running) => return Ok(id),
+                Ok(ContainerState::Exited) => {
+                    return Err(LabError::Kubelet {
+                        node: self.node.clone(),
+                        pod: pod_name(&pod.def),
+                        problem: format!(
+                            "container {} exited at once ({}, code {}): {}",
+                            def.name, status.reason, status.exit_code, status.message
+                        ),
+                    });
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(LabError::Kubelet {
+                        node: self.node.clone(),
+                        pod: pod_name(&pod.def),
+                        problem: format!("container {} did not start", def.name),
+                    });
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// `/var/lib/kubelet/pods/<uid>/volumes` of the node.
+    fn volume_dir(&self, def: &PodDef) -> String {
+        format!("/var/lib/kubelet/pods/{}/volumes", def.uid)
+    }
+
+    /// Makes the pod's volumes in the node's filesystem.
+    fn volumes(&self, def: &PodDef) -> Result<(), LabError> {
+        for volume in &def.volumes {
+            let Some(path) = volume_path(&self.volume_dir(def), volume) else {
+                continue;
+            };
+            let dir = self.containerd.fs().host_path(&path);
+            fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
+            match &volume.source {
+                VolumeSource::EmptyDir {
+                    memory: true,
+                    size_limit,
+                } => self.mount_tmpfs(&path, size_limit.as_deref())?,
+                VolumeSource::Files(files) => {
+                    for (name, text) in files {
+                        fs::write(dir.join(name), text)
+                            .map_err(io_error(format!("writing {name} of {}", volume.name)))?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The machine's path of a pod's volume directory.
+    #[expect(dead_code, reason = "the DaemonSet's pod, next")]
+    pub fn volume_host_path(&self, pod: &RunningPod, volume: &str) -> Option<PathBuf> {
+        let v = pod.def.volumes.iter().find(|v| v.name == volume)?;
+        let path = volume_path(&self.volume_dir(&pod.def), v)?;
+        Some(self.containerd.fs().host_path(&path))
+    }
+
+    /// Replaces a Files volume's contents, as the kubelet does when a
+    /// ConfigMap changes.
+    #[expect(dead_code, reason = "the DaemonSet's pod, next")]
+    pub fn update_files(
+        &self,
+        pod: &RunningPod,
+        volume: &str,
+        files: &BTreeMap<String, String>,
+    ) -> Result<(), LabError> {
+        let path = format!(
+            "{}/kubernetes.io~configmap/{volume}",
+            self.volume_dir(&pod.def)
+        );
+        let dir = self.containerd.fs().host_path(&path);
+        for (name, text) in files {
+            // Written beside and renamed: readers never see half a file.
+            let temporary = dir.join(format!(".{name}.new"));
+            fs::write(&temporary, text).map_err(io_error(format!("writing {name}")))?;
+            fs::rename(&temporary, dir.join(name)).map_err(io_error(format!("renaming {name}")))?;
+        }
+        Ok(())
+    }
+
+    /// A tmpfs in the node's mount namespace (where containerd sees it).
+    fn mount_tmpfs(&self, path: &str, size: Option<&str>) -> Result<(), LabError> {
+        let mount_ns = format!("/proc/{}/ns/mnt", self.containerd.pid());
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--mount={mount_ns}"));
+        command.args(["mount", "-t", "tmpfs"]);
+        if let Some(size) = size {
+            command.args(["-o", &format!("size={}", size.trim_end_matches('i'))]);
+        }
+        command.args(["tmpfs", path]);
+        let out = command.output().map_err(|source| LabError::Spawn {
+            command: format!("{command:?}"),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                command: format!("{command:?}"),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn error(&self, def: &PodDef, error: crate::cri::CriError) -> LabError {
+        LabError::Kubelet {
+            node: self.node.clone(),
+            pod: pod_name(def),
+            problem: error.to_string(),
+        }
+    }
+}
+
+fn pod_name(def: &PodDef) -> String {
+    format!("{}/{}", def.namespace, def.name)
+}
+
+/// Where a volume lives in the node, as the kubelet lays it out.
+fn volume_path(volume_dir: &str, volume: &Volume) -> Option<String> {
+    let kind = match &volume.source {
+        VolumeSource::EmptyDir { .. } => "kubernetes.io~empty-dir",
+        VolumeSource::Files(_) => "kubernetes.io~configmap",
+        VolumeSource::HostPath(_) => return None,
+    };
+    Some(format!("{volume_dir}/{kind}/{}", volume.name))
+}
+
+/// `<container>/<restarts>.log`, below the pod's log directory.
+fn log_path(container: &str, attempt: u32) -> String {
+    format!("{container}/{attempt}.log")
+}
+
+/// The namespaces of the pod's sandbox and containers.
+fn namespaces(def: &PodDef) -> api::NamespaceOption {
+    api::NamespaceOption {
+        network: NamespaceMode::Pod as i32,
+        pid: if def.host_pid {
+            NamespaceMode::Node
+        } else {
+            NamespaceMode::Container
+        } as i32,
+        ipc: NamespaceMode::Pod as i32,
+    }
+}
+
+/// The sandbox as the kubelet asks for it.
+fn sandbox_config(def: &PodDef, cgroup_parent: &str) -> api::PodSandboxConfig {
+    let mut labels = def.labels.clone();
+    labels.extend(kubernetes_labels(def));
+    api::PodSandboxConfig {
+        metadata: Some(api::PodSandboxMetadata {
+            name: def.name.clone(),
+            uid: def.uid.clone(),
+            namespace: def.namespace.clone(),
+            attempt: 0,
+        }),
+        hostname: def.name.clone(),
+        log_directory: format!("/var/log/pods/{}_{}_{}", def.namespace, def.name, def.uid),
+        dns_config: def.dns.clone(),
+        labels,
+        annotations: BTreeMap::new(),
+        linux: Some(api::LinuxPodSandboxConfig {
+            cgroup_parent: cgroup_parent.into(),
+            security_context: Some(api::LinuxSandboxSecurityContext {
+                namespace_options: Some(namespaces(def)),
+                ..Default::default()
+            }),
+            sysctls: BTreeMap::new(),
+        }),
+    }
+}
+
+/// The labels the kubelet puts on every sandbox and container.
+fn kubernetes_labels(def: &PodDef) -> [(String, String); 3] {
+    [
+        ("io.kubernetes.pod.name".into(), def.name.clone()),
+        ("io.kubernetes.pod.namespace".into(), def.namespace.clone()),
+        ("io.kubernetes.pod.uid".into(), def.uid.clone()),
+    ]
+}
+
+/// A container as the kubelet asks for it.
+fn container_config(
+    pod: &PodDef,
+    def: &ContainerDef,
+    attempt: u32,
+    volume_dir: &str,
+) -> api::ContainerConfig {
+    let mut labels: BTreeMap<String, String> = kubernetes_labels(pod).into_iter().collect();
+    labels.insert("io.kubernetes.container.name".into(), def.name.clone());
+    let mounts = def
+        .mounts
+        .iter()
+        .filter_map(|m| {
+            let volume = pod.volumes.iter().find(|v| v.name == m.volume)?;
+            let host_path = match &volume.source {
+                VolumeSource::HostPath(path) => path.clone(),
+                _ => volume_path(volume_dir, volume)?,
+            };
+            Some(api::Mount {
+                container_path: m.path.clone(),
+                host_path,
+                readonly: m.read_only,
+                propagation: if m.host_to_container {
+                    api::MountPropagation::HostToContainer
+                } else {
+                    api::MountPropagation::Private
+                } as i32,
+            })
+        })
+        .collect();
+    let security = &def.security;
+    let profile = |kind: Option<api::ProfileType>| {
+        kind.map(|kind| api::SecurityProfile {
+            profile_type: kind as i32,
+            localhost_ref: String::new(),
+        })
+    };
+    api::ContainerConfig {
+        metadata: Some(api::ContainerMetadata {
+            name: def.name.clone(),
+            attempt,
+        }),
+        image: Some(api::ImageSpec {
+            image: def.image.clone(),
+        }),
+        command: def.command.clone(),
+        args: def.args.clone(),
+        working_dir: String::new(),
+        envs: def
+            .env
+            .iter()
+            .map(|(key, value)| api::KeyValue {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        mounts,
+        labels,
+        annotations: [(
+            "io.kubernetes.container.restartCount".to_owned(),
+            attempt.to_string(),
+        )]
+        .into(),
+        log_path: log_path(&def.name, attempt),
+        linux: Some(api::LinuxContainerConfig {
+            security_context: Some(api::LinuxContainerSecurityContext {
+                capabilities: Some(api::Capability {
+                    add_capabilities: security.add_capabilities.clone(),
+                    drop_capabilities: security.drop_capabilities.clone(),
+                }),
+                privileged: false,
+                namespace_options: Some(namespaces(pod)),
+                run_as_user: security.run_as_user.map(|value| api::Int64Value { value }),
+                readonly_rootfs: security.read_only_root,
+                no_new_privs: security.no_new_privileges,
+                run_as_group: security.run_as_user.map(|value| api::Int64Value { value }),
+                seccomp: profile(security.seccomp),
+                apparmor: profile(security.apparmor),
+            }),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod() -> PodDef {
+        PodDef {
+            namespace: "observer".into(),
+            name: "observer-x".into(),
+            uid: "u-1".into(),
+            host_pid: true,
+            volumes: vec![
+                Volume {
+                    name: "cgroup".into(),
+                    source: VolumeSource::HostPath("/sys/fs/cgroup".into()),
+                },
+                Volume {
+                    name: "policy".into(),
+                    source: VolumeSource::Files(BTreeMap::new()),
+                },
+            ],
+            containers: vec![ContainerDef {
+                name: "observer".into(),
+                image: "observer:0.1.0".into(),
+                mounts: vec![
+                    VolumeMount {
+                        volume: "cgroup".into(),
+                        path: "/sys/fs/cgroup".into(),
+                        read_only: true,
+                        host_to_container: false,
+                    },
+                    VolumeMount {
+                        volume: "policy".into(),
+                        path: "/etc/observer/policy".into(),
+                        read_only: true,
+                        host_to_container: false,
+                    },
+                ],
+                security: Security {
+                    read_only_root: true,
+                    no_new_privileges: true,
+                    add_capabilities: vec!["BPF".into()],
+                    drop_capabilities: vec!["ALL".into()],
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn host_pid_shares_the_nodes_pid_namespace_only() {
+        let pod = pod();
+        let config = sandbox_config(&pod, "/lab/kubepods/besteffort/podu-1");
+        let linux = config.linux.unwrap();
+        assert_eq!(linux.cgroup_parent, "/lab/kubepods/besteffort/podu-1");
+        let ns = linux.security_context.unwrap().namespace_options.unwrap();
+        assert_eq!(ns.pid, NamespaceMode::Node as i32);
+        assert_eq!(ns.network, NamespaceMode::Pod as i32);
+        assert_eq!(
+            config.log_directory,
+            "/var/log/pods/observer_observer-x_u-1"
+        );
+    }
+
+    #[test]
+    fn containers_get_their_volumes_and_security_context() {
+        let pod = pod();
+        let config = container_config(&pod, &pod.containers[0], 2, "/v");
+        assert_eq!(config.mounts[0].host_path, "/sys/fs/cgroup");
+        assert_eq!(
+            config.mounts[1].host_path,
+            "/v/kubernetes.io~configmap/policy"
+        );
+        assert!(config.mounts.iter().all(|m| m.readonly));
+        let security = config.linux.unwrap().security_context.unwrap();
+        assert!(security.readonly_rootfs && security.no_new_privs);
+        assert_eq!(security.capabilities.unwrap().drop_capabilities, ["ALL"]);
+        assert_eq!(config.log_path, "observer/2.log");
+        assert_eq!(config.labels["io.kubernetes.container.name"], "observer");
+    }
+}
