@@ -5,12 +5,15 @@
 //!
 //! Only what the observer asks is implemented: GET of the core/v1 `pods`,
 //! `services` and `nodes` collections, the `spec.nodeName` field selector,
-//! and `watch=true` answered with a chunked stream of events.
+//! and `watch=true` answered with a chunked stream of events. Over plain
+//! HTTP for an observer given a kubeconfig; over TLS, with a CA of its own,
+//! for one in a pod (in-cluster configuration is https), listening in a
+//! lab node's network namespace where the pod reaches it.
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -71,9 +74,31 @@ pub struct FakeApi {
 }
 
 impl FakeApi {
-    /// Serves on `addr` (a free loopback port).
+    /// Serves on `addr` (a free loopback port), plain HTTP.
     pub fn serve(addr: SocketAddr) -> Self {
         let listener = TcpListener::bind(addr).expect("binding the fake API server");
+        Self::serve_on(listener, None)
+    }
+
+    /// Serves over TLS on `addr`, in the network namespace `netns` (a lab
+    /// node's); returns what a kubelet tells a pod of it (address, CA,
+    /// token).
+    pub fn serve_tls_in(netns: &lab::Netns, addr: SocketAddr) -> (Self, lab::ApiServer) {
+        let listener = netns
+            .run(|| TcpListener::bind(addr))
+            .expect("entering the node")
+            .expect("binding the fake API server");
+        let (config, ca_pem) = tls_config(addr);
+        let api = lab::ApiServer {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            ca_pem,
+            token: "lab-token".into(),
+        };
+        (Self::serve_on(listener, Some(config)), api)
+    }
+
+    fn serve_on(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         listener.set_nonblocking(true).unwrap();
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -83,7 +108,21 @@ impl FakeApi {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         let state = Arc::clone(&shared);
-                        thread::spawn(move || serve_connection(stream, state));
+                        let tls = tls.clone();
+                        thread::spawn(move || {
+                            stream.set_nonblocking(false).unwrap();
+                            match tls {
+                                None => serve_connection(stream, state),
+                                Some(config) => {
+                                    let connection = rustls::ServerConnection::new(config)
+                                        .expect("a TLS connection");
+                                    serve_connection(
+                                        rustls::StreamOwned::new(connection, stream),
+                                        state,
+                                    );
+                                }
+                            }
+                        });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(10)),
                 }
@@ -156,9 +195,8 @@ impl State {
     }
 }
 
-fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>) {
-    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut stream = stream;
+fn serve_connection(stream: impl Read + Write, state: Arc<Mutex<State>>) {
+    let mut reader = BufReader::new(stream);
     loop {
         let mut request_line = String::new();
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
@@ -182,7 +220,7 @@ fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>) {
             .map(|(k, v)| (k.to_owned(), decode(v)))
             .collect();
         let Some(kind) = Kind::from_path(path) else {
-            let _ = respond(&mut stream, "404 Not Found", "{}");
+            let _ = respond(reader.get_mut(), "404 Not Found", "{}");
             continue;
         };
         let node = params
@@ -196,7 +234,7 @@ fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>) {
                 node,
                 events: sender,
             });
-            stream_events(stream, events);
+            stream_events(reader.into_inner(), events);
             return;
         }
         let body = {
@@ -215,13 +253,13 @@ fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>) {
             })
             .to_string()
         };
-        if respond(&mut stream, "200 OK", &body).is_err() {
+        if respond(reader.get_mut(), "200 OK", &body).is_err() {
             return;
         }
     }
 }
 
-fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+fn respond(stream: &mut impl Write, status: &str, body: &str) -> std::io::Result<()> {
     write!(
         stream,
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -230,7 +268,7 @@ fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<
 }
 
 /// A watch: events as chunks until the server is dropped or the client goes.
-fn stream_events(mut stream: TcpStream, events: Receiver<String>) {
+fn stream_events(mut stream: impl Write, events: Receiver<String>) {
     let head =
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
     if stream.write_all(head.as_bytes()).is_err() {
@@ -243,6 +281,32 @@ fn stream_events(mut stream: TcpStream, events: Receiver<String>) {
         }
     }
     let _ = stream.write_all(b"0\r\n\r\n");
+}
+
+/// A CA of the test's own, and a certificate of it for `addr`'s IP.
+fn tls_config(addr: SocketAddr) -> (Arc<rustls::ServerConfig>, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![addr.ip().to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("a server certificate");
+    (Arc::new(config), ca_cert.pem())
 }
 
 fn decode(value: &str) -> String {

@@ -21,6 +21,7 @@ use observer_common::inventory::{
 use crate::{
     LabError,
     container::{self, Launch},
+    kubelet::manifest::{ApiServer, Manifest},
     netns::{self, NETNS_DIR, Netns},
     network::{self, Names},
     runtime, socket_lb,
@@ -34,6 +35,19 @@ pub const STATE_DIR: &str = "/run/observer-lab";
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 static NEXT_TEST_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// A pod from a manifest, for [`Lab::run_manifest_pod`].
+#[derive(Clone, Debug)]
+pub struct ManifestPod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub spec: k8s_openapi::api::core::v1::PodSpec,
+    /// The ConfigMaps its volumes and environment name.
+    pub config_maps: Vec<k8s_openapi::api::core::v1::ConfigMap>,
+    /// The API server the kubelet tells the pod of, with a token.
+    pub api: Option<ApiServer>,
+}
 
 /// A lab that is up. Dropping it takes it down, unless it was [`Lab::keep`]t.
 pub struct Lab {
@@ -123,8 +137,11 @@ impl Lab {
 
     /// What a container printed so far.
     pub fn log(&self, namespace: &str, pod: &str, container: &str) -> String {
-        if let (Some(nodes), Some(spec)) = (&self.nodes, self.pod_spec(namespace, pod)) {
-            return nodes.log(spec, container);
+        if let Some(nodes) = &self.nodes {
+            return match self.pod_spec(namespace, pod) {
+                Some(spec) => nodes.log(spec, container),
+                None => nodes.manifest_log(namespace, pod, container),
+            };
         }
         fs::read_to_string(log_path(
             &self.name,
@@ -201,6 +218,53 @@ impl Lab {
         let described = self.cri()?.start_containers(&spec)?;
         self.wait_listening(std::slice::from_ref(&described))?;
         Ok(self.record(described))
+    }
+
+    /// containerd runtime: loads an image (an OCI archive) into every
+    /// node, as pulling it would.
+    pub fn load_image(&self, archive: &Path) -> Result<(), LabError> {
+        self.nodes
+            .as_ref()
+            .ok_or(LabError::NotContainerd)?
+            .load_image(archive)
+    }
+
+    /// containerd runtime: runs a pod from a manifest (a DaemonSet's pod)
+    /// on `node`, as its kubelet would, at a free address of the node's.
+    /// It is not one of the lab's pods: not in the inventory.
+    pub fn run_manifest_pod(&mut self, node: &str, pod: &ManifestPod) -> Result<Pod, LabError> {
+        let n = self
+            .plan
+            .spec
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .ok_or_else(|| LabError::NoSuchPod(format!("node {node}")))?;
+        // The node's last free address: away from the lab file's pods.
+        let cidr = self.plan.spec.nodes[n].pod_cidr.trunc();
+        let taken: Vec<_> = self.plan.pod_ips.clone();
+        let ip = cidr
+            .hosts()
+            .rev()
+            .find(|ip| !taken.contains(ip))
+            .ok_or_else(|| LabError::NoSuchPod(format!("a free address on {node}")))?;
+        let uid = runtime::uid(&self.name, &pod.namespace, &pod.name, 0);
+        let manifest = Manifest {
+            namespace: &pod.namespace,
+            name: &pod.name,
+            uid: &uid,
+            node,
+            labels: pod.labels.clone(),
+            spec: &pod.spec,
+            config_maps: &pod.config_maps,
+            api: pod.api.as_ref(),
+        };
+        self.cri()?.run_manifest(node, &manifest, ip)
+    }
+
+    /// containerd runtime: deletes a pod run from a manifest.
+    pub fn delete_manifest_pod(&mut self, namespace: &str, name: &str) -> Result<(), LabError> {
+        self.cri()?.delete_manifest(namespace, name)
     }
 
     /// containerd runtime: how many times each container of the pod was

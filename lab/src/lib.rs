@@ -30,7 +30,8 @@ mod state;
 
 pub use container::{Cgroup, cgroup_id};
 pub use containerd::{LAB_IMAGE, LAB_IMAGE_ENV};
-pub use lab::{Lab, STATE_DIR};
+pub use kubelet::manifest::ApiServer;
+pub use lab::{Lab, ManifestPod, STATE_DIR};
 pub use netns::{Netns, veth};
 pub use spec::{Plan, Runtime, SpecError};
 pub use state::{cleanup_stale, down, is_healthy, list, runtime_of, status};

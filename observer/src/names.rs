@@ -61,6 +61,9 @@ pub struct Identities {
     pub nodes: HashMap<u32, String>,
     /// By cgroup id.
     pub containers: HashMap<u64, ContainerRef>,
+    /// The cgroup ids of the directories the named containers are in (pod
+    /// cgroups): a new cgroup in one is a container not named yet.
+    pub pod_cgroups: HashSet<u64>,
 }
 
 pub type SharedIdentities = Arc<Identities>;
@@ -123,6 +126,9 @@ impl Ids {
                 .pods
                 .insert(self.pods.id(&pod_ref), pod_ref.clone());
             for container in &pod.containers {
+                if let Some(&id) = container.cgroup.parent().and_then(|p| cgroups.get(p)) {
+                    identities.pod_cgroups.insert(id);
+                }
                 // A container whose cgroup is gone has no traffic to name.
                 if let Some(&id) = cgroups.get(&container.cgroup) {
                     identities.containers.insert(

@@ -207,7 +207,18 @@ impl Entry {
             // The old root goes on top of the new one, then away.
             check(libc::syscall(libc::SYS_pivot_root, self.dot.as_ptr(), self.dot.as_ptr()) as _)?;
             check(libc::umount2(self.dot.as_ptr(), libc::MNT_DETACH))?;
-            check(libc::chdir(self.slash.as_ptr()))
+            check(libc::chdir(self.slash.as_ptr()))?;
+            // Shared, as systemd makes a node's `/`: a pod's mount with
+            // HostToContainer propagation sees the node's new mounts (the
+            // namespaces in /var/run/netns). A peer group of the node's
+            // own: nothing propagates to the machine.
+            check(libc::mount(
+                null,
+                self.slash.as_ptr(),
+                null,
+                libc::MS_REC | libc::MS_SHARED,
+                null.cast(),
+            ))
         }
     }
 }

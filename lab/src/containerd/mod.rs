@@ -134,15 +134,37 @@ impl Containerd {
         self.pid
     }
 
-    /// Loads an image archive, as a registry pull would have.
+    /// Loads an image archive, as a registry pull would have: under the
+    /// image's full name (`observer:0.1.0` is `docker.io/library/observer:0.1.0`,
+    /// the name the CRI plugin looks for).
     pub fn import(&self, archive: &Path) -> Result<(), LabError> {
-        let socket = self.fs.host_path(SOCKET);
+        let out = self.ctr(&["images".as_ref(), "import".as_ref(), archive.as_os_str()])?;
+        // `unpacking observer:0.1.0 (sha256:...)...done`
+        for name in out
+            .lines()
+            .filter_map(|line| line.strip_prefix("unpacking ")?.split(' ').next())
+        {
+            let full = full_name(name);
+            if full != name {
+                self.ctr(&[
+                    "images".as_ref(),
+                    "tag".as_ref(),
+                    name.as_ref(),
+                    full.as_ref(),
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `ctr` on the node's containerd, in the CRI plugin's namespace.
+    fn ctr(&self, args: &[&std::ffi::OsStr]) -> Result<String, LabError> {
         let mut command = Command::new("ctr");
         command
             .arg("--address")
-            .arg(&socket)
-            .args(["--namespace", CRI_NAMESPACE, "images", "import"])
-            .arg(archive);
+            .arg(self.fs.host_path(SOCKET))
+            .args(["--namespace", CRI_NAMESPACE])
+            .args(args);
         let out = command.output().map_err(|source| LabError::Spawn {
             command: format!("{command:?}"),
             source,
@@ -153,7 +175,7 @@ impl Containerd {
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Steers host-local IPAM to `ip` for the next sandbox: it hands out
@@ -176,6 +198,16 @@ pub fn image_archive() -> Result<PathBuf, LabError> {
     match path {
         Some(path) if path.is_file() => Ok(path),
         _ => Err(LabError::NoLabImage),
+    }
+}
+
+/// An image name as Docker's rules complete it: `name:tag` is Docker
+/// Hub's library, `user/name` Docker Hub's, `host/...` a registry's.
+fn full_name(name: &str) -> String {
+    match name.split_once('/') {
+        None => format!("docker.io/library/{name}"),
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => name.into(),
+        Some(_) => format!("docker.io/{name}"),
     }
 }
 
@@ -299,6 +331,18 @@ mod tests {
             bridge["ipam"]["ranges"][0][0]["subnet"],
             serde_json::json!("10.244.1.0/24")
         );
+    }
+
+    #[test]
+    fn completes_image_names_as_docker_does() {
+        assert_eq!(
+            full_name("observer:0.1.0"),
+            "docker.io/library/observer:0.1.0"
+        );
+        assert_eq!(full_name("acme/observer:1"), "docker.io/acme/observer:1");
+        assert_eq!(full_name(LAB_IMAGE), LAB_IMAGE);
+        assert_eq!(full_name("ghcr.io/acme/o:1"), "ghcr.io/acme/o:1");
+        assert_eq!(full_name("registry:5000/o:1"), "registry:5000/o:1");
     }
 
     #[test]

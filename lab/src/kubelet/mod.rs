@@ -5,13 +5,13 @@
 //! and containers on request. It runs no sync loop: what it does happens
 //! when the lab (or a test) asks.
 
+pub mod manifest;
 pub mod qos;
 
 use std::{
     collections::BTreeMap,
     fs,
     net::Ipv4Addr,
-    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
@@ -75,10 +75,6 @@ pub struct Volume {
 }
 
 #[derive(Clone, Debug)]
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "host paths and files: the DaemonSet's pod, next")
-)]
 pub enum VolumeSource {
     /// A directory of the pod's; in memory (tmpfs) if `memory`.
     EmptyDir {
@@ -282,12 +278,20 @@ impl Kubelet {
             match ContainerState::try_from(status.state) {
                 Ok(ContainerState::Running) => return Ok(id),
                 Ok(ContainerState::Exited) => {
+                    let log = self.containerd.fs().host_path(&format!(
+                        "{}/{}",
+                        pod.config.log_directory,
+                        log_path(&def.name, attempt)
+                    ));
                     return Err(LabError::Kubelet {
                         node: self.node.clone(),
                         pod: pod_name(&pod.def),
                         problem: format!(
-                            "container {} exited at once ({}, code {}): {}",
-                            def.name, status.reason, status.exit_code, status.message
+                            "container {} exited at once ({}, code {}); its log:\n{}",
+                            def.name,
+                            status.reason,
+                            status.exit_code,
+                            fs::read_to_string(log).unwrap_or_default()
                         ),
                     });
                 }
@@ -329,37 +333,6 @@ impl Kubelet {
                 }
                 _ => {}
             }
-        }
-        Ok(())
-    }
-
-    /// The machine's path of a pod's volume directory.
-    #[expect(dead_code, reason = "the DaemonSet's pod, next")]
-    pub fn volume_host_path(&self, pod: &RunningPod, volume: &str) -> Option<PathBuf> {
-        let v = pod.def.volumes.iter().find(|v| v.name == volume)?;
-        let path = volume_path(&self.volume_dir(&pod.def), v)?;
-        Some(self.containerd.fs().host_path(&path))
-    }
-
-    /// Replaces a Files volume's contents, as the kubelet does when a
-    /// ConfigMap changes.
-    #[expect(dead_code, reason = "the DaemonSet's pod, next")]
-    pub fn update_files(
-        &self,
-        pod: &RunningPod,
-        volume: &str,
-        files: &BTreeMap<String, String>,
-    ) -> Result<(), LabError> {
-        let path = format!(
-            "{}/kubernetes.io~configmap/{volume}",
-            self.volume_dir(&pod.def)
-        );
-        let dir = self.containerd.fs().host_path(&path);
-        for (name, text) in files {
-            // Written beside and renamed: readers never see half a file.
-            let temporary = dir.join(format!(".{name}.new"));
-            fs::write(&temporary, text).map_err(io_error(format!("writing {name}")))?;
-            fs::rename(&temporary, dir.join(name)).map_err(io_error(format!("renaming {name}")))?;
         }
         Ok(())
     }

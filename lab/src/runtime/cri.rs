@@ -12,7 +12,7 @@ use std::{
     process::Child,
 };
 
-use observer_common::inventory::{Container, Pod, Service};
+use observer_common::inventory::{Container, ContainerPort, Pod, Service};
 
 use super::{pod_env, ports};
 use crate::{
@@ -23,6 +23,7 @@ use crate::{
     dns,
     kubelet::{
         ContainerDef, Kubelet, PodDef, RunningPod, Security, Volume, VolumeMount, VolumeSource,
+        manifest::{self, Manifest},
     },
     lab::netns_path,
     netns::{self, Netns},
@@ -44,6 +45,8 @@ pub struct Nodes {
     /// How many times each pod was made, for fresh UIDs.
     incarnations: BTreeMap<(String, String), u32>,
     cluster_dns: Ipv4Addr,
+    /// Pods run from manifests (not the lab file's), with their node.
+    manifests: BTreeMap<(String, String), (String, RunningPod)>,
 }
 
 impl Nodes {
@@ -99,6 +102,7 @@ impl Nodes {
             pods: BTreeMap::new(),
             incarnations: BTreeMap::new(),
             cluster_dns: plan.cluster_dns(),
+            manifests: BTreeMap::new(),
         })
     }
 
@@ -196,6 +200,67 @@ impl Nodes {
         }
     }
 
+    /// Runs a pod from a manifest on `node`, at `ip`, as that node's
+    /// kubelet would; named on the machine like the lab's pods.
+    pub fn run_manifest(
+        &mut self,
+        node: &str,
+        manifest: &Manifest,
+        ip: Ipv4Addr,
+    ) -> Result<Pod, LabError> {
+        let kubelet = self
+            .kubelets
+            .get(node)
+            .ok_or_else(|| LabError::NoSuchPod(format!("node {node}")))?;
+        let error = |problem: String| LabError::Kubelet {
+            node: node.into(),
+            pod: format!("{}/{}", manifest.namespace, manifest.name),
+            problem,
+        };
+        let mut def = manifest::pod_def(manifest).map_err(|e| error(e.to_string()))?;
+        def.dns = Some(api::DnsConfig {
+            servers: vec![self.cluster_dns.to_string()],
+            searches: dns::searches(manifest.namespace),
+            options: dns::OPTIONS.iter().map(|o| o.to_string()).collect(),
+        });
+        let mut running = kubelet.run_sandbox(&def, Some(ip))?;
+        let alias = self.names.pod(manifest.namespace, manifest.name);
+        netns::delete(&alias)?;
+        netns::ip(&["netns", "attach", &alias, &running.sandbox_pid.to_string()])?;
+        Netns::existing(&alias).sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        let started = kubelet.start_containers(&mut running);
+        let described = self.describe_with(node, &running, |_| Vec::new());
+        self.manifests.insert(
+            (manifest.namespace.into(), manifest.name.into()),
+            (node.into(), running),
+        );
+        started.map(|()| described)
+    }
+
+    /// Deletes a pod run from a manifest.
+    pub fn delete_manifest(&mut self, namespace: &str, name: &str) -> Result<(), LabError> {
+        let Some((node, running)) = self.manifests.remove(&(namespace.into(), name.into())) else {
+            return Ok(());
+        };
+        self.kubelets[&node].delete(&running)?;
+        netns::delete(&self.names.pod(namespace, name))
+    }
+
+    /// What a container of a pod run from a manifest printed.
+    pub fn manifest_log(&self, namespace: &str, name: &str, container: &str) -> String {
+        self.manifests
+            .get(&(namespace.into(), name.into()))
+            .map(|(node, running)| self.kubelets[node].log(running, container))
+            .unwrap_or_default()
+    }
+
+    /// Loads an image archive into every node.
+    pub fn load_image(&self, archive: &Path) -> Result<(), LabError> {
+        self.kubelets
+            .values()
+            .try_for_each(|k| k.containerd().import(archive))
+    }
+
     /// The node's containerd process, by node.
     pub fn containerd_pid(&self, node: &str) -> Option<u32> {
         self.kubelets.get(node).map(|k| k.containerd().pid())
@@ -209,30 +274,43 @@ impl Nodes {
 
     /// The pod as the inventory describes it.
     fn describe(&self, pod: &PodSpec, running: &RunningPod) -> Pod {
+        self.describe_with(&pod.node, running, |name| {
+            pod.containers
+                .iter()
+                .find(|s| s.name == name)
+                .map(ports)
+                .unwrap_or_default()
+        })
+    }
+
+    fn describe_with(
+        &self,
+        node: &str,
+        running: &RunningPod,
+        ports: impl Fn(&str) -> Vec<ContainerPort>,
+    ) -> Pod {
+        let def = &running.def;
         let containers = running
             .containers
             .iter()
-            .map(|c| {
-                let spec = pod.containers.iter().find(|s| s.name == c.name);
-                Container {
-                    name: c.name.clone(),
-                    id: c.id.clone(),
-                    cgroup: self
-                        .cgroup2
-                        .join(running.cgroup_parent.trim_start_matches('/'))
-                        .join(&c.id),
-                    ports: spec.map(ports).unwrap_or_default(),
-                }
+            .map(|c| Container {
+                name: c.name.clone(),
+                id: c.id.clone(),
+                cgroup: self
+                    .cgroup2
+                    .join(running.cgroup_parent.trim_start_matches('/'))
+                    .join(&c.id),
+                ports: ports(&c.name),
             })
             .collect();
         Pod {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            uid: running.def.uid.clone(),
-            node: pod.node.clone(),
-            labels: pod.labels.clone(),
+            namespace: def.namespace.clone(),
+            name: def.name.clone(),
+            uid: def.uid.clone(),
+            node: node.into(),
+            labels: def.labels.clone(),
             ip: running.ip.expect("a lab pod has its planned address"),
-            netns: Some(netns_path(&self.names.pod(&pod.namespace, &pod.name))),
+            netns: Some(netns_path(&self.names.pod(&def.namespace, &def.name))),
             containers,
         }
     }

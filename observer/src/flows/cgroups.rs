@@ -50,10 +50,18 @@ pub struct CgroupNames {
     /// Where cgroup v2 is mounted; `None`: nothing is named.
     root: Option<PathBuf>,
     /// Names, and when a series last asked for each.
-    names: HashMap<u64, (String, Instant)>,
+    names: HashMap<u64, Named>,
     /// Ids the last walk did not find, and when it ran.
     not_found: HashSet<u64>,
     walked: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Named {
+    name: String,
+    /// The id of the directory it is in.
+    parent: u64,
+    used: Instant,
 }
 
 impl CgroupNames {
@@ -65,7 +73,12 @@ impl CgroupNames {
     }
 
     pub fn name(&self, id: u64) -> Option<String> {
-        self.names.get(&id).map(|(name, _)| name.clone())
+        self.names.get(&id).map(|n| n.name.clone())
+    }
+
+    /// The id of the cgroup that `id` is in, if a walk found `id`.
+    pub fn parent(&self, id: u64) -> Option<u64> {
+        self.names.get(&id).map(|n| n.parent)
     }
 
     /// Makes the names of `ids` known: walks the hierarchy if one is not
@@ -74,12 +87,12 @@ impl CgroupNames {
     pub fn learn(&mut self, ids: &HashSet<u64>) {
         let now = Instant::now();
         for id in ids {
-            if let Some((_, used)) = self.names.get_mut(id) {
-                *used = now;
+            if let Some(named) = self.names.get_mut(id) {
+                named.used = now;
             }
         }
         self.names
-            .retain(|_, (_, used)| now.duration_since(*used) < FORGET_AFTER);
+            .retain(|_, n| now.duration_since(n.used) < FORGET_AFTER);
         let retry = self.walked.is_none_or(|t| t.elapsed() >= RETRY_AFTER);
         let missing: HashSet<u64> = ids
             .iter()
@@ -95,9 +108,12 @@ impl CgroupNames {
         };
         self.walked = Some(now);
         self.not_found = missing.clone();
-        let mut dirs = vec![(root.clone(), 0)];
+        let Ok(top) = std::fs::metadata(root) else {
+            return;
+        };
+        let mut dirs = vec![(root.clone(), top.ino(), 0)];
         let mut seen = 0;
-        while let Some((dir, depth)) = dirs.pop() {
+        while let Some((dir, parent, depth)) = dirs.pop() {
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
@@ -109,16 +125,18 @@ impl CgroupNames {
                 if seen > MAX_DIRS {
                     return;
                 }
-                let path = entry.path();
-                if let Ok(meta) = entry.metadata()
-                    && missing.contains(&meta.ino())
-                {
+                let Ok(meta) = entry.metadata() else {
+                    continue;
+                };
+                let id = meta.ino();
+                if missing.contains(&id) {
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    self.names.insert(meta.ino(), (name, now));
-                    self.not_found.remove(&meta.ino());
+                    let used = now;
+                    self.names.insert(id, Named { name, parent, used });
+                    self.not_found.remove(&id);
                 }
                 if depth + 1 < MAX_DEPTH {
-                    dirs.push((path, depth + 1));
+                    dirs.push((entry.path(), id, depth + 1));
                 }
             }
         }
@@ -149,6 +167,8 @@ mod tests {
         let mut names = CgroupNames::new(Some(root.clone()));
         names.learn(&HashSet::from([id, 1]));
         assert_eq!(names.name(id).as_deref(), Some("cri-containerd-abc.scope"));
+        let pod = std::fs::metadata(dir.parent().unwrap()).unwrap().ino();
+        assert_eq!(names.parent(id), Some(pod));
         assert_eq!(names.name(1), None);
         names.learn(&HashSet::new());
         assert!(names.name(id).is_some(), "kept a while without series");

@@ -209,6 +209,7 @@ impl Collector {
         let mut unknown = std::collections::HashSet::new();
         let mut live = 0u64;
         let mut series: HashMap<Series, Counts> = HashMap::new();
+        let mut pending = Vec::new();
         for entry in self.maps.flows.iter() {
             let (key, now) = entry.map_err(CollectError::Flows)?;
             let hash = self.hasher.hash_one(key);
@@ -233,32 +234,46 @@ impl Collector {
             let delta = difference(&now, &before.unwrap_or_default());
             if delta.packets > 0 {
                 let of = Series::of(&key, &now);
-                if awaits_name(&self.identities, &mut self.unnamed, &of, started) {
-                    // Counted at a later pass, under its container's name.
-                    let pass = self.pass;
-                    let kept = before.map_or(
-                        Seen {
-                            pass,
-                            ..Seen::default()
-                        },
-                        |b| Seen { pass, ..b },
-                    );
-                    self.last.insert(hash, kept);
+                let containers = &self.identities.containers;
+                if of.cgroups().any(|id| !containers.contains_key(&id)) {
+                    // Decided below, once the cgroup's name is known.
+                    pending.push((hash, before, of, delta));
                     continue;
                 }
                 series.entry(of).or_default().add(delta);
             }
         }
-        let pass = self.pass;
-        self.last.retain(|_, seen| seen.pass == pass);
 
         // Cgroups no identity names are named after their directory.
-        let unnamed: std::collections::HashSet<u64> = series
-            .keys()
-            .flat_map(Series::cgroups)
+        let unnamed: std::collections::HashSet<u64> = pending
+            .iter()
+            .flat_map(|(_, _, of, _)| of.cgroups())
             .filter(|id| !self.identities.containers.contains_key(id))
             .collect();
         self.cgroups.learn(&unnamed);
+        let pass = self.pass;
+        for (hash, before, of, delta) in pending {
+            if awaits_name(
+                &self.identities,
+                &self.cgroups,
+                &mut self.unnamed,
+                &of,
+                started,
+            ) {
+                // Counted at a later pass, under its container's name.
+                let kept = before.map_or(
+                    Seen {
+                        pass,
+                        ..Seen::default()
+                    },
+                    |b| Seen { pass, ..b },
+                );
+                self.last.insert(hash, kept);
+                continue;
+            }
+            series.entry(of).or_default().add(delta);
+        }
+        self.last.retain(|_, seen| seen.pass == pass);
         let containers = &self.identities.containers;
         self.unnamed
             .forget(|id| containers.contains_key(&id), started);
@@ -339,21 +354,27 @@ impl Collector {
     }
 }
 
-/// Whether the series' flows wait for a container's name: where the pods'
-/// source names containers (an inventory, the API), a container it does not
-/// name yet has just started; its name is on its way.
+/// Whether the series' flows wait for a container's name: a cgroup that
+/// the pods' source (an inventory, the API) does not name yet, in the cgroup
+/// of a pod it knows, is a container that has just started; its name is on
+/// its way. Cgroups outside pods (a process entered from the node) are not
+/// waited for.
 fn awaits_name(
     identities: &Identities,
+    cgroups: &CgroupNames,
     unnamed: &mut Unnamed,
     series: &Series,
     now: Instant,
 ) -> bool {
-    let containers = &identities.containers;
-    !containers.is_empty()
-        && series
-            .cgroups()
-            .filter(|id| !containers.contains_key(id))
-            .any(|id| unnamed.holds(id, now))
+    series
+        .cgroups()
+        .filter(|id| !identities.containers.contains_key(id))
+        .filter(|&id| {
+            cgroups
+                .parent(id)
+                .is_some_and(|p| identities.pod_cgroups.contains(&p))
+        })
+        .any(|id| unnamed.holds(id, now))
 }
 
 /// What a flow gained since `before`. A flow whose counters went down was

@@ -52,8 +52,8 @@ pub const SOCKET_PROGRAMS: [&str; 6] = [
     "policy_sendmsg6",
 ];
 
-const PRIVILEGES: &str = "the observer needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and \
-                          CAP_SYS_ADMIN, and a kernel with BTF";
+const PRIVILEGES: &str = "the observer needs root, or CAP_SYS_ADMIN, CAP_SYS_PTRACE and (before \
+                          Linux 6.6) CAP_NET_ADMIN, and a kernel with BTF";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {

@@ -224,15 +224,18 @@ fn pod_cgroup<'a>(mut containers: impl Iterator<Item = &'a Path>) -> Option<Path
         .map(Path::to_path_buf)
 }
 
-/// The cgroup ids of the inventory's containers whose cgroup exists.
+/// The cgroup ids of the inventory's containers, and of the pod cgroups
+/// they are in, whose cgroup exists.
 fn cgroup_ids(inventory: &Inventory) -> CgroupIds {
     inventory
         .pods
         .iter()
         .flat_map(|p| &p.containers)
-        .filter_map(|c| {
-            let id = std::fs::metadata(&c.cgroup).ok()?.ino();
-            Some((c.cgroup.clone(), id))
+        .flat_map(|c| [Some(c.cgroup.as_path()), c.cgroup.parent()])
+        .flatten()
+        .filter_map(|path| {
+            let id = std::fs::metadata(path).ok()?.ino();
+            Some((path.to_path_buf(), id))
         })
         .collect()
 }
