@@ -177,8 +177,12 @@ fn kubernetes_mode_follows_the_api_and_finds_pods_on_the_node() {
 
 /// In Kubernetes mode the Services are known once the API is listed: a
 /// policy naming one that does not exist is refused then.
+/// A rule naming a Service the API does not have (yet) waits for it; the
+/// rest of the file holds from the start, and the gauge says which pods
+/// wait. (It used to refuse the whole file once the API was listed: after
+/// a restart, no policy at all.)
 #[test]
-fn a_policy_naming_an_unknown_service_is_refused_once_the_api_is_listed() {
+fn a_rule_naming_a_service_that_does_not_exist_waits_and_the_rest_holds() {
     let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
     let dir = TempDir::new("kube-svc");
     let api_addr = free_port();
@@ -187,7 +191,7 @@ fn a_policy_naming_an_unknown_service_is_refused_once_the_api_is_listed() {
     let kubeconfig = kube_api::kubeconfig(api_addr, dir.path());
     let policy = dir.write(
         "policy.yaml",
-        "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  mode: enforce\n  rules:\n  - {class: service, service: {namespace: shop, name: nope}, action: deny}\n",
+        "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {namespace: default, matchLabels: {app: client}}\n  mode: enforce\n  rules:\n  - {name: later, class: service, service: {namespace: shop, name: later}, action: deny}\n  - {name: no-shop, class: service, service: {namespace: shop, name: shop}, action: deny}\n",
     );
     let observer = Observer::start(&[
         "--policy",
@@ -198,13 +202,37 @@ fn a_policy_naming_an_unknown_service_is_refused_once_the_api_is_listed() {
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
     ]);
-    observer.eventually("the refusal", |m| {
-        m.sum("observer_policy_reloads_total", &[("result", "refused")]) == 1.0
-    });
-    assert!(
-        observer.log().contains("there is no Service shop/nope"),
-        "{}",
-        observer.log()
+    let waiting = |m: &integration_test::Scrape| {
+        m.sum(
+            "observer_policy_unenforced_pods",
+            &[("pod", "client"), ("reason", "unknown_service")],
+        )
+    };
+    let m = observer.eventually("the rule waits", |m| waiting(m) == 1.0);
+    assert_eq!(
+        m.sum("observer_policy_reloads_total", &[("result", "refused")]),
+        0.0
+    );
+    let (client, client_netns) = container(&lab, "default", "client", "to-pod");
+    assert_eq!(
+        connect_from(&client, &client_netns, "10.96.0.20", 8080),
+        Connect::NotPermitted,
+        "the rest of the file holds"
+    );
+
+    // The Service is made: its rule holds, and nothing waits any more.
+    api.apply(
+        Kind::Services,
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "shop", "name": "later", "uid": "svc-shop-later"},
+            "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 80, "targetPort": 80, "protocol": "TCP"}]},
+        }),
+    );
+    observer.eventually("the rule holds", |m| waiting(m) == 0.0);
+    assert_eq!(
+        connect_from(&client, &client_netns, "10.96.0.30", 80),
+        Connect::NotPermitted
     );
     assert!(observer.terminate().success());
 }

@@ -142,6 +142,9 @@ pub mod flow_flags {
     /// translation may hide it from the packets): the reverse flow, whose
     /// packets come back translated, takes them too.
     pub const DECIDED_AT_SOCKET: u8 = 1;
+    /// UDP to a pod with a policy where no socket had the port: classified
+    /// and decided again at the next packet.
+    pub const AWAITS_LISTENER: u8 = 2;
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 
@@ -289,9 +292,12 @@ pub struct PodPolicy {
     /// Name the defaults in [`VERDICTS_MAP`].
     pub default_id: u32,
     pub default_ingress_id: u32,
+    /// The pod's address (IPv4-mapped), where its inbound flows arrive: a
+    /// UDP server's answer is told by the inbound flow it answers.
+    pub addr: [u8; 16],
     pub rule: [PolicyRule; MAX_POD_RULES],
 }
-const _: () = assert!(core::mem::size_of::<PodPolicy>() == 16 + 24 * MAX_POD_RULES);
+const _: () = assert!(core::mem::size_of::<PodPolicy>() == 32 + 24 * MAX_POD_RULES);
 
 /// Key of [`POLICY_MEMBERS_MAP`].
 #[repr(C)]

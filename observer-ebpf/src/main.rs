@@ -185,8 +185,11 @@ fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
     key.netns_cookie = cookie;
     let generation = GENERATION.get(0).copied().unwrap_or(0);
     if let Some(value) = FLOWS.get_ptr_mut(&key) {
+        // An inbound SYN opens a connection: decided as one by
+        // `classify_flow`, whatever the flow holds.
+        let opens = syn && direction == INGRESS;
         // SAFETY: a live map value.
-        if unsafe { (*value).generation } == generation {
+        if unsafe { (*value).generation } == generation && !opens {
             add(value, u64::from(ctx.len()), u64::from(syn));
             // SAFETY: as above.
             return action(unsafe { (*value).verdict });
@@ -218,17 +221,26 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Optio
         add(value, bytes, syn);
         // SAFETY: a live map value. Classification fields are written without
         // atomics: CPUs racing here write the same result.
-        unsafe {
-            if (*value).generation != generation {
-                (*value).generation = generation;
-                classify::classify(ctx, key, &mut *value);
-                (*value).verdict = 0;
-                if needs_decision(ctx, key, &*value) {
-                    return (0, Some(false));
-                }
+        let value = unsafe { &mut *value };
+        // A SYN to a pod with a policy is a new inbound connection: decided
+        // now, whatever the flow decided before (it may have reached no
+        // listener, or come before the policy). Counted unless the flow was
+        // already decided as inbound (a retransmitted SYN).
+        let opens = syn != 0 && key.direction == INGRESS && policy::has_policy(key.netns_cookie);
+        if value.generation != generation || opens {
+            let counted = (opens && value.server != server::DESTINATION)
+                || value.flags & flow_flags::AWAITS_LISTENER != 0;
+            value.generation = generation;
+            value.flags &= !flow_flags::AWAITS_LISTENER;
+            classify::classify(ctx, key, value);
+            value.verdict = 0;
+            match inbound(ctx, key, value) {
+                Inbound::Decide => return (0, Some(counted)),
+                Inbound::NobodyListens => awaits_listener(value, generation),
+                Inbound::No => {}
             }
-            return ((*value).verdict, None);
         }
+        return (value.verdict, None);
     }
     let mut first = FlowValue {
         packets: 1,
@@ -239,9 +251,13 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Optio
     };
     classify::classify(ctx, key, &mut first);
     pair_with_reverse(key, &mut first);
+    let decide = inbound(ctx, key, &first);
+    if decide == Inbound::NobodyListens {
+        awaits_listener(&mut first, generation);
+    }
     if FLOWS.insert(&*key, &first, u64::from(BPF_NOEXIST)).is_ok() {
         bump_stats(|s| s.flows_created += 1);
-        if needs_decision(ctx, key, &first) {
+        if decide == Inbound::Decide {
             return (0, Some(true));
         }
     } else if let Some(value) = FLOWS.get_ptr_mut(&*key) {
@@ -255,26 +271,57 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Optio
     (0, None)
 }
 
-/// Whether a flow is an inbound IPv4 connection to a pod with a policy (it
-/// enters at `eth0` and the pod is the server: a TCP listener, or a UDP
-/// socket bound to the port), to be decided by `decide_ingress`.
+/// Whether a flow is an inbound connection to be decided by `decide_ingress`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Inbound {
+    /// Not inbound, or the pod has no policy.
+    No,
+    /// An inbound IPv4 connection to a pod with a policy: it enters at
+    /// `eth0` and the pod is the server (a TCP listener, or a UDP socket
+    /// bound to the port).
+    Decide,
+    /// UDP to a pod with a policy where no socket has the port (yet):
+    /// decided again at the flow's next packet, so that a socket bound
+    /// later does not inherit an undecided flow.
+    NobodyListens,
+}
+
 #[inline(always)]
-fn needs_decision(ctx: &TcContext, key: &FlowKey, value: &FlowValue) -> bool {
+fn inbound(ctx: &TcContext, key: &FlowKey, value: &FlowValue) -> Inbound {
     if key.interface != interface::POD || key.direction != INGRESS || key.family != family::IPV4 {
-        return false;
+        return Inbound::No;
     }
     // SAFETY: a plain lookup. First: most pods have no policy, and telling
     // an inbound flow may take a socket lookup.
     if !policy::has_policy(key.netns_cookie) {
-        return false;
+        return Inbound::No;
     }
-    // UDP has no listener: a socket bound to the port, outside Linux's
-    // ephemeral range (where the replies to the pod's own queries land).
-    value.server == server::DESTINATION
-        || (key.protocol == protocol::UDP
-            && value.server == server::UNKNOWN
-            && key.dst_port < ports::EPHEMERAL_FIRST
-            && sockets::listening(ctx, key.family, key.protocol, key.dst_addr, key.dst_port))
+    if value.server == server::DESTINATION {
+        return Inbound::Decide;
+    }
+    // TCP without a listener: its next SYN decides. UDP to a socket the
+    // hooks did not see bound (one from before the observer): a socket
+    // bound to the port outside Linux's ephemeral range (where the replies
+    // to the pod's own queries land).
+    if key.protocol != protocol::UDP || value.server != server::UNKNOWN {
+        return Inbound::No;
+    }
+    if !sockets::listening(ctx, key.family, key.protocol, key.dst_addr, key.dst_port) {
+        return Inbound::NobodyListens;
+    }
+    if key.dst_port < ports::EPHEMERAL_FIRST {
+        Inbound::Decide
+    } else {
+        Inbound::No
+    }
+}
+
+/// Marks a flow to be classified again at its next packet (a generation
+/// that is never the current one), and its decision to be counted then.
+#[inline(always)]
+fn awaits_listener(value: &mut FlowValue, generation: u32) {
+    value.generation = generation.wrapping_sub(1);
+    value.flags |= flow_flags::AWAITS_LISTENER;
 }
 
 /// With diagnostics on (debug level), the classification of each flow, in

@@ -30,12 +30,12 @@ use observer_common::{
     FlowKey, FlowValue, MemberKey, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY,
     POLICY_MEMBERS_CAPACITY, PodPolicy, VERDICTS_CAPACITY, VerdictKey, classify,
     direction::{EGRESS, INGRESS},
-    ipv4_mapped,
+    family, interface, ipv4_mapped,
     policy::{self, Connection, Decision, RuleSets},
-    policy_cidr_key, ports, verdict,
+    policy_cidr_key, server, verdict,
 };
 
-use crate::{classify::KernelClassMaps, sockets};
+use crate::{FLOWS, classify::KernelClassMaps, sockets};
 
 /// Pod network namespace cookie to the pod's rules.
 #[map]
@@ -166,14 +166,10 @@ fn decide(ctx: &SockAddrContext, addr: [u8; 16], datagram: bool) -> i32 {
     let Some(pod) = (unsafe { POLICIES.get(&cookie) }) else {
         return 1;
     };
-    // A UDP server answering a client: sent from the server's port to the
-    // client's ephemeral one. Its inbound side was decided at ingress.
-    if datagram && port >= ports::EPHEMERAL_FIRST {
-        // SAFETY: `sk`, the sending socket, is always set for these hooks.
-        let local = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).src_port };
-        if local != 0 && local < u32::from(ports::EPHEMERAL_FIRST) {
-            return 1;
-        }
+    // A UDP server answering a client: its inbound side was decided at
+    // ingress.
+    if datagram && answers_inbound(ctx, cookie, pod, addr, port, proto) {
+        return 1;
     }
     let connection = Connection {
         direction: EGRESS,
@@ -190,6 +186,61 @@ fn decide(ctx: &SockAddrContext, addr: [u8; 16], datagram: bool) -> i32 {
     };
     count(ctx, cookie, &decision, &connection);
     i32::from(decision.enforced() != verdict::DENY)
+}
+
+/// Whether a datagram to `addr:port` answers one that came in: the flow
+/// from there to this socket's port is in the flow map, the pod was its
+/// server, and it was let in. Anything else the socket sends is judged as
+/// egress, whatever its ports.
+#[inline(always)]
+fn answers_inbound(
+    ctx: &SockAddrContext,
+    cookie: u64,
+    pod: &PodPolicy,
+    addr: [u8; 16],
+    port: u16,
+    proto: u8,
+) -> bool {
+    // SAFETY: `sk`, the sending socket, is always set for these hooks; its
+    // local port is in host order, its address in network order.
+    let (local_port, local_ip4) = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        ((*sk).src_port, (*sk).src_ip4)
+    };
+    if local_port == 0 {
+        return false;
+    }
+    // Over `lo` the asker's datagram passed `lo` egress, to the address it
+    // asked (a socket bound to any address has none of its own); on `eth0`
+    // it came in, to the pod's address.
+    let loopback = addr[12] == 127;
+    let local = if local_ip4 != 0 {
+        ipv4_mapped(local_ip4.to_ne_bytes())
+    } else if loopback {
+        addr
+    } else {
+        pod.addr
+    };
+    let key = FlowKey {
+        netns_cookie: cookie,
+        src_addr: addr,
+        dst_addr: local,
+        src_port: port,
+        dst_port: local_port as u16,
+        protocol: proto,
+        direction: if loopback { EGRESS } else { INGRESS },
+        family: family::IPV4,
+        interface: if loopback {
+            interface::LOOPBACK
+        } else {
+            interface::POD
+        },
+    };
+    // SAFETY: a plain lookup; the value is read at once.
+    match unsafe { FLOWS.get(&key) } {
+        Some(asked) => asked.server == server::DESTINATION && asked.verdict != verdict::DENY,
+        None => false,
+    }
 }
 
 /// Whether the pod with this namespace has a policy.

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     /// Connections decided by a policy, from the kernel's counts.
     pub policy_verdicts: IntCounterVec,
+    /// Pods a policy selects and does not (fully) hold, by reason.
+    pub policy_unenforced: IntGaugeVec,
 }
 
 impl Metrics {
@@ -118,6 +120,14 @@ impl Metrics {
                 &["namespace", "pod", "policy", "rule", "class", "direction", "verdict"],
             )
             .expect("valid metric"),
+            policy_unenforced: IntGaugeVec::new(
+                Opts::new(
+                    "observer_policy_unenforced_pods",
+                    "1 for each pod a policy selects and does not (fully) hold, by reason: too_many_rules, map_full (no policy applies), no_hooks (egress and localhost rules do not apply), no_cgroup (waiting for the pod's or a named container's cgroup), unknown_service (a rule waits for its Service).",
+                ),
+                &["namespace", "pod", "reason"],
+            )
+            .expect("valid metric"),
             errors: IntCounterVec::new(
                 Opts::new("observer_errors_total", "Errors of the observer, by kind."),
                 &["kind"],
@@ -148,6 +158,7 @@ impl Metrics {
         metrics.register(metrics.errors.clone());
         metrics.register(metrics.policy_reloads.clone());
         metrics.register(metrics.policy_verdicts.clone());
+        metrics.register(metrics.policy_unenforced.clone());
         // Every known series from the start, at 0: `rate()` and alerts see
         // the first error, not only the second.
         for kind in ERROR_KINDS {

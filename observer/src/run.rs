@@ -148,8 +148,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         tokio::spawn(logger.run());
     }
     // In Kubernetes mode the Services are known only once the API is listed.
-    let enforcer = policies
-        .map(|(path, policies)| Enforcer::new(path, policies, policy_maps, !args.kubernetes));
+    let enforcer = policies.map(|(path, policies)| Enforcer::new(path, policies, policy_maps));
     let metrics = Arc::new(Metrics::new());
     let flows = Arc::new(FlowMetrics::new(series_config(&args)));
     metrics.register(Registered(Arc::clone(&flows)));
@@ -240,7 +239,8 @@ enum Pods {
 }
 
 /// The policy file, checked at start: a bad one is refused before anything
-/// is loaded (later, a bad one leaves the last good one in force).
+/// is loaded (later, a bad one leaves the last good one in force). A rule
+/// naming a Service that does not exist is not bad: it waits for it.
 fn load_policy(
     args: &RunArgs,
     inventory: Option<&observer_common::inventory::Inventory>,
@@ -249,8 +249,7 @@ fn load_policy(
     if inventory.is_none() && !args.kubernetes {
         return Err(RunError::PolicyWithoutNames);
     }
-    let services = inventory.map(policy::service_names);
-    Ok(policy::load(path, services.as_ref())?)
+    Ok(policy::load(path, None)?)
 }
 
 fn parent_dir(path: &Path) -> PathBuf {

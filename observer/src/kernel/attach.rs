@@ -90,6 +90,11 @@ enum Request {
         cookie: u64,
         reply: oneshot::Sender<Result<(), AttachError>>,
     },
+    Hooks {
+        cookie: u64,
+        cgroup: PathBuf,
+        reply: oneshot::Sender<Result<bool, AttachError>>,
+    },
 }
 
 /// Handle to the worker thread.
@@ -145,6 +150,19 @@ impl AttachWorker {
             path: path.into(),
             pod,
             cgroup: cgroup.map(Path::to_path_buf),
+            reply,
+        })?;
+        answer.await.map_err(|_| AttachError::WorkerGone)?
+    }
+
+    /// Attaches the socket hooks of an attached namespace's pod to its
+    /// `cgroup`, if they are not (the cgroup was not known at attach, or
+    /// attaching failed). Returns whether they are attached now.
+    pub async fn attach_hooks(&self, cookie: u64, cgroup: &Path) -> Result<bool, AttachError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Hooks {
+            cookie,
+            cgroup: cgroup.into(),
             reply,
         })?;
         answer.await.map_err(|_| AttachError::WorkerGone)?
@@ -235,6 +253,13 @@ impl Worker {
                 }
                 Request::Detach { cookie, reply } => {
                     let _ = reply.send(self.detach(cookie));
+                }
+                Request::Hooks {
+                    cookie,
+                    cgroup,
+                    reply,
+                } => {
+                    let _ = reply.send(self.attach_hooks(cookie, &cgroup));
                 }
             }
         }
@@ -338,6 +363,26 @@ impl Worker {
             },
         );
         Ok(info)
+    }
+
+    fn attach_hooks(&mut self, cookie: u64, cgroup: &Path) -> Result<bool, AttachError> {
+        let attachment = self
+            .attached
+            .get_mut(&cookie)
+            .ok_or(AttachError::NotAttached(cookie))?;
+        if attachment.sock_links.is_empty() {
+            match self.datapath.attach_socket_hooks(cgroup) {
+                Ok(links) => {
+                    tracing::info!(netns = %attachment.info.name, "socket hooks attached");
+                    attachment.sock_links = links;
+                    attachment.info.policy_hooks = true;
+                }
+                Err(err) => {
+                    tracing::debug!(%err, netns = %attachment.info.name, "still no socket hooks");
+                }
+            }
+        }
+        Ok(!attachment.sock_links.is_empty())
     }
 
     fn detach(&mut self, cookie: u64) -> Result<(), AttachError> {

@@ -51,47 +51,196 @@ pub struct KernelPolicyMaps {
     pub cidrs: LpmTrie<MapData, [u8; 20], u8>,
 }
 
-impl KernelPolicyMaps {
-    /// Brings the maps from `before` to `after`. Pods' entries go last on
-    /// the way in and first on the way out, so that no rule ever points at
-    /// a set that is not filled yet.
-    pub fn sync(
-        &mut self,
-        before: &PolicyEntries,
-        after: &PolicyEntries,
-    ) -> Result<(), PolicyMapsError> {
+/// One write to the policy maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write<'a> {
+    Member(MemberKey, bool),
+    Cidr((u32, [u8; 20]), bool),
+    /// A pod's entry; `None`: removed.
+    Pod(u64, Option<&'a PodPolicy>),
+}
+
+/// Where [`sync`] writes: the kernel's maps, or a test's.
+pub trait PolicyMaps {
+    fn write(&mut self, write: Write<'_>) -> Result<(), PolicyMapsError>;
+}
+
+impl PolicyMaps for KernelPolicyMaps {
+    fn write(&mut self, write: Write<'_>) -> Result<(), PolicyMapsError> {
         let error = |map| {
             move |source| PolicyMapsError {
                 map,
                 source: Box::new(source),
             }
         };
-        for cookie in before.pods.keys().filter(|c| !after.pods.contains_key(c)) {
-            let _ = self.policies.remove(cookie);
-        }
-        for key in after.members.difference(&before.members) {
-            self.members
+        match write {
+            Write::Member(key, true) => self
+                .members
                 .insert(key, 1, 0)
-                .map_err(error("POLICY_MEMBERS"))?;
-        }
-        for (prefix, data) in after.cidrs.difference(&before.cidrs) {
-            self.cidrs
-                .insert(&Key::new(*prefix, *data), 1, 0)
-                .map_err(error("POLICY_CIDRS"))?;
-        }
-        for (cookie, policy) in &after.pods {
-            if before.pods.get(cookie) != Some(policy) {
-                self.policies
-                    .insert(cookie, policy, 0)
-                    .map_err(error("POLICIES"))?;
+                .map_err(error("POLICY_MEMBERS")),
+            Write::Member(key, false) => {
+                let _ = self.members.remove(&key);
+                Ok(())
+            }
+            Write::Cidr((prefix, data), true) => self
+                .cidrs
+                .insert(&Key::new(prefix, data), 1, 0)
+                .map_err(error("POLICY_CIDRS")),
+            Write::Cidr((prefix, data), false) => {
+                let _ = self.cidrs.remove(&Key::new(prefix, data));
+                Ok(())
+            }
+            Write::Pod(cookie, Some(policy)) => self
+                .policies
+                .insert(cookie, policy, 0)
+                .map_err(error("POLICIES")),
+            Write::Pod(cookie, None) => {
+                let _ = self.policies.remove(&cookie);
+                Ok(())
             }
         }
-        for key in before.members.difference(&after.members) {
-            let _ = self.members.remove(key);
+    }
+}
+
+impl KernelPolicyMaps {
+    /// See [`sync`].
+    pub fn sync(
+        &mut self,
+        before: &PolicyEntries,
+        after: &PolicyEntries,
+    ) -> Result<(), PolicyMapsError> {
+        sync(self, before, after)
+    }
+}
+
+/// Brings the maps from `before` to `after`. Pods' entries go last on the
+/// way in and first on the way out, so that no rule ever points at a set
+/// that is not filled yet. All or nothing: if a write fails, what this
+/// call wrote is undone, in reverse order, and the maps hold `before`.
+pub fn sync(
+    maps: &mut impl PolicyMaps,
+    before: &PolicyEntries,
+    after: &PolicyEntries,
+) -> Result<(), PolicyMapsError> {
+    let mut writes = Vec::new();
+    for cookie in before.pods.keys().filter(|c| !after.pods.contains_key(c)) {
+        writes.push(Write::Pod(*cookie, None));
+    }
+    for key in after.members.difference(&before.members) {
+        writes.push(Write::Member(*key, true));
+    }
+    for cidr in after.cidrs.difference(&before.cidrs) {
+        writes.push(Write::Cidr(*cidr, true));
+    }
+    for (cookie, policy) in &after.pods {
+        if before.pods.get(cookie) != Some(policy) {
+            writes.push(Write::Pod(*cookie, Some(policy)));
         }
-        for (prefix, data) in before.cidrs.difference(&after.cidrs) {
-            let _ = self.cidrs.remove(&Key::new(*prefix, *data));
+    }
+    for key in before.members.difference(&after.members) {
+        writes.push(Write::Member(*key, false));
+    }
+    for cidr in before.cidrs.difference(&after.cidrs) {
+        writes.push(Write::Cidr(*cidr, false));
+    }
+    let undo = |write: &Write| match *write {
+        Write::Member(key, added) => Write::Member(key, !added),
+        Write::Cidr(cidr, added) => Write::Cidr(cidr, !added),
+        Write::Pod(cookie, _) => Write::Pod(cookie, before.pods.get(&cookie)),
+    };
+    for (done, write) in writes.iter().enumerate() {
+        if let Err(err) = maps.write(*write) {
+            for written in writes[..done].iter().rev() {
+                // Undoing frees room or restores what was there: it does
+                // not fail for want of room.
+                let _ = maps.write(undo(written));
+            }
+            return Err(err);
         }
-        Ok(())
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Maps in memory that refuse the `fail_at`-th insert.
+    #[derive(Default)]
+    struct Fake {
+        entries: PolicyEntries,
+        inserts: usize,
+        fail_at: usize,
+    }
+
+    impl PolicyMaps for Fake {
+        fn write(&mut self, write: Write<'_>) -> Result<(), PolicyMapsError> {
+            let insert = matches!(
+                write,
+                Write::Member(_, true) | Write::Cidr(_, true) | Write::Pod(_, Some(_))
+            );
+            if insert {
+                self.inserts += 1;
+                if self.inserts == self.fail_at {
+                    return Err(PolicyMapsError {
+                        map: "TEST",
+                        source: Box::new(MapError::KeyNotFound),
+                    });
+                }
+            }
+            match write {
+                Write::Member(key, true) => drop(self.entries.members.insert(key)),
+                Write::Member(key, false) => drop(self.entries.members.remove(&key)),
+                Write::Cidr(cidr, true) => drop(self.entries.cidrs.insert(cidr)),
+                Write::Cidr(cidr, false) => drop(self.entries.cidrs.remove(&cidr)),
+                Write::Pod(cookie, Some(p)) => drop(self.entries.pods.insert(cookie, *p)),
+                Write::Pod(cookie, None) => drop(self.entries.pods.remove(&cookie)),
+            }
+            Ok(())
+        }
+    }
+
+    fn entries(pods: &[(u64, u32)], members: &[u64], cidrs: &[u8]) -> PolicyEntries {
+        PolicyEntries {
+            pods: pods
+                .iter()
+                .map(|&(cookie, rules)| {
+                    (
+                        cookie,
+                        PodPolicy {
+                            rules,
+                            ..PodPolicy::default()
+                        },
+                    )
+                })
+                .collect(),
+            members: members.iter().map(|&m| MemberKey::new(1, m)).collect(),
+            cidrs: cidrs.iter().map(|&c| (32, [c; 20])).collect(),
+        }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_maps_as_they_were() {
+        let before = entries(&[(1, 1), (2, 1)], &[10, 11], &[1]);
+        let after = entries(&[(2, 2), (3, 1)], &[11, 12, 13], &[2]);
+        // Each insert in turn fails: nothing is half-written, nothing leaks.
+        for fail_at in 1..=5 {
+            let mut maps = Fake {
+                entries: before.clone(),
+                fail_at,
+                ..Fake::default()
+            };
+            assert!(
+                sync(&mut maps, &before, &after).is_err(),
+                "insert {fail_at}"
+            );
+            assert_eq!(maps.entries, before, "insert {fail_at} failed");
+        }
+        let mut maps = Fake {
+            entries: before.clone(),
+            ..Fake::default()
+        };
+        sync(&mut maps, &before, &after).unwrap();
+        assert_eq!(maps.entries, after);
     }
 }

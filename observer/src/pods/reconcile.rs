@@ -34,7 +34,7 @@ use crate::{
     },
     metrics::Metrics,
     names::{CgroupIds, Ids, ObjectRef},
-    policy::{self, lifecycle::Enforcer},
+    policy::{self, compile::Unenforced, lifecycle::Enforcer},
 };
 
 /// After an event, pods whose namespace is not ready are looked for again
@@ -47,6 +47,11 @@ const RETRY_FOR: Duration = Duration::from_secs(3);
 /// Changes elsewhere in the cluster (peers, Services, nodes) are gathered
 /// for this long before the kernel maps are updated.
 const PEERS_SETTLE: Duration = Duration::from_millis(250);
+/// A pod a policy cannot hold yet for a reason that may go away by itself
+/// (its socket hooks, a cgroup) is tried again after 1 s, then at doubling
+/// intervals up to 30 s.
+const FIRST_POLICY_RETRY: Duration = Duration::from_secs(1);
+const MAX_POLICY_RETRY: Duration = Duration::from_secs(30);
 
 pub struct Reconciler {
     source: Source,
@@ -60,14 +65,20 @@ pub struct Reconciler {
     waiting: HashSet<String>,
     /// Targets whose attach failed for another reason (retried on events).
     failed: HashSet<String>,
+    /// Attached namespaces (by cookie) whose pod has no socket hooks, and
+    /// why: tried again at every round.
+    without_hooks: HashMap<u64, Unenforced>,
+    /// The observer's own namespace: no policy holds it.
+    own_netns: Option<u64>,
+    /// The last write of the classification maps failed: tried again.
+    class_maps_failed: bool,
+    policy_retry_in: Duration,
     /// The next retry's delay, and until when retries go on.
     retry_in: Duration,
     retry_until: Instant,
     /// The names the kernel's maps were last written for.
     ids: Ids,
     names: Option<(Inventory, CgroupIds)>,
-    /// The last snapshot was complete: its Services are all there are.
-    complete: bool,
 }
 
 impl Reconciler {
@@ -89,11 +100,14 @@ impl Reconciler {
             attached: HashMap::new(),
             waiting: HashSet::new(),
             failed: HashSet::new(),
+            without_hooks: HashMap::new(),
+            own_netns: crate::kernel::netns::cookie_of_current().ok(),
+            class_maps_failed: false,
+            policy_retry_in: FIRST_POLICY_RETRY,
             retry_in: FIRST_RETRY,
             retry_until: Instant::now() + RETRY_FOR,
             ids: Ids::default(),
             names: None,
-            complete: false,
         }
     }
 
@@ -119,6 +133,11 @@ impl Reconciler {
         self.reconcile_and_mark(Trigger::Local, &ready).await;
         loop {
             let retry = !self.waiting.is_empty() && Instant::now() < self.retry_until;
+            let policy_retry =
+                self.class_maps_failed || self.enforcer.as_ref().is_some_and(Enforcer::wants_retry);
+            if !policy_retry {
+                self.policy_retry_in = FIRST_POLICY_RETRY;
+            }
             let trigger = tokio::select! {
                 _ = stop.changed() => break,
                 changed = changed(dir.as_mut()) => {
@@ -154,6 +173,11 @@ impl Reconciler {
                     }
                     Trigger::Peers
                 }
+                _ = tokio::time::sleep(self.policy_retry_in), if policy_retry => {
+                    self.policy_retry_in = (self.policy_retry_in * 2).min(MAX_POLICY_RETRY);
+                    self.reconcile_and_mark(Trigger::Local, &ready).await;
+                    continue;
+                }
                 _ = tokio::time::sleep(self.retry_in), if retry => {
                     self.retry_in = (self.retry_in * 2).min(MAX_RETRY);
                     self.reconcile_and_mark(Trigger::Local, &ready).await;
@@ -183,12 +207,12 @@ impl Reconciler {
         let Some(mut snapshot) = self.source.snapshot(trigger, &self.metrics) else {
             return false;
         };
-        self.complete = snapshot.complete;
         // Names first: a pod's first packets are classified with them.
         if let Some(inventory) = snapshot.inventory.take() {
             self.sync_names(inventory, std::mem::take(&mut snapshot.cgroups));
         }
         self.attach(&snapshot).await;
+        self.attach_missing_hooks(&snapshot).await;
         self.apply_policy();
         let Snapshot {
             host_network,
@@ -215,6 +239,7 @@ impl Reconciler {
             let Some(attached) = self.attached.remove(&key) else {
                 continue;
             };
+            self.without_hooks.remove(&attached.cookie);
             if let Err(err) = self.worker.detach(attached.cookie).await {
                 tracing::warn!(%err, "detach");
                 self.metrics.error("detach");
@@ -236,6 +261,13 @@ impl Reconciler {
                 Ok(attached) => {
                     self.waiting.remove(&key);
                     self.failed.remove(&key);
+                    if !attached.policy_hooks {
+                        let reason = match cgroup {
+                            Some(_) => Unenforced::NoHooks,
+                            None => Unenforced::NoCgroup,
+                        };
+                        self.without_hooks.insert(attached.cookie, reason);
+                    }
                     let entry = Attached {
                         cookie: attached.cookie,
                         pod: attached.pod.clone(),
@@ -262,22 +294,52 @@ impl Reconciler {
         }
     }
 
+    /// Tries again to attach the socket hooks of pods that have none: their
+    /// cgroup is known now, or attaching failed before.
+    async fn attach_missing_hooks(&mut self, snapshot: &Snapshot) {
+        for (key, attached) in &self.attached {
+            if !self.without_hooks.contains_key(&attached.cookie) {
+                continue;
+            }
+            let Some(cgroup) = snapshot.targets.get(key).and_then(|t| t.cgroup.as_deref()) else {
+                continue;
+            };
+            match self.worker.attach_hooks(attached.cookie, cgroup).await {
+                Ok(true) => {
+                    self.without_hooks.remove(&attached.cookie);
+                }
+                Ok(false) => {
+                    self.without_hooks
+                        .insert(attached.cookie, Unenforced::NoHooks);
+                }
+                Err(err) => tracing::debug!(%err, "socket hooks"),
+            }
+        }
+    }
+
     /// Gives a changed inventory's objects ids, writes them to the kernel's
     /// classification maps and tells the collector the new names.
     fn sync_names(&mut self, inventory: Inventory, cgroups: CgroupIds) {
-        if self
-            .names
-            .as_ref()
-            .is_some_and(|(i, c)| *i == inventory && *c == cgroups)
+        if !self.class_maps_failed
+            && self
+                .names
+                .as_ref()
+                .is_some_and(|(i, c)| *i == inventory && *c == cgroups)
         {
             return;
         }
         let identities = self.ids.update(&inventory, &cgroups);
         let entries = ClassEntries::new(&inventory, &self.ids);
-        if let Err(err) = self.class_maps.sync(entries) {
-            tracing::warn!(%err, "updating the kernel's maps");
-            self.metrics.error("kernel_maps");
-        }
+        // A failed write is tried again on a timer (the maps converge: each
+        // write is of what differs from the last complete one).
+        self.class_maps_failed = match self.class_maps.sync(entries) {
+            Ok(()) => false,
+            Err(err) => {
+                tracing::warn!(%err, "updating the kernel's maps");
+                self.metrics.error("kernel_maps");
+                true
+            }
+        };
         self.collector
             .send(CollectorEvent::Identities(Arc::new(identities)));
         self.names = Some((inventory, cgroups));
@@ -288,13 +350,7 @@ impl Reconciler {
         let Some(enforcer) = self.enforcer.as_mut() else {
             return false;
         };
-        // Services are checked once every one is known.
-        let services = self
-            .names
-            .as_ref()
-            .filter(|_| self.complete)
-            .map(|(inventory, _)| policy::service_names(inventory));
-        enforcer.reload(services.as_ref(), &self.metrics)
+        enforcer.reload(&self.metrics)
     }
 
     /// Compiles the policies for the pods attached now and writes what
@@ -315,7 +371,8 @@ impl Reconciler {
             ids: &self.ids,
             cgroups,
             attached: &attached,
-            complete: self.complete,
+            without_hooks: &self.without_hooks,
+            own_netns: self.own_netns,
         };
         let Some(names) = enforcer.apply(&world, &self.metrics) else {
             return;

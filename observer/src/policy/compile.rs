@@ -14,11 +14,12 @@
 //! `sendmsg()`, ingress rules at the first packet of an inbound connection
 //! on `eth0`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use observer_common::{
-    MAX_POD_RULES, MemberKey, PodPolicy, PolicyRule, inventory::Inventory, ipv4_mapped,
-    policy::rule_direction, policy_cidr_key, set_kind, verdict,
+    MAX_POD_RULES, MemberKey, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY,
+    PodPolicy, PolicyRule, inventory::Inventory, ipv4_mapped, policy::rule_direction,
+    policy_cidr_key, set_kind, verdict,
 };
 
 use super::{Mode, Policies, Target, TrafficPolicy, rule_name};
@@ -43,6 +44,71 @@ pub struct Compiled {
     pub names: HashMap<u32, RuleName>,
     /// What could not be compiled, for the log.
     pub problems: Vec<String>,
+    /// Pods a policy selects that it does not (fully) hold, and why.
+    pub unenforced: BTreeSet<(ObjectRef, Unenforced)>,
+}
+
+/// Why a pod that a policy selects is not (fully) held to it: the values
+/// of `observer_policy_unenforced_pods{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Unenforced {
+    /// More rules (one per port range) than the kernel holds for a pod: no
+    /// policy applies to it.
+    TooManyRules,
+    /// A policy map has no room for the pod's entries: no policy applies.
+    MapFull,
+    /// The socket hooks could not be attached to the pod's cgroup: its
+    /// egress and localhost rules do not apply (ingress rules do).
+    NoHooks,
+    /// The pod's cgroup, or that of a container a rule names, is not known
+    /// yet: its hooks, or that rule for that container, wait for it.
+    NoCgroup,
+    /// A rule names a Service that does not exist (yet): that rule waits.
+    UnknownService,
+}
+
+impl Unenforced {
+    pub const ALL: [Self; 5] = [
+        Self::TooManyRules,
+        Self::MapFull,
+        Self::NoHooks,
+        Self::NoCgroup,
+        Self::UnknownService,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::TooManyRules => "too_many_rules",
+            Self::MapFull => "map_full",
+            Self::NoHooks => "no_hooks",
+            Self::NoCgroup => "no_cgroup",
+            Self::UnknownService => "unknown_service",
+        }
+    }
+
+    /// Whether it can go away without a change of the policy or the
+    /// cluster (retried on a timer).
+    pub const fn retried(self) -> bool {
+        matches!(self, Self::NoHooks | Self::NoCgroup)
+    }
+}
+
+/// How many entries each policy map holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub pods: usize,
+    pub members: usize,
+    pub cidrs: usize,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            pods: POLICIES_CAPACITY as usize,
+            members: POLICY_MEMBERS_CAPACITY as usize,
+            cidrs: POLICY_CIDRS_CAPACITY as usize,
+        }
+    }
 }
 
 /// Everything a compilation reads.
@@ -56,6 +122,13 @@ pub struct Inputs<'a> {
     pub ids: &'a Ids,
     /// The containers' cgroup ids.
     pub cgroups: &'a CgroupIds,
+    /// Attached pods (by namespace cookie) without socket hooks, and why:
+    /// [`Unenforced::NoHooks`] or [`Unenforced::NoCgroup`].
+    pub without_hooks: &'a HashMap<u64, Unenforced>,
+    /// The observer's own namespace: never held to a policy, so that no
+    /// selector can cut the observer off from the API server.
+    pub own_netns: Option<u64>,
+    pub capacity: Capacity,
 }
 
 /// Compiles with ids that stay the same across compilations, and are never
@@ -91,10 +164,21 @@ impl Compiler {
             let Some(&cookie) = inputs.attached.get(&pod_ref) else {
                 continue;
             };
+            if inputs.own_netns == Some(cookie) {
+                continue;
+            }
             let selected = inputs.policies.for_pod(&pod.namespace, &pod.labels);
             if selected.is_empty() {
                 continue;
             }
+            let mut unenforced = |reason| {
+                out.unenforced.insert((pod_ref.clone(), reason));
+            };
+            if let Some(&reason) = inputs.without_hooks.get(&cookie) {
+                unenforced(reason);
+            }
+            // This pod's set members and CIDRs, added once they fit.
+            let mut entries = PolicyEntries::default();
             let mut rules = Vec::new();
             for policy in &selected {
                 for (i, rule) in policy.spec.rules.iter().enumerate() {
@@ -120,7 +204,6 @@ impl Compiler {
                     };
                     // A set is named by its rule: `set` is the rule's id.
                     let set = id;
-                    let entries = &mut out.entries;
                     match &rule.target {
                         Target::Any => {}
                         Target::Clients(names) | Target::NotClients(names) => {
@@ -131,8 +214,13 @@ impl Compiler {
                             base.set = set;
                             let containers =
                                 pod.containers.iter().filter(|c| names.contains(&c.name));
-                            for cgroup in containers.filter_map(|c| inputs.cgroups.get(&c.cgroup)) {
-                                entries.members.insert(MemberKey::new(set, *cgroup));
+                            for container in containers {
+                                match inputs.cgroups.get(&container.cgroup) {
+                                    Some(cgroup) => {
+                                        entries.members.insert(MemberKey::new(set, *cgroup));
+                                    }
+                                    None => unenforced(Unenforced::NoCgroup),
+                                }
                             }
                         }
                         Target::Peers(peer) => {
@@ -154,8 +242,10 @@ impl Compiler {
                         }
                         Target::Service(service) => {
                             let service = ObjectRef::new(&service.namespace, &service.name);
-                            // A Service that is gone matches nothing.
+                            // A Service that does not exist (yet) matches
+                            // nothing: the rule waits for it.
                             let Some(service_id) = inputs.ids.services.get(&service) else {
+                                unenforced(Unenforced::UnknownService);
                                 continue;
                             };
                             base.set_kind = set_kind::SERVICE;
@@ -190,11 +280,32 @@ impl Compiler {
                     pod.name,
                     rules.len()
                 ));
+                unenforced(Unenforced::TooManyRules);
                 continue;
             }
+            let new_members = entries.members.difference(&out.entries.members).count();
+            let new_cidrs = entries.cidrs.difference(&out.entries.cidrs).count();
+            if out.entries.pods.len() + 1 > inputs.capacity.pods
+                || out.entries.members.len() + new_members > inputs.capacity.members
+                || out.entries.cidrs.len() + new_cidrs > inputs.capacity.cidrs
+            {
+                out.problems.push(format!(
+                    "pod {}/{}: the policy maps are full (at most {} pods, {} set members, {} CIDRs): no policy applies to it",
+                    pod.namespace,
+                    pod.name,
+                    inputs.capacity.pods,
+                    inputs.capacity.members,
+                    inputs.capacity.cidrs,
+                ));
+                unenforced(Unenforced::MapFull);
+                continue;
+            }
+            out.entries.members.extend(entries.members);
+            out.entries.cidrs.extend(entries.cidrs);
             let mut entry = PodPolicy {
                 default_action: verdict::ALLOW,
                 default_ingress_action: verdict::ALLOW,
+                addr: ipv4_mapped(pod.ip.octets()),
                 ..PodPolicy::default()
             };
             for ingress in [false, true] {
@@ -261,7 +372,18 @@ mod tests {
             attached,
             ids: &Ids::default(),
             cgroups: &CgroupIds::default(),
+            without_hooks: &HashMap::new(),
+            own_netns: None,
+            capacity: Capacity::default(),
         })
+    }
+
+    fn reasons(compiled: &Compiled) -> Vec<(&str, &'static str)> {
+        compiled
+            .unenforced
+            .iter()
+            .map(|(pod, reason)| (pod.name.as_str(), reason.as_str()))
+            .collect()
     }
 
     fn pod(name: &str) -> Pod {
@@ -375,6 +497,93 @@ spec:
             compiled.problems[0].contains("at most 16"),
             "{:?}",
             compiled.problems
+        );
+        assert_eq!(reasons(&compiled), [("b", "too_many_rules")]);
+    }
+
+    const CLIENTS_AND_SERVICE: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: p}
+spec:
+  podSelector: {matchLabels: {app: x}}
+  mode: enforce
+  rules:
+  - {name: a, class: localhost, clientContainers: [c], action: allow}
+  - {name: s, class: service, service: {namespace: default, name: later}, action: deny}
+  - {name: e, class: external, cidrs: [192.0.2.0/24, 198.51.100.0/24], action: deny}
+";
+
+    #[test]
+    fn every_pod_a_policy_does_not_fully_hold_is_told_with_its_reason() {
+        let policies = parse(CLIENTS_AND_SERVICE).unwrap();
+        let mut with_container = pod("b");
+        with_container.containers = vec![observer_common::inventory::Container {
+            name: "c".into(),
+            id: "1".into(),
+            cgroup: "/cg/b/c".into(),
+            ports: Vec::new(),
+        }];
+        let inventory = inventory(vec![pod("a"), with_container, pod("own"), pod("hooks")]);
+        let attached = HashMap::from([
+            (ObjectRef::new("default", "a"), 1u64),
+            (ObjectRef::new("default", "b"), 2),
+            (ObjectRef::new("default", "own"), 3),
+            (ObjectRef::new("default", "hooks"), 4),
+        ]);
+        let without_hooks = HashMap::from([(4u64, Unenforced::NoHooks)]);
+        let mut inputs = Inputs {
+            policies: &policies,
+            inventory: &inventory,
+            attached: &attached,
+            ids: &Ids::default(),
+            cgroups: &CgroupIds::default(),
+            without_hooks: &without_hooks,
+            own_netns: Some(3),
+            capacity: Capacity::default(),
+        };
+        let compiled = Compiler::default().compile(&inputs);
+        // The Service rule waits, the rest holds; b's container has no
+        // cgroup yet; the observer's own pod is never selected.
+        assert_eq!(
+            reasons(&compiled),
+            [
+                ("a", "unknown_service"),
+                ("b", "no_cgroup"),
+                ("b", "unknown_service"),
+                ("hooks", "no_hooks"),
+                ("hooks", "unknown_service"),
+            ]
+        );
+        assert_eq!(compiled.entries.pods.len(), 3, "a, b and hooks");
+        assert!(!compiled.entries.pods.contains_key(&3));
+        assert_eq!(compiled.entries.pods[&1].rules, 2, "a and e; s waits");
+
+        // Room for two CIDRs (one rule's): every pod shares the set.
+        inputs.capacity.cidrs = 2;
+        inputs.capacity.pods = 2;
+        let compiled = Compiler::default().compile(&inputs);
+        assert_eq!(compiled.entries.pods.len(), 2);
+        assert!(
+            compiled
+                .unenforced
+                .contains(&(ObjectRef::new("default", "hooks"), Unenforced::MapFull)),
+            "{:?}",
+            compiled.unenforced
+        );
+        inputs.capacity = Capacity {
+            cidrs: 1,
+            ..Capacity::default()
+        };
+        let compiled = Compiler::default().compile(&inputs);
+        assert!(compiled.entries.pods.is_empty(), "no pod's CIDRs fit");
+        assert_eq!(
+            compiled
+                .unenforced
+                .iter()
+                .filter(|(_, r)| *r == Unenforced::MapFull)
+                .count(),
+            3
         );
     }
 }

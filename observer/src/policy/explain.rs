@@ -14,7 +14,7 @@ use std::{
 };
 
 use observer_common::{
-    classify, direction,
+    MAX_POD_RULES, classify, direction,
     inventory::{Inventory, Pod},
     ipv4_mapped,
     policy::{self, Connection},
@@ -23,7 +23,7 @@ use observer_common::{
 
 use super::{
     Mode, Policies, PolicyError, Rule,
-    compile::{Compiled, Compiler, Inputs, RuleName},
+    compile::{Capacity, Compiled, Compiler, Inputs, RuleName},
     model::words,
     rule_name,
 };
@@ -41,16 +41,50 @@ pub enum ExplainError {
     Inventory(#[from] InventoryError),
     #[error("the inventory has no pod {0} (give NAMESPACE/NAME)")]
     NoPod(String),
+    #[error("{}: valid, but the kernel cannot hold it everywhere:\n  {}", path.display(), limits.join("\n  "))]
+    Limits {
+        path: std::path::PathBuf,
+        limits: Vec<String>,
+    },
 }
 
-/// Checks a file; with an inventory, also that the Services it names exist.
-/// Returns a one-line summary.
+/// Checks a file, and the limits it would hit in the kernel: a policy with
+/// more rules than a pod holds; with an inventory, also that the Services
+/// it names exist, and every pod's rules and the maps' room as the
+/// observer would compile them. Returns a one-line summary.
 pub fn check(path: &Path, inventory: Option<&Path>) -> Result<String, ExplainError> {
-    let services = inventory
-        .map(inventory::load)
-        .transpose()?
-        .map(|i| super::service_names(&i));
+    let inventory = inventory.map(inventory::load).transpose()?;
+    let services = inventory.as_ref().map(super::service_names);
     let policies = super::load(path, services.as_ref())?;
+    let mut limits: Vec<String> = policies
+        .policies
+        .iter()
+        .filter_map(|p| {
+            let rules: usize = p.spec.rules.iter().map(|r| r.ports.len().max(1)).sum();
+            (rules > MAX_POD_RULES).then(|| {
+                format!(
+                    "policy `{}`: {rules} rules in the kernel (one per port range), a pod holds at most {MAX_POD_RULES}: no pod it selects would be held to it",
+                    p.metadata.name
+                )
+            })
+        })
+        .collect();
+    if let Some(inventory) = inventory {
+        let attached = inventory
+            .pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (ObjectRef::new(&p.namespace, &p.name), i as u64 + 1))
+            .collect();
+        let compiled = World::new(inventory).compile(&policies, &attached);
+        limits.extend(compiled.problems);
+    }
+    if !limits.is_empty() {
+        return Err(ExplainError::Limits {
+            path: path.into(),
+            limits,
+        });
+    }
     let rules: usize = policies.policies.iter().map(|p| p.spec.rules.len()).sum();
     Ok(format!(
         "{}: valid: {} policies, {rules} rules",
@@ -211,6 +245,9 @@ impl World {
             attached,
             ids: &self.ids,
             cgroups: &self.cgroups,
+            without_hooks: &HashMap::new(),
+            own_netns: None,
+            capacity: Capacity::default(),
         })
     }
 

@@ -3,7 +3,7 @@
 //! kernel's maps as changes.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -12,7 +12,7 @@ use observer_common::inventory::Inventory;
 
 use super::{
     Policies,
-    compile::{Compiled, Compiler, Inputs, RuleName},
+    compile::{Capacity, Compiled, Compiler, Inputs, RuleName, Unenforced},
 };
 use crate::{
     kernel::policy_maps::KernelPolicyMaps,
@@ -27,9 +27,8 @@ pub struct Enforcer {
     maps: KernelPolicyMaps,
     compiler: Compiler,
     compiled: Compiled,
-    /// The Services it names were checked to exist (in Kubernetes mode they
-    /// are known only once the API has been listed).
-    services_checked: bool,
+    /// What the gauge says: pods not (fully) held to their policy, and why.
+    unenforced: BTreeSet<(ObjectRef, Unenforced)>,
 }
 
 /// What the policies are compiled against.
@@ -39,44 +38,41 @@ pub struct World<'a> {
     pub cgroups: &'a CgroupIds,
     /// The pods attached, by namespace cookie.
     pub attached: &'a HashMap<ObjectRef, u64>,
-    /// Every Service is known (the source is complete).
-    pub complete: bool,
+    /// Attached pods without socket hooks, and why.
+    pub without_hooks: &'a HashMap<u64, Unenforced>,
+    /// The observer's own network namespace.
+    pub own_netns: Option<u64>,
 }
 
 impl Enforcer {
-    /// `services_checked`: whether `policies` was loaded with the Services
-    /// known.
-    pub fn new(
-        path: PathBuf,
-        policies: Policies,
-        maps: KernelPolicyMaps,
-        services_checked: bool,
-    ) -> Self {
+    pub fn new(path: PathBuf, policies: Policies, maps: KernelPolicyMaps) -> Self {
         Self {
             path,
             policies,
             maps,
             compiler: Compiler::default(),
             compiled: Compiled::default(),
-            services_checked,
+            unenforced: BTreeSet::new(),
         }
+    }
+
+    /// Whether something keeps a pod from its policy that may go away by
+    /// itself (hooks, cgroups, a map write): worth another try soon.
+    pub fn wants_retry(&self) -> bool {
+        self.unenforced.iter().any(|(_, reason)| reason.retried())
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Reads the policy file again after a change in its directory; with
-    /// `services` (all that exist), rules naming another are refused. An
-    /// invalid file changes nothing: the last good policy stays in force.
-    /// Returns whether the policies changed.
-    pub fn reload(
-        &mut self,
-        services: Option<&HashSet<(String, String)>>,
-        metrics: &Metrics,
-    ) -> bool {
-        self.services_checked = services.is_some();
-        match super::load(&self.path, services) {
+    /// Reads the policy file again after a change in its directory. An
+    /// invalid file changes nothing: the last good policy stays in force. A
+    /// rule naming a Service that does not exist is not a reason to refuse
+    /// the file: that rule waits for it (see [`Unenforced`]). Returns
+    /// whether the policies changed.
+    pub fn reload(&mut self, metrics: &Metrics) -> bool {
+        match super::load(&self.path, None) {
             Ok(policies) if policies == self.policies => false,
             Ok(policies) => {
                 let rules: usize = policies.policies.iter().map(|p| p.spec.rules.len()).sum();
@@ -102,27 +98,18 @@ impl Enforcer {
         world: &World,
         metrics: &Metrics,
     ) -> Option<Arc<HashMap<u32, RuleName>>> {
-        if world.complete && !self.services_checked {
-            // The policy in force was read before the Services were known:
-            // if it names one that does not exist, it is refused now (and
-            // with no earlier good policy, none is in force).
-            self.services_checked = true;
-            let services = super::service_names(world.inventory);
-            if let Some((problem, _)) = super::unknown_service(&self.policies, &services) {
-                tracing::error!(path = %self.path.display(), "policy refused: {problem}");
-                metrics.policy_reloads.with_label_values(&["refused"]).inc();
-                metrics.error("policy");
-                self.policies = Policies::default();
-            }
-        }
         let compiled = self.compiler.compile(&Inputs {
             policies: &self.policies,
             inventory: world.inventory,
             attached: world.attached,
             ids: world.ids,
             cgroups: world.cgroups,
+            without_hooks: world.without_hooks,
+            own_netns: world.own_netns,
+            capacity: Capacity::default(),
         });
         if compiled == self.compiled {
+            self.report(compiled.unenforced, metrics);
             return None;
         }
         for problem in compiled
@@ -135,14 +122,60 @@ impl Enforcer {
         match self.maps.sync(&self.compiled.entries, &compiled.entries) {
             Ok(()) => {
                 let names = Arc::new(compiled.names.clone());
+                self.report(compiled.unenforced.clone(), metrics);
                 self.compiled = compiled;
                 Some(names)
             }
             Err(err) => {
+                // The maps are as they were: the pods whose entries were to
+                // change keep their last ones, and wait for the next try.
                 tracing::warn!(%err, "writing the policy maps");
                 metrics.error("kernel_maps");
+                let mut unenforced = compiled.unenforced;
+                unenforced.extend(
+                    changed_pods(&self.compiled, &compiled.entries.pods, world.attached)
+                        .map(|pod| (pod, Unenforced::MapFull)),
+                );
+                self.report(unenforced, metrics);
                 None
             }
         }
     }
+
+    /// Sets the unenforced-pods gauge; logs what is new.
+    fn report(&mut self, now: BTreeSet<(ObjectRef, Unenforced)>, metrics: &Metrics) {
+        if now == self.unenforced {
+            return;
+        }
+        for (pod, reason) in now.difference(&self.unenforced) {
+            tracing::warn!(pod = %pod, reason = reason.as_str(), "a policy selects this pod, and does not (fully) hold it");
+        }
+        for (pod, reason) in self.unenforced.difference(&now) {
+            tracing::info!(pod = %pod, reason = reason.as_str(), "resolved: the pod is held to its policy");
+            let _ = metrics.policy_unenforced.remove_label_values(&[
+                &pod.namespace,
+                &pod.name,
+                reason.as_str(),
+            ]);
+        }
+        for (pod, reason) in &now {
+            metrics
+                .policy_unenforced
+                .with_label_values(&[&pod.namespace, &pod.name, reason.as_str()])
+                .set(1);
+        }
+        self.unenforced = now;
+    }
+}
+
+/// The attached pods whose entry in `after` differs from the one compiled.
+fn changed_pods<'a>(
+    compiled: &'a Compiled,
+    after: &'a HashMap<u64, observer_common::PodPolicy>,
+    attached: &'a HashMap<ObjectRef, u64>,
+) -> impl Iterator<Item = ObjectRef> + 'a {
+    attached
+        .iter()
+        .filter(move |(_, cookie)| compiled.entries.pods.get(cookie) != after.get(cookie))
+        .map(|(pod, _)| pod.clone())
 }

@@ -393,6 +393,48 @@ fn a_service_that_does_not_exist_is_refused_with_its_line() {
     assert!(check_services(EXAMPLES, &policies, &known).is_ok());
 }
 
+#[test]
+fn check_reports_the_limits_a_file_would_hit_in_the_kernel() {
+    let dir = std::env::temp_dir().join(format!("observer-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+    let many = format!(
+        "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: many}}\nspec:\n  podSelector: {{}}\n  mode: enforce\n  rules:\n  - {{class: external, ports: [{}], action: deny}}\n",
+        ports.join(", ")
+    );
+    let path = dir.join("many.yaml");
+    std::fs::write(&path, &many).unwrap();
+    let err = super::explain::check(&path, None).unwrap_err().to_string();
+    assert!(
+        err.contains("policy `many`: 17 rules in the kernel") && err.contains("at most 16"),
+        "{err}"
+    );
+
+    // Two policies of 9 rules each are fine alone; on a pod both select,
+    // only an inventory tells.
+    let nine: Vec<String> = (1..=9).map(|p| p.to_string()).collect();
+    let two = format!(
+        "{}---\n{}",
+        many.replace(&ports.join(", "), &nine.join(", ")),
+        many.replace(&ports.join(", "), &nine.join(", "))
+            .replace("name: many", "name: more")
+    );
+    std::fs::write(&path, &two).unwrap();
+    assert!(super::explain::check(&path, None).is_ok());
+    let inventory = dir.join("inventory.json");
+    std::fs::write(
+        &inventory,
+        r#"{"version": 1, "cluster": "c", "podCidrs": [], "nodes": [], "pods": [{"namespace": "default", "name": "a", "uid": "1", "node": "n",
+            "labels": {}, "ip": "10.244.1.5", "containers": []}], "services": []}"#,
+    )
+    .unwrap();
+    let err = super::explain::check(&path, Some(&inventory))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pod default/a: 18 rules"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 proptest! {
     /// No input makes the parser panic: arbitrary text, and valid files cut
     /// or with a byte changed anywhere.

@@ -1,0 +1,198 @@
+//! Ways around a policy, each closed: an inbound connection that inherits
+//! what its flow held from before a listener existed, and a UDP socket that
+//! sends what it likes because its port is low. Each test failed before
+//! its fix (see the commit that added it).
+
+use std::{
+    net::{TcpListener, UdpSocket},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use integration_test::{
+    Observer, TempDir,
+    container::{container, in_container},
+};
+use lab::{Lab, Plan};
+
+const WEB_LATE_LISTENERS: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web-ingress}
+spec:
+  podSelector: {namespace: default, matchLabels: {app: web}}
+  mode: enforce
+  rules:
+    - name: not-from-client
+      class: pod
+      direction: ingress
+      peer: {namespace: default, matchLabels: {app: client}}
+      ports: [9000, 9001]
+      action: deny
+";
+
+/// Runs a python3 snippet in the container; its last line of output.
+fn python(cgroup: &Path, netns: &Path, script: &str) -> String {
+    let output = in_container(cgroup, netns, Command::new("python3").args(["-c", script]))
+        .output()
+        .expect("python3");
+    let out = String::from_utf8_lossy(&output.stdout);
+    out.lines().last().unwrap_or_default().trim().to_owned()
+}
+
+/// A TCP connection to `host:port` from a fixed source port, 3 s at most:
+/// "connected", "refused", "timeout" or "eperm".
+fn connect_from_port(cgroup: &Path, netns: &Path, source: u16, host: &str, port: u16) -> String {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {source}))\n\
+         s.settimeout(3)\n\
+         try:\n    s.connect(('{host}', {port})); print('connected')\n\
+         except ConnectionRefusedError:\n    print('refused')\n\
+         except PermissionError:\n    print('eperm')\n\
+         except socket.timeout:\n    print('timeout')\n"
+    );
+    python(cgroup, netns, &script)
+}
+
+/// A datagram to `host:port` from a socket bound to `source`: "sent" or
+/// "eperm".
+fn send_from_port(cgroup: &Path, netns: &Path, source: u16, host: &str, port: u16) -> String {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0', {source}))\n\
+         try:\n    s.sendto(b'late', ('{host}', {port})); print('sent')\n\
+         except PermissionError:\n    print('eperm')\n"
+    );
+    python(cgroup, netns, &script)
+}
+
+#[test]
+fn an_inbound_connection_is_decided_as_one_whatever_its_flow_held() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = TempDir::new("bypass-listener");
+    let (_policy, observer) = Observer::with_policy(&lab, &dir, WEB_LATE_LISTENERS);
+    let web = lab.pod("default", "web").unwrap().ip.to_string();
+    let (client, client_netns) = container(&lab, "default", "client", "to-pod");
+
+    // TCP: a SYN to a port nobody listens on yet (answered by a RST), then
+    // the server starts, then the same source port connects again.
+    assert_eq!(
+        connect_from_port(&client, &client_netns, 41000, &web, 9000),
+        "refused",
+        "nobody listens yet"
+    );
+    let _listener = lab
+        .pod_netns("default", "web")
+        .run(|| TcpListener::bind("0.0.0.0:9000").expect("listen"))
+        .unwrap();
+    assert_eq!(
+        connect_from_port(&client, &client_netns, 41000, &web, 9000),
+        "timeout",
+        "the seeded source port got in"
+    );
+    assert_eq!(
+        connect_from_port(&client, &client_netns, 41002, &web, 9000),
+        "timeout",
+        "another source port got in"
+    );
+
+    // UDP: a datagram to a port no socket has yet, then a socket binds it,
+    // then the same source port sends again.
+    assert_eq!(
+        send_from_port(&client, &client_netns, 41001, &web, 9001),
+        "sent"
+    );
+    let receiver = lab
+        .pod_netns("default", "web")
+        .run(|| UdpSocket::bind("0.0.0.0:9001").expect("bind"))
+        .unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    assert_eq!(
+        send_from_port(&client, &client_netns, 41001, &web, 9001),
+        "sent"
+    );
+    let mut buf = [0u8; 8];
+    assert!(
+        receiver.recv(&mut buf).is_err(),
+        "the datagram from the seeded source port got in"
+    );
+
+    let m = observer.eventually("the denials counted", |m| {
+        m.sum(
+            "observer_policy_verdicts_total",
+            &[("rule", "not-from-client"), ("verdict", "deny")],
+        ) >= 3.0
+    });
+    // One decision per connection, not per retransmitted SYN: two TCP
+    // connections and one UDP flow (the first datagram reached nobody).
+    assert_eq!(
+        m.sum(
+            "observer_policy_verdicts_total",
+            &[("rule", "not-from-client"), ("verdict", "deny")],
+        ),
+        3.0
+    );
+    assert!(observer.terminate().success());
+}
+
+const CLIENT_EGRESS: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: client-egress}
+spec:
+  podSelector: {namespace: default, matchLabels: {app: client}}
+  mode: enforce
+  defaultAction: deny
+  rules:
+    - {name: dns, class: service, protocol: UDP, ports: [53], action: allow}
+";
+
+#[test]
+fn a_udp_socket_on_a_low_port_sends_only_answers() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = TempDir::new("bypass-udp");
+    let (_policy, _observer) = Observer::with_policy(&lab, &dir, CLIENT_EGRESS);
+    let web = lab.pod("default", "web").unwrap().ip.to_string();
+    let (client, client_netns) = container(&lab, "default", "client", "to-pod");
+
+    // Unasked, from a server's port to a client's: denied like any send.
+    assert_eq!(
+        send_from_port(&client, &client_netns, 53, &web, 40000),
+        "eperm",
+        "a low source port walked around the default deny"
+    );
+    assert_eq!(
+        send_from_port(&client, &client_netns, 41003, &web, 40000),
+        "eperm"
+    );
+
+    // Asked: a UDP server in the client answers web, from any port to any
+    // port (here from a high one, which the old rule judged as egress).
+    for port in [5353u16, 45000] {
+        let mut echo = integration_test::container::udp_echo(&client, &client_netns, port, 1);
+        let client_ip = lab.pod("default", "client").unwrap().ip.to_string();
+        let echoed = lab
+            .pod_netns("default", "web")
+            .run(move || {
+                let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .unwrap();
+                socket
+                    .send_to(b"ping", format!("{client_ip}:{port}"))
+                    .unwrap();
+                let mut buf = [0u8; 8];
+                socket.recv(&mut buf).map(|n| buf[..n].to_vec())
+            })
+            .unwrap();
+        assert_eq!(echoed.expect("the answer"), b"ping", "port {port}");
+        assert!(echo.wait().unwrap().success());
+    }
+}
