@@ -196,3 +196,120 @@ fn a_udp_socket_on_a_low_port_sends_only_answers() {
         assert!(echo.wait().unwrap().success());
     }
 }
+
+const WEB_ONLY_FROM_REMOTE: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web-in}
+spec:
+  podSelector: {namespace: default, matchLabels: {app: web}}
+  mode: enforce
+  defaultAction: deny
+  rules:
+    - name: from-remote
+      class: pod
+      direction: ingress
+      peer: {namespace: default, matchLabels: {app: remote}}
+      ports: [80]
+      action: allow
+";
+
+/// Only the node's own processes (the kubelet's probes) are left alone by
+/// ingress rules: not whatever comes from a node's address. A client that
+/// the policy keeps out does not get in through a NodePort that SNATs it to
+/// the node's address, and neither does a host-network pod.
+#[test]
+fn a_denied_client_does_not_get_in_through_the_node() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = TempDir::new("bypass-node");
+    let (_policy, observer) = Observer::with_policy(&lab, &dir, WEB_ONLY_FROM_REMOTE);
+    let web = lab.pod("default", "web").unwrap().ip.to_string();
+    let node = lab.node_netns("node-1");
+    let node_address = lab
+        .inventory()
+        .nodes
+        .iter()
+        .find(|n| n.name == "node-1")
+        .unwrap()
+        .address
+        .to_string();
+
+    // A NodePort as kube-proxy makes one: DNAT to web, SNAT to the node.
+    let nat = |args: &[&str]| node.exec("iptables", args).expect("iptables");
+    nat(&[
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        &node_address,
+        "-p",
+        "tcp",
+        "--dport",
+        "30080",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &format!("{web}:80"),
+    ]);
+    nat(&[
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-d",
+        &web,
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "-j",
+        "SNAT",
+        "--to-source",
+        &node_address,
+    ]);
+    let (client, client_netns) = container(&lab, "default", "client", "to-pod");
+    assert_eq!(
+        connect_from_port(&client, &client_netns, 41010, &node_address, 30080),
+        "timeout",
+        "the client got in through the NodePort"
+    );
+
+    // A host-network pod: the node's namespace, a pod's cgroup.
+    let (host_network, _) = container(&lab, "default", "web", "fetcher");
+    assert_eq!(
+        connect_from_port(&host_network, &node.path(), 41011, &web, 80),
+        "timeout",
+        "a host-network pod got in"
+    );
+
+    // The kubelet: a process of the node, outside every pod's cgroup.
+    let probe = node
+        .run(|| {
+            std::net::TcpStream::connect_timeout(
+                &format!("{web}:80").parse().unwrap(),
+                Duration::from_secs(3),
+            )
+            .map(drop)
+        })
+        .unwrap();
+    assert!(probe.is_ok(), "the node's own probe: {probe:?}");
+
+    // And the peer the policy allows.
+    let (remote, remote_netns) = container(&lab, "default", "remote", "to-pod");
+    assert_eq!(
+        connect_from_port(&remote, &remote_netns, 41012, &web, 80),
+        "connected"
+    );
+    observer.eventually("the denials counted", |m| {
+        m.sum(
+            "observer_policy_verdicts_total",
+            &[("rule", "default"), ("class", "node"), ("verdict", "deny")],
+        ) >= 1.0
+    });
+    assert!(observer.terminate().success());
+}

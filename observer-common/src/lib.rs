@@ -35,4 +35,5 @@ mod pod {
     unsafe impl aya::Pod for super::MemberKey {}
     unsafe impl aya::Pod for super::VerdictKey {}
     unsafe impl aya::Pod for super::SocketInfo {}
+    unsafe impl aya::Pod for super::NodeInfo {}
 }

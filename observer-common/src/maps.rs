@@ -43,6 +43,9 @@ pub const POLICY_MEMBERS_CAPACITY: u32 = 65_536;
 /// CIDRs of rule sets: an LPM trie over [`policy_cidr_key`].
 pub const POLICY_CIDRS_MAP: &str = "POLICY_CIDRS";
 pub const POLICY_CIDRS_CAPACITY: u32 = 16_384;
+/// The node's own processes, whose connections to pods are not subject to
+/// ingress rules (the kubelet's probes): one [`NodeInfo`].
+pub const NODE_MAP: &str = "NODE";
 /// Per (pod, rule, verdict, class), connections decided ([`VerdictKey`]).
 pub const VERDICTS_MAP: &str = "VERDICTS";
 pub const VERDICTS_CAPACITY: u32 = 65_536;
@@ -298,6 +301,22 @@ pub struct PodPolicy {
     pub rule: [PolicyRule; MAX_POD_RULES],
 }
 const _: () = assert!(core::mem::size_of::<PodPolicy>() == 32 + 24 * MAX_POD_RULES);
+
+/// The one value of [`NODE_MAP`]: how a packet from a process of the node
+/// itself is told from one forwarded through the node (NodePort or
+/// LoadBalancer traffic SNAT-ed to a node address), which has no socket,
+/// and from one a host-network pod sends (also from the node's address),
+/// whose socket is in a pod's cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The cgroup every pod's cgroup is under (`kubepods`), and its level
+    /// in the hierarchy (the root is 0); 0: unknown.
+    pub pods_cgroup: u64,
+    pub pods_level: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<NodeInfo>() == 16);
 
 /// Key of [`POLICY_MEMBERS_MAP`].
 #[repr(C)]

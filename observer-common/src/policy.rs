@@ -79,13 +79,12 @@ impl Decision {
 /// decides; else the default for the direction, if it denies. `None`: no
 /// policy has a say, and the connection is allowed.
 ///
-/// The node's own traffic to the pod (the kubelet's probes) is never
-/// subject to ingress rules.
+/// Traffic from a node's address is decided like any other (class
+/// [`class::NODE`]): only the node's own processes (the kubelet's probes)
+/// are left alone, which the kernel tells by the sending socket before it
+/// asks (see `NodeInfo`).
 #[inline(always)]
 pub fn decide(policy: &PodPolicy, c: &Connection, sets: &impl RuleSets) -> Option<Decision> {
-    if c.direction == INGRESS && c.class == class::NODE {
-        return None;
-    }
     let mut i = 0;
     while i < MAX_POD_RULES {
         if i as u32 >= policy.rules {

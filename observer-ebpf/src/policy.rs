@@ -20,15 +20,18 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
+    },
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
-    programs::SockAddrContext,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    programs::{SockAddrContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use observer_common::{
-    FlowKey, FlowValue, MemberKey, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY,
-    POLICY_MEMBERS_CAPACITY, PodPolicy, VERDICTS_CAPACITY, VerdictKey, classify,
+    FlowKey, FlowValue, MemberKey, NodeInfo, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY,
+    POLICY_MEMBERS_CAPACITY, PodPolicy, VERDICTS_CAPACITY, VerdictKey, class, classify,
     direction::{EGRESS, INGRESS},
     family, interface, ipv4_mapped,
     policy::{self, Connection, Decision, RuleSets},
@@ -49,6 +52,10 @@ static POLICY_MEMBERS: HashMap<MemberKey, u8> =
 /// Rule set CIDRs: [`policy_cidr_key`].
 #[map]
 static POLICY_CIDRS: LpmTrie<[u8; 20], u8> = LpmTrie::with_max_entries(POLICY_CIDRS_CAPACITY, 0);
+
+/// How the node's own processes are told: [`NodeInfo`].
+#[map]
+static NODE: Array<NodeInfo> = Array::with_max_entries(1, 0);
 
 /// Connections decided, per pod, rule, verdict and class.
 #[map]
@@ -255,12 +262,15 @@ pub fn has_policy(cookie: u64) -> bool {
 /// Counted in VERDICTS if `counted` (a flow's first decision, not a
 /// decision again after a change).
 #[inline(always)]
-pub fn ingress<C: EbpfContext>(ctx: &C, key: &FlowKey, value: &FlowValue, counted: bool) -> u8 {
+pub fn ingress(ctx: &TcContext, key: &FlowKey, value: &FlowValue, counted: bool) -> u8 {
     let cookie = key.netns_cookie;
     // SAFETY: a plain lookup.
     let Some(pod) = (unsafe { POLICIES.get(&cookie) }) else {
         return verdict::ALLOW;
     };
+    if from_node_process(ctx, value) {
+        return verdict::ALLOW;
+    }
     let connection = Connection {
         direction: INGRESS,
         class: value.class,
@@ -277,6 +287,34 @@ pub fn ingress<C: EbpfContext>(ctx: &C, key: &FlowKey, value: &FlowValue, counte
         count(ctx, cookie, &decision, &connection);
     }
     decision.enforced()
+}
+
+/// Whether an inbound connection comes from a process of the node itself
+/// (the kubelet's probes), which no ingress rule judges: from an address
+/// of the node's (a node address, or the node's own end of the pod
+/// network: an address in a pod CIDR that is no pod's), sent by a socket
+/// (the socket's reference survives the veth into the pod; a packet
+/// forwarded through the node, NodePort or LoadBalancer traffic, has
+/// none), and that socket not in a pod's cgroup (a host-network pod's).
+#[inline(always)]
+fn from_node_process(ctx: &TcContext, value: &FlowValue) -> bool {
+    let node_address =
+        value.class == class::NODE || (value.class == class::POD && value.peer_id == 0);
+    if !node_address {
+        return false;
+    }
+    let skb = ctx.skb.skb;
+    // SAFETY: the skb the kernel passed; 0 when it has no socket.
+    if unsafe { bpf_skb_cgroup_id(skb.cast()) } == 0 {
+        return false;
+    }
+    let Some(node) = NODE.get(0) else {
+        return true;
+    };
+    // SAFETY: as above; 0 when the hierarchy is not that deep there.
+    node.pods_cgroup == 0
+        || unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), node.pods_level as i32) }
+            != node.pods_cgroup
 }
 
 /// Counts a decision in VERDICTS.

@@ -18,7 +18,7 @@ use aya::{
 use aya_log::Level;
 use observer_common::{
     CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DECIDE_PROGRAM, DatapathStats, FLOWS_MAP,
-    FlowKey, FlowValue, GENERATION_MAP, LOG_PROGRAM, NETNS_COOKIE_GLOBAL, POLICIES_MAP,
+    FlowKey, FlowValue, GENERATION_MAP, LOG_PROGRAM, NETNS_COOKIE_GLOBAL, NODE_MAP, POLICIES_MAP,
     POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP, SOCKETS_MAP, STATS_MAP, SocketInfo,
     VERDICTS_MAP, VerdictKey,
 };
@@ -175,6 +175,8 @@ impl Datapath {
             policies: typed(&mut ebpf, POLICIES_MAP)?,
             members: typed(&mut ebpf, POLICY_MEMBERS_MAP)?,
             cidrs: typed(&mut ebpf, POLICY_CIDRS_MAP)?,
+            node: typed(&mut ebpf, NODE_MAP)?,
+            node_written: None,
         };
         let class_maps = KernelClassMaps {
             services: typed(&mut ebpf, SERVICES_MAP)?,
@@ -297,6 +299,7 @@ fn loader<'a>(
         POLICIES_MAP,
         POLICY_MEMBERS_MAP,
         POLICY_CIDRS_MAP,
+        NODE_MAP,
         VERDICTS_MAP,
         SOCKETS_MAP,
         LOG_MAP,

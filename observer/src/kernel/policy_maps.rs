@@ -5,10 +5,10 @@
 use std::collections::{HashMap, HashSet};
 
 use aya::maps::{
-    HashMap as BpfHashMap, MapData, MapError,
+    Array, HashMap as BpfHashMap, MapData, MapError,
     lpm_trie::{Key, LpmTrie},
 };
-use observer_common::{MemberKey, PodPolicy, policy::RuleSets, policy_cidr_key};
+use observer_common::{MemberKey, NodeInfo, PodPolicy, policy::RuleSets, policy_cidr_key};
 
 use super::class_maps::mask;
 
@@ -49,6 +49,10 @@ pub struct KernelPolicyMaps {
     pub policies: BpfHashMap<MapData, u64, PodPolicy>,
     pub members: BpfHashMap<MapData, MemberKey, u8>,
     pub cidrs: LpmTrie<MapData, [u8; 20], u8>,
+    /// How the node's own processes are told (their connections are not
+    /// subject to ingress rules).
+    pub node: Array<MapData, NodeInfo>,
+    pub node_written: Option<NodeInfo>,
 }
 
 /// One write to the policy maps.
@@ -103,6 +107,21 @@ impl PolicyMaps for KernelPolicyMaps {
 }
 
 impl KernelPolicyMaps {
+    /// Writes the node's [`NodeInfo`] if it changed.
+    pub fn set_node(&mut self, node: NodeInfo) -> Result<(), PolicyMapsError> {
+        if self.node_written == Some(node) {
+            return Ok(());
+        }
+        self.node
+            .set(0, node, 0)
+            .map_err(|source| PolicyMapsError {
+                map: "NODE",
+                source: Box::new(source),
+            })?;
+        self.node_written = Some(node);
+        Ok(())
+    }
+
     /// See [`sync`].
     pub fn sync(
         &mut self,

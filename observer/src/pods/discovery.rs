@@ -253,6 +253,24 @@ pub fn join_host_cgroup_namespace(proc_root: &Path) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// The cgroup every pod's cgroup is under (`kubepods` with the cgroupfs
+/// driver, `kubepods.slice` with systemd), from one pod's cgroup: its id
+/// and its level in the hierarchy (the root is level 0: the directories
+/// above it that are cgroups).
+pub fn pods_cgroup(pod_cgroup: &Path) -> Option<(u64, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let pods = pod_cgroup.ancestors().find(|p| {
+        matches!(
+            p.file_name().and_then(|n| n.to_str()),
+            Some("kubepods" | "kubepods.slice")
+        )
+    })?;
+    let id = fs::metadata(pods).ok()?.ino();
+    let above = pods.ancestors().skip(1);
+    let level = above.filter(|p| p.join("cgroup.procs").exists()).count();
+    Some((id, u32::try_from(level).ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,6 +72,8 @@ pub struct Reconciler {
     own_netns: Option<u64>,
     /// The last write of the classification maps failed: tried again.
     class_maps_failed: bool,
+    /// The cgroup all pods' cgroups are under, once a pod's is known.
+    pods_cgroup: Option<(u64, u32)>,
     policy_retry_in: Duration,
     /// The next retry's delay, and until when retries go on.
     retry_in: Duration,
@@ -103,6 +105,7 @@ impl Reconciler {
             without_hooks: HashMap::new(),
             own_netns: crate::kernel::netns::cookie_of_current().ok(),
             class_maps_failed: false,
+            pods_cgroup: None,
             policy_retry_in: FIRST_POLICY_RETRY,
             retry_in: FIRST_RETRY,
             retry_until: Instant::now() + RETRY_FOR,
@@ -213,6 +216,13 @@ impl Reconciler {
         }
         self.attach(&snapshot).await;
         self.attach_missing_hooks(&snapshot).await;
+        if self.pods_cgroup.is_none() {
+            self.pods_cgroup = snapshot
+                .targets
+                .values()
+                .filter_map(|t| t.cgroup.as_deref())
+                .find_map(discovery::pods_cgroup);
+        }
         self.apply_policy();
         let Snapshot {
             host_network,
@@ -373,6 +383,7 @@ impl Reconciler {
             attached: &attached,
             without_hooks: &self.without_hooks,
             own_netns: self.own_netns,
+            pods_cgroup: self.pods_cgroup,
         };
         let Some(names) = enforcer.apply(&world, &self.metrics) else {
             return;

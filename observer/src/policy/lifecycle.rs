@@ -42,6 +42,8 @@ pub struct World<'a> {
     pub without_hooks: &'a HashMap<u64, Unenforced>,
     /// The observer's own network namespace.
     pub own_netns: Option<u64>,
+    /// The cgroup all pods' cgroups are under, and its level.
+    pub pods_cgroup: Option<(u64, u32)>,
 }
 
 impl Enforcer {
@@ -108,6 +110,16 @@ impl Enforcer {
             own_netns: world.own_netns,
             capacity: Capacity::default(),
         });
+        let (pods_cgroup, pods_level) = world.pods_cgroup.unwrap_or_default();
+        let node = observer_common::NodeInfo {
+            pods_cgroup,
+            pods_level,
+            _pad: 0,
+        };
+        if let Err(err) = self.maps.set_node(node) {
+            tracing::warn!(%err, "writing the policy maps");
+            metrics.error("kernel_maps");
+        }
         if compiled == self.compiled {
             self.report(compiled.unenforced, metrics);
             return None;
