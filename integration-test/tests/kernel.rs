@@ -15,16 +15,37 @@ use lab::cgroup_id;
 use observer::{
     kernel::datapath::{EGRESS_PROGRAM, INGRESS_PROGRAM},
     names::ObjectRef,
+    pods::discovery::cgroup2_root,
     policy::table::Table,
 };
 use observer_common::{
-    FlowKey, class, classify, direction, family, interface, ipv4_mapped, protocol, server, verdict,
+    FlowKey, NodeInfo, class, classify, direction, family, interface, ipv4_mapped, protocol,
+    server, verdict,
 };
 
 #[test]
 fn the_shared_policy_table_decides_in_the_kernel() {
     let table = Table::load();
-    let t = table_world(&table);
+    let mut t = table_world(&table);
+    // A synthetic packet's socket is the test's own (BPF_PROG_TEST_RUN
+    // gives it one, in the caller's cgroup). The test's cgroup is made the
+    // pods' cgroup, so that it reads as a pod's socket; for the cases sent
+    // by a process of the node, another is.
+    let own = own_cgroup();
+    let level = own
+        .strip_prefix(cgroup2_root().unwrap())
+        .unwrap()
+        .iter()
+        .count();
+    let as_pod = NodeInfo {
+        pods_cgroup: cgroup_id(&own).expect("own cgroup"),
+        pods_level: level as u32,
+        _pad: 0,
+    };
+    let as_node = NodeInfo {
+        pods_cgroup: u64::MAX,
+        ..as_pod
+    };
     let mut failures = Vec::new();
     for case in &table.cases {
         let pod = &t.pods[&case.pod];
@@ -57,6 +78,12 @@ fn the_shared_policy_table_decides_in_the_kernel() {
                     }
                 })
                 .expect("enter namespace");
+            let node = if case.from_node_process {
+                as_node
+            } else {
+                as_pod
+            };
+            t.kernel.policy_maps.set_node(node).expect("the node map");
             let packet = frame(case.remote, local, case.protocol, true);
             let action = run(&t.kernel, pod, INGRESS_PROGRAM, pod.eth0, &packet);
             drop((tcp, udp));

@@ -51,6 +51,10 @@ pub struct Connection {
     pub cgroup: u64,
     /// The remote address, 16 bytes (IPv4-mapped for IPv4).
     pub addr: [u8; 16],
+    /// Inbound: sent by a process of the node itself (a socket of the
+    /// node's, in no pod's cgroup), as the kernel tells by the packet's
+    /// socket. A packet forwarded through the node has no socket there.
+    pub from_node_process: bool,
 }
 
 /// What decided a connection.
@@ -79,12 +83,18 @@ impl Decision {
 /// decides; else the default for the direction, if it denies. `None`: no
 /// policy has a say, and the connection is allowed.
 ///
-/// Traffic from a node's address is decided like any other (class
-/// [`class::NODE`]): only the node's own processes (the kubelet's probes)
-/// are left alone, which the kernel tells by the sending socket before it
-/// asks (see `NodeInfo`).
+/// The node's own processes (the kubelet's probes) are never subject to
+/// ingress rules: a connection from an address of the node's (a node
+/// address, or the node's end of the pod network: an address in a pod
+/// CIDR that is no pod's) sent by one of them. Anything else from a node's
+/// address (NodePort traffic SNAT-ed to it, host-network pods) is decided
+/// like any other traffic, as class [`class::NODE`].
 #[inline(always)]
 pub fn decide(policy: &PodPolicy, c: &Connection, sets: &impl RuleSets) -> Option<Decision> {
+    let node_address = c.class == class::NODE || (c.class == class::POD && c.peer == 0);
+    if c.direction == INGRESS && c.from_node_process && node_address {
+        return None;
+    }
     let mut i = 0;
     while i < MAX_POD_RULES {
         if i as u32 >= policy.rules {

@@ -31,7 +31,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use observer_common::{
     FlowKey, FlowValue, MemberKey, NodeInfo, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY,
-    POLICY_MEMBERS_CAPACITY, PodPolicy, VERDICTS_CAPACITY, VerdictKey, class, classify,
+    POLICY_MEMBERS_CAPACITY, PodPolicy, VERDICTS_CAPACITY, VerdictKey, classify,
     direction::{EGRESS, INGRESS},
     family, interface, ipv4_mapped,
     policy::{self, Connection, Decision, RuleSets},
@@ -187,6 +187,7 @@ fn decide(ctx: &SockAddrContext, addr: [u8; 16], datagram: bool) -> i32 {
         // SAFETY: plain helper.
         cgroup: unsafe { bpf_get_current_cgroup_id() },
         addr,
+        from_node_process: false,
     };
     let Some(decision) = policy::decide(pod, &connection, &KernelRuleSets) else {
         return 1;
@@ -268,9 +269,6 @@ pub fn ingress(ctx: &TcContext, key: &FlowKey, value: &FlowValue, counted: bool)
     let Some(pod) = (unsafe { POLICIES.get(&cookie) }) else {
         return verdict::ALLOW;
     };
-    if from_node_process(ctx, value) {
-        return verdict::ALLOW;
-    }
     let connection = Connection {
         direction: INGRESS,
         class: value.class,
@@ -279,6 +277,7 @@ pub fn ingress(ctx: &TcContext, key: &FlowKey, value: &FlowValue, counted: bool)
         peer: value.peer_id,
         cgroup: 0,
         addr: key.src_addr,
+        from_node_process: from_node_process(ctx),
     };
     let Some(decision) = policy::decide(pod, &connection, &KernelRuleSets) else {
         return verdict::ALLOW;
@@ -289,20 +288,12 @@ pub fn ingress(ctx: &TcContext, key: &FlowKey, value: &FlowValue, counted: bool)
     decision.enforced()
 }
 
-/// Whether an inbound connection comes from a process of the node itself
-/// (the kubelet's probes), which no ingress rule judges: from an address
-/// of the node's (a node address, or the node's own end of the pod
-/// network: an address in a pod CIDR that is no pod's), sent by a socket
-/// (the socket's reference survives the veth into the pod; a packet
-/// forwarded through the node, NodePort or LoadBalancer traffic, has
-/// none), and that socket not in a pod's cgroup (a host-network pod's).
+/// Whether an inbound packet was sent by a process of the node itself:
+/// it has a socket (its reference survives the veth into the pod; a packet
+/// forwarded through the node, NodePort or LoadBalancer traffic, has none),
+/// and that socket is in no pod's cgroup (a host-network pod's is).
 #[inline(always)]
-fn from_node_process(ctx: &TcContext, value: &FlowValue) -> bool {
-    let node_address =
-        value.class == class::NODE || (value.class == class::POD && value.peer_id == 0);
-    if !node_address {
-        return false;
-    }
+fn from_node_process(ctx: &TcContext) -> bool {
     let skb = ctx.skb.skb;
     // SAFETY: the skb the kernel passed; 0 when it has no socket.
     if unsafe { bpf_skb_cgroup_id(skb.cast()) } == 0 {

@@ -129,6 +129,7 @@ pub fn explain(
             remote: probe.to,
             port: probe.to.port(),
             client: probe.client.clone(),
+            from_node_process: false,
         };
         let outcome = world.decide(&policies, found, &connection);
         let what = format!(
@@ -172,6 +173,8 @@ pub struct Connect {
     pub port: u16,
     /// The pod's client container (egress).
     pub client: Option<String>,
+    /// Ingress: sent by a process of the node itself (the kubelet's probes).
+    pub from_node_process: bool,
 }
 
 /// What the kernel would decide.
@@ -274,6 +277,7 @@ impl World {
             peer: peer.id,
             cgroup,
             addr,
+            from_node_process: c.from_node_process,
         }
     }
 

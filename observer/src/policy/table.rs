@@ -43,6 +43,9 @@ pub struct Case {
     /// POLICY/RULE.
     #[serde(default)]
     pub rule: Option<String>,
+    /// Ingress: sent by a process of the node itself (the kubelet's probes).
+    #[serde(default)]
+    pub from_node_process: bool,
 }
 
 #[derive(Deserialize)]
@@ -80,6 +83,7 @@ impl Case {
             remote: self.remote,
             port: self.port.unwrap_or(self.remote.port()),
             client: self.client.clone(),
+            from_node_process: self.from_node_process,
         }
     }
 

@@ -110,6 +110,7 @@ fn egress(to: &str, client: Option<&str>) -> Connect {
         remote,
         port: remote.port(),
         client: client.map(Into::into),
+        from_node_process: false,
     }
 }
 
@@ -322,7 +323,7 @@ fn bad_files_are_refused_with_the_line_and_the_problem() {
 }
 
 #[test]
-fn ingress_rules_never_see_localhost_and_the_node_is_never_denied_inbound() {
+fn ingress_rules_never_see_localhost_and_a_node_address_is_judged_like_any() {
     let text = "
 apiVersion: observer.dev/v1alpha1
 kind: TrafficPolicy
@@ -346,11 +347,17 @@ spec:
         port: 8080,
         ..egress("127.0.0.1:8080", None)
     };
+    // From a node's address: a rule decides, unless a process of the node
+    // itself sent it (the kubelet's probes; the kernel tells by the socket).
     assert_eq!(
         decided(&policies, "default/x", &probe),
-        None,
-        "the kubelet's probes"
+        Some(("in".into(), ALLOW))
     );
+    let kubelet = Connect {
+        from_node_process: true,
+        ..probe.clone()
+    };
+    assert_eq!(decided(&policies, "default/x", &kubelet), None);
     let reserved = text.replace("name: in,", "name: default,");
     assert!(
         parse(&reserved)
