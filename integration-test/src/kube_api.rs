@@ -9,6 +9,8 @@
 //! HTTP for an observer given a kubeconfig; over TLS, with a CA of its own,
 //! for one in a pod (in-cluster configuration is https), listening in a
 //! lab node's network namespace where the pod reaches it.
+//! (Longer than most files: list, watch, TLS and the objects it serves
+//! make one server.)
 
 use std::{
     collections::BTreeMap,

@@ -10,6 +10,9 @@
 //! a failed tail call) are compiled in, and switched off at load time unless
 //! the daemon's log level asks for them: the verifier then removes them, so
 //! they cost nothing.
+//!
+//! (Longer than most files: the per-packet path and the programs it
+//! tail-calls share the maps declared here, and read best together.)
 #![no_std]
 #![no_main]
 // The BPF target has no `AtomicU64::fetch_add`; `atomic_xadd` lowers to BPF's

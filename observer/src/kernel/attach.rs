@@ -4,6 +4,7 @@
 //! It is a thread of its own because `setns` moves only the calling thread: a
 //! tokio worker must never change namespace. Async callers send it requests.
 //! It owns the loaded programs and every link; when it stops, it detaches all.
+//! (Longer than most files: the worker and its requests are one unit.)
 
 use std::{
     collections::HashMap,

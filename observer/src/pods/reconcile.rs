@@ -4,6 +4,8 @@
 //! retry for a pod whose namespace is not there yet. Each round takes a
 //! snapshot, plans, attaches and detaches, then brings the kernel's maps,
 //! the policies and the collector up to date.
+//! (Longer than most files: the one loop that applies every change; its
+//! pure parts are in `plan.rs` and `source.rs`.)
 
 use std::{
     collections::{HashMap, HashSet},

@@ -1,6 +1,7 @@
 //! The README's examples, how rules combine, and bad files; and the shared
 //! table of cases (`cases.yaml`), which the kernel's programs must decide
 //! alike (integration-test/tests/kernel.rs).
+//! (Longer than most files: one test per case of the policy language.)
 
 use std::{collections::HashSet, net::SocketAddrV4};
 

@@ -1,6 +1,7 @@
 //! The Kubernetes client logic against a scripted API server (tower-test's
 //! mock service in place of the HTTP connection): the requests the watches
 //! make, and what the view holds after each answer.
+//! (Longer than most files: one test per kind of answer.)
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
