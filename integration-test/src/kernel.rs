@@ -22,7 +22,7 @@ use observer::{
     names::{CgroupIds, ObjectRef},
     policy::{compile::RuleName, explain::World, table::Table},
 };
-use observer_common::{VerdictKey, protocol};
+use observer_common::{NodeInfo, VerdictKey, protocol};
 
 use crate::{TempDir, container::in_container};
 
@@ -289,6 +289,29 @@ pub fn table_world(table: &Table) -> TableWorld {
 }
 
 /// The cgroup this test process runs in (the sender of its test packets).
+/// The node map that makes a synthetic packet's socket (BPF_PROG_TEST_RUN
+/// gives it one, in the test's own cgroup) read as a process of the node
+/// itself (`true`) or as a pod's: the test's cgroup is made the pods'
+/// cgroup, or another is.
+pub fn test_socket_as_node(node: bool) -> NodeInfo {
+    let own = own_cgroup();
+    let root = observer::pods::discovery::cgroup2_root().expect("cgroup v2");
+    let level = own
+        .strip_prefix(root)
+        .expect("under the root")
+        .iter()
+        .count();
+    NodeInfo {
+        pods_cgroup: if node {
+            u64::MAX
+        } else {
+            cgroup_id(&own).expect("own cgroup")
+        },
+        pods_level: u32::try_from(level).expect("a level"),
+        _pad: 0,
+    }
+}
+
 pub fn own_cgroup() -> PathBuf {
     let line = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
     let path = line

@@ -15,6 +15,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, thread, time::D
 use integration_test::{
     FakeApi, Scrape,
     container::{Connect, connect_from, container},
+    kube_api::{Kind, pod_object},
     observer::http_get,
 };
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
@@ -35,6 +36,16 @@ spec:
   rules:
   - {name: sidecar, class: localhost, ports: [8080], clientContainers: [sidecar], action: allow}
   - {name: no-one-else, class: localhost, ports: [8080], action: deny}
+---
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: observer-namespace}
+spec:
+  podSelector: {namespace: observer}
+  mode: enforce
+  defaultAction: deny
+  rules:
+  - {name: nothing-out, class: any, action: deny}
 ";
 
 /// The DaemonSet's pod as the manifests say, with the test's policy in the
@@ -118,6 +129,8 @@ fn the_daemonset_runs_from_its_image_with_only_its_capabilities() {
     let pod = lab
         .run_manifest_pod("node-1", &observer_pod(&server))
         .unwrap_or_else(|e| panic!("the observer's pod: {e}"));
+    // The API lists the observer's own pod too, as a real one does.
+    api.apply(Kind::Pods, pod_object(&pod));
     let endpoint = Endpoint {
         node: &node,
         addr: SocketAddr::new(pod.ip.into(), 9465),
@@ -129,10 +142,11 @@ fn the_daemonset_runs_from_its_image_with_only_its_capabilities() {
         .filter(|p| p.node == "node-1")
         .map(|p| p.name.clone())
         .collect();
-    endpoint.eventually(&lab, "node-1's pods attached", |m| {
+    endpoint.eventually(&lab, "node-1's pods attached, its own too", |m| {
         local
             .iter()
             .all(|p| m.sum("observer_programs_attached", &[("pod", p)]) == 3.0)
+            && m.sum("observer_programs_attached", &[("pod", "observer-node-1")]) == 3.0
     });
     // Ready once every kind the API serves is listed (the readiness probe's
     // answer).
@@ -176,6 +190,14 @@ fn the_daemonset_runs_from_its_image_with_only_its_capabilities() {
         connect_from(&app, &netns, "127.0.0.1", 8080),
         Connect::NotPermitted,
         "the policy from the ConfigMap, enforced"
+    );
+    // A policy selects the observer's own pod and denies everything: it is
+    // never held to it (it would cut the observer off from the API server).
+    let own = &pod.containers[0];
+    assert_eq!(
+        connect_from(&own.cgroup, pod.netns.as_ref().unwrap(), "172.18.0.2", 6443),
+        Connect::Connected,
+        "the observer's own pod was held to a policy"
     );
     // Deleted (SIGTERM, as the kubelet stops it): it detaches everything.
     lab.delete_manifest_pod("observer", "observer-node-1")

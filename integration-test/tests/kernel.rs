@@ -9,43 +9,26 @@
 use std::net::{SocketAddrV4, TcpListener, UdpSocket};
 
 use integration_test::kernel::{
-    TC_ACT_SHOT, TC_ACT_UNSPEC, frame, own_cgroup, probe, run, table_world,
+    TC_ACT_SHOT, TC_ACT_UNSPEC, frame, own_cgroup, probe, run, table_world, test_socket_as_node,
 };
 use lab::cgroup_id;
 use observer::{
     kernel::datapath::{EGRESS_PROGRAM, INGRESS_PROGRAM},
     names::ObjectRef,
-    pods::discovery::cgroup2_root,
     policy::table::Table,
 };
 use observer_common::{
-    FlowKey, NodeInfo, class, classify, direction, family, interface, ipv4_mapped, protocol,
-    server, verdict,
+    FlowKey, class, classify, direction, family, interface, ipv4_mapped, protocol, server, verdict,
 };
 
 #[test]
 fn the_shared_policy_table_decides_in_the_kernel() {
     let table = Table::load();
     let mut t = table_world(&table);
-    // A synthetic packet's socket is the test's own (BPF_PROG_TEST_RUN
-    // gives it one, in the caller's cgroup). The test's cgroup is made the
-    // pods' cgroup, so that it reads as a pod's socket; for the cases sent
-    // by a process of the node, another is.
-    let own = own_cgroup();
-    let level = own
-        .strip_prefix(cgroup2_root().unwrap())
-        .unwrap()
-        .iter()
-        .count();
-    let as_pod = NodeInfo {
-        pods_cgroup: cgroup_id(&own).expect("own cgroup"),
-        pods_level: level as u32,
-        _pad: 0,
-    };
-    let as_node = NodeInfo {
-        pods_cgroup: u64::MAX,
-        ..as_pod
-    };
+    // A synthetic packet's socket reads as a pod's, or for the cases sent
+    // by a process of the node, as the node's.
+    let as_pod = test_socket_as_node(false);
+    let as_node = test_socket_as_node(true);
     let mut failures = Vec::new();
     for case in &table.cases {
         let pod = &t.pods[&case.pod];
@@ -183,7 +166,13 @@ fn flow_cases() -> Vec<FlowCase<'static>> {
 #[test]
 fn the_classifier_classifies_as_user_space_does() {
     let table = Table::load();
-    let t = table_world(&table);
+    let mut t = table_world(&table);
+    // Classification, not policy: the packets from the node's address are
+    // the node's own (web's ingress default would drop the others).
+    t.kernel
+        .policy_maps
+        .set_node(test_socket_as_node(true))
+        .expect("the node map");
     let pod = &t.pods["default/web"];
     let ids = t.world.ids();
     let peer_id = |peer: &str| -> u32 {

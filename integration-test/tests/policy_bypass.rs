@@ -152,7 +152,22 @@ spec:
   defaultAction: deny
   rules:
     - {name: dns, class: service, protocol: UDP, ports: [53], action: allow}
+    - {name: to-echo, class: localhost, protocol: UDP, ports: [5354], action: allow}
+    - {name: to-echo-by-address, class: pod, protocol: UDP, ports: [5354], action: allow}
 ";
+
+/// Sends "ping" to `host:port` and returns the answer, or "timeout".
+fn ask(cgroup: &Path, netns: &Path, host: &str, port: u16) -> String {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         s.sendto(b'ping', ('{host}', {port}))\n\
+         try:\n    print(s.recv(16).decode())\n\
+         except socket.timeout:\n    print('timeout')\n"
+    );
+    python(cgroup, netns, &script)
+}
 
 #[test]
 fn a_udp_socket_on_a_low_port_sends_only_answers() {
@@ -195,6 +210,16 @@ fn a_udp_socket_on_a_low_port_sends_only_answers() {
         assert_eq!(echoed.expect("the answer"), b"ping", "port {port}");
         assert!(echo.wait().unwrap().success());
     }
+
+    // Asked by another container of the pod, over lo: to 127.0.0.1 and to
+    // the pod's own address (which also goes over lo).
+    let (asker, _) = container(&lab, "default", "client", "to-service");
+    let client_ip = lab.pod("default", "client").unwrap().ip.to_string();
+    let mut echo = integration_test::container::udp_echo(&client, &client_netns, 5354, 2);
+    for host in ["127.0.0.1", client_ip.as_str()] {
+        assert_eq!(ask(&asker, &client_netns, host, 5354), "ping", "via {host}");
+    }
+    assert!(echo.wait().unwrap().success());
 }
 
 const WEB_ONLY_FROM_REMOTE: &str = "

@@ -114,7 +114,9 @@ pub struct FlowValue {
     /// The Service (class SERVICE), pod or node (POD, NODE) the peer is, as
     /// numbered by the daemon; 0 when unknown.
     pub peer_id: u32,
-    /// [`GENERATION_MAP`] value the classification was made with.
+    /// [`GENERATION_MAP`] value the classification was made with (one
+    /// less than the current one, so never current, for a flow that waits
+    /// for a listener: [`flow_flags::AWAITS_LISTENER`]).
     pub generation: u32,
     /// Where a redirected connection was going (a sidecar's `REDIRECT` to
     /// a local proxy): the original destination's peer id, port and class,
@@ -306,7 +308,8 @@ const _: () = assert!(core::mem::size_of::<PodPolicy>() == 32 + 24 * MAX_POD_RUL
 /// itself is told from one forwarded through the node (NodePort or
 /// LoadBalancer traffic SNAT-ed to a node address), which has no socket,
 /// and from one a host-network pod sends (also from the node's address),
-/// whose socket is in a pod's cgroup.
+/// whose socket is in a pod's cgroup. While the pods' cgroup is unknown
+/// (0), no packet is taken for the node's own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {

@@ -4,8 +4,10 @@
 //! before any translation, and the container. Otherwise from the packet,
 //! with [`observer_common::classify`] on the kernel's maps.
 //!
-//! Runs when a flow is first seen, and again when the daemon has changed the
-//! classification maps (new generation); never for every packet.
+//! Runs when a flow is first seen, again when the daemon has changed the
+//! classification maps (new generation), at each SYN into a pod with a
+//! policy, and at each datagram of a UDP flow into a pod with a policy that
+//! no socket receives yet; never for the packets of a known flow.
 
 use aya_ebpf::{helpers::bpf_skb_cgroup_id, maps::lpm_trie::Key, programs::TcContext};
 use observer_common::{
@@ -38,8 +40,10 @@ impl ClassMaps for KernelClassMaps {
 }
 
 /// Fills the classification fields of `value` (not the counters).
+/// Returns whether a socket of the pod receives the flow (looked up on
+/// `lo` and at `eth0` ingress: a listener, a bound or a connected socket).
 #[inline(always)]
-pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
+pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) -> bool {
     let egress = key.direction == EGRESS;
     // The sending socket is the skb's on egress; the receiving one is looked
     // up on `lo` (both ends are the pod's) and on `eth0` ingress.
@@ -60,7 +64,7 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
     value.dst_cgroup = receiver.info.cgroup;
     if key.interface == interface::LOOPBACK {
         localhost(ctx, key, value, sender, receiver);
-        return;
+        return receiver.found();
     }
     // The pod's own socket, if it connected somewhere: its destination as
     // the process gave it, before any translation. Not a UDP socket its
@@ -101,7 +105,7 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
         bound_udp
     } else if key.protocol != protocol::TCP {
         value.server = server::UNKNOWN;
-        return;
+        return receiver.found();
     } else {
         sockets::listening(ctx, key.family, protocol::TCP, local_addr, local_port)
     };
@@ -110,6 +114,7 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) {
     } else {
         server::DESTINATION
     };
+    receiver.found()
 }
 
 /// Both ends are in this namespace: the server is the end whose socket's

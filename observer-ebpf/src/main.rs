@@ -118,7 +118,8 @@ pub fn classify_flow(mut ctx: TcContext) -> i32 {
 
 /// Decides an inbound connection of a pod with a policy (its flow was just
 /// classified, and is in the map): writes the flow's verdict, counts the
-/// decision (if its first), and drops the packet if it is denied. A program
+/// decision (if the connection's first), and drops the packet if it is
+/// denied. A program
 /// of its own, so that the verifier walks the rules once, not once for each
 /// way a flow can be classified.
 #[classifier]
@@ -215,8 +216,9 @@ fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
 
 /// Counts a packet of a flow, classifying the flow if it is new or its
 /// classification is stale. Returns the flow's verdict, and whether an
-/// ingress decision is to be made (`Some(counted)`: counted if the flow's
-/// first).
+/// ingress decision is to be made (`Some(counted)`: counted if it is the
+/// connection's first: a new flow, a SYN of a flow not decided as inbound
+/// yet, or the first datagram a socket receives).
 #[inline(always)]
 fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Option<bool>) {
     let generation = GENERATION.get(0).copied().unwrap_or(0);
@@ -235,9 +237,9 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Optio
                 || value.flags & flow_flags::AWAITS_LISTENER != 0;
             value.generation = generation;
             value.flags &= !flow_flags::AWAITS_LISTENER;
-            classify::classify(ctx, key, value);
+            let received = classify::classify(ctx, key, value);
             value.verdict = 0;
-            match inbound(ctx, key, value) {
+            match inbound(ctx, key, value, received) {
                 Inbound::Decide => return (0, Some(counted)),
                 Inbound::NobodyListens => awaits_listener(value, generation),
                 Inbound::No => {}
@@ -252,9 +254,9 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Optio
         generation,
         ..FlowValue::default()
     };
-    classify::classify(ctx, key, &mut first);
+    let received = classify::classify(ctx, key, &mut first);
     pair_with_reverse(key, &mut first);
-    let decide = inbound(ctx, key, &first);
+    let decide = inbound(ctx, key, &first, received);
     if decide == Inbound::NobodyListens {
         awaits_listener(&mut first, generation);
     }
@@ -283,14 +285,16 @@ enum Inbound {
     /// `eth0` and the pod is the server (a TCP listener, or a UDP socket
     /// bound to the port).
     Decide,
-    /// UDP to a pod with a policy where no socket has the port (yet):
-    /// decided again at the flow's next packet, so that a socket bound
-    /// later does not inherit an undecided flow.
+    /// UDP to a pod with a policy that no socket receives (yet): decided
+    /// again at the flow's next packet, so that a socket bound later does
+    /// not inherit an undecided flow.
     NobodyListens,
 }
 
+/// `received`: a socket of the pod receives the flow (the classifier's
+/// lookup of the whole tuple, which finds connected sockets too).
 #[inline(always)]
-fn inbound(ctx: &TcContext, key: &FlowKey, value: &FlowValue) -> Inbound {
+fn inbound(ctx: &TcContext, key: &FlowKey, value: &FlowValue, received: bool) -> Inbound {
     if key.interface != interface::POD || key.direction != INGRESS || key.family != family::IPV4 {
         return Inbound::No;
     }
@@ -310,7 +314,12 @@ fn inbound(ctx: &TcContext, key: &FlowKey, value: &FlowValue) -> Inbound {
         return Inbound::No;
     }
     if !sockets::listening(ctx, key.family, key.protocol, key.dst_addr, key.dst_port) {
-        return Inbound::NobodyListens;
+        // A connected socket receives it (a client's), or nobody does.
+        return if received {
+            Inbound::No
+        } else {
+            Inbound::NobodyListens
+        };
     }
     if key.dst_port < ports::EPHEMERAL_FIRST {
         Inbound::Decide

@@ -35,7 +35,7 @@ use observer_common::{
     direction::{EGRESS, INGRESS},
     family, interface, ipv4_mapped,
     policy::{self, Connection, Decision, RuleSets},
-    policy_cidr_key, server, verdict,
+    policy_cidr_key, ports, server, verdict,
 };
 
 use crate::{FLOWS, classify::KernelClassMaps, sockets};
@@ -198,8 +198,9 @@ fn decide(ctx: &SockAddrContext, addr: [u8; 16], datagram: bool) -> i32 {
 
 /// Whether a datagram to `addr:port` answers one that came in: the flow
 /// from there to this socket's port is in the flow map, the pod was its
-/// server, and it was let in. Anything else the socket sends is judged as
-/// egress, whatever its ports.
+/// server (or, for a socket from before the observer whose flow could not
+/// tell, its port is outside the ephemeral range), and it was let in.
+/// Anything else the socket sends is judged as egress, whatever its ports.
 #[inline(always)]
 fn answers_inbound(
     ctx: &SockAddrContext,
@@ -215,41 +216,48 @@ fn answers_inbound(
         let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
         ((*sk).src_port, (*sk).src_ip4)
     };
-    if local_port == 0 {
+    if local_port == 0 || local_port > u32::from(u16::MAX) {
         return false;
     }
-    // Over `lo` the asker's datagram passed `lo` egress, to the address it
-    // asked (a socket bound to any address has none of its own); on `eth0`
-    // it came in, to the pod's address.
-    let loopback = addr[12] == 127;
-    let local = if local_ip4 != 0 {
-        ipv4_mapped(local_ip4.to_ne_bytes())
-    } else if loopback {
-        addr
-    } else {
-        pod.addr
+    let local_port = local_port as u16;
+    let asked = |interface, direction, local: [u8; 16]| {
+        let key = FlowKey {
+            netns_cookie: cookie,
+            src_addr: addr,
+            dst_addr: local,
+            src_port: port,
+            dst_port: local_port,
+            protocol: proto,
+            direction,
+            family: family::IPV4,
+            interface,
+        };
+        // SAFETY: a plain lookup; the value is read at once.
+        unsafe { FLOWS.get(&key) }.is_some_and(|asked| {
+            asked.verdict != verdict::DENY
+                && (asked.server == server::DESTINATION
+                    || (asked.server == server::UNKNOWN && local_port < ports::EPHEMERAL_FIRST))
+        })
     };
-    let key = FlowKey {
-        netns_cookie: cookie,
-        src_addr: addr,
-        dst_addr: local,
-        src_port: port,
-        dst_port: local_port as u16,
-        protocol: proto,
-        direction: if loopback { EGRESS } else { INGRESS },
-        family: family::IPV4,
-        interface: if loopback {
-            interface::LOOPBACK
-        } else {
-            interface::POD
-        },
-    };
-    // SAFETY: a plain lookup; the value is read at once.
-    match unsafe { FLOWS.get(&key) } {
-        Some(asked) => asked.server == server::DESTINATION && asked.verdict != verdict::DENY,
-        None => false,
+    let bound = (local_ip4 != 0).then(|| ipv4_mapped(local_ip4.to_ne_bytes()));
+    // The pod's own traffic passes `lo` (to 127/8 or to the pod's address),
+    // counted at `lo` egress, to the address the asker sent to: the
+    // socket's own, or (a socket bound to any address) the asker's or
+    // 127.0.0.1 behind a redirect.
+    if addr[12] == 127 || addr == pod.addr {
+        return match bound {
+            Some(local) => asked(interface::LOOPBACK, EGRESS, local),
+            None => {
+                asked(interface::LOOPBACK, EGRESS, addr)
+                    || asked(interface::LOOPBACK, EGRESS, LOCALHOST)
+            }
+        };
     }
+    asked(interface::POD, INGRESS, bound.unwrap_or(pod.addr))
 }
+
+/// 127.0.0.1, IPv4-mapped.
+const LOCALHOST: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
 
 /// Whether the pod with this namespace has a policy.
 #[inline(always)]
@@ -258,10 +266,10 @@ pub fn has_policy(cookie: u64) -> bool {
     unsafe { POLICIES.get(&cookie) }.is_some()
 }
 
-/// An inbound connection to a pod (its first packet at `eth0` ingress; the
-/// pod is the flow's server): [`verdict::DENY`] if a policy denies it.
-/// Counted in VERDICTS if `counted` (a flow's first decision, not a
-/// decision again after a change).
+/// An inbound connection to a pod (at `eth0` ingress, the pod the flow's
+/// server): [`verdict::DENY`] if a policy denies it. Counted in VERDICTS
+/// if `counted` (the connection's first decision, not one again after a
+/// change of the maps).
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, key: &FlowKey, value: &FlowValue, counted: bool) -> u8 {
     let cookie = key.netns_cookie;
@@ -299,13 +307,14 @@ fn from_node_process(ctx: &TcContext) -> bool {
     if unsafe { bpf_skb_cgroup_id(skb.cast()) } == 0 {
         return false;
     }
-    let Some(node) = NODE.get(0) else {
-        return true;
+    // Where pods' cgroups are not known, none is the node's: a host-network
+    // pod could not be told from the kubelet.
+    let Some(node) = NODE.get(0).filter(|n| n.pods_cgroup != 0) else {
+        return false;
     };
     // SAFETY: as above; 0 when the hierarchy is not that deep there.
-    node.pods_cgroup == 0
-        || unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), node.pods_level as i32) }
-            != node.pods_cgroup
+    let ancestor = unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), node.pods_level as i32) };
+    ancestor != node.pods_cgroup
 }
 
 /// Counts a decision in VERDICTS.

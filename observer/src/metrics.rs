@@ -123,7 +123,7 @@ impl Metrics {
             policy_unenforced: IntGaugeVec::new(
                 Opts::new(
                     "observer_policy_unenforced_pods",
-                    "1 for each pod a policy selects and does not (fully) hold, by reason: too_many_rules, map_full (no policy applies), no_hooks (egress and localhost rules do not apply), no_cgroup (waiting for the pod's or a named container's cgroup), unknown_service (a rule waits for its Service).",
+                    "1 for each pod a policy selects and does not (fully) hold, by reason: too_many_rules (no policy applies), map_full (no room for its new entries: its last ones, if any, still apply), no_hooks (egress and localhost rules do not apply), no_cgroup (waiting for the pod's or a named container's cgroup), unknown_service (a rule waits for its Service), not_attached (its namespace is not attached: no policy applies).",
                 ),
                 &["namespace", "pod", "reason"],
             )

@@ -107,10 +107,10 @@ impl PolicyMaps for KernelPolicyMaps {
 }
 
 impl KernelPolicyMaps {
-    /// Writes the node's [`NodeInfo`] if it changed.
-    pub fn set_node(&mut self, node: NodeInfo) -> Result<(), PolicyMapsError> {
+    /// Writes the node's [`NodeInfo`] if it changed; returns whether it did.
+    pub fn set_node(&mut self, node: NodeInfo) -> Result<bool, PolicyMapsError> {
         if self.node_written == Some(node) {
-            return Ok(());
+            return Ok(false);
         }
         self.node
             .set(0, node, 0)
@@ -119,7 +119,7 @@ impl KernelPolicyMaps {
                 source: Box::new(source),
             })?;
         self.node_written = Some(node);
-        Ok(())
+        Ok(true)
     }
 
     /// See [`sync`].

@@ -254,17 +254,20 @@ pub fn join_host_cgroup_namespace(proc_root: &Path) -> std::io::Result<bool> {
 }
 
 /// The cgroup every pod's cgroup is under (`kubepods` with the cgroupfs
-/// driver, `kubepods.slice` with systemd), from one pod's cgroup: its id
-/// and its level in the hierarchy (the root is level 0: the directories
-/// above it that are cgroups).
+/// driver, `kubepods.slice` with systemd, `kubelet-kubepods.slice` under a
+/// `--cgroup-root`), from one pod's cgroup: the highest directory above it
+/// whose name says `kubepods`; its id and its level in the hierarchy (the
+/// root is level 0: the directories above it that are cgroups).
 pub fn pods_cgroup(pod_cgroup: &Path) -> Option<(u64, u32)> {
     use std::os::unix::fs::MetadataExt;
-    let pods = pod_cgroup.ancestors().find(|p| {
-        matches!(
-            p.file_name().and_then(|n| n.to_str()),
-            Some("kubepods" | "kubepods.slice")
-        )
-    })?;
+    let pods = pod_cgroup
+        .ancestors()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.contains("kubepods"))
+        })
+        .last()?;
     let id = fs::metadata(pods).ok()?.ino();
     let above = pods.ancestors().skip(1);
     let level = above.filter(|p| p.join("cgroup.procs").exists()).count();

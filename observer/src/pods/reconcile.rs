@@ -76,6 +76,7 @@ pub struct Reconciler {
     class_maps_failed: bool,
     /// The cgroup all pods' cgroups are under, once a pod's is known.
     pods_cgroup: Option<(u64, u32)>,
+    pods_cgroup_told: bool,
     policy_retry_in: Duration,
     /// The next retry's delay, and until when retries go on.
     retry_in: Duration,
@@ -108,6 +109,7 @@ impl Reconciler {
             own_netns: crate::kernel::netns::cookie_of_current().ok(),
             class_maps_failed: false,
             pods_cgroup: None,
+            pods_cgroup_told: false,
             policy_retry_in: FIRST_POLICY_RETRY,
             retry_in: FIRST_RETRY,
             retry_until: Instant::now() + RETRY_FOR,
@@ -135,13 +137,25 @@ impl Reconciler {
         };
         let mut local_changes = 0;
         let mut peers_due: Option<tokio::time::Instant> = None;
+        // Retries are deadlines, not sleeps: events in between (a peer
+        // elsewhere in the cluster) must not put them off.
+        let mut retry_due: Option<tokio::time::Instant> = None;
+        let mut policy_retry_due: Option<tokio::time::Instant> = None;
         self.reconcile_and_mark(Trigger::Local, &ready).await;
         loop {
             let retry = !self.waiting.is_empty() && Instant::now() < self.retry_until;
+            if !retry {
+                retry_due = None;
+            } else if retry_due.is_none() {
+                retry_due = Some(tokio::time::Instant::now() + self.retry_in);
+            }
             let policy_retry =
                 self.class_maps_failed || self.enforcer.as_ref().is_some_and(Enforcer::wants_retry);
             if !policy_retry {
                 self.policy_retry_in = FIRST_POLICY_RETRY;
+                policy_retry_due = None;
+            } else if policy_retry_due.is_none() {
+                policy_retry_due = Some(tokio::time::Instant::now() + self.policy_retry_in);
             }
             let trigger = tokio::select! {
                 _ = stop.changed() => break,
@@ -178,12 +192,14 @@ impl Reconciler {
                     }
                     Trigger::Peers
                 }
-                _ = tokio::time::sleep(self.policy_retry_in), if policy_retry => {
+                _ = sleep_until(policy_retry_due) => {
+                    policy_retry_due = None;
                     self.policy_retry_in = (self.policy_retry_in * 2).min(MAX_POLICY_RETRY);
                     self.reconcile_and_mark(Trigger::Local, &ready).await;
                     continue;
                 }
-                _ = tokio::time::sleep(self.retry_in), if retry => {
+                _ = sleep_until(retry_due) => {
+                    retry_due = None;
                     self.retry_in = (self.retry_in * 2).min(MAX_RETRY);
                     self.reconcile_and_mark(Trigger::Local, &ready).await;
                     continue;
@@ -194,6 +210,7 @@ impl Reconciler {
                 // A new event here: pods still missing get fresh retries.
                 self.retry_in = FIRST_RETRY;
                 self.retry_until = Instant::now() + RETRY_FOR;
+                retry_due = None;
             }
             self.reconcile_and_mark(trigger, &ready).await;
         }
@@ -219,13 +236,25 @@ impl Reconciler {
         self.attach(&snapshot).await;
         self.attach_missing_hooks(&snapshot).await;
         if self.pods_cgroup.is_none() {
-            self.pods_cgroup = snapshot
+            let mut cgroups = snapshot
                 .targets
                 .values()
-                .filter_map(|t| t.cgroup.as_deref())
-                .find_map(discovery::pods_cgroup);
+                .filter_map(|t| t.cgroup.as_deref());
+            let first = cgroups.next();
+            self.pods_cgroup = first.and_then(discovery::pods_cgroup);
+            if let (Some(cgroup), None, false) = (first, self.pods_cgroup, self.pods_cgroup_told) {
+                self.pods_cgroup_told = true;
+                tracing::warn!(cgroup = %cgroup.display(), "no kubepods cgroup above the pods' cgroups: the node's own processes (the kubelet's probes) are judged by ingress rules as class node");
+            }
         }
-        self.apply_policy();
+        let not_attached: HashSet<ObjectRef> = self
+            .waiting
+            .iter()
+            .chain(&self.failed)
+            .filter_map(|key| snapshot.targets.get(key))
+            .map(|t| t.pod.clone())
+            .collect();
+        self.apply_policy(&not_attached);
         let Snapshot {
             host_network,
             complete,
@@ -367,7 +396,7 @@ impl Reconciler {
 
     /// Compiles the policies for the pods attached now and writes what
     /// changed to the kernel.
-    fn apply_policy(&mut self) {
+    fn apply_policy(&mut self, not_attached: &HashSet<ObjectRef>) {
         let (Some(enforcer), Some((inventory, cgroups))) =
             (self.enforcer.as_mut(), self.names.as_ref())
         else {
@@ -386,6 +415,7 @@ impl Reconciler {
             without_hooks: &self.without_hooks,
             own_netns: self.own_netns,
             pods_cgroup: self.pods_cgroup,
+            not_attached,
         };
         let Some(names) = enforcer.apply(&world, &self.metrics) else {
             return;

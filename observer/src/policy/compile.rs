@@ -65,15 +65,19 @@ pub enum Unenforced {
     NoCgroup,
     /// A rule names a Service that does not exist (yet): that rule waits.
     UnknownService,
+    /// The pod's network namespace is not attached (not found yet, or the
+    /// attach failed): no policy applies.
+    NotAttached,
 }
 
 impl Unenforced {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::TooManyRules,
         Self::MapFull,
         Self::NoHooks,
         Self::NoCgroup,
         Self::UnknownService,
+        Self::NotAttached,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -83,13 +87,15 @@ impl Unenforced {
             Self::NoHooks => "no_hooks",
             Self::NoCgroup => "no_cgroup",
             Self::UnknownService => "unknown_service",
+            Self::NotAttached => "not_attached",
         }
     }
 
     /// Whether it can go away without a change of the policy or the
-    /// cluster (retried on a timer).
+    /// cluster (retried on a timer; the maps may have room once the last
+    /// change is written).
     pub const fn retried(self) -> bool {
-        matches!(self, Self::NoHooks | Self::NoCgroup)
+        !matches!(self, Self::TooManyRules | Self::UnknownService)
     }
 }
 
@@ -128,6 +134,11 @@ pub struct Inputs<'a> {
     /// The observer's own namespace: never held to a policy, so that no
     /// selector can cut the observer off from the API server.
     pub own_netns: Option<u64>,
+    /// Pods of this node that are not attached (not found yet, or failed).
+    pub not_attached: &'a HashSet<ObjectRef>,
+    /// What the maps hold now: while they are brought to the new entries,
+    /// they hold both, and both must fit.
+    pub previous: &'a PolicyEntries,
     pub capacity: Capacity,
 }
 
@@ -159,9 +170,22 @@ impl Compiler {
             .collect();
         self.rules
             .retain(|n| names.contains(&(n.policy.as_str(), n.rule.clone())));
+        // Room taken in each map while it holds both the previous entries
+        // and the ones compiled so far.
+        let previous = inputs.previous;
+        let mut pods_room = previous.pods.len();
+        let mut members_room = previous.members.len();
+        let mut cidrs_room = previous.cidrs.len();
         for pod in &inputs.inventory.pods {
             let pod_ref = ObjectRef::new(&pod.namespace, &pod.name);
             let Some(&cookie) = inputs.attached.get(&pod_ref) else {
+                let selected = !inputs
+                    .policies
+                    .for_pod(&pod.namespace, &pod.labels)
+                    .is_empty();
+                if selected && inputs.not_attached.contains(&pod_ref) {
+                    out.unenforced.insert((pod_ref, Unenforced::NotAttached));
+                }
                 continue;
             };
             if inputs.own_netns == Some(cookie) {
@@ -283,11 +307,20 @@ impl Compiler {
                 unenforced(Unenforced::TooManyRules);
                 continue;
             }
-            let new_members = entries.members.difference(&out.entries.members).count();
-            let new_cidrs = entries.cidrs.difference(&out.entries.cidrs).count();
-            if out.entries.pods.len() + 1 > inputs.capacity.pods
-                || out.entries.members.len() + new_members > inputs.capacity.members
-                || out.entries.cidrs.len() + new_cidrs > inputs.capacity.cidrs
+            let new_pod = usize::from(!previous.pods.contains_key(&cookie));
+            let new_members = entries
+                .members
+                .iter()
+                .filter(|m| !out.entries.members.contains(m) && !previous.members.contains(m))
+                .count();
+            let new_cidrs = entries
+                .cidrs
+                .iter()
+                .filter(|c| !out.entries.cidrs.contains(c) && !previous.cidrs.contains(c))
+                .count();
+            if pods_room + new_pod > inputs.capacity.pods
+                || members_room + new_members > inputs.capacity.members
+                || cidrs_room + new_cidrs > inputs.capacity.cidrs
             {
                 out.problems.push(format!(
                     "pod {}/{}: the policy maps are full (at most {} pods, {} set members, {} CIDRs): no policy applies to it",
@@ -300,6 +333,9 @@ impl Compiler {
                 unenforced(Unenforced::MapFull);
                 continue;
             }
+            pods_room += new_pod;
+            members_room += new_members;
+            cidrs_room += new_cidrs;
             out.entries.members.extend(entries.members);
             out.entries.cidrs.extend(entries.cidrs);
             let mut entry = PodPolicy {

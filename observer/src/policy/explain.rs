@@ -250,6 +250,8 @@ impl World {
             cgroups: &self.cgroups,
             without_hooks: &HashMap::new(),
             own_netns: None,
+            not_attached: &Default::default(),
+            previous: &Default::default(),
             capacity: Capacity::default(),
         })
     }

@@ -44,6 +44,8 @@ pub struct World<'a> {
     pub own_netns: Option<u64>,
     /// The cgroup all pods' cgroups are under, and its level.
     pub pods_cgroup: Option<(u64, u32)>,
+    /// Pods of this node not attached (yet).
+    pub not_attached: &'a std::collections::HashSet<ObjectRef>,
 }
 
 impl Enforcer {
@@ -108,6 +110,8 @@ impl Enforcer {
             cgroups: world.cgroups,
             without_hooks: world.without_hooks,
             own_netns: world.own_netns,
+            not_attached: world.not_attached,
+            previous: &self.compiled.entries,
             capacity: Capacity::default(),
         });
         let (pods_cgroup, pods_level) = world.pods_cgroup.unwrap_or_default();
@@ -116,11 +120,17 @@ impl Enforcer {
             pods_level,
             _pad: 0,
         };
-        if let Err(err) = self.maps.set_node(node) {
-            tracing::warn!(%err, "writing the policy maps");
-            metrics.error("kernel_maps");
-        }
-        if compiled == self.compiled {
+        // A change of who is the node's own calls for deciding live inbound
+        // flows again, as a change of the entries does.
+        let node_changed = match self.maps.set_node(node) {
+            Ok(changed) => changed,
+            Err(err) => {
+                tracing::warn!(%err, "writing the policy maps");
+                metrics.error("kernel_maps");
+                false
+            }
+        };
+        if compiled == self.compiled && !node_changed {
             self.report(compiled.unenforced, metrics);
             return None;
         }
@@ -180,7 +190,8 @@ impl Enforcer {
     }
 }
 
-/// The attached pods whose entry in `after` differs from the one compiled.
+/// The attached pods that were to get a new entry (they keep their last
+/// one, if any).
 fn changed_pods<'a>(
     compiled: &'a Compiled,
     after: &'a HashMap<u64, observer_common::PodPolicy>,
@@ -188,6 +199,10 @@ fn changed_pods<'a>(
 ) -> impl Iterator<Item = ObjectRef> + 'a {
     attached
         .iter()
-        .filter(move |(_, cookie)| compiled.entries.pods.get(cookie) != after.get(cookie))
+        .filter(move |(_, cookie)| {
+            after
+                .get(cookie)
+                .is_some_and(|p| compiled.entries.pods.get(cookie) != Some(p))
+        })
         .map(|(pod, _)| pod.clone())
 }

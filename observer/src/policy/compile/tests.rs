@@ -22,6 +22,8 @@ fn compile(
         cgroups: &CgroupIds::default(),
         without_hooks: &HashMap::new(),
         own_netns: None,
+        not_attached: &HashSet::new(),
+        previous: &PolicyEntries::default(),
         capacity: Capacity::default(),
     })
 }
@@ -172,7 +174,13 @@ fn every_pod_a_policy_does_not_fully_hold_is_told_with_its_reason() {
         cgroup: "/cg/b/c".into(),
         ports: Vec::new(),
     }];
-    let inventory = inventory(vec![pod("a"), with_container, pod("own"), pod("hooks")]);
+    let inventory = inventory(vec![
+        pod("a"),
+        with_container,
+        pod("own"),
+        pod("hooks"),
+        pod("waiting"),
+    ]);
     let attached = HashMap::from([
         (ObjectRef::new("default", "a"), 1u64),
         (ObjectRef::new("default", "b"), 2),
@@ -188,6 +196,8 @@ fn every_pod_a_policy_does_not_fully_hold_is_told_with_its_reason() {
         cgroups: &CgroupIds::default(),
         without_hooks: &without_hooks,
         own_netns: Some(3),
+        not_attached: &HashSet::from([ObjectRef::new("default", "waiting")]),
+        previous: &PolicyEntries::default(),
         capacity: Capacity::default(),
     };
     let compiled = Compiler::default().compile(&inputs);
@@ -201,6 +211,7 @@ fn every_pod_a_policy_does_not_fully_hold_is_told_with_its_reason() {
             ("b", "unknown_service"),
             ("hooks", "no_hooks"),
             ("hooks", "unknown_service"),
+            ("waiting", "not_attached"),
         ]
     );
     assert_eq!(compiled.entries.pods.len(), 3, "a, b and hooks");
