@@ -94,6 +94,19 @@ fn every_pod_a_policy_does_not_hold_is_told_with_its_reason() {
         c.cgroup = dir.path().join("not-a-cgroup").join(&c.name);
         fs::create_dir_all(&c.cgroup).unwrap();
     }
+    // And a pod whose namespace never appears: it is never attached.
+    let mut ghost = inventory
+        .pods
+        .iter()
+        .find(|p| p.name == "metrics")
+        .unwrap()
+        .clone();
+    ghost.name = "ghost".into();
+    ghost.uid = "ghost".into();
+    ghost.ip = "10.244.1.250".parse().unwrap();
+    ghost.netns = Some("/var/run/netns/obslab-gaps-never".into());
+    ghost.containers.clear();
+    inventory.pods.push(ghost);
     let inventory_path = dir.write(
         "inventory.json",
         &serde_json::to_string(&inventory).unwrap(),
@@ -106,15 +119,22 @@ fn every_pod_a_policy_does_not_hold_is_told_with_its_reason() {
             && unenforced(m, "web", "no_hooks") == 1.0
             && unenforced(m, "client", "too_many_rules") == 1.0
             && unenforced(m, "metrics", "map_full") == 1.0
+            && unenforced(m, "ghost", "not_attached") == 1.0
     });
     assert_eq!(
         m.sum("observer_policy_unenforced_pods", &[]),
-        4.0,
+        5.0,
         "nothing else: {}",
         observer.log()
     );
     let log = observer.log();
-    for reason in ["no_cgroup", "no_hooks", "too_many_rules", "map_full"] {
+    for reason in [
+        "no_cgroup",
+        "no_hooks",
+        "too_many_rules",
+        "map_full",
+        "not_attached",
+    ] {
         assert!(log.contains(reason), "no log line for {reason}: {log}");
     }
 
