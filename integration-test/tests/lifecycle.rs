@@ -359,3 +359,49 @@ fn a_changed_inventory_classifies_live_flows_again() {
     assert_eq!(to_web(&[("peer", "unknown")], &m), 2.0);
     assert!(observer.terminate().success());
 }
+
+/// With `--state-dir`, a restarted observer goes on counting from where the
+/// last one stopped: no series starts again from zero (Prometheus would see
+/// a reset). A file it cannot read is set aside, and it counts from zero.
+#[test]
+fn counters_continue_across_a_restart() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = TempDir::new("state");
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let inventory = lab.inventory_path().display().to_string();
+    let args = ["--inventory", &inventory, "--state-dir", state];
+    let web = |m: &Scrape| {
+        m.sum(
+            "observer_flow_packets_total",
+            &[("pod", "web"), ("class", "localhost")],
+        )
+    };
+
+    let first = Observer::start(&args);
+    let before = web(&first.eventually("web's localhost traffic", |m| web(m) > 0.0));
+    assert!(first.terminate().success());
+
+    // At the last one's count, or beyond, from the first scrape on.
+    let second = Observer::start(&args);
+    let after = web(&second.scrape());
+    assert!(
+        after >= before,
+        "counted {before}, then {after} after the restart"
+    );
+    second.eventually("counting on", |m| web(m) > after);
+    assert!(second.terminate().success());
+
+    // Unreadable: set aside, counted from zero, and said so.
+    fs::write(dir.path().join("state/series.json"), "not json").unwrap();
+    let third = Observer::start(&args);
+    let m = third.scrape();
+    assert_eq!(m.sum("observer_errors_total", &[("kind", "state")]), 1.0);
+    assert!(
+        third.log().contains("counting from zero"),
+        "{}",
+        third.log()
+    );
+    assert!(dir.path().join("state/series.json.unreadable").exists());
+    assert!(third.terminate().success());
+}

@@ -7,7 +7,7 @@ use prometheus::{
 };
 
 /// The kinds of `observer_errors_total`.
-pub const ERROR_KINDS: [&str; 9] = [
+pub const ERROR_KINDS: [&str; 10] = [
     "attach",
     "detach",
     "map_read",
@@ -17,6 +17,7 @@ pub const ERROR_KINDS: [&str; 9] = [
     "watch",
     "kubernetes_api",
     "policy",
+    "state",
 ];
 
 /// The observer's registry, with its own health families; the traffic

@@ -25,7 +25,7 @@ use crate::{
     flows::{
         collector::Collector,
         metrics::{FlowMetrics, Registered, SeriesConfig},
-        schema,
+        saved, schema,
         task::{self, CollectorEvent},
     },
     kernel::{
@@ -151,6 +151,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let enforcer = policies.map(|(path, policies)| Enforcer::new(path, policies, policy_maps));
     let metrics = Arc::new(Metrics::new());
     let flows = Arc::new(FlowMetrics::new(series_config(&args)));
+    if let Some(dir) = &args.state_dir {
+        restore(dir, &flows, &metrics);
+    }
     metrics.register(Registered(Arc::clone(&flows)));
     let collector = Collector::new(maps, Arc::clone(&metrics), flows, discovery::cgroup2_root());
     let worker = AttachWorker::start(datapath, args.attach_noop, args.tc_netlink)?;
@@ -158,7 +161,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Serve from now on: /healthz answers while the pods are attached (that
     // takes a while on a busy node), /readyz once they are.
     let ready = Arc::new(AtomicBool::new(false));
-    let (collector, collecting) = task::spawn(collector, args.collect_interval);
+    let (collector, collecting) =
+        task::spawn(collector, args.collect_interval, args.state_dir.clone());
     let endpoint = Endpoint {
         metrics: Arc::clone(&metrics),
         ready: Arc::clone(&ready),
@@ -250,6 +254,30 @@ fn load_policy(
         return Err(RunError::PolicyWithoutNames);
     }
     Ok(policy::load(path, None)?)
+}
+
+/// Takes up the traffic counters saved in `dir` by the last observer. A
+/// file that cannot be read is set aside, and counting starts from zero.
+fn restore(dir: &Path, flows: &FlowMetrics, metrics: &Metrics) {
+    if let Err(source) = std::fs::create_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), %source, "cannot create the state directory");
+        metrics.error("state");
+        return;
+    }
+    match saved::load(dir) {
+        Ok(series) => {
+            tracing::info!(
+                series = series.len(),
+                "traffic counters taken up from the last run"
+            );
+            flows.restore(series, std::time::Instant::now());
+        }
+        Err(err) => {
+            let aside = saved::set_aside(dir);
+            tracing::warn!(%err, aside = %aside.display(), "traffic counters not taken up: counting from zero");
+            metrics.error("state");
+        }
+    }
 }
 
 fn parent_dir(path: &Path) -> PathBuf {

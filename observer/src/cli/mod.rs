@@ -215,6 +215,11 @@ pub struct RunArgs {
         default_value = "/run/observer"
     )]
     pub runtime_dir: PathBuf,
+    /// Where the traffic counters are kept across restarts (written at
+    /// shutdown and every minute, read at start); none: a restarted
+    /// observer counts from zero.
+    #[arg(long, value_name = "DIR", env = "OBSERVER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// How often the flow map is read into the metrics (besides every scrape).
     #[arg(long, env = "OBSERVER_COLLECT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub collect_interval: Duration,

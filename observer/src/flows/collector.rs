@@ -142,6 +142,11 @@ impl Collector {
         }
     }
 
+    /// The traffic series.
+    pub fn flows(&self) -> &FlowMetrics {
+        &self.flows
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

@@ -22,7 +22,10 @@ use prometheus::{
     proto::{Counter, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use super::schema::{FlowLabels, LABELS, OVERFLOW, Role};
+use super::{
+    saved::SavedSeries,
+    schema::{FlowLabels, LABELS, OVERFLOW, Role},
+};
 use crate::names::ObjectRef;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -133,6 +136,32 @@ impl FlowMetrics {
             .lock()
             .expect("not poisoned")
             .retain(|_, pod| pod.gone_since.is_none_or(|since| now - since < grace));
+    }
+
+    /// Every series and its totals, to be saved.
+    pub fn saved(&self) -> Vec<SavedSeries> {
+        let state = self.state.lock().expect("not poisoned");
+        state
+            .iter()
+            .flat_map(|(pod, series)| {
+                series
+                    .series
+                    .iter()
+                    .map(move |(labels, counts)| SavedSeries::new(pod, labels.clone(), *counts))
+            })
+            .collect()
+    }
+
+    /// Takes up saved series where they were. Their pods count as gone
+    /// until attached again: the series of one that is not go after the
+    /// grace period.
+    pub fn restore(&self, saved: Vec<SavedSeries>, now: Instant) {
+        for series in saved {
+            let pod = series.pod();
+            let counts = series.counts();
+            self.add(&pod, series.labels, counts);
+            self.pod_gone(&pod, now);
+        }
     }
 
     /// Series (of each family) currently exported.

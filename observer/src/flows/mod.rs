@@ -10,6 +10,7 @@
 pub mod cgroups;
 pub mod collector;
 pub mod metrics;
+pub mod saved;
 pub mod schema;
 pub mod series;
 pub mod task;

@@ -2,7 +2,12 @@
 //! whenever a scrape asks, and learns of pods attached and detached (and of
 //! new names) in between. Others talk to it through a [`CollectorHandle`].
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::{
     sync::{mpsc, oneshot},
@@ -10,7 +15,7 @@ use tokio::{
     time::{MissedTickBehavior, interval},
 };
 
-use super::{collector::Collector, schema::FlowRow};
+use super::{collector::Collector, saved, schema::FlowRow};
 use crate::{kernel::attach::AttachedNetns, names::SharedIdentities, policy::compile::RuleName};
 
 /// What the collector learns while it runs.
@@ -59,11 +64,19 @@ impl CollectorHandle {
     }
 }
 
-/// Starts the collector's task.
-pub fn spawn(collector: Collector, every: Duration) -> (CollectorHandle, JoinHandle<()>) {
+/// How often the series are saved to the state directory (and at the end).
+const SAVE_EVERY: Duration = Duration::from_secs(60);
+
+/// Starts the collector's task; with a `state_dir`, the series are saved
+/// there every minute and at the end, after a last collection.
+pub fn spawn(
+    collector: Collector,
+    every: Duration,
+    state_dir: Option<PathBuf>,
+) -> (CollectorHandle, JoinHandle<()>) {
     let (events, inbox) = mpsc::unbounded_channel();
     let (requests, asks) = mpsc::channel(16);
-    let task = tokio::spawn(run(collector, asks, inbox, every));
+    let task = tokio::spawn(run(collector, asks, inbox, every, state_dir));
     (CollectorHandle { events, requests }, task)
 }
 
@@ -72,7 +85,9 @@ async fn run(
     mut requests: mpsc::Receiver<CollectRequest>,
     mut events: mpsc::UnboundedReceiver<CollectorEvent>,
     every: Duration,
+    state_dir: Option<PathBuf>,
 ) {
+    let mut saved_at = Instant::now();
     let mut tick = interval(every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -80,7 +95,15 @@ async fn run(
             _ = tick.tick() => None,
             request = requests.recv() => match request {
                 Some(request) => Some(request),
-                None => break,
+                None => {
+                    // The end: what came since the last collection counts too.
+                    while let Ok(event) = events.try_recv() {
+                        apply(&mut collector, event);
+                    }
+                    collector = collect(collector).await;
+                    save(&collector, state_dir.as_deref());
+                    break;
+                }
             },
             Some(event) = events.recv() => {
                 apply(&mut collector, event);
@@ -91,16 +114,11 @@ async fn run(
         while let Ok(event) = events.try_recv() {
             apply(&mut collector, event);
         }
-        // Walking a large map is blocking work: keep it off the async workers.
-        collector = tokio::task::spawn_blocking(move || {
-            if let Err(err) = collector.collect() {
-                tracing::warn!(%err, "collection failed");
-                collector.metrics().error("map_read");
-            }
-            collector
-        })
-        .await
-        .expect("collecting does not panic");
+        collector = collect(collector).await;
+        if saved_at.elapsed() >= SAVE_EVERY {
+            saved_at = Instant::now();
+            save(&collector, state_dir.as_deref());
+        }
         if let Some(request) = waiter {
             let rows = if request.rows {
                 collector.rows()
@@ -109,6 +127,31 @@ async fn run(
             };
             let _ = request.done.send(rows);
         }
+    }
+}
+
+/// One collection. Walking a large map is blocking work: it is kept off the
+/// async workers.
+async fn collect(mut collector: Collector) -> Collector {
+    tokio::task::spawn_blocking(move || {
+        if let Err(err) = collector.collect() {
+            tracing::warn!(%err, "collection failed");
+            collector.metrics().error("map_read");
+        }
+        collector
+    })
+    .await
+    .expect("collecting does not panic")
+}
+
+/// Saves the series to the state directory, if there is one.
+fn save(collector: &Collector, state_dir: Option<&std::path::Path>) {
+    let Some(dir) = state_dir else {
+        return;
+    };
+    if let Err(err) = saved::save(dir, collector.flows().saved()) {
+        tracing::warn!(%err, "saving the traffic counters");
+        collector.metrics().error("state");
     }
 }
 
