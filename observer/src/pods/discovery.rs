@@ -107,6 +107,8 @@ pub fn find_pods(
     host_netns: Option<(u64, u64)>,
 ) -> HashMap<String, FoundPod> {
     let mut found: HashMap<String, FoundPod> = HashMap::new();
+    // When the process each pod's namespace is named by started.
+    let mut started_at: HashMap<PathBuf, u64> = HashMap::new();
     if uids.is_empty() {
         return found;
     }
@@ -134,10 +136,21 @@ pub fn find_pods(
         if host_netns.is_some() && netns_id(&netns) == host_netns {
             continue;
         }
+        // The namespace is named by the pod's oldest process (the sandbox's,
+        // or a container's main process): a short-lived one (a probe, a
+        // `sleep` of a shell loop) takes its `/proc` path with it when it
+        // exits. `/proc` lists recycled PIDs in no order of age.
+        let started = start_time(proc_root, process.pid).unwrap_or(u64::MAX);
         let pod = found.entry(uid).or_insert_with(|| FoundPod {
-            netns,
+            netns: netns.clone(),
             containers: HashMap::new(),
         });
+        let oldest = started_at.entry(pod.netns.clone()).or_insert(started);
+        if started < *oldest {
+            started_at.remove(&pod.netns);
+            started_at.insert(netns.clone(), started);
+            pod.netns = netns;
+        }
         if let Some(path) = process.cgroups.lines().find_map(|l| l.strip_prefix("0::"))
             && let Some(v2_id) = id_in_cgroup(path)
         {
@@ -180,6 +193,15 @@ fn is_uid(uid: &str) -> bool {
     let groups: Vec<&str> = uid.split('-').collect();
     (groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]) && groups.iter().all(|g| hex(g)))
         || (uid.len() == 32 && hex(uid))
+}
+
+/// When a process started (clock ticks after boot: `/proc/<pid>/stat`,
+/// field 22).
+fn start_time(proc_root: &Path, pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    // After the command, which may hold spaces and parentheses: field 3 on.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 fn netns_of(proc_root: &Path, pid: u32) -> PathBuf {

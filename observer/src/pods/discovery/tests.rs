@@ -156,3 +156,25 @@ fn finds_nothing_for_unknown_ids() {
     let found = find(Path::new("/proc"), Path::new("/sys/fs/cgroup"), &[ID]);
     assert!(found.is_empty());
 }
+
+#[test]
+fn a_pods_namespace_is_named_by_its_oldest_process() {
+    let uid = "0f6c1a6e-2b8e-4c47-9a57-3d2f6c8e1b21";
+    let line = format!("0::/kubepods/besteffort/pod{uid}/{ID}\n");
+    // PIDs recycled: the lowest is the newest (a `sleep` of a shell loop).
+    let root = fake_proc(
+        "oldest",
+        &[(3, line.clone(), "pod-netns"), (900, line, "pod-netns")],
+    );
+    let stat = |pid: u32, started: u64| {
+        let fields: Vec<String> = (3..=21).map(|f| f.to_string()).collect();
+        let text = format!("{pid} (sh (x)) {} {started} 23\n", fields[..19].join(" "));
+        fs::write(root.join(pid.to_string()).join("stat"), text).unwrap();
+    };
+    stat(3, 5_000);
+    stat(900, 100);
+    let found = find_pods(&root, Path::new("/cg"), &HashSet::from([uid]), None);
+    assert_eq!(found[uid].netns, root.join("900/ns/net"));
+    assert_eq!(start_time(&root, 3), Some(5_000));
+    let _ = fs::remove_dir_all(&root);
+}
