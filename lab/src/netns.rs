@@ -202,17 +202,19 @@ fn owner_pid(name: &str) -> Option<u32> {
 }
 
 pub(crate) fn ip(args: &[&str]) -> Result<String, LabError> {
-    let command = format!("ip {}", args.join(" "));
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| LabError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+    output(Command::new("ip").args(args))
+}
+
+/// Runs a command to its end: its standard output, or an error with its
+/// standard error.
+pub(crate) fn output(command: &mut Command) -> Result<String, LabError> {
+    let out = command.output().map_err(|source| LabError::Spawn {
+        command: format!("{command:?}"),
+        source,
+    })?;
     if !out.status.success() {
         return Err(LabError::Command {
-            command,
+            command: format!("{command:?}"),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }

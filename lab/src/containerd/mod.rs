@@ -165,17 +165,7 @@ impl Containerd {
             .arg(self.fs.host_path(SOCKET))
             .args(["--namespace", CRI_NAMESPACE])
             .args(args);
-        let out = command.output().map_err(|source| LabError::Spawn {
-            command: format!("{command:?}"),
-            source,
-        })?;
-        if !out.status.success() {
-            return Err(LabError::Command {
-                command: format!("{command:?}"),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::netns::output(&mut command)
     }
 
     /// Steers host-local IPAM to `ip` for the next sandbox: it hands out

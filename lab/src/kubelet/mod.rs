@@ -350,17 +350,7 @@ impl Kubelet {
             command.args(["-o", &format!("size={}", size.trim_end_matches('i'))]);
         }
         command.args(["tmpfs", path]);
-        let out = command.output().map_err(|source| LabError::Spawn {
-            command: format!("{command:?}"),
-            source,
-        })?;
-        if !out.status.success() {
-            return Err(LabError::Command {
-                command: format!("{command:?}"),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Ok(())
+        crate::netns::output(&mut command).map(drop)
     }
 
     fn error(&self, def: &PodDef, error: crate::cri::CriError) -> LabError {
