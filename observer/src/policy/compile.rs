@@ -71,15 +71,6 @@ pub enum Unenforced {
 }
 
 impl Unenforced {
-    pub const ALL: [Self; 6] = [
-        Self::TooManyRules,
-        Self::MapFull,
-        Self::NoHooks,
-        Self::NoCgroup,
-        Self::UnknownService,
-        Self::NotAttached,
-    ];
-
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::TooManyRules => "too_many_rules",
