@@ -26,6 +26,12 @@ fn main() {
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../observer-ebpf"),
         ..Default::default()
     };
+    // aya-build watches the eBPF crate's directory; the programs also build
+    // on the shared vocabulary, maps and decisions.
+    println!(
+        "cargo::rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../observer-common")
+    );
     if let Err(err) = aya_build::build_ebpf([package], Toolchain::Custom(EBPF_TOOLCHAIN)) {
         println!("cargo::error=building the eBPF programs failed: {err:#}");
     }

@@ -113,6 +113,145 @@ impl HeldConnection {
     }
 }
 
+/// A TCP server in a container: accepts on `port` and closes each
+/// connection, for `seconds` at most.
+pub fn tcp_listener(cgroup: &Path, netns: &Path, port: u16, seconds: u32) -> std::process::Child {
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port}))\n\
+         s.listen(128)\n\
+         s.settimeout(0.5)\n\
+         print('listening', flush=True)\n\
+         end = time.time() + {seconds}\n\
+         while time.time() < end:\n\
+         \x20   try:\n\
+         \x20       s.accept()[0].close()\n\
+         \x20   except socket.timeout:\n\
+         \x20       pass\n"
+    );
+    let mut child = in_container(cgroup, netns, Command::new("python3").args(["-c", &script]))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "listening");
+    child
+}
+
+/// How the connection attempts to one target went, from [`Prober`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attempts {
+    pub connected: u64,
+    /// Refused by a policy hook (EPERM).
+    pub not_permitted: u64,
+    /// No answer within the prober's timeout (dropped).
+    pub timed_out: u64,
+    pub other: u64,
+}
+
+impl Attempts {
+    pub fn total(&self) -> u64 {
+        self.connected + self.not_permitted + self.timed_out + self.other
+    }
+}
+
+/// Connection attempts from a container, one target per thread, each a new
+/// connection every `every_ms`, for `seconds`: what a client sees while
+/// something changes underneath (an observer restarts).
+pub struct Prober {
+    child: std::process::Child,
+    targets: usize,
+}
+
+impl Prober {
+    /// Starts probing `targets` (host, port) with `timeout_ms` per attempt.
+    pub fn start(
+        cgroup: &Path,
+        netns: &Path,
+        targets: &[(&str, u16)],
+        every_ms: u32,
+        timeout_ms: u32,
+        seconds: u32,
+    ) -> Self {
+        let list: Vec<String> = targets
+            .iter()
+            .map(|(h, p)| format!("('{h}', {p})"))
+            .collect();
+        let script = format!(
+            "import socket, threading, time, errno\n\
+             targets = [{list}]\n\
+             counts = [[0, 0, 0, 0] for _ in targets]\n\
+             end = time.time() + {seconds}\n\
+             def probe(i, target):\n\
+             \x20   while time.time() < end:\n\
+             \x20       s = socket.socket()\n\
+             \x20       s.settimeout({timeout_ms} / 1000)\n\
+             \x20       try:\n\
+             \x20           s.connect(target); counts[i][0] += 1\n\
+             \x20       except PermissionError:\n\
+             \x20           counts[i][1] += 1\n\
+             \x20       except socket.timeout:\n\
+             \x20           counts[i][2] += 1\n\
+             \x20       except OSError:\n\
+             \x20           counts[i][3] += 1\n\
+             \x20       s.close()\n\
+             \x20       time.sleep({every_ms} / 1000)\n\
+             threads = [threading.Thread(target=probe, args=(i, t)) for i, t in enumerate(targets)]\n\
+             [t.start() for t in threads]\n\
+             print('probing', flush=True)\n\
+             [t.join() for t in threads]\n\
+             for c in counts:\n\
+             \x20   print(*c, flush=True)\n",
+            list = list.join(", ")
+        );
+        let mut child = in_container(cgroup, netns, Command::new("python3").args(["-c", &script]))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "probing");
+        Self {
+            child,
+            targets: targets.len(),
+        }
+    }
+
+    /// Waits for the end; the attempts per target, in order.
+    pub fn finish(self) -> Vec<Attempts> {
+        let output = self.child.wait_with_output().expect("python3");
+        let out = String::from_utf8_lossy(&output.stdout);
+        let attempts: Vec<Attempts> = out
+            .lines()
+            .map(|line| {
+                let n: Vec<u64> = line
+                    .split_whitespace()
+                    .map(|n| n.parse().unwrap())
+                    .collect();
+                Attempts {
+                    connected: n[0],
+                    not_permitted: n[1],
+                    timed_out: n[2],
+                    other: n[3],
+                }
+            })
+            .collect();
+        assert_eq!(attempts.len(), self.targets, "the prober's output: {out}");
+        attempts
+    }
+}
+
 /// A UDP echo server in a container: answers `count` datagrams on `port`
 /// (or gives up after 10 s).
 pub fn udp_echo(cgroup: &Path, netns: &Path, port: u16, count: u32) -> std::process::Child {

@@ -51,13 +51,14 @@ impl Kernel {
         } = Datapath::open(&DatapathConfig {
             flow_capacity: 4096,
             runtime_dir: runtime.path().to_path_buf(),
+            pin_dir: None,
             log_level: None,
         })
         .expect("loading the programs (as root, with BTF)");
         Self {
             datapath,
             maps,
-            class_maps: ClassMapsWriter::new(class_maps),
+            class_maps: ClassMapsWriter::new(class_maps, false),
             policy_maps,
             _runtime: runtime,
         }
@@ -233,7 +234,7 @@ pub struct TableWorld {
     pub pods: HashMap<String, Pod>,
     pub world: World,
     pub names: HashMap<u32, RuleName>,
-    _hooks: Vec<aya::programs::cgroup_sock_addr::CgroupSockAddrLink>,
+    _hooks: Vec<(&'static str, aya::programs::links::FdLink)>,
     _cgroups: Cgroup,
 }
 

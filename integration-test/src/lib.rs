@@ -47,3 +47,68 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A bpffs of a test's own, standing in for a node's `/sys/fs/bpf`:
+/// unmounted (and every pin in it dropped) when the test ends, also when it
+/// fails.
+pub struct Bpffs {
+    dir: TempDir,
+}
+
+impl Bpffs {
+    pub fn mount(tag: &str) -> Self {
+        let dir = TempDir::new(tag);
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir.path())
+            .status()
+            .expect("mount");
+        assert!(
+            status.success(),
+            "cannot mount a bpffs at {}",
+            dir.path().display()
+        );
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Every pin under it (files, not directories), relative to it; not
+    /// the kernel's own files at its root (`maps.debug`, `progs.debug`).
+    pub fn pins(&self) -> Vec<String> {
+        fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&entry.path(), root, out);
+                } else if dir != root
+                    && let Ok(rel) = entry.path().strip_prefix(root)
+                {
+                    out.push(rel.display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.path(), self.path(), &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Programs of the observer's loaded in the kernel now, by name (a program
+/// stays loaded while a link or a pin holds it).
+pub fn loaded_programs(name: &str) -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some(name))
+        .count()
+}

@@ -12,7 +12,7 @@ use std::{
 
 use integration_test::{
     Observer, TempDir,
-    container::{container, in_container},
+    container::{Connect, connect_from, container, in_container},
 };
 use lab::{Lab, Plan};
 
@@ -337,4 +337,57 @@ fn a_denied_client_does_not_get_in_through_the_node() {
         ) >= 1.0
     });
     assert!(observer.terminate().success());
+}
+
+const SHOP_NOT_SIDECAR: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: shop-admin}
+spec:
+  podSelector: {namespace: shop, matchLabels: {app: shop}}
+  mode: enforce
+  rules:
+    - {name: not-the-sidecar, class: localhost, ports: [8080], clientContainers: [sidecar], action: deny}
+";
+
+/// A container the runtime has just restarted runs in a new cgroup, which
+/// the observer names a moment later (from the API's new container id, or
+/// the inventory). Meanwhile it must not slip past a rule that names it:
+/// before, a new cgroup was in no container's set, and a rule denying the
+/// sidecar let the restarted sidecar through. Now a client no name is known
+/// for is denied by any rule naming containers that would otherwise match
+/// (`unknown-container`), and rules naming none decide as before.
+#[test]
+fn a_container_not_named_yet_is_held_to_the_rules_naming_containers() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = TempDir::new("unknown-container");
+    let (_policy, observer) = Observer::with_policy(&lab, &dir, SHOP_NOT_SIDECAR);
+    let (sidecar, netns) = container(&lab, "shop", "shop", "sidecar");
+    let (app, _) = container(&lab, "shop", "shop", "app");
+    let connect = |cgroup: &Path, port| connect_from(cgroup, &netns, "127.0.0.1", port);
+    assert_eq!(connect(&sidecar, 8080), Connect::NotPermitted, "the rule");
+    assert_eq!(
+        connect(&app, 8080),
+        Connect::Connected,
+        "no rule for the app"
+    );
+
+    // What a restart makes: a new cgroup in the pod's, which no inventory
+    // names yet.
+    let restarted = sidecar.parent().unwrap().join("restarted-sidecar");
+    std::fs::create_dir(&restarted).expect("a cgroup in the pod's");
+    assert_eq!(
+        connect(&restarted, 8080),
+        Connect::NotPermitted,
+        "a container not named yet passed a rule naming containers"
+    );
+    // Another port: no rule there, nothing to deny (nobody listens).
+    assert_ne!(connect(&restarted, 9), Connect::NotPermitted);
+    observer.eventually("the decision counted as unknown-container", |m| {
+        m.sum(
+            "observer_policy_verdicts_total",
+            &[("rule", "unknown-container"), ("verdict", "deny")],
+        ) == 1.0
+    });
+    let _ = std::fs::remove_dir(&restarted);
 }

@@ -4,6 +4,12 @@
 //! padding (padding bytes in a hash key must be zero or lookups miss), no
 //! `bool`, `Option` or enum, and a compile-time size check.
 
+/// The version of what the shared maps mean. Maps pinned on a node
+/// (`--pin-dir`) by an observer of another version are not taken over:
+/// bump it when a key or value changes its meaning without changing its
+/// size (a size change is noticed anyway).
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Name of the flow map ([`FlowKey`] to [`FlowValue`]).
 pub const FLOWS_MAP: &str = "FLOWS";
 /// Capacity the flow map is built with; the daemon may resize it before load.
@@ -277,7 +283,11 @@ pub struct PolicyRule {
     /// [`crate::direction::EGRESS`] (decided at `connect()`; localhost too)
     /// or [`crate::direction::INGRESS`] (decided at `eth0` ingress).
     pub direction: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// A rule that names client containers: what names its decision when
+    /// the client is a cgroup the observer has not named (yet), which it
+    /// denies (see [`crate::policy::KNOWN_CONTAINERS`]).
+    pub unknown_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<PolicyRule>() == 24);
 

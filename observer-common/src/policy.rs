@@ -24,6 +24,15 @@ pub mod set_kind {
     pub const SERVICE: u8 = 5;
 }
 
+/// The set of every container cgroup the observer has named, in the pods
+/// whose rules name client containers. A rule that names containers
+/// (`clientContainers`, `notClientContainers`) cannot tell whether a cgroup
+/// outside it is one of those containers: a container the runtime has just
+/// restarted has a new cgroup, and the observer learns its name a moment
+/// later. Such a client is denied by the first rule that would ask (fails
+/// closed), never let through by a rule that would not have matched it.
+pub const KNOWN_CONTAINERS: u32 = 0;
+
 /// The rule sets, as each side reads them: [`crate::POLICY_MEMBERS_MAP`] and
 /// [`crate::POLICY_CIDRS_MAP`] in the kernel, their contents in the daemon.
 pub trait RuleSets {
@@ -101,11 +110,21 @@ pub fn decide(policy: &PodPolicy, c: &Connection, sets: &impl RuleSets) -> Optio
             break;
         }
         let rule = &policy.rule[i];
-        if matches(rule, c, sets) {
-            return Some(Decision {
-                rule: rule.id,
-                verdict: verdict_of(rule.action, rule.audit),
-            });
+        if matches_but_clients(rule, c) {
+            let names_clients =
+                rule.set_kind == set_kind::CLIENTS || rule.set_kind == set_kind::NOT_CLIENTS;
+            if names_clients && !sets.member(KNOWN_CONTAINERS, c.cgroup) {
+                return Some(Decision {
+                    rule: rule.unknown_id,
+                    verdict: verdict_of(verdict::DENY, rule.audit),
+                });
+            }
+            if matches_set(rule, c, sets) {
+                return Some(Decision {
+                    rule: rule.id,
+                    verdict: verdict_of(rule.action, rule.audit),
+                });
+            }
         }
         i += 1;
     }
@@ -131,6 +150,12 @@ pub fn decide(policy: &PodPolicy, c: &Connection, sets: &impl RuleSets) -> Optio
 /// Whether a rule matches a connection.
 #[inline(always)]
 pub fn matches(rule: &PolicyRule, c: &Connection, sets: &impl RuleSets) -> bool {
+    matches_but_clients(rule, c) && matches_set(rule, c, sets)
+}
+
+/// Whether a rule's direction, class, protocol and ports match.
+#[inline(always)]
+fn matches_but_clients(rule: &PolicyRule, c: &Connection) -> bool {
     if rule.direction != c.direction {
         return false;
     }
@@ -140,9 +165,12 @@ pub fn matches(rule: &PolicyRule, c: &Connection, sets: &impl RuleSets) -> bool 
     if rule.protocol != 0 && rule.protocol != c.protocol {
         return false;
     }
-    if c.port < rule.port_first || c.port > rule.port_last {
-        return false;
-    }
+    c.port >= rule.port_first && c.port <= rule.port_last
+}
+
+/// Whether the connection is in the rule's set (or the rule has none).
+#[inline(always)]
+fn matches_set(rule: &PolicyRule, c: &Connection, sets: &impl RuleSets) -> bool {
     match rule.set_kind {
         set_kind::CLIENTS => sets.member(rule.set, c.cgroup),
         set_kind::NOT_CLIENTS => !sets.member(rule.set, c.cgroup),

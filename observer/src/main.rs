@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use observer::{
     cli::{Command, LogFormat, PolicyCommand, config, flows},
+    kernel::bpffs,
     pods::discovery,
     policy::explain,
     run,
@@ -42,6 +43,11 @@ fn main() -> ExitCode {
         Command::FindContainer(args) => find_container(&args.ids),
         Command::Policy(command) => policy_command(command),
         Command::Flows(args) => flows::run(&args).map_err(anyhow::Error::from),
+        Command::Cleanup(args) => cleanup(&args.pin_dir).map(|()| {
+            if args.hold {
+                wait_for_stop();
+            }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,6 +76,42 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
     print!("{}", out.trim_end());
     println!();
     Ok(())
+}
+
+/// `observer cleanup`: removes every pin observers left in `dir` (links of
+/// pods that fail closed, maps), for an uninstall.
+fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        println!("nothing pinned: {} does not exist", dir.display());
+        return Ok(());
+    }
+    if !bpffs::on_bpffs(dir) {
+        anyhow::bail!(
+            "{} is not on a bpffs: no observer pinned anything there",
+            dir.display()
+        );
+    }
+    let removed = bpffs::NodePins::at(dir).remove_all();
+    println!(
+        "removed {removed} pins from {}: pods that failed closed are detached, the maps are freed",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Blocks until SIGTERM or SIGINT.
+fn wait_for_stop() {
+    // SAFETY: a signal set of our own; the signals are blocked first, so
+    // that sigwait takes them rather than their default action.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut signal = 0;
+        libc::sigwait(&set, &mut signal);
+    }
 }
 
 /// `observer find-container`: exits non-zero if any id is not found.

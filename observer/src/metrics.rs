@@ -22,6 +22,18 @@ pub const ERROR_KINDS: [&str; 10] = [
 
 /// The observer's registry, with its own health families; the traffic
 /// families (`flows::metrics`) are registered in it too.
+/// The labels of `observer_policy_verdicts_total`, in the order their
+/// values are given.
+pub const VERDICT_LABELS: [&str; 7] = [
+    "namespace",
+    "pod",
+    "policy",
+    "rule",
+    "class",
+    "direction",
+    "verdict",
+];
+
 pub struct Metrics {
     registry: Registry,
     /// tc programs attached per pod.
@@ -118,7 +130,7 @@ impl Metrics {
                     "observer_policy_verdicts_total",
                     "Connections a policy decided: allow, deny, or audit_deny (would be denied; let through).",
                 ),
-                &["namespace", "pod", "policy", "rule", "class", "direction", "verdict"],
+                &VERDICT_LABELS,
             )
             .expect("valid metric"),
             policy_unenforced: IntGaugeVec::new(

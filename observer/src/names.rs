@@ -101,6 +101,21 @@ impl<K: Eq + Hash + Clone> IdTable<K> {
         id
     }
 
+    /// Gives `key` the id an earlier observer gave it (still in the
+    /// kernel's maps), if it has none.
+    pub fn adopt(&mut self, key: &K, id: u32) {
+        if id == 0 || self.ids.contains_key(key) {
+            return;
+        }
+        self.ids.insert(key.clone(), id);
+        self.next = self.next.max(id.saturating_add(1));
+    }
+
+    /// No id at or below `highest` is handed out.
+    pub fn reserve(&mut self, highest: u32) {
+        self.next = self.next.max(highest.saturating_add(1));
+    }
+
     /// Forgets identities that are gone (their ids are not reused).
     pub fn retain(&mut self, keep: impl Fn(&K) -> bool) {
         self.ids.retain(|k, _| keep(k));

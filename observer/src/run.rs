@@ -25,7 +25,8 @@ use crate::{
     flows::{
         collector::Collector,
         metrics::{FlowMetrics, Registered, SeriesConfig},
-        saved, schema,
+        saved::{self, Saved},
+        schema,
         task::{self, CollectorEvent},
     },
     kernel::{
@@ -41,12 +42,13 @@ use crate::{
         cluster::{self, ClusterError, ClusterWatch},
         discovery,
         inventory::{self, InventoryError},
-        reconcile::Reconciler,
+        reconcile::{Reconciler, Takeover},
         source::{ClusterSource, Source},
         watch::{DirWatch, WatchError},
     },
-    policy::{self, Policies, PolicyError, lifecycle::Enforcer},
+    policy::{self, FailureMode, Policies, PolicyError, lifecycle::Enforcer},
 };
+use observer_common::{CIDRS_MAP, POLICIES_MAP, SERVICES_MAP};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -76,6 +78,10 @@ pub enum RunError {
     Policy(#[from] PolicyError),
     #[error("--policy needs --inventory or --kubernetes: policies select pods by name and labels")]
     PolicyWithoutNames,
+    #[error(
+        "--failure-mode closed needs --pin-dir (a directory on the node's bpffs, where the programs stay while no observer runs)"
+    )]
+    ClosedWithoutPins,
     #[error("cannot watch for signals: {0}")]
     Signals(io::Error),
     #[error("metrics server: {0}")]
@@ -108,6 +114,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         None => None,
     };
     let explicit = explicit_targets(&args)?;
+    if args.failure_mode == FailureMode::Closed && args.pin_dir.is_none() {
+        return Err(RunError::ClosedWithoutPins);
+    }
     let policies = match &args.policy {
         Some(path) => Some((path.clone(), load_policy(&args, inventory.as_ref(), path)?)),
         None => None,
@@ -137,25 +146,51 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         datapath,
         maps,
         class_maps,
-        policy_maps,
+        mut policy_maps,
         logger,
+        inherited,
     } = Datapath::open(&DatapathConfig {
         flow_capacity: args.flow_capacity,
         runtime_dir: args.runtime_dir.clone(),
+        pin_dir: args.pin_dir.clone(),
         log_level: log::level_for(tracing::level_filters::LevelFilter::current()),
     })?;
     if let Some(logger) = logger {
         tokio::spawn(logger.run());
     }
+    // An earlier observer's maps, or pods it left pinned: taken over once
+    // the source is complete.
+    let taking_over = !inherited.is_empty()
+        || datapath
+            .node_pins()
+            .is_some_and(|pins| !pins.pinned_pods().is_empty());
+    let policy_inherited = inherited.contains(POLICIES_MAP);
+    if policies.is_none() && policy_inherited {
+        // No policy now: what an earlier observer enforced goes.
+        if let Err(err) = policy_maps.clear() {
+            tracing::warn!(%err, "clearing the policies an earlier observer left");
+        }
+    }
     // In Kubernetes mode the Services are known only once the API is listed.
-    let enforcer = policies.map(|(path, policies)| Enforcer::new(path, policies, policy_maps));
+    let enforcer = policies.map(|(path, policies)| {
+        Enforcer::new(
+            path,
+            policies,
+            policy_maps,
+            args.failure_mode,
+            policy_inherited,
+        )
+    });
     let metrics = Arc::new(Metrics::new());
     let flows = Arc::new(FlowMetrics::new(series_config(&args)));
-    if let Some(dir) = &args.state_dir {
-        restore(dir, &flows, &metrics);
-    }
+    let saved = match &args.state_dir {
+        Some(dir) => restore(dir, &flows, &metrics),
+        None => Saved::default(),
+    };
     metrics.register(Registered(Arc::clone(&flows)));
-    let collector = Collector::new(maps, Arc::clone(&metrics), flows, discovery::cgroup2_root());
+    let mut collector =
+        Collector::new(maps, Arc::clone(&metrics), flows, discovery::cgroup2_root());
+    collector.take_up(&inherited, saved.baseline, saved.verdicts);
     let worker = AttachWorker::start(datapath, args.attach_noop, args.tc_netlink)?;
 
     // Serve from now on: /healthz answers while the pods are attached (that
@@ -180,6 +215,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 let attached = worker.attach(&target.path, target.pod, None).await?;
                 collector.send(CollectorEvent::Attached(attached));
             }
+            worker.commit().await;
+            collector.send(CollectorEvent::Complete);
             ready.store(true, Ordering::Release);
             Pods::Fixed(worker)
         }
@@ -189,13 +226,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 Some(enforcer) => Some(DirWatch::new(&parent_dir(enforcer.path()))?),
                 None => None,
             };
+            let adopt_ids = inherited.contains(SERVICES_MAP) && inherited.contains(CIDRS_MAP);
             let reconciler = Reconciler::new(
                 source,
                 worker,
-                ClassMapsWriter::new(class_maps),
+                ClassMapsWriter::new(class_maps, adopt_ids),
                 enforcer,
                 collector.clone(),
                 Arc::clone(&metrics),
+                Takeover {
+                    maps_or_links: taking_over,
+                    class_maps: adopt_ids,
+                },
             );
             let dir = reconciler.source().watched_dir(&args.netns_dir);
             let watch = if cluster.is_some() {
@@ -215,10 +257,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             )
         }
     };
-    // The collector's task ends once the server and the reconciler, the
-    // other holders of a handle, are gone.
-    drop(collector);
-
     let served = serving.await.expect("the server does not panic");
     let worker = match pods {
         Pods::Fixed(worker) => worker,
@@ -227,10 +265,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             task.await.expect("the reconciler does not panic")
         }
     };
-    let _ = collecting.await;
+    // Detached first, collected last: what the programs counted until they
+    // went is in the last collection (and saved).
     tokio::task::spawn_blocking(move || worker.shutdown())
         .await
         .expect("detaching does not panic");
+    // The collector's task ends, after a last collection, once its last
+    // handle is gone.
+    drop(collector);
+    let _ = collecting.await;
     served.map_err(RunError::Serve)
 }
 
@@ -256,26 +299,32 @@ fn load_policy(
     Ok(policy::load(path, None)?)
 }
 
-/// Takes up the traffic counters saved in `dir` by the last observer. A
-/// file that cannot be read is set aside, and counting starts from zero.
-fn restore(dir: &Path, flows: &FlowMetrics, metrics: &Metrics) {
+/// Takes up the counters saved in `dir` by the last observer: the traffic
+/// series here, the rest (verdicts, the kernel counters' baseline) for the
+/// collector. A file that cannot be read is set aside, and counting starts
+/// from zero.
+fn restore(dir: &Path, flows: &FlowMetrics, metrics: &Metrics) -> Saved {
     if let Err(source) = std::fs::create_dir_all(dir) {
         tracing::warn!(dir = %dir.display(), %source, "cannot create the state directory");
         metrics.error("state");
-        return;
+        return Saved::default();
     }
     match saved::load(dir) {
-        Ok(series) => {
+        Ok(mut saved) => {
             tracing::info!(
-                series = series.len(),
-                "traffic counters taken up from the last run"
+                series = saved.series.len(),
+                verdicts = saved.verdicts.len(),
+                baseline = saved.baseline.is_some(),
+                "counters taken up from the last run"
             );
-            flows.restore(series, std::time::Instant::now());
+            flows.restore(std::mem::take(&mut saved.series), std::time::Instant::now());
+            saved
         }
         Err(err) => {
             let aside = saved::set_aside(dir);
-            tracing::warn!(%err, aside = %aside.display(), "traffic counters not taken up: counting from zero");
+            tracing::warn!(%err, aside = %aside.display(), "counters not taken up: counting from zero");
             metrics.error("state");
+            Saved::default()
         }
     }
 }

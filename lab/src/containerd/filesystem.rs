@@ -3,7 +3,9 @@
 //! the CNI plugins, the containers' mounts), in a mount namespace of their
 //! own. The machine's programs and libraries are there read-only, with
 //! `/proc`, `/sys` and `/dev`; `/etc`, `/run`, `/var` and `/tmp` are the
-//! node's. So the node's state sits where a node keeps it
+//! node's, and so is the bpffs at `/sys/fs/bpf` (as systemd mounts one on a
+//! node: the observer's DaemonSet pins there). So the node's state sits
+//! where a node keeps it
 //! (`/var/lib/containerd`, `/run/containerd`, `/var/run/netns`,
 //! `/var/lib/cni`, `/var/log/pods`), nothing it writes reaches the
 //! machine's own directories, a second containerd on the machine is not
@@ -135,6 +137,7 @@ impl NodeFs {
         };
         Ok(Entry {
             root: c(&self.root)?,
+            bpffs: c(&self.root.join("sys/fs/bpf"))?,
             binds: self
                 .binds
                 .iter()
@@ -149,6 +152,7 @@ impl NodeFs {
 /// The node's filesystem, ready to enter after a fork.
 pub struct Entry {
     root: CString,
+    bpffs: CString,
     binds: Vec<(CString, CString, bool)>,
     dot: CString,
     slash: CString,
@@ -203,6 +207,14 @@ impl Entry {
                     ))?;
                 }
             }
+            // The node's own bpffs, gone with its mount namespace.
+            check(libc::mount(
+                c"bpf".as_ptr(),
+                self.bpffs.as_ptr(),
+                c"bpf".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                null.cast(),
+            ))?;
             check(libc::chdir(self.root.as_ptr()))?;
             // The old root goes on top of the new one, then away.
             check(libc::syscall(libc::SYS_pivot_root, self.dot.as_ptr(), self.dot.as_ptr()) as _)?;

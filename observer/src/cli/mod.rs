@@ -10,7 +10,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use observer_common::DEFAULT_FLOW_CAPACITY;
 
-use crate::flows::schema;
+use crate::{flows::schema, policy::FailureMode};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +52,21 @@ pub enum Command {
     /// Policy files: check one, or explain what applies to a pod.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Remove everything observers pinned on this node (`--pin-dir`): the
+    /// links of pods that fail closed detach, the maps go. For an
+    /// uninstall: an observer cannot tell a restart from a removal.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct CleanupArgs {
+    /// The observers' pin directory.
+    #[arg(long, value_name = "DIR", env = "OBSERVER_PIN_DIR")]
+    pub pin_dir: PathBuf,
+    /// Then wait until SIGTERM or SIGINT (deploy/cleanup's DaemonSet, which
+    /// an uninstall applies, waits for and deletes).
+    #[arg(long)]
+    pub hold: bool,
 }
 
 #[derive(Subcommand)]
@@ -215,6 +230,19 @@ pub struct RunArgs {
         default_value = "/run/observer"
     )]
     pub runtime_dir: PathBuf,
+    /// A directory on the node's bpffs (the DaemonSet's: /sys/fs/bpf/observer)
+    /// where the shared maps, and the links of pods whose policy fails
+    /// closed, are pinned: they outlive the observer, and the next one takes
+    /// them over. Without it, everything goes with the observer.
+    #[arg(long, value_name = "DIR", env = "OBSERVER_PIN_DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// What a policy does while no observer runs (a restart, an upgrade),
+    /// for policies that do not say (`spec.failureMode`): `open`, nothing
+    /// is enforced meanwhile; `closed`, the pod's programs and policy stay
+    /// in the kernel until the next observer takes them over (needs
+    /// --pin-dir and Linux 6.6 or newer).
+    #[arg(long, env = "OBSERVER_FAILURE_MODE", value_enum, default_value_t = FailureMode::Open)]
+    pub failure_mode: FailureMode,
     /// Where the traffic counters are kept across restarts (written at
     /// shutdown and every minute, read at start); none: a restarted
     /// observer counts from zero.

@@ -25,6 +25,7 @@ use observer_common::FlowValue;
 use super::{
     cgroups::{CgroupNames, Unnamed},
     metrics::{Counts, FlowMetrics},
+    saved::{Baseline, FlowBaseline, Saved, SavedVerdicts},
     schema::FlowRow,
     series::Series,
     verdicts::Verdicts,
@@ -73,6 +74,15 @@ pub struct Collector {
     last_series: Vec<(Series, Counts)>,
     last_seconds: f64,
     verdicts: Verdicts,
+    /// The source has been complete once: flows of namespaces that are not
+    /// attached are no pod's, and go (before, they may be a pod's that is
+    /// about to be attached, or one an earlier observer left).
+    complete: bool,
+    /// The flow map is an earlier observer's, with no baseline of what it
+    /// counted: the first collection only takes note of where each flow is.
+    prime: bool,
+    /// The same for the datapath statistics (evictions, insert failures).
+    prime_stats: bool,
 }
 
 /// A flow's counters at the last collection. Small on purpose: one per flow.
@@ -139,6 +149,90 @@ impl Collector {
             last_series: Vec::new(),
             last_seconds: 0.0,
             verdicts: Verdicts::default(),
+            complete: false,
+            prime: false,
+            prime_stats: false,
+        }
+    }
+
+    /// Takes up where an earlier observer left the kernel's maps
+    /// (`inherited`, by name): each flow and verdict count is counted from
+    /// the saved `baseline` if it was taken from these very maps, and
+    /// otherwise from where the first collection finds it. `verdicts`: the
+    /// saved totals of the verdict series.
+    pub fn take_up(
+        &mut self,
+        inherited: &std::collections::BTreeSet<&'static str>,
+        baseline: Option<Baseline>,
+        verdicts: Vec<SavedVerdicts>,
+    ) {
+        use observer_common::{FLOWS_MAP, STATS_MAP, VERDICTS_MAP};
+        self.verdicts.restore(verdicts);
+        let ids = self.maps.ids;
+        let (flows, kernel_verdicts) = match baseline {
+            Some(b) => (
+                (b.maps.flows == ids.flows).then_some(b.flows),
+                (b.maps.verdicts == ids.verdicts).then_some(b.verdicts),
+            ),
+            None => (None, None),
+        };
+        if inherited.contains(FLOWS_MAP) {
+            match flows {
+                Some(flows) => {
+                    tracing::info!(
+                        flows = flows.len(),
+                        "counting the flows on from the saved baseline"
+                    );
+                    for flow in flows {
+                        let seen = Seen {
+                            bytes: flow.bytes,
+                            packets: flow.packets,
+                            connections: flow.connections,
+                            pass: self.pass,
+                        };
+                        self.last.insert(self.hasher.hash_one(flow.key), seen);
+                    }
+                }
+                None => self.prime = true,
+            }
+        }
+        if inherited.contains(VERDICTS_MAP) {
+            self.verdicts.take_up(kernel_verdicts);
+        }
+        self.prime_stats = inherited.contains(STATS_MAP);
+    }
+
+    /// The source has been complete: flows of namespaces not attached go.
+    pub fn complete(&mut self) {
+        self.complete = true;
+    }
+
+    /// Everything to save, as one snapshot: the series' totals and, taken
+    /// at the same collection, what each kernel counter had then.
+    pub fn snapshot(&self) -> Saved {
+        let flows = self
+            .maps
+            .flows
+            .keys()
+            .flatten()
+            .filter_map(|key| {
+                let seen = self.last.get(&self.hasher.hash_one(key))?;
+                Some(FlowBaseline {
+                    key,
+                    bytes: seen.bytes,
+                    packets: seen.packets,
+                    connections: seen.connections,
+                })
+            })
+            .collect();
+        Saved {
+            series: self.flows.saved(),
+            verdicts: self.verdicts.totals(&self.metrics),
+            baseline: Some(Baseline {
+                maps: self.maps.ids,
+                verdicts: self.verdicts.baseline(),
+                flows,
+            }),
         }
     }
 
@@ -165,6 +259,7 @@ impl Collector {
             .with_label_values(&[&netns.pod.namespace, &netns.pod.name])
             .set(netns.programs as i64);
         self.flows.pod_present(&netns.pod);
+        self.verdicts.attached(&netns.pod, &self.metrics);
         self.attached.insert(netns.cookie, netns);
     }
 
@@ -206,7 +301,12 @@ impl Collector {
         // missing from the eviction estimate, never counted as evicted.
         let (created, insert_failures) = self.read_stats()?;
         self.verdicts
-            .collect(&mut self.maps.verdicts, &self.attached, &self.metrics)
+            .collect(
+                &mut self.maps.verdicts,
+                &self.attached,
+                self.complete,
+                &self.metrics,
+            )
             .map_err(CollectError::Verdicts)?;
         self.pass = self.pass.wrapping_add(1);
 
@@ -215,6 +315,7 @@ impl Collector {
         let mut live = 0u64;
         let mut series: HashMap<Series, Counts> = HashMap::new();
         let mut pending = Vec::new();
+        let prime = std::mem::take(&mut self.prime);
         for entry in self.maps.flows.iter() {
             let (key, now) = entry.map_err(CollectError::Flows)?;
             let hash = self.hasher.hash_one(key);
@@ -224,18 +325,29 @@ impl Collector {
                 connections: now.connections as u16,
                 pass: self.pass,
             };
-            let before = self.last.insert(hash, seen);
+            let before = self.last.get(&hash).copied();
             if before.is_some_and(|b| b.pass == self.pass) {
                 continue; // the walk restarted after a concurrent deletion
             }
+            live += 1;
+            if prime {
+                self.last.insert(hash, seen);
+                continue;
+            }
             if !self.attached.contains_key(&key.netns_cookie) {
-                if self.unknown.contains(&key.netns_cookie) {
+                // Not (yet) a pod's of ours: its baseline stays where it
+                // is, so that it is counted from there once it is; gone
+                // at a later collection if it is no pod's.
+                if let Some(before) = self.last.get_mut(&hash) {
+                    before.pass = self.pass;
+                }
+                if self.complete && self.unknown.contains(&key.netns_cookie) {
                     stale.push(key);
                 }
                 unknown.insert(key.netns_cookie);
                 continue;
             }
-            live += 1;
+            self.last.insert(hash, seen);
             let delta = difference(&now, &before.unwrap_or_default());
             if delta.packets > 0 {
                 let of = Series::of(&key, &now);
@@ -331,6 +443,12 @@ impl Collector {
 
     fn report(&mut self, created: u64, insert_failures: u64, live: u64) {
         self.metrics.flow_map_entries.set(live as i64);
+        if std::mem::take(&mut self.prime_stats) {
+            // An earlier observer's statistics: what they say so far is
+            // theirs (and counted by them).
+            self.evictions_reported = created.saturating_sub(live);
+            self.insert_failures_reported = insert_failures;
+        }
         self.metrics.flow_series.set(self.flows.series() as i64);
         let evictions = created.saturating_sub(live + self.removed);
         if evictions > self.evictions_reported {

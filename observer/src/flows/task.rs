@@ -26,6 +26,9 @@ pub enum CollectorEvent {
     Identities(SharedIdentities),
     /// Names of the policy rules in the kernel's verdict counts, by id.
     PolicyNames(Arc<HashMap<u32, RuleName>>),
+    /// The source has been complete once: every pod it has is attached (or
+    /// waits), so flows of namespaces that are not attached may go.
+    Complete,
 }
 
 /// Asks for a fresh collection, and for its series if `rows` (only
@@ -149,7 +152,7 @@ fn save(collector: &Collector, state_dir: Option<&std::path::Path>) {
     let Some(dir) = state_dir else {
         return;
     };
-    if let Err(err) = saved::save(dir, collector.flows().saved()) {
+    if let Err(err) = saved::save(dir, collector.snapshot()) {
         tracing::warn!(%err, "saving the traffic counters");
         collector.metrics().error("state");
     }
@@ -161,5 +164,6 @@ fn apply(collector: &mut Collector, event: CollectorEvent) {
         CollectorEvent::Detached(cookie) => collector.detached(cookie),
         CollectorEvent::Identities(identities) => collector.set_identities(identities),
         CollectorEvent::PolicyNames(names) => collector.set_policy_names(names),
+        CollectorEvent::Complete => collector.complete(),
     }
 }

@@ -11,7 +11,13 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use observer_common::{VerdictKey, class, direction, verdict};
 
-use crate::{kernel::attach::AttachedNetns, metrics::Metrics, policy::compile::RuleName};
+use super::saved::{SavedVerdicts, VerdictBaseline};
+use crate::{
+    kernel::attach::AttachedNetns,
+    metrics::{Metrics, VERDICT_LABELS},
+    names::ObjectRef,
+    policy::compile::RuleName,
+};
 
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -21,26 +27,135 @@ pub struct Verdicts {
     /// The kernel's count at the last collection, and the labels exported.
     seen: HashMap<VerdictKey, (u64, [String; 7])>,
     logged: HashMap<(u64, u32), Instant>,
+    /// Saved totals of series whose pods are not attached yet: exported
+    /// once they are.
+    restored: HashMap<[String; 7], u64>,
+    /// The verdict map is an earlier observer's, with no baseline: the
+    /// first collection only takes note of the counts.
+    prime: bool,
+    /// Counts noted then for keys not labelled yet (their pod was not
+    /// attached): counted from there once they are.
+    unlabelled: HashMap<VerdictKey, u64>,
 }
 
 impl Verdicts {
+    /// The saved totals, exported as each pod is attached.
+    pub fn restore(&mut self, saved: Vec<SavedVerdicts>) {
+        for series in saved {
+            *self.restored.entry(series.labels).or_default() += series.total;
+        }
+    }
+
+    /// Takes over an earlier observer's verdict map: counted on from the
+    /// baseline saved with the totals, or (`None`) from the first look.
+    pub fn take_up(&mut self, baseline: Option<Vec<VerdictBaseline>>) {
+        let Some(baseline) = baseline else {
+            self.prime = true;
+            return;
+        };
+        for b in baseline {
+            let key = VerdictKey {
+                netns_cookie: b.netns_cookie,
+                rule: b.rule,
+                verdict: b.verdict,
+                class: b.class,
+                direction: b.direction,
+                _pad: 0,
+            };
+            self.seen.insert(key, (b.count, b.labels));
+        }
+    }
+
+    /// A pod is attached: its saved series come back.
+    pub fn attached(&mut self, pod: &ObjectRef, metrics: &Metrics) {
+        self.restored.retain(|labels, total| {
+            if labels[0] != pod.namespace || labels[1] != pod.name {
+                return true;
+            }
+            let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+            metrics
+                .policy_verdicts
+                .with_label_values(&values)
+                .inc_by(*total);
+            false
+        });
+    }
+
+    /// The verdict series' totals, to save (those not exported yet too).
+    pub fn totals(&self, metrics: &Metrics) -> Vec<SavedVerdicts> {
+        use prometheus::core::Collector;
+        let mut totals: Vec<SavedVerdicts> = self
+            .restored
+            .iter()
+            .map(|(labels, total)| SavedVerdicts {
+                labels: labels.clone(),
+                total: *total,
+            })
+            .collect();
+        for family in metrics.policy_verdicts.collect() {
+            for metric in family.get_metric() {
+                // The family gives its labels sorted by name.
+                let labels = VERDICT_LABELS.map(|name| {
+                    let pair = metric.get_label().iter().find(|p| p.name() == name);
+                    pair.map(|p| p.value().to_owned()).unwrap_or_default()
+                });
+                let total = metric.get_counter().get_value() as u64;
+                totals.push(SavedVerdicts { labels, total });
+            }
+        }
+        totals
+    }
+
+    /// What each kernel count was at the last collection, to save with the
+    /// totals.
+    pub fn baseline(&self) -> Vec<VerdictBaseline> {
+        self.seen
+            .iter()
+            .map(|(key, (count, labels))| VerdictBaseline {
+                netns_cookie: key.netns_cookie,
+                rule: key.rule,
+                verdict: key.verdict,
+                class: key.class,
+                direction: key.direction,
+                count: *count,
+                labels: labels.clone(),
+            })
+            .collect()
+    }
+
     pub fn set_names(&mut self, names: Arc<HashMap<u32, RuleName>>) {
         self.names = names;
     }
 
-    /// Adds what the kernel counted since the last collection.
+    /// Adds what the kernel counted since the last collection. `complete`:
+    /// the source has been complete, so counts of namespaces that are not
+    /// attached are no pod's, and go.
     pub fn collect(
         &mut self,
         map: &mut BpfHashMap<MapData, VerdictKey, u64>,
         attached: &HashMap<u64, AttachedNetns>,
+        complete: bool,
         metrics: &Metrics,
     ) -> Result<(), MapError> {
         let mut gone = Vec::new();
+        let prime = std::mem::take(&mut self.prime);
         for entry in map.iter() {
             let (key, count) = entry?;
+            if prime {
+                if let Some(pod) = attached.get(&key.netns_cookie)
+                    && let Some(labels) = self.labels(&key, pod)
+                {
+                    self.seen.insert(key, (count, labels));
+                } else {
+                    self.unlabelled.insert(key, count);
+                }
+                continue;
+            }
             let Some(pod) = attached.get(&key.netns_cookie) else {
                 // A pod detached since: its counts are exported no more.
-                gone.push(key);
+                if complete {
+                    gone.push(key);
+                }
                 continue;
             };
             let before = match self.seen.get_mut(&key) {
@@ -53,11 +168,17 @@ impl Verdicts {
                         continue;
                     };
                     self.seen.insert(key, (count, labels));
-                    0
+                    self.unlabelled.remove(&key).unwrap_or(0)
                 }
             };
             let labels = &self.seen[&key].1;
-            let added = count.saturating_sub(before);
+            // Fewer than before: the LRU map evicted the entry and it was
+            // made anew since; all of it is new.
+            let added = if count >= before {
+                count - before
+            } else {
+                count
+            };
             let values: Vec<&str> = labels.iter().map(String::as_str).collect();
             metrics
                 .policy_verdicts

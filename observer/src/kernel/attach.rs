@@ -1,30 +1,29 @@
 //! The attach worker: one dedicated thread that enters pod network namespaces
-//! and attaches (and detaches) the tc programs there.
+//! and attaches (and detaches) the tc programs there, and the socket hooks on
+//! pods' cgroups.
 //!
 //! It is a thread of its own because `setns` moves only the calling thread: a
-//! tokio worker must never change namespace. Async callers send it requests.
-//! It owns the loaded programs and every link; when it stops, it detaches all.
-//! (Longer than most files: the worker and its requests are one unit.)
+//! tokio worker must never change namespace. Async callers send it requests
+//! through an [`AttachWorker`]; the worker itself is in [`worker`]. It owns
+//! the loaded programs and every link; when it stops, it detaches all but the
+//! links of pods that fail closed, which stay pinned on the node for the next
+//! observer to take over.
+
+mod worker;
 
 use std::{
-    collections::HashMap,
+    collections::HashSet,
     path::{Path, PathBuf},
     sync::mpsc,
     thread,
 };
 
-use aya::{
-    programs::{
-        ProgramError, TcAttachType, cgroup_sock_addr::CgroupSockAddrLink, tc::SchedClassifierLink,
-    },
-    util::KernelVersion,
-};
+use aya::programs::{ProgramError, TcAttachType};
 use tokio::sync::oneshot;
 
 use super::{
-    datapath::{Datapath, DatapathError, NOOP_PROGRAM},
-    netns::{self, NetNs, NetnsError},
-    tc::{attach_one, attach_program, interface_exists},
+    datapath::{Datapath, DatapathError},
+    netns::{NetNs, NetnsError},
 };
 use crate::names::ObjectRef;
 
@@ -56,6 +55,11 @@ pub enum AttachError {
         direction: TcAttachType,
         source: Box<ProgramError>,
     },
+    #[error("cannot hold a tc link in {path}: {source}")]
+    Link {
+        path: PathBuf,
+        source: Box<aya::programs::links::LinkError>,
+    },
     #[error("no namespace with cookie {0} is attached")]
     NotAttached(u64),
     #[error("the attach worker has stopped")]
@@ -78,6 +82,9 @@ pub struct AttachedNetns {
     pub programs: usize,
     /// The policy hooks are on the pod's cgroup.
     pub policy_hooks: bool,
+    /// Its links were pinned by an earlier observer and are taken over:
+    /// their programs are replaced at the next [`AttachWorker::commit`].
+    pub taken_over: bool,
 }
 
 enum Request {
@@ -95,6 +102,20 @@ enum Request {
         cookie: u64,
         cgroup: PathBuf,
         reply: oneshot::Sender<Result<bool, AttachError>>,
+    },
+    Commit {
+        reply: oneshot::Sender<usize>,
+    },
+    FailClosed {
+        cookies: HashSet<u64>,
+        reply: oneshot::Sender<HashSet<u64>>,
+    },
+    Unclaimed {
+        reply: oneshot::Sender<Vec<u64>>,
+    },
+    Forget {
+        cookies: Vec<u64>,
+        reply: oneshot::Sender<()>,
     },
 }
 
@@ -115,8 +136,8 @@ impl AttachWorker {
             .name("netns-attach".into())
             .spawn(move || {
                 // Saved on this very thread: it is where setns must return to.
-                let state =
-                    NetNs::current_thread().map(|home| Worker::new(home, datapath, noop, netlink));
+                let state = NetNs::current_thread()
+                    .map(|home| worker::Worker::new(home, datapath, noop, netlink));
                 match state {
                     Ok(mut worker) => {
                         let _ = ready_tx.send(Ok(()));
@@ -139,7 +160,9 @@ impl AttachWorker {
     }
 
     /// Attaches to the network namespace of `pod` at `path`, and to the
-    /// pod's `cgroup` (the policy hooks) if it is known.
+    /// pod's `cgroup` (the policy hooks) if it is known. Links an earlier
+    /// observer pinned for this namespace are taken over instead (see
+    /// [`AttachWorker::commit`]).
     pub async fn attach(
         &self,
         path: &Path,
@@ -176,6 +199,50 @@ impl AttachWorker {
         answer.await.map_err(|_| AttachError::WorkerGone)?
     }
 
+    /// Swaps this observer's programs into the links taken over since the
+    /// last commit (one `BPF_LINK_UPDATE` each: the hook is never without a
+    /// program). Call it once the maps the new programs read are written.
+    /// Returns how many pods' links were taken over.
+    pub async fn commit(&self) -> usize {
+        let (reply, answer) = oneshot::channel();
+        if self.send(Request::Commit { reply }).is_err() {
+            return 0;
+        }
+        answer.await.unwrap_or(0)
+    }
+
+    /// Pins the links of the pods with these cookies on the node (they fail
+    /// closed: their programs stay when the observer goes), and unpins
+    /// those of every other pod. Returns the pods that could not be pinned.
+    pub async fn fail_closed(&self, cookies: HashSet<u64>) -> HashSet<u64> {
+        let (reply, answer) = oneshot::channel();
+        let failed = cookies.clone();
+        if self.send(Request::FailClosed { cookies, reply }).is_err() {
+            return failed;
+        }
+        answer.await.unwrap_or(failed)
+    }
+
+    /// The pods an earlier observer pinned that this one has not taken over,
+    /// whose links still have their hooks. Pins whose hooks are gone (the
+    /// pod's namespace or cgroup went) are removed.
+    pub async fn unclaimed(&self) -> Vec<u64> {
+        let (reply, answer) = oneshot::channel();
+        if self.send(Request::Unclaimed { reply }).is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+
+    /// Removes the pins of pods this observer did not take over: their links
+    /// detach.
+    pub async fn forget(&self, cookies: Vec<u64>) {
+        let (reply, answer) = oneshot::channel();
+        if self.send(Request::Forget { cookies, reply }).is_ok() {
+            let _ = answer.await;
+        }
+    }
+
     fn send(&self, request: Request) -> Result<(), AttachError> {
         self.requests
             .as_ref()
@@ -184,7 +251,8 @@ impl AttachWorker {
             .map_err(|_| AttachError::WorkerGone)
     }
 
-    /// Detaches everything and stops the worker. Blocks until it is done.
+    /// Detaches everything (but what fails closed) and stops the worker.
+    /// Blocks until it is done.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -201,211 +269,5 @@ impl AttachWorker {
 impl Drop for AttachWorker {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-struct Worker {
-    home: NetNs,
-    datapath: Datapath,
-    /// Before 6.6 tc programs attach through the clsact qdisc, not TCX links.
-    tcx: bool,
-    noop: bool,
-    attached: HashMap<u64, Attachment>,
-}
-
-struct Attachment {
-    info: AttachedNetns,
-    /// The links keep the namespace's programs loaded; the parsed object
-    /// they came from is dropped after attaching (it is the bulk of the
-    /// memory a pod would otherwise cost).
-    links: Vec<SchedClassifierLink>,
-    /// The policy hooks on the pod's cgroup (bpf links: they go with the
-    /// process, and the pod is then unaffected).
-    sock_links: Vec<CgroupSockAddrLink>,
-    /// clsact filters are removed inside their namespace, which the path may
-    /// not lead to any more (`/proc/<pid>/ns/net` of a process that ended):
-    /// the namespace is held open. TCX links need no namespace.
-    netns: Option<NetNs>,
-}
-
-impl Worker {
-    fn new(home: NetNs, datapath: Datapath, noop: bool, netlink: bool) -> Self {
-        let tcx =
-            !netlink && KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        Self {
-            home,
-            datapath,
-            tcx,
-            noop,
-            attached: HashMap::new(),
-        }
-    }
-
-    fn serve(&mut self, inbox: mpsc::Receiver<Request>) {
-        for request in inbox {
-            match request {
-                Request::Attach {
-                    path,
-                    pod,
-                    cgroup,
-                    reply,
-                } => {
-                    let _ = reply.send(self.attach(&path, pod, cgroup.as_deref()));
-                }
-                Request::Detach { cookie, reply } => {
-                    let _ = reply.send(self.detach(cookie));
-                }
-                Request::Hooks {
-                    cookie,
-                    cgroup,
-                    reply,
-                } => {
-                    let _ = reply.send(self.attach_hooks(cookie, &cgroup));
-                }
-            }
-        }
-        let cookies: Vec<u64> = self.attached.keys().copied().collect();
-        for cookie in cookies {
-            if let Err(err) = self.detach(cookie) {
-                tracing::warn!(%err, "detach at shutdown");
-            }
-        }
-    }
-
-    fn attach(
-        &mut self,
-        path: &Path,
-        pod: ObjectRef,
-        cgroup: Option<&Path>,
-    ) -> Result<AttachedNetns, AttachError> {
-        let name = pod.to_string();
-        let netns = NetNs::open(path)?;
-        let cookie = netns
-            .run(&self.home, netns::cookie_of_current)?
-            .map_err(|source| AttachError::Cookie {
-                path: path.into(),
-                source,
-            })?;
-        if let Some(existing) = self.attached.get(&cookie) {
-            return Err(AttachError::AlreadyAttached {
-                path: path.into(),
-                existing: existing.info.name.clone(),
-            });
-        }
-        let mut programs = self
-            .datapath
-            .instance(cookie, self.noop)
-            .map_err(|source| AttachError::Load {
-                path: path.into(),
-                source,
-            })?;
-        // The socket hooks first, and the storage of the sockets the pod
-        // already has: the first packet a tc program classifies then finds
-        // its sockets' containers. Without the hooks the pod is observed,
-        // and no policy applies to it.
-        let sock_links = match cgroup.map(|c| self.datapath.attach_socket_hooks(c)) {
-            Some(Ok(links)) => links,
-            Some(Err(err)) => {
-                tracing::warn!(%err, netns = %name, "no socket hooks: no policy, fewer container names");
-                Vec::new()
-            }
-            None => Vec::new(),
-        };
-        let (tcx, noop) = (self.tcx, self.noop);
-        let links = netns.run(&self.home, || {
-            let mut links = Vec::new();
-            // Loopback packets pass lo egress and then lo ingress: attach
-            // one hook only, so each is counted once.
-            let mut hooks = vec![(LOOPBACK, TcAttachType::Egress)];
-            if interface_exists(POD_INTERFACE) {
-                hooks.push((POD_INTERFACE, TcAttachType::Egress));
-                hooks.push((POD_INTERFACE, TcAttachType::Ingress));
-            }
-            for (interface, direction) in hooks {
-                let error = |source| AttachError::Attach {
-                    path: path.into(),
-                    interface,
-                    direction,
-                    source: Box::new(source),
-                };
-                // On error, `links` drops here, inside the namespace, which
-                // detaches what was attached so far.
-                if noop {
-                    let baseline = NOOP_PROGRAM;
-                    links.push(
-                        attach_program(&mut programs, baseline, tcx, interface, direction)
-                            .map_err(error)?,
-                    );
-                }
-                links.push(attach_one(&mut programs, tcx, interface, direction).map_err(error)?);
-            }
-            Ok::<_, AttachError>(links)
-        })??;
-        let info = AttachedNetns {
-            policy_hooks: !sock_links.is_empty(),
-            name,
-            pod,
-            path: path.into(),
-            cookie,
-            netns_id: netns.id().map_err(|source| AttachError::Cookie {
-                path: path.into(),
-                source,
-            })?,
-            programs: links.len(),
-        };
-        tracing::info!(netns = %info.name, path = %path.display(), cookie, programs = info.programs, policy_hooks = info.policy_hooks, "attached");
-        self.attached.insert(
-            cookie,
-            Attachment {
-                info: info.clone(),
-                links,
-                sock_links,
-                netns: (!tcx).then_some(netns),
-            },
-        );
-        Ok(info)
-    }
-
-    fn attach_hooks(&mut self, cookie: u64, cgroup: &Path) -> Result<bool, AttachError> {
-        let attachment = self
-            .attached
-            .get_mut(&cookie)
-            .ok_or(AttachError::NotAttached(cookie))?;
-        if attachment.sock_links.is_empty() {
-            match self.datapath.attach_socket_hooks(cgroup) {
-                Ok(links) => {
-                    tracing::info!(netns = %attachment.info.name, "socket hooks attached");
-                    attachment.sock_links = links;
-                    attachment.info.policy_hooks = true;
-                }
-                Err(err) => {
-                    tracing::debug!(%err, netns = %attachment.info.name, "still no socket hooks");
-                }
-            }
-        }
-        Ok(!attachment.sock_links.is_empty())
-    }
-
-    fn detach(&mut self, cookie: u64) -> Result<(), AttachError> {
-        let attachment = self
-            .attached
-            .remove(&cookie)
-            .ok_or(AttachError::NotAttached(cookie))?;
-        let Attachment {
-            info,
-            links,
-            sock_links,
-            netns,
-        } = attachment;
-        drop(sock_links);
-        match netns {
-            // clsact filters are removed by netlink, inside their namespace.
-            Some(netns) => netns.run(&self.home, || drop(links))?,
-            // TCX links are file descriptors: closing one detaches it, from
-            // any namespace, and they go away with the interface anyway.
-            None => drop(links),
-        }
-        tracing::info!(netns = %info.name, cookie, "detached");
-        Ok(())
     }
 }

@@ -1,10 +1,22 @@
-//! A private bpffs instance holding the pins of the maps that every program
-//! instance shares.
+//! Where the maps every program instance shares are pinned, and the links
+//! of pods that fail closed.
 //!
-//! aya shares a map between loads of an object only through a pin. The pins
-//! live in a bpffs mounted for this process alone, and unmounting it drops
-//! them all: nothing of ours stays in /sys/fs/bpf or anywhere else. A mount
-//! left behind by a killed observer is removed at the next start.
+//! aya shares a map between loads of an object only through a pin. Two
+//! homes for the pins:
+//!
+//! - [`Pins::Private`] (the default): a bpffs mounted for this process
+//!   alone; unmounting it drops them all, so nothing of ours outlives the
+//!   observer. A mount left behind by a killed observer is removed at the
+//!   next start.
+//! - [`Pins::Node`] (`--pin-dir`, on the node's bpffs, as bpfman and
+//!   Cilium keep theirs): the maps outlive the process, and so do the links
+//!   of pods whose policy fails closed, until the next observer takes them
+//!   over. Layout:
+//!
+//!   ```text
+//!   <pin-dir>/maps-v<N>/<MAP>       the shared maps (N: their layout version)
+//!   <pin-dir>/pods/<cookie>/<hook>  the links of a pod that fails closed
+//!   ```
 
 use std::{
     ffi::CString,
@@ -13,12 +25,51 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use observer_common::LAYOUT_VERSION;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BpffsError {
     #[error("cannot create {path}: {source}")]
     Create { path: PathBuf, source: io::Error },
     #[error("cannot mount a bpffs at {path}: {source}")]
     Mount { path: PathBuf, source: io::Error },
+    #[error(
+        "--pin-dir {0} is not on a bpffs (mount one: `mount -t bpf bpf /sys/fs/bpf`; the DaemonSet mounts the node's /sys/fs/bpf)"
+    )]
+    NotBpffs(PathBuf),
+}
+
+/// The maps' directory in a node pin directory, with the layout version.
+const MAPS_PREFIX: &str = "maps-v";
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where the pins are.
+#[derive(Debug)]
+pub enum Pins {
+    /// A bpffs of this process alone, unmounted at exit.
+    Private(PinDir),
+    /// A directory on the node's bpffs, which outlives the observer.
+    Node(NodePins),
+}
+
+impl Pins {
+    /// Where the pin of map `name` goes.
+    pub fn map(&self, name: &str) -> PathBuf {
+        match self {
+            Self::Private(dir) => dir.path.join(name),
+            Self::Node(node) => node.maps().join(name),
+        }
+    }
+
+    /// The node's pin directory, if the pins outlive the observer.
+    pub fn node(&self) -> Option<&NodePins> {
+        match self {
+            Self::Private(_) => None,
+            Self::Node(node) => Some(node),
+        }
+    }
 }
 
 /// A mounted private bpffs, unmounted on drop.
@@ -56,16 +107,156 @@ impl PinDir {
         }
         Ok(Self { path })
     }
-
-    /// Where the pin of map `name` goes.
-    pub fn pin_path(&self, name: &str) -> PathBuf {
-        self.path.join(name)
-    }
 }
 
 impl Drop for PinDir {
     fn drop(&mut self) {
         unmount(&self.path);
+    }
+}
+
+/// The node's pin directory (`--pin-dir`).
+#[derive(Clone, Debug)]
+pub struct NodePins {
+    root: PathBuf,
+}
+
+impl NodePins {
+    /// Opens (creating it if need be) a pin directory, which must be on a
+    /// bpffs: pins elsewhere are refused by the kernel.
+    pub fn open(root: &Path) -> Result<Self, BpffsError> {
+        let pins = Self { root: root.into() };
+        for dir in [pins.maps(), pins.pods()] {
+            fs::create_dir_all(&dir).map_err(|source| BpffsError::Create { path: dir, source })?;
+        }
+        if !on_bpffs(root) {
+            return Err(BpffsError::NotBpffs(root.into()));
+        }
+        pins.remove_other_layouts();
+        Ok(pins)
+    }
+
+    /// A pin directory as it is, created or checked by nobody (to remove
+    /// what is in it).
+    pub fn at(root: &Path) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn maps(&self) -> PathBuf {
+        self.root.join(format!("{MAPS_PREFIX}{LAYOUT_VERSION}"))
+    }
+
+    /// Unpins the maps of other layout versions: not taken over (the
+    /// programs that still use them hold them until they are replaced).
+    fn remove_other_layouts(&self) {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return;
+        };
+        let current = self.maps();
+        for entry in entries.flatten() {
+            let other = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(MAPS_PREFIX));
+            if other && entry.path() != current {
+                tracing::info!(path = %entry.path().display(), "unpinning the maps of another layout version");
+                remove_tree(&entry.path());
+            }
+        }
+    }
+
+    fn pods(&self) -> PathBuf {
+        self.root.join("pods")
+    }
+
+    /// The directory of the links of the pod whose namespace has `cookie`.
+    pub fn pod(&self, cookie: u64) -> PathBuf {
+        self.pods().join(cookie.to_string())
+    }
+
+    /// The namespace cookies of the pods that have pinned links.
+    pub fn pinned_pods(&self) -> Vec<u64> {
+        let Ok(entries) = fs::read_dir(self.pods()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// The pinned links of a pod, by hook name; none if it has none.
+    pub fn pod_links(&self, cookie: u64) -> Vec<(String, PathBuf)> {
+        let Ok(entries) = fs::read_dir(self.pod(cookie)) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| Some((e.file_name().to_str()?.to_owned(), e.path())))
+            .collect()
+    }
+
+    /// Removes the pins of a pod: its links detach (if their hook is still
+    /// there).
+    pub fn remove_pod(&self, cookie: u64) {
+        remove_tree(&self.pod(cookie));
+    }
+
+    /// Removes the maps' pins: they are freed once no program uses them.
+    pub fn remove_maps(&self) {
+        remove_tree(&self.maps());
+        let _ = fs::create_dir(self.maps());
+    }
+
+    /// Removes everything (every layout version): every pinned link
+    /// detaches, every map goes. Returns how many pins there were.
+    pub fn remove_all(&self) -> usize {
+        let removed = count_files(&self.root);
+        remove_tree(&self.root);
+        removed
+    }
+}
+
+fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => count_files(&e.path()),
+            _ => 1,
+        })
+        .sum()
+}
+
+/// Removes a directory of pins and what is in it (bpffs has no
+/// `remove_dir_all` semantics of its own: files first, then directories).
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => remove_tree(&entry.path()),
+                _ => {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// Whether `path` is on a bpffs.
+pub fn on_bpffs(path: &Path) -> bool {
+    let target = c_path(path);
+    // SAFETY: a zeroed statfs filled by the kernel; a NUL-terminated path.
+    unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        libc::statfs(target.as_ptr(), &mut fs) == 0 && fs.f_type as i64 == BPF_FS_MAGIC
     }
 }
 

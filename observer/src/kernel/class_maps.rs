@@ -77,6 +77,57 @@ impl ClassEntries {
         entries
     }
 
+    /// Takes over the ids an earlier observer wrote into these entries (the
+    /// kernel's maps, read back), for the pods, Services and nodes of
+    /// `inventory` at the same addresses: flows and sockets that carry
+    /// those ids keep naming the same peers. No other id already in the
+    /// maps is handed out again.
+    pub fn adopt_ids(&self, ids: &mut Ids, inventory: &Inventory) {
+        let written = self;
+        let at = |addr: std::net::Ipv4Addr, class: u8| {
+            written
+                .cidrs
+                .get(&(128, ipv4_mapped(addr.octets())))
+                .filter(|v| v.class == class)
+                .map(|v| v.id)
+        };
+        for pod in &inventory.pods {
+            if let Some(id) = at(pod.ip, class::POD) {
+                ids.pods
+                    .adopt(&ObjectRef::new(&pod.namespace, &pod.name), id);
+            }
+        }
+        for node in &inventory.nodes {
+            if let Some(id) = at(node.address, class::NODE) {
+                ids.nodes.adopt(&node.name, id);
+            }
+        }
+        for service in &inventory.services {
+            let addr = ipv4_mapped(service.cluster_ip.octets());
+            let id = service.ports.iter().find_map(|p| {
+                let key = ServiceKey::new(addr, p.port, p.protocol.number());
+                written.services.get(&key).copied()
+            });
+            if let Some(id) = id {
+                let service = ObjectRef::new(&service.namespace, &service.name);
+                ids.services.adopt(&service, id);
+            }
+        }
+        let highest = |class: u8| {
+            written
+                .cidrs
+                .values()
+                .filter(|v| v.class == class)
+                .map(|v| v.id)
+                .max()
+                .unwrap_or(0)
+        };
+        ids.pods.reserve(highest(class::POD));
+        ids.nodes.reserve(highest(class::NODE));
+        ids.services
+            .reserve(written.services.values().copied().max().unwrap_or(0));
+    }
+
     fn add(&mut self, net: Ipv4Net, class: u8, id: u32) {
         let key = (
             96 + u32::from(net.prefix_len()),
@@ -120,15 +171,44 @@ pub struct ClassMapsWriter {
     maps: KernelClassMaps,
     written: ClassEntries,
     generation: u32,
+    /// A sync has bumped the generation once (the first always does).
+    synced: bool,
 }
 
 impl ClassMapsWriter {
-    pub fn new(maps: KernelClassMaps) -> Self {
+    /// A writer for maps that hold nothing yet, or (`inherited`) an earlier
+    /// observer's entries: those are read back, so that the first sync
+    /// writes only what differs and removes what is gone.
+    pub fn new(maps: KernelClassMaps, inherited: bool) -> Self {
+        let written = if inherited {
+            ClassEntries {
+                services: maps.services.iter().flatten().collect(),
+                cidrs: maps
+                    .cidrs
+                    .iter()
+                    .flatten()
+                    .map(|(key, value)| ((key.prefix_len(), key.data()), value))
+                    .collect(),
+            }
+        } else {
+            ClassEntries::default()
+        };
+        let generation = if inherited {
+            maps.generation.get(&0, 0).unwrap_or(0)
+        } else {
+            0
+        };
         Self {
             maps,
-            written: ClassEntries::default(),
-            generation: 0,
+            written,
+            generation,
+            synced: false,
         }
+    }
+
+    /// What the maps hold (as last written, or read back).
+    pub fn written(&self) -> &ClassEntries {
+        &self.written
     }
 
     /// Bumps the generation: every live flow is classified again at its
@@ -177,10 +257,11 @@ impl ClassMapsWriter {
         }
         // Only a change of class or peer calls for classifying live flows
         // again (a pod's new label, say, does not).
-        if *before == entries && self.generation != 0 {
+        if *before == entries && self.synced {
             return Ok(());
         }
         self.written = entries;
+        self.synced = true;
         self.reclassify()
     }
 }

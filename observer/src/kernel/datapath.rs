@@ -2,18 +2,23 @@
 //! collector reads, and once more for every namespace, whose instance of the
 //! programs carries that namespace's cookie.
 //!
+//! With `--pin-dir` the shared maps are pinned on the node's bpffs and an
+//! observer that starts takes over the maps an earlier one left (those
+//! that still fit this object: same kind, sizes and capacity; see
+//! [`observer_common::LAYOUT_VERSION`]); their contents are its starting
+//! point ([`Opened::inherited`]).
+//!
 //! The programs' aya-log diagnostics are switched off at load time (the
 //! verifier then removes them) unless a log level is given.
 
-use std::path::Path;
+use std::{collections::BTreeSet, os::fd::BorrowedFd, path::Path};
 
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, ProgramArray, SkStorage},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier,
-        cgroup_sock_addr::CgroupSockAddrLink,
+    maps::{
+        HashMap, IterableMap, MapData, MapError, MapInfo, PerCpuArray, ProgramArray, SkStorage,
     },
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, links::FdLink},
 };
 use aya_log::Level;
 use observer_common::{
@@ -24,7 +29,7 @@ use observer_common::{
 };
 
 use super::{
-    bpffs::{BpffsError, PinDir},
+    bpffs::{BpffsError, NodePins, PinDir, Pins},
     class_maps::KernelClassMaps,
     log::KernelLog,
     policy_maps::KernelPolicyMaps,
@@ -82,6 +87,14 @@ pub enum DatapathError {
     },
     #[error("cannot read the programs' diagnostics: {0}")]
     Log(#[from] aya_log::Error),
+    #[error("link of {name}: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("the embedded eBPF object does not parse: {0}")]
+    Object(#[source] Box<aya_obj::ParseError>),
 }
 
 /// The map the programs' diagnostics go to (aya-log's).
@@ -94,6 +107,10 @@ pub struct DatapathConfig {
     pub flow_capacity: u32,
     /// Where the private bpffs for the shared maps' pins is mounted.
     pub runtime_dir: std::path::PathBuf,
+    /// A directory on the node's bpffs: the maps (and the links of pods
+    /// that fail closed) are pinned there and outlive the observer. `None`:
+    /// the private bpffs, and nothing outlives it.
+    pub pin_dir: Option<std::path::PathBuf>,
     /// The level of the programs' diagnostics; `None`: off (they are then
     /// removed by the verifier and cost nothing).
     pub log_level: Option<Level>,
@@ -112,6 +129,9 @@ pub struct Opened {
     /// Reads the programs' diagnostics, if they are on: keep it for as long
     /// as the programs run (dropping it closes the map).
     pub logger: Option<KernelLog>,
+    /// The shared maps taken over from an earlier observer (by name): what
+    /// they hold is where this one starts.
+    pub inherited: BTreeSet<&'static str>,
 }
 
 /// Loads program instances that share one set of maps.
@@ -121,7 +141,7 @@ pub struct Datapath {
     /// policy hooks, loaded once and attached to every pod's cgroup.
     base: Ebpf,
     _classifiers: ProgramArray<MapData>,
-    pins: PinDir,
+    pins: Pins,
     /// The sockets' storage: seeded for the sockets a pod had before its
     /// hooks were attached.
     sockets: SkStorage<MapData, SocketInfo>,
@@ -151,25 +171,63 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, DatapathStats>,
     pub verdicts: HashMap<MapData, VerdictKey, u64>,
     pub flow_capacity: u32,
+    /// The kernel's ids of the flow and verdict maps: a saved baseline of
+    /// their counters holds only for these very maps.
+    pub ids: MapIds,
 }
+
+/// Kernel ids of the maps whose counters the collector reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapIds {
+    pub flows: u32,
+    pub verdicts: u32,
+}
+
+/// The maps every instance shares, pinned by name.
+const SHARED_MAPS: [&str; 13] = [
+    FLOWS_MAP,
+    STATS_MAP,
+    SERVICES_MAP,
+    CIDRS_MAP,
+    GENERATION_MAP,
+    CLASSIFIER_MAP,
+    POLICIES_MAP,
+    POLICY_MEMBERS_MAP,
+    POLICY_CIDRS_MAP,
+    NODE_MAP,
+    VERDICTS_MAP,
+    SOCKETS_MAP,
+    LOG_MAP,
+];
 
 impl Datapath {
     /// Creates the shared maps, pinned in a private bpffs, and loads the
     /// programs every instance shares.
     pub fn open(config: &DatapathConfig) -> Result<Opened, DatapathError> {
-        let pins = PinDir::mount(&config.runtime_dir)?;
+        let pins = match &config.pin_dir {
+            Some(dir) => Pins::Node(NodePins::open(dir)?),
+            None => Pins::Private(PinDir::mount(&config.runtime_dir)?),
+        };
+        let flow_capacity = config.flow_capacity;
+        let inherited = take_over(&pins, flow_capacity)?;
         let btf = Btf::from_sys_fs().ok();
         // aya-log's levels: 0 is off, Error is 1, ..., Trace is 5.
         let log_level = config.log_level.map_or(0, |level| level as u8);
-        let flow_capacity = config.flow_capacity;
         let mut ebpf = loader(&pins, btf.as_ref(), flow_capacity, &log_level)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let flows: HashMap<MapData, FlowKey, FlowValue> = typed(&mut ebpf, FLOWS_MAP)?;
+        let verdicts: HashMap<MapData, VerdictKey, u64> = typed(&mut ebpf, VERDICTS_MAP)?;
+        let ids = MapIds {
+            flows: map_id(flows.map(), FLOWS_MAP)?,
+            verdicts: map_id(verdicts.map(), VERDICTS_MAP)?,
+        };
         let maps = Maps {
-            flows: typed(&mut ebpf, FLOWS_MAP)?,
+            flows,
             stats: typed(&mut ebpf, STATS_MAP)?,
-            verdicts: typed(&mut ebpf, VERDICTS_MAP)?,
+            verdicts,
             flow_capacity,
+            ids,
         };
         let policy_maps = KernelPolicyMaps {
             policies: typed(&mut ebpf, POLICIES_MAP)?,
@@ -220,17 +278,39 @@ impl Datapath {
             class_maps,
             policy_maps,
             logger,
+            inherited,
         })
+    }
+
+    /// The node's pin directory, if the pins outlive the observer.
+    pub fn node_pins(&self) -> Option<&NodePins> {
+        self.pins.node()
+    }
+
+    /// The loaded socket hook `name`, to swap into a pinned link.
+    pub fn hook_fd(&mut self, name: &'static str) -> Result<BorrowedFd<'_>, DatapathError> {
+        use std::os::fd::AsFd;
+        let hook: &mut CgroupSockAddr = program(&mut self.base, name)?;
+        Ok(hook.fd().map_err(program_error(name))?.as_fd())
+    }
+
+    /// At exit: where no pod fails closed any more, the maps' pins go too
+    /// (the maps are freed with the observer's last descriptor), and
+    /// nothing of ours stays on the node.
+    pub fn release(&self, pods_pinned: bool) {
+        if let (Some(node), false) = (self.pins.node(), pods_pinned) {
+            node.remove_maps();
+        }
     }
 
     /// Attaches the socket hooks to a pod's cgroup, and seeds the storage
     /// of the sockets its processes already have. The hooks allow
-    /// everything until the pod has a compiled policy; the links go with
-    /// the process.
+    /// everything until the pod has a compiled policy. Returns each hook's
+    /// link by program name.
     pub fn attach_socket_hooks(
         &mut self,
         cgroup: &Path,
-    ) -> Result<Vec<CgroupSockAddrLink>, DatapathError> {
+    ) -> Result<Vec<(&'static str, FdLink)>, DatapathError> {
         let dir = std::fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.into(),
             source,
@@ -244,11 +324,22 @@ impl Datapath {
             let id = hook
                 .attach(&dir, CgroupAttachMode::default())
                 .map_err(program_error(name))?;
-            links.push(hook.take_link(id).map_err(program_error(name))?);
+            let link = hook.take_link(id).map_err(program_error(name))?;
+            let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+                name,
+                source: Box::new(source),
+            })?;
+            links.push((name, link));
         }
+        self.seed_sockets(cgroup);
+        Ok(links)
+    }
+
+    /// Seeds the storage of the sockets the pod's processes already have
+    /// (those with storage keep theirs).
+    pub fn seed_sockets(&mut self, cgroup: &Path) {
         let seeded = super::sockets::seed(&mut self.sockets, cgroup);
         tracing::debug!(cgroup = %cgroup.display(), sockets = seeded.sockets, failed = seeded.failed, "seeded the sockets' storage");
-        Ok(links)
     }
 
     /// Loads an instance of the programs for the namespace with this cookie
@@ -276,9 +367,60 @@ impl Datapath {
     }
 }
 
+/// Which of the maps pinned in the node's pin directory this observer takes
+/// over: those that fit the object (kind, key and value sizes, capacity).
+/// One that does not (another layout, another `--flow-capacity`) is
+/// unpinned and made anew; the programs of an earlier observer keep theirs
+/// until they are replaced.
+fn take_over(pins: &Pins, flow_capacity: u32) -> Result<BTreeSet<&'static str>, DatapathError> {
+    let mut inherited = BTreeSet::new();
+    if pins.node().is_none() {
+        return Ok(inherited);
+    }
+    let object = aya_obj::Object::parse(OBJECT).map_err(|e| DatapathError::Object(Box::new(e)))?;
+    for name in SHARED_MAPS {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let wanted = object.maps.get(name).ok_or(DatapathError::Missing(name))?;
+        let max_entries = match name {
+            FLOWS_MAP => flow_capacity,
+            _ => wanted.max_entries(),
+        };
+        let fits = MapInfo::from_pin(&path).is_ok_and(|pinned| {
+            pinned
+                .map_type()
+                .is_ok_and(|t| t as u32 == wanted.map_type())
+                && pinned.key_size() == wanted.key_size()
+                && pinned.value_size() == wanted.value_size()
+                && pinned.max_entries() == max_entries
+        });
+        if fits {
+            inherited.insert(name);
+        } else {
+            tracing::warn!(map = name, path = %path.display(), "a pinned map does not fit this observer (another layout, or another --flow-capacity): made anew");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    if !inherited.is_empty() {
+        tracing::info!(maps = ?inherited, "taking over the maps of an earlier observer");
+    }
+    Ok(inherited)
+}
+
+fn map_id(map: &MapData, name: &'static str) -> Result<u32, DatapathError> {
+    map.info()
+        .map(|info| info.id())
+        .map_err(|source| DatapathError::Map {
+            name,
+            source: Box::new(source),
+        })
+}
+
 /// A loader whose maps are the shared, pinned ones.
 fn loader<'a>(
-    pins: &PinDir,
+    pins: &Pins,
     btf: Option<&'a Btf>,
     flow_capacity: u32,
     log_level: &'a u8,
@@ -289,22 +431,8 @@ fn loader<'a>(
         .map_max_entries(FLOWS_MAP, flow_capacity)
         .override_global(aya_log::LEVEL, log_level, true);
     // Every map but the per-instance globals is shared through its pin.
-    for name in [
-        FLOWS_MAP,
-        STATS_MAP,
-        SERVICES_MAP,
-        CIDRS_MAP,
-        GENERATION_MAP,
-        CLASSIFIER_MAP,
-        POLICIES_MAP,
-        POLICY_MEMBERS_MAP,
-        POLICY_CIDRS_MAP,
-        NODE_MAP,
-        VERDICTS_MAP,
-        SOCKETS_MAP,
-        LOG_MAP,
-    ] {
-        loader.map_pin_path(name, pins.pin_path(name));
+    for name in SHARED_MAPS {
+        loader.map_pin_path(name, pins.map(name));
     }
     loader
 }

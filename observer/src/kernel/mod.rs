@@ -7,6 +7,7 @@ pub mod attach;
 pub mod bpffs;
 pub mod class_maps;
 pub mod datapath;
+pub mod links;
 pub mod log;
 pub mod netns;
 pub mod policy_maps;

@@ -107,6 +107,28 @@ impl PolicyMaps for KernelPolicyMaps {
 }
 
 impl KernelPolicyMaps {
+    /// What the maps hold (an earlier observer's entries, when they are
+    /// taken over). A read that fails leaves that entry out.
+    pub fn read(&self) -> PolicyEntries {
+        PolicyEntries {
+            pods: self.policies.iter().flatten().collect(),
+            members: self.members.keys().flatten().collect(),
+            cidrs: self
+                .cidrs
+                .keys()
+                .flatten()
+                .map(|key| (key.prefix_len(), key.data()))
+                .collect(),
+        }
+    }
+
+    /// Empties the maps (an earlier observer's entries, when this one has
+    /// no policy): every pod is then left alone.
+    pub fn clear(&mut self) -> Result<(), PolicyMapsError> {
+        let entries = self.read();
+        self.sync(&entries, &PolicyEntries::default())
+    }
+
     /// Writes the node's [`NodeInfo`] if it changed; returns whether it did.
     pub fn set_node(&mut self, node: NodeInfo) -> Result<bool, PolicyMapsError> {
         if self.node_written == Some(node) {

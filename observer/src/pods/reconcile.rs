@@ -55,6 +55,16 @@ const PEERS_SETTLE: Duration = Duration::from_millis(250);
 const FIRST_POLICY_RETRY: Duration = Duration::from_secs(1);
 const MAX_POLICY_RETRY: Duration = Duration::from_secs(30);
 
+/// What an earlier observer left that this one takes over.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Takeover {
+    /// Its maps, or links of pods it pinned.
+    pub maps_or_links: bool,
+    /// Its classification maps: the ids in them stay the same pods',
+    /// Services' and nodes'.
+    pub class_maps: bool,
+}
+
 pub struct Reconciler {
     source: Source,
     worker: AttachWorker,
@@ -84,6 +94,19 @@ pub struct Reconciler {
     /// The names the kernel's maps were last written for.
     ids: Ids,
     names: Option<(Inventory, CgroupIds)>,
+    /// An earlier observer's maps or pinned links are taken over: nothing is
+    /// written, attached or detached until the source is complete (its
+    /// programs go on counting and enforcing meanwhile), and then all of it
+    /// in one round, the maps before the programs.
+    taking_over: bool,
+    /// The classification maps hold an earlier observer's ids: the same
+    /// pods, Services and nodes keep them.
+    adopt_ids: bool,
+    /// Pods an earlier observer pinned that are not attached (yet), whose
+    /// links are live: their policy entries stay as they are.
+    kept: HashSet<u64>,
+    /// Attached pods whose programs could not be pinned.
+    fails_open: HashSet<u64>,
 }
 
 impl Reconciler {
@@ -94,6 +117,7 @@ impl Reconciler {
         enforcer: Option<Enforcer>,
         collector: CollectorHandle,
         metrics: Arc<Metrics>,
+        takeover: Takeover,
     ) -> Self {
         Self {
             source,
@@ -115,6 +139,10 @@ impl Reconciler {
             retry_until: Instant::now() + RETRY_FOR,
             ids: Ids::default(),
             names: None,
+            taking_over: takeover.maps_or_links,
+            adopt_ids: takeover.class_maps,
+            kept: HashSet::new(),
+            fails_open: HashSet::new(),
         }
     }
 
@@ -218,8 +246,9 @@ impl Reconciler {
     }
 
     async fn reconcile_and_mark(&mut self, trigger: Trigger, ready: &AtomicBool) {
-        if self.reconcile(trigger).await {
-            ready.store(true, Ordering::Release);
+        if self.reconcile(trigger).await && !ready.swap(true, Ordering::AcqRel) {
+            // From now on every pod is known: flows of others may go.
+            self.collector.send(CollectorEvent::Complete);
         }
     }
 
@@ -229,8 +258,17 @@ impl Reconciler {
         let Some(mut snapshot) = self.source.snapshot(trigger, &self.metrics) else {
             return false;
         };
+        if self.taking_over && !snapshot.complete {
+            // Half a view would unwrite what the earlier observer wrote.
+            return false;
+        }
         // Names first: a pod's first packets are classified with them.
         if let Some(inventory) = snapshot.inventory.take() {
+            if std::mem::take(&mut self.adopt_ids) {
+                self.class_maps
+                    .written()
+                    .adopt_ids(&mut self.ids, &inventory);
+            }
             self.sync_names(inventory, std::mem::take(&mut snapshot.cgroups));
         }
         self.attach(&snapshot).await;
@@ -254,7 +292,28 @@ impl Reconciler {
             .filter_map(|key| snapshot.targets.get(key))
             .map(|t| t.pod.clone())
             .collect();
+        if self.taking_over || !self.kept.is_empty() {
+            self.sort_out_pins().await;
+        }
         self.apply_policy(&not_attached);
+        // Programs of links taken over are swapped once the maps they read
+        // hold this observer's entries.
+        if self.taking_over {
+            let pods = self.worker.commit().await;
+            tracing::info!(pods, "took over from the earlier observer");
+            self.taking_over = false;
+        }
+        let closed = self
+            .enforcer
+            .as_ref()
+            .map(|e| e.closed().clone())
+            .unwrap_or_default();
+        let fails_open = self.worker.fail_closed(closed).await;
+        if fails_open != self.fails_open {
+            // The gauge says so at the next round (a retry is due).
+            self.fails_open = fails_open;
+            self.apply_policy(&not_attached);
+        }
         let Snapshot {
             host_network,
             complete,
@@ -332,6 +391,21 @@ impl Reconciler {
                     self.failed.insert(key);
                 }
             }
+        }
+    }
+
+    /// Pods an earlier observer pinned and this one has not attached: while
+    /// some pods of the source wait for their namespace, those pins may be
+    /// theirs and stay (with their policy); once none waits, they belong to
+    /// no pod this observer knows, and go. Pins whose hooks are gone go at
+    /// once.
+    async fn sort_out_pins(&mut self) {
+        let unclaimed = self.worker.unclaimed().await;
+        if self.waiting.is_empty() && self.failed.is_empty() {
+            self.worker.forget(unclaimed).await;
+            self.kept.clear();
+        } else {
+            self.kept = unclaimed.into_iter().collect();
         }
     }
 
@@ -416,6 +490,8 @@ impl Reconciler {
             own_netns: self.own_netns,
             pods_cgroup: self.pods_cgroup,
             not_attached,
+            kept: &self.kept,
+            fails_open: &self.fails_open,
         };
         let Some(names) = enforcer.apply(&world, &self.metrics) else {
             return;

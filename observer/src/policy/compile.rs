@@ -18,14 +18,17 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use observer_common::{
     MAX_POD_RULES, MemberKey, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY,
-    PodPolicy, PolicyRule, inventory::Inventory, ipv4_mapped, policy::rule_direction,
+    PodPolicy, PolicyRule,
+    inventory::Inventory,
+    ipv4_mapped,
+    policy::{KNOWN_CONTAINERS, rule_direction},
     policy_cidr_key, set_kind, verdict,
 };
 
-use super::{Mode, Policies, Target, TrafficPolicy, rule_name};
+use super::{FailureMode, Mode, Policies, Target, TrafficPolicy, rule_name};
 use crate::{
     kernel::policy_maps::PolicyEntries,
-    names::{CgroupIds, IdTable, Ids, ObjectRef},
+    names::{CgroupIds, Ids, ObjectRef},
 };
 
 /// A rule's names, for metrics and logs.
@@ -40,6 +43,9 @@ pub struct RuleName {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
     pub entries: PolicyEntries,
+    /// The pods (by namespace cookie) a policy that fails closed selects:
+    /// their programs are pinned, and stay while no observer runs.
+    pub closed: HashSet<u64>,
     /// The names of the rule ids in the entries.
     pub names: HashMap<u32, RuleName>,
     /// What could not be compiled, for the log.
@@ -68,6 +74,10 @@ pub enum Unenforced {
     /// The pod's network namespace is not attached (not found yet, or the
     /// attach failed): no policy applies.
     NotAttached,
+    /// A policy selecting the pod fails closed, and its programs could not
+    /// be pinned (no `--pin-dir`, or a kernel before 6.6): while no observer
+    /// runs, no policy applies to it.
+    FailsOpen,
 }
 
 impl Unenforced {
@@ -79,6 +89,7 @@ impl Unenforced {
             Self::NoCgroup => "no_cgroup",
             Self::UnknownService => "unknown_service",
             Self::NotAttached => "not_attached",
+            Self::FailsOpen => "fails_open",
         }
     }
 
@@ -131,36 +142,107 @@ pub struct Inputs<'a> {
     /// they hold both, and both must fit.
     pub previous: &'a PolicyEntries,
     pub capacity: Capacity,
+    /// What a policy that does not say does while no observer runs.
+    pub failure_mode: FailureMode,
+    /// Pods an earlier observer left pinned that this one has not taken
+    /// over yet (by namespace cookie): their entries in `previous` are kept
+    /// as they are, sets and all.
+    pub kept: &'a HashSet<u64>,
+    /// Attached pods whose programs could not be pinned.
+    pub fails_open: &'a HashSet<u64>,
 }
 
-/// Compiles with ids that stay the same across compilations, and are never
-/// reused. A rule's set is named by the rule's id and shared by every pod
+/// Compiles with rule ids that every observer derives alike from the
+/// rules' names ([`RuleIds`]): an observer that takes over from another
+/// writes the same ids for the same rules, and names the other's verdict
+/// counts. A rule's set is named by the rule's id and shared by every pod
 /// the rule applies to (cgroup and pod ids are unique node- and
 /// cluster-wide), so that no entry ever points at a set meant for another
 /// rule while the maps are being updated, and a set is stored once.
 #[derive(Debug, Default)]
 pub struct Compiler {
-    rules: IdTable<RuleName>,
+    rules: RuleIds,
+}
+
+/// Rule ids from rule names: a hash of the policy's and the rule's name in
+/// the upper half of the id space, the same in every observer for the same
+/// file. Two names that hash alike are told apart by probing in the order
+/// of their names, so that the ids are a function of the file's names.
+#[derive(Debug, Default)]
+pub struct RuleIds {
+    ids: HashMap<RuleName, u32>,
+}
+
+impl RuleIds {
+    /// Ids for these names (every rule of a file, and each policy's
+    /// `default`).
+    fn assign<'a>(&mut self, names: impl Iterator<Item = (&'a str, String)>) {
+        let mut names: Vec<RuleName> = names
+            .map(|(policy, rule)| RuleName {
+                policy: policy.to_owned(),
+                rule,
+            })
+            .collect();
+        names.sort_by(|a, b| (&a.policy, &a.rule).cmp(&(&b.policy, &b.rule)));
+        names.dedup();
+        let mut taken = HashSet::new();
+        self.ids = names
+            .into_iter()
+            .map(|name| {
+                let mut id = rule_hash(&name);
+                while !taken.insert(id) {
+                    id = RULE_IDS | id.wrapping_add(1);
+                }
+                (name, id)
+            })
+            .collect();
+    }
+
+    fn id(&self, name: &RuleName) -> u32 {
+        self.ids
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| rule_hash(name))
+    }
+}
+
+/// The rule name of what no rule matches.
+pub const DEFAULT_RULE: &str = "default";
+/// The rule name of a client container that is not known by name (yet),
+/// which a rule naming containers denies
+/// ([`observer_common::policy::KNOWN_CONTAINERS`]).
+pub const UNKNOWN_CONTAINER_RULE: &str = "unknown-container";
+
+/// Rule ids have the top bit set; peer and Service ids (a Service rule's
+/// set) count up from 1.
+const RULE_IDS: u32 = 1 << 31;
+
+/// FNV-1a over `policy NUL rule`: stable across builds and versions.
+fn rule_hash(name: &RuleName) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let bytes = name.policy.bytes().chain([0]).chain(name.rule.bytes());
+    for byte in bytes {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    RULE_IDS | hash
 }
 
 impl Compiler {
     /// Compiles the policies for the attached pods.
     pub fn compile(&mut self, inputs: &Inputs) -> Compiled {
         let mut out = Compiled::default();
-        // Forget what is gone (ids are never reused).
-        let names: HashSet<(&str, String)> = inputs
-            .policies
-            .policies
-            .iter()
-            .flat_map(|p| {
-                let rules = p.spec.rules.iter().enumerate();
-                rules
-                    .map(|(i, r)| (p.metadata.name.as_str(), rule_name(r, i)))
-                    .chain([(p.metadata.name.as_str(), "default".to_owned())])
-            })
-            .collect();
-        self.rules
-            .retain(|n| names.contains(&(n.policy.as_str(), n.rule.clone())));
+        keep(inputs, &mut out.entries);
+        let names = inputs.policies.policies.iter().flat_map(|p| {
+            let rules = p.spec.rules.iter().enumerate();
+            rules
+                .map(|(i, r)| (p.metadata.name.as_str(), rule_name(r, i)))
+                .chain([
+                    (p.metadata.name.as_str(), DEFAULT_RULE.to_owned()),
+                    (p.metadata.name.as_str(), UNKNOWN_CONTAINER_RULE.to_owned()),
+                ])
+        });
+        self.rules.assign(names);
         // Room taken in each map while it holds both the previous entries
         // and the ones compiled so far.
         let previous = inputs.previous;
@@ -186,11 +268,20 @@ impl Compiler {
             if selected.is_empty() {
                 continue;
             }
+            let closes = |p: &&TrafficPolicy| {
+                p.spec.failure_mode.unwrap_or(inputs.failure_mode) == FailureMode::Closed
+            };
+            if selected.iter().any(closes) {
+                out.closed.insert(cookie);
+            }
             let mut unenforced = |reason| {
                 out.unenforced.insert((pod_ref.clone(), reason));
             };
             if let Some(&reason) = inputs.without_hooks.get(&cookie) {
                 unenforced(reason);
+            }
+            if inputs.fails_open.contains(&cookie) && selected.iter().any(closes) {
+                unenforced(Unenforced::FailsOpen);
             }
             // This pod's set members and CIDRs, added once they fit.
             let mut entries = PolicyEntries::default();
@@ -227,6 +318,21 @@ impl Compiler {
                                 _ => set_kind::NOT_CLIENTS,
                             };
                             base.set = set;
+                            // A client no name is known for is denied,
+                            // under this name.
+                            let unknown = RuleName {
+                                policy: policy.metadata.name.clone(),
+                                rule: UNKNOWN_CONTAINER_RULE.into(),
+                            };
+                            base.unknown_id = self.rules.id(&unknown);
+                            out.names.insert(base.unknown_id, unknown);
+                            for container in &pod.containers {
+                                if let Some(cgroup) = inputs.cgroups.get(&container.cgroup) {
+                                    entries
+                                        .members
+                                        .insert(MemberKey::new(KNOWN_CONTAINERS, *cgroup));
+                                }
+                            }
                             let containers =
                                 pod.containers.iter().filter(|c| names.contains(&c.name));
                             for container in containers {
@@ -343,7 +449,7 @@ impl Compiler {
                 };
                 let names = RuleName {
                     policy: policy.metadata.name.clone(),
-                    rule: "default".into(),
+                    rule: DEFAULT_RULE.into(),
                 };
                 let id = self.rules.id(&names);
                 out.names.insert(id, names);
@@ -364,6 +470,39 @@ impl Compiler {
         }
         out
     }
+}
+
+/// The entries of pods an earlier observer left that this one has not taken
+/// over yet: as they are, with the sets their rules name.
+fn keep(inputs: &Inputs, out: &mut PolicyEntries) {
+    let mut sets = HashSet::new();
+    for cookie in inputs.kept {
+        let Some(policy) = inputs.previous.pods.get(cookie) else {
+            continue;
+        };
+        out.pods.insert(*cookie, *policy);
+        let rules = &policy.rule[..(policy.rules as usize).min(MAX_POD_RULES)];
+        sets.extend(
+            rules
+                .iter()
+                .filter(|r| r.set_kind != set_kind::SERVICE)
+                .map(|r| r.set),
+        );
+    }
+    let previous = inputs.previous;
+    out.members
+        .extend(previous.members.iter().filter(|m| sets.contains(&m.set)));
+    out.cidrs.extend(
+        previous
+            .cidrs
+            .iter()
+            .filter(|(_, key)| sets.contains(&cidr_set(key))),
+    );
+}
+
+/// The set a [`policy_cidr_key`] belongs to.
+fn cidr_set(key: &[u8; 20]) -> u32 {
+    u32::from_be_bytes([key[0], key[1], key[2], key[3]])
 }
 
 /// A policy's default covers ingress only if it has ingress rules: a policy

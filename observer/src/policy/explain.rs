@@ -253,6 +253,9 @@ impl World {
             not_attached: &Default::default(),
             previous: &Default::default(),
             capacity: Capacity::default(),
+            failure_mode: Default::default(),
+            kept: &Default::default(),
+            fails_open: &Default::default(),
         })
     }
 

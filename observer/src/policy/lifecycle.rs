@@ -11,7 +11,7 @@ use std::{
 use observer_common::inventory::Inventory;
 
 use super::{
-    Policies,
+    FailureMode, Policies,
     compile::{Capacity, Compiled, Compiler, Inputs, RuleName, Unenforced},
 };
 use crate::{
@@ -25,6 +25,8 @@ pub struct Enforcer {
     path: PathBuf,
     policies: Policies,
     maps: KernelPolicyMaps,
+    /// `--failure-mode`: for policies that do not say.
+    failure_mode: FailureMode,
     compiler: Compiler,
     compiled: Compiled,
     /// What the gauge says: pods not (fully) held to their policy, and why.
@@ -46,18 +48,42 @@ pub struct World<'a> {
     pub pods_cgroup: Option<(u64, u32)>,
     /// Pods of this node not attached (yet).
     pub not_attached: &'a std::collections::HashSet<ObjectRef>,
+    /// Pods an earlier observer left pinned, not taken over yet: their
+    /// entries stay as they are.
+    pub kept: &'a std::collections::HashSet<u64>,
+    /// Attached pods whose programs could not be pinned.
+    pub fails_open: &'a std::collections::HashSet<u64>,
 }
 
 impl Enforcer {
-    pub fn new(path: PathBuf, policies: Policies, maps: KernelPolicyMaps) -> Self {
+    /// `inherited`: the maps hold an earlier observer's entries, which are
+    /// the starting point (changed to this observer's as a diff; the same
+    /// rules have the same ids).
+    pub fn new(
+        path: PathBuf,
+        policies: Policies,
+        maps: KernelPolicyMaps,
+        failure_mode: FailureMode,
+        inherited: bool,
+    ) -> Self {
+        let mut compiled = Compiled::default();
+        if inherited {
+            compiled.entries = maps.read();
+        }
         Self {
             path,
             policies,
-            maps,
+            failure_mode,
             compiler: Compiler::default(),
-            compiled: Compiled::default(),
+            compiled,
+            maps,
             unenforced: BTreeSet::new(),
         }
+    }
+
+    /// The pods that fail closed, as last compiled.
+    pub fn closed(&self) -> &std::collections::HashSet<u64> {
+        &self.compiled.closed
     }
 
     /// Whether something keeps a pod from its policy that may go away by
@@ -113,6 +139,9 @@ impl Enforcer {
             not_attached: world.not_attached,
             previous: &self.compiled.entries,
             capacity: Capacity::default(),
+            failure_mode: self.failure_mode,
+            kept: world.kept,
+            fails_open: world.fails_open,
         });
         let (pods_cgroup, pods_level) = world.pods_cgroup.unwrap_or_default();
         let node = observer_common::NodeInfo {

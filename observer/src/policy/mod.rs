@@ -26,7 +26,7 @@ use std::{
 use observer_common::inventory::Inventory;
 use serde::Deserialize;
 
-pub use model::{Mode, Rule, Target, TrafficPolicy};
+pub use model::{FailureMode, Mode, Rule, Target, TrafficPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -160,12 +160,22 @@ pub fn parse(text: &str) -> Result<Policies, (usize, String)> {
         }
         let mut rules = HashSet::new();
         for (i, rule) in policy.spec.rules.iter().enumerate() {
-            if rule.name.as_deref() == Some("default") {
-                let line = line_of(text, "name: default");
+            let reserved = [
+                (compile::DEFAULT_RULE, "what no rule matches"),
+                (
+                    compile::UNKNOWN_CONTAINER_RULE,
+                    "a client container not known by name yet",
+                ),
+            ];
+            if let Some((word, meaning)) = reserved
+                .iter()
+                .find(|(word, _)| rule.name.as_deref() == Some(*word))
+            {
+                let line = line_of(text, &format!("name: {word}"));
                 return Err((
                     line,
                     format!(
-                        "policy `{name}`: `default` names what no rule matches; give the rule another name"
+                        "policy `{name}`: `{word}` names {meaning}; give the rule another name"
                     ),
                 ));
             }

@@ -56,9 +56,27 @@ pub struct PolicySpec {
     /// [`verdict::DENY`].
     #[serde(default = "allow", deserialize_with = "action_word")]
     pub default_action: u8,
+    /// While no observer runs (a restart, an upgrade): `open` (nothing is
+    /// enforced) or `closed` (the programs and the policy stay in the
+    /// kernel). Unset: the observer's `--failure-mode`.
+    #[serde(default)]
+    pub failure_mode: Option<FailureMode>,
     /// Tried in order; the first that matches decides.
     #[serde(default)]
     pub rules: Vec<Rule>,
+}
+
+/// What a policy does while no observer runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Nothing is enforced until an observer is back: traffic is never held
+    /// up by a policy nobody maintains.
+    #[default]
+    Open,
+    /// The pod's programs and its compiled policy stay in the kernel (pinned
+    /// on the node) until the next observer takes them over.
+    Closed,
 }
 
 /// Pods by namespace and labels; an empty selector selects every pod.

@@ -155,8 +155,8 @@ fn only_the_sidecar_may_reach_the_admin_port() {
     assert_eq!(d(Some("app")), Some(("no-one-else".into(), DENY)));
     assert_eq!(
         d(None),
-        Some(("no-one-else".into(), DENY)),
-        "unknown client"
+        Some(("unknown-container".into(), DENY)),
+        "a client no container name is known for"
     );
     // Other ports: no rule, default allow.
     assert_eq!(
@@ -457,5 +457,16 @@ proptest! {
         let at = at % bytes.len();
         bytes[at] = byte;
         let _ = parse(&String::from_utf8_lossy(&bytes));
+    }
+}
+
+#[test]
+fn the_reserved_rule_names_are_refused() {
+    for word in ["default", "unknown-container"] {
+        let text = format!(
+            "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p}}\nspec:\n  podSelector: {{}}\n  mode: enforce\n  rules:\n  - {{name: {word}, class: localhost, action: deny}}\n"
+        );
+        let (_, message) = parse(&text).unwrap_err();
+        assert!(message.contains(&format!("`{word}` names")), "{message}");
     }
 }

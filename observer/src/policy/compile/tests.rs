@@ -25,6 +25,9 @@ fn compile(
         not_attached: &HashSet::new(),
         previous: &PolicyEntries::default(),
         capacity: Capacity::default(),
+        failure_mode: Default::default(),
+        kept: &Default::default(),
+        fails_open: &Default::default(),
     })
 }
 
@@ -199,6 +202,9 @@ fn every_pod_a_policy_does_not_fully_hold_is_told_with_its_reason() {
         not_attached: &HashSet::from([ObjectRef::new("default", "waiting")]),
         previous: &PolicyEntries::default(),
         capacity: Capacity::default(),
+        failure_mode: Default::default(),
+        kept: &Default::default(),
+        fails_open: &Default::default(),
     };
     let compiled = Compiler::default().compile(&inputs);
     // The Service rule waits, the rest holds; b's container has no
@@ -244,4 +250,41 @@ fn every_pod_a_policy_does_not_fully_hold_is_told_with_its_reason() {
             .count(),
         3
     );
+}
+
+#[test]
+fn rule_ids_come_from_names_alike_in_every_observer() {
+    let policies = parse(POLICY).unwrap();
+    let b = HashMap::from([(ObjectRef::new("default", "b"), 2u64)]);
+    let pods = inventory(vec![pod("b")]);
+    // Two observers (a restart): the same entries, id for id.
+    let first = compile(&mut Compiler::default(), &policies, &pods, &b);
+    let second = compile(&mut Compiler::default(), &policies, &pods, &b);
+    assert_eq!(first.entries, second.entries);
+    assert_eq!(first.names, second.names);
+    for id in first.names.keys() {
+        assert!(id & RULE_IDS != 0, "rule ids are apart from peer ids");
+    }
+
+    // Names that hash alike (found by trying) get distinct ids, by the
+    // names' order, whichever order they come in.
+    let name = |rule: String| RuleName {
+        policy: "p".into(),
+        rule,
+    };
+    let mut seen = HashMap::new();
+    let (a, b) = (0..1_000_000)
+        .find_map(|i| {
+            let rule = format!("r{i}");
+            let hash = rule_hash(&name(rule.clone()));
+            seen.insert(hash, rule.clone()).map(|other| (other, rule))
+        })
+        .expect("two names that hash alike");
+    let names = [("p", a.clone()), ("p", b.clone())];
+    let mut ids = RuleIds::default();
+    ids.assign(names.iter().cloned());
+    let (x, y) = (ids.id(&name(a.clone())), ids.id(&name(b.clone())));
+    assert_ne!(x, y, "{a} and {b}");
+    ids.assign(names.iter().rev().cloned());
+    assert_eq!((ids.id(&name(a)), ids.id(&name(b))), (x, y));
 }

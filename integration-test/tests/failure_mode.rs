@@ -1,0 +1,250 @@
+//! `failureMode: closed` across restarts of the observer, on the node lab:
+//! a client connects every few milliseconds, to a destination its policy
+//! denies at `connect()`, to one an ingress rule of another pod drops, and
+//! to one it may reach, while the observer is stopped with SIGTERM, started
+//! again, killed with SIGKILL and started again. No denied connection gets
+//! through, no allowed one fails, and every counter goes on exactly. Then
+//! `observer cleanup` leaves nothing pinned and nothing loaded; in open
+//! mode nothing is pinned in the first place.
+
+use std::{thread, time::Duration};
+
+use integration_test::{
+    Bpffs, Observer, Scrape, TempDir,
+    container::{Prober, container, tcp_listener},
+    loaded_programs,
+    observer::run_to_exit,
+};
+use lab::{Lab, Plan};
+
+/// The client may not call the external host on 9999 (decided at
+/// `connect()`), and the shop pod drops the client's connections to 9090
+/// (decided at its `eth0` ingress). Nothing else in the lab uses either
+/// port, so the verdict counts are the prober's alone.
+const POLICY: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: client-out}
+spec:
+  podSelector: {namespace: default, matchLabels: {app: client}}
+  mode: enforce
+  failureMode: MODE
+  rules:
+    - {name: no-9999, class: external, cidrs: [192.168.200.0/24], ports: [9999], action: deny}
+---
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: shop-in}
+spec:
+  podSelector: {namespace: shop, matchLabels: {app: shop}}
+  mode: enforce
+  failureMode: MODE
+  rules:
+    - {name: not-client, class: pod, direction: ingress, peer: {namespace: default, matchLabels: {app: client}}, ports: [9090], action: deny}
+";
+
+const EXTERNAL: &str = "192.168.200.10";
+const WEB_SERVICE: &str = "10.96.0.10";
+
+fn verdicts(m: &Scrape, rule: &str) -> f64 {
+    m.sum(
+        "observer_policy_verdicts_total",
+        &[("rule", rule), ("verdict", "deny")],
+    )
+}
+
+/// The prober's connections: it runs in the client's `to-pod` container,
+/// whose own traffic goes to web's pod address, never to the Service, the
+/// external host or shop.
+fn opened(m: &Scrape, class: &str, port: &str) -> f64 {
+    m.sum(
+        "observer_connections_opened_total",
+        &[
+            ("pod", "client"),
+            ("class", class),
+            ("port", port),
+            ("client_container", "to-pod"),
+        ],
+    )
+}
+
+#[test]
+fn closed_policies_hold_through_restarts_and_counters_go_on_exactly() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let pins = Bpffs::mount("pins");
+    let dir = TempDir::new("failure-mode");
+    let policy = dir.write("policy.yaml", &POLICY.replace("MODE", "closed"));
+    let state = dir.path().join("state").display().to_string();
+    let pin_dir = pins.path().join("observer").display().to_string();
+    let inventory = lab.inventory_path().display().to_string();
+    let args = [
+        "--inventory",
+        &inventory,
+        "--policy",
+        &policy,
+        "--pin-dir",
+        &pin_dir,
+        "--state-dir",
+        &state,
+    ];
+    let (shop_app, shop_netns) = container(&lab, "shop", "shop", "app");
+    let mut listener = tcp_listener(&shop_app, &shop_netns, 9090, 60);
+    let shop_ip = lab.pod("shop", "shop").unwrap().ip.to_string();
+    let (client, client_netns) = container(&lab, "default", "client", "to-pod");
+
+    let first = Observer::start(&args);
+    first.eventually("the policies in force", |m| {
+        m.sum("observer_programs_attached", &[]) > 0.0
+    });
+    let prober = Prober::start(
+        &client,
+        &client_netns,
+        &[(EXTERNAL, 9999), (&shop_ip, 9090), (WEB_SERVICE, 80)],
+        3,
+        50,
+        14,
+    );
+    thread::sleep(Duration::from_secs(1));
+    assert!(first.terminate().success());
+    let left = pins.pins();
+    assert!(
+        left.iter().any(|p| p.contains("pods/")) && left.iter().any(|p| p.contains("maps-v")),
+        "the closed pods' links and the maps stay pinned: {left:?}"
+    );
+    // No observer at all for a second: the pinned programs hold.
+    thread::sleep(Duration::from_secs(1));
+    let second = Observer::start(&args);
+    assert!(
+        second.log().contains("took over"),
+        "the second observer takes over:\n{}",
+        second.log()
+    );
+    thread::sleep(Duration::from_secs(1));
+    second.kill();
+    thread::sleep(Duration::from_secs(1));
+    let third = Observer::start(&args);
+    let attempts = prober.finish();
+    let [external, shop, web] = attempts[..] else {
+        unreachable!()
+    };
+
+    // Nothing denied got through, nothing allowed failed, at any moment.
+    assert_eq!(
+        (external.connected, external.timed_out, external.other),
+        (0, 0, 0),
+        "to the denied external port: {external:?}"
+    );
+    assert!(external.not_permitted > 100, "{external:?}");
+    assert_eq!(
+        (shop.connected, shop.not_permitted, shop.other),
+        (0, 0, 0),
+        "to the port shop's ingress rule drops: {shop:?}"
+    );
+    assert!(shop.timed_out > 20, "{shop:?}");
+    assert_eq!(
+        (web.not_permitted, web.timed_out, web.other),
+        (0, 0, 0),
+        "to the Service the client may call: {web:?}"
+    );
+    assert!(web.connected > 100, "{web:?}");
+
+    // Every decision and every connection counted once, through a SIGTERM,
+    // a second without an observer, a SIGKILL and another second.
+    let counted = |m: &Scrape| {
+        [
+            verdicts(m, "no-9999"),
+            verdicts(m, "not-client"),
+            opened(m, "service", "80"),
+            opened(m, "pod", "9090"),
+        ]
+    };
+    let made = [
+        external.not_permitted,
+        shop.timed_out,
+        web.connected,
+        shop.timed_out,
+    ]
+    .map(|n| n as f64);
+    // The last attempts may be a collection away.
+    let mut m = third.scrape();
+    for _ in 0..50 {
+        if counted(&m) == made {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+        m = third.scrape();
+    }
+    assert_eq!(
+        counted(&m),
+        made,
+        "counted (deny no-9999, deny not-client, opened to web, opened to shop) against made:\n{}",
+        third.log()
+    );
+    assert!(third.terminate().success());
+
+    // An uninstall: `observer cleanup` removes every pin; nothing of the
+    // observer's stays loaded.
+    assert!(!pins.pins().is_empty());
+    let (status, err) = run_to_exit(&["cleanup", "--pin-dir", &pin_dir]);
+    assert!(status.success(), "{err}");
+    assert_eq!(pins.pins(), Vec::<String>::new());
+    assert_unloaded();
+    let _ = listener.kill();
+    let _ = listener.wait();
+}
+
+/// No program of the observer's stays loaded (the kernel frees them a
+/// moment after their last link goes).
+fn assert_unloaded() {
+    for program in ["observe_egress", "policy_connect4"] {
+        for _ in 0..50 {
+            if loaded_programs(program) == 0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(loaded_programs(program), 0, "{program} still loaded");
+    }
+}
+
+#[test]
+fn open_policies_leave_nothing_pinned_and_fail_open() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let pins = Bpffs::mount("pins-open");
+    let dir = TempDir::new("failure-mode-open");
+    let policy = dir.write("policy.yaml", &POLICY.replace("MODE", "open"));
+    let pin_dir = pins.path().join("observer").display().to_string();
+    let inventory = lab.inventory_path().display().to_string();
+    let args = [
+        "--inventory",
+        &inventory,
+        "--policy",
+        &policy,
+        "--pin-dir",
+        &pin_dir,
+    ];
+    let (client, client_netns) = container(&lab, "default", "client", "to-pod");
+    let observer = Observer::start(&args);
+    let denied =
+        || integration_test::container::connect_from(&client, &client_netns, EXTERNAL, 9999);
+    assert_eq!(denied(), integration_test::container::Connect::NotPermitted);
+    assert!(observer.terminate().success());
+    assert_eq!(pins.pins(), Vec::<String>::new(), "nothing stays pinned");
+    // Failing open: nothing decides any more (the external host does not
+    // listen on 9999: refused, not EPERM).
+    assert_ne!(denied(), integration_test::container::Connect::NotPermitted);
+    assert_unloaded();
+}
+
+#[test]
+fn closed_without_a_pin_dir_is_refused() {
+    let (status, err) = run_to_exit(&[
+        "run",
+        "--netns-dir",
+        "/nonexistent",
+        "--failure-mode",
+        "closed",
+    ]);
+    assert!(!status.success());
+    assert!(err.contains("--pin-dir"), "{err}");
+}

@@ -1,0 +1,635 @@
+//! The worker thread's side: attaching in a namespace, taking over the
+//! links an earlier observer pinned, pinning and unpinning the links of
+//! pods that fail closed, and detaching.
+//!
+//! A pod's links are pinned under `<pin-dir>/pods/<cookie>/<hook>`. A pod
+//! that fails closed keeps them across a restart: the next observer opens
+//! them when it attaches that namespace, and once the maps its programs
+//! read are written ([`Worker::commit`]) replaces their programs in place
+//! (`BPF_LINK_UPDATE`), so that no packet and no `connect()` meets a hook
+//! without a program, and none meets two.
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::mpsc,
+};
+
+use aya::{
+    programs::{
+        TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+    },
+    util::KernelVersion,
+};
+
+use super::{AttachError, AttachedNetns, LOOPBACK, POD_INTERFACE, Request};
+use crate::{
+    kernel::{
+        datapath::{
+            Datapath, EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs, SOCKET_PROGRAMS,
+        },
+        links,
+        netns::{self, NetNs},
+        tc::{attach_one, attach_program, interface_exists},
+    },
+    names::ObjectRef,
+};
+
+pub(super) struct Worker {
+    home: NetNs,
+    datapath: Datapath,
+    /// Before 6.6 tc programs attach through the clsact qdisc, not TCX links.
+    tcx: bool,
+    noop: bool,
+    attached: HashMap<u64, Attachment>,
+}
+
+struct Attachment {
+    info: AttachedNetns,
+    tc: Vec<Hook>,
+    /// The policy hooks on the pod's cgroup.
+    sock: Vec<Hook>,
+    /// clsact filters are removed inside their namespace, which the path may
+    /// not lead to any more (`/proc/<pid>/ns/net` of a process that ended):
+    /// the namespace is held open. So it is while links taken over wait for
+    /// their programs (a failed swap attaches anew, in the namespace).
+    netns: Option<NetNs>,
+    /// The namespace's instance of the programs, kept until the links
+    /// taken over run them; otherwise dropped after attaching (the links
+    /// keep the programs loaded, and the parsed object is the bulk of the
+    /// memory a pod would otherwise cost).
+    programs: Option<Programs>,
+}
+
+/// One attachment point of a pod.
+struct Hook {
+    /// Its pin's file name: `lo-egress`, `eth0-ingress`, ..., or the socket
+    /// hook's program name.
+    name: &'static str,
+    /// The program it runs.
+    program: &'static str,
+    link: Held,
+    /// Pinned on the node: the link stays when the observer goes.
+    pinned: bool,
+    /// Taken over from an earlier observer: it runs that observer's program
+    /// until [`Worker::commit`] swaps this one's in.
+    swap: bool,
+}
+
+enum Held {
+    /// A bpf link (TCX, cgroup): detached when the last descriptor closes
+    /// and no pin holds it.
+    Fd(FdLink),
+    /// A clsact filter (kernels before 6.6): removed by netlink, in its
+    /// namespace, when dropped. Never pinned.
+    Filter { _link: SchedClassifierLink },
+    /// The no-op baseline of `cargo xtask bench`: never pinned.
+    Baseline { _link: SchedClassifierLink },
+}
+
+impl Hook {
+    fn pinnable(&self) -> bool {
+        matches!(self.link, Held::Fd(_))
+    }
+}
+
+/// The pin file name of a tc hook.
+fn tc_hook(interface: &str, direction: TcAttachType) -> &'static str {
+    match (interface, direction) {
+        (LOOPBACK, _) => "lo-egress",
+        (_, TcAttachType::Ingress) => "eth0-ingress",
+        _ => "eth0-egress",
+    }
+}
+
+fn tc_program(direction: TcAttachType) -> &'static str {
+    match direction {
+        TcAttachType::Ingress => INGRESS_PROGRAM,
+        _ => EGRESS_PROGRAM,
+    }
+}
+
+impl Worker {
+    pub(super) fn new(home: NetNs, datapath: Datapath, noop: bool, netlink: bool) -> Self {
+        let tcx =
+            !netlink && KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        Self {
+            home,
+            datapath,
+            tcx,
+            noop,
+            attached: HashMap::new(),
+        }
+    }
+
+    pub(super) fn serve(&mut self, inbox: mpsc::Receiver<Request>) {
+        for request in inbox {
+            match request {
+                Request::Attach {
+                    path,
+                    pod,
+                    cgroup,
+                    reply,
+                } => {
+                    let _ = reply.send(self.attach(&path, pod, cgroup.as_deref()));
+                }
+                Request::Detach { cookie, reply } => {
+                    let _ = reply.send(self.detach(cookie));
+                }
+                Request::Hooks {
+                    cookie,
+                    cgroup,
+                    reply,
+                } => {
+                    let _ = reply.send(self.attach_hooks(cookie, &cgroup));
+                }
+                Request::Commit { reply } => {
+                    let _ = reply.send(self.commit());
+                }
+                Request::FailClosed { cookies, reply } => {
+                    let _ = reply.send(self.fail_closed(&cookies));
+                }
+                Request::Unclaimed { reply } => {
+                    let _ = reply.send(self.unclaimed());
+                }
+                Request::Forget { cookies, reply } => {
+                    if let Some(node) = self.datapath.node_pins() {
+                        for cookie in cookies {
+                            tracing::info!(
+                                cookie,
+                                "removing the pinned links of a pod no observer attaches"
+                            );
+                            node.remove_pod(cookie);
+                        }
+                    }
+                    let _ = reply.send(());
+                }
+            }
+        }
+        self.stop();
+    }
+
+    /// At the end: every pod's links go, but those pinned (pods that fail
+    /// closed: their pins stay, for the next observer). The maps' pins go
+    /// too unless some pod's links still use them.
+    fn stop(&mut self) {
+        let mut kept = 0;
+        for (cookie, attachment) in std::mem::take(&mut self.attached) {
+            if attachment
+                .tc
+                .iter()
+                .chain(&attachment.sock)
+                .any(|h| h.pinned)
+            {
+                kept += 1;
+                tracing::info!(netns = %attachment.info.name, cookie, "left attached: its policy fails closed");
+            }
+            self.release(attachment, false);
+        }
+        let pinned = self
+            .datapath
+            .node_pins()
+            .is_some_and(|node| !node.pinned_pods().is_empty());
+        if kept > 0 {
+            tracing::info!(
+                pods = kept,
+                "pods that fail closed stay attached until the next observer takes them over"
+            );
+        }
+        self.datapath.release(pinned);
+    }
+
+    fn attach(
+        &mut self,
+        path: &Path,
+        pod: ObjectRef,
+        cgroup: Option<&Path>,
+    ) -> Result<AttachedNetns, AttachError> {
+        let name = pod.to_string();
+        let netns = NetNs::open(path)?;
+        let cookie = netns
+            .run(&self.home, netns::cookie_of_current)?
+            .map_err(|source| AttachError::Cookie {
+                path: path.into(),
+                source,
+            })?;
+        if let Some(existing) = self.attached.get(&cookie) {
+            return Err(AttachError::AlreadyAttached {
+                path: path.into(),
+                existing: existing.info.name.clone(),
+            });
+        }
+        let mut programs = self
+            .datapath
+            .instance(cookie, self.noop)
+            .map_err(|source| AttachError::Load {
+                path: path.into(),
+                source,
+            })?;
+        // What an earlier observer left pinned for this namespace (a pod
+        // that fails closed): taken over, not attached a second time.
+        let mut pinned: HashMap<String, PathBuf> = match (self.datapath.node_pins(), self.tcx) {
+            (Some(node), true) => node.pod_links(cookie).into_iter().collect(),
+            _ => HashMap::new(),
+        };
+        let taken_over = !pinned.is_empty();
+        // The socket hooks first, and the storage of the sockets the pod
+        // already has: the first packet a tc program classifies then finds
+        // its sockets' containers. Without the hooks the pod is observed,
+        // and no policy applies to it.
+        let mut sock = Vec::new();
+        if SOCKET_PROGRAMS.iter().all(|p| pinned.contains_key(*p)) {
+            for program in SOCKET_PROGRAMS {
+                let pin = pinned.remove(program).expect("checked above");
+                match PinnedLink::from_pin(&pin) {
+                    Ok(link) => sock.push(taken(program, program, link)),
+                    Err(err) => {
+                        tracing::warn!(%err, pin = %pin.display(), "cannot open a pinned link")
+                    }
+                }
+            }
+            if let Some(cgroup) = cgroup {
+                self.datapath.seed_sockets(cgroup);
+            }
+        }
+        if sock.len() != SOCKET_PROGRAMS.len() {
+            // Partly there: those there go, and all are attached anew.
+            sock.clear();
+            match cgroup.map(|c| self.datapath.attach_socket_hooks(c)) {
+                Some(Ok(links)) => sock = links.into_iter().map(|(n, l)| own(n, l)).collect(),
+                Some(Err(err)) => {
+                    tracing::warn!(%err, netns = %name, "no socket hooks: no policy, fewer container names");
+                }
+                None => {}
+            }
+        }
+        let (tcx, noop) = (self.tcx, self.noop);
+        let tc = netns.run(&self.home, || {
+            let mut hooks = Vec::new();
+            // Loopback packets pass lo egress and then lo ingress: attach
+            // one hook only, so each is counted once.
+            let mut wanted = vec![(LOOPBACK, TcAttachType::Egress)];
+            if interface_exists(POD_INTERFACE) {
+                wanted.push((POD_INTERFACE, TcAttachType::Egress));
+                wanted.push((POD_INTERFACE, TcAttachType::Ingress));
+            }
+            for (interface, direction) in wanted {
+                let error = |source| AttachError::Attach {
+                    path: path.into(),
+                    interface,
+                    direction,
+                    source: Box::new(source),
+                };
+                // On error, `hooks` drops here, inside the namespace, which
+                // detaches what was attached so far.
+                if noop {
+                    let link =
+                        attach_program(&mut programs, NOOP_PROGRAM, tcx, interface, direction)
+                            .map_err(error)?;
+                    hooks.push(Hook {
+                        name: "noop",
+                        program: NOOP_PROGRAM,
+                        link: Held::Baseline { _link: link },
+                        pinned: false,
+                        swap: false,
+                    });
+                }
+                let hook = tc_hook(interface, direction);
+                if let Some(pin) = pinned.remove(hook) {
+                    match PinnedLink::from_pin(&pin) {
+                        Ok(link) => {
+                            hooks.push(taken(hook, tc_program(direction), link));
+                            continue;
+                        }
+                        Err(err) => {
+                            tracing::warn!(%err, pin = %pin.display(), "cannot open a pinned link: attaching anew");
+                            let _ = std::fs::remove_file(&pin);
+                        }
+                    }
+                }
+                let link = attach_one(&mut programs, tcx, interface, direction).map_err(error)?;
+                let link = held(link, tcx).map_err(|source| AttachError::Link {
+                    path: path.into(),
+                    source: Box::new(source),
+                })?;
+                hooks.push(Hook {
+                    name: hook,
+                    program: tc_program(direction),
+                    link,
+                    pinned: false,
+                    swap: false,
+                });
+            }
+            Ok::<_, AttachError>(hooks)
+        })??;
+        // Pins of hooks this pod no longer has (an interface gone).
+        for (_, pin) in pinned {
+            let _ = std::fs::remove_file(pin);
+        }
+        let info = AttachedNetns {
+            policy_hooks: !sock.is_empty(),
+            name,
+            pod,
+            path: path.into(),
+            cookie,
+            netns_id: netns.id().map_err(|source| AttachError::Cookie {
+                path: path.into(),
+                source,
+            })?,
+            programs: tc.len(),
+            taken_over,
+        };
+        tracing::info!(netns = %info.name, path = %path.display(), cookie, programs = info.programs, policy_hooks = info.policy_hooks, taken_over, "attached");
+        let swaps = tc.iter().any(|h| h.swap);
+        self.attached.insert(
+            cookie,
+            Attachment {
+                info: info.clone(),
+                tc,
+                sock,
+                netns: (!tcx || swaps).then_some(netns),
+                programs: swaps.then_some(programs),
+            },
+        );
+        Ok(info)
+    }
+
+    fn attach_hooks(&mut self, cookie: u64, cgroup: &Path) -> Result<bool, AttachError> {
+        let attachment = self
+            .attached
+            .get_mut(&cookie)
+            .ok_or(AttachError::NotAttached(cookie))?;
+        if attachment.sock.is_empty() {
+            match self.datapath.attach_socket_hooks(cgroup) {
+                Ok(links) => {
+                    tracing::info!(netns = %attachment.info.name, "socket hooks attached");
+                    attachment.sock = links.into_iter().map(|(n, l)| own(n, l)).collect();
+                    attachment.info.policy_hooks = true;
+                }
+                Err(err) => {
+                    tracing::debug!(%err, netns = %attachment.info.name, "still no socket hooks");
+                }
+            }
+        }
+        Ok(!attachment.sock.is_empty())
+    }
+
+    /// Swaps this observer's programs into the links taken over. A link
+    /// whose program cannot be replaced (its hook went meanwhile) is
+    /// attached anew. Returns how many pods had links taken over.
+    fn commit(&mut self) -> usize {
+        let Self {
+            home,
+            datapath,
+            attached,
+            tcx,
+            ..
+        } = self;
+        let Some(node) = datapath.node_pins().cloned() else {
+            return 0;
+        };
+        let mut pods = 0;
+        for (cookie, attachment) in attached.iter_mut() {
+            let hooks = attachment.tc.iter().chain(&attachment.sock);
+            if !hooks.clone().any(|h| h.swap) {
+                continue;
+            }
+            pods += 1;
+            let dir = node.pod(*cookie);
+            for hook in attachment.sock.iter_mut().filter(|h| h.swap) {
+                let swapped = datapath
+                    .hook_fd(hook.program)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .and_then(|fd| links::swap_program(&dir.join(hook.name), fd));
+                match swapped {
+                    Ok(()) => hook.swap = false,
+                    Err(err) => {
+                        tracing::warn!(%err, netns = %attachment.info.name, hook = hook.name, "cannot replace the program of a socket hook taken over");
+                    }
+                }
+            }
+            if let Some(programs) = attachment.programs.as_mut() {
+                let mut again = Vec::new();
+                for hook in attachment.tc.iter_mut().filter(|h| h.swap) {
+                    let swapped = programs
+                        .get(hook.program)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                        .and_then(|p| {
+                            p.fd()
+                                .map_err(|e| std::io::Error::other(e.to_string()))
+                                .and_then(|fd| {
+                                    links::swap_program(&dir.join(hook.name), fd.as_fd())
+                                })
+                        });
+                    match swapped {
+                        Ok(()) => hook.swap = false,
+                        Err(err) => {
+                            tracing::warn!(%err, netns = %attachment.info.name, hook = hook.name, "cannot replace the program of a link taken over: attaching anew");
+                            again.push(hook.name);
+                        }
+                    }
+                }
+                if !again.is_empty()
+                    && let Some(netns) = &attachment.netns
+                {
+                    for name in &again {
+                        let _ = std::fs::remove_file(dir.join(name));
+                    }
+                    attachment.tc.retain(|h| !again.contains(&h.name));
+                    let tcx = *tcx;
+                    let fresh = netns.run(home, || {
+                        let mut fresh = Vec::new();
+                        for (interface, direction) in [
+                            (LOOPBACK, TcAttachType::Egress),
+                            (POD_INTERFACE, TcAttachType::Egress),
+                            (POD_INTERFACE, TcAttachType::Ingress),
+                        ] {
+                            if !again.contains(&tc_hook(interface, direction)) {
+                                continue;
+                            }
+                            let link = attach_one(programs, tcx, interface, direction)
+                                .map_err(|e| e.to_string())
+                                .and_then(|l| held(l, tcx).map_err(|e| e.to_string()));
+                            match link {
+                                Ok(link) => fresh.push(Hook {
+                                    name: tc_hook(interface, direction),
+                                    program: tc_program(direction),
+                                    link,
+                                    pinned: false,
+                                    swap: false,
+                                }),
+                                Err(err) => tracing::warn!(%err, interface, "attaching anew"),
+                            }
+                        }
+                        fresh
+                    });
+                    if let Ok(fresh) = fresh {
+                        attachment.tc.extend(fresh);
+                    }
+                }
+            }
+            attachment.programs = None;
+            if *tcx {
+                attachment.netns = None;
+            }
+            tracing::info!(netns = %attachment.info.name, cookie, "took over the links an earlier observer left: they run this observer's programs");
+        }
+        pods
+    }
+
+    /// Pins the links of the pods in `closed` (and unpins everyone else's).
+    /// Returns the pods that could not be pinned: no `--pin-dir`, clsact
+    /// filters (kernels before 6.6), or a failed pin.
+    fn fail_closed(&mut self, closed: &HashSet<u64>) -> HashSet<u64> {
+        let mut failed = HashSet::new();
+        let node = match (self.datapath.node_pins(), self.tcx) {
+            (Some(node), true) => Some(node),
+            _ => None,
+        };
+        for (cookie, attachment) in &mut self.attached {
+            let want = closed.contains(cookie);
+            let Some(node) = node else {
+                if want {
+                    failed.insert(*cookie);
+                }
+                continue;
+            };
+            let dir = node.pod(*cookie);
+            let hooks = attachment.tc.iter_mut().chain(attachment.sock.iter_mut());
+            if want {
+                if let Err(err) = std::fs::create_dir_all(&dir) {
+                    tracing::warn!(%err, dir = %dir.display(), "cannot pin a pod's links");
+                    failed.insert(*cookie);
+                    continue;
+                }
+                for hook in hooks.filter(|h| h.pinnable() && !h.pinned) {
+                    let Held::Fd(link) = &hook.link else {
+                        continue;
+                    };
+                    let pinned = link
+                        .info()
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                        .and_then(|info| links::pin(info.id(), &dir.join(hook.name)));
+                    match pinned {
+                        Ok(()) => hook.pinned = true,
+                        Err(err) => {
+                            tracing::warn!(%err, netns = %attachment.info.name, hook = hook.name, "cannot pin a link: the pod fails open");
+                            failed.insert(*cookie);
+                        }
+                    }
+                }
+            } else {
+                let mut any = false;
+                for hook in hooks.filter(|h| h.pinned) {
+                    any = true;
+                    // The observer's descriptor keeps the link attached.
+                    let _ = std::fs::remove_file(dir.join(hook.name));
+                    hook.pinned = false;
+                }
+                if any {
+                    node.remove_pod(*cookie);
+                }
+            }
+        }
+        failed
+    }
+
+    /// Pinned pods not attached by this observer, whose links still have
+    /// their hooks; pins of the others (dead hooks) are removed.
+    fn unclaimed(&mut self) -> Vec<u64> {
+        let Some(node) = self.datapath.node_pins() else {
+            return Vec::new();
+        };
+        let mut live = Vec::new();
+        for cookie in node.pinned_pods() {
+            if self.attached.contains_key(&cookie) {
+                continue;
+            }
+            let alive = node
+                .pod_links(cookie)
+                .iter()
+                .any(|(_, pin)| links::is_live(pin).unwrap_or(false));
+            if alive {
+                live.push(cookie);
+            } else {
+                tracing::info!(cookie, "removing the pinned links of a pod that is gone");
+                node.remove_pod(cookie);
+            }
+        }
+        live
+    }
+
+    fn detach(&mut self, cookie: u64) -> Result<(), AttachError> {
+        let attachment = self
+            .attached
+            .remove(&cookie)
+            .ok_or(AttachError::NotAttached(cookie))?;
+        let name = attachment.info.name.clone();
+        self.release(attachment, true);
+        tracing::info!(netns = %name, cookie, "detached");
+        Ok(())
+    }
+
+    /// Lets an attachment go. `unpin`: its pins go too (the pod is
+    /// detached for good), so that every link detaches.
+    fn release(&self, attachment: Attachment, unpin: bool) {
+        let Attachment {
+            info,
+            tc,
+            sock,
+            netns,
+            ..
+        } = attachment;
+        if unpin && let Some(node) = self.datapath.node_pins() {
+            node.remove_pod(info.cookie);
+        }
+        drop(sock);
+        match netns {
+            // clsact filters are removed by netlink, inside their namespace.
+            Some(netns) => {
+                if let Err(err) = netns.run(&self.home, || drop(tc)) {
+                    tracing::warn!(%err, netns = %info.name, "detaching");
+                }
+            }
+            // TCX links are file descriptors: closing one detaches it, from
+            // any namespace, and they go away with the interface anyway.
+            None => drop(tc),
+        }
+    }
+}
+
+/// A socket hook's link of this observer's (its pin is named after its
+/// program).
+fn own(program: &'static str, link: FdLink) -> Hook {
+    Hook {
+        name: program,
+        program,
+        link: Held::Fd(link),
+        pinned: false,
+        swap: false,
+    }
+}
+
+/// A link an earlier observer pinned: it runs that observer's program
+/// until [`Worker::commit`].
+fn taken(name: &'static str, program: &'static str, link: PinnedLink) -> Hook {
+    Hook {
+        name,
+        program,
+        link: Held::Fd(FdLink::from(link)),
+        pinned: true,
+        swap: true,
+    }
+}
+
+/// A tc link as held: a TCX link is a bpf link; a clsact filter is not.
+fn held(link: SchedClassifierLink, tcx: bool) -> Result<Held, LinkError> {
+    if tcx {
+        FdLink::try_from(link).map(Held::Fd)
+    } else {
+        Ok(Held::Filter { _link: link })
+    }
+}

@@ -1,0 +1,129 @@
+//! The bpf(2) calls on links that aya 0.14 does not offer: pin a link
+//! without giving up the descriptor (aya's `FdLink::pin` consumes the link,
+//! and detaches it if the pin fails), open a pin, swap the program of a
+//! link (`BPF_LINK_UPDATE`: the hook never runs without a program), and ask
+//! whether a link still has its hook (an interface or a cgroup that is gone
+//! leaves a defunct link).
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// `union bpf_attr` is 144 bytes on 6.x; every command reads its own
+/// prefix, and the rest must be zero.
+#[repr(C, align(8))]
+struct Attr([u8; 144]);
+
+impl Attr {
+    fn new() -> Self {
+        Self([0; 144])
+    }
+
+    fn put_u32(&mut self, at: usize, value: u32) -> &mut Self {
+        self.0[at..at + 4].copy_from_slice(&value.to_ne_bytes());
+        self
+    }
+
+    fn put_u64(&mut self, at: usize, value: u64) -> &mut Self {
+        self.0[at..at + 8].copy_from_slice(&value.to_ne_bytes());
+        self
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zeroed bpf_attr with the command's fields set,
+    // valid for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.0.as_mut_ptr(),
+            size_of::<Attr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Pins the link with this kernel id at `path` (the link stays attached
+/// while the pin exists, whatever becomes of the observer's descriptor).
+pub fn pin(link_id: u32, path: &Path) -> io::Result<()> {
+    let name = c_path(path)?;
+    let mut get = Attr::new();
+    get.put_u32(0, link_id);
+    let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut get)?;
+    // SAFETY: the kernel just gave us this descriptor.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = Attr::new();
+    attr.put_u64(0, name.as_ptr() as u64)
+        .put_u32(8, link.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// Opens the object pinned at `path` (a link, here).
+pub fn open_pin(path: &Path) -> io::Result<OwnedFd> {
+    let name = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, name.as_ptr() as u64);
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Replaces the program of the link at `path` with `program`, atomically:
+/// a packet or a `connect()` meets the old program or the new one, never none.
+pub fn swap_program(path: &Path, program: BorrowedFd<'_>) -> io::Result<()> {
+    let link = open_pin(path)?;
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32)
+        .put_u32(4, program.as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Whether the link at `path` still has its hook: a TCX link whose
+/// interface is gone, or a cgroup link whose cgroup was removed, is
+/// defunct (the kernel reports no interface, no cgroup).
+pub fn is_live(path: &Path) -> io::Result<bool> {
+    let link = open_pin(path)?;
+    let info = link_info(link.as_fd())?;
+    let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
+    // struct bpf_link_info: type, id, prog_id, then the type's union at 16.
+    Ok(match word(0) {
+        BPF_LINK_TYPE_TCX => word(16) != 0,
+        BPF_LINK_TYPE_CGROUP => u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes")) != 0,
+        _ => true,
+    })
+}
+
+fn link_info(fd: BorrowedFd<'_>) -> io::Result<[u8; 64]> {
+    let mut info = [0u8; 64];
+    let mut attr = Attr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32)
+        .put_u32(4, info.len() as u32)
+        .put_u64(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
