@@ -267,7 +267,15 @@ fn kubernetes_mode_follows_real_pods_through_restarts_and_recreation() {
     api.load(lab.inventory());
     let kubeconfig = kube_api::kubeconfig(api_addr, dir.path());
     let policy = dir.write("policy.yaml", SHOP_LOCALHOST);
+    // The node's containerd keeps its bundles in the node's own /run: seen
+    // through its process, as the DaemonSet sees the node's through PID 1.
+    let bundles = format!(
+        "/proc/{}/root/run/containerd/io.containerd.runtime.v2.task/k8s.io",
+        lab.containerd_pid("node-1").expect("node-1's containerd")
+    );
     let observer = Observer::start(&[
+        "--container-bundles",
+        &bundles,
         "--policy",
         &policy,
         "--kubernetes",
@@ -333,6 +341,41 @@ fn kubernetes_mode_follows_real_pods_through_restarts_and_recreation() {
         );
     };
     enforced(&lab, "first");
+
+    // The sidecar restarted by the runtime, and the API not told yet (the
+    // kubelet updates the status later): the new container is named from
+    // its bundle the moment its cgroup appears, before its process runs,
+    // so its very first request (it polls at once) is the sidecar's,
+    // allowed, not an unknown container's, denied.
+    let verdicts = |m: &integration_test::Scrape, rule: &str| {
+        m.sum(
+            "observer_policy_verdicts_total",
+            &[("pod", "shop"), ("rule", rule)],
+        )
+    };
+    let before = observer.scrape();
+    let allowed = verdicts(&before, "sidecar");
+    let shop = lab
+        .restart_container("shop", "shop", "sidecar")
+        .expect("restart");
+    // Its first requests (the old one may have made one more before it
+    // stopped).
+    let m = observer.eventually("the restarted sidecar's requests allowed", |m| {
+        verdicts(m, "sidecar") >= allowed + 3.0 || verdicts(m, "unknown-container") > 0.0
+    });
+    assert_eq!(
+        verdicts(&m, "unknown-container"),
+        0.0,
+        "the restarted sidecar was taken for an unknown container"
+    );
+    let (sidecar, netns) = container(&lab, "shop", "shop", "sidecar");
+    assert_eq!(
+        connect_from(&sidecar, &netns, "127.0.0.1", 8080),
+        Connect::Connected,
+        "the restarted sidecar, the API not told"
+    );
+    let restarts = lab.restarts("shop", "shop");
+    api.apply(Kind::Pods, kube_api::pod_object_restarted(&shop, &restarts));
 
     // The runtime restarts a container: a new id, a new cgroup, one more
     // restart in the pod's status.

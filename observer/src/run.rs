@@ -39,6 +39,7 @@ use crate::{
     metrics::Metrics,
     names::ObjectRef,
     pods::{
+        bundles::Bundles,
         cluster::{self, ClusterError, ClusterWatch},
         discovery,
         inventory::{self, InventoryError},
@@ -359,13 +360,14 @@ fn source(
     if let Some((node, client, cgroup_root)) = kubernetes {
         let watch = ClusterWatch::start(client, &node, Arc::clone(metrics));
         tracing::info!(%node, "watching the Kubernetes API");
-        let source = ClusterSource::new(
+        let mut source = ClusterSource::new(
             watch.view(),
             node,
             args.service_cidr,
             args.proc_root.clone(),
             cgroup_root,
         );
+        source.bundles = Bundles::new(args.container_bundles.clone());
         return (Source::Cluster(Box::new(source)), Some(watch));
     }
     let source = match &args.inventory {

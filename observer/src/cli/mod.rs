@@ -167,6 +167,19 @@ pub struct RunArgs {
         default_value = "/proc"
     )]
     pub proc_root: PathBuf,
+    /// With --kubernetes: where the container runtime keeps its containers'
+    /// OCI bundles (containerd's CRI plugin: `<dir>/<id>/config.json`;
+    /// CRI-O: `<dir>/<id>/userdata/config.json`), seen through the node's
+    /// PID 1 (hostPID). A container the runtime has just (re)started is
+    /// named from its bundle before the pod's status names it.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "OBSERVER_CONTAINER_BUNDLES",
+        value_delimiter = ',',
+        default_value = "/proc/1/root/run/containerd/io.containerd.runtime.v2.task/k8s.io,/proc/1/root/run/containers/storage/overlay-containers"
+    )]
+    pub container_bundles: Vec<PathBuf>,
     /// A pod network namespace: a bind mount such as /var/run/netns/NAME, or
     /// /proc/PID/ns/net. Repeat for several. Without any, every namespace in
     /// --netns-dir.

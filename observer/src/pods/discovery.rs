@@ -86,6 +86,9 @@ pub struct FoundPod {
     /// Its containers' cgroup v2 directories, by container id (the pod's
     /// sandbox, the `pause` container, among them).
     pub containers: HashMap<String, PathBuf>,
+    /// Names of containers the runtime's bundles give (by container id):
+    /// for those the pod's status does not name yet.
+    pub names: HashMap<String, String>,
 }
 
 /// Finds the pods with these UIDs by their processes: the kubelet puts every
@@ -143,7 +146,7 @@ pub fn find_pods(
         let started = start_time(proc_root, process.pid).unwrap_or(u64::MAX);
         let pod = found.entry(uid).or_insert_with(|| FoundPod {
             netns: netns.clone(),
-            containers: HashMap::new(),
+            ..FoundPod::default()
         });
         let oldest = started_at.entry(pod.netns.clone()).or_insert(started);
         if started < *oldest {

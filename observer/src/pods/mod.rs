@@ -8,6 +8,7 @@
 //! attaches and detaches, updates the kernel's maps and the policies, and
 //! tells the collector.
 
+pub mod bundles;
 pub mod cluster;
 pub mod discovery;
 pub mod inventory;

@@ -25,7 +25,7 @@ use super::{
     discovery,
     plan::{self, Attached},
     source::{Source, Trigger},
-    watch::DirWatch,
+    watch::{CgroupWatch, DirWatch},
 };
 use crate::{
     flows::task::{CollectorEvent, CollectorHandle},
@@ -107,6 +107,8 @@ pub struct Reconciler {
     kept: HashSet<u64>,
     /// Attached pods whose programs could not be pinned.
     fails_open: HashSet<u64>,
+    /// Containers appearing in the attached pods' cgroups.
+    cgroups: Option<CgroupWatch>,
 }
 
 impl Reconciler {
@@ -143,6 +145,9 @@ impl Reconciler {
             adopt_ids: takeover.class_maps,
             kept: HashSet::new(),
             fails_open: HashSet::new(),
+            cgroups: CgroupWatch::new()
+                .map_err(|err| tracing::warn!(%err, "cannot watch pods' cgroups: a restarted container is named once the source names it"))
+                .ok(),
         }
     }
 
@@ -210,6 +215,13 @@ impl Reconciler {
                     Trigger::Local
                 }
                 _ = sleep_until(peers_due) => Trigger::Peers,
+                created = created(self.cgroups.as_mut()) => {
+                    if let Err(err) = created {
+                        tracing::warn!(%err, "watching pods' cgroups");
+                        self.metrics.error("watch");
+                    }
+                    Trigger::Containers
+                }
                 changed = changed(policy_dir.as_mut()) => {
                     if let Err(err) = changed {
                         tracing::warn!(%err, "watching the policy file");
@@ -273,6 +285,14 @@ impl Reconciler {
         }
         self.attach(&snapshot).await;
         self.attach_missing_hooks(&snapshot).await;
+        if let Some(watch) = self.cgroups.as_mut() {
+            let cgroups: HashSet<std::path::PathBuf> = self
+                .attached
+                .keys()
+                .filter_map(|key| snapshot.targets.get(key)?.cgroup.clone())
+                .collect();
+            watch.set(&cgroups);
+        }
         if self.pods_cgroup.is_none() {
             let mut cgroups = snapshot
                 .targets
@@ -508,6 +528,13 @@ impl Reconciler {
 async fn changed(dir: Option<&mut DirWatch>) -> std::io::Result<()> {
     match dir {
         Some(dir) => dir.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn created(watch: Option<&mut CgroupWatch>) -> std::io::Result<()> {
+    match watch {
+        Some(watch) => watch.created().await,
         None => std::future::pending().await,
     }
 }

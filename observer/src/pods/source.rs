@@ -14,8 +14,9 @@ use tokio::sync::watch;
 
 use super::{
     Snapshot, Target,
+    bundles::Bundles,
     cluster::{ClusterView, view},
-    discovery::FoundPod,
+    discovery::{self, FoundPod},
 };
 use crate::{
     kernel::netns,
@@ -45,6 +46,9 @@ pub struct ClusterSource {
     /// `local_changes` then.
     found: HashMap<String, FoundPod>,
     found_at: Option<u64>,
+    /// The runtime's record of each container, to name those that have
+    /// just started.
+    pub bundles: Bundles,
 }
 
 impl ClusterSource {
@@ -63,7 +67,41 @@ impl ClusterSource {
             cgroup_root,
             found: HashMap::new(),
             found_at: None,
+            bundles: Bundles::default(),
         }
+    }
+
+    /// The containers of the pods found, again, from their pods' cgroup
+    /// directories (a container is there from the moment the runtime makes
+    /// it, before any of its processes runs), named by the runtime's bundle
+    /// where it has one of the pod's.
+    fn refresh_containers(&mut self) {
+        for (uid, pod) in &mut self.found {
+            let Some(pod_cgroup) = pod.containers.values().next().and_then(|c| c.parent()) else {
+                continue;
+            };
+            let Ok(entries) = std::fs::read_dir(pod_cgroup) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(id) = name.to_str().and_then(discovery::id_in_cgroup) else {
+                    continue;
+                };
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    pod.containers.entry(id.to_owned()).or_insert(entry.path());
+                }
+            }
+            pod.names.clear();
+            for id in pod.containers.keys() {
+                if let Some(bundle) = self.bundles.get(id).filter(|b| &b.pod_uid == uid) {
+                    pod.names.insert(id.clone(), bundle.container.clone());
+                }
+            }
+        }
+        let found = &self.found;
+        self.bundles
+            .retain(|id| found.values().any(|p| p.containers.contains_key(id)));
     }
 }
 
@@ -72,6 +110,9 @@ impl ClusterSource {
 pub enum Trigger {
     /// Something about this node's pods: look at the node's processes again.
     Local,
+    /// A container cgroup appeared in an attached pod's: a container is
+    /// starting (looked at in the pods' cgroups, quickly).
+    Containers,
     /// Only the rest of the cluster changed.
     Peers,
 }
@@ -179,6 +220,9 @@ impl ClusterSource {
             });
             self.found_at = Some(view.local_changes);
         }
+        // A container that has just started: in its pod's cgroup, named by
+        // its bundle (no need to read every process again).
+        self.refresh_containers();
         let inventory = view.inventory(&self.node, self.service_cidr, &self.found);
         // Found is enough: a pod is attached before it has an IP.
         // Terminating pods stay attached while their processes run.

@@ -54,3 +54,64 @@ impl DirWatch {
         Ok(())
     }
 }
+
+/// Containers appearing in the attached pods' cgroups: a directory made in
+/// a pod's cgroup is a container the runtime is starting (its process runs
+/// a moment later).
+pub struct CgroupWatch {
+    watches: inotify::Watches,
+    events: EventStream<[u8; 4096]>,
+    watched: std::collections::HashMap<PathBuf, inotify::WatchDescriptor>,
+}
+
+impl CgroupWatch {
+    pub fn new() -> io::Result<Self> {
+        let inotify = Inotify::init()?;
+        let watches = inotify.watches();
+        let events = inotify.into_event_stream([0; 4096])?;
+        Ok(Self {
+            watches,
+            events,
+            watched: std::collections::HashMap::new(),
+        })
+    }
+
+    /// Watches these pod cgroups (and no others). A cgroup that cannot be
+    /// watched (gone meanwhile) is left out; the next call tries again.
+    pub fn set(&mut self, cgroups: &std::collections::HashSet<PathBuf>) {
+        self.watched.retain(|path, wd| {
+            let keep = cgroups.contains(path);
+            if !keep {
+                let _ = self.watches.remove(wd.clone());
+            }
+            keep
+        });
+        for path in cgroups {
+            if self.watched.contains_key(path) {
+                continue;
+            }
+            let mask = WatchMask::CREATE | WatchMask::ONLYDIR;
+            if let Ok(wd) = self.watches.add(path, mask) {
+                self.watched.insert(path.clone(), wd);
+            }
+        }
+    }
+
+    /// Waits for a directory made in a watched cgroup (all that arrived
+    /// together count as one).
+    pub async fn created(&mut self) -> io::Result<()> {
+        loop {
+            let event = match self.events.next().await {
+                Some(event) => event?,
+                None => return std::future::pending().await,
+            };
+            let mut dirs = event.mask.contains(inotify::EventMask::ISDIR);
+            while let Some(Some(event)) = self.events.next().now_or_never() {
+                dirs |= event?.mask.contains(inotify::EventMask::ISDIR);
+            }
+            if dirs {
+                return Ok(());
+            }
+        }
+    }
+}

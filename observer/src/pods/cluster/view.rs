@@ -246,21 +246,35 @@ impl ClusterView {
     }
 }
 
-/// The containers of a pod found on the node, named by the pod's status.
-/// Containers the status does not name yet (and the sandbox) stay unnamed.
+/// The containers of a pod found on the node, named by the pod's status,
+/// and those it does not name yet by the runtime's bundles (a container
+/// just started). The sandbox stays unnamed.
 fn containers(pod: &PodInfo, found: &FoundPod) -> Vec<inventory::Container> {
-    pod.containers
-        .iter()
-        .filter_map(|(name, id)| {
-            let id = id.as_deref()?;
-            Some(inventory::Container {
-                name: name.clone(),
-                id: id.to_owned(),
-                cgroup: found.containers.get(id)?.clone(),
-                ports: Vec::new(),
-            })
+    let container = |name: &str, id: &str| {
+        Some(inventory::Container {
+            name: name.to_owned(),
+            id: id.to_owned(),
+            cgroup: found.containers.get(id)?.clone(),
+            ports: Vec::new(),
         })
-        .collect()
+    };
+    let by_status = pod
+        .containers
+        .iter()
+        .filter_map(|(name, id)| container(name, id.as_deref()?));
+    let named: HashSet<&str> = pod
+        .containers
+        .iter()
+        .filter_map(|(_, id)| id.as_deref())
+        .collect();
+    let mut by_bundle: Vec<_> = found
+        .names
+        .iter()
+        .filter(|(id, _)| !named.contains(id.as_str()))
+        .filter_map(|(id, name)| container(name, id))
+        .collect();
+    by_bundle.sort_by(|a, b| a.id.cmp(&b.id));
+    by_status.chain(by_bundle).collect()
 }
 
 /// Looks for this node's pods on the node (see [`discovery::find_pods`]).
@@ -333,11 +347,19 @@ mod tests {
         };
         assert_eq!(attach, ["new", "web"], "not the host-network pod");
 
+        let restarted = "c".repeat(64);
         let found = HashMap::from([(
             "u-web".to_owned(),
             FoundPod {
                 netns: "/proc/42/ns/net".into(),
-                containers: HashMap::from([("a".repeat(64), "/sys/fs/cgroup/x".into())]),
+                containers: HashMap::from([
+                    ("a".repeat(64), "/sys/fs/cgroup/x".into()),
+                    (restarted.clone(), "/sys/fs/cgroup/y".into()),
+                    ("d".repeat(64), "/sys/fs/cgroup/sandbox".into()),
+                ]),
+                // The runtime's bundle names a container the status does
+                // not name yet.
+                names: HashMap::from([(restarted, "starting".to_owned())]),
             },
         )]);
         let inventory = view.inventory("node-1", None, &found);
@@ -346,8 +368,19 @@ mod tests {
         assert_eq!(names, ["remote", "web"]);
         let web = &inventory.pods[1];
         assert_eq!(web.netns.as_deref(), Some(Path::new("/proc/42/ns/net")));
-        assert_eq!(web.containers.len(), 1, "only containers found and named");
-        assert_eq!(web.containers[0].name, "app");
+        let containers: Vec<(&str, &Path)> = web
+            .containers
+            .iter()
+            .map(|c| (c.name.as_str(), c.cgroup.as_path()))
+            .collect();
+        assert_eq!(
+            containers,
+            [
+                ("app", Path::new("/sys/fs/cgroup/x")),
+                ("starting", Path::new("/sys/fs/cgroup/y"))
+            ],
+            "containers found and named, by the status or the runtime; not the sandbox"
+        );
         assert_eq!(
             inventory.pods[0].netns, None,
             "a peer has no namespace here"
