@@ -248,3 +248,19 @@ fn closed_without_a_pin_dir_is_refused() {
     assert!(!status.success());
     assert!(err.contains("--pin-dir"), "{err}");
 }
+
+#[test]
+fn a_pin_dir_off_bpffs_is_refused_and_nothing_is_made() {
+    let dir = TempDir::new("not-bpffs");
+    let pins = dir.path().join("observer");
+    let (status, err) = run_to_exit(&[
+        "run",
+        "--netns-dir",
+        "/nonexistent",
+        "--pin-dir",
+        pins.to_str().unwrap(),
+    ]);
+    assert!(!status.success());
+    assert!(err.contains("is not on a bpffs"), "{err}");
+    assert!(!pins.exists(), "nothing made where pins cannot go");
+}

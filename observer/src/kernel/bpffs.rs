@@ -125,12 +125,15 @@ impl NodePins {
     /// Opens (creating it if need be) a pin directory, which must be on a
     /// bpffs: pins elsewhere are refused by the kernel.
     pub fn open(root: &Path) -> Result<Self, BpffsError> {
+        // Checked before anything is made: nothing is left behind on a
+        // file system that is not one.
+        let existing = root.ancestors().find(|dir| dir.exists()).unwrap_or(root);
+        if !on_bpffs(existing) {
+            return Err(BpffsError::NotBpffs(root.into()));
+        }
         let pins = Self { root: root.into() };
         for dir in [pins.maps(), pins.pods()] {
             fs::create_dir_all(&dir).map_err(|source| BpffsError::Create { path: dir, source })?;
-        }
-        if !on_bpffs(root) {
-            return Err(BpffsError::NotBpffs(root.into()));
         }
         pins.remove_other_layouts();
         Ok(pins)
