@@ -67,6 +67,12 @@ struct State {
     /// By kind, then by UID.
     objects: BTreeMap<Kind, BTreeMap<String, Value>>,
     watchers: Vec<Watcher>,
+    /// Bearer tokens the API authenticates (TokenReview), and their users.
+    tokens: BTreeMap<String, String>,
+    /// (user, non-resource path) pairs allowed `get` (SubjectAccessReview).
+    grants: std::collections::BTreeSet<(String, String)>,
+    /// Reviews asked so far.
+    reviews: usize,
 }
 
 /// The API server; stops serving when dropped.
@@ -162,6 +168,24 @@ impl FakeApi {
         }
     }
 
+    /// A service account's token, as TokenReview will know it.
+    pub fn add_token(&self, token: &str, user: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.tokens.insert(token.into(), user.into());
+    }
+
+    /// Lets `user` `get` the non-resource URL `path` (as a ClusterRole
+    /// with `nonResourceURLs` bound to it would).
+    pub fn grant(&self, user: &str, path: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.grants.insert((user.into(), path.into()));
+    }
+
+    /// TokenReviews and SubjectAccessReviews asked so far.
+    pub fn reviews(&self) -> usize {
+        self.state.lock().unwrap().reviews
+    }
+
     /// Loads the lab's pods, Services and nodes.
     pub fn load(&self, inventory: &Inventory) {
         for node in &inventory.nodes {
@@ -204,7 +228,8 @@ fn serve_connection(stream: impl Read + Write, state: Arc<Mutex<State>>) {
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
             return;
         }
-        // Headers: nothing in them matters here.
+        // Headers: only a body's length matters here.
+        let mut length = 0;
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -213,8 +238,28 @@ fn serve_connection(stream: impl Read + Write, state: Arc<Mutex<State>>) {
             if line == "\r\n" || line == "\n" {
                 break;
             }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
         }
         let target = request_line.split_whitespace().nth(1).unwrap_or("/");
+        if request_line.starts_with("POST ") {
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            let answer = review(&state, target, &body);
+            let (status, body) = match &answer {
+                Some(answer) => ("201 Created", answer.to_string()),
+                None => ("404 Not Found", "{}".to_owned()),
+            };
+            if respond(reader.get_mut(), status, &body).is_err() {
+                return;
+            }
+            continue;
+        }
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let params: BTreeMap<String, String> = query
             .split('&')
@@ -259,6 +304,37 @@ fn serve_connection(stream: impl Read + Write, state: Arc<Mutex<State>>) {
             return;
         }
     }
+}
+
+/// A TokenReview or SubjectAccessReview, answered from the tokens and
+/// grants the test gave.
+fn review(state: &Mutex<State>, target: &str, body: &[u8]) -> Option<Value> {
+    let path = target.split('?').next().unwrap_or(target);
+    let mut review: Value = serde_json::from_slice(body).ok()?;
+    let mut state = state.lock().unwrap();
+    state.reviews += 1;
+    let status = match path {
+        "/apis/authentication.k8s.io/v1/tokenreviews" => {
+            let token = review["spec"]["token"].as_str().unwrap_or_default();
+            match state.tokens.get(token) {
+                Some(user) => {
+                    json!({"authenticated": true, "user": {"username": user, "groups": ["system:authenticated"]}})
+                }
+                None => json!({"authenticated": false}),
+            }
+        }
+        "/apis/authorization.k8s.io/v1/subjectaccessreviews" => {
+            let spec = &review["spec"];
+            let user = spec["user"].as_str().unwrap_or_default().to_owned();
+            let attributes = &spec["nonResourceAttributes"];
+            let path = attributes["path"].as_str().unwrap_or_default().to_owned();
+            let allowed = attributes["verb"] == "get" && state.grants.contains(&(user, path));
+            json!({"allowed": allowed})
+        }
+        _ => return None,
+    };
+    review["status"] = status;
+    Some(review)
 }
 
 fn respond(stream: &mut impl Write, status: &str, body: &str) -> std::io::Result<()> {

@@ -18,6 +18,8 @@ pub struct Observer {
     child: Option<Child>,
     addr: SocketAddr,
     log: PathBuf,
+    /// `--secure-serving`: HTTPS, /metrics with this bearer token.
+    token: Option<String>,
 }
 
 /// The observer binary: `OBSERVER_BIN` (set by `cargo xtask test`), or the
@@ -64,20 +66,69 @@ impl Observer {
     }
 
     fn spawn_binary(binary: &std::path::Path, args: &[&str]) -> Self {
+        Self::spawn_limited(binary, args, None)
+    }
+
+    /// [`Observer::start`] with at most `files` open files (soft and hard
+    /// limit), as a container runtime may set it.
+    pub fn start_with_file_limit(args: &[&str], files: u64) -> Self {
+        let mut observer = Self::spawn_limited(&binary(), args, Some(files));
+        observer.wait_ready(Duration::from_secs(30));
+        observer
+    }
+
+    fn spawn_limited(binary: &std::path::Path, args: &[&str], files: Option<u64>) -> Self {
         let addr = free_port();
         let log = std::env::temp_dir().join(format!("observer-test-{}.log", addr.port()));
-        let child = observer_command_with(
+        let mut command = observer_command_with(
             binary,
             &["run", "--metrics-addr", &addr.to_string()],
             args,
             File::create(&log).expect("log file"),
-        )
-        .spawn()
-        .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
+        );
+        if let Some(files) = files {
+            let limit = libc::rlimit {
+                rlim_cur: files,
+                rlim_max: files,
+            };
+            // SAFETY: setrlimit is async-signal-safe; the struct is copied in.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
         Self {
             child: Some(child),
             addr,
             log,
+            token: None,
+        }
+    }
+
+    /// Starts `observer run --secure-serving <args>` (HTTPS) and waits
+    /// until it is ready; its scrapes send `token`.
+    pub fn start_secure(args: &[&str], token: &str) -> Self {
+        let mut with = vec!["--secure-serving"];
+        with.extend_from_slice(args);
+        let mut observer = Self::spawn_binary(&binary(), &with);
+        observer.token = Some(token.to_owned());
+        observer.wait_ready(Duration::from_secs(30));
+        observer
+    }
+
+    /// GET over the observer's scheme (HTTPS with `--secure-serving`, with
+    /// the token it was given, or `token` instead).
+    pub fn get(&self, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+        match &self.token {
+            Some(own) => https_get(self.addr, path, token.or(Some(own))),
+            None => http_get(self.addr, path),
         }
     }
 
@@ -91,7 +142,10 @@ impl Observer {
                     self.log()
                 );
             }
-            if http_get(self.addr, "/readyz").is_some_and(|(code, _)| code == 200) {
+            if self
+                .get("/readyz", None)
+                .is_some_and(|(code, _)| code == 200)
+            {
                 return;
             }
             assert!(
@@ -113,7 +167,8 @@ impl Observer {
 
     /// Scrapes /metrics (which collects the kernel's counters first).
     pub fn scrape(&self) -> Scrape {
-        let (code, body) = http_get(self.addr, "/metrics")
+        let (code, body) = self
+            .get("/metrics", None)
             .unwrap_or_else(|| panic!("/metrics did not answer:\n{}", self.log()));
         assert_eq!(code, 200, "/metrics: {body}");
         Scrape::parse(&body)
@@ -124,7 +179,9 @@ impl Observer {
     pub fn eventually(&self, what: &str, condition: impl Fn(&Scrape) -> bool) -> Scrape {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let scrape = http_get(self.addr, "/metrics").map(|(_, text)| Scrape::parse(&text));
+            let scrape = self
+                .get("/metrics", None)
+                .map(|(_, text)| Scrape::parse(&text));
             if let Some(scrape) = scrape.filter(|s| condition(s)) {
                 return scrape;
             }
@@ -270,6 +327,21 @@ fn observer_command_with(
 pub fn free_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local addr")
+}
+
+/// An HTTPS GET with curl (any certificate: the observer's is self-signed),
+/// with a bearer token if given: (status code, body).
+pub fn https_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    let mut command = Command::new("curl");
+    command.args(["-sk", "--max-time", "10", "-w", "\n%{http_code}"]);
+    if let Some(token) = token {
+        command.args(["-H", &format!("Authorization: Bearer {token}")]);
+    }
+    let out = command.arg(format!("https://{addr}{path}")).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n')?;
+    let code: u16 = code.trim().parse().ok()?;
+    (code != 0).then(|| (code, body.to_owned()))
 }
 
 /// A minimal HTTP/1.0 GET: (status code, body).

@@ -23,6 +23,24 @@ pub struct Prometheus {
 impl Prometheus {
     /// Starts Prometheus scraping `target` every second.
     pub fn scraping(target: SocketAddr) -> Self {
+        Self::scraping_with(target, "")
+    }
+
+    /// Starts Prometheus scraping an observer with `--secure-serving`
+    /// every second: HTTPS (its certificate is self-signed, as a kubelet's
+    /// is), with a service account's bearer token.
+    pub fn scraping_securely(target: SocketAddr, token: &str) -> Self {
+        Self::scraping_with(
+            target,
+            &format!(
+                "    scheme: https\n    tls_config: {{insecure_skip_verify: true}}\n    \
+                 authorization: {{credentials: '{token}'}}\n"
+            ),
+        )
+    }
+
+    /// `job`: more lines of the scrape job (indented 4).
+    fn scraping_with(target: SocketAddr, job: &str) -> Self {
         let addr = {
             let probe = TcpListener::bind("127.0.0.1:0").expect("a free port");
             probe.local_addr().expect("addr")
@@ -36,7 +54,7 @@ impl Prometheus {
                     f,
                     "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
                      scrape_configs:\n  - job_name: observer\n    \
-                     static_configs: [{{targets: ['{target}']}}]\n"
+                     static_configs: [{{targets: ['{target}']}}]\n{job}"
                 )
             })
             .expect("prometheus.yml");

@@ -16,7 +16,7 @@ use integration_test::{
     FakeApi, Scrape,
     container::{Connect, connect_from, container},
     kube_api::{Kind, pod_object},
-    observer::http_get,
+    observer::https_get,
 };
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
 use lab::{ApiServer, Lab, ManifestPod, Netns, Plan, Runtime};
@@ -92,11 +92,22 @@ struct Endpoint<'a> {
     addr: SocketAddr,
 }
 
+/// The scraper's service account, which the API lets read /metrics and
+/// /flows (the DaemonSet serves securely, as deploy/ configures it).
+const SCRAPER: (&str, &str) = (
+    "scraper-token",
+    "system:serviceaccount:monitoring:prometheus-k8s",
+);
+
 impl Endpoint<'_> {
+    /// HTTPS from the node, with the scraper's token.
     fn get(&self, path: &str) -> Option<(u16, String)> {
         let addr = self.addr;
         let path = path.to_owned();
-        self.node.run(move || http_get(addr, &path)).ok().flatten()
+        self.node
+            .run(move || https_get(addr, &path, Some(SCRAPER.0)))
+            .ok()
+            .flatten()
     }
 
     fn eventually(&self, lab: &Lab, what: &str, condition: impl Fn(&Scrape) -> bool) {
@@ -125,6 +136,10 @@ fn the_daemonset_runs_from_its_image_with_only_its_capabilities() {
     let node = lab.node_netns("node-1");
     let (api, server) = FakeApi::serve_tls_in(&node, API.parse().unwrap());
     api.load(lab.inventory());
+    api.add_token(SCRAPER.0, SCRAPER.1);
+    for path in ["/metrics", "/flows"] {
+        api.grant(SCRAPER.1, path);
+    }
 
     let pod = lab
         .run_manifest_pod("node-1", &observer_pod(&server))

@@ -109,7 +109,12 @@ pub struct FlowValue {
     /// Bytes as seen at the hook, link-layer header included.
     pub bytes: u64,
     /// TCP connections opened: SYNs without ACK, sent by the client.
-    pub connections: u64,
+    pub connections: u32,
+    /// The sequence number of the last SYN decided as an inbound
+    /// connection: a SYN with another one is a new connection on the same
+    /// addresses and ports (decided, and counted, again), one with the same
+    /// is a retransmission.
+    pub syn_seq: u32,
     /// cgroup v2 id of the sending socket's container, on egress (`lo` and
     /// `eth0`); 0 for packets without a socket, and on ingress.
     pub src_cgroup: u64,

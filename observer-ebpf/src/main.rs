@@ -97,10 +97,10 @@ pub fn observe_ingress(mut ctx: TcContext) -> i32 {
 /// verified) once, while each namespace's instance stays small.
 #[classifier]
 pub fn classify_flow(mut ctx: TcContext) -> i32 {
-    let Some((mut key, syn, _)) = flow_of(&ctx) else {
+    let Some((mut key, syn, seq, _)) = flow_of(&ctx) else {
         return TC_ACT_UNSPEC;
     };
-    let (verdict, decide) = count(&ctx, &mut key, u64::from(ctx.len()), u64::from(syn));
+    let (verdict, decide) = count(&ctx, &mut key, u64::from(ctx.len()), u32::from(syn), seq);
     if let Some(counted) = decide {
         if let [_, _, _, flag, ..] = ctx.cb_mut() {
             *flag = u32::from(counted);
@@ -124,7 +124,7 @@ pub fn classify_flow(mut ctx: TcContext) -> i32 {
 /// way a flow can be classified.
 #[classifier]
 pub fn decide_ingress(ctx: TcContext) -> i32 {
-    let Some((key, _, counted)) = flow_of(&ctx) else {
+    let Some((key, _, _, counted)) = flow_of(&ctx) else {
         return TC_ACT_UNSPEC;
     };
     let Some(value) = FLOWS.get_ptr_mut(&key) else {
@@ -149,16 +149,16 @@ const LOG: u32 = 2;
 
 /// The flow of a tail-called program's packet: the key (with the namespace
 /// and direction its caller put in the control buffer), whether it opens a
-/// TCP connection, and the caller's flag.
+/// TCP connection and its sequence number, and the caller's flag.
 #[inline(always)]
-fn flow_of(ctx: &TcContext) -> Option<(FlowKey, bool, bool)> {
+fn flow_of(ctx: &TcContext) -> Option<(FlowKey, bool, u32, bool)> {
     let [low, high, direction, flag, ..] = *ctx.cb() else {
         return None;
     };
-    let (mut key, syn) = parse::flow_key(ctx);
+    let (mut key, syn, seq) = parse::flow_key(ctx);
     key.direction = direction as u8;
     key.netns_cookie = u64::from(low) | (u64::from(high) << 32);
-    Some((key, syn, flag != 0))
+    Some((key, syn, seq, flag != 0))
 }
 
 /// What tc does with a packet of a flow with this verdict.
@@ -182,7 +182,7 @@ pub fn noop(_ctx: TcContext) -> i32 {
 /// skb's control buffer (tc's scratch space for passing data between programs).
 #[inline(always)]
 fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
-    let (mut key, syn) = parse::flow_key(ctx);
+    let (mut key, syn, _) = parse::flow_key(ctx);
     key.direction = direction;
     // SAFETY: a plain read; volatile so that the value set at load time is read.
     let cookie = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
@@ -194,7 +194,7 @@ fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
         let opens = syn && direction == INGRESS;
         // SAFETY: a live map value.
         if unsafe { (*value).generation } == generation && !opens {
-            add(value, u64::from(ctx.len()), u64::from(syn));
+            add(value, u64::from(ctx.len()), u32::from(syn));
             // SAFETY: as above.
             return action(unsafe { (*value).verdict });
         }
@@ -218,9 +218,11 @@ fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
 /// classification is stale. Returns the flow's verdict, and whether an
 /// ingress decision is to be made (`Some(counted)`: counted if it is the
 /// connection's first: a new flow, a SYN of a flow not decided as inbound
-/// yet, or the first datagram a socket receives).
+/// yet or of a new connection on the same addresses and ports (another
+/// sequence number than the last decided SYN's), or the first datagram a
+/// socket receives).
 #[inline(always)]
-fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Option<bool>) {
+fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> (u8, Option<bool>) {
     let generation = GENERATION.get(0).copied().unwrap_or(0);
     if let Some(value) = FLOWS.get_ptr_mut(&*key) {
         add(value, bytes, syn);
@@ -233,8 +235,12 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Optio
         // already decided as inbound (a retransmitted SYN).
         let opens = syn != 0 && key.direction == INGRESS && policy::has_policy(key.netns_cookie);
         if value.generation != generation || opens {
-            let counted = (opens && value.server != server::DESTINATION)
-                || value.flags & flow_flags::AWAITS_LISTENER != 0;
+            let retransmitted = value.server == server::DESTINATION && value.syn_seq == seq;
+            let counted =
+                (opens && !retransmitted) || value.flags & flow_flags::AWAITS_LISTENER != 0;
+            if opens {
+                value.syn_seq = seq;
+            }
             value.generation = generation;
             value.flags &= !flow_flags::AWAITS_LISTENER;
             let received = classify::classify(ctx, key, value);
@@ -251,6 +257,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u64) -> (u8, Optio
         packets: 1,
         bytes,
         connections: syn,
+        syn_seq: seq,
         generation,
         ..FlowValue::default()
     };
@@ -341,7 +348,7 @@ fn awaits_listener(value: &mut FlowValue, generation: u32) {
 /// logging code once for each way a flow can be classified.
 #[classifier]
 pub fn log_flow(ctx: TcContext) -> i32 {
-    let Some((key, _, _)) = flow_of(&ctx) else {
+    let Some((key, _, _, _)) = flow_of(&ctx) else {
         return TC_ACT_UNSPEC;
     };
     let Some(value) = FLOWS.get_ptr(&key) else {
@@ -411,14 +418,14 @@ fn reverse(key: &mut FlowKey) {
 
 /// Adds one packet to a flow's counters.
 #[inline(always)]
-fn add(value: *mut FlowValue, bytes: u64, syn: u64) {
+fn add(value: *mut FlowValue, bytes: u64, syn: u32) {
     // SAFETY: a live, 8-byte aligned map value. Other CPUs update it
     // concurrently, hence atomic adds.
     unsafe {
         atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).packets, 1);
         atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).bytes, bytes);
         if syn != 0 {
-            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).connections, 1);
+            atomic_xadd::<u32, u32, { Relaxed }>(&raw mut (*value).connections, 1);
         }
     }
 }

@@ -27,10 +27,11 @@ const TCP_ACK: u8 = 0x10;
 /// `::ffff:0:0` as the first 12 bytes, in 32-bit words of memory order.
 const IPV4_MAPPED: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
 
-/// The flow key of the packet (but for `netns_cookie` and `direction`), and
-/// whether it opens a TCP connection (SYN without ACK).
+/// The flow key of the packet (but for `netns_cookie` and `direction`),
+/// whether it opens a TCP connection (SYN without ACK), and then its
+/// sequence number (0 otherwise).
 #[inline(always)]
-pub fn flow_key(ctx: &TcContext) -> (FlowKey, bool) {
+pub fn flow_key(ctx: &TcContext) -> (FlowKey, bool, u32) {
     let mut key = FlowKey::default();
     // SAFETY: reads of the context the kernel passed in.
     let (if_index, protocol) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).protocol) };
@@ -46,21 +47,29 @@ pub fn flow_key(ctx: &TcContext) -> (FlowKey, bool) {
         _ => None,
     };
     let Some(offset) = l4 else {
-        return (key, false);
+        return (key, false, 0);
     };
     if key.protocol == protocol::TCP {
         // Ports, sequence and acknowledgement numbers, offset and flags.
         if let Some(tcp) = load::<u16, 7>(ctx, offset) {
             set_ports(&mut key, tcp[0], tcp[1]);
             let flags = tcp[6].to_ne_bytes()[1];
-            return (key, flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
+            let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            let [a, b] = tcp[2].to_ne_bytes();
+            let [c, d] = tcp[3].to_ne_bytes();
+            let seq = if syn {
+                u32::from_be_bytes([a, b, c, d])
+            } else {
+                0
+            };
+            return (key, syn, seq);
         }
     } else {
         if let Some(ports) = load::<u16, 2>(ctx, offset) {
             set_ports(&mut key, ports[0], ports[1]);
         }
     }
-    (key, false)
+    (key, false, 0)
 }
 
 /// Fills the IPv4 fields; returns the transport header's offset if it has ports.

@@ -20,6 +20,10 @@ pub const ERROR_KINDS: [&str; 10] = [
     "state",
 ];
 
+/// Why the endpoint closed a connection before its client did
+/// (`observer_http_connections_closed_total{reason}`).
+pub const HTTP_CLOSE_REASONS: [&str; 4] = ["evicted", "refused", "handshake", "timeout"];
+
 /// The observer's registry, with its own health families; the traffic
 /// families (`flows::metrics`) are registered in it too.
 /// The labels of `observer_policy_verdicts_total`, in the order their
@@ -58,6 +62,13 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// Policy file reloads: ok, or refused (the last good policy stays).
     pub policy_reloads: IntCounterVec,
+    /// Connections to the endpoint open now.
+    pub http_connections: IntGauge,
+    /// Connections the endpoint closed before their client did, and why
+    /// ([`HTTP_CLOSE_REASONS`]).
+    pub http_connections_closed: IntCounterVec,
+    /// Requests by path (`endpoint::PATHS`) and status code.
+    pub http_requests: IntCounterVec,
     /// Connections decided by a policy, from the kernel's counts.
     pub policy_verdicts: IntCounterVec,
     /// Pods a policy selects and does not (fully) hold, by reason.
@@ -125,6 +136,27 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            http_connections: IntGauge::new(
+                "observer_http_connections",
+                "Connections to the endpoint open now.",
+            )
+            .expect("valid metric"),
+            http_connections_closed: IntCounterVec::new(
+                Opts::new(
+                    "observer_http_connections_closed_total",
+                    "Connections the endpoint closed before their client did: evicted (idle, to make room for a new one: --max-connections), refused (every connection busy), handshake (TLS failed or too slow), timeout (a request's headers too slow).",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            http_requests: IntCounterVec::new(
+                Opts::new(
+                    "observer_http_requests_total",
+                    "Requests to the endpoint, by path and status code (401, 403: --secure-serving refused them).",
+                ),
+                &["path", "code"],
+            )
+            .expect("valid metric"),
             policy_verdicts: IntCounterVec::new(
                 Opts::new(
                     "observer_policy_verdicts_total",
@@ -172,6 +204,12 @@ impl Metrics {
         metrics.register(metrics.policy_reloads.clone());
         metrics.register(metrics.policy_verdicts.clone());
         metrics.register(metrics.policy_unenforced.clone());
+        metrics.register(metrics.http_connections.clone());
+        metrics.register(metrics.http_connections_closed.clone());
+        metrics.register(metrics.http_requests.clone());
+        for reason in HTTP_CLOSE_REASONS {
+            metrics.http_connections_closed.with_label_values(&[reason]);
+        }
         // Every known series from the start, at 0: `rate()` and alerts see
         // the first error, not only the second.
         for kind in ERROR_KINDS {

@@ -21,7 +21,12 @@ use tokio::{
 
 use crate::{
     cli::RunArgs,
-    endpoint::{self, Endpoint},
+    endpoint::{
+        self, Endpoint,
+        auth::Authorizer,
+        server::Limits,
+        tls::{self, TlsError},
+    },
     flows::{
         collector::Collector,
         metrics::{FlowMetrics, Registered, SeriesConfig},
@@ -87,6 +92,8 @@ pub enum RunError {
     Signals(io::Error),
     #[error("metrics server: {0}")]
     Serve(io::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Kubernetes mode reads other pods' cgroup paths: in a cgroup namespace of
@@ -126,6 +133,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         true => Some(kubernetes_client(&args).await?),
         false => None,
     };
+    let serving_tls = match args.secure_serving {
+        true => Some(tls::acceptor(
+            args.tls_cert.as_deref().zip(args.tls_key.as_deref()),
+            &tls_names(&args),
+        )?),
+        false => None,
+    };
+    let authorizer = match (&kubernetes, args.secure_serving) {
+        (Some((_, client, _)), true) => Some(Arc::new(Authorizer::new(client.clone()))),
+        _ => None,
+    };
+    raise_file_limit();
     let listener = TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|source| RunError::Listen {
@@ -203,12 +222,26 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         metrics: Arc::clone(&metrics),
         ready: Arc::clone(&ready),
         collector: collector.clone(),
+        auth: authorizer,
+    };
+    let limits = Limits {
+        max_connections: args.max_connections as usize,
+        header_timeout: args.header_timeout,
+        request_timeout: args.request_timeout,
+        ..Limits::default()
     };
     let mut server_stop = stopped.clone();
-    let serving = tokio::spawn(endpoint::serve(listener, endpoint, async move {
-        let _ = server_stop.wait_for(|stop| *stop).await;
-    }));
-    tracing::info!(addr = %args.metrics_addr, "serving metrics");
+    let secure = serving_tls.is_some();
+    let serving = tokio::spawn(endpoint::serve(
+        listener,
+        endpoint,
+        serving_tls,
+        limits,
+        async move {
+            let _ = server_stop.wait_for(|stop| *stop).await;
+        },
+    ));
+    tracing::info!(addr = %args.metrics_addr, secure, "serving metrics");
 
     let pods = match explicit {
         Some(targets) => {
@@ -335,6 +368,74 @@ fn parent_dir(path: &Path) -> PathBuf {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf()
+}
+
+/// The names a self-signed certificate is made for: what Prometheus and
+/// people reach the observer by (its addresses, its node, localhost).
+fn tls_names(args: &RunArgs) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned()];
+    let ip = args.metrics_addr.ip();
+    if ip.is_unspecified() {
+        names.extend(own_addresses().iter().map(ToString::to_string));
+    } else {
+        names.push(ip.to_string());
+    }
+    names.extend(args.node.clone().filter(|n| !n.is_empty()));
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The addresses of this network namespace's interfaces (the pod's).
+fn own_addresses() -> Vec<std::net::IpAddr> {
+    let mut addresses = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list that freeifaddrs frees; each entry's
+    // address is read according to its family.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return addresses;
+        }
+        let mut entry = list;
+        while let Some(ifa) = entry.as_ref() {
+            if let Some(addr) = ifa.ifa_addr.as_ref() {
+                match i32::from(addr.sa_family) {
+                    libc::AF_INET => {
+                        let v4 = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                        addresses.push(
+                            std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)).into(),
+                        );
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                        addresses.push(std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr).into());
+                    }
+                    _ => {}
+                }
+            }
+            entry = ifa.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    addresses
+}
+
+/// Takes the hard limit of open files as the soft one: connections to the
+/// endpoint are capped well below it (`--max-connections`), and pods'
+/// namespaces, cgroups and maps need descriptors of their own.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a struct of our own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 /// Kubernetes mode's node name, client and cgroup root, checked before

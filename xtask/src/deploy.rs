@@ -1,6 +1,6 @@
 //! `cargo xtask check-deploy` (also part of `cargo xtask test`): every
-//! manifest in deploy/, and the kustomization rendered with and without the
-//! ServiceMonitor component, validated against the Kubernetes JSON schemas
+//! manifest in deploy/, the kustomization rendered with and without the
+//! ServiceMonitor component, and the uninstall's `deploy/cleanup`, validated against the Kubernetes JSON schemas
 //! (the `kubernetes-validate` package from PyPI, which carries them offline).
 
 use std::{
@@ -31,6 +31,7 @@ pub fn check(workspace: &Path) -> Result<(u64, u64)> {
 
     let mut files = manifests(&deploy)?;
     files.extend(manifests(&deploy.join("components/servicemonitor"))?);
+    files.extend(manifests(&deploy.join("cleanup"))?);
     // The kustomization as users apply it, and with the component.
     let base = out.join("observer.yaml");
     fs::write(
@@ -49,8 +50,19 @@ pub fn check(workspace: &Path) -> Result<(u64, u64)> {
         &with_monitor,
         output(Command::new("kubectl").arg("kustomize").arg(&overlay))?,
     )?;
+    // The uninstall's cleanup, as users apply it.
+    let cleanup = out.join("cleanup.yaml");
+    fs::write(
+        &cleanup,
+        output(
+            Command::new("kubectl")
+                .arg("kustomize")
+                .arg(deploy.join("cleanup")),
+        )?,
+    )?;
     files.push(base);
     files.push(with_monitor.clone());
+    files.push(cleanup);
     if !fs::read_to_string(&with_monitor)?.contains("kind: ServiceMonitor") {
         bail!("the ServiceMonitor component renders no ServiceMonitor");
     }

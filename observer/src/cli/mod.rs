@@ -208,6 +208,33 @@ pub struct RunArgs {
     /// Address of the metrics endpoint (/metrics, /healthz, /readyz).
     #[arg(long, env = "OBSERVER_METRICS_ADDR", default_value = "127.0.0.1:9465")]
     pub metrics_addr: SocketAddr,
+    /// Serve HTTPS (a self-signed certificate unless --tls-cert and
+    /// --tls-key give one), and /metrics and /flows only to bearers of a
+    /// token the Kubernetes API authenticates (TokenReview) and allows to
+    /// `get` the path (SubjectAccessReview: a ClusterRole with
+    /// `nonResourceURLs`). Needs --kubernetes. The probes stay open.
+    #[arg(long, env = "OBSERVER_SECURE_SERVING", requires = "kubernetes")]
+    pub secure_serving: bool,
+    /// With --secure-serving: the certificate (PEM; a kubernetes.io/tls
+    /// Secret's tls.crt).
+    #[arg(long, value_name = "FILE", env = "OBSERVER_TLS_CERT", requires_all = ["secure_serving", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// With --secure-serving: the certificate's key (PEM; tls.key).
+    #[arg(long, value_name = "FILE", env = "OBSERVER_TLS_KEY", requires_all = ["secure_serving", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+    /// Connections the endpoint holds at once; one more closes the oldest
+    /// idle one (so idle connections cannot keep Prometheus out).
+    #[arg(long, env = "OBSERVER_MAX_CONNECTIONS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+    /// How long a client may take to send a request's headers (and a TLS
+    /// handshake) before its connection is closed.
+    #[arg(long, env = "OBSERVER_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// How long an answer may take (a collection included) before it is
+    /// given up with 503.
+    #[arg(long, env = "OBSERVER_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
     /// Flows the kernel flow map holds; the least recently used are evicted
     /// beyond it. Each flow of capacity costs about 180 bytes of kernel memory
     /// (measured: see BENCHMARKS.md).

@@ -507,7 +507,7 @@ fn difference(now: &FlowValue, before: &Seen) -> Counts {
         return Counts {
             packets: now.packets,
             bytes: now.bytes,
-            connections: now.connections,
+            connections: u64::from(now.connections),
         };
     }
     Counts {

@@ -33,7 +33,7 @@ pub enum CollectorEvent {
 
 /// Asks for a fresh collection, and for its series if `rows` (only
 /// `/flows` needs them).
-struct CollectRequest {
+pub struct CollectRequest {
     rows: bool,
     done: oneshot::Sender<Vec<FlowRow>>,
 }
@@ -94,16 +94,17 @@ async fn run(
     let mut tick = interval(every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        let waiter = tokio::select! {
-            _ = tick.tick() => None,
+        let mut waiting = Vec::new();
+        tokio::select! {
+            _ = tick.tick() => {}
             request = requests.recv() => match request {
-                Some(request) => Some(request),
+                Some(request) => waiting.push(request),
                 None => {
                     // The end: what came since the last collection counts too.
                     while let Ok(event) = events.try_recv() {
                         apply(&mut collector, event);
                     }
-                    collector = collect(collector).await;
+                    collector = collect(collector, None).await;
                     save(&collector, state_dir.as_deref());
                     break;
                 }
@@ -113,38 +114,63 @@ async fn run(
                 continue;
             }
         };
+        // Scrapes that came together share one collection.
+        while let Ok(request) = requests.try_recv() {
+            waiting.push(request);
+        }
         // Everything attached so far must be known before its flows are read.
         while let Ok(event) = events.try_recv() {
             apply(&mut collector, event);
         }
-        collector = collect(collector).await;
+        // Scrapes that come while it runs are answered by it too: none
+        // waits for more than one collection.
+        collector = collect(collector, Some((&mut requests, &mut waiting))).await;
         if saved_at.elapsed() >= SAVE_EVERY {
             saved_at = Instant::now();
             save(&collector, state_dir.as_deref());
         }
-        if let Some(request) = waiter {
-            let rows = if request.rows {
-                collector.rows()
+        let rows = if waiting.iter().any(|r| r.rows) {
+            collector.rows()
+        } else {
+            Vec::new()
+        };
+        for request in waiting {
+            let answer = if request.rows {
+                rows.clone()
             } else {
                 Vec::new()
             };
-            let _ = request.done.send(rows);
+            let _ = request.done.send(answer);
         }
     }
 }
 
 /// One collection. Walking a large map is blocking work: it is kept off the
-/// async workers.
-async fn collect(mut collector: Collector) -> Collector {
-    tokio::task::spawn_blocking(move || {
+/// async workers. Requests that arrive meanwhile join `waiting`.
+async fn collect(
+    mut collector: Collector,
+    joining: Option<(
+        &mut mpsc::Receiver<CollectRequest>,
+        &mut Vec<CollectRequest>,
+    )>,
+) -> Collector {
+    let walk = tokio::task::spawn_blocking(move || {
         if let Err(err) = collector.collect() {
             tracing::warn!(%err, "collection failed");
             collector.metrics().error("map_read");
         }
         collector
-    })
-    .await
-    .expect("collecting does not panic")
+    });
+    tokio::pin!(walk);
+    let Some((requests, waiting)) = joining else {
+        return walk.await.expect("collecting does not panic");
+    };
+    loop {
+        tokio::select! {
+            done = &mut walk => return done.expect("collecting does not panic"),
+            Some(request) = requests.recv() => waiting.push(request),
+        }
+    }
 }
 
 /// Saves the series to the state directory, if there is one.

@@ -1,0 +1,164 @@
+//! The endpoint as an operator needs it: `--secure-serving` (HTTPS, and
+//! only tokens the Kubernetes API allows to read), scraped by a real
+//! Prometheus with a bearer token; and limits that keep a flood of idle
+//! connections and a crowd of scrapers from keeping anyone out.
+
+use std::{
+    net::TcpStream,
+    thread,
+    time::{Duration, Instant},
+};
+
+use integration_test::{
+    FakeApi, Observer, Prometheus, TempDir, kube_api, loaded_programs,
+    observer::{free_port, http_get, https_get},
+};
+use lab::{Lab, Netns, Plan};
+
+const PROMETHEUS: &str = "system:serviceaccount:monitoring:prometheus";
+
+#[test]
+fn secure_serving_lets_only_allowed_tokens_read_and_prometheus_scrapes_over_tls() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = TempDir::new("secure-serving");
+    let api_addr = free_port();
+    let api = FakeApi::serve(api_addr);
+    api.load(lab.inventory());
+    api.add_token("prometheus-token", PROMETHEUS);
+    api.add_token("stranger-token", "system:serviceaccount:default:stranger");
+    api.grant(PROMETHEUS, "/metrics");
+    let kubeconfig = kube_api::kubeconfig(api_addr, dir.path());
+    let observer = Observer::start_secure(
+        &[
+            "--kubernetes",
+            "--node",
+            "node-1",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
+        "prometheus-token",
+    );
+    let addr = observer.addr();
+    let code = |path: &str, token: Option<&str>| https_get(addr, path, token).map(|(code, _)| code);
+    // No plain HTTP at all.
+    assert!(http_get(addr, "/metrics").is_none_or(|(code, _)| code != 200));
+    assert_eq!(code("/metrics", None), Some(401), "no token");
+    assert_eq!(
+        code("/metrics", Some("forged")),
+        Some(401),
+        "a token the API does not know"
+    );
+    assert_eq!(
+        code("/metrics", Some("stranger-token")),
+        Some(403),
+        "a user without the permission"
+    );
+    assert_eq!(
+        code("/flows", Some("prometheus-token")),
+        Some(403),
+        "per path"
+    );
+    let (status, body) = https_get(addr, "/metrics", Some("prometheus-token")).unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("observer_build_info"));
+    // The probes stay open: they tell nothing.
+    assert_eq!(code("/healthz", None), Some(200));
+    assert_eq!(code("/readyz", None), Some(200));
+    // Answers are kept: scrapes do not ask the API each time.
+    let reviews = api.reviews();
+    for _ in 0..5 {
+        assert_eq!(code("/metrics", Some("prometheus-token")), Some(200));
+        assert_eq!(code("/metrics", Some("forged")), Some(401));
+    }
+    assert_eq!(api.reviews(), reviews, "asked the API again");
+
+    // A real Prometheus, over TLS with its token.
+    let prometheus = Prometheus::scraping_securely(addr, "prometheus-token");
+    let timeout = Duration::from_secs(30);
+    prometheus.wait_positive_or("up{job=\"observer\"}", timeout, "scraped over TLS");
+    prometheus.wait_positive_or(
+        "sum(observer_flow_packets_total{pod=\"web\",class=\"localhost\"})",
+        timeout,
+        "the lab's traffic, in Prometheus",
+    );
+    let m = observer.scrape();
+    assert!(
+        m.sum(
+            "observer_http_requests_total",
+            &[("path", "/metrics"), ("code", "401")]
+        ) >= 2.0
+    );
+    assert!(observer.terminate().success());
+}
+
+#[test]
+fn idle_connections_and_concurrent_scrapes_keep_no_one_out() {
+    raise_file_limit();
+    let _lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    // A file limit of 1,024, as container runtimes often set it: before the
+    // endpoint had limits, 1,100 idle connections took every descriptor.
+    let observer = Observer::start_with_file_limit(&["--netns-dir", "/var/run/netns"], 1024);
+    let addr = observer.addr();
+
+    // 2,000 connections that never send a byte, held open by this test.
+    let idle: Vec<TcpStream> = (0..2000)
+        .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"))
+        .collect();
+    // 50 scrapers at once, meanwhile.
+    let scrapers: Vec<_> = (0..50)
+        .map(|_| thread::spawn(move || http_get(addr, "/metrics").map(|(code, _)| code)))
+        .collect();
+    // A new pod meanwhile: attached as fast as ever.
+    let started = Instant::now();
+    let pod = Netns::create("storm").expect("a namespace");
+    let name = pod.name().to_owned();
+    let attached = observer.eventually("the new pod attached", |m| {
+        m.sum("observer_programs_attached", &[("pod", &name)]) >= 1.0
+    });
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "attached after {took:?}");
+    for scraper in scrapers {
+        assert_eq!(
+            scraper.join().unwrap(),
+            Some(200),
+            "a scrape went unanswered"
+        );
+    }
+    assert!(
+        attached.sum(
+            "observer_http_connections_closed_total",
+            &[("reason", "evicted")]
+        ) >= 1_000.0,
+        "idle connections made room for the scrapes"
+    );
+    assert!(observer.scrape().sum("observer_http_connections", &[]) <= 256.0);
+
+    // SIGTERM with the idle connections still open: all detached at once.
+    let stopping = Instant::now();
+    assert!(observer.terminate().success());
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(5), "stopped after {took:?}");
+    for _ in 0..50 {
+        if loaded_programs("observe_egress") == 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(loaded_programs("observe_egress"), 0, "programs left");
+    drop(idle);
+    drop(pod);
+}
+
+/// This test holds 2,000 sockets of its own.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a struct of our own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max.max(8192).min(limit.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
