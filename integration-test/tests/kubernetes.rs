@@ -430,3 +430,70 @@ fn kubernetes_mode_follows_real_pods_through_restarts_and_recreation() {
     enforced(&lab, "the pod made again");
     assert!(observer.terminate().success());
 }
+
+/// Kubernetes mode names a pod's namespace by a process of it
+/// (`/proc/<pid>/ns/net`). When that process exits, the pod lives on in its
+/// other processes: it stays attached and counted (before, its flows were
+/// dropped at every collection after that, and it was never announced
+/// again).
+#[test]
+fn a_pod_stays_observed_when_the_process_it_was_found_by_exits() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = TempDir::new("kube-process-exits");
+    let api_addr = free_port();
+    let api = FakeApi::serve(api_addr);
+    api.load(lab.inventory());
+    let kubeconfig = kube_api::kubeconfig(api_addr, dir.path());
+    let observer = Observer::start(&[
+        "--kubernetes",
+        "--node",
+        "node-1",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--collect-interval",
+        "1s",
+    ]);
+    let inbound = |m: &integration_test::Scrape| {
+        m.sum(
+            "observer_flow_packets_total",
+            &[("pod", "web"), ("direction", "ingress")],
+        )
+    };
+    observer.eventually("the client's requests to web", |m| inbound(m) > 0.0);
+    // The process the observer found web's namespace through.
+    let log = strip_colors(&observer.log());
+    let pid: i32 = log
+        .lines()
+        .find(|l| l.contains("attached") && l.contains("netns=default/web"))
+        .and_then(|l| l.split("path=/proc/").nth(1))
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("web's attach in the log:\n{log}"));
+    // SAFETY: a process of the lab's, which the test owns.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    // Collections go on; the pod's other container holds its namespace.
+    let before = inbound(&observer.scrape());
+    std::thread::sleep(Duration::from_secs(4));
+    observer.eventually("web still counted after the process went", |m| {
+        m.sum("observer_programs_attached", &[("pod", "web")]) == 3.0 && inbound(m) > before
+    });
+    assert!(observer.terminate().success());
+}
+
+/// The log without its terminal colors.
+fn strip_colors(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

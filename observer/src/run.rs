@@ -246,11 +246,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let pods = match explicit {
         Some(targets) => {
             for target in targets {
-                let attached = worker.attach(&target.path, target.pod, None).await?;
+                let attached = worker.attach(&target.path, target.pod, None, None).await?;
                 collector.send(CollectorEvent::Attached(attached));
             }
             worker.commit().await;
-            collector.send(CollectorEvent::Complete);
+            collector.send(CollectorEvent::Complete { watched: false });
             ready.store(true, Ordering::Release);
             Pods::Fixed(worker)
         }

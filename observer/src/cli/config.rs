@@ -211,6 +211,20 @@ mod tests {
         assert_eq!(run.drop_labels, ["port", "peer"]);
     }
 
+    /// A duration past any clock: clap's message (and exit), no panic
+    /// later when it is added to one.
+    #[test]
+    fn a_duration_that_would_overflow_is_refused() {
+        let matches = Cli::command().try_get_matches_from([
+            "observer",
+            "run",
+            "--series-grace",
+            "18446744073709551615s",
+        ]);
+        let err = matches.map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("too long"), "{err}");
+    }
+
     #[test]
     fn bad_values_are_refused_with_the_key() {
         for (file, words) in [

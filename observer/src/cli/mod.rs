@@ -327,8 +327,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if duration.is_zero() {
         return Err("the interval must be greater than zero".into());
     }
+    // Added to clocks: a longer one would overflow them.
+    if duration > MAX_DURATION {
+        return Err(format!("`{text}` is too long: at most 365 days"));
+    }
     Ok(duration)
 }
+
+/// The longest duration a setting takes.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[cfg(test)]
 mod tests {
@@ -350,6 +357,12 @@ mod tests {
         assert!(
             parse_duration("99999999999999999999s").is_err(),
             "not a u64"
+        );
+        assert!(
+            parse_duration("18446744073709551615s")
+                .unwrap_err()
+                .contains("too long"),
+            "a u64, but past any clock"
         );
     }
 

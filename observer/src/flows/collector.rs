@@ -81,6 +81,10 @@ pub struct Collector {
     /// The flow map is an earlier observer's, with no baseline of what it
     /// counted: the first collection only takes note of where each flow is.
     prime: bool,
+    /// Pods detached since the last collection: counted one last time.
+    leaving: std::collections::HashSet<u64>,
+    /// A watched source says which pods are gone (not their paths).
+    complete_by_source: bool,
     /// The same for the datapath statistics (evictions, insert failures).
     prime_stats: bool,
 }
@@ -151,6 +155,8 @@ impl Collector {
             verdicts: Verdicts::default(),
             complete: false,
             prime: false,
+            leaving: Default::default(),
+            complete_by_source: false,
             prime_stats: false,
         }
     }
@@ -203,8 +209,10 @@ impl Collector {
     }
 
     /// The source has been complete: flows of namespaces not attached go.
-    pub fn complete(&mut self) {
+    /// `watched`: a source detaches the pods that go (not `--netns`).
+    pub fn complete(&mut self, watched: bool) {
         self.complete = true;
+        self.complete_by_source = watched;
     }
 
     /// Everything to save, as one snapshot: the series' totals and, taken
@@ -260,12 +268,23 @@ impl Collector {
             .set(netns.programs as i64);
         self.flows.pod_present(&netns.pod);
         self.verdicts.attached(&netns.pod, &self.metrics);
+        // Detached and attached again before a collection: it stays.
+        self.leaving.remove(&netns.cookie);
         self.attached.insert(netns.cookie, netns);
     }
 
-    /// The pod is detached: its series expire after the grace period, its
-    /// flows leave the map at the next collection.
+    /// The pod is detached: what its programs counted since the last
+    /// collection is counted at the next one (a short-lived pod's last
+    /// seconds too); then its series expire after the grace period, and
+    /// its flows leave the map.
     pub fn detached(&mut self, cookie: u64) {
+        if self.attached.contains_key(&cookie) {
+            self.leaving.insert(cookie);
+        }
+    }
+
+    /// After its last collection: a detached pod goes.
+    fn gone(&mut self, cookie: u64) {
         if let Some(netns) = self.attached.remove(&cookie) {
             let _ = self
                 .metrics
@@ -414,6 +433,9 @@ impl Collector {
             self.last.remove(&self.hasher.hash_one(key));
         }
         self.unknown = unknown;
+        for cookie in std::mem::take(&mut self.leaving) {
+            self.gone(cookie);
+        }
         self.notice_gone_pods();
         self.flows.expire(Instant::now());
         self.report(created, insert_failures, live);
@@ -424,8 +446,15 @@ impl Collector {
     }
 
     /// A pod whose namespace is gone stops being attached: its series expire
-    /// after the grace period, its map entries are removed next time.
+    /// after the grace period, its map entries are removed next time. Only
+    /// for namespaces named on the command line (`--netns`), where nothing
+    /// else detaches them; a source that is watched detaches its pods
+    /// itself, and a `/proc/<pid>/ns/net` path that went with its process
+    /// says nothing of the pod (another process of it holds the namespace).
     fn notice_gone_pods(&mut self) {
+        if self.complete_by_source {
+            return;
+        }
         let now = Instant::now();
         self.attached.retain(|_, netns| {
             if netns.path.exists() {
@@ -500,20 +529,27 @@ fn awaits_name(
         .any(|id| unnamed.holds(id, now))
 }
 
-/// What a flow gained since `before`. A flow whose counters went down was
-/// evicted and created anew in between: all of `now` is new.
+/// Bytes a packet has at least, as tc sees it (an IPv4 header).
+const MIN_PACKET: u64 = 20;
+
+/// What a flow gained since `before`. A flow the kernel evicted and made
+/// anew in between (it came back) counts from zero: all of `now` is new.
+/// That is told by its bytes going down, or by more packets than its bytes
+/// can hold (its packets went down, which wraps `before`'s 32 bits of them:
+/// counted as is, that would be a jump of 4 G packets).
 fn difference(now: &FlowValue, before: &Seen) -> Counts {
-    if now.bytes < before.bytes {
-        return Counts {
+    let packets = u64::from((now.packets as u32).wrapping_sub(before.packets));
+    match now.bytes.checked_sub(before.bytes) {
+        Some(bytes) if bytes >= packets.saturating_mul(MIN_PACKET) => Counts {
+            packets,
+            bytes,
+            connections: u64::from((now.connections as u16).wrapping_sub(before.connections)),
+        },
+        _ => Counts {
             packets: now.packets,
             bytes: now.bytes,
             connections: u64::from(now.connections),
-        };
-    }
-    Counts {
-        packets: u64::from((now.packets as u32).wrapping_sub(before.packets)),
-        bytes: now.bytes - before.bytes,
-        connections: u64::from((now.connections as u16).wrapping_sub(before.connections)),
+        },
     }
 }
 

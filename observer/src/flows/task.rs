@@ -28,7 +28,10 @@ pub enum CollectorEvent {
     PolicyNames(Arc<HashMap<u32, RuleName>>),
     /// The source has been complete once: every pod it has is attached (or
     /// waits), so flows of namespaces that are not attached may go.
-    Complete,
+    /// `watched`: the source detaches pods that go (not `--netns`).
+    Complete {
+        watched: bool,
+    },
 }
 
 /// Asks for a fresh collection, and for its series if `rows` (only
@@ -190,6 +193,6 @@ fn apply(collector: &mut Collector, event: CollectorEvent) {
         CollectorEvent::Detached(cookie) => collector.detached(cookie),
         CollectorEvent::Identities(identities) => collector.set_identities(identities),
         CollectorEvent::PolicyNames(names) => collector.set_policy_names(names),
-        CollectorEvent::Complete => collector.complete(),
+        CollectorEvent::Complete { watched } => collector.complete(watched),
     }
 }

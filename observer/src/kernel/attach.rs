@@ -60,6 +60,10 @@ pub enum AttachError {
         path: PathBuf,
         source: Box<aya::programs::links::LinkError>,
     },
+    #[error(
+        "{path} is no longer the namespace it was found for (its process went, its PID was given to another)"
+    )]
+    NotTheOne { path: PathBuf },
     #[error("no namespace with cookie {0} is attached")]
     NotAttached(u64),
     #[error("the attach worker has stopped")]
@@ -87,11 +91,16 @@ pub struct AttachedNetns {
     pub taken_over: bool,
 }
 
+/// Tells, once a namespace is open (by its device and inode), whether it
+/// is the one its path was found for.
+pub type Check = Box<dyn FnOnce(Option<(u64, u64)>) -> bool + Send>;
+
 enum Request {
     Attach {
         path: PathBuf,
         pod: ObjectRef,
         cgroup: Option<PathBuf>,
+        check: Option<Check>,
         reply: oneshot::Sender<Result<AttachedNetns, AttachError>>,
     },
     Detach {
@@ -162,18 +171,21 @@ impl AttachWorker {
     /// Attaches to the network namespace of `pod` at `path`, and to the
     /// pod's `cgroup` (the policy hooks) if it is known. Links an earlier
     /// observer pinned for this namespace are taken over instead (see
-    /// [`AttachWorker::commit`]).
+    /// [`AttachWorker::commit`]). `check`, if given, is asked once the
+    /// namespace is open whether it is still the one meant.
     pub async fn attach(
         &self,
         path: &Path,
         pod: ObjectRef,
         cgroup: Option<&Path>,
+        check: Option<Check>,
     ) -> Result<AttachedNetns, AttachError> {
         let (reply, answer) = oneshot::channel();
         self.send(Request::Attach {
             path: path.into(),
             pod,
             cgroup: cgroup.map(Path::to_path_buf),
+            check,
             reply,
         })?;
         answer.await.map_err(|_| AttachError::WorkerGone)?

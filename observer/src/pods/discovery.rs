@@ -81,6 +81,8 @@ pub fn find(proc_root: &Path, cgroup_root: &Path, ids: &[&str]) -> HashMap<Strin
 /// A pod found on this node by its UID.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FoundPod {
+    /// The UID the node runs it under (its cgroup's `pod<uid>`).
+    pub node_uid: String,
     /// The network namespace of one of its container processes.
     pub netns: PathBuf,
     /// Its containers' cgroup v2 directories, by container id (the pod's
@@ -144,7 +146,8 @@ pub fn find_pods(
         // `sleep` of a shell loop) takes its `/proc` path with it when it
         // exits. `/proc` lists recycled PIDs in no order of age.
         let started = start_time(proc_root, process.pid).unwrap_or(u64::MAX);
-        let pod = found.entry(uid).or_insert_with(|| FoundPod {
+        let pod = found.entry(uid.clone()).or_insert_with(|| FoundPod {
+            node_uid: uid,
             netns: netns.clone(),
             ..FoundPod::default()
         });
@@ -163,6 +166,36 @@ pub fn find_pods(
         }
     }
     found
+}
+
+/// Whether the process behind `netns_path` (`<proc>/<pid>/ns/net`) is still
+/// one of pod `uid`'s, as its cgroup says, and not in the node's namespace
+/// (`host_netns`). Asked once the namespace is open: a PID found at scan
+/// time may have been given to another process since (the node's own),
+/// and the namespace held must be the pod's.
+pub fn still_the_pods(
+    netns_path: &Path,
+    opened: Option<(u64, u64)>,
+    uid: &str,
+    host_netns: Option<(u64, u64)>,
+) -> bool {
+    if opened.is_none() || opened == host_netns {
+        return false;
+    }
+    let Some(cgroup) = netns_path
+        .parent()
+        .and_then(Path::parent)
+        .map(|pid| pid.join("cgroup"))
+    else {
+        return false;
+    };
+    let Ok(text) = fs::read_to_string(cgroup) else {
+        return false;
+    };
+    text.lines()
+        .filter_map(|line| line.splitn(3, ':').nth(2))
+        .filter_map(pod_uid_in_cgroup)
+        .any(|found| found == uid)
 }
 
 /// The device and inode of a namespace file: which namespace it is.

@@ -35,6 +35,19 @@ pub struct Target {
     pub cgroup: Option<PathBuf>,
     /// It has an IP, so CNI has given it its `eth0`.
     pub has_ip: bool,
+    /// For a `/proc/<pid>/ns/net` path: whose process it must still be
+    /// when it is opened.
+    pub check: Option<ProcCheck>,
+}
+
+/// The pod a `/proc/<pid>/ns/net` path was found for: checked again once
+/// the namespace is open (the PID may have been given to another process).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcCheck {
+    /// The pod's UID as the node has it (its cgroup's `pod<uid>`).
+    pub pod_uid: String,
+    /// The node's own network namespace, which is never a pod's.
+    pub host_netns: Option<(u64, u64)>,
 }
 
 /// What a source says now.

@@ -83,6 +83,7 @@ mod tests {
 
     fn target(path: Option<&str>, has_ip: bool) -> Target {
         Target {
+            check: None,
             path: path.map(Into::into),
             pod: ObjectRef::new("default", "p"),
             cgroup: None,

@@ -260,7 +260,8 @@ impl Reconciler {
     async fn reconcile_and_mark(&mut self, trigger: Trigger, ready: &AtomicBool) {
         if self.reconcile(trigger).await && !ready.swap(true, Ordering::AcqRel) {
             // From now on every pod is known: flows of others may go.
-            self.collector.send(CollectorEvent::Complete);
+            self.collector
+                .send(CollectorEvent::Complete { watched: true });
         }
     }
 
@@ -377,7 +378,17 @@ impl Reconciler {
                 continue;
             };
             let cgroup = target.cgroup.as_deref();
-            match self.worker.attach(path, target.pod.clone(), cgroup).await {
+            let check = target.check.clone().map(|check| {
+                let path = path.clone();
+                Box::new(move |opened| {
+                    discovery::still_the_pods(&path, opened, &check.pod_uid, check.host_netns)
+                }) as crate::kernel::attach::Check
+            });
+            match self
+                .worker
+                .attach(path, target.pod.clone(), cgroup, check)
+                .await
+            {
                 Ok(attached) => {
                     self.waiting.remove(&key);
                     self.failed.remove(&key);
@@ -398,10 +409,12 @@ impl Reconciler {
                     self.attached.insert(key, entry);
                 }
                 // Not a namespace yet: `ip netns add` creates the file, then
-                // bind-mounts the namespace on it. Or gone meanwhile.
-                Err(AttachError::Netns(
-                    NetnsError::NotNetns { .. } | NetnsError::NotFound { .. },
-                )) => {
+                // bind-mounts the namespace on it. Or gone meanwhile (or
+                // its PID given to another process): looked for again.
+                Err(
+                    AttachError::Netns(NetnsError::NotNetns { .. } | NetnsError::NotFound { .. })
+                    | AttachError::NotTheOne { .. },
+                ) => {
                     self.waiting.insert(key);
                 }
                 Err(err) => {

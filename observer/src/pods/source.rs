@@ -13,7 +13,7 @@ use observer_common::inventory::Inventory;
 use tokio::sync::watch;
 
 use super::{
-    Snapshot, Target,
+    ProcCheck, Snapshot, Target,
     bundles::Bundles,
     cluster::{ClusterView, view},
     discovery::{self, FoundPod},
@@ -76,7 +76,8 @@ impl ClusterSource {
     /// it, before any of its processes runs), named by the runtime's bundle
     /// where it has one of the pod's.
     fn refresh_containers(&mut self) {
-        for (uid, pod) in &mut self.found {
+        for pod in self.found.values_mut() {
+            let uid = &pod.node_uid;
             let Some(pod_cgroup) = pod.containers.values().next().and_then(|c| c.parent()) else {
                 continue;
             };
@@ -161,6 +162,7 @@ fn dir_snapshot(dir: &Path, metrics: &Metrics) -> Option<Snapshot> {
                 path: Some(path.clone()),
                 cgroup: None,
                 has_ip: false,
+                check: None,
             };
             (path.display().to_string(), target)
         })
@@ -192,6 +194,7 @@ fn inventory_snapshot(path: &Path, node: Option<&str>, metrics: &Metrics) -> Opt
                 pod: ObjectRef::new(&p.namespace, &p.name),
                 cgroup: pod_cgroup(p.containers.iter().map(|c| c.cgroup.as_path())),
                 has_ip: true,
+                check: None,
             };
             Some((p.uid.clone(), target))
         })
@@ -224,12 +227,13 @@ impl ClusterSource {
         // its bundle (no need to read every process again).
         self.refresh_containers();
         let inventory = view.inventory(&self.node, self.service_cidr, &self.found);
+        let host_netns = discovery::netns_id(&self.proc_root.join("1/ns/net"));
         // Found is enough: a pod is attached before it has an IP.
         // Terminating pods stay attached while their processes run.
         let targets = view
             .pods_to_attach()
             .filter_map(|p| {
-                let found = self.found.get(&p.node_uid);
+                let found = self.found.get(&p.uid);
                 let path = found.map(|f| f.netns.clone());
                 if path.is_none() && p.terminating {
                     return None;
@@ -240,6 +244,10 @@ impl ClusterSource {
                     cgroup: found
                         .and_then(|f| pod_cgroup(f.containers.values().map(PathBuf::as_path))),
                     has_ip: p.ip.is_some(),
+                    check: Some(ProcCheck {
+                        pod_uid: found.map_or_else(|| p.uid.clone(), |f| f.node_uid.clone()),
+                        host_netns,
+                    }),
                 };
                 Some((p.uid.clone(), target))
             })

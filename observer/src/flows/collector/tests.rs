@@ -27,3 +27,18 @@ fn a_flow_that_restarted_counts_from_zero() {
     let d = difference(&value(2, 100), &seen(9, 900));
     assert_eq!((d.packets, d.bytes), (2, 100));
 }
+
+#[test]
+fn a_flow_that_came_back_with_fewer_packets_and_more_bytes_counts_from_zero() {
+    // Evicted after 100 small packets; back with 10 large ones.
+    let d = difference(&value(10, 15_000), &seen(100, 6_400));
+    assert_eq!((d.packets, d.bytes), (10, 15_000), "no jump of 4 G packets");
+    // A long-lived flow past 2^32 packets: its 32 bits wrap, it goes on.
+    let before = Seen {
+        packets: u32::MAX - 5,
+        bytes: 1 << 40,
+        ..Seen::default()
+    };
+    let d = difference(&value((1 << 32) + 10, (1 << 40) + 16 * 64), &before);
+    assert_eq!((d.packets, d.bytes), (16, 16 * 64));
+}

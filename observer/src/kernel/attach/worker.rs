@@ -132,9 +132,10 @@ impl Worker {
                     path,
                     pod,
                     cgroup,
+                    check,
                     reply,
                 } => {
-                    let _ = reply.send(self.attach(&path, pod, cgroup.as_deref()));
+                    let _ = reply.send(self.attach(&path, pod, cgroup.as_deref(), check));
                 }
                 Request::Detach { cookie, reply } => {
                     let _ = reply.send(self.detach(cookie));
@@ -207,9 +208,16 @@ impl Worker {
         path: &Path,
         pod: ObjectRef,
         cgroup: Option<&Path>,
+        check: Option<super::Check>,
     ) -> Result<AttachedNetns, AttachError> {
         let name = pod.to_string();
         let netns = NetNs::open(path)?;
+        // Open first, then ask: the namespace held is the one checked.
+        if let Some(check) = check
+            && !check(netns.id().ok())
+        {
+            return Err(AttachError::NotTheOne { path: path.into() });
+        }
         let cookie = netns
             .run(&self.home, netns::cookie_of_current)?
             .map_err(|source| AttachError::Cookie {

@@ -50,11 +50,18 @@ pub fn trim_pod(pod: &Pod, with_containers: bool) -> Option<PodInfo> {
     let mirror_of = meta
         .annotations
         .as_ref()
-        .and_then(|a| a.get("kubernetes.io/config.mirror"));
+        .and_then(|a| a.get("kubernetes.io/config.mirror"))
+        .cloned();
+    let owned_by_node = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Node" && o.api_version == "v1");
     Some(PodInfo {
         namespace: meta.namespace.clone()?,
         name: meta.name.clone()?,
-        node_uid: mirror_of.cloned().unwrap_or_else(|| uid.clone()),
+        mirror_of: mirror_of.filter(|_| with_containers),
+        owned_by_node,
         uid,
         terminating: meta.deletion_timestamp.is_some(),
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),

@@ -22,9 +22,12 @@ pub struct PodInfo {
     pub namespace: String,
     pub name: String,
     pub uid: String,
-    /// The UID the node runs it under: a static pod's config hash (the
-    /// `kubernetes.io/config.mirror` annotation of its mirror pod), else `uid`.
-    pub node_uid: String,
+    /// The `kubernetes.io/config.mirror` annotation, if it is (says it is)
+    /// the mirror pod of a static pod: the config hash the node runs that
+    /// pod under. Any pod author can write it: see [`find_on_node`].
+    pub mirror_of: Option<String>,
+    /// Its owner is a Node, as a mirror pod's is.
+    pub owned_by_node: bool,
     pub node: String,
     pub labels: BTreeMap<String, String>,
     /// Being deleted (its processes may already be gone).
@@ -203,7 +206,7 @@ impl ClusterView {
             .filter(|p| !p.host_network && !p.finished)
             .filter_map(|p| {
                 let ip = p.ip?;
-                let on_node = found.get(&p.node_uid);
+                let on_node = found.get(&p.uid);
                 Some(inventory::Pod {
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
@@ -277,15 +280,60 @@ fn containers(pod: &PodInfo, found: &FoundPod) -> Vec<inventory::Container> {
     by_status.chain(by_bundle).collect()
 }
 
-/// Looks for this node's pods on the node (see [`discovery::find_pods`]).
+/// Looks for this node's pods on the node (see [`discovery::find_pods`]),
+/// by the UIDs their cgroups are named after; returns them by their API
+/// UID.
+///
+/// A static pod runs under its config hash, which its mirror pod names in
+/// an annotation; but any pod author can write that annotation, naming
+/// another pod's. So it is believed only for a pod that runs under no
+/// cgroup of its own UID (every pod made through the API does), whose
+/// owner is a Node (as the kubelet makes mirror pods), and whose hash no
+/// other pod claims: a pod never takes another's namespace, containers or
+/// policy by claiming it.
 pub fn find_on_node(
     view: &ClusterView,
     proc_root: &Path,
     cgroup_root: &Path,
 ) -> HashMap<String, FoundPod> {
-    let uids: HashSet<&str> = view.pods_to_attach().map(|p| p.node_uid.as_str()).collect();
+    let pods: Vec<&PodInfo> = view.pods_to_attach().collect();
+    let uids: HashSet<&str> = pods
+        .iter()
+        .flat_map(|p| [Some(p.uid.as_str()), p.mirror_of.as_deref()])
+        .flatten()
+        .collect();
     let host = discovery::netns_id(&proc_root.join("1/ns/net"));
-    discovery::find_pods(proc_root, cgroup_root, &uids, host)
+    let found = discovery::find_pods(proc_root, cgroup_root, &uids, host);
+    by_api_uid(&pods, found)
+}
+
+/// The pods found on the node (by the UID their cgroups name), by API UID:
+/// a mirror pod's annotation is believed as [`find_on_node`] says.
+fn by_api_uid(
+    pods: &[&PodInfo],
+    mut found: HashMap<String, FoundPod>,
+) -> HashMap<String, FoundPod> {
+    // A pod that runs under its own UID is no mirror pod: its claim is
+    // void (and cannot take the static pod's away either).
+    let mut claims: HashMap<&str, usize> = HashMap::new();
+    let claimants = pods.iter().filter(|p| !found.contains_key(&p.uid));
+    for hash in claimants.filter_map(|p| p.mirror_of.as_deref()) {
+        *claims.entry(hash).or_default() += 1;
+    }
+    pods.iter()
+        .filter_map(|p| {
+            if let Some(own) = found.remove(&p.uid) {
+                return Some((p.uid.clone(), own));
+            }
+            let hash = p.mirror_of.as_deref()?;
+            let trusted = p.owned_by_node && claims.get(hash) == Some(&1);
+            if !trusted {
+                tracing::debug!(pod = %format!("{}/{}", p.namespace, p.name), "a mirror pod's annotation not believed");
+                return None;
+            }
+            Some((p.uid.clone(), found.remove(hash)?))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -299,7 +347,8 @@ mod tests {
             namespace: "default".into(),
             name: name.into(),
             uid: uid.into(),
-            node_uid: uid.into(),
+            mirror_of: None,
+            owned_by_node: false,
             node: node.into(),
             terminating: false,
             labels: BTreeMap::new(),
@@ -351,6 +400,7 @@ mod tests {
         let found = HashMap::from([(
             "u-web".to_owned(),
             FoundPod {
+                node_uid: "u-web".into(),
                 netns: "/proc/42/ns/net".into(),
                 containers: HashMap::from([
                     ("a".repeat(64), "/sys/fs/cgroup/x".into()),
@@ -385,6 +435,43 @@ mod tests {
             inventory.pods[0].netns, None,
             "a peer has no namespace here"
         );
+    }
+
+    #[test]
+    fn a_mirror_pods_annotation_is_believed_only_for_a_static_pod() {
+        let hash = "6e9a1d2c3b4a5f60718293a4b5c6d7e8";
+        let found = |uid: &str| FoundPod {
+            node_uid: uid.into(),
+            netns: format!("/proc/{}/ns/net", uid.len()).into(),
+            ..FoundPod::default()
+        };
+        let mut real = pod("etcd", "u-etcd", "node-1", None);
+        real.mirror_of = Some(hash.into());
+        real.owned_by_node = true;
+        // The kubelet runs the static pod under its hash: the mirror pod
+        // gets its namespace.
+        let on_node = HashMap::from([(hash.to_owned(), found(hash))]);
+        let got = by_api_uid(&[&real], on_node.clone());
+        assert_eq!(got["u-etcd"].node_uid, hash);
+        // A pod that copies the annotation (and a Node owner) runs under its
+        // own UID, which wins: it gets its own namespace, the static pod
+        // keeps its.
+        let mut forged = pod("thief", "u-thief", "node-1", None);
+        forged.mirror_of = Some(hash.into());
+        forged.owned_by_node = true;
+        let mut both = on_node.clone();
+        both.insert("u-thief".into(), found("u-thief"));
+        let got = by_api_uid(&[&real, &forged], both);
+        assert_eq!(got["u-thief"].node_uid, "u-thief", "its own namespace");
+        assert_eq!(got["u-etcd"].node_uid, hash, "the static pod's, still");
+        // Two claimants that run under no UID of their own: neither.
+        let mut other = forged.clone();
+        other.uid = "u-other".into();
+        assert!(by_api_uid(&[&real, &other], on_node.clone()).is_empty());
+        // Not owned by a Node: not a mirror pod's.
+        let mut unowned = real.clone();
+        unowned.owned_by_node = false;
+        assert!(by_api_uid(&[&unowned], on_node).is_empty());
     }
 
     #[test]

@@ -178,3 +178,41 @@ fn a_pods_namespace_is_named_by_its_oldest_process() {
     assert_eq!(start_time(&root, 3), Some(5_000));
     let _ = fs::remove_dir_all(&root);
 }
+
+#[test]
+fn a_path_is_checked_again_once_its_namespace_is_open() {
+    let dir = std::env::temp_dir().join(format!("observer-recheck-{}", std::process::id()));
+    let pid = dir.join("4242");
+    std::fs::create_dir_all(pid.join("ns")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/ns/net", pid.join("ns/net")).unwrap();
+    let path = pid.join("ns/net");
+    let uid = "0f3c9a7e-1111-2222-3333-444455556666";
+    let opened = netns_id(&path);
+    let other = Some((0, 1));
+    std::fs::write(
+        pid.join("cgroup"),
+        format!("0::/kubepods/besteffort/pod{uid}/{}\n", "a".repeat(64)),
+    )
+    .unwrap();
+    assert!(
+        still_the_pods(&path, opened, uid, other),
+        "the pod's process"
+    );
+    assert!(
+        !still_the_pods(&path, opened, uid, opened),
+        "the node's own namespace, never"
+    );
+    assert!(!still_the_pods(&path, None, uid, other), "nothing opened");
+    // The PID went to a process of the node's, or of another pod.
+    std::fs::write(pid.join("cgroup"), "0::/system.slice/sshd.service\n").unwrap();
+    assert!(!still_the_pods(&path, opened, uid, other));
+    std::fs::write(
+        pid.join("cgroup"),
+        "0::/kubepods/besteffort/pod99999999-1111-2222-3333-444455556666/x\n",
+    )
+    .unwrap();
+    assert!(!still_the_pods(&path, opened, uid, other));
+    std::fs::remove_file(pid.join("cgroup")).unwrap();
+    assert!(!still_the_pods(&path, opened, uid, other), "gone");
+    let _ = std::fs::remove_dir_all(&dir);
+}
