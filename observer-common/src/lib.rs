@@ -36,4 +36,6 @@ mod pod {
     unsafe impl aya::Pod for super::VerdictKey {}
     unsafe impl aya::Pod for super::SocketInfo {}
     unsafe impl aya::Pod for super::NodeInfo {}
+    unsafe impl aya::Pod for super::OverflowKey {}
+    unsafe impl aya::Pod for super::OverflowValue {}
 }

@@ -14,6 +14,36 @@ pub const LAYOUT_VERSION: u32 = 1;
 pub const FLOWS_MAP: &str = "FLOWS";
 /// Capacity the flow map is built with; the daemon may resize it before load.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
+/// Name of the map of packets whose flow did not fit in the flow map
+/// ([`OverflowKey`] to [`OverflowValue`]): counted per pod, interface and
+/// direction, not classified; nothing is lost.
+pub const OVERFLOW_MAP: &str = "OVERFLOW";
+/// Capacity of the overflow map: a few hooks for each pod.
+pub const OVERFLOW_CAPACITY: u32 = 16_384;
+
+/// Key of [`OVERFLOW_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OverflowKey {
+    pub netns_cookie: u64,
+    /// One of [`crate::interface`].
+    pub interface: u8,
+    /// One of [`crate::direction`].
+    pub direction: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<OverflowKey>() == 16);
+
+/// Value of [`OVERFLOW_MAP`]: what [`FlowValue`] counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverflowValue {
+    pub packets: u64,
+    pub bytes: u64,
+    pub connections: u64,
+}
+const _: () = assert!(core::mem::size_of::<OverflowValue>() == 24);
+
 /// Name of the per-CPU datapath statistics map ([`DatapathStats`]).
 pub const STATS_MAP: &str = "STATS";
 /// Name of the Service map: [`ServiceKey`] to a Service id (`u32`).
@@ -70,7 +100,9 @@ pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
     addr
 }
 
-/// One flow as seen at one hook of one pod network namespace. 48 bytes: the
+/// One flow as seen at one hook of one pod network namespace (a key of
+/// [`FLOWS_MAP`], a plain hash map: a flow stays until the daemon has
+/// counted it to its last packet and removes it). 48 bytes: the
 /// kernel hashes the whole key for every packet.
 ///
 /// Addresses are 16 bytes: IPv4 as an IPv4-mapped IPv6 address
@@ -252,10 +284,10 @@ impl CidrValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DatapathStats {
-    /// New flow entries inserted. Inserted minus live entries (minus entries
-    /// the daemon removed) is what the LRU evicted.
+    /// New flow entries inserted.
     pub flows_created: u64,
-    /// Packets not counted because the flow could not be inserted.
+    /// Packets not counted because neither the flow map nor the overflow
+    /// map had room.
     pub flow_insert_failed: u64,
     /// Packets not counted because the shared classifier could not be
     /// tail-called (it is not loaded).

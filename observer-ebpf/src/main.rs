@@ -30,7 +30,7 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray},
     programs::TcContext,
 };
 use aya_log_ebpf::{
@@ -39,16 +39,23 @@ use aya_log_ebpf::{
 };
 use observer_common::{
     CIDRS_CAPACITY, CidrValue, DEFAULT_FLOW_CAPACITY, DatapathStats, FlowKey, FlowValue,
-    SERVICES_CAPACITY, ServiceKey,
+    OVERFLOW_CAPACITY, OverflowKey, OverflowValue, SERVICES_CAPACITY, ServiceKey,
     direction::{EGRESS, INGRESS},
     family, flow_flags, interface, ports, protocol, server, verdict,
 };
 
-/// Flows of every attached namespace. A shared LRU (not per-CPU): per-CPU
-/// values would multiply the map's memory by the number of CPUs.
+/// Flows of every attached namespace. Shared (not per-CPU: per-CPU values
+/// would multiply the map's memory by the number of CPUs), and not an LRU:
+/// nothing is evicted before it is counted. The daemon removes a flow once
+/// it has counted it to its last packet (idle, or to make room).
 #[map]
-static FLOWS: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// The packets of flows the flow map has no room for, per pod, interface
+/// and direction: counted, not classified.
+#[map]
+static OVERFLOW: HashMap<OverflowKey, OverflowValue> =
+    HashMap::with_max_entries(OVERFLOW_CAPACITY, 0);
 
 /// Service ClusterIP, port and protocol to the Service's id.
 #[map]
@@ -278,9 +285,53 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> 
         // SAFETY: a live map value.
         return (unsafe { (*value).verdict }, None);
     } else {
-        bump_stats(|s| s.flow_insert_failed += 1);
+        // No room: counted all the same, as the pod's.
+        overflow(key, bytes, syn);
     }
     (0, None)
+}
+
+/// Counts a packet whose flow has no room in the flow map.
+#[inline(always)]
+fn overflow(key: &FlowKey, bytes: u64, syn: u32) {
+    let key = OverflowKey {
+        netns_cookie: key.netns_cookie,
+        interface: key.interface,
+        direction: key.direction,
+        _pad: [0; 6],
+    };
+    let first = OverflowValue {
+        packets: 1,
+        bytes,
+        connections: u64::from(syn),
+    };
+    let counted = match OVERFLOW.get_ptr_mut(&key) {
+        Some(value) => Some(value),
+        None if OVERFLOW
+            .insert(&key, &first, u64::from(BPF_NOEXIST))
+            .is_ok() =>
+        {
+            None
+        }
+        // Another CPU inserted it first, or there is no room there either.
+        None => match OVERFLOW.get_ptr_mut(&key) {
+            Some(value) => Some(value),
+            None => {
+                bump_stats(|s| s.flow_insert_failed += 1);
+                None
+            }
+        },
+    };
+    if let Some(value) = counted {
+        // SAFETY: a live, 8-byte aligned map value; other CPUs add too.
+        unsafe {
+            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).packets, 1);
+            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).bytes, bytes);
+            if syn != 0 {
+                atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).connections, 1);
+            }
+        }
+    }
 }
 
 /// Whether a flow is an inbound connection to be decided by `decide_ingress`.

@@ -49,9 +49,11 @@ pub struct Metrics {
     /// Flows in the kernel's flow map, and its capacity.
     pub flow_map_entries: IntGauge,
     pub flow_map_capacity: IntGauge,
-    /// Flows the kernel's LRU pushed out to make room: their packets since
-    /// the last collection are lost to the counters.
-    pub flow_map_evictions: IntCounter,
+    /// Flows taken out of the flow map once counted to their last packet
+    /// (quiet for a minute, or quiet while the map is nearly full).
+    pub flow_map_reclaimed: IntCounter,
+    /// Packets counted while the flow map had no room for their flow.
+    pub flow_overflow_packets: IntCounter,
     /// Packets not counted because their flow could not be inserted.
     pub flow_insert_failures: IntCounter,
     /// Traffic series exported (per family).
@@ -118,9 +120,14 @@ impl Metrics {
                 "Capacity of the kernel flow map.",
             )
             .expect("valid metric"),
-            flow_map_evictions: IntCounter::new(
-                "observer_flow_map_evictions_total",
-                "Flows the kernel flow map evicted to make room for new ones.",
+            flow_map_reclaimed: IntCounter::new(
+                "observer_flow_map_reclaimed_total",
+                "Flows taken out of the kernel flow map once counted to their last packet: quiet for a minute, or quiet while the map is nine tenths full.",
+            )
+            .expect("valid metric"),
+            flow_overflow_packets: IntCounter::new(
+                "observer_flow_map_overflow_packets_total",
+                "Packets whose flow had no room in the kernel flow map: counted in their pod's overflow series (class unknown, details overflow), not classified. Raise --flow-capacity.",
             )
             .expect("valid metric"),
             flow_insert_failures: IntCounter::new(
@@ -198,7 +205,8 @@ impl Metrics {
         metrics.register(metrics.collection_duration.clone());
         metrics.register(metrics.flow_map_entries.clone());
         metrics.register(metrics.flow_map_capacity.clone());
-        metrics.register(metrics.flow_map_evictions.clone());
+        metrics.register(metrics.flow_map_reclaimed.clone());
+        metrics.register(metrics.flow_overflow_packets.clone());
         metrics.register(metrics.flow_insert_failures.clone());
         metrics.register(metrics.errors.clone());
         metrics.register(metrics.policy_reloads.clone());

@@ -211,6 +211,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut collector =
         Collector::new(maps, Arc::clone(&metrics), flows, discovery::cgroup2_root());
     collector.take_up(&inherited, saved.baseline, saved.verdicts);
+    // Quiet flows go after a minute's worth of collection ticks.
+    let ticks = (60_000 / args.collect_interval.as_millis().max(1)).clamp(1, 255);
+    collector.reclaim_after(ticks as u8);
     let worker = AttachWorker::start(datapath, args.attach_noop, args.tc_netlink)?;
 
     // Serve from now on: /healthz answers while the pods are attached (that

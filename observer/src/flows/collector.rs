@@ -2,10 +2,13 @@
 //! FLOWS (kernel) -> deltas -> series -> [`FlowMetrics`] -> /metrics.
 //!
 //! The kernel keeps cumulative counters per flow. Each collection walks the
-//! map, takes the difference to what it saw last time (a flow the LRU evicted
-//! and that came back starts from zero, which the difference detects), and
-//! adds it to the flow's series ([`super::series`]). Entries of namespaces
-//! that are not attached (any more) are removed from the map.
+//! map, takes the difference to what it saw last time, and adds it to the
+//! flow's series ([`super::series`]). Nothing is lost: the map evicts
+//! nothing; the collector takes a flow out once it has been quiet a while
+//! (or the map is nearly full), in one step with what it held; packets of
+//! flows that find no room are counted per pod and hook in the overflow
+//! map, into the pod's overflow series. Entries of namespaces that are not
+//! attached (any more) are removed from the map.
 //!
 //! Memory: a 16-byte record per flow, keyed by the flow's 64-bit hash, in a
 //! table sized for the flow map's capacity up front (so it never grows, and
@@ -19,19 +22,22 @@ use std::{
     time::Instant,
 };
 
-use aya::maps::MapError;
-use observer_common::FlowValue;
+use std::os::fd::AsFd;
+
+use aya::maps::{IterableMap, MapError};
+use observer_common::{FlowKey, FlowValue, OverflowKey, OverflowValue};
 
 use super::{
     cgroups::{CgroupNames, Unnamed},
     metrics::{Counts, FlowMetrics},
-    saved::{Baseline, FlowBaseline, Saved, SavedVerdicts},
+    saved::{Baseline, FlowBaseline, OverflowBaseline, Saved, SavedVerdicts},
     schema::FlowRow,
+    series,
     series::Series,
     verdicts::Verdicts,
 };
 use crate::{
-    kernel::{attach::AttachedNetns, datapath::Maps},
+    kernel::{self, attach::AttachedNetns, datapath::Maps},
     metrics::Metrics,
     names::{Identities, SharedIdentities},
     policy::compile::RuleName,
@@ -64,10 +70,13 @@ pub struct Collector {
     /// collection: their flows go at this one. (Not at once: a pod attached a
     /// moment ago may have flows before the collector hears of it.)
     unknown: std::collections::HashSet<u64>,
-    /// Map entries this collector removed (they are not evictions).
-    removed: u64,
-    evictions_reported: u64,
     insert_failures_reported: u64,
+    /// Quiet ticks after which a flow is taken out of the map, counted to
+    /// its last packet.
+    idle_ticks: u8,
+    /// What the overflow map held at the last collection, by pod, interface
+    /// and direction.
+    overflow_seen: HashMap<OverflowKey, OverflowValue>,
     last_collection: Instant,
     /// The last collection's series (names resolved only if `rows` asks),
     /// and the seconds it covered.
@@ -100,6 +109,8 @@ struct Seen {
     connections: u16,
     /// Collection pass that last saw the flow (only "this one or not" matters).
     pass: u8,
+    /// Ticks (`--collect-interval` collections) in a row without a packet.
+    quiet: u8,
 }
 const _: () = assert!(size_of::<Seen>() == 16);
 
@@ -146,9 +157,9 @@ impl Collector {
             unknown: Default::default(),
             hasher: RandomState::new(),
             pass: 0,
-            removed: 0,
-            evictions_reported: 0,
             insert_failures_reported: 0,
+            idle_ticks: IDLE_TICKS,
+            overflow_seen: HashMap::new(),
             last_collection: Instant::now(),
             last_series: Vec::new(),
             last_seconds: 0.0,
@@ -172,16 +183,44 @@ impl Collector {
         baseline: Option<Baseline>,
         verdicts: Vec<SavedVerdicts>,
     ) {
-        use observer_common::{FLOWS_MAP, STATS_MAP, VERDICTS_MAP};
+        use observer_common::{FLOWS_MAP, OVERFLOW_MAP, STATS_MAP, VERDICTS_MAP};
         self.verdicts.restore(verdicts);
         let ids = self.maps.ids;
-        let (flows, kernel_verdicts) = match baseline {
+        let (flows, kernel_verdicts, overflow) = match baseline {
             Some(b) => (
                 (b.maps.flows == ids.flows).then_some(b.flows),
                 (b.maps.verdicts == ids.verdicts).then_some(b.verdicts),
+                (b.maps.overflow == ids.overflow).then_some(b.overflow),
             ),
-            None => (None, None),
+            None => (None, None, None),
         };
+        if inherited.contains(OVERFLOW_MAP) {
+            match overflow {
+                Some(saved) => {
+                    for b in saved {
+                        let key = OverflowKey {
+                            netns_cookie: b.netns_cookie,
+                            interface: b.interface,
+                            direction: b.direction,
+                            _pad: [0; 6],
+                        };
+                        let counts = OverflowValue {
+                            packets: b.packets,
+                            bytes: b.bytes,
+                            connections: b.connections,
+                        };
+                        self.overflow_seen.insert(key, counts);
+                    }
+                }
+                // What it holds was counted by the earlier observer, or is
+                // lost with its totals.
+                None => {
+                    for (key, now) in self.maps.overflow.iter().flatten() {
+                        self.overflow_seen.insert(key, now);
+                    }
+                }
+            }
+        }
         if inherited.contains(FLOWS_MAP) {
             match flows {
                 Some(flows) => {
@@ -195,6 +234,7 @@ impl Collector {
                             packets: flow.packets,
                             connections: flow.connections,
                             pass: self.pass,
+                            quiet: 0,
                         };
                         self.last.insert(self.hasher.hash_one(flow.key), seen);
                     }
@@ -240,8 +280,26 @@ impl Collector {
                 maps: self.maps.ids,
                 verdicts: self.verdicts.baseline(),
                 flows,
+                overflow: self
+                    .overflow_seen
+                    .iter()
+                    .map(|(k, v)| OverflowBaseline {
+                        netns_cookie: k.netns_cookie,
+                        interface: k.interface,
+                        direction: k.direction,
+                        packets: v.packets,
+                        bytes: v.bytes,
+                        connections: v.connections,
+                    })
+                    .collect(),
             }),
         }
+    }
+
+    /// Flows are taken out of the map after `ticks` collection intervals
+    /// without a packet.
+    pub fn reclaim_after(&mut self, ticks: u8) {
+        self.idle_ticks = ticks.max(1);
     }
 
     /// The traffic series.
@@ -313,12 +371,11 @@ impl Collector {
             .collect()
     }
 
-    /// One pass over the maps.
-    pub fn collect(&mut self) -> Result<(), CollectError> {
+    /// One pass over the maps. `tick`: a `--collect-interval` collection
+    /// (not a scrape's), which measures how long a flow has been quiet.
+    pub fn collect(&mut self, tick: bool) -> Result<(), CollectError> {
         let started = Instant::now();
-        // Statistics first: flows inserted after this read are then at worst
-        // missing from the eviction estimate, never counted as evicted.
-        let (created, insert_failures) = self.read_stats()?;
+        let insert_failures = self.read_stats()?;
         self.verdicts
             .collect(
                 &mut self.maps.verdicts,
@@ -334,6 +391,7 @@ impl Collector {
         let mut live = 0u64;
         let mut series: HashMap<Series, Counts> = HashMap::new();
         let mut pending = Vec::new();
+        let mut quiet = Vec::new();
         let prime = std::mem::take(&mut self.prime);
         for entry in self.maps.flows.iter() {
             let (key, now) = entry.map_err(CollectError::Flows)?;
@@ -343,6 +401,7 @@ impl Collector {
                 packets: now.packets as u32,
                 connections: now.connections as u16,
                 pass: self.pass,
+                quiet: 0,
             };
             let before = self.last.get(&hash).copied();
             if before.is_some_and(|b| b.pass == self.pass) {
@@ -366,9 +425,21 @@ impl Collector {
                 unknown.insert(key.netns_cookie);
                 continue;
             }
-            self.last.insert(hash, seen);
             let delta = difference(&now, &before.unwrap_or_default());
-            if delta.packets > 0 {
+            let idle = match (delta.packets, before) {
+                (0, Some(b)) => b.quiet.saturating_add(u8::from(tick)),
+                _ => 0,
+            };
+            self.last.insert(
+                hash,
+                Seen {
+                    quiet: idle,
+                    ..seen
+                },
+            );
+            if delta.packets == 0 {
+                quiet.push((key, idle));
+            } else {
                 let of = Series::of(&key, &now);
                 let containers = &self.identities.containers;
                 if of.cgroups().any(|id| !containers.contains_key(&id)) {
@@ -409,6 +480,8 @@ impl Collector {
             }
             series.entry(of).or_default().add(delta);
         }
+        self.reclaim(&quiet, live, &mut series);
+        self.collect_overflow();
         self.last.retain(|_, seen| seen.pass == pass);
         let containers = &self.identities.containers;
         self.unnamed
@@ -427,9 +500,7 @@ impl Collector {
         }
 
         for key in &stale {
-            if self.maps.flows.remove(key).is_ok() {
-                self.removed += 1;
-            }
+            let _ = self.maps.flows.remove(key);
             self.last.remove(&self.hasher.hash_one(key));
         }
         self.unknown = unknown;
@@ -438,7 +509,7 @@ impl Collector {
         }
         self.notice_gone_pods();
         self.flows.expire(Instant::now());
-        self.report(created, insert_failures, live);
+        self.report(insert_failures, live);
         self.metrics
             .collection_duration
             .observe(started.elapsed().as_secs_f64());
@@ -470,22 +541,14 @@ impl Collector {
         });
     }
 
-    fn report(&mut self, created: u64, insert_failures: u64, live: u64) {
+    fn report(&mut self, insert_failures: u64, live: u64) {
         self.metrics.flow_map_entries.set(live as i64);
         if std::mem::take(&mut self.prime_stats) {
             // An earlier observer's statistics: what they say so far is
             // theirs (and counted by them).
-            self.evictions_reported = created.saturating_sub(live);
             self.insert_failures_reported = insert_failures;
         }
         self.metrics.flow_series.set(self.flows.series() as i64);
-        let evictions = created.saturating_sub(live + self.removed);
-        if evictions > self.evictions_reported {
-            self.metrics
-                .flow_map_evictions
-                .inc_by(evictions - self.evictions_reported);
-            self.evictions_reported = evictions;
-        }
         if insert_failures > self.insert_failures_reported {
             self.metrics
                 .flow_insert_failures
@@ -494,15 +557,78 @@ impl Collector {
         }
     }
 
-    /// Flows created and insert failures, summed over CPUs.
-    fn read_stats(&self) -> Result<(u64, u64), CollectError> {
+    /// Packets not counted (no room anywhere, or no classifier), summed
+    /// over CPUs.
+    fn read_stats(&self) -> Result<u64, CollectError> {
         let per_cpu = self.maps.stats.get(&0, 0).map_err(CollectError::Stats)?;
-        Ok(per_cpu.iter().fold((0, 0), |(created, failed), s| {
-            (
-                created + s.flows_created,
-                failed + s.flow_insert_failed + s.classify_failed,
-            )
-        }))
+        Ok(per_cpu
+            .iter()
+            .map(|s| s.flow_insert_failed + s.classify_failed)
+            .sum())
+    }
+
+    /// Takes quiet flows out of the map, each with what it held (one step:
+    /// a packet between a read and a delete would be lost), and counts what
+    /// came since the walk: flows quiet for the idle time, and while the
+    /// map is nine tenths full, any flow quiet at this collection. A flow
+    /// that talks again is simply a new flow (classified anew).
+    fn reclaim(
+        &mut self,
+        quiet: &[(FlowKey, u8)],
+        live: u64,
+        series: &mut HashMap<Series, Counts>,
+    ) {
+        let pressed = live * 10 >= u64::from(self.maps.flow_capacity) * 9;
+        let fd = self.maps.flows.map().fd().as_fd();
+        let mut reclaimed = 0;
+        for (key, idle) in quiet {
+            if *idle < self.idle_ticks && !pressed {
+                continue;
+            }
+            let hash = self.hasher.hash_one(key);
+            let Ok(Some(last)) = kernel::bpf::take::<FlowKey, FlowValue>(fd, key) else {
+                continue;
+            };
+            reclaimed += 1;
+            let before = self.last.remove(&hash).unwrap_or_default();
+            let delta = difference(&last, &before);
+            if delta.packets > 0 {
+                series.entry(Series::of(key, &last)).or_default().add(delta);
+            }
+        }
+        self.metrics.flow_map_reclaimed.inc_by(reclaimed);
+    }
+
+    /// The packets that had no room in the flow map, per pod, interface
+    /// and direction, into the pods' overflow series.
+    fn collect_overflow(&mut self) {
+        let mut gone = Vec::new();
+        for entry in self.maps.overflow.iter() {
+            let Ok((key, now)) = entry else {
+                continue;
+            };
+            let Some(netns) = self.attached.get(&key.netns_cookie) else {
+                if self.complete {
+                    gone.push(key);
+                }
+                continue;
+            };
+            let before = self.overflow_seen.insert(key, now).unwrap_or_default();
+            let delta = Counts {
+                packets: now.packets.saturating_sub(before.packets),
+                bytes: now.bytes.saturating_sub(before.bytes),
+                connections: now.connections.saturating_sub(before.connections),
+            };
+            if delta.packets > 0 {
+                let labels = series::overflow_labels(&netns.pod, key.interface, key.direction);
+                self.flows.add(&netns.pod, labels, delta);
+                self.metrics.flow_overflow_packets.inc_by(delta.packets);
+            }
+        }
+        for key in gone {
+            let _ = self.maps.overflow.remove(&key);
+            self.overflow_seen.remove(&key);
+        }
     }
 }
 
@@ -528,6 +654,10 @@ fn awaits_name(
         })
         .any(|id| unnamed.holds(id, now))
 }
+
+/// Quiet ticks after which a flow is taken out of the map (with the
+/// default `--collect-interval` of 10 s, a minute).
+const IDLE_TICKS: u8 = 6;
 
 /// Bytes a packet has at least, as tc sees it (an IPv4 header).
 const MIN_PACKET: u64 = 20;

@@ -128,6 +128,19 @@ pub struct Baseline {
     pub maps: MapIds,
     pub verdicts: Vec<VerdictBaseline>,
     pub flows: Vec<FlowBaseline>,
+    pub overflow: Vec<OverflowBaseline>,
+}
+
+/// What the overflow map held for a pod's hook (an `OverflowKey`'s fields
+/// and its counts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverflowBaseline {
+    pub netns_cookie: u64,
+    pub interface: u8,
+    pub direction: u8,
+    pub packets: u64,
+    pub bytes: u64,
+    pub connections: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -148,6 +161,8 @@ struct FileBaseline {
     snapshot: u64,
     maps: MapIds,
     verdicts: Vec<VerdictBaseline>,
+    #[serde(default)]
+    overflow: Vec<OverflowBaseline>,
 }
 
 /// What is saved in `dir`; nothing if there is no file yet.
@@ -179,6 +194,7 @@ pub fn load(dir: &Path) -> Result<Saved, SavedError> {
             maps: b.maps,
             verdicts: b.verdicts,
             flows,
+            overflow: b.overflow,
         })
     });
     Ok(Saved {
@@ -199,6 +215,7 @@ pub fn save(dir: &Path, saved: Saved) -> Result<(), SavedError> {
                 snapshot,
                 maps: baseline.maps,
                 verdicts: baseline.verdicts,
+                overflow: baseline.overflow,
             })
         }
         None => None,
@@ -334,7 +351,16 @@ mod tests {
                 maps: MapIds {
                     flows: 11,
                     verdicts: 12,
+                    overflow: 13,
                 },
+                overflow: vec![OverflowBaseline {
+                    netns_cookie: 5,
+                    interface: 2,
+                    direction: 1,
+                    packets: 3,
+                    bytes: 300,
+                    connections: 0,
+                }],
                 verdicts: vec![VerdictBaseline {
                     netns_cookie: 5,
                     rule: 2,

@@ -149,7 +149,7 @@ macro_rules! flow_labels {
 flow_labels! {
     namespace: Identity, POD, "the observed pod's namespace (with `--netns`: empty)";
     pod: Identity, POD, "the observed pod (with `--netns`: the network namespace's name)";
-    class: Identity, CLASS, "`localhost`, `pod`, `service`, `node`, `external`";
+    class: Identity, CLASS, "`localhost`, `pod`, `service`, `node`, `external`; `unknown` for packets counted while the flow map had no room (an `overflow` series, not classified)";
     direction: Identity, DIRECTION, "`egress` / `ingress` on `eth0`, from the pod's side; on `lo`, `request` (client to server) / `response`, or `unknown` for traffic without ports";
     protocol: Detail, PROTO, "`tcp`, `udp`, `icmp`, `icmpv6`, `sctp`, the IP protocol number for others, `non_ip` (ARP)";
     port: Detail, PORT, "the server's port; empty for traffic without ports";
@@ -165,6 +165,23 @@ flow_labels! {
 
 /// What `overflow` series say in their details.
 pub const OVERFLOW: &str = "overflow";
+
+/// The labels of an `overflow` series: every detail says so.
+pub fn overflow(namespace: &str, pod: &str, class: &str, direction: &str) -> FlowLabels {
+    let mut labels = FlowLabels {
+        namespace: namespace.into(),
+        pod: pod.into(),
+        class: class.into(),
+        direction: direction.into(),
+        ..FlowLabels::default()
+    };
+    for (i, label) in LABELS.iter().enumerate() {
+        if label.role == Role::Detail {
+            *labels.value_mut(i) = OVERFLOW.into();
+        }
+    }
+    labels
+}
 
 /// The index of a label in [`LABELS`].
 pub fn index(name: &str) -> Option<usize> {

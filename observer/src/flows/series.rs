@@ -5,15 +5,41 @@
 //! end (the sender's and the receiver's, from their sockets), and where a
 //! redirected connection was originally going.
 
-use observer_common::{FlowKey, FlowValue, class, direction, family, ports, protocol, server};
+use observer_common::{
+    FlowKey, FlowValue, class, direction, family, interface, ports, protocol, server,
+};
 
-use super::{cgroups::CgroupNames, schema::FlowLabels};
+use super::{
+    cgroups::CgroupNames,
+    schema::{self, FlowLabels},
+};
 use crate::names::{Identities, ObjectRef};
 
 /// A sender without a socket: a packet the kernel made (an RST, an ICMP error).
 pub const KERNEL: &str = "kernel";
 /// A side that cannot be attributed.
 pub const UNKNOWN: &str = "unknown";
+
+/// The series of packets counted while the flow map had no room, per
+/// interface and direction: not classified (on `lo` they are the pod's
+/// own, `localhost`), their details `overflow`.
+pub fn overflow_labels(pod: &ObjectRef, iface: u8, hook: u8) -> FlowLabels {
+    if iface == interface::LOOPBACK {
+        schema::overflow(
+            &pod.namespace,
+            &pod.name,
+            class::name(class::LOCALHOST),
+            direction::UNKNOWN,
+        )
+    } else {
+        schema::overflow(
+            &pod.namespace,
+            &pod.name,
+            class::name(class::UNKNOWN),
+            direction::name(hook),
+        )
+    }
+}
 
 /// What a flow is counted under, before names are looked up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

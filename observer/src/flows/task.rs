@@ -98,8 +98,9 @@ async fn run(
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let mut waiting = Vec::new();
+        let mut ticked = false;
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tick.tick() => ticked = true,
             request = requests.recv() => match request {
                 Some(request) => waiting.push(request),
                 None => {
@@ -107,7 +108,7 @@ async fn run(
                     while let Ok(event) = events.try_recv() {
                         apply(&mut collector, event);
                     }
-                    collector = collect(collector, None).await;
+                    collector = collect(collector, false, None).await;
                     save(&collector, state_dir.as_deref());
                     break;
                 }
@@ -127,7 +128,7 @@ async fn run(
         }
         // Scrapes that come while it runs are answered by it too: none
         // waits for more than one collection.
-        collector = collect(collector, Some((&mut requests, &mut waiting))).await;
+        collector = collect(collector, ticked, Some((&mut requests, &mut waiting))).await;
         if saved_at.elapsed() >= SAVE_EVERY {
             saved_at = Instant::now();
             save(&collector, state_dir.as_deref());
@@ -152,13 +153,14 @@ async fn run(
 /// async workers. Requests that arrive meanwhile join `waiting`.
 async fn collect(
     mut collector: Collector,
+    tick: bool,
     joining: Option<(
         &mut mpsc::Receiver<CollectRequest>,
         &mut Vec<CollectRequest>,
     )>,
 ) -> Collector {
     let walk = tokio::task::spawn_blocking(move || {
-        if let Err(err) = collector.collect() {
+        if let Err(err) = collector.collect(tick) {
             tracing::warn!(%err, "collection failed");
             collector.metrics().error("map_read");
         }

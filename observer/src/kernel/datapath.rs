@@ -23,9 +23,9 @@ use aya::{
 use aya_log::Level;
 use observer_common::{
     CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DECIDE_PROGRAM, DatapathStats, FLOWS_MAP,
-    FlowKey, FlowValue, GENERATION_MAP, LOG_PROGRAM, NETNS_COOKIE_GLOBAL, NODE_MAP, POLICIES_MAP,
-    POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP, SOCKETS_MAP, STATS_MAP, SocketInfo,
-    VERDICTS_MAP, VerdictKey,
+    FlowKey, FlowValue, GENERATION_MAP, LOG_PROGRAM, NETNS_COOKIE_GLOBAL, NODE_MAP, OVERFLOW_MAP,
+    OverflowKey, OverflowValue, POLICIES_MAP, POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP,
+    SOCKETS_MAP, STATS_MAP, SocketInfo, VERDICTS_MAP, VerdictKey,
 };
 
 use super::{
@@ -168,6 +168,7 @@ impl Programs {
 /// The maps the collector reads.
 pub struct Maps {
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub overflow: HashMap<MapData, OverflowKey, OverflowValue>,
     pub stats: PerCpuArray<MapData, DatapathStats>,
     pub verdicts: HashMap<MapData, VerdictKey, u64>,
     pub flow_capacity: u32,
@@ -181,11 +182,14 @@ pub struct Maps {
 pub struct MapIds {
     pub flows: u32,
     pub verdicts: u32,
+    #[serde(default)]
+    pub overflow: u32,
 }
 
 /// The maps every instance shares, pinned by name.
-const SHARED_MAPS: [&str; 13] = [
+const SHARED_MAPS: [&str; 14] = [
     FLOWS_MAP,
+    OVERFLOW_MAP,
     STATS_MAP,
     SERVICES_MAP,
     CIDRS_MAP,
@@ -218,12 +222,16 @@ impl Datapath {
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         let flows: HashMap<MapData, FlowKey, FlowValue> = typed(&mut ebpf, FLOWS_MAP)?;
         let verdicts: HashMap<MapData, VerdictKey, u64> = typed(&mut ebpf, VERDICTS_MAP)?;
+        let overflow: HashMap<MapData, OverflowKey, OverflowValue> =
+            typed(&mut ebpf, OVERFLOW_MAP)?;
         let ids = MapIds {
             flows: map_id(flows.map(), FLOWS_MAP)?,
             verdicts: map_id(verdicts.map(), VERDICTS_MAP)?,
+            overflow: map_id(overflow.map(), OVERFLOW_MAP)?,
         };
         let maps = Maps {
             flows,
+            overflow,
             stats: typed(&mut ebpf, STATS_MAP)?,
             verdicts,
             flow_capacity,

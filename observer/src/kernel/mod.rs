@@ -4,10 +4,10 @@
 //! what the daemon writes into the maps ([`class_maps`], [`policy_maps`]).
 
 pub mod attach;
+pub mod bpf;
 pub mod bpffs;
 pub mod class_maps;
 pub mod datapath;
-pub mod links;
 pub mod log;
 pub mod netns;
 pub mod policy_maps;

@@ -23,7 +23,7 @@ struct Figures {
     idle_rss: u64,
     send: f64,
     entries: f64,
-    evictions: f64,
+    overflow: f64,
     first_collection: f64,
     second_collection: f64,
     rss: u64,
@@ -83,7 +83,7 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
         format!("{:.2} s", f.send)
     });
     row("flows in the kernel map", &|f| {
-        format!("{} (evicted: {})", f.entries, f.evictions)
+        format!("{} (overflow packets: {})", f.entries, f.overflow)
     });
     row("first collection (all flows new)", &|f| {
         format!("{:.2} s", f.first_collection)
@@ -140,7 +140,7 @@ fn measure(subject: &Subject, args: &[&str], first: &Netns) -> Figures {
         idle_rss,
         send,
         entries: scrape.sum("observer_flow_map_entries", &[]),
-        evictions: scrape.sum("observer_flow_map_evictions_total", &[]),
+        overflow: scrape.sum("observer_flow_map_overflow_packets_total", &[]),
         first_collection,
         second_collection,
         rss: rss_kib(pid),

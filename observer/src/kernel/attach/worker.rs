@@ -28,10 +28,10 @@ use aya::{
 use super::{AttachError, AttachedNetns, LOOPBACK, POD_INTERFACE, Request};
 use crate::{
     kernel::{
+        bpf,
         datapath::{
             Datapath, EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs, SOCKET_PROGRAMS,
         },
-        links,
         netns::{self, NetNs},
         tc::{attach_one, attach_program, interface_exists},
     },
@@ -411,7 +411,7 @@ impl Worker {
                 let swapped = datapath
                     .hook_fd(hook.program)
                     .map_err(|e| std::io::Error::other(e.to_string()))
-                    .and_then(|fd| links::swap_program(&dir.join(hook.name), fd));
+                    .and_then(|fd| bpf::swap_program(&dir.join(hook.name), fd));
                 match swapped {
                     Ok(()) => hook.swap = false,
                     Err(err) => {
@@ -428,9 +428,7 @@ impl Worker {
                         .and_then(|p| {
                             p.fd()
                                 .map_err(|e| std::io::Error::other(e.to_string()))
-                                .and_then(|fd| {
-                                    links::swap_program(&dir.join(hook.name), fd.as_fd())
-                                })
+                                .and_then(|fd| bpf::swap_program(&dir.join(hook.name), fd.as_fd()))
                         });
                     match swapped {
                         Ok(()) => hook.swap = false,
@@ -520,7 +518,7 @@ impl Worker {
                     let pinned = link
                         .info()
                         .map_err(|e| std::io::Error::other(e.to_string()))
-                        .and_then(|info| links::pin(info.id(), &dir.join(hook.name)));
+                        .and_then(|info| bpf::pin(info.id(), &dir.join(hook.name)));
                     match pinned {
                         Ok(()) => hook.pinned = true,
                         Err(err) => {
@@ -559,7 +557,7 @@ impl Worker {
             let alive = node
                 .pod_links(cookie)
                 .iter()
-                .any(|(_, pin)| links::is_live(pin).unwrap_or(false));
+                .any(|(_, pin)| bpf::is_live(pin).unwrap_or(false));
             if alive {
                 live.push(cookie);
             } else {

@@ -1,9 +1,10 @@
-//! The bpf(2) calls on links that aya 0.14 does not offer: pin a link
+//! The bpf(2) calls that aya 0.14 does not offer. On links: pin one
 //! without giving up the descriptor (aya's `FdLink::pin` consumes the link,
 //! and detaches it if the pin fails), open a pin, swap the program of a
 //! link (`BPF_LINK_UPDATE`: the hook never runs without a program), and ask
 //! whether a link still has its hook (an interface or a cgroup that is gone
-//! leaves a defunct link).
+//! leaves a defunct link). On maps: take an entry out with what it held
+//! (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`: nothing counted in between is lost).
 
 use std::{
     ffi::CString,
@@ -15,6 +16,7 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -126,4 +128,20 @@ fn link_info(fd: BorrowedFd<'_>) -> io::Result<[u8; 64]> {
         .put_u64(8, info.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(info)
+}
+
+/// Removes `key` from the hash map `map` and returns what it held, in one
+/// step: an update between a read and a delete would be lost. `None` if
+/// the key is not there.
+pub fn take<K: Copy, V: Copy + Default>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = V::default();
+    let mut attr = Attr::new();
+    attr.put_u32(0, map.as_raw_fd() as u32)
+        .put_u64(8, std::ptr::from_ref(key) as u64)
+        .put_u64(16, std::ptr::from_mut(&mut value) as u64);
+    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(err) => Err(err),
+    }
 }
