@@ -60,6 +60,9 @@ pub struct Metrics {
     pub flow_series: IntGauge,
     /// How long a collection (map walk) takes; one runs for every scrape.
     pub collection_duration: Histogram,
+    /// How long a reconciliation round takes (the source read, attaches,
+    /// the kernel's maps and the policies written).
+    pub reconcile_duration: Histogram,
     /// Errors by kind (attach, map_read, ...).
     pub errors: IntCounterVec,
     /// Policy file reloads: ok, or refused (the last good policy stays).
@@ -108,6 +111,14 @@ impl Metrics {
                     "Time to read the kernel's flow map into the metrics (each scrape does).",
                 )
                 .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            )
+            .expect("valid metric"),
+            reconcile_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "observer_reconcile_duration_seconds",
+                    "Time of a reconciliation round: reading the pods' source, attaching and detaching, writing the kernel's maps and the policies.",
+                )
+                .buckets(vec![0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
             )
             .expect("valid metric"),
             flow_map_entries: IntGauge::new(
@@ -203,6 +214,7 @@ impl Metrics {
         metrics.register(metrics.pods.clone());
         metrics.register(metrics.flow_series.clone());
         metrics.register(metrics.collection_duration.clone());
+        metrics.register(metrics.reconcile_duration.clone());
         metrics.register(metrics.flow_map_entries.clone());
         metrics.register(metrics.flow_map_capacity.clone());
         metrics.register(metrics.flow_map_reclaimed.clone());

@@ -45,7 +45,7 @@ use crate::{
     names::ObjectRef,
     pods::{
         bundles::Bundles,
-        cluster::{self, ClusterError, ClusterWatch},
+        cluster::{self, ClusterError, ClusterWatch, LabelKeys},
         discovery,
         inventory::{self, InventoryError},
         reconcile::{Reconciler, Takeover},
@@ -192,7 +192,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
     }
     // In Kubernetes mode the Services are known only once the API is listed.
-    let enforcer = policies.map(|(path, policies)| {
+    let mut enforcer = policies.map(|(path, policies)| {
         Enforcer::new(
             path,
             policies,
@@ -201,6 +201,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             policy_inherited,
         )
     });
+    // Kubernetes mode keeps of other nodes' pods the labels peer rules use.
+    let (label_keys, kept_labels) = watch::channel(LabelKeys::default());
+    if let Some(enforcer) = enforcer.as_mut() {
+        enforcer.announce_label_keys(label_keys);
+    }
     let metrics = Arc::new(Metrics::new());
     let flows = Arc::new(FlowMetrics::new(series_config(&args)));
     let saved = match &args.state_dir {
@@ -258,7 +263,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             Pods::Fixed(worker)
         }
         None => {
-            let (source, cluster) = source(&args, kubernetes, &metrics);
+            let (source, cluster) = source(&args, kubernetes, &metrics, kept_labels);
             let policy_watch = match &enforcer {
                 Some(enforcer) => Some(DirWatch::new(&parent_dir(enforcer.path()))?),
                 None => None,
@@ -460,9 +465,10 @@ fn source(
     args: &RunArgs,
     kubernetes: Option<(String, Client, PathBuf)>,
     metrics: &Arc<Metrics>,
+    label_keys: watch::Receiver<LabelKeys>,
 ) -> (Source, Option<ClusterWatch>) {
     if let Some((node, client, cgroup_root)) = kubernetes {
-        let watch = ClusterWatch::start(client, &node, Arc::clone(metrics));
+        let watch = ClusterWatch::start(client, &node, Arc::clone(metrics), label_keys);
         tracing::info!(%node, "watching the Kubernetes API");
         let mut source = ClusterSource::new(
             watch.view(),

@@ -1,7 +1,9 @@
 //! `cargo xtask bench --compare REF`: the observer of another commit, built
 //! from a copy of its tree (`git archive`, no worktree to clean up) in
-//! `target/compare/<commit>`, with a target directory of its own so that
-//! this tree's build stays warm.
+//! `target/compare/<commit>`, with a target directory of its own for each
+//! commit, so that this tree's build stays warm. (Not one shared by the
+//! commits: cargo names a path dependency's artifacts by its path in the
+//! workspace, and would take one commit's `observer-common` for another's.)
 
 use std::{
     path::{Path, PathBuf},
@@ -51,7 +53,7 @@ pub fn build(workspace: &Path, reference: &str) -> Result<(String, PathBuf)> {
         std::fs::remove_file(&archive)?;
     }
     eprintln!("bench: building the observer of {reference} ({short})");
-    let target = workspace.join("target/compare-target");
+    let target = workspace.join("target/compare-target").join(short);
     run(cargo(&tree)
         .args(["build", "--release", "--package", "observer"])
         .env("CARGO_TARGET_DIR", &target))?;

@@ -59,8 +59,12 @@ enum Task {
         #[arg(long, conflicts_with = "latency_only")]
         cost_only: bool,
         /// Only the attach latency of new pods (about 20 seconds).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cluster_only")]
         latency_only: bool,
+        /// Only Kubernetes mode at cluster scale: 50,000 pods in a scripted
+        /// API (memory, reconciliation time; about a minute).
+        #[arg(long, conflicts_with = "cost_only")]
+        cluster_only: bool,
         /// Also measure the observer of another commit (a branch, tag or
         /// hash), built from it, side by side in the same run.
         #[arg(long, value_name = "REF")]
@@ -89,8 +93,18 @@ fn main() -> Result<()> {
         Task::Bench {
             cost_only,
             latency_only,
+            cluster_only,
             compare,
-        } => bench(&workspace, cost_only, latency_only, compare.as_deref()),
+        } => {
+            let only = [
+                (cost_only, "--cost-only"),
+                (latency_only, "--latency-only"),
+                (cluster_only, "--cluster-only"),
+            ]
+            .into_iter()
+            .find_map(|(on, flag)| on.then_some(flag));
+            bench(&workspace, only, compare.as_deref())
+        }
         Task::Image => image::build(&workspace).map(|_| ()),
         Task::CheckDeploy => match deploy::check(&workspace)? {
             (_, 0) => Ok(()),
@@ -131,12 +145,8 @@ fn build_observer(workspace: &Path) -> Result<PathBuf> {
     Ok(workspace.join("target/debug/observer"))
 }
 
-fn bench(
-    workspace: &Path,
-    cost_only: bool,
-    latency_only: bool,
-    compare: Option<&str>,
-) -> Result<()> {
+/// `only`: the bench binary's flag for one part (`--cost-only`, ...).
+fn bench(workspace: &Path, only: Option<&str>, compare: Option<&str>) -> Result<()> {
     packages::ensure(packages::LAB)?;
     packages::ensure(packages::BENCH)?;
     setup(workspace)?;
@@ -164,12 +174,7 @@ fn bench(
         bench.env("OBSERVER_COMPARE_BIN", binary);
         bench.env("OBSERVER_COMPARE_NAME", name);
     }
-    if cost_only {
-        bench.arg("--cost-only");
-    }
-    if latency_only {
-        bench.arg("--latency-only");
-    }
+    bench.args(only);
     for stale in ::lab::cleanup_stale() {
         eprintln!("bench: removed {stale} of a killed run");
     }

@@ -258,7 +258,12 @@ impl Reconciler {
     }
 
     async fn reconcile_and_mark(&mut self, trigger: Trigger, ready: &AtomicBool) {
-        if self.reconcile(trigger).await && !ready.swap(true, Ordering::AcqRel) {
+        let started = Instant::now();
+        let complete = self.reconcile(trigger).await;
+        self.metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        if complete && !ready.swap(true, Ordering::AcqRel) {
             // From now on every pod is known: flows of others may go.
             self.collector
                 .send(CollectorEvent::Complete { watched: true });

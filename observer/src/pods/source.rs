@@ -210,28 +210,36 @@ fn inventory_snapshot(path: &Path, node: Option<&str>, metrics: &Metrics) -> Opt
 
 impl ClusterSource {
     fn snapshot(&mut self, trigger: Trigger) -> Option<Snapshot> {
-        let view = self.view.borrow().clone();
+        // This node's pods, copied (a few); the cluster's stay where they are
+        // (the view is read in place, never copied whole).
+        let (synced, local_changes, local) = {
+            let view = self.view.borrow();
+            let local: Vec<view::PodInfo> = view.pods_to_attach().cloned().collect();
+            (view.local_pods.synced, view.local_changes, local)
+        };
         // This node's pods are enough to attach; the rest of the cluster
         // only names peers.
-        if !view.local_pods.synced {
+        if !synced {
             return None;
         }
-        if trigger == Trigger::Local || self.found_at != Some(view.local_changes) {
+        if trigger == Trigger::Local || self.found_at != Some(local_changes) {
             // Reading every process' cgroup is blocking work.
+            let pods: Vec<&view::PodInfo> = local.iter().collect();
             self.found = tokio::task::block_in_place(|| {
-                view::find_on_node(&view, &self.proc_root, &self.cgroup_root)
+                view::find_on_node(&pods, &self.proc_root, &self.cgroup_root)
             });
-            self.found_at = Some(view.local_changes);
+            self.found_at = Some(local_changes);
         }
         // A container that has just started: in its pod's cgroup, named by
         // its bundle (no need to read every process again).
         self.refresh_containers();
+        let view = self.view.borrow();
         let inventory = view.inventory(&self.node, self.service_cidr, &self.found);
         let host_netns = discovery::netns_id(&self.proc_root.join("1/ns/net"));
         // Found is enough: a pod is attached before it has an IP.
         // Terminating pods stay attached while their processes run.
-        let targets = view
-            .pods_to_attach()
+        let targets = local
+            .iter()
             .filter_map(|p| {
                 let found = self.found.get(&p.uid);
                 let path = found.map(|f| f.netns.clone());

@@ -246,6 +246,7 @@ impl Compiler {
         // Room taken in each map while it holds both the previous entries
         // and the ones compiled so far.
         let previous = inputs.previous;
+        let mut peer_sets: HashMap<u32, Vec<MemberKey>> = HashMap::new();
         let mut pods_room = previous.pods.len();
         let mut members_room = previous.members.len();
         let mut cidrs_room = previous.cidrs.len();
@@ -347,19 +348,23 @@ impl Compiler {
                         Target::Peers(peer) => {
                             base.set_kind = set_kind::PEERS;
                             base.set = set;
-                            let peers = inputs
-                                .inventory
-                                .pods
-                                .iter()
-                                .filter(|p| peer.matches(&p.namespace, &p.labels));
-                            for other in peers {
-                                let other = ObjectRef::new(&other.namespace, &other.name);
-                                if let Some(peer_id) = inputs.ids.pods.get(&other) {
-                                    entries
-                                        .members
-                                        .insert(MemberKey::new(set, u64::from(peer_id)));
-                                }
-                            }
+                            // The same for every pod the rule applies to:
+                            // the cluster's pods are looked through once per
+                            // rule and compilation, not once per pod.
+                            let members = peer_sets.entry(set).or_insert_with(|| {
+                                inputs
+                                    .inventory
+                                    .pods
+                                    .iter()
+                                    .filter(|p| peer.matches(&p.namespace, &p.labels))
+                                    .filter_map(|p| {
+                                        let other = ObjectRef::new(&p.namespace, &p.name);
+                                        inputs.ids.pods.get(&other)
+                                    })
+                                    .map(|id| MemberKey::new(set, u64::from(id)))
+                                    .collect()
+                            });
+                            entries.members.extend(members.iter().copied());
                         }
                         Target::Service(service) => {
                             let service = ObjectRef::new(&service.namespace, &service.name);

@@ -31,6 +31,9 @@ pub struct Enforcer {
     compiled: Compiled,
     /// What the gauge says: pods not (fully) held to their policy, and why.
     unenforced: BTreeSet<(ObjectRef, Unenforced)>,
+    /// Told the label keys peer selectors use, as they change (Kubernetes
+    /// mode keeps only those of other nodes' pods).
+    label_keys: Option<tokio::sync::watch::Sender<Arc<BTreeSet<String>>>>,
 }
 
 /// What the policies are compiled against.
@@ -78,7 +81,29 @@ impl Enforcer {
             compiled,
             maps,
             unenforced: BTreeSet::new(),
+            label_keys: None,
         }
+    }
+
+    /// Tells `keys` the label keys the policies' peer selectors use, now
+    /// and whenever a reload changes them.
+    pub fn announce_label_keys(&mut self, keys: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>) {
+        self.label_keys = Some(keys);
+        self.tell_label_keys();
+    }
+
+    fn tell_label_keys(&self) {
+        let Some(keys) = &self.label_keys else {
+            return;
+        };
+        let now = self.policies.peer_label_keys();
+        keys.send_if_modified(|kept| {
+            let changed = **kept != now;
+            if changed {
+                *kept = Arc::new(now);
+            }
+            changed
+        });
     }
 
     /// The pods that fail closed, as last compiled.
@@ -108,6 +133,7 @@ impl Enforcer {
                 let rules: usize = policies.policies.iter().map(|p| p.spec.rules.len()).sum();
                 tracing::info!(path = %self.path.display(), policies = policies.policies.len(), rules, "policy reloaded");
                 self.policies = policies;
+                self.tell_label_keys();
                 metrics.policy_reloads.with_label_values(&["ok"]).inc();
                 true
             }

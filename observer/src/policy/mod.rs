@@ -241,6 +241,20 @@ impl Policies {
         selected.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         selected
     }
+
+    /// The label keys rules match other pods by (`peer.matchLabels`): all
+    /// an observer needs to keep of the labels of other nodes' pods.
+    pub fn peer_label_keys(&self) -> std::collections::BTreeSet<String> {
+        self.policies
+            .iter()
+            .flat_map(|p| &p.spec.rules)
+            .filter_map(|r| match &r.target {
+                Target::Peers(peer) => Some(peer.match_labels.keys().cloned()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -10,12 +10,15 @@
 //! 4. Attach latency ([`latency`]): from a new pod's namespace appearing
 //!    (local mode), or from the API reporting a pod whose processes run
 //!    (Kubernetes mode), to its programs attached.
+//! 5. Cluster scale ([`cluster`]): Kubernetes mode with 50,000 pods in the
+//!    API: memory, readiness, reconciliation time.
 //!
 //! With `OBSERVER_COMPARE_BIN` (`cargo xtask bench --compare REF`), every
 //! section measures that observer too, in the same run, alternating.
 //!
 //! Prints a Markdown report and writes it to `target/bench.md`.
 
+mod cluster;
 mod cost;
 mod iperf;
 mod latency;
@@ -66,10 +69,13 @@ fn main() {
         cost::quick(&mut report, &subjects);
     } else if std::env::args().any(|a| a == "--latency-only") {
         latency::run(&mut report, &subjects);
+    } else if std::env::args().any(|a| a == "--cluster-only") {
+        cluster::run(&mut report, &subjects);
     } else {
         throughput::run(&mut report, &subjects);
         scale::run(&mut report, &subjects);
         latency::run(&mut report, &subjects);
+        cluster::run(&mut report, &subjects);
     }
 
     println!("{report}");

@@ -8,7 +8,7 @@
 //! | watch | scope | kept |
 //! |---|---|---|
 //! | pods | `spec.nodeName=<node>` | names, IP, labels, host network, container ids |
-//! | pods | cluster, not finished | names, IP, labels, node |
+//! | pods | cluster, not finished, with an IP, on other nodes | names, IP, node, the labels policies' peer selectors use |
 //! | services | cluster | ClusterIP, ports |
 //! | nodes | cluster | InternalIP, pod CIDRs |
 
@@ -70,9 +70,18 @@ pub struct ClusterWatch {
     _tasks: JoinSet<()>,
 }
 
+/// The label keys of other nodes' pods that are kept (those policies' peer
+/// selectors use): when they change, the cluster's pods are listed again.
+pub type LabelKeys = Arc<std::collections::BTreeSet<String>>;
+
 impl ClusterWatch {
     /// Starts watching for the observer of `node`.
-    pub fn start(client: Client, node: &str, metrics: Arc<Metrics>) -> Self {
+    pub fn start(
+        client: Client,
+        node: &str,
+        metrics: Arc<Metrics>,
+        label_keys: watch::Receiver<LabelKeys>,
+    ) -> Self {
         let (sender, view) = watch::channel(ClusterView::default());
         let sender = Arc::new(sender);
         let mut tasks = JoinSet::new();
@@ -94,11 +103,13 @@ impl ClusterWatch {
                 changed
             },
         ));
-        tasks.spawn(mirror(
-            watcher(pods, running),
+        tasks.spawn(peers(
+            pods,
+            running,
+            node.to_owned(),
+            label_keys,
             Arc::clone(&sender),
             Arc::clone(&metrics),
-            |view, event| view.pods.apply(event, |p| trim::trim_pod(p, false)),
         ));
         tasks.spawn(mirror(
             watcher(Api::<Service>::all(client.clone()), all.clone()),
@@ -121,6 +132,38 @@ impl ClusterWatch {
     /// The view, updated as events arrive.
     pub fn view(&self) -> watch::Receiver<ClusterView> {
         self.view.clone()
+    }
+}
+
+/// The cluster's pods, trimmed to what peers need ([`trim::trim_peer`]);
+/// listed again whenever the label keys to keep change.
+async fn peers(
+    pods: Api<Pod>,
+    config: watcher::Config,
+    node: String,
+    mut keys: watch::Receiver<LabelKeys>,
+    view: Arc<watch::Sender<ClusterView>>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        let kept = Arc::clone(&keys.borrow_and_update());
+        let node = node.clone();
+        let events = watcher(pods.clone(), config.clone());
+        let apply = move |view: &mut ClusterView, event| {
+            view.pods.apply(event, |p| trim::trim_peer(p, &node, &kept))
+        };
+        // Nobody to change them any more: the watch goes on as it is.
+        let changed = async {
+            if keys.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = mirror(events, Arc::clone(&view), Arc::clone(&metrics), apply) => return,
+            () = changed => {
+                tracing::info!("policies match peers by other labels: listing the cluster's pods again");
+            }
+        }
     }
 }
 

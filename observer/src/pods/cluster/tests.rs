@@ -207,7 +207,8 @@ fn start(scripted: &[Route]) -> (ApiServer, ClusterWatch, Arc<Metrics>) {
     let (service, handle) = mock::pair::<Request<Body>, Reply>();
     let client = Client::new(service, "default");
     let metrics = Arc::new(Metrics::new());
-    let watch = ClusterWatch::start(client, NODE, Arc::clone(&metrics));
+    let (_, keys) = watch::channel(super::LabelKeys::default());
+    let watch = ClusterWatch::start(client, NODE, Arc::clone(&metrics), keys);
     (ApiServer::new(handle, scripted.to_vec()), watch, metrics)
 }
 
@@ -224,13 +225,18 @@ async fn until(
     found.unwrap_or_else(|| panic!("the view never got {what}: {:#?}", *view.borrow()))
 }
 
+/// A pod of this node.
 fn pod(name: &str, uid: &str, version: &str, ip: Option<&str>) -> Value {
+    pod_on(NODE, name, uid, version, ip)
+}
+
+fn pod_on(node: &str, name: &str, uid: &str, version: &str, ip: Option<&str>) -> Value {
     let id = format!("containerd://{}", uid.replace('-', "").repeat(2));
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": "shop", "name": name, "uid": uid, "resourceVersion": version,
                      "labels": {"app": name}},
-        "spec": {"nodeName": NODE, "containers": [{"name": "app"}]},
+        "spec": {"nodeName": node, "containers": [{"name": "app"}]},
         "status": {"phase": "Running", "podIP": ip,
                    "containerStatuses": [{"name": "app", "containerID": id, "image": "app",
                                           "imageID": "", "ready": true, "restartCount": 0}]},
@@ -333,17 +339,26 @@ async fn gone_410_relists_and_forgets_what_was_deleted_meanwhile() {
         list.param("fieldSelector").as_deref(),
         Some("status.phase!=Succeeded,status.phase!=Failed")
     );
+    // Peers: of other nodes, with an address; of this node, or without
+    // an address yet, not kept (this node's own watch has those).
     list.list(
         "100",
         vec![
-            pod("a", A, "90", Some("10.244.1.5")),
-            pod("b", B, "91", Some("10.244.2.6")),
+            pod_on("node-2", "a", A, "90", Some("10.244.1.5")),
+            pod_on("node-2", "b", B, "91", Some("10.244.2.6")),
+            pod_on("node-2", "pending", "u-pending", "92", None),
+            pod("here", "u-here", "93", Some("10.244.1.9")),
         ],
     );
-    let v = until(&mut view, "both pods", |v| v.pods.items.len() == 2).await;
+    let v = until(&mut view, "both pods", |v| v.pods.synced).await;
+    assert_eq!(v.pods.items.len(), 2, "{:?}", v.pods.items.keys());
     assert!(
         v.pods.items[A].containers.is_empty(),
         "no containers for peers"
+    );
+    assert!(
+        v.pods.items[A].labels.is_empty(),
+        "no policy matches peers by labels"
     );
 
     let events = api.next(Route::Pods).await.watch();
@@ -351,7 +366,10 @@ async fn gone_410_relists_and_forgets_what_was_deleted_meanwhile() {
     // A relist, not a watch: pod a was deleted while the watch was away.
     let relist = api.next(Route::Pods).await;
     assert!(!relist.watch, "after 410 comes a list: {}", relist.query);
-    relist.list("200", vec![pod("b", B, "91", Some("10.244.2.6"))]);
+    relist.list(
+        "200",
+        vec![pod_on("node-2", "b", B, "91", Some("10.244.2.6"))],
+    );
     let v = until(&mut view, "pod a forgotten", |v| {
         !v.pods.items.contains_key(A)
     })

@@ -13,6 +13,24 @@ use observer_common::inventory::{self, Protocol};
 use super::view::{NodeInfo, PodInfo, ServiceInfo};
 use crate::pods::discovery;
 
+/// Keeps what matters of another node's pod: a peer to classify traffic by
+/// its address, and to match policies' peer selectors by the label keys
+/// they use (`keys`; the rest of its labels is not kept). A pod without an
+/// address yet (Pending) is not kept at all, nor one of this `node` (its
+/// own watch keeps those).
+pub fn trim_peer(
+    pod: &Pod,
+    node: &str,
+    keys: &std::collections::BTreeSet<String>,
+) -> Option<PodInfo> {
+    let mut info = trim_pod(pod, false)?;
+    if info.ip.is_none() || info.node == node {
+        return None;
+    }
+    info.labels.retain(|k, _| keys.contains(k));
+    Some(info)
+}
+
 /// Keeps what matters of a pod; `with_containers` for this node's pods.
 pub fn trim_pod(pod: &Pod, with_containers: bool) -> Option<PodInfo> {
     let meta = &pod.metadata;

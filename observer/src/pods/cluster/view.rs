@@ -292,11 +292,10 @@ fn containers(pod: &PodInfo, found: &FoundPod) -> Vec<inventory::Container> {
 /// other pod claims: a pod never takes another's namespace, containers or
 /// policy by claiming it.
 pub fn find_on_node(
-    view: &ClusterView,
+    pods: &[&PodInfo],
     proc_root: &Path,
     cgroup_root: &Path,
 ) -> HashMap<String, FoundPod> {
-    let pods: Vec<&PodInfo> = view.pods_to_attach().collect();
     let uids: HashSet<&str> = pods
         .iter()
         .flat_map(|p| [Some(p.uid.as_str()), p.mirror_of.as_deref()])
@@ -304,7 +303,7 @@ pub fn find_on_node(
         .collect();
     let host = discovery::netns_id(&proc_root.join("1/ns/net"));
     let found = discovery::find_pods(proc_root, cgroup_root, &uids, host);
-    by_api_uid(&pods, found)
+    by_api_uid(pods, found)
 }
 
 /// The pods found on the node (by the UID their cgroups name), by API UID:
