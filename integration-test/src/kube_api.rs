@@ -286,16 +286,33 @@ fn serve_connection(stream: impl Read + Write, state: Arc<Mutex<State>>) {
         }
         let body = {
             let state = state.lock().unwrap();
-            let items: Vec<&Value> = state
+            // Pages, as a real API server gives them (`limit`, `continue`:
+            // here the index of the next item).
+            let skip: usize = params
+                .get("continue")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let limit: usize = params
+                .get("limit")
+                .and_then(|l| l.parse().ok())
+                .filter(|&l| l > 0)
+                .unwrap_or(usize::MAX);
+            let mut matching = state
                 .objects
                 .get(&kind)
                 .into_iter()
                 .flat_map(|o| o.values())
                 .filter(|o| node.is_none() || o["spec"]["nodeName"].as_str() == node.as_deref())
-                .collect();
+                .skip(skip);
+            let items: Vec<&Value> = matching.by_ref().take(limit).collect();
+            let more = matching.next().is_some();
+            let mut metadata = json!({"resourceVersion": state.version.to_string()});
+            if more {
+                metadata["continue"] = json!((skip + items.len()).to_string());
+            }
             json!({
                 "apiVersion": "v1", "kind": kind.list_kind(),
-                "metadata": {"resourceVersion": state.version.to_string()},
+                "metadata": metadata,
                 "items": items,
             })
             .to_string()

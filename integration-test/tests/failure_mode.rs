@@ -300,3 +300,38 @@ fn a_pin_dir_off_bpffs_is_refused_and_nothing_is_made() {
     assert!(err.contains("is not on a bpffs"), "{err}");
     assert!(!pins.exists(), "nothing made where pins cannot go");
 }
+
+/// A policy that fails closed where its programs cannot be pinned (no
+/// `--pin-dir`): enforced while the observer runs, and the gauge says it
+/// would not hold without it.
+#[test]
+fn a_closed_policy_that_cannot_be_pinned_is_in_the_gauge() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = TempDir::new("fails-open");
+    let policy = dir.write("policy.yaml", &POLICY.replace("MODE", "closed"));
+    let inventory = lab.inventory_path().display().to_string();
+    let observer = Observer::start(&["--inventory", &inventory, "--policy", &policy]);
+    let m = observer.eventually("the gauge says fails_open", |m| {
+        m.sum(
+            "observer_policy_unenforced_pods",
+            &[("reason", "fails_open")],
+        ) == 2.0
+    });
+    for pod in ["client", "shop"] {
+        assert_eq!(
+            m.sum(
+                "observer_policy_unenforced_pods",
+                &[("pod", pod), ("reason", "fails_open")]
+            ),
+            1.0,
+            "{pod}"
+        );
+    }
+    let (client, netns) = container(&lab, "default", "client", "to-pod");
+    assert_eq!(
+        integration_test::container::connect_from(&client, &netns, EXTERNAL, 9999),
+        integration_test::container::Connect::NotPermitted,
+        "enforced all the same while the observer runs"
+    );
+    assert!(observer.terminate().success());
+}

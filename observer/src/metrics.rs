@@ -6,6 +6,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::policy::compile::Unenforced;
+
 /// The kinds of `observer_errors_total`.
 pub const ERROR_KINDS: [&str; 10] = [
     "attach",
@@ -186,7 +188,12 @@ impl Metrics {
             policy_unenforced: IntGaugeVec::new(
                 Opts::new(
                     "observer_policy_unenforced_pods",
-                    "1 for each pod a policy selects and does not (fully) hold, by reason: too_many_rules (no policy applies), map_full (no room for its new entries: its last ones, if any, still apply), no_hooks (egress and localhost rules do not apply), no_cgroup (waiting for the pod's or a named container's cgroup), unknown_service (a rule waits for its Service), not_attached (its namespace is not attached: no policy applies).",
+                    format!(
+                        "1 for each pod a policy selects and does not (fully) hold, by reason: {}.",
+                        Unenforced::ALL
+                            .map(|r| format!("{} ({})", r.as_str(), r.meaning()))
+                            .join(", ")
+                    ),
                 ),
                 &["namespace", "pod", "reason"],
             )

@@ -81,6 +81,31 @@ pub enum Unenforced {
 }
 
 impl Unenforced {
+    pub const ALL: [Self; 7] = [
+        Self::TooManyRules,
+        Self::MapFull,
+        Self::NoHooks,
+        Self::NoCgroup,
+        Self::UnknownService,
+        Self::NotAttached,
+        Self::FailsOpen,
+    ];
+
+    /// What the reason means, for the metric's help.
+    pub const fn meaning(self) -> &'static str {
+        match self {
+            Self::TooManyRules => "no policy applies",
+            Self::MapFull => "no room for its new entries: its last ones, if any, still apply",
+            Self::NoHooks => "egress and localhost rules do not apply",
+            Self::NoCgroup => "waiting for the pod's or a named container's cgroup",
+            Self::UnknownService => "a rule waits for its Service",
+            Self::NotAttached => "its namespace is not attached: no policy applies",
+            Self::FailsOpen => {
+                "a policy fails closed but its programs cannot be pinned: no policy applies while no observer runs"
+            }
+        }
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::TooManyRules => "too_many_rules",

@@ -204,12 +204,30 @@ fn classify(request: &Request<Body>, respond: SendResponse<Reply>) -> Call {
 
 /// A watch over the scripted server, for `scripted` routes.
 fn start(scripted: &[Route]) -> (ApiServer, ClusterWatch, Arc<Metrics>) {
+    let (api, watch, metrics, _) = start_with_keys(scripted);
+    (api, watch, metrics)
+}
+
+/// [`start`], with the sender of the label keys policies use.
+fn start_with_keys(
+    scripted: &[Route],
+) -> (
+    ApiServer,
+    ClusterWatch,
+    Arc<Metrics>,
+    watch::Sender<super::LabelKeys>,
+) {
     let (service, handle) = mock::pair::<Request<Body>, Reply>();
     let client = Client::new(service, "default");
     let metrics = Arc::new(Metrics::new());
-    let (_, keys) = watch::channel(super::LabelKeys::default());
-    let watch = ClusterWatch::start(client, NODE, Arc::clone(&metrics), keys);
-    (ApiServer::new(handle, scripted.to_vec()), watch, metrics)
+    let (keys, receiver) = watch::channel(super::LabelKeys::default());
+    let watch = ClusterWatch::start(client, NODE, Arc::clone(&metrics), receiver);
+    (
+        ApiServer::new(handle, scripted.to_vec()),
+        watch,
+        metrics,
+        keys,
+    )
 }
 
 /// Waits until the view satisfies `check`.
@@ -377,6 +395,34 @@ async fn gone_410_relists_and_forgets_what_was_deleted_meanwhile() {
     assert!(v.pods.items.contains_key(B));
     let watch = api.next(Route::Pods).await;
     assert_eq!(watch.param("resourceVersion").as_deref(), Some("200"));
+}
+
+#[tokio::test]
+async fn peers_are_listed_again_with_the_label_keys_policies_come_to_use() {
+    let (mut api, cluster, _, keys) = start_with_keys(&[Route::Pods]);
+    let mut view = cluster.view();
+    let peer = || {
+        let mut p = pod_on("node-2", "a", A, "90", Some("10.244.1.5"));
+        p["metadata"]["labels"] = json!({"app": "a", "tier": "web", "team": "checkout"});
+        p
+    };
+    api.next(Route::Pods).await.list("100", vec![peer()]);
+    let v = until(&mut view, "the peer", |v| v.pods.synced).await;
+    assert!(v.pods.items[A].labels.is_empty(), "no key used yet");
+    let _watch = api.next(Route::Pods).await.watch();
+
+    // A policy now matches peers by `tier`: the pods are listed again,
+    // kept with that label and no other.
+    keys.send_replace(Arc::new(["tier".to_owned()].into()));
+    let relist = api.next(Route::Pods).await;
+    assert!(!relist.watch, "a new list, not a watch: {}", relist.query);
+    relist.list("101", vec![peer()]);
+    let v = until(&mut view, "the peer's tier", |v| {
+        v.pods.items.get(A).is_some_and(|p| !p.labels.is_empty())
+    })
+    .await;
+    let labels: Vec<_> = v.pods.items[A].labels.iter().collect();
+    assert_eq!(labels, [(&"tier".to_owned(), &"web".to_owned())]);
 }
 
 #[tokio::test]
