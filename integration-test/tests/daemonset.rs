@@ -26,13 +26,15 @@ const WAIT: Duration = Duration::from_secs(60);
 /// The API server, on node-1's address.
 const API: &str = "172.18.0.2:6443";
 
-/// In the shop pod, only the sidecar may reach the app's 8080.
+/// In the shop pod, only the sidecar may reach the app's 8080, also while
+/// no observer runs (the policy fails closed).
 const POLICY: &str = "apiVersion: observer.dev/v1alpha1
 kind: TrafficPolicy
 metadata: {name: shop-localhost}
 spec:
   podSelector: {namespace: shop, matchLabels: {app: shop}}
   mode: enforce
+  failureMode: closed
   rules:
   - {name: sidecar, class: localhost, ports: [8080], clientContainers: [sidecar], action: allow}
   - {name: no-one-else, class: localhost, ports: [8080], action: deny}
@@ -76,6 +78,32 @@ fn observer_pod(api: &ApiServer) -> ManifestPod {
         spec: template.spec.expect("a pod template"),
         config_maps,
         api: Some(api.clone()),
+    }
+}
+
+/// The uninstall's cleanup pod, as deploy/cleanup says. The lab's kubelet
+/// runs no init containers: its main container runs the same cleanup.
+fn cleanup_pod() -> ManifestPod {
+    let daemonset: DaemonSet = serde_norway::from_str(
+        &std::fs::read_to_string(format!("{DEPLOY}/cleanup/daemonset.yaml")).unwrap(),
+    )
+    .expect("deploy/cleanup/daemonset.yaml");
+    let namespace = daemonset.metadata.namespace.clone().unwrap();
+    let template = daemonset.spec.unwrap().template;
+    let mut spec = template.spec.expect("a pod template");
+    let init = spec.init_containers.take().unwrap_or_default();
+    assert!(
+        init.iter()
+            .all(|c| c.args == spec.containers[0].args.as_ref().map(|a| a[..3].to_vec())),
+        "the init container runs the main container's cleanup"
+    );
+    ManifestPod {
+        namespace,
+        name: "observer-cleanup-node-1".into(),
+        labels: template.metadata.and_then(|m| m.labels).unwrap_or_default(),
+        spec,
+        config_maps: Vec::new(),
+        api: None,
     }
 }
 
@@ -214,14 +242,41 @@ fn the_daemonset_runs_from_its_image_with_only_its_capabilities() {
         Connect::Connected,
         "the observer's own pod was held to a policy"
     );
-    // Deleted (SIGTERM, as the kubelet stops it): it detaches everything.
+    // Deleted (SIGTERM, as the kubelet stops it): the policy that fails
+    // closed stays, pinned on the node's bpffs.
     lab.delete_manifest_pod("observer", "observer-node-1")
         .expect("delete");
     assert_eq!(
         connect_from(&app, &netns, "127.0.0.1", 8080),
-        Connect::Connected,
-        "nothing left enforcing"
+        Connect::NotPermitted,
+        "a policy that fails closed, enforced with no observer"
     );
+    assert_eq!(
+        connect_from(&sidecar, &netns, "127.0.0.1", 8080),
+        Connect::Connected
+    );
+    // The uninstall's cleanup, as a pod of deploy/cleanup: nothing is left.
+    lab.run_manifest_pod("node-1", &cleanup_pod())
+        .unwrap_or_else(|e| panic!("the cleanup pod: {e}"));
+    let deadline = std::time::Instant::now() + WAIT;
+    let log = loop {
+        let log = lab.log("observer", "observer-cleanup-node-1", "done");
+        if log.contains("removed") || std::time::Instant::now() > deadline {
+            break log;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        log.contains("removed") && !log.contains("removed 0 pins"),
+        "the cleanup removed the pins: {log}"
+    );
+    assert_eq!(
+        connect_from(&app, &netns, "127.0.0.1", 8080),
+        Connect::Connected,
+        "nothing left enforcing after the cleanup"
+    );
+    lab.delete_manifest_pod("observer", "observer-cleanup-node-1")
+        .expect("delete");
 
     // Least privilege: each capability in turn taken away.
     let mut table = BTreeMap::new();

@@ -4,7 +4,8 @@
 //! connections and a crowd of scrapers from keeping anyone out.
 
 use std::{
-    net::TcpStream,
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpStream, UdpSocket},
     thread,
     time::{Duration, Instant},
 };
@@ -147,6 +148,83 @@ fn idle_connections_and_concurrent_scrapes_keep_no_one_out() {
     assert_eq!(loaded_programs("observe_egress"), 0, "programs left");
     drop(idle);
     drop(pod);
+}
+
+/// Scrapes that come together share one collection; a client that sends
+/// half a request is cut off at the header timeout; one that asks and never
+/// reads does not hold up the shutdown.
+#[test]
+fn scrapes_coalesce_and_slow_clients_are_cut_off() {
+    let pod = Netns::create("coalesce").expect("a namespace");
+    let path = pod.path().display().to_string();
+    let observer = Observer::start(&[
+        "--netns",
+        &path,
+        "--header-timeout",
+        "1s",
+        "--collect-interval",
+        "60m",
+    ]);
+    let addr = observer.addr();
+    // Enough flows that a collection takes a while: scrapes overlap it.
+    pod.run(|| {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        for n in 0..200_000u32 {
+            let to = (
+                Ipv4Addr::new(127, 0, 1 + (n / 50_000) as u8, 1),
+                1 + (n % 50_000) as u16,
+            );
+            let _ = socket.send_to(&[0; 8], to);
+        }
+    })
+    .expect("enter namespace");
+    let collections =
+        |m: &integration_test::Scrape| m.sum("observer_collection_duration_seconds_count", &[]);
+    let before = collections(&observer.scrape());
+    let scrapers: Vec<_> = (0..10)
+        .map(|_| thread::spawn(move || http_get(addr, "/metrics").map(|(code, _)| code)))
+        .collect();
+    for scraper in scrapers {
+        assert_eq!(scraper.join().unwrap(), Some(200));
+    }
+    let after = collections(&observer.scrape());
+    // The scrape that reads `after` runs one more collection of its own.
+    let shared = after - before - 1.0;
+    assert!(
+        (1.0..=2.0).contains(&shared),
+        "ten scrapes at once ran {shared} collections"
+    );
+
+    // Half a request: closed at the header timeout, not held.
+    let mut half = TcpStream::connect(addr).expect("connect");
+    half.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .expect("send");
+    half.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = half.read_to_end(&mut answer);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "half a request held the connection for {took:?}"
+    );
+
+    // A client that asks for a hundred scrapes and reads none: its socket
+    // fills; SIGTERM still ends the observer at once.
+    let mut silent = TcpStream::connect(addr).expect("connect");
+    for _ in 0..100 {
+        let _ = silent.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    }
+    thread::sleep(Duration::from_millis(500));
+    let stopping = Instant::now();
+    assert!(observer.terminate().success());
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "stopped after {took:?} with a client that does not read"
+    );
+    drop(silent);
 }
 
 /// This test holds 2,000 sockets of its own.

@@ -342,3 +342,51 @@ fn a_denied_inbound_connection_stays_denied_and_an_allowed_one_is_counted_once()
         "each connection counted once, not per packet"
     );
 }
+
+/// The collector reads the flow map in batches: every entry once, with its
+/// value, whatever the batch size (a bucket larger than the buffers grows
+/// them; a batch of one makes that happen).
+#[test]
+fn the_flow_map_reads_in_batches_every_entry_once() {
+    use std::{collections::HashMap, os::fd::AsFd};
+
+    use aya::maps::IterableMap;
+
+    use observer::kernel::bpf::BatchReader;
+    use observer_common::FlowValue;
+
+    let mut kernel = integration_test::kernel::Kernel::load();
+    let flows: HashMap<FlowKey, FlowValue> = (0..3000u32)
+        .map(|n| {
+            let key = FlowKey {
+                netns_cookie: 7,
+                src_addr: ipv4_mapped([10, 0, 0, 1]),
+                dst_addr: ipv4_mapped([10, 1, (n >> 8) as u8, n as u8]),
+                src_port: 40000,
+                dst_port: 80,
+                protocol: protocol::TCP,
+                direction: direction::EGRESS,
+                family: family::IPV4,
+                interface: interface::POD,
+            };
+            let value = FlowValue {
+                packets: u64::from(n),
+                bytes: u64::from(n) * 100,
+                ..FlowValue::default()
+            };
+            (key, value)
+        })
+        .collect();
+    for (key, value) in &flows {
+        kernel.maps.flows.insert(key, value, 0).expect("room");
+    }
+    for entries in [1, 7, 4096] {
+        let mut read = HashMap::new();
+        BatchReader::<FlowKey, FlowValue>::new(entries)
+            .read(kernel.maps.flows.map().fd().as_fd(), |key, value| {
+                assert!(read.insert(*key, *value).is_none(), "{key:?} read twice");
+            })
+            .expect("batch reads");
+        assert_eq!(read, flows, "batches of {entries}");
+    }
+}

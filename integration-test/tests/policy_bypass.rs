@@ -142,6 +142,65 @@ fn an_inbound_connection_is_decided_as_one_whatever_its_flow_held() {
     assert!(observer.terminate().success());
 }
 
+/// A full flow map: the inbound connections of flows that find no room
+/// are decided all the same (they were let in, undecided, before).
+#[test]
+fn a_full_flow_map_lets_no_denied_connection_in() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let dir = TempDir::new("bypass-full");
+    let policy = dir.write("policy.yaml", WEB_LATE_LISTENERS);
+    let inventory = lab.inventory_path().display().to_string();
+    // A small map, and no collection to make room in it meanwhile.
+    let observer = Observer::start(&[
+        "--inventory",
+        &inventory,
+        "--policy",
+        &policy,
+        "--flow-capacity",
+        "64",
+        "--collect-interval",
+        "60m",
+    ]);
+    let web_netns = lab.pod_netns("default", "web");
+    let _listeners = web_netns
+        .run(|| [9000, 9002].map(|port| TcpListener::bind(("0.0.0.0", port)).expect("listen")))
+        .unwrap();
+    // The web pod fills the map: 200 flows over its own lo.
+    web_netns
+        .run(|| {
+            let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            for port in 20_000..20_200u16 {
+                let _ = socket.send_to(b"fill", ("127.0.0.1", port));
+            }
+        })
+        .unwrap();
+    let web = lab.pod("default", "web").unwrap().ip.to_string();
+    let (client, client_netns) = container(&lab, "default", "client", "to-pod");
+    assert_eq!(
+        connect_from_port(&client, &client_netns, 41010, &web, 9000),
+        "timeout",
+        "a denied connection got in while the flow map was full"
+    );
+    assert_eq!(
+        connect_from_port(&client, &client_netns, 41011, &web, 9002),
+        "connected",
+        "an allowed connection was kept out"
+    );
+    let m = observer.scrape();
+    assert!(
+        m.sum("observer_flow_map_overflow_packets_total", &[]) > 0.0,
+        "the map was full"
+    );
+    assert!(
+        m.sum(
+            "observer_policy_verdicts_total",
+            &[("rule", "not-from-client"), ("verdict", "deny")],
+        ) >= 1.0,
+        "the denial counted"
+    );
+    assert!(observer.terminate().success());
+}
+
 const CLIENT_EGRESS: &str = "
 apiVersion: observer.dev/v1alpha1
 kind: TrafficPolicy

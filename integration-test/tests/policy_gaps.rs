@@ -16,7 +16,9 @@ fn policies() -> String {
     let cidrs: Vec<String> = (0..16_385u32)
         .map(|i| format!("\"172.16.{}.{}/32\"", i / 256, i % 256))
         .collect();
-    let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+    let ports: Vec<String> = (1..=observer_common::MAX_POD_RULES + 1)
+        .map(|p| p.to_string())
+        .collect();
     format!(
         "
 apiVersion: observer.dev/v1alpha1

@@ -46,6 +46,9 @@ const _: () = assert!(core::mem::size_of::<OverflowValue>() == 24);
 
 /// Name of the per-CPU datapath statistics map ([`DatapathStats`]).
 pub const STATS_MAP: &str = "STATS";
+/// A per-CPU slot for a flow the flow map had no room for, while its
+/// inbound connection is decided.
+pub const UNSTORED_MAP: &str = "UNSTORED";
 /// Name of the Service map: [`ServiceKey`] to a Service id (`u32`).
 pub const SERVICES_MAP: &str = "SERVICES";
 /// Capacity of the Service map (Service ports).
@@ -83,10 +86,12 @@ pub const POLICY_CIDRS_CAPACITY: u32 = 16_384;
 /// ingress rules (the kubelet's probes): one [`NodeInfo`].
 pub const NODE_MAP: &str = "NODE";
 /// Per (pod, rule, verdict, class), connections decided ([`VerdictKey`]).
+/// A plain hash map: an entry stays until the daemon has counted it and
+/// takes it out (its pod gone, or its rule retired).
 pub const VERDICTS_MAP: &str = "VERDICTS";
 pub const VERDICTS_CAPACITY: u32 = 65_536;
 /// Rules per pod the kernel tries (all policies selecting it, in order).
-pub const MAX_POD_RULES: usize = 16;
+pub const MAX_POD_RULES: usize = 64;
 
 /// Address bytes of an IPv4 address as flows carry it: `::ffff:a.b.c.d`.
 pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
@@ -292,8 +297,10 @@ pub struct DatapathStats {
     /// Packets not counted because the shared classifier could not be
     /// tail-called (it is not loaded).
     pub classify_failed: u64,
+    /// Policy decisions not counted because the verdict map had no room.
+    pub verdicts_lost: u64,
 }
-const _: () = assert!(core::mem::size_of::<DatapathStats>() == 24);
+const _: () = assert!(core::mem::size_of::<DatapathStats>() == 32);
 
 /// One compiled rule.
 #[repr(C)]
@@ -328,10 +335,28 @@ pub struct PolicyRule {
 }
 const _: () = assert!(core::mem::size_of::<PolicyRule>() == 24);
 
+impl PolicyRule {
+    /// No rule (what [`Default`] gives, in a constant).
+    pub const ZERO: Self = Self {
+        id: 0,
+        set: 0,
+        port_first: 0,
+        port_last: 0,
+        class: 0,
+        protocol: 0,
+        action: 0,
+        audit: 0,
+        set_kind: 0,
+        direction: 0,
+        _pad: [0; 2],
+        unknown_id: 0,
+    };
+}
+
 /// A pod's compiled policy: its rules in the order they are tried, and what
 /// happens when none matches.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodPolicy {
     pub rules: u32,
     /// What no egress rule matches: [`crate::verdict::ALLOW`] (no policy
@@ -350,6 +375,22 @@ pub struct PodPolicy {
     pub rule: [PolicyRule; MAX_POD_RULES],
 }
 const _: () = assert!(core::mem::size_of::<PodPolicy>() == 32 + 24 * MAX_POD_RULES);
+
+impl Default for PodPolicy {
+    fn default() -> Self {
+        Self {
+            rules: 0,
+            default_action: 0,
+            default_audit: 0,
+            default_ingress_action: 0,
+            default_ingress_audit: 0,
+            default_id: 0,
+            default_ingress_id: 0,
+            addr: [0; 16],
+            rule: [PolicyRule::ZERO; MAX_POD_RULES],
+        }
+    }
+}
 
 /// The one value of [`NODE_MAP`]: how a packet from a process of the node
 /// itself is told from one forwarded through the node (NodePort or

@@ -92,42 +92,56 @@ impl Decision {
 /// decides; else the default for the direction, if it denies. `None`: no
 /// policy has a say, and the connection is allowed.
 ///
-/// The node's own processes (the kubelet's probes) are never subject to
-/// ingress rules: a connection from an address of the node's (a node
-/// address, or the node's end of the pod network: an address in a pod
-/// CIDR that is no pod's) sent by one of them. Anything else from a node's
-/// address (NodePort traffic SNAT-ed to it, host-network pods) is decided
-/// like any other traffic, as class [`class::NODE`].
-#[inline(always)]
+/// The kernel walks the same steps with `bpf_loop` (one rule a step, so
+/// that the verifier checks a step once, not once per rule): [`exempt`],
+/// then [`decide_rule`] on each rule in order, then [`fallback`].
 pub fn decide(policy: &PodPolicy, c: &Connection, sets: &impl RuleSets) -> Option<Decision> {
-    let node_address = c.class == class::NODE || (c.class == class::POD && c.peer == 0);
-    if c.direction == INGRESS && c.from_node_process && node_address {
+    if exempt(c) {
         return None;
     }
-    let mut i = 0;
-    while i < MAX_POD_RULES {
-        if i as u32 >= policy.rules {
-            break;
-        }
-        let rule = &policy.rule[i];
-        if matches_but_clients(rule, c) {
-            let names_clients =
-                rule.set_kind == set_kind::CLIENTS || rule.set_kind == set_kind::NOT_CLIENTS;
-            if names_clients && !sets.member(KNOWN_CONTAINERS, c.cgroup) {
-                return Some(Decision {
-                    rule: rule.unknown_id,
-                    verdict: verdict_of(verdict::DENY, rule.audit),
-                });
-            }
-            if matches_set(rule, c, sets) {
-                return Some(Decision {
-                    rule: rule.id,
-                    verdict: verdict_of(rule.action, rule.audit),
-                });
-            }
-        }
-        i += 1;
+    let rules = (policy.rules as usize).min(MAX_POD_RULES);
+    policy.rule[..rules]
+        .iter()
+        .find_map(|rule| decide_rule(rule, c, sets))
+        .or_else(|| fallback(policy, c))
+}
+
+/// Whether the connection is beyond any policy: the node's own processes
+/// (the kubelet's probes) are never subject to ingress rules. That is a
+/// connection from an address of the node's (a node address, or the node's
+/// end of the pod network: an address in a pod CIDR that is no pod's) sent
+/// by one of them. Anything else from a node's address (NodePort traffic
+/// SNAT-ed to it, host-network pods) is decided like any other traffic, as
+/// class [`class::NODE`].
+#[inline(always)]
+pub fn exempt(c: &Connection) -> bool {
+    let node_address = c.class == class::NODE || (c.class == class::POD && c.peer == 0);
+    c.direction == INGRESS && c.from_node_process && node_address
+}
+
+/// What one rule decides of the connection, if it matches.
+#[inline(always)]
+pub fn decide_rule(rule: &PolicyRule, c: &Connection, sets: &impl RuleSets) -> Option<Decision> {
+    if !matches_but_clients(rule, c) {
+        return None;
     }
+    let names_clients =
+        rule.set_kind == set_kind::CLIENTS || rule.set_kind == set_kind::NOT_CLIENTS;
+    if names_clients && !sets.member(KNOWN_CONTAINERS, c.cgroup) {
+        return Some(Decision {
+            rule: rule.unknown_id,
+            verdict: verdict_of(verdict::DENY, rule.audit),
+        });
+    }
+    matches_set(rule, c, sets).then_some(Decision {
+        rule: rule.id,
+        verdict: verdict_of(rule.action, rule.audit),
+    })
+}
+
+/// What no rule matched: the default for the direction, if it denies.
+#[inline(always)]
+pub fn fallback(policy: &PodPolicy, c: &Connection) -> Option<Decision> {
     let (action, audit, id) = if c.direction == INGRESS {
         (
             policy.default_ingress_action,

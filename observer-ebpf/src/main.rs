@@ -73,6 +73,11 @@ static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static STATS: PerCpuArray<DatapathStats> = PerCpuArray::with_max_entries(1, 0);
 
+/// A flow the map had no room for, handed from `classify_flow` to
+/// `decide_ingress` (see [`decide::UNSTORED`]).
+#[map]
+static UNSTORED: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(1, 0);
+
 /// The shared programs, loaded once and tail-called: [`CLASSIFY`]
 /// (`classify_flow`, by every instance), [`DECIDE`] (`decide_ingress`, by
 /// `classify_flow`) and [`LOG`] (`log_flow`, with diagnostics on).
@@ -108,9 +113,9 @@ pub fn classify_flow(mut ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     };
     let (verdict, decide) = count(&ctx, &mut key, u64::from(ctx.len()), u32::from(syn), seq);
-    if let Some(counted) = decide {
+    if let Some(decide) = decide {
         if let [_, _, _, flag, ..] = ctx.cb_mut() {
-            *flag = u32::from(counted);
+            *flag = decide;
         }
         // SAFETY: on success this does not return; index DECIDE holds
         // decide_ingress.
@@ -131,10 +136,19 @@ pub fn classify_flow(mut ctx: TcContext) -> i32 {
 /// way a flow can be classified.
 #[classifier]
 pub fn decide_ingress(ctx: TcContext) -> i32 {
-    let Some((key, _, _, counted)) = flow_of(&ctx) else {
+    let Some((key, _, _, flag)) = flow_of(&ctx) else {
         return TC_ACT_UNSPEC;
     };
-    let Some(value) = FLOWS.get_ptr_mut(&key) else {
+    let counted = flag & decide::COUNTED != 0;
+    // A flow the map had no room for: its value is in this CPU's scratch
+    // slot (a tail call stays on the CPU), and its verdict is not kept:
+    // each of its packets is decided anew.
+    let value = if flag & decide::UNSTORED != 0 {
+        UNSTORED.get_ptr_mut(0)
+    } else {
+        FLOWS.get_ptr_mut(&key)
+    };
+    let Some(value) = value else {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: a live map value; racing writers write the same verdict.
@@ -154,18 +168,26 @@ const CLASSIFY: u32 = 0;
 const DECIDE: u32 = 1;
 const LOG: u32 = 2;
 
+/// What `classify_flow` tells `decide_ingress`, in the control buffer.
+mod decide {
+    /// The decision is the connection's first: counted in VERDICTS.
+    pub const COUNTED: u32 = 1;
+    /// The flow map had no room for the flow: its value is in UNSTORED.
+    pub const UNSTORED: u32 = 2;
+}
+
 /// The flow of a tail-called program's packet: the key (with the namespace
 /// and direction its caller put in the control buffer), whether it opens a
-/// TCP connection and its sequence number, and the caller's flag.
+/// TCP connection and its sequence number, and the caller's flags.
 #[inline(always)]
-fn flow_of(ctx: &TcContext) -> Option<(FlowKey, bool, u32, bool)> {
+fn flow_of(ctx: &TcContext) -> Option<(FlowKey, bool, u32, u32)> {
     let [low, high, direction, flag, ..] = *ctx.cb() else {
         return None;
     };
     let (mut key, syn, seq) = parse::flow_key(ctx);
     key.direction = direction as u8;
     key.netns_cookie = u64::from(low) | (u64::from(high) << 32);
-    Some((key, syn, seq, flag != 0))
+    Some((key, syn, seq, flag))
 }
 
 /// What tc does with a packet of a flow with this verdict.
@@ -223,13 +245,13 @@ fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
 
 /// Counts a packet of a flow, classifying the flow if it is new or its
 /// classification is stale. Returns the flow's verdict, and whether an
-/// ingress decision is to be made (`Some(counted)`: counted if it is the
-/// connection's first: a new flow, a SYN of a flow not decided as inbound
-/// yet or of a new connection on the same addresses and ports (another
-/// sequence number than the last decided SYN's), or the first datagram a
-/// socket receives).
+/// ingress decision is to be made (`Some` of [`decide`] flags: counted if
+/// it is the connection's first: a new flow, a SYN of a flow not decided as
+/// inbound yet or of a new connection on the same addresses and ports
+/// (another sequence number than the last decided SYN's), or the first
+/// datagram a socket receives).
 #[inline(always)]
-fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> (u8, Option<bool>) {
+fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> (u8, Option<u32>) {
     let generation = GENERATION.get(0).copied().unwrap_or(0);
     if let Some(value) = FLOWS.get_ptr_mut(&*key) {
         add(value, bytes, syn);
@@ -253,7 +275,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> 
             let received = classify::classify(ctx, key, value);
             value.verdict = 0;
             match inbound(ctx, key, value, received) {
-                Inbound::Decide => return (0, Some(counted)),
+                Inbound::Decide => return (0, Some(u32::from(counted))),
                 Inbound::NobodyListens => awaits_listener(value, generation),
                 Inbound::No => {}
             }
@@ -277,7 +299,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> 
     if FLOWS.insert(&*key, &first, u64::from(BPF_NOEXIST)).is_ok() {
         bump_stats(|s| s.flows_created += 1);
         if decide == Inbound::Decide {
-            return (0, Some(true));
+            return (0, Some(decide::COUNTED));
         }
     } else if let Some(value) = FLOWS.get_ptr_mut(&*key) {
         // Another CPU inserted it first (and decides it).
@@ -287,6 +309,17 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> 
     } else {
         // No room: counted all the same, as the pod's.
         overflow(key, bytes, syn);
+        // And decided all the same, at every packet (no verdict can be
+        // kept): a full map must not open a way in. A TCP connection's
+        // decision is counted at its SYN; a datagram's at each one.
+        if decide == Inbound::Decide
+            && let Some(scratch) = UNSTORED.get_ptr_mut(0)
+        {
+            // SAFETY: this CPU's slot, read by the tail call on this CPU.
+            unsafe { *scratch = first };
+            let counted = syn != 0 || key.protocol == protocol::UDP;
+            return (0, Some(decide::UNSTORED | u32::from(counted)));
+        }
     }
     (0, None)
 }
@@ -482,7 +515,7 @@ fn add(value: *mut FlowValue, bytes: u64, syn: u32) {
 }
 
 #[inline(always)]
-fn bump_stats(f: impl FnOnce(&mut DatapathStats)) {
+pub(crate) fn bump_stats(f: impl FnOnce(&mut DatapathStats)) {
     if let Some(stats) = STATS.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; programs do not migrate between CPUs mid-run.
         f(unsafe { &mut *stats });

@@ -15,23 +15,27 @@
 //! record each socket's container and original destination
 //! ([`crate::sockets`]), for every pod, with a policy or not.
 
-use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering::Relaxed, atomic_xadd},
+};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_skb_ancestor_cgroup_id,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_loop, bpf_skb_ancestor_cgroup_id,
         bpf_skb_cgroup_id,
     },
     macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
     programs::{SockAddrContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use observer_common::{
-    FlowKey, FlowValue, MemberKey, NodeInfo, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY,
-    POLICY_MEMBERS_CAPACITY, PodPolicy, VERDICTS_CAPACITY, VerdictKey, classify,
+    FlowKey, FlowValue, MAX_POD_RULES, MemberKey, NodeInfo, POLICIES_CAPACITY,
+    POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY, PodPolicy, VERDICTS_CAPACITY, VerdictKey,
+    classify,
     direction::{EGRESS, INGRESS},
     family, interface, ipv4_mapped,
     policy::{self, Connection, Decision, RuleSets},
@@ -42,7 +46,8 @@ use crate::{FLOWS, classify::KernelClassMaps, sockets};
 
 /// Pod network namespace cookie to the pod's rules.
 #[map]
-static POLICIES: HashMap<u64, PodPolicy> = HashMap::with_max_entries(POLICIES_CAPACITY, 0);
+static POLICIES: HashMap<u64, PodPolicy> =
+    HashMap::with_max_entries(POLICIES_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Rule set members: client container cgroups, peer pod ids.
 #[map]
@@ -57,9 +62,10 @@ static POLICY_CIDRS: LpmTrie<[u8; 20], u8> = LpmTrie::with_max_entries(POLICY_CI
 #[map]
 static NODE: Array<NodeInfo> = Array::with_max_entries(1, 0);
 
-/// Connections decided, per pod, rule, verdict and class.
+/// Connections decided, per pod, rule, verdict and class. Not an LRU:
+/// nothing is evicted before the daemon has counted it.
 #[map]
-static VERDICTS: LruHashMap<VerdictKey, u64> = LruHashMap::with_max_entries(VERDICTS_CAPACITY, 0);
+static VERDICTS: HashMap<VerdictKey, u64> = HashMap::with_max_entries(VERDICTS_CAPACITY, 0);
 
 /// The rule sets as the programs read them.
 struct KernelRuleSets;
@@ -76,6 +82,61 @@ impl RuleSets for KernelRuleSets {
         POLICY_CIDRS
             .get(Key::new(32 + 128, policy_cidr_key(set, *addr)))
             .is_some()
+    }
+}
+
+/// [`policy::decide`], one rule a `bpf_loop` step: the verifier checks the
+/// step once, where a loop over [`MAX_POD_RULES`] rules would be checked
+/// rule by rule (past its limit of a million instructions at 64).
+#[inline(always)]
+fn decide_kernel(pod: &PodPolicy, connection: &Connection) -> Option<Decision> {
+    if policy::exempt(connection) {
+        return None;
+    }
+    let mut walk = Walk {
+        policy: pod,
+        connection: *connection,
+        decision: Decision {
+            rule: 0,
+            verdict: 0,
+        },
+        matched: 0,
+    };
+    let rules = pod.rules.min(MAX_POD_RULES as u32);
+    // SAFETY: the callback is a function of this program; the context is
+    // this stack frame's, alive for the call.
+    unsafe { bpf_loop(rules, rule_step as *mut c_void, (&raw mut walk).cast(), 0) };
+    if walk.matched != 0 {
+        Some(walk.decision)
+    } else {
+        policy::fallback(pod, connection)
+    }
+}
+
+/// What [`rule_step`] works on.
+#[repr(C)]
+struct Walk {
+    policy: *const PodPolicy,
+    connection: Connection,
+    decision: Decision,
+    matched: u8,
+}
+
+/// One rule of [`decide_kernel`]: 1 (stop) once rule `index` decides.
+#[inline(never)]
+extern "C" fn rule_step(index: u64, walk: *mut c_void) -> i64 {
+    // SAFETY: the context bpf_loop passes is decide_kernel's Walk.
+    let walk = unsafe { &mut *walk.cast::<Walk>() };
+    let Some(rule) = (unsafe { (*walk.policy).rule.get(index as usize) }) else {
+        return 1;
+    };
+    match policy::decide_rule(rule, &walk.connection, &KernelRuleSets) {
+        Some(decision) => {
+            walk.decision = decision;
+            walk.matched = 1;
+            1
+        }
+        None => 0,
     }
 }
 
@@ -189,7 +250,7 @@ fn decide(ctx: &SockAddrContext, addr: [u8; 16], datagram: bool) -> i32 {
         addr,
         from_node_process: false,
     };
-    let Some(decision) = policy::decide(pod, &connection, &KernelRuleSets) else {
+    let Some(decision) = decide_kernel(pod, &connection) else {
         return 1;
     };
     count(ctx, cookie, &decision, &connection);
@@ -287,7 +348,7 @@ pub fn ingress(ctx: &TcContext, key: &FlowKey, value: &FlowValue, counted: bool)
         addr: key.src_addr,
         from_node_process: from_node_process(ctx),
     };
-    let Some(decision) = policy::decide(pod, &connection, &KernelRuleSets) else {
+    let Some(decision) = decide_kernel(pod, &connection) else {
         return verdict::ALLOW;
     };
     if counted {
@@ -343,11 +404,14 @@ fn count<C: EbpfContext>(ctx: &C, cookie: u64, decision: &Decision, c: &Connecti
             atomic_xadd::<u64, u64, { Relaxed }>(count, 1);
         },
         None => {
-            if VERDICTS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err()
-                && let Some(count) = VERDICTS.get_ptr_mut(&key)
-            {
-                // SAFETY: as above: another CPU inserted it first.
-                unsafe { atomic_xadd::<u64, u64, { Relaxed }>(count, 1) };
+            if VERDICTS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
+                match VERDICTS.get_ptr_mut(&key) {
+                    // SAFETY: as above: another CPU inserted it first.
+                    Some(count) => unsafe {
+                        atomic_xadd::<u64, u64, { Relaxed }>(count, 1);
+                    },
+                    None => crate::bump_stats(|s| s.verdicts_lost += 1),
+                }
             }
         }
     }

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub flow_overflow_packets: IntCounter,
     /// Packets not counted because their flow could not be inserted.
     pub flow_insert_failures: IntCounter,
+    pub policy_verdicts_lost: IntCounter,
     /// Traffic series exported (per family).
     pub flow_series: IntGauge,
     /// How long a collection (map walk) takes; one runs for every scrape.
@@ -135,7 +136,7 @@ impl Metrics {
             .expect("valid metric"),
             flow_map_reclaimed: IntCounter::new(
                 "observer_flow_map_reclaimed_total",
-                "Flows taken out of the kernel flow map once counted to their last packet: quiet for a minute, or quiet while the map is nine tenths full.",
+                "Flows taken out of the kernel flow map once counted to their last packet: quiet for a minute, or quiet while the map is nine tenths full (the longest quiet first, down to eight tenths).",
             )
             .expect("valid metric"),
             flow_overflow_packets: IntCounter::new(
@@ -146,6 +147,11 @@ impl Metrics {
             flow_insert_failures: IntCounter::new(
                 "observer_flow_insert_failures_total",
                 "Packets not counted because their flow could not be inserted.",
+            )
+            .expect("valid metric"),
+            policy_verdicts_lost: IntCounter::new(
+                "observer_policy_verdicts_lost_total",
+                "Policy decisions enforced but not counted in observer_policy_verdicts_total: the kernel's verdict map had no room.",
             )
             .expect("valid metric"),
             policy_reloads: IntCounterVec::new(
@@ -227,6 +233,7 @@ impl Metrics {
         metrics.register(metrics.flow_map_reclaimed.clone());
         metrics.register(metrics.flow_overflow_packets.clone());
         metrics.register(metrics.flow_insert_failures.clone());
+        metrics.register(metrics.policy_verdicts_lost.clone());
         metrics.register(metrics.errors.clone());
         metrics.register(metrics.policy_reloads.clone());
         metrics.register(metrics.policy_verdicts.clone());

@@ -56,14 +56,18 @@ enum Task {
     /// Measure what the observer costs (see BENCHMARKS.md); about 4 minutes.
     Bench {
         /// Only the per-packet cost, on lo (about 10 seconds).
-        #[arg(long, conflicts_with = "latency_only")]
+        #[arg(long, group = "only")]
         cost_only: bool,
         /// Only the attach latency of new pods (about 20 seconds).
-        #[arg(long, conflicts_with = "cluster_only")]
+        #[arg(long, group = "only")]
         latency_only: bool,
+        /// Only the scale figures: 250 pods, 1 M flows (start-up,
+        /// collection, memory; about a minute).
+        #[arg(long, group = "only")]
+        scale_only: bool,
         /// Only Kubernetes mode at cluster scale: 50,000 pods in a scripted
         /// API (memory, reconciliation time; about a minute).
-        #[arg(long, conflicts_with = "cost_only")]
+        #[arg(long, group = "only")]
         cluster_only: bool,
         /// Also measure the observer of another commit (a branch, tag or
         /// hash), built from it, side by side in the same run.
@@ -93,12 +97,14 @@ fn main() -> Result<()> {
         Task::Bench {
             cost_only,
             latency_only,
+            scale_only,
             cluster_only,
             compare,
         } => {
             let only = [
                 (cost_only, "--cost-only"),
                 (latency_only, "--latency-only"),
+                (scale_only, "--scale-only"),
                 (cluster_only, "--cluster-only"),
             ]
             .into_iter()

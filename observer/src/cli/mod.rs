@@ -235,9 +235,9 @@ pub struct RunArgs {
     /// given up with 503.
     #[arg(long, env = "OBSERVER_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
-    /// Flows the kernel flow map holds; the least recently used are evicted
-    /// beyond it. Each flow of capacity costs about 180 bytes of kernel memory
-    /// (measured: see BENCHMARKS.md).
+    /// Flows the kernel flow map holds; packets of flows beyond it are
+    /// counted in their pod's overflow series, unclassified. Each flow of
+    /// capacity costs kernel memory (measured: see BENCHMARKS.md).
     #[arg(long, env = "OBSERVER_FLOW_CAPACITY", default_value_t = DEFAULT_FLOW_CAPACITY,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub flow_capacity: u32,

@@ -4,9 +4,11 @@
 //! names to a `SubjectAccessReview` for `get` on the path (a non-resource
 //! URL: `ClusterRole` rules with `nonResourceURLs: [/metrics, /flows]`).
 //! Answers are kept for a while (allowed: a minute, refused: ten seconds),
-//! so that a scrape costs the API nothing most of the time. When the API
-//! cannot be asked, the request is refused (503): nobody reads without the
-//! API's word.
+//! so that a scrape costs the API nothing most of the time. At most
+//! [`REVIEWS_AT_ONCE`] reviews are asked at once. When the API cannot be
+//! asked, the request is refused (503): nobody reads without the API's
+//! word, except a token the API allowed in the last five minutes, which
+//! keeps reading through an outage or a flood of other tokens.
 
 use std::{
     collections::HashMap,
@@ -20,13 +22,24 @@ use k8s_openapi::api::{
     authorization::v1::{NonResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
 };
 use kube::{Api, Client, api::PostParams};
+use tokio::sync::Semaphore;
 
 /// How long an answer is kept.
 const ALLOWED_FOR: Duration = Duration::from_secs(60);
 const REFUSED_FOR: Duration = Duration::from_secs(10);
-/// Answers kept at most (tokens × paths); beyond, the stale ones go, then
-/// all: an abusive client cannot grow the observer's memory.
+/// How long an allowed answer still serves when it is due to be asked
+/// again and the API cannot be asked now (busy with other reviews, or
+/// down): a scraper is not cut off by a flood of other tokens.
+const ALLOWED_STALE_FOR: Duration = Duration::from_secs(300);
+/// Answers kept at most, each kind (tokens × paths); beyond, the stale
+/// ones go, then all of that kind: an abusive client cannot grow the
+/// observer's memory, and its refused tokens never push out an allowed
+/// one.
 const KEPT: usize = 4096;
+/// Reviews asked of the API at once; a request that would need one more is
+/// answered 503 at once: an abusive client cannot turn the observer into a
+/// load on the API server.
+const REVIEWS_AT_ONCE: usize = 4;
 
 /// What the API said of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,16 +67,20 @@ impl Verdict {
 pub struct Authorizer {
     client: Client,
     /// By a keyed hash of (token, path): no token is kept.
-    kept: Mutex<HashMap<u64, (Instant, Verdict)>>,
+    allowed: Mutex<HashMap<u64, Instant>>,
+    refused: Mutex<HashMap<u64, (Instant, Verdict)>>,
     hasher: RandomState,
+    reviews: Semaphore,
 }
 
 impl Authorizer {
     pub fn new(client: Client) -> Self {
         Self {
             client,
-            kept: Mutex::new(HashMap::new()),
+            allowed: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
             hasher: RandomState::new(),
+            reviews: Semaphore::new(REVIEWS_AT_ONCE),
         }
     }
 
@@ -74,25 +91,34 @@ impl Authorizer {
         };
         let key = self.hasher.hash_one((token, path));
         let now = Instant::now();
-        if let Some((until, verdict)) = self.kept.lock().expect("not poisoned").get(&key)
+        let allowed_at = self
+            .allowed
+            .lock()
+            .expect("not poisoned")
+            .get(&key)
+            .copied();
+        if allowed_at.is_some_and(|at| now < at + ALLOWED_FOR) {
+            return Verdict::Allowed;
+        }
+        if let Some((until, verdict)) = self.refused.lock().expect("not poisoned").get(&key)
             && *until > now
         {
             return *verdict;
         }
-        let verdict = self.ask(token, path).await;
-        let keep_for = match verdict {
-            Verdict::Allowed => ALLOWED_FOR,
-            Verdict::Unavailable => return verdict,
-            _ => REFUSED_FOR,
+        let stale = allowed_at.is_some_and(|at| now < at + ALLOWED_STALE_FOR);
+        let verdict = match self.reviews.try_acquire() {
+            Ok(_permit) => self.ask(token, path).await,
+            Err(_) => Verdict::Unavailable,
         };
-        let mut kept = self.kept.lock().expect("not poisoned");
-        if kept.len() >= KEPT {
-            kept.retain(|_, (until, _)| *until > now);
-            if kept.len() >= KEPT {
-                kept.clear();
+        match verdict {
+            Verdict::Allowed => keep(&self.allowed, key, now, now),
+            Verdict::Unavailable if stale => return Verdict::Allowed,
+            Verdict::Unavailable => {}
+            refused => {
+                self.allowed.lock().expect("not poisoned").remove(&key);
+                keep(&self.refused, key, (now + REFUSED_FOR, refused), now);
             }
         }
-        kept.insert(key, (now + keep_for, verdict));
         verdict
     }
 
@@ -143,6 +169,38 @@ impl Authorizer {
                 Verdict::Unavailable
             }
         }
+    }
+}
+
+/// Keeps an answer, within [`KEPT`]: when full, answers past their time go
+/// first, then all.
+fn keep<V: Copy + Expiry>(kept: &Mutex<HashMap<u64, V>>, key: u64, value: V, now: Instant) {
+    let mut kept = kept.lock().expect("not poisoned");
+    if kept.len() >= KEPT && !kept.contains_key(&key) {
+        kept.retain(|_, v| !v.expired(now));
+        if kept.len() >= KEPT {
+            kept.clear();
+        }
+    }
+    kept.insert(key, value);
+}
+
+/// Whether a kept answer is past any use.
+trait Expiry {
+    fn expired(&self, now: Instant) -> bool;
+}
+
+/// An allowed answer: when it was given.
+impl Expiry for Instant {
+    fn expired(&self, now: Instant) -> bool {
+        now >= *self + ALLOWED_STALE_FOR
+    }
+}
+
+/// A refused answer: until when it holds.
+impl Expiry for (Instant, Verdict) {
+    fn expired(&self, now: Instant) -> bool {
+        now >= self.0
     }
 }
 

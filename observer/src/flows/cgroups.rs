@@ -51,7 +51,8 @@ pub struct CgroupNames {
     root: Option<PathBuf>,
     /// Names, and when a series last asked for each.
     names: HashMap<u64, Named>,
-    /// Ids the last walk did not find, and when it ran.
+    /// Ids the walks since the last full one did not find, and when the
+    /// last walk ran.
     not_found: HashSet<u64>,
     walked: Option<Instant>,
 }
@@ -76,6 +77,11 @@ impl CgroupNames {
         self.names.get(&id).map(|n| n.name.clone())
     }
 
+    /// Whether a walk has looked for `id` (found it or not).
+    pub fn looked_for(&self, id: u64) -> bool {
+        self.names.contains_key(&id) || self.not_found.contains(&id)
+    }
+
     /// The id of the cgroup that `id` is in, if a walk found `id`.
     pub fn parent(&self, id: u64) -> Option<u64> {
         self.names.get(&id).map(|n| n.parent)
@@ -84,7 +90,7 @@ impl CgroupNames {
     /// Makes the names of `ids` known: walks the hierarchy if one is not
     /// (an id a walk did not find waits [`RETRY_AFTER`]); forgets the
     /// names no series asked for in [`FORGET_AFTER`].
-    pub fn learn(&mut self, ids: &HashSet<u64>) {
+    pub fn learn<S: std::hash::BuildHasher>(&mut self, ids: &HashSet<u64, S>) {
         let now = Instant::now();
         for id in ids {
             if let Some(named) = self.names.get_mut(id) {
@@ -103,11 +109,14 @@ impl CgroupNames {
         if missing.is_empty() {
             return;
         }
+        self.walked = Some(now);
+        if retry {
+            self.not_found.clear();
+        }
+        self.not_found.extend(&missing);
         let Some(root) = &self.root else {
             return;
         };
-        self.walked = Some(now);
-        self.not_found = missing.clone();
         let Ok(top) = std::fs::metadata(root) else {
             return;
         };
@@ -170,6 +179,8 @@ mod tests {
         let pod = std::fs::metadata(dir.parent().unwrap()).unwrap().ino();
         assert_eq!(names.parent(id), Some(pod));
         assert_eq!(names.name(1), None);
+        assert!(names.looked_for(id) && names.looked_for(1));
+        assert!(!names.looked_for(2), "never asked for");
         names.learn(&HashSet::new());
         assert!(names.name(id).is_some(), "kept a while without series");
         let _ = std::fs::remove_dir_all(&root);

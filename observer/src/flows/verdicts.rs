@@ -8,12 +8,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use std::os::fd::AsFd as _;
+
+use aya::{
+    maps::{HashMap as BpfHashMap, IterableMap as _, MapData, MapError},
+    sys::SyscallError,
+};
 use observer_common::{VerdictKey, class, direction, verdict};
 
 use super::saved::{SavedVerdicts, VerdictBaseline};
 use crate::{
-    kernel::attach::AttachedNetns,
+    kernel::{self, attach::AttachedNetns},
     metrics::{Metrics, VERDICT_LABELS},
     names::ObjectRef,
     policy::compile::RuleName,
@@ -24,6 +29,9 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub struct Verdicts {
     names: Arc<HashMap<u32, RuleName>>,
+    /// Rules the policies no longer have (ids are never given again): their
+    /// kernel entries are counted one last time and taken out.
+    retired: HashMap<u32, RuleName>,
     /// The kernel's count at the last collection, and the labels exported.
     seen: HashMap<VerdictKey, (u64, [String; 7])>,
     logged: HashMap<(u64, u32), Instant>,
@@ -124,23 +132,33 @@ impl Verdicts {
     }
 
     pub fn set_names(&mut self, names: Arc<HashMap<u32, RuleName>>) {
+        for (id, name) in self.names.iter() {
+            if !names.contains_key(id) {
+                self.retired.insert(*id, name.clone());
+            }
+        }
+        self.retired.retain(|id, _| !names.contains_key(id));
         self.names = names;
     }
 
     /// Adds what the kernel counted since the last collection. `complete`:
     /// the source has been complete, so counts of namespaces that are not
     /// attached are no pod's, and go.
-    pub fn collect(
+    pub fn collect<S: std::hash::BuildHasher>(
         &mut self,
         map: &mut BpfHashMap<MapData, VerdictKey, u64>,
-        attached: &HashMap<u64, AttachedNetns>,
+        attached: &HashMap<u64, AttachedNetns, S>,
         complete: bool,
         metrics: &Metrics,
     ) -> Result<(), MapError> {
         let mut gone = Vec::new();
+        let mut retired = Vec::new();
         let prime = std::mem::take(&mut self.prime);
         for entry in map.iter() {
             let (key, count) = entry?;
+            if !prime && self.retired.contains_key(&key.rule) {
+                retired.push(key);
+            }
             if prime {
                 if let Some(pod) = attached.get(&key.netns_cookie)
                     && let Some(labels) = self.labels(&key, pod)
@@ -172,8 +190,8 @@ impl Verdicts {
                 }
             };
             let labels = &self.seen[&key].1;
-            // Fewer than before: the LRU map evicted the entry and it was
-            // made anew since; all of it is new.
+            // Fewer than before: the entry was taken out and made anew
+            // since (by an earlier observer); all of it is new.
             let added = if count >= before {
                 count - before
             } else {
@@ -191,12 +209,36 @@ impl Verdicts {
         for key in gone {
             let _ = map.remove(&key);
         }
+        // Counted to their last decision, each in the same step as it goes
+        // (a decision in between would be lost). Their series stay (a
+        // counter does not go back); the kernel's entries and the
+        // baselines go.
+        for key in retired {
+            let last = kernel::bpf::take::<VerdictKey, u64>(map.map().fd().as_fd(), &key).map_err(
+                |io_error| {
+                    MapError::SyscallError(SyscallError {
+                        call: "bpf_map_lookup_and_delete_elem",
+                        io_error,
+                    })
+                },
+            )?;
+            if let (Some(last), Some((seen, labels))) = (last, self.seen.remove(&key)) {
+                let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+                metrics
+                    .policy_verdicts
+                    .with_label_values(&values)
+                    .inc_by(last.saturating_sub(seen));
+            }
+        }
         Ok(())
     }
 
     /// The series' labels: pod, policy, rule, class, direction, verdict.
     fn labels(&self, key: &VerdictKey, pod: &AttachedNetns) -> Option<[String; 7]> {
-        let names = self.names.get(&key.rule)?;
+        let names = self
+            .names
+            .get(&key.rule)
+            .or_else(|| self.retired.get(&key.rule))?;
         Some([
             pod.pod.namespace.clone(),
             pod.pod.name.clone(),

@@ -4,7 +4,9 @@
 //! link (`BPF_LINK_UPDATE`: the hook never runs without a program), and ask
 //! whether a link still has its hook (an interface or a cgroup that is gone
 //! leaves a defunct link). On maps: take an entry out with what it held
-//! (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`: nothing counted in between is lost).
+//! (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`: nothing counted in between is lost),
+//! and read a hash map in batches (`BPF_MAP_LOOKUP_BATCH`: one call per
+//! batch, where aya's iterator makes two per entry).
 
 use std::{
     ffi::CString,
@@ -17,6 +19,7 @@ use std::{
 };
 
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -143,5 +146,72 @@ pub fn take<K: Copy, V: Copy + Default>(map: BorrowedFd<'_>, key: &K) -> io::Res
         Ok(_) => Ok(Some(value)),
         Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(err) => Err(err),
+    }
+}
+
+/// Reads every entry of a hash map, a batch per system call. The buffers
+/// are kept from one read to the next.
+pub struct BatchReader<K, V> {
+    keys: Vec<K>,
+    values: Vec<V>,
+}
+
+impl<K: Copy + Default, V: Copy + Default> BatchReader<K, V> {
+    /// Buffers for `entries` entries a call (at least one).
+    pub fn new(entries: usize) -> Self {
+        let entries = entries.max(1);
+        Self {
+            keys: vec![K::default(); entries],
+            values: vec![V::default(); entries],
+        }
+    }
+
+    /// Calls `each` on every entry of `map` (whose key and value are `K`
+    /// and `V`). The kernel walks the map bucket by bucket: an entry added
+    /// or removed meanwhile is seen once or not at all, never twice.
+    pub fn read(&mut self, map: BorrowedFd<'_>, mut each: impl FnMut(&K, &V)) -> io::Result<()> {
+        // The position in the map (a bucket index for hash maps), written
+        // by the kernel after each batch, given back with the next.
+        let mut position = 0u64;
+        let mut next = 0u64;
+        let mut first = true;
+        loop {
+            let mut attr = Attr::new();
+            attr.put_u64(
+                0,
+                if first {
+                    0
+                } else {
+                    std::ptr::from_ref(&position) as u64
+                },
+            )
+            .put_u64(8, std::ptr::from_mut(&mut next) as u64)
+            .put_u64(16, self.keys.as_mut_ptr() as u64)
+            .put_u64(24, self.values.as_mut_ptr() as u64)
+            .put_u32(32, self.keys.len() as u32)
+            .put_u32(36, map.as_raw_fd() as u32);
+            let last = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+                Ok(_) => false,
+                // The end of the map, with the last entries.
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => true,
+                // One bucket holds more entries than the buffers do.
+                Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
+                    let entries = self.keys.len() * 2;
+                    self.keys.resize(entries, K::default());
+                    self.values.resize(entries, V::default());
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            let count = u32::from_ne_bytes(attr.0[32..36].try_into().expect("4 bytes")) as usize;
+            for (key, value) in self.keys.iter().zip(&self.values).take(count) {
+                each(key, value);
+            }
+            if last {
+                return Ok(());
+            }
+            position = next;
+            first = false;
+        }
     }
 }

@@ -222,48 +222,102 @@ impl ClassMapsWriter {
     }
 
     /// Writes what changed since the last sync, then bumps the generation
-    /// (if anything did) so that live flows are classified again.
+    /// (if anything did) so that live flows are classified again. All or
+    /// nothing: on a failure the maps hold what they held before, and the
+    /// next call (the reconciler retries on a timer) starts from there.
     pub fn sync(&mut self, entries: ClassEntries) -> Result<(), ClassMapsError> {
-        let before = &self.written;
-        for key in before
-            .services
-            .keys()
-            .filter(|k| !entries.services.contains_key(k))
-        {
-            let _ = self.maps.services.remove(key);
-        }
-        for (key, id) in &entries.services {
-            if before.services.get(key) != Some(id) {
-                self.maps
-                    .services
-                    .insert(key, id, 0)
-                    .map_err(|e| update_error("SERVICES", e))?;
-            }
-        }
-        for (prefix, addr) in before
-            .cidrs
-            .keys()
-            .filter(|k| !entries.cidrs.contains_key(k))
-        {
-            let _ = self.maps.cidrs.remove(&Key::new(*prefix, *addr));
-        }
-        for ((prefix, addr), value) in &entries.cidrs {
-            if before.cidrs.get(&(*prefix, *addr)) != Some(value) {
-                self.maps
-                    .cidrs
-                    .insert(&Key::new(*prefix, *addr), value, 0)
-                    .map_err(|e| update_error("CIDRS", e))?;
-            }
-        }
+        sync(&mut self.maps, &self.written, &entries)?;
         // Only a change of class or peer calls for classifying live flows
         // again (a pod's new label, say, does not).
-        if *before == entries && self.synced {
+        if self.written == entries && self.synced {
             return Ok(());
         }
         self.written = entries;
         self.synced = true;
         self.reclassify()
     }
+}
+
+/// One write to the classification maps: an entry set to a value, or
+/// (`None`) removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    Service(ServiceKey, Option<u32>),
+    Cidr((u32, [u8; 16]), Option<CidrValue>),
+}
+
+/// Where [`sync`] writes: the kernel's maps, or a test's.
+pub trait ClassMapsTarget {
+    fn write(&mut self, write: Write) -> Result<(), ClassMapsError>;
+}
+
+impl ClassMapsTarget for KernelClassMaps {
+    fn write(&mut self, write: Write) -> Result<(), ClassMapsError> {
+        match write {
+            Write::Service(key, Some(id)) => self
+                .services
+                .insert(key, id, 0)
+                .map_err(|e| update_error("SERVICES", e)),
+            Write::Service(key, None) => {
+                let _ = self.services.remove(&key);
+                Ok(())
+            }
+            Write::Cidr((prefix, addr), Some(value)) => self
+                .cidrs
+                .insert(&Key::new(prefix, addr), value, 0)
+                .map_err(|e| update_error("CIDRS", e)),
+            Write::Cidr((prefix, addr), None) => {
+                let _ = self.cidrs.remove(&Key::new(prefix, addr));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Brings the maps from `before` to `after`, changes only. Removals go
+/// first (they make room); if a write fails, what this call wrote is
+/// undone in reverse order and the maps hold `before`.
+pub fn sync(
+    maps: &mut impl ClassMapsTarget,
+    before: &ClassEntries,
+    after: &ClassEntries,
+) -> Result<(), ClassMapsError> {
+    let mut writes = Vec::new();
+    for key in before
+        .services
+        .keys()
+        .filter(|k| !after.services.contains_key(k))
+    {
+        writes.push(Write::Service(*key, None));
+    }
+    for key in before.cidrs.keys().filter(|k| !after.cidrs.contains_key(k)) {
+        writes.push(Write::Cidr(*key, None));
+    }
+    for (key, id) in &after.services {
+        if before.services.get(key) != Some(id) {
+            writes.push(Write::Service(*key, Some(*id)));
+        }
+    }
+    for (key, value) in &after.cidrs {
+        if before.cidrs.get(key) != Some(value) {
+            writes.push(Write::Cidr(*key, Some(*value)));
+        }
+    }
+    let undo = |write: &Write| match *write {
+        Write::Service(key, _) => Write::Service(key, before.services.get(&key).copied()),
+        Write::Cidr(key, _) => Write::Cidr(key, before.cidrs.get(&key).copied()),
+    };
+    for (done, write) in writes.iter().enumerate() {
+        if let Err(err) = maps.write(*write) {
+            for written in writes[..done].iter().rev() {
+                // Restores what was there, in room this call freed or
+                // took: it does not fail for want of room.
+                let _ = maps.write(undo(written));
+            }
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 fn update_error(map: &'static str, source: MapError) -> ClassMapsError {
@@ -276,6 +330,71 @@ fn update_error(map: &'static str, source: MapError) -> ClassMapsError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Maps in memory that refuse the `fail_at`-th insert.
+    #[derive(Default)]
+    struct Fake {
+        entries: ClassEntries,
+        inserts: usize,
+        fail_at: usize,
+    }
+
+    impl ClassMapsTarget for Fake {
+        fn write(&mut self, write: Write) -> Result<(), ClassMapsError> {
+            if matches!(write, Write::Service(_, Some(_)) | Write::Cidr(_, Some(_))) {
+                self.inserts += 1;
+                if self.inserts == self.fail_at {
+                    return Err(update_error("TEST", MapError::KeyNotFound));
+                }
+            }
+            match write {
+                Write::Service(key, Some(id)) => drop(self.entries.services.insert(key, id)),
+                Write::Service(key, None) => drop(self.entries.services.remove(&key)),
+                Write::Cidr(key, Some(v)) => drop(self.entries.cidrs.insert(key, v)),
+                Write::Cidr(key, None) => drop(self.entries.cidrs.remove(&key)),
+            }
+            Ok(())
+        }
+    }
+
+    fn entries(services: &[(u8, u32)], cidrs: &[(u8, u32)]) -> ClassEntries {
+        let addr = |last| ipv4_mapped([10, 96, 0, last]);
+        ClassEntries {
+            services: services
+                .iter()
+                .map(|&(last, id)| (ServiceKey::new(addr(last), 80, 6), id))
+                .collect(),
+            cidrs: cidrs
+                .iter()
+                .map(|&(last, id)| ((128, addr(last)), CidrValue::new(class::POD, id)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_maps_as_they_were() {
+        let before = entries(&[(1, 1), (2, 2)], &[(1, 1), (2, 2)]);
+        // Changed, added and removed entries of both maps.
+        let after = entries(&[(2, 3), (3, 4)], &[(2, 5), (3, 6), (4, 7)]);
+        for fail_at in 1..=5 {
+            let mut maps = Fake {
+                entries: before.clone(),
+                fail_at,
+                ..Fake::default()
+            };
+            assert!(
+                sync(&mut maps, &before, &after).is_err(),
+                "insert {fail_at}"
+            );
+            assert_eq!(maps.entries, before, "insert {fail_at} failed");
+        }
+        let mut maps = Fake {
+            entries: before.clone(),
+            ..Fake::default()
+        };
+        sync(&mut maps, &before, &after).unwrap();
+        assert_eq!(maps.entries, after);
+    }
 
     #[test]
     fn masks_prefixes() {

@@ -25,7 +25,7 @@ use observer_common::{
     CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DECIDE_PROGRAM, DatapathStats, FLOWS_MAP,
     FlowKey, FlowValue, GENERATION_MAP, LOG_PROGRAM, NETNS_COOKIE_GLOBAL, NODE_MAP, OVERFLOW_MAP,
     OverflowKey, OverflowValue, POLICIES_MAP, POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP,
-    SOCKETS_MAP, STATS_MAP, SocketInfo, VERDICTS_MAP, VerdictKey,
+    SOCKETS_MAP, STATS_MAP, SocketInfo, UNSTORED_MAP, VERDICTS_MAP, VerdictKey,
 };
 
 use super::{
@@ -187,10 +187,11 @@ pub struct MapIds {
 }
 
 /// The maps every instance shares, pinned by name.
-const SHARED_MAPS: [&str; 14] = [
+const SHARED_MAPS: [&str; 15] = [
     FLOWS_MAP,
     OVERFLOW_MAP,
     STATS_MAP,
+    UNSTORED_MAP,
     SERVICES_MAP,
     CIDRS_MAP,
     GENERATION_MAP,

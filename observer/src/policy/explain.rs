@@ -14,7 +14,7 @@ use std::{
 };
 
 use observer_common::{
-    MAX_POD_RULES, classify, direction,
+    MAX_POD_RULES, POLICY_CIDRS_CAPACITY, classify, direction,
     inventory::{Inventory, Pod},
     ipv4_mapped,
     policy::{self, Connection},
@@ -22,7 +22,7 @@ use observer_common::{
 };
 
 use super::{
-    Mode, Policies, PolicyError, Rule,
+    Mode, Policies, PolicyError, Rule, Target,
     compile::{Capacity, Compiled, Compiler, Inputs, RuleName},
     model::words,
     rule_name,
@@ -69,6 +69,22 @@ pub fn check(path: &Path, inventory: Option<&Path>) -> Result<String, ExplainErr
             })
         })
         .collect();
+    // Each rule's CIDRs are one set, shared by the pods it applies to: the
+    // file's sets together must fit the kernel's trie, whatever the pods.
+    let cidrs: usize = policies
+        .policies
+        .iter()
+        .flat_map(|p| &p.spec.rules)
+        .map(|rule| match &rule.target {
+            Target::Cidrs(cidrs) => cidrs.len(),
+            _ => 0,
+        })
+        .sum();
+    if cidrs > POLICY_CIDRS_CAPACITY as usize {
+        limits.push(format!(
+            "{cidrs} CIDRs in rules, the kernel holds at most {POLICY_CIDRS_CAPACITY}: pods whose rules do not fit would be held to none"
+        ));
+    }
     if let Some(inventory) = inventory {
         let attached = inventory
             .pods

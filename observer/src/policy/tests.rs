@@ -405,7 +405,8 @@ fn a_service_that_does_not_exist_is_refused_with_its_line() {
 fn check_reports_the_limits_a_file_would_hit_in_the_kernel() {
     let dir = std::env::temp_dir().join(format!("observer-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+    let limit = observer_common::MAX_POD_RULES;
+    let ports: Vec<String> = (1..=limit + 1).map(|p| p.to_string()).collect();
     let many = format!(
         "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: many}}\nspec:\n  podSelector: {{}}\n  mode: enforce\n  rules:\n  - {{class: external, ports: [{}], action: deny}}\n",
         ports.join(", ")
@@ -414,13 +415,14 @@ fn check_reports_the_limits_a_file_would_hit_in_the_kernel() {
     std::fs::write(&path, &many).unwrap();
     let err = super::explain::check(&path, None).unwrap_err().to_string();
     assert!(
-        err.contains("policy `many`: 17 rules in the kernel") && err.contains("at most 16"),
+        err.contains(&format!("policy `many`: {} rules in the kernel", limit + 1))
+            && err.contains(&format!("at most {limit}")),
         "{err}"
     );
 
-    // Two policies of 9 rules each are fine alone; on a pod both select,
-    // only an inventory tells.
-    let nine: Vec<String> = (1..=9).map(|p| p.to_string()).collect();
+    // Two policies of half the limit and one rule each are fine alone; on
+    // a pod both select, only an inventory tells.
+    let nine: Vec<String> = (1..=limit / 2 + 1).map(|p| p.to_string()).collect();
     let two = format!(
         "{}---\n{}",
         many.replace(&ports.join(", "), &nine.join(", ")),
@@ -439,7 +441,29 @@ fn check_reports_the_limits_a_file_would_hit_in_the_kernel() {
     let err = super::explain::check(&path, Some(&inventory))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("pod default/a: 18 rules"), "{err}");
+    assert!(
+        err.contains(&format!("pod default/a: {} rules", limit + 2)),
+        "{err}"
+    );
+
+    // CIDRs: every rule's set takes room in one trie, whatever the pods.
+    let cidrs: Vec<String> = (0..=observer_common::POLICY_CIDRS_CAPACITY)
+        .map(|n| format!("10.{}.{}.0/24", n / 256 % 256, n % 256))
+        .collect();
+    let wide = format!(
+        "apiVersion: observer.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: wide}}\nspec:\n  podSelector: {{}}\n  mode: enforce\n  rules:\n  - {{class: external, cidrs: [{}], action: deny}}\n",
+        cidrs.join(", ")
+    );
+    std::fs::write(&path, &wide).unwrap();
+    let err = super::explain::check(&path, None).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "{} CIDRs in rules, the kernel holds at most {}",
+            cidrs.len(),
+            observer_common::POLICY_CIDRS_CAPACITY
+        )),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -71,6 +71,8 @@ fn main() {
         latency::run(&mut report, &subjects);
     } else if std::env::args().any(|a| a == "--cluster-only") {
         cluster::run(&mut report, &subjects);
+    } else if std::env::args().any(|a| a == "--scale-only") {
+        scale::run(&mut report, &subjects);
     } else {
         throughput::run(&mut report, &subjects);
         scale::run(&mut report, &subjects);

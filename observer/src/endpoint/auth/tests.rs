@@ -12,6 +12,8 @@ use kube::{Client, client::Body};
 use serde_json::{Value, json};
 use tower_test::mock;
 
+use std::hash::BuildHasher as _;
+
 use super::{Authorizer, Verdict};
 
 type Reply = Response<Full<bytes::Bytes>>;
@@ -145,5 +147,60 @@ async fn many_tokens_keep_memory_bounded() {
             Verdict::Unauthenticated
         );
     }
-    assert!(auth.kept.lock().unwrap().len() <= super::KEPT);
+    assert!(auth.refused.lock().unwrap().len() <= super::KEPT);
+}
+
+/// A flood of unknown tokens neither pushes out an allowed answer nor
+/// asks the API more than a few reviews at once; an allowed token keeps
+/// reading while the API is busy with them.
+#[tokio::test]
+async fn a_flood_of_unknown_tokens_keeps_the_scraper_reading() {
+    let (auth, calls) = authorizer();
+    let auth = Arc::new(auth);
+    assert_eq!(
+        auth.check(Some("prometheus-token"), "/metrics").await,
+        Verdict::Allowed
+    );
+    // Reviews that never finish hold every slot: the API is "busy".
+    let (service, _silent) = mock::pair::<Request<Body>, Reply>();
+    let stuck = Arc::new(Authorizer::new(Client::new(service, "default")));
+    let mut held = Vec::new();
+    for i in 0..super::REVIEWS_AT_ONCE {
+        let stuck = Arc::clone(&stuck);
+        held.push(tokio::spawn(async move {
+            stuck.check(Some(&format!("slow-{i}")), "/metrics").await
+        }));
+    }
+    tokio::task::yield_now().await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(
+        stuck.check(Some("one-more"), "/metrics").await,
+        Verdict::Unavailable,
+        "no more than the bound asked at once"
+    );
+    // A token allowed a moment ago, due again, reads while nothing can be
+    // asked.
+    let key = stuck.hasher.hash_one(("prometheus-token", "/metrics"));
+    let earlier =
+        std::time::Instant::now() - super::ALLOWED_FOR - std::time::Duration::from_secs(1);
+    stuck.allowed.lock().unwrap().insert(key, earlier);
+    assert_eq!(
+        stuck.check(Some("prometheus-token"), "/metrics").await,
+        Verdict::Allowed
+    );
+    for task in held {
+        task.abort();
+    }
+
+    // Unknown tokens past the bound: the allowed answer stays.
+    for i in 0..(super::KEPT + 100) {
+        let token = format!("flood-{i}");
+        auth.check(Some(&token), "/metrics").await;
+    }
+    let before = calls.load(Ordering::SeqCst);
+    assert_eq!(
+        auth.check(Some("prometheus-token"), "/metrics").await,
+        Verdict::Allowed
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), before, "still kept");
 }

@@ -136,7 +136,7 @@ fn an_egress_only_policy_leaves_ingress_alone_and_too_many_rules_are_reported() 
         verdict::ALLOW
     );
 
-    let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+    let ports: Vec<String> = (1..=MAX_POD_RULES + 1).map(|p| p.to_string()).collect();
     let many = POLICY.replace("[80, \"8000-8100\"]", &format!("[{}]", ports.join(", ")));
     let policies = parse(&many).unwrap();
     let compiled = compile(
@@ -147,7 +147,7 @@ fn an_egress_only_policy_leaves_ingress_alone_and_too_many_rules_are_reported() 
     );
     assert!(compiled.entries.pods.is_empty());
     assert!(
-        compiled.problems[0].contains("at most 16"),
+        compiled.problems[0].contains(&format!("at most {MAX_POD_RULES}")),
         "{:?}",
         compiled.problems
     );
