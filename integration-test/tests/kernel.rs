@@ -390,3 +390,66 @@ fn the_flow_map_reads_in_batches_every_entry_once() {
         assert_eq!(read, flows, "batches of {entries}");
     }
 }
+
+/// The per-CPU flow cache: the packets of a known flow are counted in this
+/// CPU's slot, not in the flow map, and the flush moves them there: every
+/// packet counted once. A slot that counted nothing since the last flush
+/// is forgotten, and the next packet is counted in the flow map at once.
+#[test]
+fn the_flow_cache_counts_every_packet_once() {
+    let table = Table::load();
+    let t = table_world(&table);
+    let pod = &t.pods["default/web"];
+    let src = SocketAddrV4::new([10, 244, 1, 12].into(), 40123);
+    let dst = SocketAddrV4::new([10, 244, 2, 5].into(), 5432);
+    let packet = frame(src, dst, protocol::UDP, false);
+    let key = FlowKey {
+        netns_cookie: pod.cookie,
+        src_addr: ipv4_mapped(src.ip().octets()),
+        dst_addr: ipv4_mapped(dst.ip().octets()),
+        src_port: src.port(),
+        dst_port: dst.port(),
+        protocol: protocol::UDP,
+        direction: direction::EGRESS,
+        family: family::IPV4,
+        interface: interface::POD,
+    };
+    let in_map = || {
+        let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+        (value.packets, value.bytes)
+    };
+    // On one CPU, so that the packets after the first two meet the slot.
+    pin_to_cpu(0);
+    for _ in 0..10 {
+        run(&t.kernel, pod, EGRESS_PROGRAM, pod.eth0, &packet);
+    }
+    let (packets, _) = in_map();
+    assert!(
+        packets < 10,
+        "the cache counted none of the 10 packets: {packets} in the map"
+    );
+    t.kernel.maps.flow_cache.flush().expect("flush");
+    let size = packet.len() as u64;
+    assert_eq!(
+        in_map(),
+        (10, 10 * size),
+        "every packet once, after a flush"
+    );
+    // Quiet since: the next flush forgets the slot; a packet then counts in
+    // the flow map without waiting for a flush.
+    t.kernel.maps.flow_cache.flush().expect("flush");
+    run(&t.kernel, pod, EGRESS_PROGRAM, pod.eth0, &packet);
+    assert_eq!(in_map(), (11, 11 * size));
+    t.kernel.maps.flow_cache.flush().expect("flush");
+    assert_eq!(in_map(), (11, 11 * size), "no packet twice");
+}
+
+/// Keeps this thread on one CPU.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a CPU set of our own, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}

@@ -28,6 +28,7 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` integers and byte arrays with explicit padding.
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::CachedFlow {}
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::CidrValue {}
     unsafe impl aya::Pod for super::DatapathStats {}

@@ -136,6 +136,42 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
 
+/// Name of the per-CPU flow cache ([`CachedFlow`] by slot): the flows a
+/// CPU saw last, counted with plain adds and no call, and moved into the
+/// flow map by [`FLUSH_PROGRAM`] on each CPU before the daemon reads it.
+pub const FLOW_CACHE_MAP: &str = "FLOW_CACHE";
+/// Slots of the flow cache, per CPU: a flow's slot is the top
+/// [`FLOW_CACHE_BITS`] bits of its key's hash.
+pub const FLOW_CACHE_BITS: u32 = 11;
+pub const FLOW_CACHE_SLOTS: u32 = 1 << FLOW_CACHE_BITS;
+/// Name of the program that moves one CPU's cached counts into the flow
+/// map (run by the daemon on each CPU, with `BPF_PROG_TEST_RUN`).
+pub const FLUSH_PROGRAM: &str = "flush_flow_cache";
+
+/// One slot of [`FLOW_CACHE_MAP`]: a flow of the flow map whose counters a
+/// CPU keeps here for a while (each CPU has its own slots, so no atomic
+/// add), and the flow's verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedFlow {
+    pub key: FlowKey,
+    /// Counted since the counts last moved into the flow map.
+    pub packets: u64,
+    pub bytes: u64,
+    /// The generation ([`GENERATION_MAP`]) the flow was classified under:
+    /// the slot is used only while it is current.
+    pub generation: u32,
+    /// 1 while the slot holds a flow.
+    pub valid: u8,
+    /// 1 while this CPU's tc program updates the slot: the flush, which
+    /// may interrupt it, leaves the slot for the next time.
+    pub busy: u8,
+    /// The flow's verdict ([`FlowValue::verdict`]).
+    pub verdict: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<CachedFlow>() == 72);
+
 /// What the kernel knows of one flow: counters (updated with atomic adds by
 /// every CPU) and the flow's classification (written when it is first seen,
 /// and again when the daemon changes the classification maps).

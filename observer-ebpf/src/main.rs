@@ -18,8 +18,11 @@
 // The BPF target has no `AtomicU64::fetch_add`; `atomic_xadd` lowers to BPF's
 // atomic add. The build runs with RUSTC_BOOTSTRAP=1 (see observer/build.rs).
 #![feature(core_intrinsics)]
+// Unaligned 32-bit packet loads, which LLVM would split (parse.rs).
+#![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
+mod cache;
 mod classify;
 mod parse;
 mod policy;
@@ -49,7 +52,8 @@ use observer_common::{
 /// nothing is evicted before it is counted. The daemon removes a flow once
 /// it has counted it to its last packet (idle, or to make room).
 #[map]
-static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+pub(crate) static FLOWS: HashMap<FlowKey, FlowValue> =
+    HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
 
 /// The packets of flows the flow map has no room for, per pod, interface
 /// and direction: counted, not classified.
@@ -184,10 +188,9 @@ fn flow_of(ctx: &TcContext) -> Option<(FlowKey, bool, u32, u32)> {
     let [low, high, direction, flag, ..] = *ctx.cb() else {
         return None;
     };
-    let (mut key, syn, seq) = parse::flow_key(ctx);
-    key.direction = direction as u8;
-    key.netns_cookie = u64::from(low) | (u64::from(high) << 32);
-    Some((key, syn, seq, flag))
+    let cookie = u64::from(low) | (u64::from(high) << 32);
+    let flow = parse::flow(ctx, cookie, direction as u8);
+    Some((flow.key(), flow.syn, flow.seq, flag))
 }
 
 /// What tc does with a packet of a flow with this verdict.
@@ -211,21 +214,38 @@ pub fn noop(_ctx: TcContext) -> i32 {
 /// skb's control buffer (tc's scratch space for passing data between programs).
 #[inline(always)]
 fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
-    let (mut key, syn, _) = parse::flow_key(ctx);
-    key.direction = direction;
     // SAFETY: a plain read; volatile so that the value set at load time is read.
     let cookie = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
-    key.netns_cookie = cookie;
+    let flow = parse::flow(ctx, cookie, direction);
+    let syn = flow.syn;
     let generation = GENERATION.get(0).copied().unwrap_or(0);
+    let bytes = u64::from(ctx.len());
+    // The common case: a flow this CPU counted lately. SYNs go the long
+    // way: they count connections, and an inbound one is decided anew.
+    let mut slot = cache::slot(&flow.words);
+    if !syn
+        && let Some(cached) = slot.as_deref_mut()
+        && cache::holds(cached, &flow.words, generation)
+    {
+        cache::count(cached, bytes);
+        return action(cached.verdict);
+    }
+    let key = flow.key();
     if let Some(value) = FLOWS.get_ptr_mut(&key) {
         // An inbound SYN opens a connection: decided as one by
         // `classify_flow`, whatever the flow holds.
         let opens = syn && direction == INGRESS;
         // SAFETY: a live map value.
         if unsafe { (*value).generation } == generation && !opens {
-            add(value, u64::from(ctx.len()), u32::from(syn));
+            add(value, bytes, u32::from(syn));
             // SAFETY: as above.
-            return action(unsafe { (*value).verdict });
+            let verdict = unsafe { (*value).verdict };
+            if let Some(slot) = slot
+                && !syn
+            {
+                cache::install(slot, &flow.words, generation, verdict);
+            }
+            return action(verdict);
         }
     }
     if let [low, high, dir, flag, ..] = ctx.cb_mut() {
@@ -308,7 +328,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> 
         return (unsafe { (*value).verdict }, None);
     } else {
         // No room: counted all the same, as the pod's.
-        overflow(key, bytes, syn);
+        overflow(key, 1, bytes, syn);
         // And decided all the same, at every packet (no verdict can be
         // kept): a full map must not open a way in. A TCP connection's
         // decision is counted at its SYN; a datagram's at each one.
@@ -324,9 +344,9 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> 
     (0, None)
 }
 
-/// Counts a packet whose flow has no room in the flow map.
+/// Counts packets whose flow has no room in the flow map.
 #[inline(always)]
-fn overflow(key: &FlowKey, bytes: u64, syn: u32) {
+pub(crate) fn overflow(key: &FlowKey, packets: u64, bytes: u64, syn: u32) {
     let key = OverflowKey {
         netns_cookie: key.netns_cookie,
         interface: key.interface,
@@ -334,7 +354,7 @@ fn overflow(key: &FlowKey, bytes: u64, syn: u32) {
         _pad: [0; 6],
     };
     let first = OverflowValue {
-        packets: 1,
+        packets,
         bytes,
         connections: u64::from(syn),
     };
@@ -358,7 +378,7 @@ fn overflow(key: &FlowKey, bytes: u64, syn: u32) {
     if let Some(value) = counted {
         // SAFETY: a live, 8-byte aligned map value; other CPUs add too.
         unsafe {
-            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).packets, 1);
+            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).packets, packets);
             atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).bytes, bytes);
             if syn != 0 {
                 atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).connections, 1);

@@ -47,6 +47,8 @@ use crate::{
 pub enum CollectError {
     #[error("reading the flow map: {0}")]
     Flows(#[source] std::io::Error),
+    #[error("flushing the CPUs' flow caches: {0}")]
+    FlushCache(#[source] std::io::Error),
     #[error("reading the datapath statistics: {0}")]
     Stats(#[source] MapError),
     #[error("reading the policy verdicts: {0}")]
@@ -409,6 +411,12 @@ impl Collector {
     /// (not a scrape's), which measures how long a flow has been quiet.
     pub fn collect(&mut self, tick: bool) -> Result<(), CollectError> {
         let started = Instant::now();
+        // What the CPUs counted in their caches goes into the flow map
+        // first: the walk then reads every packet so far.
+        self.maps
+            .flow_cache
+            .flush()
+            .map_err(CollectError::FlushCache)?;
         let uncounted = self.read_stats()?;
         self.verdicts
             .collect(

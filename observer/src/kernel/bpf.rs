@@ -6,7 +6,8 @@
 //! leaves a defunct link). On maps: take an entry out with what it held
 //! (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`: nothing counted in between is lost),
 //! and read a hash map in batches (`BPF_MAP_LOOKUP_BATCH`: one call per
-//! batch, where aya's iterator makes two per entry).
+//! batch, where aya's iterator makes two per entry). On programs: run one
+//! on a given CPU (`BPF_PROG_TEST_RUN`).
 
 use std::{
     ffi::CString,
@@ -24,6 +25,8 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_F_TEST_RUN_ON_CPU: u32 = 1;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
@@ -214,4 +217,19 @@ impl<K: Copy + Default, V: Copy + Default> BatchReader<K, V> {
             first = false;
         }
     }
+}
+
+/// Runs a program that takes no context (a raw tracepoint's, never
+/// attached) once, on `cpu` (`BPF_PROG_TEST_RUN` with
+/// `BPF_F_TEST_RUN_ON_CPU`: from another CPU, in an interrupt there).
+/// Returns what the program returned.
+pub fn run_on_cpu(program: BorrowedFd<'_>, cpu: u32) -> io::Result<u32> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, program.as_raw_fd() as u32)
+        .put_u32(64, BPF_F_TEST_RUN_ON_CPU)
+        .put_u32(68, cpu);
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(u32::from_ne_bytes(
+        attr.0[4..8].try_into().expect("4 bytes"),
+    ))
 }

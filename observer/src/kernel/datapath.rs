@@ -18,19 +18,24 @@ use aya::{
     maps::{
         HashMap, IterableMap, MapData, MapError, MapInfo, PerCpuArray, ProgramArray, SkStorage,
     },
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, RawTracePoint, SchedClassifier,
+        links::FdLink,
+    },
 };
 use aya_log::Level;
 use observer_common::{
-    CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DECIDE_PROGRAM, DatapathStats, FLOWS_MAP,
-    FlowKey, FlowValue, GENERATION_MAP, LOG_PROGRAM, NETNS_COOKIE_GLOBAL, NODE_MAP, OVERFLOW_MAP,
-    OverflowKey, OverflowValue, POLICIES_MAP, POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP,
-    SOCKETS_MAP, STATS_MAP, SocketInfo, UNSTORED_MAP, VERDICTS_MAP, VerdictKey,
+    CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DECIDE_PROGRAM, DatapathStats, FLOW_CACHE_MAP,
+    FLOWS_MAP, FLUSH_PROGRAM, FlowKey, FlowValue, GENERATION_MAP, LOG_PROGRAM, NETNS_COOKIE_GLOBAL,
+    NODE_MAP, OVERFLOW_MAP, OverflowKey, OverflowValue, POLICIES_MAP, POLICY_CIDRS_MAP,
+    POLICY_MEMBERS_MAP, SERVICES_MAP, SOCKETS_MAP, STATS_MAP, SocketInfo, UNSTORED_MAP,
+    VERDICTS_MAP, VerdictKey,
 };
 
 use super::{
     bpffs::{BpffsError, NodePins, PinDir, Pins},
     class_maps::KernelClassMaps,
+    flow_cache::FlowCacheFlush,
     log::KernelLog,
     policy_maps::KernelPolicyMaps,
 };
@@ -175,6 +180,8 @@ pub struct Maps {
     /// The kernel's ids of the flow and verdict maps: a saved baseline of
     /// their counters holds only for these very maps.
     pub ids: MapIds,
+    /// Moves the per-CPU cache's counts into the flow map.
+    pub flow_cache: FlowCacheFlush,
 }
 
 /// Kernel ids of the maps whose counters the collector reads.
@@ -187,8 +194,9 @@ pub struct MapIds {
 }
 
 /// The maps every instance shares, pinned by name.
-const SHARED_MAPS: [&str; 15] = [
+const SHARED_MAPS: [&str; 16] = [
     FLOWS_MAP,
+    FLOW_CACHE_MAP,
     OVERFLOW_MAP,
     STATS_MAP,
     UNSTORED_MAP,
@@ -230,6 +238,14 @@ impl Datapath {
             verdicts: map_id(verdicts.map(), VERDICTS_MAP)?,
             overflow: map_id(overflow.map(), OVERFLOW_MAP)?,
         };
+        let flush: &mut RawTracePoint = program(&mut ebpf, FLUSH_PROGRAM)?;
+        flush.load().map_err(program_error(FLUSH_PROGRAM))?;
+        let flush = std::os::fd::AsFd::as_fd(flush.fd().map_err(program_error(FLUSH_PROGRAM))?)
+            .try_clone_to_owned()
+            .map_err(|source| DatapathError::Program {
+                name: FLUSH_PROGRAM,
+                source: Box::new(ProgramError::IOError(source)),
+            })?;
         let maps = Maps {
             flows,
             overflow,
@@ -237,6 +253,7 @@ impl Datapath {
             verdicts,
             flow_capacity,
             ids,
+            flow_cache: FlowCacheFlush::new(flush),
         };
         let policy_maps = KernelPolicyMaps {
             policies: typed(&mut ebpf, POLICIES_MAP)?,

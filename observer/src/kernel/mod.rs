@@ -1,13 +1,15 @@
 //! The kernel side as the daemon sees it: loading the eBPF programs
 //! ([`datapath`]), attaching them in pod network namespaces and on pod
 //! cgroups ([`attach`], [`netns`], [`tc`]), the shared maps' pins ([`bpffs`]), and
-//! what the daemon writes into the maps ([`class_maps`], [`policy_maps`]).
+//! what the daemon writes into the maps ([`class_maps`], [`policy_maps`]),
+//! and the per-CPU flow cache's flush before the collector reads ([`flow_cache`]).
 
 pub mod attach;
 pub mod bpf;
 pub mod bpffs;
 pub mod class_maps;
 pub mod datapath;
+pub mod flow_cache;
 pub mod log;
 pub mod netns;
 pub mod policy_maps;
