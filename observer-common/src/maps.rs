@@ -60,15 +60,33 @@ pub const CIDRS_MAP: &str = "CIDRS";
 pub const CIDRS_CAPACITY: u32 = 65_536;
 /// Name of the one-element array holding the classification generation.
 pub const GENERATION_MAP: &str = "GENERATION";
-/// Name of the program array holding the shared classifier.
+/// Name of the program array of the shared programs, by [`tail`] index.
 pub const CLASSIFIER_MAP: &str = "CLASSIFIER";
-/// Name of the shared classifier program (index 0 of [`CLASSIFIER_MAP`]).
-pub const CLASSIFIER_PROGRAM: &str = "classify_flow";
-/// Name of the ingress policy decision (index 1 of [`CLASSIFIER_MAP`]).
-pub const DECIDE_PROGRAM: &str = "decide_ingress";
-/// Name of the diagnostics of a classified flow (index 2 of
-/// [`CLASSIFIER_MAP`]).
-pub const LOG_PROGRAM: &str = "log_flow";
+
+/// The shared programs, loaded and verified once, tail-called by each
+/// namespace's own programs and by each other: their names, in the order
+/// of their index in [`CLASSIFIER_MAP`].
+pub mod tail {
+    /// Counts a packet of a flow the caches and the flow map know, else
+    /// hands it on to `classify_flow`: per packet, at egress and ingress.
+    pub const COUNT_EGRESS: u32 = 0;
+    pub const COUNT_INGRESS: u32 = 1;
+    /// Counts and classifies a new flow (or one of an older generation).
+    pub const CLASSIFY: u32 = 2;
+    /// Decides an inbound connection of a pod with a policy.
+    pub const DECIDE: u32 = 3;
+    /// Logs a classified flow (diagnostics on).
+    pub const LOG: u32 = 4;
+    pub const SLOTS: u32 = 5;
+    pub const PROGRAMS: [&str; SLOTS as usize] = [
+        "count_egress",
+        "count_ingress",
+        "classify_flow",
+        "decide_ingress",
+        "log_flow",
+    ];
+}
+
 /// Name of the global that tells a program instance its namespace.
 pub const NETNS_COOKIE_GLOBAL: &str = "NETNS_COOKIE";
 

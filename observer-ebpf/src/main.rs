@@ -1,4 +1,6 @@
-//! tc programs that count every packet of a pod's `lo` and `eth0` per flow.
+//! The tc programs that count every packet of the pods' `lo` and `eth0` per
+//! flow, loaded and verified once: each pod's own programs (stub.rs) hand
+//! them its packets with the namespace's cookie (handoff.rs).
 //!
 //! They observe: every entry point returns `TC_ACT_UNSPEC` (TCX_NEXT), which
 //! hands the packet to the next program or to the stack unchanged, except
@@ -24,6 +26,7 @@
 
 mod cache;
 mod classify;
+mod handoff;
 mod parse;
 mod policy;
 mod sockets;
@@ -31,29 +34,34 @@ mod sockets;
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
     programs::TcContext,
 };
 use aya_log_ebpf::{
     debug,
     macro_support::{Level, level_enabled},
 };
+use handoff::{CLASSIFIER, bump_stats};
 use observer_common::{
-    CIDRS_CAPACITY, CidrValue, DEFAULT_FLOW_CAPACITY, DatapathStats, FlowKey, FlowValue,
-    OVERFLOW_CAPACITY, OverflowKey, OverflowValue, SERVICES_CAPACITY, ServiceKey,
+    CIDRS_CAPACITY, CidrValue, DEFAULT_FLOW_CAPACITY, FlowKey, FlowValue, OVERFLOW_CAPACITY,
+    OverflowKey, OverflowValue, SERVICES_CAPACITY, ServiceKey,
     direction::{EGRESS, INGRESS},
-    family, flow_flags, interface, ports, protocol, server, verdict,
+    family, flow_flags, interface, ports, protocol, server, tail, verdict,
 };
 
 /// Flows of every attached namespace. Shared (not per-CPU: per-CPU values
 /// would multiply the map's memory by the number of CPUs), and not an LRU:
 /// nothing is evicted before it is counted. The daemon removes a flow once
 /// it has counted it to its last packet (idle, or to make room).
+///
+/// Its entries are allocated as flows come (`BPF_F_NO_PREALLOC`): its
+/// kernel memory follows the flows there are, not the capacity, and an
+/// insert is the only place that pays for it (once per flow).
 #[map]
 pub(crate) static FLOWS: HashMap<FlowKey, FlowValue> =
-    HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+    HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// The packets of flows the flow map has no room for, per pod, interface
 /// and direction: counted, not classified.
@@ -74,37 +82,21 @@ static CIDRS: LpmTrie<[u8; 16], CidrValue> = LpmTrie::with_max_entries(CIDRS_CAP
 #[map]
 static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 
-#[map]
-static STATS: PerCpuArray<DatapathStats> = PerCpuArray::with_max_entries(1, 0);
-
 /// A flow the map had no room for, handed from `classify_flow` to
 /// `decide_ingress` (see [`decide::UNSTORED`]).
 #[map]
 static UNSTORED: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(1, 0);
 
-/// The shared programs, loaded once and tail-called: [`CLASSIFY`]
-/// (`classify_flow`, by every instance), [`DECIDE`] (`decide_ingress`, by
-/// `classify_flow`) and [`LOG`] (`log_flow`, with diagnostics on).
-#[map]
-static CLASSIFIER: ProgramArray = ProgramArray::with_max_entries(3, 0);
-
-/// The network namespace these programs are attached in (its cookie), set
-/// at load time: each namespace gets its own instance of the programs.
-/// `bpf_get_netns_cookie(skb)` cannot serve: in tc it reports the namespace of
-/// `skb->sk`, which on ingress is the sending pod's socket (or none at all).
-#[unsafe(no_mangle)]
-static NETNS_COOKIE: u64 = 0;
-
-/// Attached to `eth0` egress and to `lo` egress (loopback packets then come
-/// back through `lo` ingress, where nothing is attached: counted once).
+/// A packet at a pod's `eth0` or `lo` egress, handed on by the pod's own
+/// program (stub.rs) with the namespace's cookie.
 #[classifier]
-pub fn observe_egress(mut ctx: TcContext) -> i32 {
+pub fn count_egress(mut ctx: TcContext) -> i32 {
     observe(&mut ctx, EGRESS)
 }
 
-/// Attached to `eth0` ingress.
+/// A packet at a pod's `eth0` ingress.
 #[classifier]
-pub fn observe_ingress(mut ctx: TcContext) -> i32 {
+pub fn count_ingress(mut ctx: TcContext) -> i32 {
     observe(&mut ctx, INGRESS)
 }
 
@@ -118,16 +110,13 @@ pub fn classify_flow(mut ctx: TcContext) -> i32 {
     };
     let (verdict, decide) = count(&ctx, &mut key, u64::from(ctx.len()), u32::from(syn), seq);
     if let Some(decide) = decide {
-        if let [_, _, _, flag, ..] = ctx.cb_mut() {
-            *flag = decide;
-        }
-        // SAFETY: on success this does not return; index DECIDE holds
-        // decide_ingress.
-        unsafe { CLASSIFIER.tail_call(&ctx, DECIDE) };
+        handoff::set_flag(&mut ctx, decide);
+        // SAFETY: on success this does not return.
+        unsafe { CLASSIFIER.tail_call(&ctx, tail::DECIDE) };
         bump_stats(|s| s.classify_failed += 1);
     } else if level_enabled(Level::Debug) {
-        // SAFETY: as above; index LOG holds log_flow.
-        unsafe { CLASSIFIER.tail_call(&ctx, LOG) };
+        // SAFETY: as above.
+        unsafe { CLASSIFIER.tail_call(&ctx, tail::LOG) };
     }
     action(verdict)
 }
@@ -160,17 +149,11 @@ pub fn decide_ingress(ctx: TcContext) -> i32 {
     let verdict = policy::ingress(&ctx, &key, value, counted);
     value.verdict = if verdict == verdict::DENY { verdict } else { 0 };
     if level_enabled(Level::Debug) {
-        // SAFETY: on success this does not return; index LOG holds log_flow.
-        unsafe { CLASSIFIER.tail_call(&ctx, LOG) };
+        // SAFETY: on success this does not return.
+        unsafe { CLASSIFIER.tail_call(&ctx, tail::LOG) };
     }
     action(value.verdict)
 }
-
-/// Tail calls: the index of `classify_flow`, `decide_ingress` and
-/// `log_flow` in CLASSIFIER.
-const CLASSIFY: u32 = 0;
-const DECIDE: u32 = 1;
-const LOG: u32 = 2;
 
 /// What `classify_flow` tells `decide_ingress`, in the control buffer.
 mod decide {
@@ -185,12 +168,9 @@ mod decide {
 /// TCP connection and its sequence number, and the caller's flags.
 #[inline(always)]
 fn flow_of(ctx: &TcContext) -> Option<(FlowKey, bool, u32, u32)> {
-    let [low, high, direction, flag, ..] = *ctx.cb() else {
-        return None;
-    };
-    let cookie = u64::from(low) | (u64::from(high) << 32);
-    let flow = parse::flow(ctx, cookie, direction as u8);
-    Some((flow.key(), flow.syn, flow.seq, flag))
+    let handed = handoff::handed(ctx);
+    let flow = parse::flow(ctx, handed.cookie, handed.direction);
+    Some((flow.key(), flow.syn, flow.seq, handed.flag))
 }
 
 /// What tc does with a packet of a flow with this verdict.
@@ -203,19 +183,12 @@ fn action(verdict: u8) -> i32 {
     }
 }
 
-/// Does nothing: the baseline `cargo xtask bench` measures the others against.
-#[classifier]
-pub fn noop(_ctx: TcContext) -> i32 {
-    TC_ACT_UNSPEC
-}
-
 /// The per-packet path: a known flow gets its counters bumped; anything
 /// else goes to `classify_flow`, with the namespace and direction in the
 /// skb's control buffer (tc's scratch space for passing data between programs).
 #[inline(always)]
 fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
-    // SAFETY: a plain read; volatile so that the value set at load time is read.
-    let cookie = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
+    let cookie = handoff::handed(ctx).cookie;
     let flow = parse::flow(ctx, cookie, direction);
     let syn = flow.syn;
     let generation = GENERATION.get(0).copied().unwrap_or(0);
@@ -248,15 +221,10 @@ fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
             return action(verdict);
         }
     }
-    if let [low, high, dir, flag, ..] = ctx.cb_mut() {
-        *low = cookie as u32;
-        *high = (cookie >> 32) as u32;
-        *dir = u32::from(direction);
-        *flag = 0;
-    }
-    // SAFETY: on success this does not return; index CLASSIFY holds
-    // classify_flow.
-    unsafe { CLASSIFIER.tail_call(ctx, CLASSIFY) };
+    // The control buffer holds what the pod's program handed (cookie and
+    // direction), and no flag.
+    // SAFETY: on success this does not return.
+    unsafe { CLASSIFIER.tail_call(ctx, tail::CLASSIFY) };
     // Reached only if the tail call failed (no classifier loaded).
     debug!(ctx, "tail call to the classifier failed");
     bump_stats(|s| s.classify_failed += 1);
@@ -531,14 +499,6 @@ fn add(value: *mut FlowValue, bytes: u64, syn: u32) {
         if syn != 0 {
             atomic_xadd::<u32, u32, { Relaxed }>(&raw mut (*value).connections, 1);
         }
-    }
-}
-
-#[inline(always)]
-pub(crate) fn bump_stats(f: impl FnOnce(&mut DatapathStats)) {
-    if let Some(stats) = STATS.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot; programs do not migrate between CPUs mid-run.
-        f(unsafe { &mut *stats });
     }
 }
 

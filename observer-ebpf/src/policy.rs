@@ -410,7 +410,7 @@ fn count<C: EbpfContext>(ctx: &C, cookie: u64, decision: &Decision, c: &Connecti
                     Some(count) => unsafe {
                         atomic_xadd::<u64, u64, { Relaxed }>(count, 1);
                     },
-                    None => crate::bump_stats(|s| s.verdicts_lost += 1),
+                    None => crate::handoff::bump_stats(|s| s.verdicts_lost += 1),
                 }
             }
         }

@@ -16,7 +16,7 @@
 //! capacity. Series are aggregated during the walk.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map::Entry},
     hash::{BuildHasher, BuildHasherDefault, Hasher},
     sync::Arc,
     time::Instant,
@@ -137,6 +137,16 @@ type Fast = foldhash::fast::RandomState;
 /// Series whose containers wait for a walk of the cgroups: their counts, and
 /// each flow's baseline to go back to if they wait for their names.
 type Pending = HashMap<Series, (Counts, Vec<(u64, Seen)>), Fast>;
+
+/// Sets what an entry of `last` holds.
+fn put(entry: Entry<'_, u64, Seen>, seen: Seen) {
+    match entry {
+        Entry::Occupied(mut slot) => *slot.get_mut() = seen,
+        Entry::Vacant(slot) => {
+            slot.insert(seen);
+        }
+    }
+}
 
 /// The keys of `last` are hashes already.
 #[derive(Default)]
@@ -455,21 +465,27 @@ impl Collector {
                     pass,
                     quiet: 0,
                 };
-                let before = self.last.get(&hash).copied();
+                // One probe of the table per flow: the entry is read, then
+                // written once, whichever way the flow goes.
+                let entry = self.last.entry(hash);
+                let before = match &entry {
+                    Entry::Occupied(seen) => Some(*seen.get()),
+                    Entry::Vacant(_) => None,
+                };
                 if before.is_some_and(|b| b.pass == pass) {
                     return; // seen already at this pass (never, in batches)
                 }
                 live += 1;
                 if prime {
-                    self.last.insert(hash, seen);
+                    put(entry, seen);
                     return;
                 }
                 if !self.attached.contains_key(&key.netns_cookie) {
                     // Not (yet) a pod's of ours: its baseline stays where
                     // it is, so that it is counted from there once it is;
                     // gone at a later collection if it is no pod's.
-                    if let Some(before) = self.last.get_mut(&hash) {
-                        before.pass = pass;
+                    if let Entry::Occupied(mut before) = entry {
+                        before.get_mut().pass = pass;
                     }
                     if self.complete && self.unknown.contains(&key.netns_cookie) {
                         stale.push(key);
@@ -480,8 +496,8 @@ impl Collector {
                 let delta = difference(now, &before.unwrap_or_default());
                 if delta.packets == 0 {
                     let idle = before.map_or(0, |b| b.quiet.saturating_add(u8::from(tick)));
-                    self.last.insert(
-                        hash,
+                    put(
+                        entry,
                         Seen {
                             quiet: idle,
                             ..seen
@@ -516,15 +532,15 @@ impl Collector {
                 }
                 if !looked_for {
                     // Decided below, once a walk has looked for them.
-                    self.last.insert(hash, seen);
+                    put(entry, seen);
                     let (counts, flows) = pending.entry(of).or_default();
                     counts.add(delta);
                     flows.push((hash, kept));
                 } else if waits {
                     // Counted at a later pass, under its container's name.
-                    self.last.insert(hash, kept);
+                    put(entry, kept);
                 } else {
-                    self.last.insert(hash, seen);
+                    put(entry, seen);
                     series.entry(of).or_default().add(delta);
                 }
             })

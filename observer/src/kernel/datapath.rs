@@ -14,7 +14,7 @@
 use std::{collections::BTreeSet, os::fd::BorrowedFd, path::Path};
 
 use aya::{
-    Btf, Ebpf, EbpfError, EbpfLoader,
+    Ebpf, EbpfError, EbpfLoader,
     maps::{
         HashMap, IterableMap, MapData, MapError, MapInfo, PerCpuArray, ProgramArray, SkStorage,
     },
@@ -25,11 +25,10 @@ use aya::{
 };
 use aya_log::Level;
 use observer_common::{
-    CIDRS_MAP, CLASSIFIER_MAP, CLASSIFIER_PROGRAM, DECIDE_PROGRAM, DatapathStats, FLOW_CACHE_MAP,
-    FLOWS_MAP, FLUSH_PROGRAM, FlowKey, FlowValue, GENERATION_MAP, LOG_PROGRAM, NETNS_COOKIE_GLOBAL,
-    NODE_MAP, OVERFLOW_MAP, OverflowKey, OverflowValue, POLICIES_MAP, POLICY_CIDRS_MAP,
-    POLICY_MEMBERS_MAP, SERVICES_MAP, SOCKETS_MAP, STATS_MAP, SocketInfo, UNSTORED_MAP,
-    VERDICTS_MAP, VerdictKey,
+    CIDRS_MAP, CLASSIFIER_MAP, DatapathStats, FLOW_CACHE_MAP, FLOWS_MAP, FLUSH_PROGRAM, FlowKey,
+    FlowValue, GENERATION_MAP, NETNS_COOKIE_GLOBAL, NODE_MAP, OVERFLOW_MAP, OverflowKey,
+    OverflowValue, POLICIES_MAP, POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP, SOCKETS_MAP,
+    STATS_MAP, SocketInfo, UNSTORED_MAP, VERDICTS_MAP, VerdictKey,
 };
 
 use super::{
@@ -40,8 +39,13 @@ use super::{
     policy_maps::KernelPolicyMaps,
 };
 
-/// The object built from observer-ebpf by build.rs.
+/// The objects built from observer-ebpf by build.rs: the shared programs
+/// and maps, loaded once, and a pod namespace's own programs, loaded for
+/// each (a few instructions that hand its packets to the shared ones).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
+static STUB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-stub"));
+/// The maps the stubs share with the rest.
+const STUB_MAPS: [&str; 2] = [CLASSIFIER_MAP, STATS_MAP];
 
 pub const EGRESS_PROGRAM: &str = "observe_egress";
 pub const INGRESS_PROGRAM: &str = "observe_ingress";
@@ -49,7 +53,8 @@ pub const INGRESS_PROGRAM: &str = "observe_ingress";
 pub const NOOP_PROGRAM: &str = "noop";
 /// Tail-called by the instances, in the order of their index in
 /// [`CLASSIFIER_MAP`].
-const SHARED_PROGRAMS: [&str; 3] = [CLASSIFIER_PROGRAM, DECIDE_PROGRAM, LOG_PROGRAM];
+const SHARED_PROGRAMS: [&str; observer_common::tail::SLOTS as usize] =
+    observer_common::tail::PROGRAMS;
 /// The socket hooks on a pod's cgroup: `bind()` (a server's container),
 /// `connect()` and UDP `sendmsg()` (the original destination, and the
 /// policy decision), on IPv4 and on IPv6 sockets.
@@ -150,10 +155,8 @@ pub struct Datapath {
     /// The sockets' storage: seeded for the sockets a pod had before its
     /// hooks were attached.
     sockets: SkStorage<MapData, SocketInfo>,
-    flow_capacity: u32,
-    log_level: u8,
-    /// The kernel's BTF, parsed once rather than at every load.
-    btf: Option<Btf>,
+    /// Only the attach worker loads instances; the lock is never contended.
+    stubs: std::sync::Mutex<Stubs>,
 }
 
 /// One namespace's instance of the programs, loaded into the kernel.
@@ -223,10 +226,9 @@ impl Datapath {
         };
         let flow_capacity = config.flow_capacity;
         let inherited = take_over(&pins, flow_capacity)?;
-        let btf = Btf::from_sys_fs().ok();
         // aya-log's levels: 0 is off, Error is 1, ..., Trace is 5.
         let log_level = config.log_level.map_or(0, |level| level as u8);
-        let mut ebpf = loader(&pins, btf.as_ref(), flow_capacity, &log_level)
+        let mut ebpf = loader(&pins, flow_capacity, &log_level)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         let flows: HashMap<MapData, FlowKey, FlowValue> = typed(&mut ebpf, FLOWS_MAP)?;
@@ -289,14 +291,13 @@ impl Datapath {
             Some(_) => Some(KernelLog::start(&mut ebpf)?),
             None => None,
         };
+        let stubs = Stubs::new(&pins)?;
         let datapath = Self {
             base: ebpf,
             _classifiers: classifiers,
             pins,
             sockets,
-            flow_capacity,
-            log_level,
-            btf,
+            stubs: std::sync::Mutex::new(stubs),
         };
         Ok(Opened {
             datapath,
@@ -368,18 +369,15 @@ impl Datapath {
         tracing::debug!(cgroup = %cgroup.display(), sockets = seeded.sockets, failed = seeded.failed, "seeded the sockets' storage");
     }
 
-    /// Loads an instance of the programs for the namespace with this cookie
-    /// (and the no-op baseline if `noop`).
+    /// Loads the programs of the namespace with this cookie (and the no-op
+    /// baseline if `noop`): the stub object, with the cookie as a constant.
+    /// About a millisecond: see [`Stubs`].
     pub fn instance(&self, netns_cookie: u64, noop: bool) -> Result<Programs, DatapathError> {
-        let mut ebpf = loader(
-            &self.pins,
-            self.btf.as_ref(),
-            self.flow_capacity,
-            &self.log_level,
-        )
-        .override_global(NETNS_COOKIE_GLOBAL, &netns_cookie, true)
-        .load(OBJECT)
-        .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let mut ebpf = self
+            .stubs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .load(netns_cookie)?;
         let names: &[&'static str] = if noop {
             &[EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM]
         } else {
@@ -391,6 +389,64 @@ impl Datapath {
         }
         Ok(Programs { ebpf })
     }
+}
+
+/// Loads the stub object for each namespace with one loader: aya's loader
+/// parses the kernel's BTF (megabytes) when it is made, which was most of
+/// the 56 ms a pod took. The cookie is a constant in the object's
+/// `.rodata`, written into a copy of the object (a few kilobytes) before
+/// each load.
+struct Stubs {
+    loader: EbpfLoader<'static>,
+    /// The object, in words (the ELF reader wants it aligned).
+    image: Vec<u64>,
+    /// Where the cookie's eight bytes lie in it.
+    cookie_at: usize,
+}
+
+impl Stubs {
+    fn new(pins: &Pins) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        for name in STUB_MAPS {
+            loader.map_pin_path(name, pins.map(name));
+        }
+        let cookie_at = global_offset(STUB_OBJECT, NETNS_COOKIE_GLOBAL)
+            .ok_or(DatapathError::Missing(NETNS_COOKIE_GLOBAL))?;
+        let mut image = vec![0u64; STUB_OBJECT.len().div_ceil(8)];
+        bytes_mut(&mut image)[..STUB_OBJECT.len()].copy_from_slice(STUB_OBJECT);
+        Ok(Self {
+            loader,
+            image,
+            cookie_at,
+        })
+    }
+
+    fn load(&mut self, cookie: u64) -> Result<Ebpf, DatapathError> {
+        let len = STUB_OBJECT.len();
+        bytes_mut(&mut self.image)[self.cookie_at..self.cookie_at + 8]
+            .copy_from_slice(&cookie.to_ne_bytes());
+        self.loader
+            .load(&bytes_mut(&mut self.image)[..len])
+            .map_err(|e| DatapathError::Load(Box::new(e)))
+    }
+}
+
+/// The words' bytes.
+fn bytes_mut(words: &mut [u64]) -> &mut [u8] {
+    // SAFETY: u64 has no padding and any byte pattern is a valid u64; the
+    // slice covers exactly the words' memory.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), size_of_val(words)) }
+}
+
+/// Where the initial value of global `name` lies in an ELF object.
+fn global_offset(elf: &[u8], name: &str) -> Option<usize> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let file = object::File::parse(elf).ok()?;
+    let symbol = file.symbols().find(|s| s.name() == Ok(name))?;
+    let section = file.section_by_index(symbol.section_index()?).ok()?;
+    let (start, size) = section.file_range()?;
+    let at = symbol.address();
+    (at + 8 <= size).then(|| (start + at) as usize)
 }
 
 /// Which of the maps pinned in the node's pin directory this observer takes
@@ -444,16 +500,11 @@ fn map_id(map: &MapData, name: &'static str) -> Result<u32, DatapathError> {
         })
 }
 
-/// A loader whose maps are the shared, pinned ones.
-fn loader<'a>(
-    pins: &Pins,
-    btf: Option<&'a Btf>,
-    flow_capacity: u32,
-    log_level: &'a u8,
-) -> EbpfLoader<'a> {
+/// A loader whose maps are the shared, pinned ones (it reads the kernel's
+/// BTF when it is made).
+fn loader<'a>(pins: &Pins, flow_capacity: u32, log_level: &'a u8) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
     loader
-        .btf(btf)
         .map_max_entries(FLOWS_MAP, flow_capacity)
         .override_global(aya_log::LEVEL, log_level, true);
     // Every map but the per-instance globals is shared through its pin.

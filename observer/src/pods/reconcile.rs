@@ -377,23 +377,28 @@ impl Reconciler {
             .retain(|key| snapshot.targets.contains_key(key));
         self.failed.retain(|key| snapshot.targets.contains_key(key));
         self.waiting.extend(plan.waiting);
-        for key in plan.attach {
+        // Asked all at once: the worker makes their links in parallel.
+        let worker = &self.worker;
+        let asked = plan.attach.into_iter().filter_map(|key| {
             let target = &snapshot.targets[&key];
-            let Some(path) = &target.path else {
-                continue;
-            };
-            let cgroup = target.cgroup.as_deref();
+            let path = target.path.as_ref()?;
             let check = target.check.clone().map(|check| {
                 let path = path.clone();
                 Box::new(move |opened| {
                     discovery::still_the_pods(&path, opened, &check.pod_uid, check.host_netns)
                 }) as crate::kernel::attach::Check
             });
-            match self
-                .worker
-                .attach(path, target.pod.clone(), cgroup, check)
-                .await
-            {
+            let cgroup = target.cgroup.as_deref();
+            Some(async move {
+                let result = worker.attach(path, target.pod.clone(), cgroup, check).await;
+                (key, result)
+            })
+        });
+        let results = futures::future::join_all(asked).await;
+        for (key, result) in results {
+            let target = &snapshot.targets[&key];
+            let cgroup = target.cgroup.as_deref();
+            match result {
                 Ok(attached) => {
                     self.waiting.remove(&key);
                     self.failed.remove(&key);

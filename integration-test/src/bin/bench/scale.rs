@@ -21,6 +21,10 @@ const CAPACITY: usize = FLOWS / 4 * 5;
 /// One observer's figures.
 struct Figures {
     startup: f64,
+    /// The same with clsact filters (`--tc-netlink`) instead of TCX links.
+    startup_clsact: f64,
+    /// Kernel memory of the maps before any traffic.
+    idle_map_memory: u64,
     idle_rss: u64,
     send: f64,
     entries: f64,
@@ -78,6 +82,16 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
         )
     });
     row(
+        &format!("start-up to ready, {PODS} pods attached with clsact filters (`--tc-netlink`)"),
+        &|f| {
+            format!(
+                "{:.2} s ({:.0} ms per pod)",
+                f.startup_clsact,
+                f.startup_clsact * 1e3 / PODS as f64
+            )
+        },
+    );
+    row(
         &format!("resident memory, {PODS} pods, before traffic"),
         &|f| format!("{:.1} MiB", f.idle_rss as f64 / 1024.0),
     );
@@ -101,12 +115,25 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
         format!("{:.1} MiB", f.peak as f64 / 1024.0)
     });
     row(
-        &format!("kernel memory of the observer's maps (memlock; flow map for {CAPACITY} flows)"),
+        &format!(
+            "kernel memory of the observer's maps before traffic (memlock; flow map for {CAPACITY} flows)"
+        ),
         &|f| {
             format!(
                 "{:.1} MiB ({:.0} bytes per flow of capacity)",
+                f.idle_map_memory as f64 / 1024.0,
+                f.idle_map_memory as f64 * 1024.0 / CAPACITY as f64
+            )
+        },
+    );
+    row(
+        &format!("kernel memory of the observer's maps with {FLOWS} flows"),
+        &|f| {
+            format!(
+                "{:.1} MiB ({:.0} bytes per flow of capacity, {:.0} per flow present beyond the idle figure)",
                 f.map_memory as f64 / 1024.0,
-                f.map_memory as f64 * 1024.0 / CAPACITY as f64
+                f.map_memory as f64 * 1024.0 / CAPACITY as f64,
+                (f.map_memory - f.idle_map_memory) as f64 * 1024.0 / f.entries.max(1.0)
             )
         },
     );
@@ -114,11 +141,21 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
 }
 
 fn measure(subject: &Subject, args: &[&str], first: &Netns) -> Figures {
+    // Attached with clsact filters first (start-up only): they go when the
+    // observer stops, as TCX links do.
+    let mut clsact = args.to_vec();
+    clsact.push("--tc-netlink");
+    let started = Instant::now();
+    let observer = Observer::start_binary(&subject.binary, &clsact);
+    let startup_clsact = started.elapsed().as_secs_f64();
+    assert!(observer.terminate().success());
+
     let started = Instant::now();
     let observer = Observer::start_binary(&subject.binary, args);
     let startup = started.elapsed().as_secs_f64();
     let pid = observer.pid();
     let idle_rss = rss_kib(pid);
+    let idle_map_memory = map_memlock_kib(pid);
 
     // FLOWS distinct flows: one datagram from one socket to as many
     // (address, port) pairs on the loopback of the first pod.
@@ -153,6 +190,8 @@ fn measure(subject: &Subject, args: &[&str], first: &Netns) -> Figures {
     let second_cpu = since(cpu);
     let figures = Figures {
         startup,
+        startup_clsact,
+        idle_map_memory,
         idle_rss,
         send,
         entries: scrape.sum("observer_flow_map_entries", &[]),

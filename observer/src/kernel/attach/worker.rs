@@ -96,6 +96,109 @@ impl Hook {
     }
 }
 
+/// A namespace's tc hooks, attached from inside it (the calling thread
+/// enters it, and goes back `home`).
+fn attach_tc(
+    home: &NetNs,
+    tcx: bool,
+    noop: bool,
+    prepared: &mut Prepared,
+) -> Result<Vec<Hook>, AttachError> {
+    let Prepared {
+        path,
+        netns,
+        programs,
+        pinned,
+        ..
+    } = prepared;
+    let path: &Path = path;
+    netns.run(home, || {
+        let mut hooks = Vec::new();
+        // Loopback packets pass lo egress and then lo ingress: attach
+        // one hook only, so each is counted once.
+        let mut wanted = vec![(LOOPBACK, TcAttachType::Egress)];
+        if interface_exists(POD_INTERFACE) {
+            wanted.push((POD_INTERFACE, TcAttachType::Egress));
+            wanted.push((POD_INTERFACE, TcAttachType::Ingress));
+        }
+        for (interface, direction) in wanted {
+            let error = |source| AttachError::Attach {
+                path: path.into(),
+                interface,
+                direction,
+                source: Box::new(source),
+            };
+            // On error, `hooks` drops here, inside the namespace, which
+            // detaches what was attached so far.
+            if noop {
+                let link = attach_program(programs, NOOP_PROGRAM, tcx, interface, direction)
+                    .map_err(error)?;
+                hooks.push(Hook {
+                    name: "noop",
+                    program: NOOP_PROGRAM,
+                    link: Held::Baseline { _link: link },
+                    pinned: false,
+                    swap: false,
+                });
+            }
+            let hook = tc_hook(interface, direction);
+            if let Some(pin) = pinned.remove(hook) {
+                match PinnedLink::from_pin(&pin) {
+                    Ok(link) => {
+                        hooks.push(taken(hook, tc_program(direction), link));
+                        continue;
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, pin = %pin.display(), "cannot open a pinned link: attaching anew");
+                        let _ = std::fs::remove_file(&pin);
+                    }
+                }
+            }
+            let link = attach_one(programs, tcx, interface, direction).map_err(error)?;
+            let link = held(link, tcx).map_err(|source| AttachError::Link {
+                path: path.into(),
+                source: Box::new(source),
+            })?;
+            hooks.push(Hook {
+                name: hook,
+                program: tc_program(direction),
+                link,
+                pinned: false,
+                swap: false,
+            });
+        }
+        Ok::<_, AttachError>(hooks)
+    })?
+}
+
+/// An attach request, as the worker takes it in.
+type AttachRequest = (
+    PathBuf,
+    ObjectRef,
+    Option<PathBuf>,
+    Option<super::Check>,
+    tokio::sync::oneshot::Sender<Result<AttachedNetns, AttachError>>,
+);
+
+/// Attaches taken in at once, at most.
+const MAX_BATCH: usize = 256;
+/// Namespaces whose tc links are made at once, a thread each.
+const PARALLEL_ATTACHES: usize = 32;
+
+/// A namespace on its way to being attached (see `Worker::attach_batch`).
+struct Prepared {
+    path: PathBuf,
+    pod: ObjectRef,
+    name: String,
+    netns: NetNs,
+    cookie: u64,
+    programs: Programs,
+    /// Hooks an earlier observer pinned for it, by pin name.
+    pinned: HashMap<String, PathBuf>,
+    taken_over: bool,
+    sock: Vec<Hook>,
+}
+
 /// The pin file name of a tc hook.
 fn tc_hook(interface: &str, direction: TcAttachType) -> &'static str {
     match (interface, direction) {
@@ -126,7 +229,9 @@ impl Worker {
     }
 
     pub(super) fn serve(&mut self, inbox: mpsc::Receiver<Request>) {
-        for request in inbox {
+        // A request that ended a batch of attaches, served next.
+        let mut next = None;
+        while let Some(request) = next.take().or_else(|| inbox.recv().ok()) {
             match request {
                 Request::Attach {
                     path,
@@ -135,7 +240,26 @@ impl Worker {
                     check,
                     reply,
                 } => {
-                    let _ = reply.send(self.attach(&path, pod, cgroup.as_deref(), check));
+                    // The attaches queued meanwhile go together: their tc
+                    // links are made in parallel (see `attach_batch`).
+                    let mut batch = vec![(path, pod, cgroup, check, reply)];
+                    while batch.len() < MAX_BATCH {
+                        match inbox.try_recv() {
+                            Ok(Request::Attach {
+                                path,
+                                pod,
+                                cgroup,
+                                check,
+                                reply,
+                            }) => batch.push((path, pod, cgroup, check, reply)),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.attach_batch(batch);
                 }
                 Request::Detach { cookie, reply } => {
                     let _ = reply.send(self.detach(cookie));
@@ -203,13 +327,58 @@ impl Worker {
         self.datapath.release(pinned);
     }
 
-    fn attach(
+    /// Attaches each namespace of the batch: opened, checked and loaded
+    /// one after the other (a millisecond each), then their tc links made
+    /// in parallel, a thread per namespace: each TCX link waits for an RCU
+    /// grace period in the kernel (10 to 30 ms here), and waits that
+    /// overlap end together.
+    fn attach_batch(&mut self, batch: Vec<AttachRequest>) {
+        let mut ready = Vec::new();
+        let mut cookies = HashSet::new();
+        for (path, pod, cgroup, check, reply) in batch {
+            match self.prepare(&path, pod, cgroup.as_deref(), check) {
+                Ok(prepared) if !cookies.insert(prepared.cookie) => {
+                    let _ = reply.send(Err(AttachError::AlreadyAttached {
+                        path,
+                        existing: prepared.name,
+                    }));
+                }
+                Ok(prepared) => ready.push((prepared, reply)),
+                Err(err) => {
+                    let _ = reply.send(Err(err));
+                }
+            }
+        }
+        let (home, tcx, noop) = (&self.home, self.tcx, self.noop);
+        let mut done = Vec::with_capacity(ready.len());
+        for chunk in ready.chunks_mut(PARALLEL_ATTACHES) {
+            let hooks: Vec<_> = std::thread::scope(|scope| {
+                let threads: Vec<_> = chunk
+                    .iter_mut()
+                    .map(|(prepared, _)| scope.spawn(move || attach_tc(home, tcx, noop, prepared)))
+                    .collect();
+                threads
+                    .into_iter()
+                    .map(|t| t.join().unwrap_or(Err(AttachError::WorkerGone)))
+                    .collect()
+            });
+            done.extend(hooks);
+        }
+        for ((prepared, reply), hooks) in ready.into_iter().zip(done) {
+            let result = hooks.and_then(|tc| self.finish(prepared, tc));
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Opens and checks a namespace, loads its programs, takes over what
+    /// an earlier observer pinned for it and attaches its socket hooks.
+    fn prepare(
         &mut self,
         path: &Path,
         pod: ObjectRef,
         cgroup: Option<&Path>,
         check: Option<super::Check>,
-    ) -> Result<AttachedNetns, AttachError> {
+    ) -> Result<Prepared, AttachError> {
         let name = pod.to_string();
         let netns = NetNs::open(path)?;
         // Open first, then ask: the namespace held is the one checked.
@@ -230,7 +399,7 @@ impl Worker {
                 existing: existing.info.name.clone(),
             });
         }
-        let mut programs = self
+        let programs = self
             .datapath
             .instance(cookie, self.noop)
             .map_err(|source| AttachError::Load {
@@ -274,65 +443,32 @@ impl Worker {
                 None => {}
             }
         }
-        let (tcx, noop) = (self.tcx, self.noop);
-        let tc = netns.run(&self.home, || {
-            let mut hooks = Vec::new();
-            // Loopback packets pass lo egress and then lo ingress: attach
-            // one hook only, so each is counted once.
-            let mut wanted = vec![(LOOPBACK, TcAttachType::Egress)];
-            if interface_exists(POD_INTERFACE) {
-                wanted.push((POD_INTERFACE, TcAttachType::Egress));
-                wanted.push((POD_INTERFACE, TcAttachType::Ingress));
-            }
-            for (interface, direction) in wanted {
-                let error = |source| AttachError::Attach {
-                    path: path.into(),
-                    interface,
-                    direction,
-                    source: Box::new(source),
-                };
-                // On error, `hooks` drops here, inside the namespace, which
-                // detaches what was attached so far.
-                if noop {
-                    let link =
-                        attach_program(&mut programs, NOOP_PROGRAM, tcx, interface, direction)
-                            .map_err(error)?;
-                    hooks.push(Hook {
-                        name: "noop",
-                        program: NOOP_PROGRAM,
-                        link: Held::Baseline { _link: link },
-                        pinned: false,
-                        swap: false,
-                    });
-                }
-                let hook = tc_hook(interface, direction);
-                if let Some(pin) = pinned.remove(hook) {
-                    match PinnedLink::from_pin(&pin) {
-                        Ok(link) => {
-                            hooks.push(taken(hook, tc_program(direction), link));
-                            continue;
-                        }
-                        Err(err) => {
-                            tracing::warn!(%err, pin = %pin.display(), "cannot open a pinned link: attaching anew");
-                            let _ = std::fs::remove_file(&pin);
-                        }
-                    }
-                }
-                let link = attach_one(&mut programs, tcx, interface, direction).map_err(error)?;
-                let link = held(link, tcx).map_err(|source| AttachError::Link {
-                    path: path.into(),
-                    source: Box::new(source),
-                })?;
-                hooks.push(Hook {
-                    name: hook,
-                    program: tc_program(direction),
-                    link,
-                    pinned: false,
-                    swap: false,
-                });
-            }
-            Ok::<_, AttachError>(hooks)
-        })??;
+        Ok(Prepared {
+            path: path.into(),
+            pod,
+            name,
+            netns,
+            cookie,
+            programs,
+            pinned,
+            taken_over,
+            sock,
+        })
+    }
+
+    /// Records a namespace whose hooks are attached.
+    fn finish(&mut self, prepared: Prepared, tc: Vec<Hook>) -> Result<AttachedNetns, AttachError> {
+        let Prepared {
+            path,
+            pod,
+            name,
+            netns,
+            cookie,
+            programs,
+            pinned,
+            taken_over,
+            sock,
+        } = prepared;
         // Pins of hooks this pod no longer has (an interface gone).
         for (_, pin) in pinned {
             let _ = std::fs::remove_file(pin);
@@ -341,10 +477,10 @@ impl Worker {
             policy_hooks: !sock.is_empty(),
             name,
             pod,
-            path: path.into(),
+            path: path.clone(),
             cookie,
             netns_id: netns.id().map_err(|source| AttachError::Cookie {
-                path: path.into(),
+                path: path.clone(),
                 source,
             })?,
             programs: tc.len(),
@@ -358,7 +494,7 @@ impl Worker {
                 info: info.clone(),
                 tc,
                 sock,
-                netns: (!tcx || swaps).then_some(netns),
+                netns: (!self.tcx || swaps).then_some(netns),
                 programs: swaps.then_some(programs),
             },
         );
