@@ -64,27 +64,17 @@ pub const GENERATION_MAP: &str = "GENERATION";
 pub const CLASSIFIER_MAP: &str = "CLASSIFIER";
 
 /// The shared programs, loaded and verified once, tail-called by each
-/// namespace's own programs and by each other: their names, in the order
+/// pod's per-packet programs and by each other: their names, in the order
 /// of their index in [`CLASSIFIER_MAP`].
 pub mod tail {
-    /// Counts a packet of a flow the caches and the flow map know, else
-    /// hands it on to `classify_flow`: per packet, at egress and ingress.
-    pub const COUNT_EGRESS: u32 = 0;
-    pub const COUNT_INGRESS: u32 = 1;
     /// Counts and classifies a new flow (or one of an older generation).
-    pub const CLASSIFY: u32 = 2;
+    pub const CLASSIFY: u32 = 0;
     /// Decides an inbound connection of a pod with a policy.
-    pub const DECIDE: u32 = 3;
+    pub const DECIDE: u32 = 1;
     /// Logs a classified flow (diagnostics on).
-    pub const LOG: u32 = 4;
-    pub const SLOTS: u32 = 5;
-    pub const PROGRAMS: [&str; SLOTS as usize] = [
-        "count_egress",
-        "count_ingress",
-        "classify_flow",
-        "decide_ingress",
-        "log_flow",
-    ];
+    pub const LOG: u32 = 2;
+    pub const SLOTS: u32 = 3;
+    pub const PROGRAMS: [&str; SLOTS as usize] = ["classify_flow", "decide_ingress", "log_flow"];
 }
 
 /// Name of the global that tells a program instance its namespace.

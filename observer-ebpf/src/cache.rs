@@ -5,7 +5,8 @@
 //! call costs more than the rest of the path (measured: BENCHMARKS.md).
 //!
 //! A slot is filled from the flow map (`install`, on a packet of a known
-//! flow that missed it) and emptied into it by [`flush_flow_cache`], which
+//! flow that missed it, if one of its two slots is free) and emptied into
+//! it by [`flush_flow_cache`], which
 //! the daemon runs on each CPU before it reads the flow map: the flow map
 //! is then complete. Both may interrupt each other on one CPU (the flush
 //! runs in an interrupt when the daemon asks from another CPU; a packet
@@ -19,48 +20,80 @@
 //! daemon takes out of the flow map (it was quiet) is classified anew when
 //! it talks again, as without the cache.
 
+// Both objects build this module; each uses its part.
+#![allow(dead_code)]
+
 use core::{
     ffi::c_void,
     intrinsics::{AtomicOrdering::Relaxed, atomic_xadd},
     ptr::{read_volatile, write_volatile},
 };
 
-use aya_ebpf::{
-    helpers::bpf_loop,
-    macros::{map, raw_tracepoint},
-    maps::PerCpuArray,
-    programs::RawTracePointContext,
-};
+use aya_ebpf::{macros::map, maps::PerCpuArray};
 use observer_common::{CachedFlow, FLOW_CACHE_BITS, FLOW_CACHE_SLOTS, FlowKey};
 
-use crate::{FLOWS, overflow};
+use crate::count::{FLOWS, overflow};
 
 #[map]
-static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
-/// This CPU's slot for the flow key `w` (its words: [`words`]).
+/// The index of the first of the two slots the flow key `w` (its words:
+/// [`words`]) may have on this CPU.
 #[inline(always)]
-pub fn slot(w: &[u64; 6]) -> Option<&'static mut CachedFlow> {
+fn set_of(w: &[u64; 6]) -> u32 {
     // Every word counts, each turned differently, so that a flow and its
     // reverse (addresses and ports swapped) land apart; the multiply
-    // carries every bit into the top ones, which pick the slot.
+    // carries every bit into the top ones, which pick the set.
     let mixed = w[0]
         ^ w[1].rotate_left(8)
         ^ w[2].rotate_left(16)
         ^ w[3].rotate_left(24)
         ^ w[4].rotate_left(40)
         ^ w[5].rotate_left(52);
-    let index = (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FLOW_CACHE_BITS)) as u32;
+    let set = (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - (FLOW_CACHE_BITS - 1))) as u32;
+    set * 2
+}
+
+/// The slot at `index` on this CPU.
+#[inline(always)]
+fn at(index: u32) -> Option<&'static mut CachedFlow> {
     // SAFETY: this CPU's value; the tc program does not migrate mid-run.
     FLOW_CACHE
         .get_ptr_mut(index)
         .map(|slot| unsafe { &mut *slot })
 }
 
+/// This CPU's slot holding the flow key `w`, classified under
+/// `generation`: one of two (a set of two ways, so that two busy flows
+/// whose hashes meet do not take turns evicting each other).
+#[inline(always)]
+pub fn find(w: &[u64; 6], generation: u32) -> Option<&'static mut CachedFlow> {
+    let first = set_of(w);
+    match at(first) {
+        Some(slot) if holds(slot, w, generation) => Some(slot),
+        _ => at(first + 1).filter(|slot| holds(slot, w, generation)),
+    }
+}
+
+/// A slot of this CPU where the flow key `w` may go: one that holds
+/// nothing, or a flow of an older generation. None when both hold flows
+/// of this one: a flow is never pushed out of the cache by another (the
+/// flush empties the slots of quiet flows), so that more busy flows than
+/// slots cost what they cost without the cache, not more.
+#[inline(always)]
+pub fn room(w: &[u64; 6], generation: u32) -> Option<&'static mut CachedFlow> {
+    let first = set_of(w);
+    let free = |slot: &&mut CachedFlow| slot.valid == 0 || slot.generation != generation;
+    match at(first) {
+        Some(slot) if free(&slot) => Some(slot),
+        _ => at(first + 1).filter(free),
+    }
+}
+
 /// Whether the slot holds the flow key `b` (its words), classified under
 /// `generation`.
 #[inline(always)]
-pub fn holds(slot: &CachedFlow, b: &[u64; 6], generation: u32) -> bool {
+fn holds(slot: &CachedFlow, b: &[u64; 6], generation: u32) -> bool {
     let a = words(&slot.key);
     // Word by word: comparing the arrays would call `memcmp`.
     slot.valid != 0
@@ -112,7 +145,7 @@ pub fn install(slot: &mut CachedFlow, key: &[u64; 6], generation: u32, verdict: 
 /// counts if the daemon took the entry out meanwhile (counted all the
 /// same, not classified).
 #[inline(always)]
-fn move_counts(key: &FlowKey, packets: u64, bytes: u64) {
+pub fn move_counts(key: &FlowKey, packets: u64, bytes: u64) {
     match FLOWS.get_ptr_mut(key) {
         // SAFETY: a live, 8-byte aligned map value; other CPUs add too.
         Some(value) => unsafe {
@@ -123,26 +156,11 @@ fn move_counts(key: &FlowKey, packets: u64, bytes: u64) {
     }
 }
 
-/// Moves this CPU's cached counts into the flow map. Run by the daemon on
-/// each CPU (`BPF_PROG_TEST_RUN` on that CPU), never attached.
-#[raw_tracepoint]
-pub fn flush_flow_cache(_ctx: RawTracePointContext) -> i32 {
-    // SAFETY: the callback is a function of this program; it takes no
-    // context.
-    unsafe {
-        bpf_loop(
-            FLOW_CACHE_SLOTS,
-            flush_slot as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
-    0
-}
-
-/// One slot of [`flush_flow_cache`]; always goes on (0).
+/// Moves what slot `index` of this CPU counted into the flow map: a
+/// `bpf_loop` step of the flush program (main.rs), which the daemon runs
+/// on each CPU before it reads the flow map. Always goes on (0).
 #[inline(never)]
-extern "C" fn flush_slot(index: u64, _context: *mut c_void) -> i64 {
+pub extern "C" fn flush_slot(index: u64, _context: *mut c_void) -> i64 {
     let Some(slot) = FLOW_CACHE.get_ptr_mut(index as u32) else {
         return 0;
     };

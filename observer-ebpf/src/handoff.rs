@@ -3,12 +3,9 @@
 //! control buffer as they use it (the namespace's cookie, the direction,
 //! a flag).
 //!
-//! Each pod's namespace gets a tiny program of its own (the `stub` object,
-//! loaded per namespace in about a millisecond: bin/stub.rs) that knows
-//! only the namespace's cookie, writes it here and tail-calls the shared
-//! per-packet program, which was loaded and verified once. In tc,
-//! `bpf_get_netns_cookie(skb)` cannot tell the namespace: on ingress it
-//! reports the sending pod's socket's.
+//! A pod's own programs (pod.rs) know its namespace's cookie as a
+//! constant; they hand it here with the packet when they tail-call the
+//! shared classifier.
 // Both objects build this module; each uses its part.
 #![allow(dead_code)]
 

@@ -1,6 +1,7 @@
-//! The tc programs that count every packet of the pods' `lo` and `eth0` per
-//! flow, loaded and verified once: each pod's own programs (stub.rs) hand
-//! them its packets with the namespace's cookie (handoff.rs).
+//! The programs loaded and verified once: the classifier of a flow's first
+//! packet and the inbound decision (tail-called by each pod's own
+//! per-packet programs, pod.rs, with the namespace's cookie: handoff.rs),
+//! the flow cache's flush, and the socket hooks on the pods' cgroups.
 //!
 //! They observe: every entry point returns `TC_ACT_UNSPEC` (TCX_NEXT), which
 //! hands the packet to the next program or to the stack unchanged, except
@@ -26,48 +27,32 @@
 
 mod cache;
 mod classify;
+mod count;
 mod handoff;
 mod parse;
 mod policy;
 mod sockets;
 
-use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
+use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
-    programs::TcContext,
+    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
+    helpers::bpf_loop,
+    macros::{classifier, map, raw_tracepoint},
+    maps::{HashMap, LpmTrie, PerCpuArray},
+    programs::{RawTracePointContext, TcContext},
 };
 use aya_log_ebpf::{
     debug,
     macro_support::{Level, level_enabled},
 };
+use count::{FLOWS, GENERATION, action, add, overflow};
 use handoff::{CLASSIFIER, bump_stats};
 use observer_common::{
-    CIDRS_CAPACITY, CidrValue, DEFAULT_FLOW_CAPACITY, FlowKey, FlowValue, OVERFLOW_CAPACITY,
-    OverflowKey, OverflowValue, SERVICES_CAPACITY, ServiceKey,
+    CIDRS_CAPACITY, CidrValue, FLOW_CACHE_SLOTS, FlowKey, FlowValue, SERVICES_CAPACITY, ServiceKey,
     direction::{EGRESS, INGRESS},
     family, flow_flags, interface, ports, protocol, server, tail, verdict,
 };
-
-/// Flows of every attached namespace. Shared (not per-CPU: per-CPU values
-/// would multiply the map's memory by the number of CPUs), and not an LRU:
-/// nothing is evicted before it is counted. The daemon removes a flow once
-/// it has counted it to its last packet (idle, or to make room).
-///
-/// Its entries are allocated as flows come (`BPF_F_NO_PREALLOC`): its
-/// kernel memory follows the flows there are, not the capacity, and an
-/// insert is the only place that pays for it (once per flow).
-#[map]
-pub(crate) static FLOWS: HashMap<FlowKey, FlowValue> =
-    HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, BPF_F_NO_PREALLOC);
-
-/// The packets of flows the flow map has no room for, per pod, interface
-/// and direction: counted, not classified.
-#[map]
-static OVERFLOW: HashMap<OverflowKey, OverflowValue> =
-    HashMap::with_max_entries(OVERFLOW_CAPACITY, 0);
 
 /// Service ClusterIP, port and protocol to the Service's id.
 #[map]
@@ -77,28 +62,10 @@ static SERVICES: HashMap<ServiceKey, u32> = HashMap::with_max_entries(SERVICES_C
 #[map]
 static CIDRS: LpmTrie<[u8; 16], CidrValue> = LpmTrie::with_max_entries(CIDRS_CAPACITY, 0);
 
-/// Bumped by the daemon after it changes SERVICES or CIDRS: flows classified
-/// under an older generation are classified again.
-#[map]
-static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
-
 /// A flow the map had no room for, handed from `classify_flow` to
 /// `decide_ingress` (see [`decide::UNSTORED`]).
 #[map]
 static UNSTORED: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(1, 0);
-
-/// A packet at a pod's `eth0` or `lo` egress, handed on by the pod's own
-/// program (stub.rs) with the namespace's cookie.
-#[classifier]
-pub fn count_egress(mut ctx: TcContext) -> i32 {
-    observe(&mut ctx, EGRESS)
-}
-
-/// A packet at a pod's `eth0` ingress.
-#[classifier]
-pub fn count_ingress(mut ctx: TcContext) -> i32 {
-    observe(&mut ctx, INGRESS)
-}
 
 /// Counts a packet of a flow that is new, or was classified under an older
 /// generation, and classifies it. Tail-called by the instances: loaded (and
@@ -171,64 +138,6 @@ fn flow_of(ctx: &TcContext) -> Option<(FlowKey, bool, u32, u32)> {
     let handed = handoff::handed(ctx);
     let flow = parse::flow(ctx, handed.cookie, handed.direction);
     Some((flow.key(), flow.syn, flow.seq, handed.flag))
-}
-
-/// What tc does with a packet of a flow with this verdict.
-#[inline(always)]
-fn action(verdict: u8) -> i32 {
-    if verdict == verdict::DENY {
-        TC_ACT_SHOT
-    } else {
-        TC_ACT_UNSPEC
-    }
-}
-
-/// The per-packet path: a known flow gets its counters bumped; anything
-/// else goes to `classify_flow`, with the namespace and direction in the
-/// skb's control buffer (tc's scratch space for passing data between programs).
-#[inline(always)]
-fn observe(ctx: &mut TcContext, direction: u8) -> i32 {
-    let cookie = handoff::handed(ctx).cookie;
-    let flow = parse::flow(ctx, cookie, direction);
-    let syn = flow.syn;
-    let generation = GENERATION.get(0).copied().unwrap_or(0);
-    let bytes = u64::from(ctx.len());
-    // The common case: a flow this CPU counted lately. SYNs go the long
-    // way: they count connections, and an inbound one is decided anew.
-    let mut slot = cache::slot(&flow.words);
-    if !syn
-        && let Some(cached) = slot.as_deref_mut()
-        && cache::holds(cached, &flow.words, generation)
-    {
-        cache::count(cached, bytes);
-        return action(cached.verdict);
-    }
-    let key = flow.key();
-    if let Some(value) = FLOWS.get_ptr_mut(&key) {
-        // An inbound SYN opens a connection: decided as one by
-        // `classify_flow`, whatever the flow holds.
-        let opens = syn && direction == INGRESS;
-        // SAFETY: a live map value.
-        if unsafe { (*value).generation } == generation && !opens {
-            add(value, bytes, u32::from(syn));
-            // SAFETY: as above.
-            let verdict = unsafe { (*value).verdict };
-            if let Some(slot) = slot
-                && !syn
-            {
-                cache::install(slot, &flow.words, generation, verdict);
-            }
-            return action(verdict);
-        }
-    }
-    // The control buffer holds what the pod's program handed (cookie and
-    // direction), and no flag.
-    // SAFETY: on success this does not return.
-    unsafe { CLASSIFIER.tail_call(ctx, tail::CLASSIFY) };
-    // Reached only if the tail call failed (no classifier loaded).
-    debug!(ctx, "tail call to the classifier failed");
-    bump_stats(|s| s.classify_failed += 1);
-    TC_ACT_UNSPEC
 }
 
 /// Counts a packet of a flow, classifying the flow if it is new or its
@@ -310,49 +219,6 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> 
         }
     }
     (0, None)
-}
-
-/// Counts packets whose flow has no room in the flow map.
-#[inline(always)]
-pub(crate) fn overflow(key: &FlowKey, packets: u64, bytes: u64, syn: u32) {
-    let key = OverflowKey {
-        netns_cookie: key.netns_cookie,
-        interface: key.interface,
-        direction: key.direction,
-        _pad: [0; 6],
-    };
-    let first = OverflowValue {
-        packets,
-        bytes,
-        connections: u64::from(syn),
-    };
-    let counted = match OVERFLOW.get_ptr_mut(&key) {
-        Some(value) => Some(value),
-        None if OVERFLOW
-            .insert(&key, &first, u64::from(BPF_NOEXIST))
-            .is_ok() =>
-        {
-            None
-        }
-        // Another CPU inserted it first, or there is no room there either.
-        None => match OVERFLOW.get_ptr_mut(&key) {
-            Some(value) => Some(value),
-            None => {
-                bump_stats(|s| s.flow_insert_failed += 1);
-                None
-            }
-        },
-    };
-    if let Some(value) = counted {
-        // SAFETY: a live, 8-byte aligned map value; other CPUs add too.
-        unsafe {
-            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).packets, packets);
-            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).bytes, bytes);
-            if syn != 0 {
-                atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).connections, 1);
-            }
-        }
-    }
 }
 
 /// Whether a flow is an inbound connection to be decided by `decide_ingress`.
@@ -441,6 +307,23 @@ pub fn log_flow(ctx: TcContext) -> i32 {
     action(value.verdict)
 }
 
+/// Moves this CPU's cached counts into the flow map. Run by the daemon on
+/// each CPU (`BPF_PROG_TEST_RUN` on that CPU), never attached.
+#[raw_tracepoint]
+pub fn flush_flow_cache(_ctx: RawTracePointContext) -> i32 {
+    // SAFETY: the callback is a function of this program; it takes no
+    // context.
+    unsafe {
+        bpf_loop(
+            FLOW_CACHE_SLOTS,
+            cache::flush_slot as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    0
+}
+
 /// Each direction of a conversation knows its sending socket's container
 /// (the skb's): where the receiving socket's storage did not name its
 /// container (a socket made before the observer attached), each flow
@@ -485,20 +368,6 @@ fn reverse(key: &mut FlowKey) {
     core::mem::swap(&mut key.src_port, &mut key.dst_port);
     if key.interface == interface::POD {
         key.direction ^= EGRESS ^ INGRESS;
-    }
-}
-
-/// Adds one packet to a flow's counters.
-#[inline(always)]
-fn add(value: *mut FlowValue, bytes: u64, syn: u32) {
-    // SAFETY: a live, 8-byte aligned map value. Other CPUs update it
-    // concurrently, hence atomic adds.
-    unsafe {
-        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).packets, 1);
-        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*value).bytes, bytes);
-        if syn != 0 {
-            atomic_xadd::<u32, u32, { Relaxed }>(&raw mut (*value).connections, 1);
-        }
     }
 }
 

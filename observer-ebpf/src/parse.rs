@@ -5,6 +5,9 @@
 //! lie in the packet's linear part (the common case), and copied with
 //! `bpf_skb_load_bytes` otherwise (a helper call per header).
 
+// Both objects build this module; each uses its part.
+#![allow(dead_code)]
+
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};

@@ -40,12 +40,10 @@ use super::{
 };
 
 /// The objects built from observer-ebpf by build.rs: the shared programs
-/// and maps, loaded once, and a pod namespace's own programs, loaded for
-/// each (a few instructions that hand its packets to the shared ones).
+/// and maps, loaded once, and a pod namespace's own programs (the
+/// per-packet path), loaded for each, on the shared maps.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
-static STUB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-stub"));
-/// The maps the stubs share with the rest.
-const STUB_MAPS: [&str; 2] = [CLASSIFIER_MAP, STATS_MAP];
+static POD_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-pod"));
 
 pub const EGRESS_PROGRAM: &str = "observe_egress";
 pub const INGRESS_PROGRAM: &str = "observe_ingress";
@@ -156,7 +154,7 @@ pub struct Datapath {
     /// hooks were attached.
     sockets: SkStorage<MapData, SocketInfo>,
     /// Only the attach worker loads instances; the lock is never contended.
-    stubs: std::sync::Mutex<Stubs>,
+    pods: std::sync::Mutex<Pods>,
 }
 
 /// One namespace's instance of the programs, loaded into the kernel.
@@ -291,13 +289,13 @@ impl Datapath {
             Some(_) => Some(KernelLog::start(&mut ebpf)?),
             None => None,
         };
-        let stubs = Stubs::new(&pins)?;
+        let pods = Pods::new(&pins, flow_capacity)?;
         let datapath = Self {
             base: ebpf,
             _classifiers: classifiers,
             pins,
             sockets,
-            stubs: std::sync::Mutex::new(stubs),
+            pods: std::sync::Mutex::new(pods),
         };
         Ok(Opened {
             datapath,
@@ -370,11 +368,11 @@ impl Datapath {
     }
 
     /// Loads the programs of the namespace with this cookie (and the no-op
-    /// baseline if `noop`): the stub object, with the cookie as a constant.
-    /// About a millisecond: see [`Stubs`].
+    /// baseline if `noop`): the pod object, with the cookie as a constant
+    /// (see [`Pods`]).
     pub fn instance(&self, netns_cookie: u64, noop: bool) -> Result<Programs, DatapathError> {
         let mut ebpf = self
-            .stubs
+            .pods
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .load(netns_cookie)?;
@@ -391,12 +389,11 @@ impl Datapath {
     }
 }
 
-/// Loads the stub object for each namespace with one loader: aya's loader
+/// Loads the pod object for each namespace with one loader: aya's loader
 /// parses the kernel's BTF (megabytes) when it is made, which was most of
 /// the 56 ms a pod took. The cookie is a constant in the object's
-/// `.rodata`, written into a copy of the object (a few kilobytes) before
-/// each load.
-struct Stubs {
+/// `.rodata`, written into a copy of the object before each load.
+struct Pods {
     loader: EbpfLoader<'static>,
     /// The object, in words (the ELF reader wants it aligned).
     image: Vec<u64>,
@@ -404,16 +401,23 @@ struct Stubs {
     cookie_at: usize,
 }
 
-impl Stubs {
-    fn new(pins: &Pins) -> Result<Self, DatapathError> {
+impl Pods {
+    fn new(pins: &Pins, flow_capacity: u32) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
-        for name in STUB_MAPS {
+        loader.map_max_entries(FLOWS_MAP, flow_capacity);
+        // Every map of the object is a shared one: one left out would be
+        // made anew for each pod, silently apart from the rest.
+        for name in map_names(POD_OBJECT) {
+            let name = SHARED_MAPS
+                .into_iter()
+                .find(|shared| *shared == name)
+                .ok_or(DatapathError::Missing("a pod map among the shared maps"))?;
             loader.map_pin_path(name, pins.map(name));
         }
-        let cookie_at = global_offset(STUB_OBJECT, NETNS_COOKIE_GLOBAL)
+        let cookie_at = global_offset(POD_OBJECT, NETNS_COOKIE_GLOBAL)
             .ok_or(DatapathError::Missing(NETNS_COOKIE_GLOBAL))?;
-        let mut image = vec![0u64; STUB_OBJECT.len().div_ceil(8)];
-        bytes_mut(&mut image)[..STUB_OBJECT.len()].copy_from_slice(STUB_OBJECT);
+        let mut image = vec![0u64; POD_OBJECT.len().div_ceil(8)];
+        bytes_mut(&mut image)[..POD_OBJECT.len()].copy_from_slice(POD_OBJECT);
         Ok(Self {
             loader,
             image,
@@ -422,7 +426,7 @@ impl Stubs {
     }
 
     fn load(&mut self, cookie: u64) -> Result<Ebpf, DatapathError> {
-        let len = STUB_OBJECT.len();
+        let len = POD_OBJECT.len();
         bytes_mut(&mut self.image)[self.cookie_at..self.cookie_at + 8]
             .copy_from_slice(&cookie.to_ne_bytes());
         self.loader
@@ -436,6 +440,21 @@ fn bytes_mut(words: &mut [u64]) -> &mut [u8] {
     // SAFETY: u64 has no padding and any byte pattern is a valid u64; the
     // slice covers exactly the words' memory.
     unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), size_of_val(words)) }
+}
+
+/// The maps an ELF object declares (its `maps` section's symbols).
+fn map_names(elf: &[u8]) -> Vec<String> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let Ok(file) = object::File::parse(elf) else {
+        return Vec::new();
+    };
+    let Some(maps) = file.section_by_name("maps") else {
+        return Vec::new();
+    };
+    file.symbols()
+        .filter(|s| s.section_index() == Some(maps.index()))
+        .filter_map(|s| s.name().ok().map(str::to_owned))
+        .collect()
 }
 
 /// Where the initial value of global `name` lies in an ELF object.

@@ -1,32 +1,153 @@
-//! Per-packet cost: the kernel's BPF run-time statistics (run time and run
-//! count per program) of the observer's programs, next to a no-op
-//! classifier that the observer attaches on the same hooks
+//! Per-program cost: the kernel's BPF run-time statistics (run time and
+//! run count per program) of the observer's programs, next to a no-op
+//! classifier that the observer attaches on the same tc hooks
 //! (`--attach-noop`), in the same run, on the same packets.
+//!
+//! The traffic runs between containers of a small node lab (two pods on one
+//! node, a bridge between them), so that every program runs where it runs
+//! for users: the tc programs on each pod's `lo` and `eth0`, and the socket
+//! hooks on the pods' cgroups. One case at a time, each observer in turn,
+//! round after round.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf, process::Command};
 
 use aya::{
     programs::loaded_programs,
     sys::{Stats, enable_stats},
 };
-use integration_test::Observer;
-use lab::Netns;
-
-use crate::{
-    Subject,
-    iperf::{self, CASES, Server},
-    median, spread,
+use integration_test::{
+    Observer,
+    container::{container, in_container},
 };
+use lab::{Lab, Plan};
 
-/// Rounds of `--cost-only`, alternating between the observers.
-const QUICK_ROUNDS: usize = 5;
-const QUICK_SECONDS: u32 = 2;
+use crate::{Subject, median, spread};
 
-/// The programs whose cost is reported, with what they do.
-const PROGRAMS: [(&str, &str); 2] = [
+/// The per-packet programs (a pod's own: their time includes the shared
+/// programs they tail-call).
+const TC: [&str; 2] = ["observe_egress", "observe_ingress"];
+
+/// Every program reported, with what it does.
+const PROGRAMS: [(&str, &str); 8] = [
     ("observe_egress", "tc, lo and eth0 egress (per packet)"),
     ("observe_ingress", "tc, eth0 ingress (per packet)"),
+    ("socket_bind4", "socket hook, bind()"),
+    ("policy_connect4", "socket hook, connect()"),
+    (
+        "policy_sendmsg4",
+        "socket hook, UDP sendmsg() with an address",
+    ),
+    ("socket_bind6", "socket hook, bind() (IPv6 socket)"),
+    ("policy_connect6", "socket hook, connect() (IPv6 socket)"),
+    ("policy_sendmsg6", "socket hook, sendmsg() (IPv6 socket)"),
 ];
+
+/// Two pods on one node: `a` runs the clients and a server on its `lo`,
+/// `b` a server on its address. Servers live an hour at most.
+const LAB: &str = "
+apiVersion: observer-lab/v1
+kind: Lab
+name: cost
+network:
+  serviceCIDR: 10.96.0.0/16
+  nodeCIDR: 172.18.0.0/24
+  externalCIDR: 192.168.200.0/24
+nodes:
+  - {name: node-1, podCIDR: 10.244.1.0/24}
+pods:
+  - name: a
+    namespace: bench
+    node: node-1
+    ip: 10.244.1.10
+    containers:
+      - {name: client, command: [sleep, '3600']}
+      - {name: lo-server, command: [timeout, '3600', iperf3, -s, -B, 127.0.0.1, -p, '5201']}
+  - name: b
+    namespace: bench
+    node: node-1
+    ip: 10.244.1.11
+    containers:
+      - {name: server, command: [timeout, '3600', iperf3, -s, -p, '5202']}
+      - name: acceptor
+        command:
+          - timeout
+          - '3600'
+          - python3
+          - -c
+          - |
+            import socket
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(('0.0.0.0', 5300))
+            s.listen(4096)
+            while True:
+                s.accept()[0].close()
+";
+
+/// One kind of traffic, from `a`'s client container.
+struct Case {
+    name: &'static str,
+    command: fn(seconds: u32) -> Vec<String>,
+}
+
+const CASES: [Case; 6] = [
+    Case {
+        name: "lo, TCP",
+        command: |s| iperf("127.0.0.1", 5201, false, s),
+    },
+    Case {
+        name: "lo, UDP 64 B",
+        command: |s| iperf("127.0.0.1", 5201, true, s),
+    },
+    Case {
+        name: "pod to pod (veth), TCP",
+        command: |s| iperf("10.244.1.11", 5202, false, s),
+    },
+    Case {
+        name: "pod to pod (veth), UDP 64 B",
+        command: |s| iperf("10.244.1.11", 5202, true, s),
+    },
+    Case {
+        name: "UDP sendto() to many ports (DNS-like clients)",
+        command: |s| {
+            python(&format!(
+                "import socket, time\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             end = time.time() + {s}\n\
+             n = 0\n\
+             while time.time() < end and n < 2000000:\n\
+             \x20   s.sendto(b'x' * 32, ('10.244.1.11', 20000 + n % 1000)); n += 1\n"
+            ))
+        },
+    },
+    Case {
+        name: "TCP connect() (short connections)",
+        command: |s| {
+            python(&format!(
+                "import socket, time\n\
+             end = time.time() + {s}\n\
+             n = 0\n\
+             while time.time() < end and n < 100000:\n\
+             \x20   c = socket.socket(); c.connect(('10.244.1.11', 5300)); c.close(); n += 1\n"
+            ))
+        },
+    },
+];
+
+fn iperf(server: &str, port: u16, udp: bool, seconds: u32) -> Vec<String> {
+    let mut args: Vec<String> = ["iperf3", "-c", server, "-p", &port.to_string()]
+        .map(String::from)
+        .into();
+    args.extend(["-t".into(), seconds.to_string()]);
+    if udp {
+        args.extend(["-u", "-b", "0", "-l", "64"].map(String::from));
+    }
+    args
+}
+
+fn python(script: &str) -> Vec<String> {
+    vec!["python3".into(), "-c".into(), script.into()]
+}
 
 /// Run time (ns) and run count per program name, summed over instances.
 #[derive(Default, Clone)]
@@ -46,6 +167,19 @@ impl ProgramCost {
         cost
     }
 
+    /// What ran between `before` and `self`.
+    fn since(&self, before: &Self) -> Self {
+        Self(
+            self.0
+                .iter()
+                .map(|(name, (ns, runs))| {
+                    let (ns0, runs0) = before.0.get(name).copied().unwrap_or_default();
+                    (name.clone(), (ns - ns0, runs - runs0))
+                })
+                .collect(),
+        )
+    }
+
     /// ns per run of the programs named, together.
     pub fn per_run(&self, names: &[&str]) -> f64 {
         let (ns, runs) = names
@@ -63,114 +197,138 @@ impl ProgramCost {
             .sum()
     }
 
-    /// The observer's per-packet programs against the no-op.
+    /// The per-packet programs against the no-op on the same hooks.
     pub fn ratio(&self) -> f64 {
-        self.per_run(&["observe_egress", "observe_ingress"]) / self.per_run(&["noop"])
+        self.per_run(&TC) / self.per_run(&["noop"])
     }
 }
 
-/// Runs `traffic` with `subject` (`args`) and the no-op baseline on the
-/// same hooks, with the kernel's run-time statistics on (only meanwhile).
-pub fn measure<T>(
-    subject: &Subject,
-    args: &[&str],
-    traffic: impl FnOnce() -> T,
-) -> (ProgramCost, T) {
+/// Every case, `rounds` times, each observer in turn: what each program
+/// cost, per case.
+pub fn run(report: &mut String, subjects: &[Subject], rounds: usize, seconds: u32) {
+    let plan = Plan::from_yaml(LAB, "cost lab").expect("the cost lab");
+    let lab = Lab::up_for_test(&plan).expect("lab up");
+    let inventory = lab.inventory_path().display().to_string();
+    let client = container(&lab, "bench", "a", "client");
+    // [subject][case] = one reading per round.
+    let mut readings = vec![vec![Vec::new(); CASES.len()]; subjects.len()];
     let _stats = enable_stats(Stats::RunTime).expect("enable BPF run-time statistics (root?)");
-    let mut args = args.to_vec();
-    args.push("--attach-noop");
-    let observer = Observer::start_binary(&subject.binary, &args);
-    let result = traffic();
-    let cost = ProgramCost::read();
-    assert!(observer.terminate().success());
-    (cost, result)
-}
-
-/// A quick reading of the per-packet cost alone (for working on the
-/// programs): 64-byte UDP on lo, observers and no-op side by side, in
-/// alternating rounds.
-pub fn quick(report: &mut String, subjects: &[Subject]) {
-    let a = Netns::create("cost").expect("namespace");
-    let _server = Server::start(&a, "127.0.0.1", 5201);
-    let path = a.path().display().to_string();
-    let mut rounds: Vec<Vec<(ProgramCost, f64)>> = vec![Vec::new(); subjects.len()];
-    for round in 0..QUICK_ROUNDS {
-        for (i, subject) in subjects.iter().enumerate() {
-            let (cost, pps) = measure(subject, &["--netns", &path], || {
-                iperf::run(&a, &CASES[1], QUICK_SECONDS)
-            });
-            eprintln!(
-                "bench: round {} {:<12} {:.2}x",
-                round + 1,
-                subject.name,
-                cost.ratio()
+    for round in 0..rounds {
+        for (s, subject) in subjects.iter().enumerate() {
+            let observer = Observer::start_binary(
+                &subject.binary,
+                &["--inventory", &inventory, "--attach-noop"],
             );
-            rounds[i].push((cost, pps));
+            for (c, case) in CASES.iter().enumerate() {
+                let before = ProgramCost::read();
+                drive(&client, (case.command)(seconds));
+                let cost = ProgramCost::read().since(&before);
+                eprintln!(
+                    "bench: round {} {:<12} {:<48} {:.2}x",
+                    round + 1,
+                    subject.name,
+                    case.name,
+                    cost.ratio()
+                );
+                readings[s][c].push(cost);
+            }
+            assert!(observer.terminate().success());
         }
     }
-    writeln!(
-        report,
-        "## Per-packet cost, lo UDP 64 B ({QUICK_ROUNDS} alternating rounds of {QUICK_SECONDS} s; medians)\n"
-    )
-    .unwrap();
-    table(report, subjects, &rounds);
+    drop(lab);
+    table(report, subjects, &readings);
 }
 
-/// The cost table: per observer, the no-op's and the programs' ns per run,
-/// and their ratio (median, and its spread over the rounds).
-pub fn table(report: &mut String, subjects: &[Subject], rounds: &[Vec<(ProgramCost, f64)>]) {
+/// Runs a command in the client container to its end.
+fn drive(client: &(PathBuf, PathBuf), args: Vec<String>) {
+    let (cgroup, netns) = client;
+    let status = in_container(cgroup, netns, Command::new(&args[0]).args(&args[1..]))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("the client");
+    assert!(status.success(), "{}: {status}", args.join(" "));
+}
+
+/// Per case and observer: the no-op's ns per run on the tc hooks, the tc
+/// programs', their ratio (median and spread over the rounds), then every
+/// program that ran, with its ns per run.
+fn table(report: &mut String, subjects: &[Subject], readings: &[Vec<Vec<ProgramCost>>]) {
     writeln!(
         report,
-        "| observer | program | runs | ns per run | vs. no-op (spread) |\n|---|---|---|---|---|"
+        "| traffic | observer | no-op, ns per run | tc programs, ns per run | vs. no-op (spread) | per program: ns per run (runs) |\n|---|---|---|---|---|---|"
     )
     .unwrap();
-    for (subject, rounds) in subjects.iter().zip(rounds) {
-        let noop: Vec<f64> = rounds.iter().map(|(c, _)| c.per_run(&["noop"])).collect();
-        let runs = |names: &[&str]| rounds.iter().map(|(c, _)| c.runs(names)).sum::<u64>();
-        writeln!(
-            report,
-            "| {} | no-op classifier (baseline) | {} | {:.1} | 1.00x |",
-            subject.name,
-            runs(&["noop"]),
-            median(&noop)
-        )
-        .unwrap();
-        for (program, what) in PROGRAMS {
-            if runs(&[program]) == 0 {
-                continue;
-            }
-            let ns: Vec<f64> = rounds.iter().map(|(c, _)| c.per_run(&[program])).collect();
-            let ratios: Vec<f64> = rounds
+    for (c, case) in CASES.iter().enumerate() {
+        for (subject, cases) in subjects.iter().zip(readings) {
+            let rounds = &cases[c];
+            let noop: Vec<f64> = rounds.iter().map(|r| r.per_run(&["noop"])).collect();
+            let tc: Vec<f64> = rounds.iter().map(|r| r.per_run(&TC)).collect();
+            let ratios: Vec<f64> = rounds.iter().map(ProgramCost::ratio).collect();
+            let programs: Vec<String> = PROGRAMS
                 .iter()
-                .map(|(c, _)| c.per_run(&[program]) / c.per_run(&["noop"]))
+                .filter_map(|(program, _)| {
+                    let runs: u64 = rounds.iter().map(|r| r.runs(&[program])).sum();
+                    (runs > 0).then(|| {
+                        let ns: Vec<f64> = rounds.iter().map(|r| r.per_run(&[program])).collect();
+                        format!("`{program}` {:.1} ({runs})", median(&ns))
+                    })
+                })
                 .collect();
             writeln!(
                 report,
-                "| {} | `{program}`: {what} | {} | {:.1} | {:.2}x ({}) |",
+                "| {} | {} | {:.1} | {:.1} | {:.2}x ({}) | {} |",
+                case.name,
                 subject.name,
-                runs(&[program]),
-                median(&ns),
+                median(&noop),
+                median(&tc),
                 median(&ratios),
-                spread(&ratios, 2)
+                spread(&ratios, 2),
+                programs.join(", ")
             )
             .unwrap();
         }
-        let ratios: Vec<f64> = rounds.iter().map(|(c, _)| c.ratio()).collect();
+    }
+    // All cases together: the traffic mix.
+    for (subject, cases) in subjects.iter().zip(readings) {
+        let rounds = cases[0].len();
+        let ratios: Vec<f64> = (0..rounds)
+            .map(|r| {
+                let (mut tc, mut noop) = ((0.0, 0u64), (0.0, 0u64));
+                for case in cases {
+                    let reading = &case[r];
+                    tc.0 += reading.per_run(&TC) * reading.runs(&TC) as f64;
+                    tc.1 += reading.runs(&TC);
+                    noop.0 += reading.per_run(&["noop"]) * reading.runs(&["noop"]) as f64;
+                    noop.1 += reading.runs(&["noop"]);
+                }
+                (tc.0 / tc.1.max(1) as f64) / (noop.0 / noop.1.max(1) as f64)
+            })
+            .collect();
         writeln!(
             report,
-            "| {} | **all per-packet programs** | {} | {:.1} | **{:.2}x** ({}) |",
+            "| **the whole mix** | {} | | | **{:.2}x** ({}) | |",
             subject.name,
-            runs(&["observe_egress", "observe_ingress"]),
-            median(
-                &rounds
-                    .iter()
-                    .map(|(c, _)| c.per_run(&["observe_egress", "observe_ingress"]))
-                    .collect::<Vec<_>>()
-            ),
             median(&ratios),
             spread(&ratios, 2)
         )
         .unwrap();
     }
+    writeln!(report, "\nWhat each program does:\n").unwrap();
+    for (program, what) in PROGRAMS {
+        writeln!(report, "- `{program}`: {what}").unwrap();
+    }
     writeln!(report).unwrap();
 }
+
+/// `--cost-only`: the per-program table alone, quickly.
+pub fn quick(report: &mut String, subjects: &[Subject]) {
+    writeln!(
+        report,
+        "## Per-program cost ({QUICK_ROUNDS} rounds of {QUICK_SECONDS} s per case; medians)\n"
+    )
+    .unwrap();
+    run(report, subjects, QUICK_ROUNDS, QUICK_SECONDS);
+}
+
+const QUICK_ROUNDS: usize = 3;
+const QUICK_SECONDS: u32 = 2;

@@ -50,8 +50,18 @@ pub struct Server(Child);
 impl Server {
     pub fn start(netns: &Netns, address: &str, port: u16) -> Self {
         let mut command = Command::new("ip");
+        // The server on the last CPU, the client (`run`) on the first: each
+        // round the same placement.
         command
-            .args(["netns", "exec", netns.name(), "iperf3", "-s", "-B", address])
+            .args([
+                "netns",
+                "exec",
+                netns.name(),
+                "taskset",
+                "-c",
+                &last_cpu().to_string(),
+            ])
+            .args(["iperf3", "-s", "-B", address])
             .args(["-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -87,6 +97,9 @@ pub fn run(client: &Netns, case: &Case, seconds: u32) -> f64 {
         "netns",
         "exec",
         client.name(),
+        "taskset",
+        "-c",
+        "0",
         "iperf3",
         "-J",
         "-c",
@@ -118,4 +131,9 @@ pub fn run(client: &Netns, case: &Case, seconds: u32) -> f64 {
             .unwrap_or(0.0)
             / 1e9
     }
+}
+
+/// The highest-numbered CPU this process may run on.
+fn last_cpu() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
 }
