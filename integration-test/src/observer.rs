@@ -217,18 +217,26 @@ impl Observer {
     }
 
     /// Sends SIGTERM and waits (at most 10 s) for the exit.
-    pub fn terminate(mut self) -> ExitStatus {
+    pub fn terminate(self) -> ExitStatus {
+        self.terminate_within(Duration::from_secs(10))
+    }
+
+    /// Sends SIGTERM and waits at most `limit` for the exit.
+    pub fn terminate_within(mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("the observer ignored SIGTERM for 10 s:\n{}", self.log());
+                panic!(
+                    "the observer ignored SIGTERM for {limit:?}:\n{}",
+                    self.log()
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }

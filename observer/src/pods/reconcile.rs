@@ -40,10 +40,10 @@ use crate::{
 };
 
 /// After an event, pods whose namespace is not ready are looked for again
-/// after 10 ms, then at doubling intervals up to 200 ms, for 3 s (`ip netns
+/// after 2 ms, then at doubling intervals up to 200 ms, for 3 s (`ip netns
 /// add` bind-mounts the namespace on its file a moment after creating it,
 /// without an event of its own).
-const FIRST_RETRY: Duration = Duration::from_millis(10);
+const FIRST_RETRY: Duration = Duration::from_millis(2);
 const MAX_RETRY: Duration = Duration::from_millis(200);
 const RETRY_FOR: Duration = Duration::from_secs(3);
 /// Changes elsewhere in the cluster (peers, Services, nodes) are gathered

@@ -24,18 +24,32 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
         "| event | observer | median | max |\n|---|---|---|---|"
     )
     .unwrap();
-    for subject in subjects {
-        // Local mode: `ip netns add` while the observer watches the directory.
-        let observer = Observer::start_binary(&subject.binary, &["--netns-dir", "/var/run/netns"]);
-        let mut times = Vec::new();
-        for i in 0..ROUNDS {
-            let started = Instant::now();
-            let pod = Netns::create(&format!("late{i}")).expect("namespace");
-            let name = pod.name().to_owned();
-            times.push(until_attached(&observer, &name, started));
+    // Local mode: `ip netns add` while the observer watches the directory;
+    // TCX links, then clsact filters (`--tc-netlink`).
+    let modes = [
+        ("namespace created (local mode)", false),
+        ("namespace created (local mode, clsact filters)", true),
+    ];
+    for (event, clsact) in modes {
+        for subject in subjects {
+            let mut args = vec!["--netns-dir", "/var/run/netns"];
+            if clsact {
+                args.push("--tc-netlink");
+            }
+            let observer = Observer::start_binary(&subject.binary, &args);
+            let mut times = Vec::new();
+            let mut pods = Vec::new();
+            for i in 0..ROUNDS {
+                let started = Instant::now();
+                let pod = Netns::create(&format!("late{i}")).expect("namespace");
+                let name = pod.name().to_owned();
+                times.push(until_attached(&observer, &name, started));
+                pods.push(pod);
+            }
+            assert!(observer.terminate().success());
+            drop(pods);
+            row(report, event, subject, &times);
         }
-        assert!(observer.terminate().success());
-        row(report, "namespace created (local mode)", subject, &times);
     }
 
     // Kubernetes mode: the lab's pipes pod runs; the API reports it.

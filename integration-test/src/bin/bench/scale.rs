@@ -3,6 +3,7 @@
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, UdpSocket},
+    time::Duration,
     time::Instant,
 };
 
@@ -25,6 +26,8 @@ struct Figures {
     startup_clsact: f64,
     /// Kernel memory of the maps before any traffic.
     idle_map_memory: u64,
+    /// From SIGTERM to the exit, every pod detached.
+    shutdown: f64,
     idle_rss: u64,
     send: f64,
     entries: f64,
@@ -55,7 +58,14 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     }
     // Room to spare: at nine tenths full the collector starts taking quiet
     // flows out, which is not what these figures measure.
-    let mut args = vec!["--flow-capacity".to_owned(), CAPACITY.to_string()];
+    // No collection of its own while the flows are sent: the first one
+    // measured is the first one.
+    let mut args = vec![
+        "--flow-capacity".to_owned(),
+        CAPACITY.to_string(),
+        "--collect-interval".to_owned(),
+        "60m".to_owned(),
+    ];
     for pod in &pods {
         args.push("--netns".into());
         args.push(pod.path().display().to_string());
@@ -63,7 +73,10 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let figures: Vec<Figures> = subjects
         .iter()
-        .map(|s| measure(s, &args, &pods[0]))
+        .map(|s| Figures {
+            startup_clsact: startup_clsact(s, &args, &pods),
+            ..measure(s, &args, &pods[0])
+        })
         .collect();
 
     writeln!(report, "## Scale: {PODS} pods, {FLOWS} flows\n").unwrap();
@@ -90,6 +103,10 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
                 f.startup_clsact * 1e3 / PODS as f64
             )
         },
+    );
+    row(
+        &format!("SIGTERM to exit, {PODS} pods detached (TCX)"),
+        &|f| format!("{:.2} s", f.shutdown),
     );
     row(
         &format!("resident memory, {PODS} pods, before traffic"),
@@ -141,15 +158,6 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
 }
 
 fn measure(subject: &Subject, args: &[&str], first: &Netns) -> Figures {
-    // Attached with clsact filters first (start-up only): they go when the
-    // observer stops, as TCX links do.
-    let mut clsact = args.to_vec();
-    clsact.push("--tc-netlink");
-    let started = Instant::now();
-    let observer = Observer::start_binary(&subject.binary, &clsact);
-    let startup_clsact = started.elapsed().as_secs_f64();
-    assert!(observer.terminate().success());
-
     let started = Instant::now();
     let observer = Observer::start_binary(&subject.binary, args);
     let startup = started.elapsed().as_secs_f64();
@@ -190,7 +198,8 @@ fn measure(subject: &Subject, args: &[&str], first: &Netns) -> Figures {
     let second_cpu = since(cpu);
     let figures = Figures {
         startup,
-        startup_clsact,
+        startup_clsact: 0.0,
+        shutdown: 0.0,
         idle_map_memory,
         idle_rss,
         send,
@@ -204,6 +213,30 @@ fn measure(subject: &Subject, args: &[&str], first: &Netns) -> Figures {
         peak: status_kib(pid, "VmHWM:"),
         map_memory: map_memlock_kib(pid),
     };
-    assert!(observer.terminate().success());
-    figures
+    // Each TCX link's detach waits for an RCU grace period too.
+    let stopping = Instant::now();
+    assert!(observer.terminate_within(Duration::from_secs(60)).success());
+    Figures {
+        shutdown: stopping.elapsed().as_secs_f64(),
+        ..figures
+    }
+}
+
+/// Start-up with clsact filters instead of TCX links (`--tc-netlink`). The
+/// observer is killed (removing 750 filters one by one takes longer than
+/// the harness waits for a SIGTERM), and its filters removed with the
+/// qdiscs, so that the next observer finds the pods as they were.
+fn startup_clsact(subject: &Subject, args: &[&str], pods: &[Netns]) -> f64 {
+    let mut clsact = args.to_vec();
+    clsact.push("--tc-netlink");
+    let started = Instant::now();
+    let observer = Observer::start_binary(&subject.binary, &clsact);
+    let startup = started.elapsed().as_secs_f64();
+    observer.kill();
+    for pod in pods {
+        for device in ["lo", "eth0"] {
+            let _ = pod.ip(&["qdisc", "del", "dev", device, "clsact"]);
+        }
+    }
+    startup
 }

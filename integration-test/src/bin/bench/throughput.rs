@@ -22,6 +22,21 @@ const COST_ROUNDS: usize = 3;
 const COST_SECONDS: u32 = 2;
 
 pub fn run(report: &mut String, subjects: &[Subject]) {
+    // Cost first, on its own (on a lab of its own, gone before the
+    // namespaces below are made): the no-op baseline and the statistics' clock
+    // reads would otherwise weigh on the throughput figures.
+    writeln!(
+        report,
+        "## Per-program cost (kernel BPF run-time statistics; {COST_ROUNDS} rounds of {COST_SECONDS} s per case, medians)\n"
+    )
+    .unwrap();
+    writeln!(
+        report,
+        "The tc programs and the no-op run on the same hooks, on the same packets, in the same run; the socket hooks have no no-op to compare with.\n"
+    )
+    .unwrap();
+    cost::run(report, subjects, COST_ROUNDS, COST_SECONDS);
+
     let a = Netns::create("bench-a").expect("namespace");
     let b = Netns::create("bench-b").expect("namespace");
     veth((&a, "eth0", "10.77.0.1/24"), (&b, "eth0", "10.77.0.2/24")).expect("veth");
@@ -36,20 +51,6 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
         b.path().display().to_string(),
     ];
     let args: Vec<&str> = netns_args.iter().map(String::as_str).collect();
-
-    // Cost first, on its own: the no-op baseline and the statistics' clock
-    // reads would otherwise weigh on the throughput figures.
-    writeln!(
-        report,
-        "## Per-program cost (kernel BPF run-time statistics; {COST_ROUNDS} rounds of {COST_SECONDS} s per case, medians)\n"
-    )
-    .unwrap();
-    writeln!(
-        report,
-        "The tc programs and the no-op run on the same hooks, on the same packets, in the same run; the socket hooks have no no-op to compare with.\n"
-    )
-    .unwrap();
-    cost::run(report, subjects, COST_ROUNDS, COST_SECONDS);
 
     // results[case][mode] = one value per round; mode 0 without, then each
     // observer.
