@@ -150,7 +150,7 @@ fn the_default_lab_produces_every_scenario_and_leaves_nothing() {
         .expect("a valid inventory");
     assert_eq!(&file, lab.inventory());
     assert_eq!(file.version, 1);
-    assert_eq!(file.pods.len(), 8);
+    assert_eq!(file.pods.len(), 9);
     assert_eq!(file.services[0].endpoints[0].ip.to_string(), "10.244.1.10");
 
     let pids: Vec<String> = lab

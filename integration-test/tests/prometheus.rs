@@ -70,6 +70,12 @@ fn prometheus_sees_every_scenario_of_the_default_lab() {
         // the proxy calls the Service.
         packets(r#"pod="meshed",class="localhost",port="15001",client_container="app",server_container="proxy",original_class="service",original_peer="web""#),
         packets(r#"pod="meshed",class="service",direction="egress",peer="web",client_container="proxy""#),
+        // No network at all: a named pipe from the writer to the reader, and
+        // nginx calling php-fpm over a unix socket, both ways.
+        packets(r#"pod="pipes",class="fifo",direction="request",path="pipe",client_container="writer",server_container="reader""#),
+        packets(r#"pod="php",class="unix",protocol="stream",direction="request",path=~".+/run/php-fpm.sock",client_container="nginx",server_container="php-fpm""#),
+        packets(r#"pod="php",class="unix",protocol="stream",direction="response",client_container="nginx",server_container="php-fpm""#),
+        r#"observer_connections_opened_total{pod="php",class="unix",direction="request",client_container="nginx",server_container="php-fpm"}"#.to_owned(),
     ];
     for selector in &expected {
         prometheus.wait_positive(selector, WAIT);
@@ -94,7 +100,9 @@ fn prometheus_sees_every_scenario_of_the_default_lab() {
     // Not a packet sent (it may receive the bridge's ARP broadcasts, which
     // are not its doing).
     assert_eq!(
-        prometheus.query(&packets(r#"pod="pipes",direction!="ingress""#)),
+        prometheus.query(&packets(
+            r#"pod="pipes",direction!="ingress",class!="fifo""#
+        )),
         Vec::<f64>::new()
     );
 
@@ -103,8 +111,8 @@ fn prometheus_sees_every_scenario_of_the_default_lab() {
     prometheus.wait_positive("observer_build_info", WAIT);
     assert_eq!(
         prometheus.query("sum(observer_programs_attached)"),
-        [24.0],
-        "8 pods (the cluster DNS among them), 3 programs each"
+        [27.0],
+        "9 pods (the cluster DNS among them), 3 programs each"
     );
     assert!(observer.terminate().success());
 }

@@ -2,7 +2,8 @@
 //!
 //! - the vocabulary: class, direction, protocol and verdict numbers and the
 //!   words users see for them ([`vocabulary`]);
-//! - the kernel maps' names, keys and values ([`maps`]);
+//! - the kernel maps' names, keys and values ([`maps`]), and those of
+//!   unix-socket and named-pipe traffic ([`ipc`]);
 //! - the two decisions both sides must make alike: how the other end of a
 //!   connection is classified ([`classify`]) and how a pod's rules decide a
 //!   connection ([`policy`]). The kernel runs them on its maps, the daemon
@@ -15,6 +16,7 @@
 pub mod classify;
 #[cfg(feature = "inventory")]
 pub mod inventory;
+pub mod ipc;
 pub mod maps;
 pub mod policy;
 pub mod vocabulary;
@@ -39,4 +41,12 @@ mod pod {
     unsafe impl aya::Pod for super::NodeInfo {}
     unsafe impl aya::Pod for super::OverflowKey {}
     unsafe impl aya::Pod for super::OverflowValue {}
+    unsafe impl aya::Pod for super::ipc::UnixConnKey {}
+    unsafe impl aya::Pod for super::ipc::UnixConn {}
+    unsafe impl aya::Pod for super::ipc::UnixPath {}
+    unsafe impl aya::Pod for super::ipc::FifoId {}
+    unsafe impl aya::Pod for super::ipc::FifoKey {}
+    unsafe impl aya::Pod for super::ipc::FifoName {}
+    unsafe impl aya::Pod for super::ipc::IpcCounts {}
+    unsafe impl aya::Pod for super::ipc::KernelOffsets {}
 }

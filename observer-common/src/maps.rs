@@ -343,8 +343,11 @@ pub struct DatapathStats {
     pub classify_failed: u64,
     /// Policy decisions not counted because the verdict map had no room.
     pub verdicts_lost: u64,
+    /// Unix-socket messages and pipe reads or writes not counted because
+    /// their map had no room.
+    pub ipc_lost: u64,
 }
-const _: () = assert!(core::mem::size_of::<DatapathStats>() == 32);
+const _: () = assert!(core::mem::size_of::<DatapathStats>() == 40);
 
 /// One compiled rule.
 #[repr(C)]

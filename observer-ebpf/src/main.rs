@@ -29,6 +29,7 @@ mod cache;
 mod classify;
 mod count;
 mod handoff;
+mod ipc;
 mod parse;
 mod policy;
 mod sockets;

@@ -42,6 +42,12 @@ pub const VERDICT_LABELS: [&str; 7] = [
 
 pub struct Metrics {
     registry: Registry,
+    /// Raw tracepoints the unix-socket and named-pipe programs are attached
+    /// to (1) or could not be (0).
+    pub ipc_hooks: IntGaugeVec,
+    /// Unix-socket messages, connections and pipe calls not counted: their
+    /// map had no room.
+    pub ipc_lost: IntCounter,
     /// tc programs attached per pod.
     pub programs_attached: IntGaugeVec,
     /// Pods of this node by state: attached, waiting (known, namespace not
@@ -144,6 +150,19 @@ impl Metrics {
                 "Packets whose flow had no room in the kernel flow map: counted in their pod's overflow series (class unknown, details overflow), not classified. Raise --flow-capacity.",
             )
             .expect("valid metric"),
+            ipc_hooks: IntGaugeVec::new(
+                Opts::new(
+                    "observer_ipc_hooks_attached",
+                    "Raw tracepoints of the unix-socket and named-pipe programs: 1 if attached, 0 if this kernel does not have or let them be (what they see is not counted).",
+                ),
+                &["tracepoint"],
+            )
+            .expect("valid metric"),
+            ipc_lost: IntCounter::new(
+                "observer_ipc_lost_total",
+                "Unix-socket messages and connections, and named-pipe reads and writes, not counted: their kernel map had no room.",
+            )
+            .expect("valid metric"),
             flow_insert_failures: IntCounter::new(
                 "observer_flow_insert_failures_total",
                 "Packets not counted because their flow could not be inserted.",
@@ -234,6 +253,8 @@ impl Metrics {
         metrics.register(metrics.flow_overflow_packets.clone());
         metrics.register(metrics.flow_insert_failures.clone());
         metrics.register(metrics.policy_verdicts_lost.clone());
+        metrics.register(metrics.ipc_hooks.clone());
+        metrics.register(metrics.ipc_lost.clone());
         metrics.register(metrics.errors.clone());
         metrics.register(metrics.policy_reloads.clone());
         metrics.register(metrics.policy_verdicts.clone());

@@ -169,6 +169,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         mut policy_maps,
         logger,
         inherited,
+        ipc,
+        ipc_hooks,
     } = Datapath::open(&DatapathConfig {
         flow_capacity: args.flow_capacity,
         runtime_dir: args.runtime_dir.clone(),
@@ -216,6 +218,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut collector =
         Collector::new(maps, Arc::clone(&metrics), flows, discovery::cgroup2_root());
     collector.take_up(&inherited, saved.baseline, saved.verdicts);
+    for (function, attached) in ipc_hooks {
+        metrics
+            .ipc_hooks
+            .with_label_values(&[function])
+            .set(i64::from(attached));
+    }
+    if let Some(ipc) = ipc {
+        collector.count_ipc(ipc);
+    }
     // Quiet flows go after a minute's worth of collection ticks.
     let ticks = (60_000 / args.collect_interval.as_millis().max(1)).clamp(1, 255);
     collector.reclaim_after(ticks as u8);

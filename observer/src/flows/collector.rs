@@ -105,6 +105,10 @@ pub struct Collector {
     complete_by_source: bool,
     /// The same for the datapath statistics (evictions, insert failures).
     prime_stats: bool,
+    /// Unix-socket and named-pipe traffic, if this kernel lets it be
+    /// followed; and its series of the last collection.
+    ipc: Option<ipc::Ipc>,
+    last_ipc: Vec<ipc::IpcRow>,
 }
 
 /// A flow's counters at the last collection. Small on purpose: one per flow.
@@ -128,6 +132,7 @@ const _: () = assert!(size_of::<Seen>() == 16);
 struct Uncounted {
     packets: u64,
     verdicts: u64,
+    ipc: u64,
 }
 
 /// The hash tables the walk looks up per flow: seeded per process (keys
@@ -205,7 +210,14 @@ impl Collector {
             leaving: Default::default(),
             complete_by_source: false,
             prime_stats: false,
+            ipc: None,
+            last_ipc: Vec::new(),
         }
+    }
+
+    /// Counts unix-socket and named-pipe traffic from these maps.
+    pub fn count_ipc(&mut self, maps: kernel::ipc::IpcMaps) {
+        self.ipc = Some(ipc::Ipc::new(maps));
     }
 
     /// Takes up where an earlier observer left the kernel's maps
@@ -374,6 +386,7 @@ impl Collector {
         self.verdicts.attached(&netns.pod, &self.metrics);
         // Detached and attached again before a collection: it stays.
         self.leaving.remove(&netns.cookie);
+        self.follow_ipc(netns.cookie);
         self.attached.insert(netns.cookie, netns);
     }
 
@@ -396,6 +409,7 @@ impl Collector {
                 .remove_label_values(&[&netns.pod.namespace, &netns.pod.name]);
             self.flows.pod_gone(&netns.pod, Instant::now());
             self.verdicts.detached(cookie, &self.metrics);
+            self.forget_ipc(cookie);
             // Its flows go at the next collection.
             self.unknown.insert(cookie);
         }
@@ -414,6 +428,12 @@ impl Collector {
                     seconds: self.last_seconds,
                 })
             })
+            .chain(self.last_ipc.iter().map(|(_, labels, counts)| FlowRow {
+                labels: labels.clone(),
+                packets: counts.packets,
+                bytes: counts.bytes,
+                seconds: self.last_seconds,
+            }))
             .collect()
     }
 
@@ -586,6 +606,12 @@ impl Collector {
             self.flows.add(&netns.pod, labels, counts);
             self.last_series.push((series, counts));
         }
+        self.last_ipc = self.collect_ipc(started, tick);
+        for (cookie, labels, counts) in &self.last_ipc {
+            if let Some(netns) = self.attached.get(cookie) {
+                self.flows.add(&netns.pod, labels.clone(), *counts);
+            }
+        }
 
         for key in &stale {
             let _ = self.maps.flows.remove(key);
@@ -650,6 +676,10 @@ impl Collector {
                 .inc_by(uncounted.verdicts - reported.verdicts);
             reported.verdicts = uncounted.verdicts;
         }
+        if uncounted.ipc > reported.ipc {
+            self.metrics.ipc_lost.inc_by(uncounted.ipc - reported.ipc);
+            reported.ipc = uncounted.ipc;
+        }
     }
 
     /// What the kernel could not count, summed over CPUs: packets (no room
@@ -661,6 +691,7 @@ impl Collector {
             .fold(Uncounted::default(), |sum, s| Uncounted {
                 packets: sum.packets + s.flow_insert_failed + s.classify_failed,
                 verdicts: sum.verdicts + s.verdicts_lost,
+                ipc: sum.ipc + s.ipc_lost,
             }))
     }
 
@@ -823,5 +854,6 @@ fn difference(now: &FlowValue, before: &Seen) -> Counts {
     }
 }
 
+mod ipc;
 #[cfg(test)]
 mod tests;

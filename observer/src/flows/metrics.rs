@@ -67,15 +67,15 @@ struct PodSeries {
 const FAMILIES: [(&str, &str); 3] = [
     (
         "observer_flow_packets_total",
-        "Packets of pod traffic, by class, peer and server port.",
+        "Packets of pod traffic, by class, peer and server port; for class unix, messages sent; for class fifo, write calls.",
     ),
     (
         "observer_flow_bytes_total",
-        "Bytes of pod traffic (link-layer header included), by class, peer and server port.",
+        "Bytes of pod traffic (link-layer header included), by class, peer and server port; for classes unix and fifo, the bytes sent or written.",
     ),
     (
         "observer_connections_opened_total",
-        "TCP connections opened (SYN from the client), by class, peer and server port.",
+        "TCP connections opened (SYN from the client), by class, peer and server port; for class unix, stream and seqpacket connections.",
     ),
 ];
 
@@ -192,13 +192,7 @@ impl Collector for FlowMetrics {
             for (labels, counts) in &pod.series {
                 let values = [counts.packets, counts.bytes, counts.connections];
                 for (family, value) in families.iter_mut().zip(values) {
-                    // Connections only mean something for TCP.
-                    let connections = family.name() == FAMILIES[2].0;
-                    let tcp = observer_common::protocol::name(observer_common::protocol::TCP);
-                    if connections
-                        && Some(labels.protocol.as_str()) != tcp
-                        && labels.protocol != OVERFLOW
-                    {
+                    if family.name() == FAMILIES[2].0 && !has_connections(labels) {
                         continue;
                     }
                     family.mut_metric().push(metric(labels, value));
@@ -207,6 +201,21 @@ impl Collector for FlowMetrics {
         }
         families
     }
+}
+
+/// Whether a series' traffic has connections: TCP, unix streams and
+/// seqpackets (and overflow series, which may hold TCP).
+fn has_connections(labels: &FlowLabels) -> bool {
+    use observer_common::{
+        ipc::{UNIX_CLASS, unix_kind},
+        protocol,
+    };
+    let protocol = labels.protocol.as_str();
+    Some(protocol) == protocol::name(protocol::TCP)
+        || protocol == OVERFLOW
+        || (labels.class == UNIX_CLASS
+            && (protocol == unix_kind::name(unix_kind::STREAM)
+                || protocol == unix_kind::name(unix_kind::SEQPACKET)))
 }
 
 /// The families, for the registry (which owns what it is given, while the

@@ -81,7 +81,7 @@ const PROTO: Column = Column {
     placeholder: None,
 };
 const PORT: Column = Column {
-    header: "PORT",
+    header: "PORT/PATH",
     separator: "",
     placeholder: None,
 };
@@ -149,14 +149,15 @@ macro_rules! flow_labels {
 flow_labels! {
     namespace: Identity, POD, "the observed pod's namespace (with `--netns`: empty)";
     pod: Identity, POD, "the observed pod (with `--netns`: the network namespace's name)";
-    class: Identity, CLASS, "`localhost`, `pod`, `service`, `node`, `external`; `unknown` for packets counted while the flow map had no room (an `overflow` series, not classified)";
-    direction: Identity, DIRECTION, "`egress` / `ingress` on `eth0`, from the pod's side; on `lo`, `request` (client to server) / `response`, or `unknown` for traffic without ports";
-    protocol: Detail, PROTO, "`tcp`, `udp`, `icmp`, `icmpv6`, `sctp`, the IP protocol number for others, `non_ip` (ARP)";
+    class: Identity, CLASS, "`localhost`, `pod`, `service`, `node`, `external`; `unknown` for packets counted while the flow map had no room (an `overflow` series, not classified); `unix` for unix-socket messages, `fifo` for named-pipe writes (no network: packets count messages or write calls)";
+    direction: Identity, DIRECTION, "`egress` / `ingress` on `eth0`, from the pod's side; on `lo` and for `unix`, `request` (client to server) / `response`, or `unknown` for traffic without ports; `request` (writer to reader) for `fifo`";
+    protocol: Detail, PROTO, "`tcp`, `udp`, `icmp`, `icmpv6`, `sctp`, the IP protocol number for others, `non_ip` (ARP); for `unix`: `stream`, `dgram`, `seqpacket`; empty for `fifo`";
     port: Detail, PORT, "the server's port; empty for traffic without ports";
+    path: Detail, PORT, "`unix`: the path the server's socket is bound to, as it bound it (an abstract name as `@name`; `(unnamed)` for a socket without one); `fifo`: the pipe's file name (its last path component); empty otherwise";
     peer_namespace: Detail, PEER, "the peer pod's or Service's namespace; empty for `localhost`, `node` and `external`";
     peer: Detail, PEER, "the peer pod, or the Service; the node's name for `node`; `external`; empty for `localhost`; `unknown` when the address is in a pod CIDR or the Service range but not known";
-    client_container: Detail, CONTAINERS, "the pod's container at the client's end: the one whose socket connects or sends (on `lo` and `eth0` alike); its cgroup's directory name where no inventory or API names it; `kernel` for a packet without a socket, `unknown` where the receiving socket is not known; empty when the client is not in the pod";
-    server_container: Detail, CONTAINERS, "the pod's container at the server's end: the one whose socket listens (for UDP: is bound to the port); as `client_container` otherwise";
+    client_container: Detail, CONTAINERS, "the pod's container at the client's end: the one whose socket connects or sends (on `lo` and `eth0` alike); its cgroup's directory name where no inventory or API names it; `kernel` for a packet without a socket, `unknown` where the receiving socket is not known; empty when the client is not in the pod; for `fifo`, the writer";
+    server_container: Detail, CONTAINERS, "the pod's container at the server's end: the one whose socket listens (for UDP: is bound to the port; for `unix`: is bound to the path); for `fifo`, the reader (several joined with `+`, `unknown` while none has read); as `client_container` otherwise";
     original_class: Detail, , "behind a redirect to a local proxy (a sidecar mesh's): the class of where the client's connection was going (`service`, `pod`, `node`, `external`); empty otherwise";
     original_namespace: Detail, ORIGINAL, "behind a redirect: the namespace of the Service or pod the client was calling";
     original_peer: Detail, ORIGINAL, "behind a redirect: the Service, pod or node the client was calling (`external` outside the cluster)";

@@ -199,18 +199,13 @@ impl Series {
         cgroups: &CgroupNames,
     ) -> FlowLabels {
         let (peer_namespace, peer) = peer_names(self.class, self.peer_id, identities);
-        // A container of the pod by its name; another cgroup by its
-        // directory's; `kernel` for a packet without a socket.
+        // `kernel` for a packet without a socket.
         let container = |end: Option<End>| -> String {
             match end {
                 None => String::new(),
                 Some(End::Kernel) => KERNEL.to_owned(),
                 Some(End::Unknown) => UNKNOWN.to_owned(),
-                Some(End::Container(id)) => match identities.containers.get(&id) {
-                    Some(c) if &c.pod == pod => c.name.clone(),
-                    Some(_) => UNKNOWN.to_owned(),
-                    None => cgroups.name(id).unwrap_or_else(|| UNKNOWN.to_owned()),
-                },
+                Some(End::Container(id)) => container_label(id, pod, identities, cgroups),
             }
         };
         let (original_class, original_namespace, original_peer, original_port) = match self.original
@@ -233,6 +228,7 @@ impl Series {
             direction: self.direction.label().to_owned(),
             protocol: protocol_label(self.family, self.protocol),
             port: self.port.map(|p| p.to_string()).unwrap_or_default(),
+            path: String::new(),
             peer_namespace,
             peer,
             client_container: container(self.client),
@@ -242,6 +238,23 @@ impl Series {
             original_peer,
             original_port,
         }
+    }
+}
+
+/// The `client_container` or `server_container` label of the container
+/// with cgroup `id`: a container of the pod by its name; another cgroup by
+/// its directory's; `unknown` for none.
+pub fn container_label(
+    id: u64,
+    pod: &ObjectRef,
+    identities: &Identities,
+    cgroups: &CgroupNames,
+) -> String {
+    match identities.containers.get(&id) {
+        Some(c) if &c.pod == pod => c.name.clone(),
+        Some(_) => UNKNOWN.to_owned(),
+        None if id == 0 => UNKNOWN.to_owned(),
+        None => cgroups.name(id).unwrap_or_else(|| UNKNOWN.to_owned()),
     }
 }
 

@@ -28,13 +28,15 @@ use observer_common::{
     CIDRS_MAP, CLASSIFIER_MAP, DatapathStats, FLOW_CACHE_MAP, FLOWS_MAP, FLUSH_PROGRAM, FlowKey,
     FlowValue, GENERATION_MAP, NETNS_COOKIE_GLOBAL, NODE_MAP, OVERFLOW_MAP, OverflowKey,
     OverflowValue, POLICIES_MAP, POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP, SOCKETS_MAP,
-    STATS_MAP, SocketInfo, UNSTORED_MAP, VERDICTS_MAP, VerdictKey,
+    STATS_MAP, SocketInfo, UNSTORED_MAP, VERDICTS_MAP, VerdictKey, ipc::KERNEL_OFFSETS_GLOBAL,
 };
 
 use super::{
     bpffs::{BpffsError, NodePins, PinDir, Pins},
+    btf::KernelBtf,
     class_maps::KernelClassMaps,
     flow_cache::FlowCacheFlush,
+    ipc::{self, IpcMaps},
     log::KernelLog,
     policy_maps::KernelPolicyMaps,
 };
@@ -140,6 +142,11 @@ pub struct Opened {
     /// The shared maps taken over from an earlier observer (by name): what
     /// they hold is where this one starts.
     pub inherited: BTreeSet<&'static str>,
+    /// The unix-socket and named-pipe counts, if this kernel lets them be
+    /// followed ([`super::ipc`]).
+    pub ipc: Option<IpcMaps>,
+    /// Each kernel function the IPC programs follow, and whether they do.
+    pub ipc_hooks: Vec<(&'static str, bool)>,
 }
 
 /// Loads program instances that share one set of maps.
@@ -226,7 +233,12 @@ impl Datapath {
         let inherited = take_over(&pins, flow_capacity)?;
         // aya-log's levels: 0 is off, Error is 1, ..., Trace is 5.
         let log_level = config.log_level.map_or(0, |level| level as u8);
+        // Where the IPC programs read kernel structures; without them, IPC
+        // is not followed (and the rest works).
+        let offsets = KernelBtf::load().and_then(|btf| ipc::offsets(&btf));
+        let kernel_offsets = offsets.as_ref().copied().unwrap_or_default();
         let mut ebpf = loader(&pins, flow_capacity, &log_level)
+            .override_global(KERNEL_OFFSETS_GLOBAL, &kernel_offsets, true)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         let flows: HashMap<MapData, FlowKey, FlowValue> = typed(&mut ebpf, FLOWS_MAP)?;
@@ -289,6 +301,21 @@ impl Datapath {
             Some(_) => Some(KernelLog::start(&mut ebpf)?),
             None => None,
         };
+        let (ipc, ipc_hooks) = match offsets {
+            Ok(_) => {
+                let hooks = ipc::attach(&mut ebpf);
+                let maps = IpcMaps::take(&mut ebpf).map_err(|source| DatapathError::Map {
+                    name: "IPC",
+                    source: Box::new(source),
+                })?;
+                (Some(maps), hooks)
+            }
+            Err(err) => {
+                tracing::warn!(%err, "unix-socket and named-pipe traffic is not followed on this kernel");
+                let hooks = ipc::PROGRAMS.iter().map(|&(_, tp)| (tp, false)).collect();
+                (None, hooks)
+            }
+        };
         let pods = Pods::new(&pins, flow_capacity)?;
         let datapath = Self {
             base: ebpf,
@@ -304,6 +331,8 @@ impl Datapath {
             policy_maps,
             logger,
             inherited,
+            ipc,
+            ipc_hooks,
         })
     }
 

@@ -2,14 +2,18 @@
 //! ([`datapath`]), attaching them in pod network namespaces and on pod
 //! cgroups ([`attach`], [`netns`], [`tc`]), the shared maps' pins ([`bpffs`]), and
 //! what the daemon writes into the maps ([`class_maps`], [`policy_maps`]),
-//! and the per-CPU flow cache's flush before the collector reads ([`flow_cache`]).
+//! the per-CPU flow cache's flush before the collector reads ([`flow_cache`]),
+//! and the unix-socket and named-pipe programs, with the kernel structure
+//! offsets they read at ([`ipc`], [`btf`]).
 
 pub mod attach;
 pub mod bpf;
 pub mod bpffs;
+pub mod btf;
 pub mod class_maps;
 pub mod datapath;
 pub mod flow_cache;
+pub mod ipc;
 pub mod log;
 pub mod netns;
 pub mod policy_maps;

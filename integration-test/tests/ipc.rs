@@ -1,0 +1,275 @@
+//! In-pod IPC without the network, on the node lab, scraped by a real
+//! Prometheus: a unix stream socket between two containers (nginx and
+//! php-fpm style, the client reaching the socket by another path than the
+//! server bound), datagrams to an abstract unix name (a StatsD agent's,
+//! the client connected as DogStatsD clients are), and a named pipe. Each
+//! exchange is made a known number of times, after the observer is
+//! attached, and counted exactly: messages, bytes, connections,
+//! containers and path.
+
+use std::{
+    fs,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use integration_test::{Observer, Prometheus};
+use lab::{Lab, Plan};
+
+const WAIT: Duration = Duration::from_secs(40);
+
+/// Requests over the stream socket, of `REQUEST` bytes, each answered with
+/// `REPLY` bytes on a connection of its own.
+const REQUESTS: u64 = 10;
+const REQUEST: u64 = 100;
+const REPLY: u64 = 50;
+/// Datagrams to the agent, of `DATAGRAM` bytes each.
+const DATAGRAMS: u64 = 7;
+const DATAGRAM: u64 = 12;
+/// Writes to the pipe, of `WRITE` bytes each.
+const WRITES: u64 = 5;
+const WRITE: u64 = 20;
+
+const LAB: &str = r#"
+apiVersion: observer-lab/v1
+kind: Lab
+name: ipc
+network:
+  serviceCIDR: 10.96.0.0/16
+  nodeCIDR: 172.18.0.0/24
+  externalCIDR: 192.168.200.0/24
+  clusterDNS: 10.96.0.53
+nodes:
+  - name: node-1
+    podCIDR: 10.244.1.0/24
+pods:
+  - name: fpm
+    namespace: default
+    node: node-1
+    volumes: [run]
+    containers:
+      - name: php-fpm
+        command:
+          - python3
+          - -c
+          - |
+            import os, socket, time
+            run = os.environ["POD_VOLUMES"] + "/run"
+            print(run, flush=True)
+            while not os.path.exists(run + "/go"):
+                time.sleep(0.05)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(run + "/php-fpm.sock")
+            s.listen(16)
+            open(run + "/listening", "w").close()
+            for i in range(REQUESTS):
+                c, _ = s.accept()
+                got = b""
+                while len(got) < REQUEST:
+                    got += c.recv(4096)
+                c.sendall(b"r" * REPLY)
+                c.close()
+            time.sleep(3600)
+      - name: nginx
+        command:
+          - python3
+          - -c
+          - |
+            import os, socket, time
+            run = os.environ["POD_VOLUMES"] + "/run"
+            while not os.path.exists(run + "/listening"):
+                time.sleep(0.05)
+            # Another path to the same socket: the server's is the label.
+            os.chdir(run)
+            for i in range(REQUESTS):
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.connect("./php-fpm.sock")
+                c.sendall(b"q" * REQUEST)
+                got = b""
+                while len(got) < REPLY:
+                    got += c.recv(4096)
+                c.close()
+            print("done", flush=True)
+            time.sleep(3600)
+      - name: agent
+        command:
+          - python3
+          - -c
+          - |
+            import os, socket, time
+            run = os.environ["POD_VOLUMES"] + "/run"
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.bind("\0statsd")
+            open(run + "/agent", "w").close()
+            for i in range(DATAGRAMS):
+                s.recv(4096)
+            time.sleep(3600)
+      - name: app
+        command:
+          - python3
+          - -c
+          - |
+            import os, socket, time
+            run = os.environ["POD_VOLUMES"] + "/run"
+            while not (os.path.exists(run + "/go") and os.path.exists(run + "/agent")):
+                time.sleep(0.05)
+            # Connected, as DogStatsD clients are.
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.connect("\0statsd")
+            for i in range(DATAGRAMS):
+                s.send(b"d" * DATAGRAM)
+            time.sleep(3600)
+      - name: writer
+        command:
+          - python3
+          - -c
+          - |
+            import os, time
+            run = os.environ["POD_VOLUMES"] + "/run"
+            while not os.path.exists(run + "/go"):
+                time.sleep(0.05)
+            os.mkfifo(run + "/pipe")
+            fd = os.open(run + "/pipe", os.O_WRONLY)
+            for i in range(WRITES):
+                os.write(fd, b"w" * WRITE)
+            os.close(fd)
+            time.sleep(3600)
+      - name: reader
+        command:
+          - python3
+          - -c
+          - |
+            import os, time
+            run = os.environ["POD_VOLUMES"] + "/run"
+            while not os.path.exists(run + "/pipe"):
+                time.sleep(0.05)
+            fd = os.open(run + "/pipe", os.O_RDONLY)
+            while os.read(fd, 4096):
+                pass
+            time.sleep(3600)
+"#;
+
+fn plan() -> Plan {
+    let text = LAB
+        .replace("REQUESTS", &REQUESTS.to_string())
+        .replace("REQUEST", &REQUEST.to_string())
+        .replace("REPLY", &REPLY.to_string())
+        .replace("DATAGRAMS", &DATAGRAMS.to_string())
+        .replace("DATAGRAM", &DATAGRAM.to_string())
+        .replace("WRITES", &WRITES.to_string())
+        .replace("WRITE", &WRITE.to_string());
+    Plan::from_yaml(&text, "ipc").expect("a valid lab")
+}
+
+/// Waits until `promql` has exactly one sample, equal to `expected`.
+fn wait_value(prometheus: &Prometheus, promql: &str, expected: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let values = prometheus.query(promql);
+        if values == [expected as f64] {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{promql}: expected {expected}, got {values:?}; the series there are:\n{}",
+                prometheus.series(promql.split('{').next().unwrap_or(promql))
+            );
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
+    let lab = Lab::up_for_test(&plan()).expect("lab up");
+    let inventory = lab.inventory_path().display().to_string();
+    let observer = Observer::start(&["--inventory", &inventory, "--collect-interval", "1s"]);
+    observer.eventually("the pod attached and IPC followed", |m| {
+        m.sum("observer_programs_attached", &[("pod", "fpm")]) > 0.0
+            && m.sum("observer_ipc_hooks_attached", &[]) == 3.0
+    });
+    let deadline = Instant::now() + WAIT;
+    let run = loop {
+        let log = lab.log("default", "fpm", "php-fpm");
+        if let Some(line) = log.lines().next() {
+            break PathBuf::from(line.trim());
+        }
+        assert!(Instant::now() < deadline, "php-fpm never started");
+        thread::sleep(Duration::from_millis(100));
+    };
+    fs::write(run.join("go"), "").expect("start the exchanges");
+    let prometheus = Prometheus::scraping(observer.addr());
+
+    let socket = run.join("php-fpm.sock").display().to_string();
+    let stream = |family: &str, direction: &str| {
+        format!(
+            r#"{family}{{namespace="default",pod="fpm",class="unix",protocol="stream",direction="{direction}",path="{socket}",client_container="nginx",server_container="php-fpm"}}"#
+        )
+    };
+    wait_value(
+        &prometheus,
+        &stream("observer_connections_opened_total", "request"),
+        REQUESTS,
+    );
+    wait_value(
+        &prometheus,
+        &stream("observer_flow_packets_total", "request"),
+        REQUESTS,
+    );
+    wait_value(
+        &prometheus,
+        &stream("observer_flow_bytes_total", "request"),
+        REQUESTS * REQUEST,
+    );
+    wait_value(
+        &prometheus,
+        &stream("observer_flow_packets_total", "response"),
+        REQUESTS,
+    );
+    wait_value(
+        &prometheus,
+        &stream("observer_flow_bytes_total", "response"),
+        REQUESTS * REPLY,
+    );
+
+    let dgram = |family: &str| {
+        format!(
+            r#"{family}{{pod="fpm",class="unix",protocol="dgram",direction="request",path="@statsd",client_container="app",server_container="agent"}}"#
+        )
+    };
+    wait_value(
+        &prometheus,
+        &dgram("observer_flow_packets_total"),
+        DATAGRAMS,
+    );
+    wait_value(
+        &prometheus,
+        &dgram("observer_flow_bytes_total"),
+        DATAGRAMS * DATAGRAM,
+    );
+
+    let fifo = |family: &str| {
+        format!(
+            r#"{family}{{pod="fpm",class="fifo",direction="request",path="pipe",client_container="writer",server_container="reader"}}"#
+        )
+    };
+    wait_value(&prometheus, &fifo("observer_flow_packets_total"), WRITES);
+    wait_value(
+        &prometheus,
+        &fifo("observer_flow_bytes_total"),
+        WRITES * WRITE,
+    );
+
+    // Nothing else of the pod's IPC: no series with an unknown end, and
+    // nothing lost.
+    let others = prometheus
+        .query(r#"count(observer_flow_packets_total{pod="fpm",class=~"unix|fifo"}) or vector(0)"#);
+    assert_eq!(
+        others,
+        [4.0],
+        "{}",
+        prometheus.series("observer_flow_packets_total")
+    );
+    assert_eq!(observer.scrape().sum("observer_ipc_lost_total", &[]), 0.0);
+}

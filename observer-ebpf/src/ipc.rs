@@ -1,0 +1,495 @@
+//! Unix-socket and named-pipe traffic between a pod's containers: nothing
+//! on the network sees it. Counted at raw tracepoints, which every kernel
+//! since 6.4 has and which need neither kprobes nor function tracing
+//! (`fentry`), both of which kernels may lack or forbid:
+//!
+//! - `sock_send_length` (after a socket's `sendmsg()`, with the bytes
+//!   sent): a message on a unix connection, or of a datagram socket
+//!   connected to a bound one, counted per connection (`UNIX_CONNS`), in
+//!   the direction of its sender;
+//! - `sock_recv_length` (after a `recvmsg()`): the server's process reading
+//!   its end of a connection names the server's container;
+//! - `sys_exit` (after every system call): a read or write of a named
+//!   pipe, by container (`FIFO_FLOWS`); a unix connection accepted (the
+//!   server's container, and the connection counted).
+//!
+//! They run for every socket message, or system call, of the node: each
+//! first tells in a few loads whether the call is one of an attached pod
+//! (`IPC_PODS`, by network namespace), and does nothing else otherwise.
+//! Kernel structures are read with `bpf_probe_read_kernel` at the offsets
+//! the daemon found in the running kernel's BTF ([`KernelOffsets`]): Rust
+//! eBPF has no CO-RE relocations.
+
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_task, bpf_probe_read_kernel,
+        generated::bpf_probe_read_kernel as probe_read,
+    },
+    macros::{map, raw_tracepoint},
+    maps::{HashMap, PerCpuArray},
+    programs::RawTracePointContext,
+};
+use observer_common::ipc::{
+    AF_UNIX, FIFO_FLOWS_CAPACITY, FIFO_NAME_MAX, FifoId, FifoKey, FifoName, IPC_PODS_CAPACITY,
+    IpcCounts, KernelOffsets, PIPEFS_MAGIC, S_IFIFO, S_IFMT, Sent, UNIX_CONNS_CAPACITY,
+    UNIX_PATH_MAX, UNIX_PATHS_CAPACITY, UnixConn, UnixConnKey, UnixPath, path_hash, syscall,
+    unix_kind,
+};
+
+use crate::handoff::bump_stats;
+
+const NO_PREALLOC: u32 = BPF_F_NO_PREALLOC;
+
+/// Network namespace cookies of attached pods, written by the daemon.
+#[map]
+static IPC_PODS: HashMap<u64, u8> = HashMap::with_max_entries(IPC_PODS_CAPACITY, NO_PREALLOC);
+
+#[map]
+static UNIX_CONNS: HashMap<UnixConnKey, UnixConn> =
+    HashMap::with_max_entries(UNIX_CONNS_CAPACITY, NO_PREALLOC);
+
+#[map]
+static UNIX_PATHS: HashMap<u64, UnixPath> =
+    HashMap::with_max_entries(UNIX_PATHS_CAPACITY, NO_PREALLOC);
+
+#[map]
+static FIFO_FLOWS: HashMap<FifoKey, IpcCounts> =
+    HashMap::with_max_entries(FIFO_FLOWS_CAPACITY, NO_PREALLOC);
+
+#[map]
+static FIFO_NAMES: HashMap<FifoId, FifoName> =
+    HashMap::with_max_entries(FIFO_FLOWS_CAPACITY, NO_PREALLOC);
+
+/// A path or name being read: 128 bytes are too many for the stack next to
+/// the rest.
+#[map]
+static SCRATCH: PerCpuArray<UnixPath> = PerCpuArray::with_max_entries(1, 0);
+
+/// Set at load time from the kernel's BTF.
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    sock_family: 0,
+    sock_type: 0,
+    sock_net: 0,
+    sock_cgroup: 0,
+    net_cookie: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    socket_sk: 0,
+    unix_sock_peer: 0,
+    unix_sock_addr: 0,
+    unix_address_len: 0,
+    unix_address_name: 0,
+    regs_syscall: 0,
+    regs_arg0: 0,
+    task_nsproxy: 0,
+    task_files: 0,
+    nsproxy_net_ns: 0,
+    files_fdt: 0,
+    fdtable_fd: 0,
+    fdtable_max_fds: 0,
+    file_inode: 0,
+    file_dentry: 0,
+    file_private: 0,
+    dentry_name: 0,
+    dentry_name_len: 0,
+    inode_mode: 0,
+    inode_ino: 0,
+    inode_sb: 0,
+    super_block_dev: 0,
+    super_block_magic: 0,
+};
+
+/// A socket sent (`sock_send_length(struct sock *sk, int ret, int flags)`).
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn unix_sent(ctx: RawTracePointContext) -> i32 {
+    let _ = sent(&ctx);
+    0
+}
+
+/// A socket received (`sock_recv_length(struct sock *sk, int ret, int flags)`).
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn unix_received(ctx: RawTracePointContext) -> i32 {
+    let _ = received(&ctx);
+    0
+}
+
+/// A system call returns (`sys_exit(struct pt_regs *regs, long ret)`).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn fifo_called(ctx: RawTracePointContext) -> i32 {
+    let _ = fifo(&ctx);
+    0
+}
+
+#[inline(always)]
+fn offsets() -> KernelOffsets {
+    // SAFETY: a plain read; volatile so that the value set at load time is read.
+    unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+}
+
+/// A `T` of kernel memory at `address + offset`.
+#[inline(always)]
+fn read<T>(address: u64, offset: u32) -> Option<T> {
+    if address == 0 {
+        return None;
+    }
+    // SAFETY: the helper checks the address and fails rather than fault.
+    unsafe { bpf_probe_read_kernel((address + u64::from(offset)) as *const T) }.ok()
+}
+
+/// Whether `netns` is an attached pod's.
+#[inline(always)]
+fn pod(netns: u64) -> Option<()> {
+    // SAFETY: a plain lookup.
+    unsafe { IPC_PODS.get(&netns) }.map(|_| ())
+}
+
+/// The network namespace (cookie) of a `struct sock`.
+#[inline(always)]
+fn sock_netns(sk: u64, o: &KernelOffsets) -> Option<u64> {
+    read(read::<u64>(sk, o.sock_net)?, o.net_cookie)
+}
+
+/// The cgroup (id) of the process that made a `struct sock`.
+#[inline(always)]
+fn sock_cgroup(sk: u64, o: &KernelOffsets) -> Option<u64> {
+    let cgroup: u64 = read(sk, o.sock_cgroup)?;
+    read(read::<u64>(cgroup, o.cgroup_kn)?, o.kernfs_node_id)
+}
+
+#[inline(always)]
+fn current_cgroup() -> u64 {
+    // SAFETY: a plain helper.
+    unsafe { bpf_get_current_cgroup_id() }
+}
+
+/// A unix socket of an attached pod, connected: its kind and its peer.
+#[inline(always)]
+fn pod_unix_socket(sk: u64, o: &KernelOffsets) -> Option<(u64, u8, u64)> {
+    if read::<u16>(sk, o.sock_family)? != AF_UNIX {
+        return None;
+    }
+    let netns = sock_netns(sk, o)?;
+    pod(netns)?;
+    let peer: u64 = read(sk, o.unix_sock_peer)?;
+    // An unconnected datagram socket: where it sends is not known here.
+    if peer == 0 {
+        return None;
+    }
+    Some((netns, read::<u16>(sk, o.sock_type)? as u8, peer))
+}
+
+/// The connection `sk` is an end of, and whether it is the server's end.
+/// The server's end of a stream connection has the listening socket's
+/// address (the kernel copies it at `connect()`), the client's has none
+/// (unless the client bound one: then the end a process of another
+/// container than the one that connected uses is the server's). A
+/// datagram socket's peer is the bound socket it sends to.
+#[inline(always)]
+fn ends(
+    sk: u64,
+    peer: u64,
+    kind: u8,
+    current: u64,
+    o: &KernelOffsets,
+) -> Option<(UnixConnKey, bool)> {
+    let server_side = if kind == unix_kind::DGRAM {
+        false
+    } else {
+        let own: u64 = read(sk, o.unix_sock_addr)?;
+        let theirs: u64 = read(peer, o.unix_sock_addr)?;
+        match (own != 0, theirs != 0) {
+            (true, false) => true,
+            (false, true) => false,
+            // A socketpair: no path, no server.
+            (false, false) => return None,
+            (true, true) => sock_cgroup(sk, o) != Some(current),
+        }
+    };
+    let key = if server_side {
+        UnixConnKey {
+            server_end: sk,
+            client_end: peer,
+        }
+    } else {
+        UnixConnKey {
+            server_end: peer,
+            client_end: sk,
+        }
+    };
+    Some((key, server_side))
+}
+
+/// The path a unix socket is bound to, in this CPU's scratch slot, and
+/// its hash; `None` if it has none.
+#[inline(always)]
+fn sock_path(sk: u64, o: &KernelOffsets) -> Option<(&'static mut UnixPath, u64)> {
+    let address: u64 = read(sk, o.unix_sock_addr)?;
+    let len: i32 = read(address, o.unix_address_len)?;
+    // After `sun_family`, two bytes.
+    let len = (len - 2).clamp(0, UNIX_PATH_MAX as i32) as u32;
+    let path = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, for this program's run.
+    let path = unsafe { &mut *path };
+    // SAFETY: the helper checks the source; `len` is at most the
+    // destination's size.
+    let failed = unsafe {
+        probe_read(
+            path.bytes.as_mut_ptr().cast(),
+            len,
+            (address + u64::from(o.unix_address_name) + 2) as *const _,
+        )
+    };
+    if failed != 0 {
+        return None;
+    }
+    path.len = len as u16;
+    let hash = path_hash(&path.bytes, len as usize);
+    Some((path, hash))
+}
+
+/// The connection's entry, made at its first message (or read).
+#[inline(always)]
+fn connection(
+    key: &UnixConnKey,
+    netns: u64,
+    kind: u8,
+    server_side: bool,
+    current: u64,
+    o: &KernelOffsets,
+) -> Option<*mut UnixConn> {
+    if let Some(conn) = UNIX_CONNS.get_ptr_mut(key) {
+        return Some(conn);
+    }
+    let path = match sock_path(key.server_end, o) {
+        Some((path, hash)) => {
+            path.netns = netns;
+            // Kept once, for the daemon's label.
+            let _ = UNIX_PATHS.insert(&hash, path, u64::from(BPF_NOEXIST));
+            hash
+        }
+        None => 0,
+    };
+    let conn = UnixConn {
+        netns,
+        // The process that connected made the client's end (and, for a
+        // stream, the server's end too).
+        client: sock_cgroup(key.client_end, o).unwrap_or(current),
+        server: if kind == unix_kind::DGRAM {
+            // A datagram's receiver made its own socket.
+            sock_cgroup(key.server_end, o).unwrap_or(0)
+        } else if server_side {
+            current
+        } else {
+            0
+        },
+        path,
+        to_server: Sent::default(),
+        to_client: Sent::default(),
+        connections: 0,
+        kind,
+        _pad: [0; 7],
+    };
+    // Another CPU may have made it first: then that one is counted in.
+    let _ = UNIX_CONNS.insert(key, &conn, u64::from(BPF_NOEXIST));
+    let found = UNIX_CONNS.get_ptr_mut(key);
+    if found.is_none() {
+        bump_stats(|s| s.ipc_lost += 1);
+    }
+    found
+}
+
+#[inline(always)]
+fn sent(ctx: &RawTracePointContext) -> Option<()> {
+    let sk: u64 = ctx.arg(0);
+    let bytes = ctx.arg::<u64>(1) as i32;
+    if bytes <= 0 {
+        return None;
+    }
+    let o = offsets();
+    let (netns, kind, peer) = pod_unix_socket(sk, &o)?;
+    let current = current_cgroup();
+    let (key, server_side) = ends(sk, peer, kind, current, &o)?;
+    let conn = connection(&key, netns, kind, server_side, current, &o)?;
+    // SAFETY: a live, 8-byte aligned map value; other CPUs add too.
+    unsafe {
+        let way = if server_side {
+            if (*conn).server == 0 {
+                (*conn).server = current;
+            }
+            &raw mut (*conn).to_client
+        } else {
+            &raw mut (*conn).to_server
+        };
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*way).messages, 1);
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*way).bytes, bytes as u64);
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn received(ctx: &RawTracePointContext) -> Option<()> {
+    let sk: u64 = ctx.arg(0);
+    if (ctx.arg::<u64>(1) as i32) <= 0 {
+        return None;
+    }
+    let o = offsets();
+    let (netns, kind, peer) = pod_unix_socket(sk, &o)?;
+    if kind == unix_kind::DGRAM {
+        return None;
+    }
+    let current = current_cgroup();
+    let (key, server_side) = ends(sk, peer, kind, current, &o)?;
+    if !server_side {
+        return None;
+    }
+    let conn = connection(&key, netns, kind, server_side, current, &o)?;
+    // SAFETY: a live map value.
+    unsafe {
+        if (*conn).server == 0 {
+            (*conn).server = current;
+        }
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn fifo(ctx: &RawTracePointContext) -> Option<()> {
+    let ret = ctx.arg::<u64>(1) as i64;
+    if ret < 0 {
+        return None;
+    }
+    let o = offsets();
+    let regs: u64 = ctx.arg(0);
+    let number: u64 = read(regs, o.regs_syscall)?;
+    if number == syscall::ACCEPT || number == syscall::ACCEPT4 {
+        return accepted(ret as u64, &o);
+    }
+    if ret == 0 {
+        return None;
+    }
+    let writes = syscall::writes(number)?;
+    let (netns, file) = pod_file(read(regs, o.regs_arg0)?, &o)?;
+    let inode: u64 = read(file, o.file_inode)?;
+    if read::<u16>(inode, o.inode_mode)? & S_IFMT != S_IFIFO {
+        return None;
+    }
+    let sb: u64 = read(inode, o.inode_sb)?;
+    // An anonymous pipe (`|`): not a named one.
+    if read::<u64>(sb, o.super_block_magic)? == PIPEFS_MAGIC {
+        return None;
+    }
+    let pipe = FifoId {
+        dev: u64::from(read::<u32>(sb, o.super_block_dev)?),
+        ino: read(inode, o.inode_ino)?,
+    };
+    // SAFETY: a plain lookup.
+    if unsafe { FIFO_NAMES.get(&pipe) }.is_none() {
+        let _ = fifo_name(file, &pipe, netns, &o);
+    }
+    let key = FifoKey {
+        netns,
+        pipe,
+        cgroup: current_cgroup(),
+        writes,
+        _pad: [0; 7],
+    };
+    count(&key, ret as u64);
+    Some(())
+}
+
+/// The file of descriptor `fd` of the calling process, if it is in an
+/// attached pod; and the pod.
+#[inline(always)]
+fn pod_file(fd: u64, o: &KernelOffsets) -> Option<(u64, u64)> {
+    // SAFETY: a plain helper.
+    let task = unsafe { bpf_get_current_task() };
+    let nsproxy: u64 = read(task, o.task_nsproxy)?;
+    let netns: u64 = read(read::<u64>(nsproxy, o.nsproxy_net_ns)?, o.net_cookie)?;
+    pod(netns)?;
+    let fdt: u64 = read(read::<u64>(task, o.task_files)?, o.files_fdt)?;
+    if fd >= u64::from(read::<u32>(fdt, o.fdtable_max_fds)?) {
+        return None;
+    }
+    let file: u64 = read(read::<u64>(fdt, o.fdtable_fd)? + fd * 8, 0)?;
+    Some((netns, file))
+}
+
+/// A server accepted a connection (descriptor `fd`): its container is the
+/// server's, and the connection is counted.
+#[inline(always)]
+fn accepted(fd: u64, o: &KernelOffsets) -> Option<()> {
+    let (_, file) = pod_file(fd, o)?;
+    let sk: u64 = read(read::<u64>(file, o.file_private)?, o.socket_sk)?;
+    let (netns, kind, peer) = pod_unix_socket(sk, o)?;
+    let current = current_cgroup();
+    let key = UnixConnKey {
+        server_end: sk,
+        client_end: peer,
+    };
+    let conn = connection(&key, netns, kind, true, current, o)?;
+    // SAFETY: a live, 8-byte aligned map value.
+    unsafe {
+        (*conn).server = current;
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).connections, 1);
+    }
+    Some(())
+}
+
+/// Keeps a pipe's file name (once).
+#[inline(always)]
+fn fifo_name(file: u64, pipe: &FifoId, netns: u64, o: &KernelOffsets) -> Option<()> {
+    let dentry: u64 = read(file, o.file_dentry)?;
+    let name: u64 = read(dentry, o.dentry_name)?;
+    let len = read::<u32>(dentry, o.dentry_name_len)?.min(FIFO_NAME_MAX as u32);
+    let slot = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, for this program's run; a `FifoName` is
+    // smaller than a `UnixPath`, and as aligned.
+    let value = unsafe { &mut *slot.cast::<FifoName>() };
+    value.netns = netns;
+    value.len = len;
+    value._pad = 0;
+    // SAFETY: the helper checks the source; `len` is at most the
+    // destination's size.
+    if unsafe { probe_read(value.bytes.as_mut_ptr().cast(), len, name as *const _) } != 0 {
+        return None;
+    }
+    let _ = FIFO_NAMES.insert(pipe, value, u64::from(BPF_NOEXIST));
+    Some(())
+}
+
+/// Adds a call to a pipe's counts, inserting the key if it is new; a count
+/// that finds no room is counted as lost.
+#[inline(always)]
+fn count(key: &FifoKey, bytes: u64) {
+    let add = |counts: *mut IpcCounts| {
+        // SAFETY: a live, 8-byte aligned map value; other CPUs add too.
+        unsafe {
+            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*counts).messages, 1);
+            atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*counts).bytes, bytes);
+        }
+    };
+    if let Some(counts) = FIFO_FLOWS.get_ptr_mut(key) {
+        add(counts);
+        return;
+    }
+    let first = IpcCounts {
+        messages: 1,
+        bytes,
+        connections: 0,
+    };
+    if FIFO_FLOWS
+        .insert(key, &first, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        return;
+    }
+    match FIFO_FLOWS.get_ptr_mut(key) {
+        // Another CPU inserted it first.
+        Some(counts) => add(counts),
+        None => bump_stats(|s| s.ipc_lost += 1),
+    }
+}

@@ -1,0 +1,423 @@
+//! Unix-socket and named-pipe traffic into the same traffic series as the
+//! packet flows: `class="unix"` per (client container, server container,
+//! path, socket type, direction), `class="fifo"` per (writer, readers,
+//! pipe). The kernel keeps cumulative counts per unix connection and per
+//! container and pipe; each collection adds the difference since the last.
+//!
+//! A connection's server is known once the server's process accepts it,
+//! reads or writes: until then (at most [`HOLD`]) its counts wait, then
+//! they are counted with `server_container="unknown"`. A connection quiet
+//! for the idle time leaves the map, counted to its last message.
+//!
+//! A pipe's writers and readers are counted apart in the kernel (a write
+//! does not know who will read it): each writer's series names the
+//! containers that read the pipe, and counts what the writer wrote.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    os::fd::AsFd,
+    time::{Duration, Instant},
+};
+
+use aya::maps::IterableMap;
+use observer_common::{
+    direction,
+    ipc::{
+        FIFO_CLASS, FifoId, FifoKey, IpcCounts, Sent, UNIX_CLASS, UNNAMED_PATH, UnixConn,
+        UnixConnKey, unix_kind,
+    },
+};
+
+use super::{Collector, Naming, naming};
+use crate::{
+    flows::{
+        metrics::Counts,
+        schema::FlowLabels,
+        series::{UNKNOWN, container_label},
+    },
+    kernel::{self, ipc::IpcMaps},
+};
+
+/// How long a connection's counts wait for its server's container.
+const HOLD: Duration = Duration::from_secs(10);
+
+/// The IPC maps and what the collector last saw in them.
+pub struct Ipc {
+    maps: IpcMaps,
+    conns: HashMap<UnixConnKey, Seen>,
+    fifo: HashMap<FifoKey, IpcCounts>,
+    /// Paths and pipe names read from the kernel, kept while a series
+    /// may need them (the kernel's entry may go with a pod).
+    paths: HashMap<u64, String>,
+    pipes: HashMap<FifoId, String>,
+}
+
+/// A connection at the last collection.
+#[derive(Clone, Copy)]
+struct Seen {
+    counted: UnixConn,
+    first_seen: Instant,
+    /// Ticks in a row without a message.
+    quiet: u8,
+}
+
+impl Ipc {
+    pub fn new(maps: IpcMaps) -> Self {
+        Self {
+            maps,
+            conns: HashMap::new(),
+            fifo: HashMap::new(),
+            paths: HashMap::new(),
+            pipes: HashMap::new(),
+        }
+    }
+}
+
+/// A series of the last collection: the pod's cookie, its labels, counts.
+pub type IpcRow = (u64, FlowLabels, Counts);
+
+impl Collector {
+    /// Follows the IPC of a pod that was attached.
+    pub(super) fn follow_ipc(&mut self, cookie: u64) {
+        if let Some(ipc) = &mut self.ipc
+            && let Err(err) = ipc.maps.follow(cookie)
+        {
+            tracing::warn!(%err, cookie, "cannot follow the pod's unix sockets and pipes");
+            self.metrics
+                .errors
+                .with_label_values(&["kernel_maps"])
+                .inc();
+        }
+    }
+
+    /// Forgets a pod that went.
+    pub(super) fn forget_ipc(&mut self, cookie: u64) {
+        if let Some(ipc) = &mut self.ipc {
+            ipc.maps.forget(cookie);
+            ipc.conns.retain(|_, seen| seen.counted.netns != cookie);
+            ipc.fifo.retain(|k, _| k.netns != cookie);
+        }
+    }
+
+    /// The IPC series since the last collection. `tick`: a
+    /// `--collect-interval` collection, which measures how long a
+    /// connection has been quiet.
+    pub(super) fn collect_ipc(&mut self, started: Instant, tick: bool) -> Vec<IpcRow> {
+        let Some(ipc) = &mut self.ipc else {
+            return Vec::new();
+        };
+        let conns: Vec<(UnixConnKey, UnixConn)> = ipc.maps.unix_conns.iter().flatten().collect();
+        let fifo: Vec<(FifoKey, IpcCounts)> = ipc.maps.fifo_flows.iter().flatten().collect();
+
+        // Containers are named as the packet flows' are: the cgroups no
+        // source names are looked for first; a container that just
+        // started waits a while for its name.
+        let ids: HashSet<u64> = conns
+            .iter()
+            .flat_map(|(_, c)| [c.client, c.server])
+            .chain(fifo.iter().map(|(k, _)| k.cgroup))
+            .filter(|&id| id != 0 && !self.identities.containers.contains_key(&id))
+            .collect();
+        let unnamed: HashSet<u64, super::Fast> = ids
+            .into_iter()
+            .filter(|&id| !self.cgroups.looked_for(id))
+            .collect();
+        self.cgroups.learn(&unnamed);
+        let (identities, cgroups, unnamed) = (&self.identities, &self.cgroups, &mut self.unnamed);
+        let mut held =
+            |id: u64| id != 0 && naming(identities, cgroups, unnamed, id, started) == Naming::Held;
+
+        let mut series: HashMap<(u64, FlowLabels), Counts> = HashMap::new();
+        let mut quiet = Vec::new();
+        for (key, now) in conns {
+            let Some(netns) = self.attached.get(&now.netns) else {
+                continue;
+            };
+            let before = ipc.conns.get(&key).copied();
+            let first_seen = before.map_or(started, |b| b.first_seen);
+            let waits = now.server == 0 && started.duration_since(first_seen) < HOLD;
+            if waits || held(now.client) || held(now.server) {
+                ipc.conns.entry(key).or_insert(Seen {
+                    counted: UnixConn {
+                        netns: now.netns,
+                        ..UnixConn::default()
+                    },
+                    first_seen,
+                    quiet: 0,
+                });
+                continue;
+            }
+            let counted = before.map_or_else(UnixConn::default, |b| b.counted);
+            let (request, response) = conn_difference(&now, &counted);
+            let active = request.packets + response.packets + request.connections > 0;
+            let idle = match (active, before) {
+                (true, _) | (false, None) => 0,
+                (false, Some(b)) => b.quiet.saturating_add(u8::from(tick)),
+            };
+            ipc.conns.insert(
+                key,
+                Seen {
+                    counted: now,
+                    first_seen,
+                    quiet: idle,
+                },
+            );
+            if idle >= self.idle_ticks {
+                quiet.push(key);
+            }
+            let pod = &netns.pod;
+            let path = unix_path(ipc, now.path);
+            let labels = |way: &str| FlowLabels {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                class: UNIX_CLASS.to_owned(),
+                direction: way.to_owned(),
+                protocol: unix_kind::name(now.kind).to_owned(),
+                path: path.clone(),
+                client_container: container_label(now.client, pod, identities, cgroups),
+                server_container: container_label(now.server, pod, identities, cgroups),
+                ..FlowLabels::default()
+            };
+            for (way, delta) in [
+                (direction::REQUEST, request),
+                (direction::RESPONSE, response),
+            ] {
+                if delta.packets + delta.connections > 0 {
+                    series
+                        .entry((now.netns, labels(way)))
+                        .or_default()
+                        .add(delta);
+                }
+            }
+        }
+        // Quiet connections go, with what came since the walk.
+        let fd = ipc.maps.unix_conns.map().fd().as_fd();
+        let taken: Vec<(Seen, UnixConn)> = quiet
+            .into_iter()
+            .filter_map(|key| {
+                let seen = ipc.conns.remove(&key)?;
+                let last = kernel::bpf::take::<UnixConnKey, UnixConn>(fd, &key).ok()??;
+                Some((seen, last))
+            })
+            .collect();
+        for (seen, last) in taken {
+            let (request, response) = conn_difference(&last, &seen.counted);
+            if request.packets + response.packets + request.connections == 0 {
+                continue;
+            }
+            let Some(netns) = self.attached.get(&last.netns) else {
+                continue;
+            };
+            let pod = &netns.pod;
+            let path = unix_path(ipc, last.path);
+            for (way, delta) in [
+                (direction::REQUEST, request),
+                (direction::RESPONSE, response),
+            ] {
+                let labels = FlowLabels {
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                    class: UNIX_CLASS.to_owned(),
+                    direction: way.to_owned(),
+                    protocol: unix_kind::name(last.kind).to_owned(),
+                    path: path.clone(),
+                    client_container: container_label(last.client, pod, identities, cgroups),
+                    server_container: container_label(last.server, pod, identities, cgroups),
+                    ..FlowLabels::default()
+                };
+                series.entry((last.netns, labels)).or_default().add(delta);
+            }
+        }
+
+        let readers = fifo_readers(&fifo);
+        for (key, now) in fifo.iter().filter(|(k, _)| k.writes == 1) {
+            let Some(netns) = self.attached.get(&key.netns) else {
+                continue;
+            };
+            let reading = readers.get(&(key.netns, key.pipe));
+            let waits = reading.is_some_and(|r| r.iter().any(|&id| held(id)));
+            if held(key.cgroup) || waits {
+                continue;
+            }
+            let delta = fifo_difference(now, ipc.fifo.insert(*key, *now).as_ref());
+            if delta.packets == 0 {
+                continue;
+            }
+            if !ipc.pipes.contains_key(&key.pipe) {
+                let name = ipc
+                    .maps
+                    .fifo_names
+                    .get(&key.pipe, 0)
+                    .map_or_else(|_| UNKNOWN.to_owned(), |n| path_label(n.name()));
+                ipc.pipes.insert(key.pipe, name);
+            }
+            let pod = &netns.pod;
+            let reader = match reading {
+                None => UNKNOWN.to_owned(),
+                Some(ids) => ids
+                    .iter()
+                    .map(|&id| container_label(id, pod, identities, cgroups))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join("+"),
+            };
+            let labels = FlowLabels {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                class: FIFO_CLASS.to_owned(),
+                direction: direction::REQUEST.to_owned(),
+                path: ipc.pipes.get(&key.pipe).cloned().unwrap_or_default(),
+                client_container: container_label(key.cgroup, pod, identities, cgroups),
+                server_container: reader,
+                ..FlowLabels::default()
+            };
+            series.entry((key.netns, labels)).or_default().add(delta);
+        }
+        // Paths and names no key uses any more go.
+        let used: HashSet<u64> = ipc.conns.values().map(|s| s.counted.path).collect();
+        ipc.paths.retain(|hash, _| used.contains(hash));
+        let pipes: HashSet<FifoId> = ipc.fifo.keys().map(|k| k.pipe).collect();
+        ipc.pipes.retain(|id, _| pipes.contains(id));
+        series
+            .into_iter()
+            .map(|((cookie, labels), counts)| (cookie, labels, counts))
+            .collect()
+    }
+}
+
+/// The `path` label of a connection's path hash (read from the kernel
+/// once).
+fn unix_path(ipc: &mut Ipc, hash: u64) -> String {
+    if hash == 0 {
+        return UNNAMED_PATH.to_owned();
+    }
+    ipc.paths
+        .entry(hash)
+        .or_insert_with(|| {
+            ipc.maps
+                .unix_paths
+                .get(&hash, 0)
+                .map_or_else(|_| UNKNOWN.to_owned(), |p| path_label(p.name()))
+        })
+        .clone()
+}
+
+/// What a connection sent each way since `before`: (to the server, to the
+/// client); connections go with the requests.
+fn conn_difference(now: &UnixConn, before: &UnixConn) -> (Counts, Counts) {
+    let way = |now: Sent, before: Sent| {
+        if now.messages < before.messages || now.bytes < before.bytes {
+            // Not the connection counted before (its entry went and came
+            // back): all of it is new.
+            return (now.messages, now.bytes);
+        }
+        (now.messages - before.messages, now.bytes - before.bytes)
+    };
+    let (messages, bytes) = way(now.to_server, before.to_server);
+    let request = Counts {
+        packets: messages,
+        bytes,
+        connections: now.connections.saturating_sub(before.connections),
+    };
+    let (messages, bytes) = way(now.to_client, before.to_client);
+    let response = Counts {
+        packets: messages,
+        bytes,
+        connections: 0,
+    };
+    (request, response)
+}
+
+/// The containers that read each pipe of a pod, in the order first seen.
+fn fifo_readers(fifo: &[(FifoKey, IpcCounts)]) -> HashMap<(u64, FifoId), Vec<u64>> {
+    let mut readers: HashMap<(u64, FifoId), Vec<u64>> = HashMap::new();
+    for (key, _) in fifo.iter().filter(|(k, _)| k.writes == 0) {
+        let ids = readers.entry((key.netns, key.pipe)).or_default();
+        if !ids.contains(&key.cgroup) {
+            ids.push(key.cgroup);
+        }
+    }
+    readers
+}
+
+/// What a pipe key counted since `before` (all of it if it is new, or
+/// came back after its pod's entries were removed).
+fn fifo_difference(now: &IpcCounts, before: Option<&IpcCounts>) -> Counts {
+    let before = before.copied().unwrap_or_default();
+    let all = Counts {
+        packets: now.messages,
+        bytes: now.bytes,
+        connections: now.connections,
+    };
+    if now.messages < before.messages
+        || now.bytes < before.bytes
+        || now.connections < before.connections
+    {
+        return all;
+    }
+    Counts {
+        packets: now.messages - before.messages,
+        bytes: now.bytes - before.bytes,
+        connections: now.connections - before.connections,
+    }
+}
+
+/// A path or name as a label value: an abstract name as `@name` (its NUL
+/// bytes as `@`, as `ss` and `/proc/net/unix` show them), bytes that are
+/// not text escaped, so that a hostile name cannot forge a label.
+pub fn path_label(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\0' => out.push('@'),
+                c if c.is_control() => out.push_str(&c.escape_default().to_string()),
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_labels_and_cannot_forge_one() {
+        assert_eq!(
+            path_label(b"/run/php/php-fpm.sock"),
+            "/run/php/php-fpm.sock"
+        );
+        assert_eq!(path_label(b"\0envoy_admin"), "@envoy_admin");
+        assert_eq!(path_label(b"a\"b\n\xff"), "a\"b\\n\\xff");
+    }
+
+    #[test]
+    fn counts_never_go_backwards() {
+        let before = IpcCounts {
+            messages: 10,
+            bytes: 100,
+            connections: 1,
+        };
+        let now = IpcCounts {
+            messages: 12,
+            bytes: 130,
+            connections: 1,
+        };
+        let delta = fifo_difference(&now, Some(&before));
+        assert_eq!((delta.packets, delta.bytes, delta.connections), (2, 30, 0));
+        // The key went and came back: all it has is new.
+        let again = IpcCounts {
+            messages: 3,
+            bytes: 300,
+            connections: 0,
+        };
+        let delta = fifo_difference(&again, Some(&before));
+        assert_eq!((delta.packets, delta.bytes), (3, 300));
+    }
+}

@@ -1,0 +1,185 @@
+//! Unix-socket and named-pipe traffic (observer-ebpf/src/ipc.rs): where the
+//! fields its programs read lie in this kernel (from its BTF), attaching
+//! them once for the node, and the maps they count in. They follow only
+//! the attached pods' network namespaces (`IPC_PODS`, which the collector
+//! keeps).
+//!
+//! They attach to raw tracepoints: `sock_send_length` and
+//! `sock_recv_length` (Linux 6.4 and later) and `sys_exit`. A kernel
+//! without one of them loses only what that program counts: the rest is
+//! attached, and the log and `observer_ipc_hooks_attached` say what is
+//! missing.
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, MapError},
+    programs::{ProgramError, RawTracePoint},
+};
+use observer_common::ipc::{
+    FIFO_FLOWS_MAP, FIFO_NAMES_MAP, FifoId, FifoKey, FifoName, IPC_PODS_MAP, IpcCounts,
+    KernelOffsets, UNIX_CONNS_MAP, UNIX_PATHS_MAP, UnixConn, UnixConnKey, UnixPath,
+};
+
+use super::btf::{BtfError, KernelBtf};
+
+/// Each program and the raw tracepoint it attaches to.
+pub const PROGRAMS: [(&str, &str); 3] = [
+    ("unix_sent", "sock_send_length"),
+    ("unix_received", "sock_recv_length"),
+    ("fifo_called", "sys_exit"),
+];
+
+/// The offsets of the fields the programs read, in this kernel.
+pub fn offsets(btf: &KernelBtf) -> Result<KernelOffsets, BtfError> {
+    // The system call's number and first argument, as x86-64 saves them
+    // (the named-pipe program knows x86-64's call numbers only).
+    let (regs_syscall, regs_arg0) = if cfg!(target_arch = "x86_64") {
+        (btf.offset("pt_regs.orig_ax")?, btf.offset("pt_regs.di")?)
+    } else {
+        return Err(BtfError::NoField(
+            "pt_regs (named pipes are followed on x86-64 only)".into(),
+        ));
+    };
+    Ok(KernelOffsets {
+        sock_family: btf.offset("sock.__sk_common.skc_family")?,
+        sock_type: btf.offset("sock.sk_type")?,
+        sock_net: btf.offset("sock.__sk_common.skc_net.net")?,
+        sock_cgroup: btf.offset("sock.sk_cgrp_data.cgroup")?,
+        net_cookie: btf.offset("net.net_cookie")?,
+        cgroup_kn: btf.offset("cgroup.kn")?,
+        kernfs_node_id: btf.offset("kernfs_node.id")?,
+        socket_sk: btf.offset("socket.sk")?,
+        unix_sock_peer: btf.offset("unix_sock.peer")?,
+        unix_sock_addr: btf.offset("unix_sock.addr")?,
+        unix_address_len: btf.offset("unix_address.len")?,
+        unix_address_name: btf.offset("unix_address.name")?,
+        regs_syscall,
+        regs_arg0,
+        task_nsproxy: btf.offset("task_struct.nsproxy")?,
+        task_files: btf.offset("task_struct.files")?,
+        nsproxy_net_ns: btf.offset("nsproxy.net_ns")?,
+        files_fdt: btf.offset("files_struct.fdt")?,
+        fdtable_fd: btf.offset("fdtable.fd")?,
+        fdtable_max_fds: btf.offset("fdtable.max_fds")?,
+        file_inode: btf.offset("file.f_inode")?,
+        file_dentry: btf.offset("file.f_path.dentry")?,
+        file_private: btf.offset("file.private_data")?,
+        dentry_name: btf.offset("dentry.d_name.name")?,
+        dentry_name_len: btf.offset("dentry.d_name.len")?,
+        inode_mode: btf.offset("inode.i_mode")?,
+        inode_ino: btf.offset("inode.i_ino")?,
+        inode_sb: btf.offset("inode.i_sb")?,
+        super_block_dev: btf.offset("super_block.s_dev")?,
+        super_block_magic: btf.offset("super_block.s_magic")?,
+    })
+}
+
+/// Loads and attaches the IPC programs of `ebpf` (their links live as long
+/// as `ebpf` does). Returns, for each tracepoint, whether it is followed.
+pub fn attach(ebpf: &mut Ebpf) -> Vec<(&'static str, bool)> {
+    PROGRAMS
+        .iter()
+        .map(|&(name, tracepoint)| {
+            let attached = attach_one(ebpf, name, tracepoint)
+                .inspect_err(|err| {
+                    tracing::warn!(
+                        %err,
+                        tracepoint,
+                        "cannot attach: the unix-socket or named-pipe traffic it sees is not counted"
+                    );
+                })
+                .is_ok();
+            (tracepoint, attached)
+        })
+        .collect()
+}
+
+fn attach_one(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<(), ProgramError> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ProgramError::NotLoaded)?
+        .try_into()?;
+    program.load()?;
+    program.attach(tracepoint)?;
+    Ok(())
+}
+
+/// The maps the daemon reads and writes.
+pub struct IpcMaps {
+    pub pods: HashMap<MapData, u64, u8>,
+    pub unix_conns: HashMap<MapData, UnixConnKey, UnixConn>,
+    pub unix_paths: HashMap<MapData, u64, UnixPath>,
+    pub fifo_flows: HashMap<MapData, FifoKey, IpcCounts>,
+    pub fifo_names: HashMap<MapData, FifoId, FifoName>,
+}
+
+impl IpcMaps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapError> {
+        fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<T, MapError> {
+            ebpf.take_map(name)
+                .ok_or(MapError::InvalidName {
+                    name: name.to_owned(),
+                })?
+                .try_into()
+        }
+        Ok(Self {
+            pods: typed(ebpf, IPC_PODS_MAP)?,
+            unix_conns: typed(ebpf, UNIX_CONNS_MAP)?,
+            unix_paths: typed(ebpf, UNIX_PATHS_MAP)?,
+            fifo_flows: typed(ebpf, FIFO_FLOWS_MAP)?,
+            fifo_names: typed(ebpf, FIFO_NAMES_MAP)?,
+        })
+    }
+
+    /// Follows the IPC of the pod with this network namespace cookie.
+    pub fn follow(&mut self, netns: u64) -> Result<(), MapError> {
+        self.pods.insert(netns, 1, 0)
+    }
+
+    /// Stops following a pod, and removes what the maps hold of it.
+    pub fn forget(&mut self, netns: u64) {
+        let _ = self.pods.remove(&netns);
+        let unix: Vec<UnixConnKey> = self
+            .unix_conns
+            .iter()
+            .flatten()
+            .filter(|(_, c)| c.netns == netns)
+            .map(|(k, _)| k)
+            .collect();
+        for key in unix {
+            let _ = self.unix_conns.remove(&key);
+        }
+        let fifo: Vec<FifoKey> = self
+            .fifo_flows
+            .keys()
+            .flatten()
+            .filter(|k| k.netns == netns)
+            .collect();
+        for key in fifo {
+            let _ = self.fifo_flows.remove(&key);
+        }
+        let paths: Vec<u64> = self
+            .unix_paths
+            .iter()
+            .flatten()
+            .filter(|(_, p)| p.netns == netns)
+            .map(|(k, _)| k)
+            .collect();
+        for key in paths {
+            let _ = self.unix_paths.remove(&key);
+        }
+        let names: Vec<FifoId> = self
+            .fifo_names
+            .iter()
+            .flatten()
+            .filter(|(_, n)| n.netns == netns)
+            .map(|(k, _)| k)
+            .collect();
+        for key in names {
+            let _ = self.fifo_names.remove(&key);
+        }
+    }
+}
