@@ -184,7 +184,13 @@ fn wait_value(prometheus: &Prometheus, promql: &str, expected: u64) {
 fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
     let lab = Lab::up_for_test(&plan()).expect("lab up");
     let inventory = lab.inventory_path().display().to_string();
-    let observer = Observer::start(&["--inventory", &inventory, "--collect-interval", "1s"]);
+    let observer = Observer::start(&[
+        "--inventory",
+        &inventory,
+        "--collect-interval",
+        "1s",
+        "--named-pipes",
+    ]);
     observer.eventually("the pod attached and IPC followed", |m| {
         m.sum("observer_programs_attached", &[("pod", "fpm")]) > 0.0
             && m.sum("observer_ipc_hooks_attached", &[]) == 3.0

@@ -12,7 +12,13 @@ const WAIT: Duration = Duration::from_secs(40);
 fn prometheus_sees_every_scenario_of_the_default_lab() {
     let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
     let inventory = lab.inventory_path().display().to_string();
-    let observer = Observer::start(&["--inventory", &inventory, "--collect-interval", "1s"]);
+    let observer = Observer::start(&[
+        "--inventory",
+        &inventory,
+        "--collect-interval",
+        "1s",
+        "--named-pipes",
+    ]);
 
     // The exposition format is valid by Prometheus' own checker.
     let (_, text) = http_get(observer.addr(), "/metrics").expect("/metrics");

@@ -134,15 +134,17 @@ pub struct UnixConn {
     pub path: u64,
     pub to_server: Sent,
     pub to_client: Sent,
-    /// Connections the server accepted on this pair of ends (more than
-    /// one when the kernel reuses both sockets' memory for a new
-    /// connection between the same ends).
+    /// Connections seen on this pair of ends: more than one when the
+    /// kernel reuses both sockets' memory for a new connection between the
+    /// same processes (each one's client socket has its own inode).
     pub connections: u64,
+    /// The inode number of the client's socket, the connection's identity.
+    pub client_inode: u64,
     /// One of [`unix_kind`].
     pub kind: u8,
     pub _pad: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<UnixConn>() == 80);
+const _: () = assert!(core::mem::size_of::<UnixConn>() == 88);
 
 /// A named pipe: its device (`s_dev`) and inode number.
 #[repr(C)]
@@ -229,9 +231,11 @@ pub struct KernelOffsets {
     /// `struct cgroup`: `kn`; `struct kernfs_node`: `id` (the cgroup id).
     pub cgroup_kn: u32,
     pub kernfs_node_id: u32,
-    /// `struct socket`: `sk`; `struct unix_sock`: `peer`, `addr`;
+    /// `struct sock`: `sk_socket`; `struct socket_alloc`: `vfs_inode` (the
+    /// socket's inode); `struct unix_sock`: `peer`, `addr`;
     /// `struct unix_address`: `len`, `name`.
-    pub socket_sk: u32,
+    pub sock_socket: u32,
+    pub socket_inode: u32,
     pub unix_sock_peer: u32,
     pub unix_sock_addr: u32,
     pub unix_address_len: u32,
@@ -248,11 +252,9 @@ pub struct KernelOffsets {
     pub files_fdt: u32,
     pub fdtable_fd: u32,
     pub fdtable_max_fds: u32,
-    /// `struct file`: `f_inode`, `f_path.dentry`, `private_data` (a
-    /// socket's `struct socket`).
+    /// `struct file`: `f_inode`, `f_path.dentry`.
     pub file_inode: u32,
     pub file_dentry: u32,
-    pub file_private: u32,
     /// `struct dentry`: `d_name.name`, `d_name.len`.
     pub dentry_name: u32,
     pub dentry_name_len: u32,
@@ -267,10 +269,8 @@ pub struct KernelOffsets {
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 120);
 
 /// System call numbers (x86-64) of the reads and writes a named pipe's
-/// traffic goes through, and of `accept()`.
+/// traffic goes through.
 pub mod syscall {
-    pub const ACCEPT: u64 = 43;
-    pub const ACCEPT4: u64 = 288;
     pub const READ: u64 = 0;
     pub const WRITE: u64 = 1;
     pub const PREAD64: u64 = 17;

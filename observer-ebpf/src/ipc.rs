@@ -9,9 +9,9 @@
 //!   the direction of its sender;
 //! - `sock_recv_length` (after a `recvmsg()`): the server's process reading
 //!   its end of a connection names the server's container;
-//! - `sys_exit` (after every system call): a read or write of a named
-//!   pipe, by container (`FIFO_FLOWS`); a unix connection accepted (the
-//!   server's container, and the connection counted).
+//! - `sys_exit` (after every system call; attached only if asked for, as
+//!   it costs every system call of the node): a read or write of a named
+//!   pipe, by container (`FIFO_FLOWS`).
 //!
 //! They run for every socket message, or system call, of the node: each
 //! first tells in a few loads whether the call is one of an attached pod
@@ -78,7 +78,8 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     net_cookie: 0,
     cgroup_kn: 0,
     kernfs_node_id: 0,
-    socket_sk: 0,
+    sock_socket: 0,
+    socket_inode: 0,
     unix_sock_peer: 0,
     unix_sock_addr: 0,
     unix_address_len: 0,
@@ -93,7 +94,6 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     fdtable_max_fds: 0,
     file_inode: 0,
     file_dentry: 0,
-    file_private: 0,
     dentry_name: 0,
     dentry_name_len: 0,
     inode_mode: 0,
@@ -251,7 +251,9 @@ fn sock_path(sk: u64, o: &KernelOffsets) -> Option<(&'static mut UnixPath, u64)>
     Some((path, hash))
 }
 
-/// The connection's entry, made at its first message (or read).
+/// The connection's entry, made at its first message (or read); a new
+/// connection on reused sockets (its client socket's inode differs) is
+/// counted on the same entry.
 #[inline(always)]
 fn connection(
     key: &UnixConnKey,
@@ -261,9 +263,37 @@ fn connection(
     current: u64,
     o: &KernelOffsets,
 ) -> Option<*mut UnixConn> {
-    if let Some(conn) = UNIX_CONNS.get_ptr_mut(key) {
-        return Some(conn);
+    let conn = match UNIX_CONNS.get_ptr_mut(key) {
+        Some(conn) => conn,
+        None => new_connection(key, netns, kind, server_side, current, o)?,
+    };
+    if kind != unix_kind::DGRAM {
+        // The client's socket, while its process holds it (0 once closed).
+        let inode = read::<u64>(key.client_end, o.sock_socket)
+            .filter(|&socket| socket != 0)
+            .and_then(|socket| read::<u64>(socket, o.socket_inode));
+        // SAFETY: a live, 8-byte aligned map value.
+        unsafe {
+            if let Some(inode) = inode
+                && (*conn).client_inode != inode
+            {
+                (*conn).client_inode = inode;
+                atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).connections, 1);
+            }
+        }
     }
+    Some(conn)
+}
+
+#[inline(always)]
+fn new_connection(
+    key: &UnixConnKey,
+    netns: u64,
+    kind: u8,
+    server_side: bool,
+    current: u64,
+    o: &KernelOffsets,
+) -> Option<*mut UnixConn> {
     let path = match sock_path(key.server_end, o) {
         Some((path, hash)) => {
             path.netns = netns;
@@ -290,6 +320,7 @@ fn connection(
         to_server: Sent::default(),
         to_client: Sent::default(),
         connections: 0,
+        client_inode: 0,
         kind,
         _pad: [0; 7],
     };
@@ -359,19 +390,12 @@ fn received(ctx: &RawTracePointContext) -> Option<()> {
 #[inline(always)]
 fn fifo(ctx: &RawTracePointContext) -> Option<()> {
     let ret = ctx.arg::<u64>(1) as i64;
-    if ret < 0 {
+    if ret <= 0 {
         return None;
     }
     let o = offsets();
     let regs: u64 = ctx.arg(0);
-    let number: u64 = read(regs, o.regs_syscall)?;
-    if number == syscall::ACCEPT || number == syscall::ACCEPT4 {
-        return accepted(ret as u64, &o);
-    }
-    if ret == 0 {
-        return None;
-    }
-    let writes = syscall::writes(number)?;
+    let writes = syscall::writes(read(regs, o.regs_syscall)?)?;
     let (netns, file) = pod_file(read(regs, o.regs_arg0)?, &o)?;
     let inode: u64 = read(file, o.file_inode)?;
     if read::<u16>(inode, o.inode_mode)? & S_IFMT != S_IFIFO {
@@ -416,27 +440,6 @@ fn pod_file(fd: u64, o: &KernelOffsets) -> Option<(u64, u64)> {
     }
     let file: u64 = read(read::<u64>(fdt, o.fdtable_fd)? + fd * 8, 0)?;
     Some((netns, file))
-}
-
-/// A server accepted a connection (descriptor `fd`): its container is the
-/// server's, and the connection is counted.
-#[inline(always)]
-fn accepted(fd: u64, o: &KernelOffsets) -> Option<()> {
-    let (_, file) = pod_file(fd, o)?;
-    let sk: u64 = read(read::<u64>(file, o.file_private)?, o.socket_sk)?;
-    let (netns, kind, peer) = pod_unix_socket(sk, o)?;
-    let current = current_cgroup();
-    let key = UnixConnKey {
-        server_end: sk,
-        client_end: peer,
-    };
-    let conn = connection(&key, netns, kind, true, current, o)?;
-    // SAFETY: a live, 8-byte aligned map value.
-    unsafe {
-        (*conn).server = current;
-        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).connections, 1);
-    }
-    Some(())
 }
 
 /// Keeps a pipe's file name (once).

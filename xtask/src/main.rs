@@ -69,6 +69,10 @@ enum Task {
         /// API (memory, reconciliation time; about a minute).
         #[arg(long, group = "only")]
         cluster_only: bool,
+        /// Only the cost per call of following unix sockets and named
+        /// pipes (about a minute).
+        #[arg(long, group = "only")]
+        ipc_only: bool,
         /// Also measure the observer of another commit (a branch, tag or
         /// hash), built from it, side by side in the same run.
         #[arg(long, value_name = "REF")]
@@ -99,6 +103,7 @@ fn main() -> Result<()> {
             latency_only,
             scale_only,
             cluster_only,
+            ipc_only,
             compare,
         } => {
             let only = [
@@ -106,6 +111,7 @@ fn main() -> Result<()> {
                 (latency_only, "--latency-only"),
                 (scale_only, "--scale-only"),
                 (cluster_only, "--cluster-only"),
+                (ipc_only, "--ipc-only"),
             ]
             .into_iter()
             .find_map(|(on, flag)| on.then_some(flag));
@@ -193,7 +199,11 @@ fn run_observer(workspace: &Path, lab: Option<::lab::Runtime>, args: &[String]) 
     command.arg("run");
     if let Some(runtime) = lab {
         let inventory = lab::up(workspace, None, runtime)?;
-        command.arg("--inventory").arg(inventory);
+        // The lab's pipes pod shows only with named pipes followed.
+        command
+            .arg("--inventory")
+            .arg(inventory)
+            .arg("--named-pipes");
         eprintln!(
             "run: live view: {} flows   (`cargo xtask lab down` removes the lab)",
             observer.display()

@@ -288,6 +288,12 @@ pub struct RunArgs {
     /// observer counts from zero.
     #[arg(long, value_name = "DIR", env = "OBSERVER_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Also follow named pipes (FIFOs) between a pod's containers. It takes
+    /// a program after every system call of the node, whichever process
+    /// makes it (about 0.2 µs a call on the benchmark's VM: see
+    /// BENCHMARKS.md), which is why it is off unless asked for.
+    #[arg(long, env = "OBSERVER_NAMED_PIPES")]
+    pub named_pipes: bool,
     /// How often the flow map is read into the metrics (besides every scrape).
     #[arg(long, env = "OBSERVER_COLLECT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub collect_interval: Duration,

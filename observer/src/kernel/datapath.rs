@@ -124,6 +124,8 @@ pub struct DatapathConfig {
     /// The level of the programs' diagnostics; `None`: off (they are then
     /// removed by the verifier and cost nothing).
     pub log_level: Option<Level>,
+    /// Follow named pipes too: a program after every system call.
+    pub named_pipes: bool,
 }
 
 /// What opening the datapath gives: the loader of per-namespace instances,
@@ -303,7 +305,7 @@ impl Datapath {
         };
         let (ipc, ipc_hooks) = match offsets {
             Ok(_) => {
-                let hooks = ipc::attach(&mut ebpf);
+                let hooks = ipc::attach(&mut ebpf, config.named_pipes);
                 let maps = IpcMaps::take(&mut ebpf).map_err(|source| DatapathError::Map {
                     name: "IPC",
                     source: Box::new(source),

@@ -5,7 +5,9 @@
 //! keeps).
 //!
 //! They attach to raw tracepoints: `sock_send_length` and
-//! `sock_recv_length` (Linux 6.4 and later) and `sys_exit`. A kernel
+//! `sock_recv_length` (Linux 6.4 and later) and, for named pipes if asked
+//! (`--named-pipes`: it runs after every system call of the node),
+//! `sys_exit`. A kernel
 //! without one of them loses only what that program counts: the rest is
 //! attached, and the log and `observer_ipc_hooks_attached` say what is
 //! missing.
@@ -22,12 +24,13 @@ use observer_common::ipc::{
 
 use super::btf::{BtfError, KernelBtf};
 
-/// Each program and the raw tracepoint it attaches to.
-pub const PROGRAMS: [(&str, &str); 3] = [
+/// Each program and the raw tracepoint it attaches to: unix sockets...
+pub const PROGRAMS: [(&str, &str); 2] = [
     ("unix_sent", "sock_send_length"),
     ("unix_received", "sock_recv_length"),
-    ("fifo_called", "sys_exit"),
 ];
+/// ... and named pipes.
+pub const PIPE_PROGRAM: (&str, &str) = ("fifo_called", "sys_exit");
 
 /// The offsets of the fields the programs read, in this kernel.
 pub fn offsets(btf: &KernelBtf) -> Result<KernelOffsets, BtfError> {
@@ -48,7 +51,8 @@ pub fn offsets(btf: &KernelBtf) -> Result<KernelOffsets, BtfError> {
         net_cookie: btf.offset("net.net_cookie")?,
         cgroup_kn: btf.offset("cgroup.kn")?,
         kernfs_node_id: btf.offset("kernfs_node.id")?,
-        socket_sk: btf.offset("socket.sk")?,
+        sock_socket: btf.offset("sock.sk_socket")?,
+        socket_inode: btf.offset("socket_alloc.vfs_inode")? + btf.offset("inode.i_ino")?,
         unix_sock_peer: btf.offset("unix_sock.peer")?,
         unix_sock_addr: btf.offset("unix_sock.addr")?,
         unix_address_len: btf.offset("unix_address.len")?,
@@ -63,7 +67,6 @@ pub fn offsets(btf: &KernelBtf) -> Result<KernelOffsets, BtfError> {
         fdtable_max_fds: btf.offset("fdtable.max_fds")?,
         file_inode: btf.offset("file.f_inode")?,
         file_dentry: btf.offset("file.f_path.dentry")?,
-        file_private: btf.offset("file.private_data")?,
         dentry_name: btf.offset("dentry.d_name.name")?,
         dentry_name_len: btf.offset("dentry.d_name.len")?,
         inode_mode: btf.offset("inode.i_mode")?,
@@ -75,11 +78,15 @@ pub fn offsets(btf: &KernelBtf) -> Result<KernelOffsets, BtfError> {
 }
 
 /// Loads and attaches the IPC programs of `ebpf` (their links live as long
-/// as `ebpf` does). Returns, for each tracepoint, whether it is followed.
-pub fn attach(ebpf: &mut Ebpf) -> Vec<(&'static str, bool)> {
+/// as `ebpf` does), the named pipes' if asked. Returns, for each
+/// tracepoint, whether it is followed.
+pub fn attach(ebpf: &mut Ebpf, named_pipes: bool) -> Vec<(&'static str, bool)> {
+    let pipes = named_pipes.then_some(PIPE_PROGRAM);
     PROGRAMS
         .iter()
-        .map(|&(name, tracepoint)| {
+        .copied()
+        .chain(pipes)
+        .map(|(name, tracepoint)| {
             let attached = attach_one(ebpf, name, tracepoint)
                 .inspect_err(|err| {
                     tracing::warn!(

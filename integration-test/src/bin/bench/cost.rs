@@ -154,7 +154,7 @@ fn python(script: &str) -> Vec<String> {
 pub struct ProgramCost(BTreeMap<String, (u64, u64)>);
 
 impl ProgramCost {
-    fn read() -> Self {
+    pub fn read() -> Self {
         let mut cost = Self::default();
         for program in loaded_programs().filter_map(Result::ok) {
             let Some(name) = program.name_as_str() else {
@@ -168,7 +168,7 @@ impl ProgramCost {
     }
 
     /// What ran between `before` and `self`.
-    fn since(&self, before: &Self) -> Self {
+    pub fn since(&self, before: &Self) -> Self {
         Self(
             self.0
                 .iter()

@@ -12,6 +12,8 @@
 //!    (Kubernetes mode), to its programs attached.
 //! 5. Cluster scale ([`cluster`]): Kubernetes mode with 50,000 pods in the
 //!    API: memory, readiness, reconciliation time.
+//! 6. In-pod IPC ([`ipc`]): what following unix sockets and named pipes
+//!    costs per call, in a pod and outside any.
 //!
 //! With `OBSERVER_COMPARE_BIN` (`cargo xtask bench --compare REF`), every
 //! section measures that observer too, in the same run, alternating.
@@ -20,6 +22,7 @@
 
 mod cluster;
 mod cost;
+mod ipc;
 mod iperf;
 mod latency;
 mod process;
@@ -71,13 +74,17 @@ fn main() {
         latency::run(&mut report, &subjects);
     } else if std::env::args().any(|a| a == "--cluster-only") {
         cluster::run(&mut report, &subjects);
+        ipc::run(&mut report, &subjects);
     } else if std::env::args().any(|a| a == "--scale-only") {
         scale::run(&mut report, &subjects);
+    } else if std::env::args().any(|a| a == "--ipc-only") {
+        ipc::run(&mut report, &subjects);
     } else {
         throughput::run(&mut report, &subjects);
         scale::run(&mut report, &subjects);
         latency::run(&mut report, &subjects);
         cluster::run(&mut report, &subjects);
+        ipc::run(&mut report, &subjects);
     }
 
     println!("{report}");

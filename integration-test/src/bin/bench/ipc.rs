@@ -1,0 +1,294 @@
+//! What following unix sockets and named pipes costs, per call: a unix
+//! stream ping-pong and 64-byte writes through a named pipe, in a pod of a
+//! small node lab (attached, so its calls are counted) and in a namespace
+//! of no pod (so its calls stop at the early filter), and system calls
+//! that are neither (with `--named-pipes`, every system call runs the
+//! `sys_exit` program). Without this tree's observer, with it, and with it
+//! following named pipes, alternating round by round; the kernel's BPF
+//! run-time statistics give each IPC program's own time per run.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use aya::sys::{Stats, enable_stats};
+use integration_test::{
+    Observer,
+    container::{container, in_container},
+};
+use lab::{Lab, Plan};
+
+use crate::{Subject, cost::ProgramCost, median, spread};
+
+/// The IPC programs, with what they do.
+const PROGRAMS: [(&str, &str); 3] = [
+    (
+        "unix_sent",
+        "raw tracepoint `sock_send_length`: after every socket `sendmsg()`",
+    ),
+    (
+        "unix_received",
+        "raw tracepoint `sock_recv_length`: after every socket `recvmsg()`",
+    ),
+    (
+        "fifo_called",
+        "raw tracepoint `sys_exit`: after every system call",
+    ),
+];
+
+const ROUNDS: usize = 5;
+/// Calls per case and round: bounded, a second or two each.
+const CALLS: u32 = 40_000;
+
+const LAB: &str = "
+apiVersion: observer-lab/v1
+kind: Lab
+name: ipc-cost
+network:
+  serviceCIDR: 10.96.0.0/16
+  nodeCIDR: 172.18.0.0/24
+  externalCIDR: 192.168.200.0/24
+nodes:
+  - {name: node-1, podCIDR: 10.244.1.0/24}
+pods:
+  - name: p
+    namespace: bench
+    node: node-1
+    containers:
+      - {name: client, command: [sleep, '3600']}
+";
+
+/// A unix stream ping-pong of 64-byte messages, the server a child process:
+/// microseconds per round trip (two sends, two receives).
+const PING_PONG: &str = r#"
+import os, socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+if os.path.exists(path):
+    os.unlink(path)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path)
+s.listen(1)
+pid = os.fork()
+if pid == 0:
+    c, _ = s.accept()
+    for i in range(n):
+        c.recv(64)
+        c.sendall(b"y" * 64)
+    os._exit(0)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+c.connect(path)
+start = time.perf_counter()
+for i in range(n):
+    c.sendall(b"x" * 64)
+    c.recv(64)
+print((time.perf_counter() - start) / n * 1e6)
+os.waitpid(pid, 0)
+os.unlink(path)
+"#;
+
+/// 64-byte writes through a named pipe to a reading child: microseconds
+/// per write.
+const PIPE: &str = r#"
+import os, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+if os.path.exists(path):
+    os.unlink(path)
+os.mkfifo(path)
+pid = os.fork()
+if pid == 0:
+    fd = os.open(path, os.O_RDONLY)
+    while os.read(fd, 65536):
+        pass
+    os._exit(0)
+fd = os.open(path, os.O_WRONLY)
+data = b"w" * 64
+start = time.perf_counter()
+for i in range(n):
+    os.write(fd, data)
+print((time.perf_counter() - start) / n * 1e6)
+os.close(fd)
+os.waitpid(pid, 0)
+os.unlink(path)
+"#;
+
+/// System calls that are no IPC (`getppid`): microseconds per call.
+const SYSCALLS: &str = r#"
+import os, sys, time
+n = int(sys.argv[2]) * 10
+start = time.perf_counter()
+for i in range(n):
+    os.getppid()
+print((time.perf_counter() - start) / n * 1e6)
+"#;
+
+struct Case {
+    name: &'static str,
+    script: &'static str,
+    /// In the attached pod, or in a namespace of no pod.
+    in_pod: bool,
+}
+
+const CASES: [Case; 5] = [
+    Case {
+        name: "unix stream ping-pong, 64 B (µs per round trip), in a pod",
+        script: PING_PONG,
+        in_pod: true,
+    },
+    Case {
+        name: "the same, in a namespace of no pod",
+        script: PING_PONG,
+        in_pod: false,
+    },
+    Case {
+        name: "named pipe, 64-byte writes (µs per write), in a pod",
+        script: PIPE,
+        in_pod: true,
+    },
+    Case {
+        name: "the same, in a namespace of no pod",
+        script: PIPE,
+        in_pod: false,
+    },
+    Case {
+        name: "`getppid()`, no IPC (µs per call), in a pod",
+        script: SYSCALLS,
+        in_pod: true,
+    },
+];
+
+/// A namespace of no pod, removed when dropped.
+struct Unattached(&'static str);
+
+impl Unattached {
+    fn new() -> Self {
+        let name = "observer-bench-ipc";
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let made = Command::new("ip").args(["netns", "add", name]).status();
+        assert!(made.is_ok_and(|s| s.success()), "ip netns add {name}");
+        Self(name)
+    }
+}
+
+impl Drop for Unattached {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", self.0]).status();
+    }
+}
+
+pub fn run(report: &mut String, subjects: &[Subject]) {
+    let plan = Plan::from_yaml(LAB, "ipc cost lab").expect("the ipc cost lab");
+    let lab = Lab::up_for_test(&plan).expect("lab up");
+    let inventory = lab.inventory_path().display().to_string();
+    let pod = container(&lab, "bench", "p", "client");
+    let unattached = Unattached::new();
+    let dir = tempfile_dir();
+    let _stats = enable_stats(Stats::RunTime).expect("enable BPF run-time statistics (root?)");
+    let subject = &subjects[0];
+    // Per setting (none, the observer, the observer with named pipes) and
+    // case: the time per call of each round, and the programs' cost.
+    const SETTINGS: usize = 3;
+    let mut times = vec![vec![Vec::new(); CASES.len()]; SETTINGS];
+    let mut programs = vec![vec![Vec::new(); CASES.len()]; SETTINGS];
+    for round in 0..ROUNDS {
+        for setting in 0..SETTINGS {
+            let mut args = vec!["--inventory", inventory.as_str()];
+            if setting == 2 {
+                args.push("--named-pipes");
+            }
+            let observer = (setting > 0).then(|| Observer::start_binary(&subject.binary, &args));
+            for (c, case) in CASES.iter().enumerate() {
+                let before = ProgramCost::read();
+                times[setting][c].push(call(case, &pod, &unattached, &dir));
+                programs[setting][c].push(ProgramCost::read().since(&before));
+            }
+            if let Some(observer) = observer {
+                assert!(observer.terminate().success());
+            }
+        }
+        eprintln!("bench: IPC round {} of {ROUNDS}", round + 1);
+    }
+    drop(lab);
+    let _ = fs::remove_dir_all(&dir);
+
+    writeln!(
+        report,
+        "## In-pod IPC: cost per call ({ROUNDS} alternating rounds of {CALLS} calls; medians, spread min–max)\n\n\
+         Without any observer, with {} (unix sockets followed), and with it and `--named-pipes`; the programs' own time from the kernel's BPF run-time statistics, with `--named-pipes`.\n\n\
+         | case | without | with | change | with `--named-pipes` | change | IPC programs, ns per run (runs per call) |\n|---|---|---|---|---|---|---|",
+        subject.name
+    )
+    .unwrap();
+    for (c, case) in CASES.iter().enumerate() {
+        let time = |setting: usize| median(&times[setting][c]);
+        let calls = f64::from(CALLS) * if case.script == SYSCALLS { 10.0 } else { 1.0 };
+        let readings = &programs[2][c];
+        let cost: Vec<String> = PROGRAMS
+            .iter()
+            .filter_map(|(program, _)| {
+                let runs: u64 = readings.iter().map(|r| r.runs(&[program])).sum();
+                let per_call = runs as f64 / ROUNDS as f64 / calls;
+                (per_call >= 0.05).then(|| {
+                    let ns: Vec<f64> = readings.iter().map(|r| r.per_run(&[program])).collect();
+                    format!("`{program}` {:.1} ({per_call:.1})", median(&ns))
+                })
+            })
+            .collect();
+        writeln!(
+            report,
+            "| {} | {:.2} ({}) | {:.2} ({}) | {:+.1} % | {:.2} ({}) | {:+.1} % | {} |",
+            case.name,
+            time(0),
+            spread(&times[0][c], 2),
+            time(1),
+            spread(&times[1][c], 2),
+            (time(1) / time(0) - 1.0) * 100.0,
+            time(2),
+            spread(&times[2][c], 2),
+            (time(2) / time(0) - 1.0) * 100.0,
+            cost.join(", ")
+        )
+        .unwrap();
+    }
+    writeln!(report, "\nWhat each program does:\n").unwrap();
+    for (program, what) in PROGRAMS {
+        writeln!(report, "- `{program}`: {what}").unwrap();
+    }
+    writeln!(report).unwrap();
+}
+
+/// Runs a case once: its microseconds per call.
+fn call(case: &Case, pod: &(PathBuf, PathBuf), unattached: &Unattached, dir: &Path) -> f64 {
+    let path = dir.join("ipc").display().to_string();
+    let calls = CALLS.to_string();
+    let args = ["-c", case.script, &path, &calls];
+    let output = if case.in_pod {
+        let (cgroup, netns) = pod;
+        in_container(cgroup, netns, Command::new("python3").args(args)).output()
+    } else {
+        Command::new("ip")
+            .args(["netns", "exec", unattached.0, "python3"])
+            .args(args)
+            .output()
+    }
+    .expect("python3");
+    assert!(
+        output.status.success(),
+        "{}: {}",
+        case.name,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("microseconds per call")
+}
+
+/// A directory for the sockets and pipes, under the target directory.
+fn tempfile_dir() -> PathBuf {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench-ipc"));
+    fs::create_dir_all(&dir).expect("the bench's IPC directory");
+    dir
+}
