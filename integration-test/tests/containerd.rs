@@ -94,7 +94,7 @@ fn real_pods_are_observed_with_their_containers_named_and_leave_nothing() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("cni-"))
         .collect();
-    assert_eq!(cni.len(), 7, "node-1's pods: {cni:?}");
+    assert_eq!(cni.len(), 8, "node-1's pods: {cni:?}");
 
     // The seed's two cases, named by the observer on these pods.
     let inventory = lab.inventory_path().display().to_string();
