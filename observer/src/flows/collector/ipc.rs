@@ -50,7 +50,15 @@ pub struct Ipc {
     /// may need them (the kernel's entry may go with a pod).
     paths: HashMap<u64, String>,
     pipes: HashMap<FifoId, String>,
+    /// Connections taken out of the map while quiet, by their client
+    /// socket's inode: one that talks again comes back as a new entry,
+    /// and is not a new connection.
+    reclaimed: HashMap<UnixConnKey, u64>,
 }
+
+/// Reclaimed connections remembered at most (then forgotten all at once:
+/// one that talks again after that counts as opened twice).
+const RECLAIMED_MAX: usize = 65_536;
 
 /// A connection at the last collection.
 #[derive(Clone, Copy)]
@@ -69,6 +77,7 @@ impl Ipc {
             fifo: HashMap::new(),
             paths: HashMap::new(),
             pipes: HashMap::new(),
+            reclaimed: HashMap::new(),
         }
     }
 }
@@ -147,7 +156,18 @@ impl Collector {
                 });
                 continue;
             }
-            let counted = before.map_or_else(UnixConn::default, |b| b.counted);
+            let counted = before.map_or_else(
+                || {
+                    // A connection that went quiet and talks again: it was
+                    // counted as opened already.
+                    let again = ipc.reclaimed.remove(&key) == Some(now.client_inode);
+                    UnixConn {
+                        connections: u64::from(again && now.client_inode != 0),
+                        ..UnixConn::default()
+                    }
+                },
+                |b| b.counted,
+            );
             let (request, response) = conn_difference(&now, &counted);
             let active = request.packets + response.packets + request.connections > 0;
             let idle = match (active, before) {
@@ -192,15 +212,19 @@ impl Collector {
         }
         // Quiet connections go, with what came since the walk.
         let fd = ipc.maps.unix_conns.map().fd().as_fd();
-        let taken: Vec<(Seen, UnixConn)> = quiet
+        let taken: Vec<(UnixConnKey, Seen, UnixConn)> = quiet
             .into_iter()
             .filter_map(|key| {
                 let seen = ipc.conns.remove(&key)?;
                 let last = kernel::bpf::take::<UnixConnKey, UnixConn>(fd, &key).ok()??;
-                Some((seen, last))
+                Some((key, seen, last))
             })
             .collect();
-        for (seen, last) in taken {
+        if ipc.reclaimed.len() + taken.len() > RECLAIMED_MAX {
+            ipc.reclaimed.clear();
+        }
+        for (key, seen, last) in taken {
+            ipc.reclaimed.insert(key, last.client_inode);
             let (request, response) = conn_difference(&last, &seen.counted);
             if request.packets + response.packets + request.connections == 0 {
                 continue;
