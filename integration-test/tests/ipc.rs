@@ -30,6 +30,9 @@ const DATAGRAM: u64 = 12;
 /// Writes to the pipe, of `WRITE` bytes each.
 const WRITES: u64 = 5;
 const WRITE: u64 = 20;
+/// Seqpacket messages each way, of `PACKET` bytes, on one connection.
+const PACKETS: u64 = 3;
+const PACKET: u64 = 30;
 
 const LAB: &str = r#"
 apiVersion: observer-lab/v1
@@ -120,6 +123,63 @@ pods:
             for i in range(DATAGRAMS):
                 s.send(b"d" * DATAGRAM)
             time.sleep(3600)
+      - name: seq-server
+        command:
+          - python3
+          - -c
+          - |
+            import os, socket, time
+            run = os.environ["POD_VOLUMES"] + "/run"
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.bind("\0seq")
+            s.listen(1)
+            open(run + "/seq", "w").close()
+            c, _ = s.accept()
+            for i in range(SEQ_COUNT):
+                c.recv(4096)
+                c.send(b"s" * SEQ_SIZE)
+            time.sleep(3600)
+      - name: seq-client
+        command:
+          - python3
+          - -c
+          - |
+            import os, socket, time
+            run = os.environ["POD_VOLUMES"] + "/run"
+            while not (os.path.exists(run + "/go") and os.path.exists(run + "/seq")):
+                time.sleep(0.05)
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            c.connect("\0seq")
+            for i in range(SEQ_COUNT):
+                c.send(b"c" * SEQ_SIZE)
+                c.recv(4096)
+            time.sleep(3600)
+      - name: solo
+        command:
+          - python3
+          - -c
+          - |
+            # Two processes of one container: counted under it at both ends.
+            import os, socket, time
+            run = os.environ["POD_VOLUMES"] + "/run"
+            while not os.path.exists(run + "/go"):
+                time.sleep(0.05)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind("\0solo")
+            s.listen(1)
+            if os.fork() == 0:
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.connect("\0solo")
+                c.sendall(b"x" * REQUEST)
+                c.recv(4096)
+                os._exit(0)
+            c, _ = s.accept()
+            got = b""
+            while len(got) < REQUEST:
+                got += c.recv(4096)
+            c.sendall(b"y" * REPLY)
+            os.wait()
+            time.sleep(3600)
       - name: writer
         command:
           - python3
@@ -158,7 +218,9 @@ fn plan() -> Plan {
         .replace("DATAGRAMS", &DATAGRAMS.to_string())
         .replace("DATAGRAM", &DATAGRAM.to_string())
         .replace("WRITES", &WRITES.to_string())
-        .replace("WRITE", &WRITE.to_string());
+        .replace("WRITE", &WRITE.to_string())
+        .replace("SEQ_COUNT", &PACKETS.to_string())
+        .replace("SEQ_SIZE", &PACKET.to_string());
     Plan::from_yaml(&text, "ipc").expect("a valid lab")
 }
 
@@ -267,13 +329,51 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
         WRITES * WRITE,
     );
 
+    let seqpacket = |family: &str, direction: &str| {
+        format!(
+            r#"{family}{{pod="fpm",class="unix",protocol="seqpacket",direction="{direction}",path="@seq",client_container="seq-client",server_container="seq-server"}}"#
+        )
+    };
+    wait_value(
+        &prometheus,
+        &seqpacket("observer_connections_opened_total", "request"),
+        1,
+    );
+    for direction in ["request", "response"] {
+        wait_value(
+            &prometheus,
+            &seqpacket("observer_flow_packets_total", direction),
+            PACKETS,
+        );
+        wait_value(
+            &prometheus,
+            &seqpacket("observer_flow_bytes_total", direction),
+            PACKETS * PACKET,
+        );
+    }
+    let solo = |family: &str, direction: &str| {
+        format!(
+            r#"{family}{{pod="fpm",class="unix",protocol="stream",direction="{direction}",path="@solo",client_container="solo",server_container="solo"}}"#
+        )
+    };
+    wait_value(
+        &prometheus,
+        &solo("observer_flow_bytes_total", "request"),
+        REQUEST,
+    );
+    wait_value(
+        &prometheus,
+        &solo("observer_flow_bytes_total", "response"),
+        REPLY,
+    );
+
     // Nothing else of the pod's IPC: no series with an unknown end, and
     // nothing lost.
     let others = prometheus
         .query(r#"count(observer_flow_packets_total{pod="fpm",class=~"unix|fifo"}) or vector(0)"#);
     assert_eq!(
         others,
-        [4.0],
+        [8.0],
         "{}",
         prometheus.series("observer_flow_packets_total")
     );

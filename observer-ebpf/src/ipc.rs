@@ -20,7 +20,7 @@
 //! the daemon found in the running kernel's BTF ([`KernelOffsets`]): Rust
 //! eBPF has no CO-RE relocations.
 
-use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd, atomic_xchg};
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
@@ -272,12 +272,14 @@ fn connection(
         let inode = read::<u64>(key.client_end, o.sock_socket)
             .filter(|&socket| socket != 0)
             .and_then(|socket| read::<u64>(socket, o.socket_inode));
-        // SAFETY: a live, 8-byte aligned map value.
+        // SAFETY: a live, 8-byte aligned map value. Exchanged, so that of
+        // two CPUs seeing the connection's first messages at once (its
+        // client's send, its server's read) only one counts it.
         unsafe {
             if let Some(inode) = inode
                 && (*conn).client_inode != inode
+                && atomic_xchg::<u64, { Relaxed }>(&raw mut (*conn).client_inode, inode) != inode
             {
-                (*conn).client_inode = inode;
                 atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).connections, 1);
             }
         }
