@@ -19,7 +19,8 @@ pub const IPC_PODS_CAPACITY: u32 = 16_384;
 /// ([`UnixConnKey`] to [`UnixConn`]).
 pub const UNIX_CONNS_MAP: &str = "UNIX_CONNS";
 pub const UNIX_CONNS_CAPACITY: u32 = 65_536;
-/// A path a server's socket is bound to ([`UnixPath`]), by [`path_hash`].
+/// A path a server's socket is bound to ([`UnixPath`]), by pod and
+/// [`path_hash`] ([`UnixPathKey`]): one pod cannot name another's paths.
 pub const UNIX_PATHS_MAP: &str = "UNIX_PATHS";
 pub const UNIX_PATHS_CAPACITY: u32 = 16_384;
 /// Reads and writes of one container on one named pipe ([`FifoKey`] to
@@ -61,6 +62,16 @@ pub mod unix_kind {
 
 /// The longest unix socket path (`sizeof(sun_path)`).
 pub const UNIX_PATH_MAX: usize = 108;
+
+/// Key of [`UNIX_PATHS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnixPathKey {
+    /// The pod's network namespace (cookie).
+    pub netns: u64,
+    /// [`path_hash`] of the path.
+    pub hash: u64,
+}
 
 /// Value of [`UNIX_PATHS_MAP`]: a path as the server bound it.
 #[repr(C)]
@@ -255,9 +266,8 @@ pub struct KernelOffsets {
     /// `struct file`: `f_inode`, `f_path.dentry`.
     pub file_inode: u32,
     pub file_dentry: u32,
-    /// `struct dentry`: `d_name.name`, `d_name.len`.
+    /// `struct dentry`: `d_name.name`.
     pub dentry_name: u32,
-    pub dentry_name_len: u32,
     /// `struct inode`: `i_mode` (a u16), `i_ino`, `i_sb`;
     /// `struct super_block`: `s_dev` (a u32), `s_magic` (an unsigned long).
     pub inode_mode: u32,
@@ -266,7 +276,7 @@ pub struct KernelOffsets {
     pub super_block_dev: u32,
     pub super_block_magic: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 120);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 116);
 
 /// System call numbers (x86-64) of the reads and writes a named pipe's
 /// traffic goes through.

@@ -44,6 +44,7 @@ mod pod {
     unsafe impl aya::Pod for super::ipc::UnixConnKey {}
     unsafe impl aya::Pod for super::ipc::UnixConn {}
     unsafe impl aya::Pod for super::ipc::UnixPath {}
+    unsafe impl aya::Pod for super::ipc::UnixPathKey {}
     unsafe impl aya::Pod for super::ipc::FifoId {}
     unsafe impl aya::Pod for super::ipc::FifoKey {}
     unsafe impl aya::Pod for super::ipc::FifoName {}

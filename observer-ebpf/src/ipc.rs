@@ -26,16 +26,16 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_task, bpf_probe_read_kernel,
-        generated::bpf_probe_read_kernel as probe_read,
+        bpf_probe_read_kernel_str_bytes, generated::bpf_probe_read_kernel as probe_read,
     },
     macros::{map, raw_tracepoint},
     maps::{HashMap, PerCpuArray},
     programs::RawTracePointContext,
 };
 use observer_common::ipc::{
-    AF_UNIX, FIFO_FLOWS_CAPACITY, FIFO_NAME_MAX, FifoId, FifoKey, FifoName, IPC_PODS_CAPACITY,
-    IpcCounts, KernelOffsets, PIPEFS_MAGIC, S_IFIFO, S_IFMT, Sent, UNIX_CONNS_CAPACITY,
-    UNIX_PATH_MAX, UNIX_PATHS_CAPACITY, UnixConn, UnixConnKey, UnixPath, path_hash, syscall,
+    AF_UNIX, FIFO_FLOWS_CAPACITY, FifoId, FifoKey, FifoName, IPC_PODS_CAPACITY, IpcCounts,
+    KernelOffsets, PIPEFS_MAGIC, S_IFIFO, S_IFMT, Sent, UNIX_CONNS_CAPACITY, UNIX_PATH_MAX,
+    UNIX_PATHS_CAPACITY, UnixConn, UnixConnKey, UnixPath, UnixPathKey, path_hash, syscall,
     unix_kind,
 };
 
@@ -52,7 +52,7 @@ static UNIX_CONNS: HashMap<UnixConnKey, UnixConn> =
     HashMap::with_max_entries(UNIX_CONNS_CAPACITY, NO_PREALLOC);
 
 #[map]
-static UNIX_PATHS: HashMap<u64, UnixPath> =
+static UNIX_PATHS: HashMap<UnixPathKey, UnixPath> =
     HashMap::with_max_entries(UNIX_PATHS_CAPACITY, NO_PREALLOC);
 
 #[map]
@@ -95,7 +95,6 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     file_inode: 0,
     file_dentry: 0,
     dentry_name: 0,
-    dentry_name_len: 0,
     inode_mode: 0,
     inode_ino: 0,
     inode_sb: 0,
@@ -196,18 +195,26 @@ fn ends(
     current: u64,
     o: &KernelOffsets,
 ) -> Option<(UnixConnKey, bool)> {
-    let server_side = if kind == unix_kind::DGRAM {
-        false
-    } else {
-        let own: u64 = read(sk, o.unix_sock_addr)?;
-        let theirs: u64 = read(peer, o.unix_sock_addr)?;
-        match (own != 0, theirs != 0) {
-            (true, false) => true,
-            (false, true) => false,
-            // A socketpair: no path, no server.
-            (false, false) => return None,
-            (true, true) => sock_cgroup(sk, o) != Some(current),
-        }
+    let own: u64 = read(sk, o.unix_sock_addr)?;
+    let theirs: u64 = read(peer, o.unix_sock_addr)?;
+    let server_side = match (own != 0, theirs != 0) {
+        // A socketpair: no path, no server.
+        (false, false) => return None,
+        _ if kind == unix_kind::DGRAM => false,
+        (true, false) => true,
+        (false, true) => false,
+        // Both named: a client that sends credentials has a name the
+        // kernel gave it (autobind); else the end a process of another
+        // container than the one that connected uses is the server's.
+        (true, true) => match (autobound(own, o)?, autobound(theirs, o)?) {
+            (true, false) => false,
+            (false, true) => true,
+            _ => match sock_cgroup(sk, o) {
+                Some(made_by) if made_by != current => true,
+                // Not to be told apart: not counted, rather than wrong.
+                _ => return None,
+            },
+        },
     };
     let key = if server_side {
         UnixConnKey {
@@ -221,6 +228,15 @@ fn ends(
         }
     };
     Some((key, server_side))
+}
+
+/// Whether a `struct unix_address` is a name the kernel gave a socket
+/// (autobind: a NUL and five hex digits), not one a server bound.
+#[inline(always)]
+fn autobound(address: u64, o: &KernelOffsets) -> Option<bool> {
+    let len: i32 = read(address, o.unix_address_len)?;
+    let first: u8 = read(address, o.unix_address_name + 2)?;
+    Some(len == 2 + 6 && first == 0)
 }
 
 /// The path a unix socket is bound to, in this CPU's scratch slot, and
@@ -278,13 +294,67 @@ fn connection(
         unsafe {
             if let Some(inode) = inode
                 && (*conn).client_inode != inode
-                && atomic_xchg::<u64, { Relaxed }>(&raw mut (*conn).client_inode, inode) != inode
             {
-                atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).connections, 1);
+                let before = atomic_xchg::<u64, { Relaxed }>(&raw mut (*conn).client_inode, inode);
+                if before != inode {
+                    atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).connections, 1);
+                }
+                if before != 0 && before != inode {
+                    // A new connection on reused sockets: its own client,
+                    // its own path (counts go on adding up). Its server is
+                    // whoever uses the server's end next (the one before,
+                    // until then: a server's event on another CPU may
+                    // already have set it).
+                    let (client, _, path) = identity(key, netns, kind, server_side, current, o);
+                    (*conn).netns = netns;
+                    (*conn).client = client;
+                    (*conn).path = path;
+                    (*conn).kind = kind;
+                }
             }
         }
     }
     Some(conn)
+}
+
+/// A connection's client and server containers (the server 0 while not
+/// known) and its path's hash (kept for the daemon).
+#[inline(always)]
+fn identity(
+    key: &UnixConnKey,
+    netns: u64,
+    kind: u8,
+    server_side: bool,
+    current: u64,
+    o: &KernelOffsets,
+) -> (u64, u64, u64) {
+    let path = match sock_path(key.server_end, o) {
+        Some((path, hash)) => {
+            path.netns = netns;
+            let at = UnixPathKey { netns, hash };
+            // Kept once, for the daemon's label.
+            if UNIX_PATHS.insert(&at, path, u64::from(BPF_NOEXIST)).is_err()
+                // SAFETY: a plain lookup.
+                && unsafe { UNIX_PATHS.get(&at) }.is_none()
+            {
+                bump_stats(|s| s.ipc_lost += 1);
+            }
+            hash
+        }
+        None => 0,
+    };
+    // The process that connected made the client's end (and, for a
+    // stream, the server's end too).
+    let client = sock_cgroup(key.client_end, o).unwrap_or(current);
+    let server = if kind == unix_kind::DGRAM {
+        // A datagram's receiver made its own socket.
+        sock_cgroup(key.server_end, o).unwrap_or(0)
+    } else if server_side {
+        current
+    } else {
+        0
+    };
+    (client, server, path)
 }
 
 #[inline(always)]
@@ -296,28 +366,11 @@ fn new_connection(
     current: u64,
     o: &KernelOffsets,
 ) -> Option<*mut UnixConn> {
-    let path = match sock_path(key.server_end, o) {
-        Some((path, hash)) => {
-            path.netns = netns;
-            // Kept once, for the daemon's label.
-            let _ = UNIX_PATHS.insert(&hash, path, u64::from(BPF_NOEXIST));
-            hash
-        }
-        None => 0,
-    };
+    let (client, server, path) = identity(key, netns, kind, server_side, current, o);
     let conn = UnixConn {
         netns,
-        // The process that connected made the client's end (and, for a
-        // stream, the server's end too).
-        client: sock_cgroup(key.client_end, o).unwrap_or(current),
-        server: if kind == unix_kind::DGRAM {
-            // A datagram's receiver made its own socket.
-            sock_cgroup(key.server_end, o).unwrap_or(0)
-        } else if server_side {
-            current
-        } else {
-            0
-        },
+        client,
+        server,
         path,
         to_server: Sent::default(),
         to_client: Sent::default(),
@@ -350,9 +403,8 @@ fn sent(ctx: &RawTracePointContext) -> Option<()> {
     // SAFETY: a live, 8-byte aligned map value; other CPUs add too.
     unsafe {
         let way = if server_side {
-            if (*conn).server == 0 {
-                (*conn).server = current;
-            }
+            // The server's process: the server (also after a reuse).
+            (*conn).server = current;
             &raw mut (*conn).to_client
         } else {
             &raw mut (*conn).to_server
@@ -382,9 +434,7 @@ fn received(ctx: &RawTracePointContext) -> Option<()> {
     let conn = connection(&key, netns, kind, server_side, current, &o)?;
     // SAFETY: a live map value.
     unsafe {
-        if (*conn).server == 0 {
-            (*conn).server = current;
-        }
+        (*conn).server = current;
     }
     Some(())
 }
@@ -449,19 +499,17 @@ fn pod_file(fd: u64, o: &KernelOffsets) -> Option<(u64, u64)> {
 fn fifo_name(file: u64, pipe: &FifoId, netns: u64, o: &KernelOffsets) -> Option<()> {
     let dentry: u64 = read(file, o.file_dentry)?;
     let name: u64 = read(dentry, o.dentry_name)?;
-    let len = read::<u32>(dentry, o.dentry_name_len)?.min(FIFO_NAME_MAX as u32);
     let slot = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot, for this program's run; a `FifoName` is
     // smaller than a `UnixPath`, and as aligned.
     let value = unsafe { &mut *slot.cast::<FifoName>() };
     value.netns = netns;
-    value.len = len;
     value._pad = 0;
-    // SAFETY: the helper checks the source; `len` is at most the
-    // destination's size.
-    if unsafe { probe_read(value.bytes.as_mut_ptr().cast(), len, name as *const _) } != 0 {
-        return None;
-    }
+    // Up to its NUL (read once: a rename between reading a length and the
+    // bytes could pair a long length with a short name).
+    // SAFETY: the helper checks the source and stops at the buffer's end.
+    let read = unsafe { bpf_probe_read_kernel_str_bytes(name as *const u8, &mut value.bytes) };
+    value.len = read.ok()?.len() as u32;
     let _ = FIFO_NAMES.insert(pipe, value, u64::from(BPF_NOEXIST));
     Some(())
 }

@@ -19,7 +19,7 @@ use aya::{
 };
 use observer_common::ipc::{
     FIFO_FLOWS_MAP, FIFO_NAMES_MAP, FifoId, FifoKey, FifoName, IPC_PODS_MAP, IpcCounts,
-    KernelOffsets, UNIX_CONNS_MAP, UNIX_PATHS_MAP, UnixConn, UnixConnKey, UnixPath,
+    KernelOffsets, UNIX_CONNS_MAP, UNIX_PATHS_MAP, UnixConn, UnixConnKey, UnixPath, UnixPathKey,
 };
 
 use super::btf::{BtfError, KernelBtf};
@@ -68,7 +68,6 @@ pub fn offsets(btf: &KernelBtf) -> Result<KernelOffsets, BtfError> {
         file_inode: btf.offset("file.f_inode")?,
         file_dentry: btf.offset("file.f_path.dentry")?,
         dentry_name: btf.offset("dentry.d_name.name")?,
-        dentry_name_len: btf.offset("dentry.d_name.len")?,
         inode_mode: btf.offset("inode.i_mode")?,
         inode_ino: btf.offset("inode.i_ino")?,
         inode_sb: btf.offset("inode.i_sb")?,
@@ -115,7 +114,7 @@ fn attach_one(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<(), Progr
 pub struct IpcMaps {
     pub pods: HashMap<MapData, u64, u8>,
     pub unix_conns: HashMap<MapData, UnixConnKey, UnixConn>,
-    pub unix_paths: HashMap<MapData, u64, UnixPath>,
+    pub unix_paths: HashMap<MapData, UnixPathKey, UnixPath>,
     pub fifo_flows: HashMap<MapData, FifoKey, IpcCounts>,
     pub fifo_names: HashMap<MapData, FifoId, FifoName>,
 }
@@ -168,12 +167,11 @@ impl IpcMaps {
         for key in fifo {
             let _ = self.fifo_flows.remove(&key);
         }
-        let paths: Vec<u64> = self
+        let paths: Vec<UnixPathKey> = self
             .unix_paths
-            .iter()
+            .keys()
             .flatten()
-            .filter(|(_, p)| p.netns == netns)
-            .map(|(k, _)| k)
+            .filter(|k| k.netns == netns)
             .collect();
         for key in paths {
             let _ = self.unix_paths.remove(&key);

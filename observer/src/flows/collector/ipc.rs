@@ -24,7 +24,7 @@ use observer_common::{
     direction,
     ipc::{
         FIFO_CLASS, FifoId, FifoKey, IpcCounts, Sent, UNIX_CLASS, UNNAMED_PATH, UnixConn,
-        UnixConnKey, unix_kind,
+        UnixConnKey, UnixPath, UnixPathKey, unix_kind,
     },
 };
 
@@ -48,7 +48,7 @@ pub struct Ipc {
     fifo: HashMap<FifoKey, IpcCounts>,
     /// Paths and pipe names read from the kernel, kept while a series
     /// may need them (the kernel's entry may go with a pod).
-    paths: HashMap<u64, String>,
+    paths: HashMap<UnixPathKey, String>,
     pipes: HashMap<FifoId, String>,
     /// Connections taken out of the map while quiet, by their client
     /// socket's inode: one that talks again comes back as a new entry,
@@ -138,36 +138,39 @@ impl Collector {
 
         let mut series: HashMap<(u64, FlowLabels), Counts> = HashMap::new();
         let mut quiet = Vec::new();
+        let fd = ipc.maps.unix_conns.map().fd().as_fd();
         for (key, now) in conns {
             let Some(netns) = self.attached.get(&now.netns) else {
+                // Made as its pod went (the pod is followed no more): no
+                // pod's, and nothing will count it.
+                let _ = kernel::bpf::take::<UnixConnKey, UnixConn>(fd, &key);
                 continue;
             };
             let before = ipc.conns.get(&key).copied();
             let first_seen = before.map_or(started, |b| b.first_seen);
-            let waits = now.server == 0 && started.duration_since(first_seen) < HOLD;
-            if waits || held(now.client) || held(now.server) {
-                ipc.conns.entry(key).or_insert(Seen {
-                    counted: UnixConn {
-                        netns: now.netns,
-                        ..UnixConn::default()
-                    },
-                    first_seen,
-                    quiet: 0,
-                });
-                continue;
-            }
+            // What was counted of it so far: nothing if it is new, but a
+            // connection that went quiet and talks again was counted as
+            // opened already.
             let counted = before.map_or_else(
                 || {
-                    // A connection that went quiet and talks again: it was
-                    // counted as opened already.
                     let again = ipc.reclaimed.remove(&key) == Some(now.client_inode);
                     UnixConn {
+                        netns: now.netns,
                         connections: u64::from(again && now.client_inode != 0),
                         ..UnixConn::default()
                     }
                 },
                 |b| b.counted,
             );
+            let waits = now.server == 0 && started.duration_since(first_seen) < HOLD;
+            if waits || held(now.client) || held(now.server) {
+                ipc.conns.entry(key).or_insert(Seen {
+                    counted,
+                    first_seen,
+                    quiet: 0,
+                });
+                continue;
+            }
             let (request, response) = conn_difference(&now, &counted);
             let active = request.packets + response.packets + request.connections > 0;
             let idle = match (active, before) {
@@ -186,7 +189,7 @@ impl Collector {
                 quiet.push(key);
             }
             let pod = &netns.pod;
-            let path = unix_path(ipc, now.path);
+            let path = unix_path(&mut ipc.paths, &ipc.maps.unix_paths, now.netns, now.path);
             let labels = |way: &str| FlowLabels {
                 namespace: pod.namespace.clone(),
                 pod: pod.name.clone(),
@@ -210,13 +213,13 @@ impl Collector {
                 }
             }
         }
-        // Quiet connections go, with what came since the walk.
-        let fd = ipc.maps.unix_conns.map().fd().as_fd();
+        // Quiet connections go, with what came since the walk (forgotten
+        // here only once the kernel's entry is taken).
         let taken: Vec<(UnixConnKey, Seen, UnixConn)> = quiet
             .into_iter()
             .filter_map(|key| {
-                let seen = ipc.conns.remove(&key)?;
                 let last = kernel::bpf::take::<UnixConnKey, UnixConn>(fd, &key).ok()??;
+                let seen = ipc.conns.remove(&key)?;
                 Some((key, seen, last))
             })
             .collect();
@@ -233,7 +236,7 @@ impl Collector {
                 continue;
             };
             let pod = &netns.pod;
-            let path = unix_path(ipc, last.path);
+            let path = unix_path(&mut ipc.paths, &ipc.maps.unix_paths, last.netns, last.path);
             for (way, delta) in [
                 (direction::REQUEST, request),
                 (direction::RESPONSE, response),
@@ -299,8 +302,15 @@ impl Collector {
             series.entry((key.netns, labels)).or_default().add(delta);
         }
         // Paths and names no key uses any more go.
-        let used: HashSet<u64> = ipc.conns.values().map(|s| s.counted.path).collect();
-        ipc.paths.retain(|hash, _| used.contains(hash));
+        let used: HashSet<UnixPathKey> = ipc
+            .conns
+            .values()
+            .map(|s| UnixPathKey {
+                netns: s.counted.netns,
+                hash: s.counted.path,
+            })
+            .collect();
+        ipc.paths.retain(|key, _| used.contains(key));
         let pipes: HashSet<FifoId> = ipc.fifo.keys().map(|k| k.pipe).collect();
         ipc.pipes.retain(|id, _| pipes.contains(id));
         series
@@ -310,18 +320,22 @@ impl Collector {
     }
 }
 
-/// The `path` label of a connection's path hash (read from the kernel
-/// once).
-fn unix_path(ipc: &mut Ipc, hash: u64) -> String {
+/// The `path` label of a pod's path hash (read from the kernel once).
+fn unix_path(
+    paths: &mut HashMap<UnixPathKey, String>,
+    kernel: &aya::maps::HashMap<aya::maps::MapData, UnixPathKey, UnixPath>,
+    netns: u64,
+    hash: u64,
+) -> String {
     if hash == 0 {
         return UNNAMED_PATH.to_owned();
     }
-    ipc.paths
-        .entry(hash)
+    let key = UnixPathKey { netns, hash };
+    paths
+        .entry(key)
         .or_insert_with(|| {
-            ipc.maps
-                .unix_paths
-                .get(&hash, 0)
+            kernel
+                .get(&key, 0)
                 .map_or_else(|_| UNKNOWN.to_owned(), |p| path_label(p.name()))
         })
         .clone()
