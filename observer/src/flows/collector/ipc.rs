@@ -31,11 +31,13 @@ use observer_common::{
 use super::{Collector, Naming, naming};
 use crate::{
     flows::{
+        cgroups::CgroupNames,
         metrics::Counts,
         schema::FlowLabels,
         series::{UNKNOWN, container_label},
     },
     kernel::{self, ipc::IpcMaps},
+    names::{Identities, ObjectRef},
 };
 
 /// How long a connection's counts wait for its server's container.
@@ -188,30 +190,9 @@ impl Collector {
             if idle >= self.idle_ticks {
                 quiet.push(key);
             }
-            let pod = &netns.pod;
             let path = unix_path(&mut ipc.paths, &ipc.maps.unix_paths, now.netns, now.path);
-            let labels = |way: &str| FlowLabels {
-                namespace: pod.namespace.clone(),
-                pod: pod.name.clone(),
-                class: UNIX_CLASS.to_owned(),
-                direction: way.to_owned(),
-                protocol: unix_kind::name(now.kind).to_owned(),
-                path: path.clone(),
-                client_container: container_label(now.client, pod, identities, cgroups),
-                server_container: container_label(now.server, pod, identities, cgroups),
-                ..FlowLabels::default()
-            };
-            for (way, delta) in [
-                (direction::REQUEST, request),
-                (direction::RESPONSE, response),
-            ] {
-                if delta.packets + delta.connections > 0 {
-                    series
-                        .entry((now.netns, labels(way)))
-                        .or_default()
-                        .add(delta);
-                }
-            }
+            let labels = |way: &str| unix_labels(&netns.pod, &now, &path, way, identities, cgroups);
+            add_ways(&mut series, now.netns, labels, request, response);
         }
         // Quiet connections go, with what came since the walk (forgotten
         // here only once the kernel's entry is taken).
@@ -235,25 +216,10 @@ impl Collector {
             let Some(netns) = self.attached.get(&last.netns) else {
                 continue;
             };
-            let pod = &netns.pod;
             let path = unix_path(&mut ipc.paths, &ipc.maps.unix_paths, last.netns, last.path);
-            for (way, delta) in [
-                (direction::REQUEST, request),
-                (direction::RESPONSE, response),
-            ] {
-                let labels = FlowLabels {
-                    namespace: pod.namespace.clone(),
-                    pod: pod.name.clone(),
-                    class: UNIX_CLASS.to_owned(),
-                    direction: way.to_owned(),
-                    protocol: unix_kind::name(last.kind).to_owned(),
-                    path: path.clone(),
-                    client_container: container_label(last.client, pod, identities, cgroups),
-                    server_container: container_label(last.server, pod, identities, cgroups),
-                    ..FlowLabels::default()
-                };
-                series.entry((last.netns, labels)).or_default().add(delta);
-            }
+            let labels =
+                |way: &str| unix_labels(&netns.pod, &last, &path, way, identities, cgroups);
+            add_ways(&mut series, last.netns, labels, request, response);
         }
 
         let readers = fifo_readers(&fifo);
@@ -317,6 +283,46 @@ impl Collector {
             .into_iter()
             .map(|((cookie, labels), counts)| (cookie, labels, counts))
             .collect()
+    }
+}
+
+/// The labels of a unix connection's series one way.
+fn unix_labels(
+    pod: &ObjectRef,
+    conn: &UnixConn,
+    path: &str,
+    way: &str,
+    identities: &Identities,
+    cgroups: &CgroupNames,
+) -> FlowLabels {
+    FlowLabels {
+        namespace: pod.namespace.clone(),
+        pod: pod.name.clone(),
+        class: UNIX_CLASS.to_owned(),
+        direction: way.to_owned(),
+        protocol: unix_kind::name(conn.kind).to_owned(),
+        path: path.to_owned(),
+        client_container: container_label(conn.client, pod, identities, cgroups),
+        server_container: container_label(conn.server, pod, identities, cgroups),
+        ..FlowLabels::default()
+    }
+}
+
+/// Adds what a connection sent each way to its series.
+fn add_ways(
+    series: &mut HashMap<(u64, FlowLabels), Counts>,
+    netns: u64,
+    labels: impl Fn(&str) -> FlowLabels,
+    request: Counts,
+    response: Counts,
+) {
+    for (way, delta) in [
+        (direction::REQUEST, request),
+        (direction::RESPONSE, response),
+    ] {
+        if delta.packets + delta.connections > 0 {
+            series.entry((netns, labels(way))).or_default().add(delta);
+        }
     }
 }
 
