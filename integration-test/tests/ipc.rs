@@ -5,16 +5,22 @@
 //! the client connected as DogStatsD clients are), and a named pipe. Each
 //! exchange is made a known number of times, after the observer is
 //! attached, and counted exactly: messages, bytes, connections,
-//! containers and path.
+//! containers and path. And unix-socket rules: a client container a rule
+//! does not let in gets EPERM from `connect()` and `sendto()` at once,
+//! whatever path it takes to the socket, and every decision is counted.
 
 use std::{
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use integration_test::{Observer, Prometheus};
+use integration_test::{
+    Observer, Prometheus, TempDir,
+    container::{container, in_container},
+};
 use lab::{Lab, Plan};
 
 const WAIT: Duration = Duration::from_secs(40);
@@ -378,4 +384,197 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
         prometheus.series("observer_flow_packets_total")
     );
     assert_eq!(observer.scrape().sum("observer_ipc_lost_total", &[]), 0.0);
+}
+
+const GUARDED: &str = r#"
+apiVersion: observer-lab/v1
+kind: Lab
+name: ipc-policy
+network:
+  serviceCIDR: 10.96.0.0/16
+  nodeCIDR: 172.18.0.0/24
+  externalCIDR: 192.168.200.0/24
+  clusterDNS: 10.96.0.53
+nodes:
+  - name: node-1
+    podCIDR: 10.244.1.0/24
+pods:
+  - name: guarded
+    namespace: default
+    node: node-1
+    labels: {app: guarded}
+    volumes: [run]
+    containers:
+      - name: fpm
+        command:
+          - python3
+          - -c
+          - |
+            import os, socket
+            run = os.environ["POD_VOLUMES"] + "/run"
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(run + "/php.sock")
+            s.listen(16)
+            print(run, flush=True)
+            s.settimeout(600)
+            for i in range(100):
+                c, _ = s.accept()
+                c.recv(4096)
+                c.close()
+      - name: agent
+        command:
+          - python3
+          - -c
+          - |
+            import socket
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.bind("\0metrics")
+            s.settimeout(600)
+            for i in range(100):
+                s.recv(4096)
+      - name: web
+        command: [sleep, "600"]
+      - name: intruder
+        command: [sleep, "600"]
+"#;
+
+const UNIX_POLICY: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: sockets}
+spec:
+  podSelector: {matchLabels: {app: guarded}}
+  mode: enforce
+  rules:
+    - {name: fpm, class: unix, clientContainers: [web], paths: [SOCKET], action: allow}
+    - {name: metrics, class: unix, clientContainers: [web], paths: ['@metrics'], action: allow}
+    - {name: rest, class: unix, action: deny}
+";
+
+/// Runs, in a container, each unix-socket attempt of `attempts` (python
+/// expressions on a fresh socket `s`): "ok", or the error's name.
+fn attempts(cgroup: &Path, netns: &Path, attempts: &[String]) -> Vec<String> {
+    let mut script = String::from("import errno, os, socket\n");
+    for attempt in attempts {
+        script.push_str(&format!(
+            "try:\n    {attempt}\n    print('ok')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n"
+        ));
+    }
+    let output = in_container(cgroup, netns, Command::new("python3").args(["-c", &script]))
+        .output()
+        .expect("python3");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn unix_socket_rules_deny_with_eperm_at_once_and_count_every_decision() {
+    let plan = Plan::from_yaml(GUARDED, "ipc-policy").expect("a valid lab");
+    let lab = Lab::up_for_test(&plan).expect("lab up");
+    let deadline = Instant::now() + WAIT;
+    let run = loop {
+        let log = lab.log("default", "guarded", "fpm");
+        if let Some(line) = log.lines().next() {
+            break PathBuf::from(line.trim());
+        }
+        assert!(Instant::now() < deadline, "fpm never listened");
+        thread::sleep(Duration::from_millis(100));
+    };
+    let socket = run.join("php.sock").display().to_string();
+    let dir = TempDir::new("unix-policy");
+    let (_policy, observer) =
+        Observer::with_policy(&lab, &dir, &UNIX_POLICY.replace("SOCKET", &socket));
+    let prometheus = Prometheus::scraping(observer.addr());
+    let stream = |path: &str| {
+        format!(
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect({path:?}); s.send(b'q')"
+        )
+    };
+    let datagram = |name: &str| {
+        format!("s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b'm', {name:?})")
+    };
+    let tries = [
+        stream(&socket),
+        stream(&socket),
+        stream(&socket),
+        datagram("\0metrics"),
+    ];
+    let (web, netns) = container(&lab, "default", "guarded", "web");
+    assert_eq!(attempts(&web, &netns, &tries), ["ok", "ok", "ok", "ok"]);
+    let (intruder, _) = container(&lab, "default", "guarded", "intruder");
+    // Another path to the same socket is a path no rule lets in either.
+    let mut denied = tries.to_vec();
+    denied.push(format!(
+        "os.chdir({:?}); {}",
+        run.display().to_string(),
+        stream("./php.sock")
+    ));
+    assert_eq!(
+        attempts(&intruder, &netns, &denied),
+        ["EPERM", "EPERM", "EPERM", "EPERM", "EPERM"]
+    );
+
+    let verdicts = |rule: &str, verdict: &str| {
+        format!(
+            r#"observer_policy_verdicts_total{{namespace="default",pod="guarded",policy="sockets",rule="{rule}",class="unix",direction="egress",verdict="{verdict}"}}"#
+        )
+    };
+    wait_value(&prometheus, &verdicts("fpm", "allow"), 3);
+    wait_value(&prometheus, &verdicts("metrics", "allow"), 1);
+    wait_value(&prometheus, &verdicts("rest", "deny"), 5);
+    // What got through is observed like any unix traffic.
+    wait_value(
+        &prometheus,
+        &format!(
+            r#"observer_connections_opened_total{{pod="guarded",class="unix",path="{socket}",client_container="web",server_container="fpm"}}"#
+        ),
+        3,
+    );
+    let m = observer.scrape();
+    assert_eq!(
+        m.sum("observer_policy_unenforced_pods", &[("pod", "guarded")]),
+        0.0
+    );
+    let explained = observer_explain(&lab, &dir, &socket);
+    assert!(
+        explained.contains(&format!(
+            "unix socket {socket} from intruder: denied by sockets/rest"
+        )),
+        "{explained}"
+    );
+}
+
+/// `observer policy explain --connect-unix` for the intruder.
+fn observer_explain(lab: &Lab, dir: &TempDir, socket: &str) -> String {
+    let policy = dir.path().join("policy.yaml").display().to_string();
+    let inventory = lab.inventory_path().display().to_string();
+    let output = Command::new(integration_test::observer::binary())
+        .args([
+            "policy",
+            "explain",
+            &policy,
+            "--inventory",
+            &inventory,
+            "--pod",
+            "default/guarded",
+            "--connect-unix",
+            socket,
+            "--client",
+            "intruder",
+        ])
+        .output()
+        .expect("observer policy explain");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }

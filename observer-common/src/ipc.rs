@@ -34,11 +34,10 @@ pub const FIFO_NAMES_MAP: &str = "FIFO_NAMES";
 /// ([`KernelOffsets`]), set at load time.
 pub const KERNEL_OFFSETS_GLOBAL: &str = "KERNEL_OFFSETS";
 
-/// The `class` label of unix-socket traffic. Not a class of
-/// [`crate::vocabulary::class`]: policies do not name it (yet).
-pub const UNIX_CLASS: &str = "unix";
+/// The `class` label of unix-socket traffic.
+pub const UNIX_CLASS: &str = crate::vocabulary::class::name(crate::vocabulary::class::UNIX);
 /// The `class` label of named-pipe traffic.
-pub const FIFO_CLASS: &str = "fifo";
+pub const FIFO_CLASS: &str = crate::vocabulary::class::name(crate::vocabulary::class::FIFO);
 /// The `path` label of a unix socket that has no name (one of a
 /// `socketpair()`, or a datagram socket never bound).
 pub const UNNAMED_PATH: &str = "(unnamed)";
@@ -275,8 +274,13 @@ pub struct KernelOffsets {
     pub inode_sb: u32,
     pub super_block_dev: u32,
     pub super_block_magic: u32,
+    /// `struct bpf_sock_addr_kern` (a socket hook's context): `uaddr`, the
+    /// address a unix socket connects or sends to, and `uaddrlen` (a u32,
+    /// since 6.7, where the unix-socket hooks came).
+    pub sock_addr_uaddr: u32,
+    pub sock_addr_uaddrlen: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 116);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 124);
 
 /// System call numbers (x86-64) of the reads and writes a named pipe's
 /// traffic goes through.

@@ -37,6 +37,8 @@ mod pod {
     unsafe impl aya::Pod for super::PodPolicy {}
     unsafe impl aya::Pod for super::MemberKey {}
     unsafe impl aya::Pod for super::VerdictKey {}
+    unsafe impl aya::Pod for super::UnixPolicyKey {}
+    unsafe impl aya::Pod for super::UnixVerdict {}
     unsafe impl aya::Pod for super::SocketInfo {}
     unsafe impl aya::Pod for super::NodeInfo {}
     unsafe impl aya::Pod for super::OverflowKey {}

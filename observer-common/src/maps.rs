@@ -98,6 +98,12 @@ pub const NODE_MAP: &str = "NODE";
 /// takes it out (its pod gone, or its rule retired).
 pub const VERDICTS_MAP: &str = "VERDICTS";
 pub const VERDICTS_CAPACITY: u32 = 65_536;
+/// Unix-socket policy: what a pod's `class: unix` rules decide for a
+/// client container and a path ([`UnixPolicyKey`] to [`UnixVerdict`]).
+/// The daemon decides every pair the rules can tell apart; the kernel looks
+/// the answer up at `connect()` and `sendmsg()` of a unix socket.
+pub const UNIX_POLICY_MAP: &str = "UNIX_POLICY";
+pub const UNIX_POLICY_CAPACITY: u32 = 16_384;
 /// Rules per pod the kernel tries (all policies selecting it, in order).
 pub const MAX_POD_RULES: usize = 64;
 
@@ -489,6 +495,35 @@ pub const fn policy_cidr_key(set: u32, a: [u8; 16]) -> [u8; 20] {
         a[11], a[12], a[13], a[14], a[15],
     ]
 }
+
+/// Key of [`UNIX_POLICY_MAP`]. A pod with `class: unix` rules has an entry
+/// for each of its containers (by cgroup) and each path a rule names
+/// (by [`crate::ipc::path_hash`]), and for "any other": cgroup 0 (a client
+/// the observer has not named), path 0 (a path no rule names). The kernel
+/// tries the client's cgroup and path, then the client with any other
+/// path, then an unnamed client with the path, then with any other path.
+/// Without the last entry the pod has no unix rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UnixPolicyKey {
+    /// The pod's network namespace cookie.
+    pub netns: u64,
+    pub cgroup: u64,
+    pub path: u64,
+}
+const _: () = assert!(core::mem::size_of::<UnixPolicyKey>() == 24);
+
+/// Value of [`UNIX_POLICY_MAP`]: the rule that decides, and its verdict
+/// (one of [`crate::verdict`]); verdict 0: no rule decides (allowed, not
+/// counted).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnixVerdict {
+    pub rule: u32,
+    pub verdict: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<UnixVerdict>() == 8);
 
 /// Key of [`VERDICTS_MAP`].
 #[repr(C)]

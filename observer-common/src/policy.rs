@@ -4,7 +4,7 @@
 //! explain`; each reads the rule sets through [`RuleSets`].
 
 use crate::{
-    MAX_POD_RULES, PodPolicy, PolicyRule, class,
+    MAX_POD_RULES, PodPolicy, PolicyRule, UnixPolicyKey, UnixVerdict, class,
     direction::{EGRESS, INGRESS},
     verdict,
 };
@@ -214,4 +214,29 @@ pub const fn rule_direction(rule_class: u8, ingress: bool) -> u8 {
     } else {
         EGRESS
     }
+}
+
+/// What a pod's unix-socket rules decide for a client container (its
+/// cgroup) and a path ([`crate::ipc::path_hash`]), from the decisions the
+/// daemon stored for the pod ([`UnixPolicyKey`]; `get` reads them): the
+/// client's and the path's, else the client's for any other path, else an
+/// unnamed client's for the path, else an unnamed client's for any other.
+/// `None`: the pod has no unix rules; a verdict of 0: no rule decides.
+#[inline(always)]
+pub fn unix_decision(
+    netns: u64,
+    cgroup: u64,
+    path: u64,
+    get: impl Fn(&UnixPolicyKey) -> Option<UnixVerdict>,
+) -> Option<UnixVerdict> {
+    let key = |cgroup, path| UnixPolicyKey {
+        netns,
+        cgroup,
+        path,
+    };
+    let any = get(&key(0, 0))?;
+    get(&key(cgroup, path))
+        .or_else(|| get(&key(cgroup, 0)))
+        .or_else(|| get(&key(0, path)))
+        .or(Some(any))
 }

@@ -15,9 +15,23 @@ pub mod class {
     pub const NODE: u8 = 4;
     /// Everything else.
     pub const EXTERNAL: u8 = 5;
+    /// A unix socket between processes of a pod (no network involved).
+    pub const UNIX: u8 = 6;
+    /// A named pipe in a volume the pod's containers share (observed only:
+    /// a pipe has no hook a policy could decide at).
+    pub const FIFO: u8 = 7;
 
     /// Label values, indexed by class number.
-    pub const NAMES: [&str; 6] = ["unknown", "localhost", "pod", "service", "node", "external"];
+    pub const NAMES: [&str; 8] = [
+        "unknown",
+        "localhost",
+        "pod",
+        "service",
+        "node",
+        "external",
+        "unix",
+        "fifo",
+    ];
 
     /// The label value of a class.
     pub const fn name(class: u8) -> &'static str {

@@ -100,6 +100,8 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     inode_sb: 0,
     super_block_dev: 0,
     super_block_magic: 0,
+    sock_addr_uaddr: 0,
+    sock_addr_uaddrlen: 0,
 };
 
 /// A socket sent (`sock_send_length(struct sock *sk, int ret, int flags)`).
@@ -124,14 +126,14 @@ pub fn fifo_called(ctx: RawTracePointContext) -> i32 {
 }
 
 #[inline(always)]
-fn offsets() -> KernelOffsets {
+pub(crate) fn offsets() -> KernelOffsets {
     // SAFETY: a plain read; volatile so that the value set at load time is read.
     unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
 }
 
 /// A `T` of kernel memory at `address + offset`.
 #[inline(always)]
-fn read<T>(address: u64, offset: u32) -> Option<T> {
+pub(crate) fn read<T>(address: u64, offset: u32) -> Option<T> {
     if address == 0 {
         return None;
     }

@@ -34,10 +34,12 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use observer_common::{
     FlowKey, FlowValue, MAX_POD_RULES, MemberKey, NodeInfo, POLICIES_CAPACITY,
-    POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY, PodPolicy, VERDICTS_CAPACITY, VerdictKey,
-    classify,
+    POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY, PodPolicy, UNIX_POLICY_CAPACITY, UnixPolicyKey,
+    UnixVerdict, VERDICTS_CAPACITY, VerdictKey, class, classify,
     direction::{EGRESS, INGRESS},
-    family, interface, ipv4_mapped,
+    family, interface,
+    ipc::{UNIX_PATH_MAX, path_hash},
+    ipv4_mapped,
     policy::{self, Connection, Decision, RuleSets},
     policy_cidr_key, ports, server, verdict,
 };
@@ -415,4 +417,88 @@ fn count<C: EbpfContext>(ctx: &C, cookie: u64, decision: &Decision, c: &Connecti
             }
         }
     }
+}
+
+/// What a pod's `class: unix` rules decide for a client container and a
+/// path ([`UnixPolicyKey`]): the daemon decides every pair the rules can
+/// tell apart, so that the hooks below only look the answer up.
+#[map]
+static UNIX_POLICY: HashMap<UnixPolicyKey, UnixVerdict> =
+    HashMap::with_max_entries(UNIX_POLICY_CAPACITY, 0);
+
+/// `connect()` of a unix socket: stream and seqpacket sockets, and
+/// datagram sockets that connect to a peer (kernels 6.7 and later).
+///
+/// In a `cgroup/connect4` section only because aya 0.14 knows no unix
+/// attach type: aya parses the program and never loads it; the daemon
+/// loads it with the unix attach type (`observer::kernel::unix_hooks`).
+#[cgroup_sock_addr(connect4)]
+pub fn unix_connect(ctx: SockAddrContext) -> i32 {
+    decide_unix(&ctx)
+}
+
+/// `sendmsg()` with an address on a unix datagram socket (`sendto()`),
+/// loaded like [`unix_connect`].
+#[cgroup_sock_addr(sendmsg4)]
+pub fn unix_sendmsg(ctx: SockAddrContext) -> i32 {
+    decide_unix(&ctx)
+}
+
+/// Looks up what the pod's unix rules decide for the calling container and
+/// the path it names (see [`UnixPolicyKey`] for the order), counts it, and
+/// lets the call through (1) unless it is denied (0: EPERM).
+#[inline(always)]
+fn decide_unix(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: a plain lookup; the value is copied at once.
+    let get = |key: &UnixPolicyKey| unsafe { UNIX_POLICY.get(key) }.copied();
+    // Most pods have no unix rules: one lookup, before anything is read.
+    if get(&UnixPolicyKey {
+        netns,
+        cgroup: 0,
+        path: 0,
+    })
+    .is_none()
+    {
+        return 1;
+    }
+    // SAFETY: plain helper.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    // A path that cannot be read is one no rule names.
+    let path = unix_path(ctx).unwrap_or(0);
+    let Some(found) = policy::unix_decision(netns, cgroup, path, get) else {
+        return 1;
+    };
+    if found.verdict == 0 {
+        return 1;
+    }
+    let decision = Decision {
+        rule: found.rule,
+        verdict: found.verdict,
+    };
+    let connection = Connection {
+        direction: EGRESS,
+        class: class::UNIX,
+        ..Connection::default()
+    };
+    count(ctx, netns, &decision, &connection);
+    i32::from(decision.enforced() != verdict::DENY)
+}
+
+/// [`path_hash`] of the path a unix socket connects or sends to: the hook's
+/// context is the kernel's `struct bpf_sock_addr_kern`, whose address the
+/// program may read (its fields for unix sockets are not in the context
+/// the verifier lets a program load from).
+#[inline(always)]
+fn unix_path(ctx: &SockAddrContext) -> Option<u64> {
+    let o = crate::ipc::offsets();
+    let context = ctx.sock_addr as u64;
+    let address: u64 = crate::ipc::read(context, o.sock_addr_uaddr)?;
+    let len: u32 = crate::ipc::read(context, o.sock_addr_uaddrlen)?;
+    // `sun_path`, after the 2-byte family; on the stack: a per-CPU buffer
+    // could be another task's on this CPU once this one is preempted.
+    let path: [u8; UNIX_PATH_MAX] = crate::ipc::read(address, 2)?;
+    let len = (len as usize).saturating_sub(2).min(UNIX_PATH_MAX);
+    Some(path_hash(&path, len))
 }

@@ -66,11 +66,17 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             inventory,
             pod,
             connect,
+            connect_unix,
             client,
             udp,
         } => {
-            let connect = connect.map(|to| explain::Probe { to, client, udp });
-            explain::explain(&file, &inventory, &pod, connect.as_ref())?
+            let to = match (connect, connect_unix) {
+                (Some(to), _) => Some(explain::ProbeTo::Address { to, udp }),
+                (None, Some(path)) => Some(explain::ProbeTo::Unix(path)),
+                (None, None) => None,
+            };
+            let probe = to.map(|to| explain::Probe { to, client });
+            explain::explain(&file, &inventory, &pod, probe.as_ref())?
         }
     };
     print!("{}", out.trim_end());

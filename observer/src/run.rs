@@ -171,6 +171,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         inherited,
         ipc,
         ipc_hooks,
+        unix_policy,
     } = Datapath::open(&DatapathConfig {
         flow_capacity: args.flow_capacity,
         runtime_dir: args.runtime_dir.clone(),
@@ -202,6 +203,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             policy_maps,
             args.failure_mode,
             policy_inherited,
+            unix_policy,
         )
     });
     // Kubernetes mode keeps of other nodes' pods the labels peer rules use.

@@ -80,6 +80,7 @@ pub enum PolicyCommand {
         inventory: Option<PathBuf>,
     },
     /// Print the rules that apply to a pod, in the order they are tried.
+    #[command(group(clap::ArgGroup::new("probe").args(["connect", "connect_unix"])))]
     Explain {
         /// The policy file.
         file: PathBuf,
@@ -94,8 +95,13 @@ pub enum PolicyCommand {
         /// observer would.
         #[arg(long, value_name = "ADDRESS:PORT")]
         connect: Option<std::net::SocketAddrV4>,
-        /// With --connect to localhost: the client container.
-        #[arg(long, value_name = "CONTAINER", requires = "connect")]
+        /// Also decide a connection of the pod to the unix socket at PATH
+        /// (`@name` for an abstract name), as the observer would.
+        #[arg(long, value_name = "PATH", conflicts_with = "connect")]
+        connect_unix: Option<String>,
+        /// With --connect to localhost, or --connect-unix: the client
+        /// container.
+        #[arg(long, value_name = "CONTAINER", requires = "probe")]
         client: Option<String>,
         /// With --connect: UDP instead of TCP.
         #[arg(long, requires = "connect")]

@@ -7,7 +7,9 @@
 //! (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`: nothing counted in between is lost),
 //! and read a hash map in batches (`BPF_MAP_LOOKUP_BATCH`: one call per
 //! batch, where aya's iterator makes two per entry). On programs: run one
-//! on a given CPU (`BPF_PROG_TEST_RUN`).
+//! on a given CPU (`BPF_PROG_TEST_RUN`); load a socket hook of an attach
+//! type aya does not know, and attach it to a cgroup (the unix-socket
+//! hooks, [`super::unix_hooks`]).
 
 use std::{
     ffi::CString,
@@ -28,6 +30,9 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_F_TEST_RUN_ON_CPU: u32 = 1;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 const BPF_LINK_TYPE_TCX: u32 = 11;
@@ -124,6 +129,87 @@ pub fn is_live(path: &Path) -> io::Result<bool> {
         BPF_LINK_TYPE_CGROUP => u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes")) != 0,
         _ => true,
     })
+}
+
+/// The kernel id of a link.
+pub fn link_id(link: BorrowedFd<'_>) -> io::Result<u32> {
+    let info = link_info(link)?;
+    Ok(u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes")))
+}
+
+/// Loads a cgroup socket-address program (`BPF_PROG_TYPE_CGROUP_SOCK_ADDR`)
+/// for `attach_type`: its relocated instructions and license. A refusal
+/// carries the end of the verifier's log.
+pub fn load_sock_addr(
+    name: &str,
+    instructions: &[aya_obj::generated::bpf_insn],
+    license: &std::ffi::CStr,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let load = |log: &mut [u8]| {
+        let mut attr = Attr::new();
+        attr.put_u32(0, BPF_PROG_TYPE_CGROUP_SOCK_ADDR)
+            .put_u32(4, instructions.len() as u32)
+            .put_u64(8, instructions.as_ptr() as u64)
+            .put_u64(16, license.as_ptr() as u64)
+            .put_u32(68, attach_type);
+        if !log.is_empty() {
+            attr.put_u32(24, 1)
+                .put_u32(28, log.len() as u32)
+                .put_u64(32, log.as_mut_ptr() as u64);
+        }
+        // prog_name: at most 15 bytes and a NUL.
+        let name = &name.as_bytes()[..name.len().min(15)];
+        attr.0[48..48 + name.len()].copy_from_slice(name);
+        bpf(BPF_PROG_LOAD, &mut attr)
+    };
+    let fd = match load(&mut []) {
+        Ok(fd) => fd,
+        Err(err)
+            if err.raw_os_error() == Some(libc::EACCES)
+                || err.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            // Again, for the verifier's reason.
+            let mut log = vec![0u8; 1 << 20];
+            match load(&mut log) {
+                Ok(fd) => fd,
+                Err(again) => {
+                    let text = String::from_utf8_lossy(&log);
+                    let text = text.trim_end_matches('\0');
+                    let tail: String = text
+                        .lines()
+                        .rev()
+                        .take(6)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    return Err(io::Error::new(again.kind(), format!("{again}: {tail}")));
+                }
+            }
+        }
+        Err(err) => return Err(err),
+    };
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches `program` to the cgroup `cgroup` for `attach_type` as a bpf
+/// link (it runs beside other programs there; closing the last descriptor,
+/// with no pin, detaches it).
+pub fn link_cgroup(
+    program: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, program.as_raw_fd() as u32)
+        .put_u32(4, cgroup.as_raw_fd() as u32)
+        .put_u32(8, attach_type);
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn link_info(fd: BorrowedFd<'_>) -> io::Result<[u8; 64]> {

@@ -28,7 +28,8 @@ use observer_common::{
     CIDRS_MAP, CLASSIFIER_MAP, DatapathStats, FLOW_CACHE_MAP, FLOWS_MAP, FLUSH_PROGRAM, FlowKey,
     FlowValue, GENERATION_MAP, NETNS_COOKIE_GLOBAL, NODE_MAP, OVERFLOW_MAP, OverflowKey,
     OverflowValue, POLICIES_MAP, POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP, SOCKETS_MAP,
-    STATS_MAP, SocketInfo, UNSTORED_MAP, VERDICTS_MAP, VerdictKey, ipc::KERNEL_OFFSETS_GLOBAL,
+    STATS_MAP, SocketInfo, UNIX_POLICY_MAP, UNSTORED_MAP, VERDICTS_MAP, VerdictKey,
+    ipc::KERNEL_OFFSETS_GLOBAL,
 };
 
 use super::{
@@ -39,6 +40,7 @@ use super::{
     ipc::{self, IpcMaps},
     log::KernelLog,
     policy_maps::KernelPolicyMaps,
+    unix_hooks::UnixHooks,
 };
 
 /// The objects built from observer-ebpf by build.rs: the shared programs
@@ -149,6 +151,8 @@ pub struct Opened {
     pub ipc: Option<IpcMaps>,
     /// Each kernel function the IPC programs follow, and whether they do.
     pub ipc_hooks: Vec<(&'static str, bool)>,
+    /// Whether unix-socket rules are enforced on this kernel.
+    pub unix_policy: bool,
 }
 
 /// Loads program instances that share one set of maps.
@@ -164,6 +168,15 @@ pub struct Datapath {
     sockets: SkStorage<MapData, SocketInfo>,
     /// Only the attach worker loads instances; the lock is never contended.
     pods: std::sync::Mutex<Pods>,
+    /// The unix-socket policy hooks, where the kernel has them.
+    unix_hooks: Option<UnixHooks>,
+}
+
+/// A socket hook's link on a pod's cgroup: aya's, or one of the unix-socket
+/// hooks', which aya cannot make ([`super::unix_hooks`]).
+pub enum SocketLink {
+    Aya(FdLink),
+    Own(std::os::fd::OwnedFd),
 }
 
 /// One namespace's instance of the programs, loaded into the kernel.
@@ -204,7 +217,7 @@ pub struct MapIds {
 }
 
 /// The maps every instance shares, pinned by name.
-const SHARED_MAPS: [&str; 16] = [
+const SHARED_MAPS: [&str; 17] = [
     FLOWS_MAP,
     FLOW_CACHE_MAP,
     OVERFLOW_MAP,
@@ -217,6 +230,7 @@ const SHARED_MAPS: [&str; 16] = [
     POLICIES_MAP,
     POLICY_MEMBERS_MAP,
     POLICY_CIDRS_MAP,
+    UNIX_POLICY_MAP,
     NODE_MAP,
     VERDICTS_MAP,
     SOCKETS_MAP,
@@ -243,6 +257,16 @@ impl Datapath {
             .override_global(KERNEL_OFFSETS_GLOBAL, &kernel_offsets, true)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        // Before any map is taken out of `ebpf`: the hooks are loaded on
+        // all of them.
+        let unix_hooks = match &offsets {
+            Ok(offsets) => UnixHooks::load(&ebpf, OBJECT, offsets.sock_addr_uaddrlen)
+                .inspect_err(|err| {
+                    tracing::warn!(%err, "unix-socket rules are not enforced on this node (observed only)");
+                })
+                .ok(),
+            Err(_) => None,
+        };
         let flows: HashMap<MapData, FlowKey, FlowValue> = typed(&mut ebpf, FLOWS_MAP)?;
         let verdicts: HashMap<MapData, VerdictKey, u64> = typed(&mut ebpf, VERDICTS_MAP)?;
         let overflow: HashMap<MapData, OverflowKey, OverflowValue> =
@@ -273,6 +297,7 @@ impl Datapath {
             policies: typed(&mut ebpf, POLICIES_MAP)?,
             members: typed(&mut ebpf, POLICY_MEMBERS_MAP)?,
             cidrs: typed(&mut ebpf, POLICY_CIDRS_MAP)?,
+            unix: typed(&mut ebpf, UNIX_POLICY_MAP)?,
             node: typed(&mut ebpf, NODE_MAP)?,
             node_written: None,
         };
@@ -319,12 +344,14 @@ impl Datapath {
             }
         };
         let pods = Pods::new(&pins, flow_capacity)?;
+        let unix_policy = unix_hooks.is_some();
         let datapath = Self {
             base: ebpf,
             _classifiers: classifiers,
             pins,
             sockets,
             pods: std::sync::Mutex::new(pods),
+            unix_hooks,
         };
         Ok(Opened {
             datapath,
@@ -335,7 +362,15 @@ impl Datapath {
             inherited,
             ipc,
             ipc_hooks,
+            unix_policy,
         })
+    }
+
+    /// The socket hooks attached to every pod's cgroup, by program name
+    /// (their pins are named so).
+    pub fn socket_hooks(&self) -> Vec<&'static str> {
+        let unix = self.unix_hooks.iter().flat_map(UnixHooks::names);
+        SOCKET_PROGRAMS.into_iter().chain(unix).collect()
     }
 
     /// The node's pin directory, if the pins outlive the observer.
@@ -346,6 +381,9 @@ impl Datapath {
     /// The loaded socket hook `name`, to swap into a pinned link.
     pub fn hook_fd(&mut self, name: &'static str) -> Result<BorrowedFd<'_>, DatapathError> {
         use std::os::fd::AsFd;
+        if let Some(program) = self.unix_hooks.as_ref().and_then(|h| h.program(name)) {
+            return Ok(program);
+        }
         let hook: &mut CgroupSockAddr = program(&mut self.base, name)?;
         Ok(hook.fd().map_err(program_error(name))?.as_fd())
     }
@@ -366,7 +404,7 @@ impl Datapath {
     pub fn attach_socket_hooks(
         &mut self,
         cgroup: &Path,
-    ) -> Result<Vec<(&'static str, FdLink)>, DatapathError> {
+    ) -> Result<Vec<(&'static str, SocketLink)>, DatapathError> {
         let dir = std::fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.into(),
             source,
@@ -385,7 +423,20 @@ impl Datapath {
                 name,
                 source: Box::new(source),
             })?;
-            links.push((name, link));
+            links.push((name, SocketLink::Aya(link)));
+        }
+        if let Some(unix) = &self.unix_hooks {
+            use std::os::fd::AsFd;
+            let own = unix
+                .attach(dir.as_fd())
+                .map_err(|source| DatapathError::Cgroup {
+                    path: cgroup.into(),
+                    source,
+                })?;
+            links.extend(
+                own.into_iter()
+                    .map(|(name, link)| (name, SocketLink::Own(link))),
+            );
         }
         self.seed_sockets(cgroup);
         Ok(links)

@@ -73,6 +73,10 @@ pub fn offsets(btf: &KernelBtf) -> Result<KernelOffsets, BtfError> {
         inode_sb: btf.offset("inode.i_sb")?,
         super_block_dev: btf.offset("super_block.s_dev")?,
         super_block_magic: btf.offset("super_block.s_magic")?,
+        // 0 where the kernel has no unix-socket hooks (before 6.7): the
+        // unix-socket policy is then not loaded (see `unix_hooks`).
+        sock_addr_uaddr: btf.offset("bpf_sock_addr_kern.uaddr").unwrap_or(0),
+        sock_addr_uaddrlen: btf.offset("bpf_sock_addr_kern.uaddrlen").unwrap_or(0),
     })
 }
 

@@ -4,7 +4,8 @@
 //! what the daemon writes into the maps ([`class_maps`], [`policy_maps`]),
 //! the per-CPU flow cache's flush before the collector reads ([`flow_cache`]),
 //! and the unix-socket and named-pipe programs, with the kernel structure
-//! offsets they read at ([`ipc`], [`btf`]).
+//! offsets they read at ([`ipc`], [`btf`]), and the unix-socket policy
+//! hooks, which aya cannot load ([`unix_hooks`]).
 
 pub mod attach;
 pub mod bpf;
@@ -19,3 +20,4 @@ pub mod netns;
 pub mod policy_maps;
 pub mod sockets;
 pub mod tc;
+pub mod unix_hooks;

@@ -8,7 +8,9 @@ use aya::maps::{
     Array, HashMap as BpfHashMap, MapData, MapError,
     lpm_trie::{Key, LpmTrie},
 };
-use observer_common::{MemberKey, NodeInfo, PodPolicy, policy::RuleSets, policy_cidr_key};
+use observer_common::{
+    MemberKey, NodeInfo, PodPolicy, UnixPolicyKey, UnixVerdict, policy::RuleSets, policy_cidr_key,
+};
 
 use super::class_maps::mask;
 
@@ -28,6 +30,8 @@ pub struct PolicyEntries {
     pub members: HashSet<MemberKey>,
     /// (prefix length, [`policy_cidr_key`]) of the LPM trie.
     pub cidrs: HashSet<(u32, [u8; 20])>,
+    /// What pods' unix-socket rules decide, per client and path.
+    pub unix: HashMap<UnixPolicyKey, UnixVerdict>,
 }
 
 /// The same lookups the kernel makes, on the entries in memory.
@@ -49,6 +53,7 @@ pub struct KernelPolicyMaps {
     pub policies: BpfHashMap<MapData, u64, PodPolicy>,
     pub members: BpfHashMap<MapData, MemberKey, u8>,
     pub cidrs: LpmTrie<MapData, [u8; 20], u8>,
+    pub unix: BpfHashMap<MapData, UnixPolicyKey, UnixVerdict>,
     /// How the node's own processes are told (their connections are not
     /// subject to ingress rules).
     pub node: Array<MapData, NodeInfo>,
@@ -62,6 +67,8 @@ pub enum Write<'a> {
     Cidr((u32, [u8; 20]), bool),
     /// A pod's entry; `None`: removed.
     Pod(u64, Option<&'a PodPolicy>),
+    /// A unix-socket decision; `None`: removed.
+    Unix(UnixPolicyKey, Option<&'a UnixVerdict>),
 }
 
 /// Where [`sync`] writes: the kernel's maps, or a test's.
@@ -102,6 +109,14 @@ impl PolicyMaps for KernelPolicyMaps {
                 let _ = self.policies.remove(&cookie);
                 Ok(())
             }
+            Write::Unix(key, Some(verdict)) => self
+                .unix
+                .insert(key, verdict, 0)
+                .map_err(error("UNIX_POLICY")),
+            Write::Unix(key, None) => {
+                let _ = self.unix.remove(&key);
+                Ok(())
+            }
         }
     }
 }
@@ -119,6 +134,7 @@ impl KernelPolicyMaps {
                 .flatten()
                 .map(|key| (key.prefix_len(), key.data()))
                 .collect(),
+            unix: self.unix.iter().flatten().collect(),
         }
     }
 
@@ -178,6 +194,22 @@ pub fn sync(
             writes.push(Write::Pod(*cookie, Some(policy)));
         }
     }
+    // A pod's "any client, any path" decision says it has unix rules: it
+    // comes after the pod's other decisions, and goes before them.
+    let switch = |key: &UnixPolicyKey| key.cgroup == 0 && key.path == 0;
+    for last in [false, true] {
+        for (key, verdict) in after.unix.iter().filter(|(k, _)| switch(k) == last) {
+            if before.unix.get(key) != Some(verdict) {
+                writes.push(Write::Unix(*key, Some(verdict)));
+            }
+        }
+    }
+    for first in [true, false] {
+        let gone = before.unix.keys().filter(|k| !after.unix.contains_key(k));
+        for key in gone.filter(|k| switch(k) == first) {
+            writes.push(Write::Unix(*key, None));
+        }
+    }
     for key in before.members.difference(&after.members) {
         writes.push(Write::Member(*key, false));
     }
@@ -188,6 +220,7 @@ pub fn sync(
         Write::Member(key, added) => Write::Member(key, !added),
         Write::Cidr(cidr, added) => Write::Cidr(cidr, !added),
         Write::Pod(cookie, _) => Write::Pod(cookie, before.pods.get(&cookie)),
+        Write::Unix(key, _) => Write::Unix(key, before.unix.get(&key)),
     };
     for (done, write) in writes.iter().enumerate() {
         if let Err(err) = maps.write(*write) {
@@ -218,7 +251,10 @@ mod tests {
         fn write(&mut self, write: Write<'_>) -> Result<(), PolicyMapsError> {
             let insert = matches!(
                 write,
-                Write::Member(_, true) | Write::Cidr(_, true) | Write::Pod(_, Some(_))
+                Write::Member(_, true)
+                    | Write::Cidr(_, true)
+                    | Write::Pod(_, Some(_))
+                    | Write::Unix(_, Some(_))
             );
             if insert {
                 self.inserts += 1;
@@ -236,6 +272,8 @@ mod tests {
                 Write::Cidr(cidr, false) => drop(self.entries.cidrs.remove(&cidr)),
                 Write::Pod(cookie, Some(p)) => drop(self.entries.pods.insert(cookie, *p)),
                 Write::Pod(cookie, None) => drop(self.entries.pods.remove(&cookie)),
+                Write::Unix(key, Some(v)) => drop(self.entries.unix.insert(key, *v)),
+                Write::Unix(key, None) => drop(self.entries.unix.remove(&key)),
             }
             Ok(())
         }
@@ -257,6 +295,22 @@ mod tests {
                 .collect(),
             members: members.iter().map(|&m| MemberKey::new(1, m)).collect(),
             cidrs: cidrs.iter().map(|&c| (32, [c; 20])).collect(),
+            unix: pods
+                .iter()
+                .map(|&(netns, rules)| {
+                    let key = UnixPolicyKey {
+                        netns,
+                        cgroup: 0,
+                        path: u64::from(rules),
+                    };
+                    let verdict = UnixVerdict {
+                        rule: rules,
+                        verdict: 1,
+                        _pad: [0; 3],
+                    };
+                    (key, verdict)
+                })
+                .collect(),
         }
     }
 
@@ -265,7 +319,7 @@ mod tests {
         let before = entries(&[(1, 1), (2, 1)], &[10, 11], &[1]);
         let after = entries(&[(2, 2), (3, 1)], &[11, 12, 13], &[2]);
         // Each insert in turn fails: nothing is half-written, nothing leaks.
-        for fail_at in 1..=5 {
+        for fail_at in 1..=7 {
             let mut maps = Fake {
                 entries: before.clone(),
                 fail_at,

@@ -13,15 +13,24 @@
 //! The kernel decides egress and localhost rules at `connect()` and UDP
 //! `sendmsg()`, ingress rules at the first packet of an inbound connection
 //! on `eth0`.
+//!
+//! Unix-socket rules (`class: unix`) are decided here, for every client
+//! container of the pod and every path its rules name (and for "any other"
+//! of each), with the same rule semantics (`decide_rule`); the kernel looks
+//! the answer up at the unix socket's `connect()` or `sendmsg()`
+//! ([`UnixPolicyKey`]). Only `class: unix` rules decide them: a policy's
+//! `defaultAction` and rules of any class are about network traffic (a
+//! deny-all would otherwise cut every process from its own unix sockets).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use observer_common::{
     MAX_POD_RULES, MemberKey, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY,
-    PodPolicy, PolicyRule,
+    PodPolicy, PolicyRule, UNIX_POLICY_CAPACITY, UnixPolicyKey, UnixVerdict, class,
     inventory::Inventory,
+    ipc::{UNIX_PATH_MAX, path_hash},
     ipv4_mapped,
-    policy::{KNOWN_CONTAINERS, rule_direction},
+    policy::{self, Connection, KNOWN_CONTAINERS, rule_direction},
     policy_cidr_key, set_kind, verdict,
 };
 
@@ -78,10 +87,13 @@ pub enum Unenforced {
     /// be pinned (no `--pin-dir`, or a kernel before 6.6): while no observer
     /// runs, no policy applies to it.
     FailsOpen,
+    /// A policy selecting the pod has unix-socket rules, and this kernel
+    /// has no unix-socket hooks (before 6.7): they are not enforced.
+    NoUnixHooks,
 }
 
 impl Unenforced {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::TooManyRules,
         Self::MapFull,
         Self::NoHooks,
@@ -89,6 +101,7 @@ impl Unenforced {
         Self::UnknownService,
         Self::NotAttached,
         Self::FailsOpen,
+        Self::NoUnixHooks,
     ];
 
     /// What the reason means, for the metric's help.
@@ -96,12 +109,15 @@ impl Unenforced {
         match self {
             Self::TooManyRules => "no policy applies",
             Self::MapFull => "no room for its new entries: its last ones, if any, still apply",
-            Self::NoHooks => "egress and localhost rules do not apply",
+            Self::NoHooks => "egress, localhost and unix-socket rules do not apply",
             Self::NoCgroup => "waiting for the pod's or a named container's cgroup",
             Self::UnknownService => "a rule waits for its Service",
             Self::NotAttached => "its namespace is not attached: no policy applies",
             Self::FailsOpen => {
                 "a policy fails closed but its programs cannot be pinned: no policy applies while no observer runs"
+            }
+            Self::NoUnixHooks => {
+                "this kernel has no unix-socket hooks (Linux 6.7 and later have): unix-socket rules do not apply"
             }
         }
     }
@@ -115,6 +131,7 @@ impl Unenforced {
             Self::UnknownService => "unknown_service",
             Self::NotAttached => "not_attached",
             Self::FailsOpen => "fails_open",
+            Self::NoUnixHooks => "no_unix_hooks",
         }
     }
 
@@ -122,7 +139,10 @@ impl Unenforced {
     /// cluster (retried on a timer; the maps may have room once the last
     /// change is written).
     pub const fn retried(self) -> bool {
-        !matches!(self, Self::TooManyRules | Self::UnknownService)
+        !matches!(
+            self,
+            Self::TooManyRules | Self::UnknownService | Self::NoUnixHooks
+        )
     }
 }
 
@@ -132,6 +152,7 @@ pub struct Capacity {
     pub pods: usize,
     pub members: usize,
     pub cidrs: usize,
+    pub unix: usize,
 }
 
 impl Default for Capacity {
@@ -140,6 +161,7 @@ impl Default for Capacity {
             pods: POLICIES_CAPACITY as usize,
             members: POLICY_MEMBERS_CAPACITY as usize,
             cidrs: POLICY_CIDRS_CAPACITY as usize,
+            unix: UNIX_POLICY_CAPACITY as usize,
         }
     }
 }
@@ -175,6 +197,8 @@ pub struct Inputs<'a> {
     pub kept: &'a HashSet<u64>,
     /// Attached pods whose programs could not be pinned.
     pub fails_open: &'a HashSet<u64>,
+    /// Whether this kernel has the unix-socket hooks.
+    pub unix_hooks: bool,
 }
 
 /// Compiles with rule ids that every observer derives alike from the
@@ -275,6 +299,7 @@ impl Compiler {
         let mut pods_room = previous.pods.len();
         let mut members_room = previous.members.len();
         let mut cidrs_room = previous.cidrs.len();
+        let mut unix_room = previous.unix.len();
         for pod in &inputs.inventory.pods {
             let pod_ref = ObjectRef::new(&pod.namespace, &pod.name);
             let Some(&cookie) = inputs.attached.get(&pod_ref) else {
@@ -312,6 +337,10 @@ impl Compiler {
             // This pod's set members and CIDRs, added once they fit.
             let mut entries = PolicyEntries::default();
             let mut rules = Vec::new();
+            // Its unix rules and their sets (decided here, never walked by
+            // the kernel), with the paths each names.
+            let mut unix_rules: Vec<(PolicyRule, Vec<u64>)> = Vec::new();
+            let mut unix_sets = PolicyEntries::default();
             for policy in &selected {
                 for (i, rule) in policy.spec.rules.iter().enumerate() {
                     let names = RuleName {
@@ -336,6 +365,8 @@ impl Compiler {
                     };
                     // A set is named by its rule: `set` is the rule's id.
                     let set = id;
+                    let unix = rule.class == class::UNIX;
+                    let sets = if unix { &mut unix_sets } else { &mut entries };
                     match &rule.target {
                         Target::Any => {}
                         Target::Clients(names) | Target::NotClients(names) => {
@@ -354,8 +385,7 @@ impl Compiler {
                             out.names.insert(base.unknown_id, unknown);
                             for container in &pod.containers {
                                 if let Some(cgroup) = inputs.cgroups.get(&container.cgroup) {
-                                    entries
-                                        .members
+                                    sets.members
                                         .insert(MemberKey::new(KNOWN_CONTAINERS, *cgroup));
                                 }
                             }
@@ -364,7 +394,7 @@ impl Compiler {
                             for container in containers {
                                 match inputs.cgroups.get(&container.cgroup) {
                                     Some(cgroup) => {
-                                        entries.members.insert(MemberKey::new(set, *cgroup));
+                                        sets.members.insert(MemberKey::new(set, *cgroup));
                                     }
                                     None => unenforced(Unenforced::NoCgroup),
                                 }
@@ -412,6 +442,15 @@ impl Compiler {
                             }
                         }
                     }
+                    if unix {
+                        let paths = rule
+                            .paths
+                            .iter()
+                            .filter_map(|p| unix_path_hash(p))
+                            .collect();
+                        unix_rules.push((base, paths));
+                        continue;
+                    }
                     if rule.ports.is_empty() {
                         rules.push(base);
                     }
@@ -434,6 +473,18 @@ impl Compiler {
                 unenforced(Unenforced::TooManyRules);
                 continue;
             }
+            let unix = if unix_rules.is_empty() {
+                HashMap::new()
+            } else {
+                if !inputs.unix_hooks {
+                    unenforced(Unenforced::NoUnixHooks);
+                }
+                let cgroups = pod
+                    .containers
+                    .iter()
+                    .filter_map(|c| inputs.cgroups.get(&c.cgroup).copied());
+                unix_decisions(cookie, &unix_rules, &unix_sets, cgroups)
+            };
             let new_pod = usize::from(!previous.pods.contains_key(&cookie));
             let new_members = entries
                 .members
@@ -445,17 +496,23 @@ impl Compiler {
                 .iter()
                 .filter(|c| !out.entries.cidrs.contains(c) && !previous.cidrs.contains(c))
                 .count();
+            let new_unix = unix
+                .keys()
+                .filter(|k| !previous.unix.contains_key(k))
+                .count();
             if pods_room + new_pod > inputs.capacity.pods
                 || members_room + new_members > inputs.capacity.members
                 || cidrs_room + new_cidrs > inputs.capacity.cidrs
+                || unix_room + new_unix > inputs.capacity.unix
             {
                 out.problems.push(format!(
-                    "pod {}/{}: the policy maps are full (at most {} pods, {} set members, {} CIDRs): no policy applies to it",
+                    "pod {}/{}: the policy maps are full (at most {} pods, {} set members, {} CIDRs, {} unix-socket decisions): no policy applies to it",
                     pod.namespace,
                     pod.name,
                     inputs.capacity.pods,
                     inputs.capacity.members,
                     inputs.capacity.cidrs,
+                    inputs.capacity.unix,
                 ));
                 unenforced(Unenforced::MapFull);
                 continue;
@@ -463,8 +520,10 @@ impl Compiler {
             pods_room += new_pod;
             members_room += new_members;
             cidrs_room += new_cidrs;
+            unix_room += new_unix;
             out.entries.members.extend(entries.members);
             out.entries.cidrs.extend(entries.cidrs);
+            out.entries.unix.extend(unix);
             let mut entry = PodPolicy {
                 default_action: verdict::ALLOW,
                 default_ingress_action: verdict::ALLOW,
@@ -502,6 +561,61 @@ impl Compiler {
     }
 }
 
+/// What a pod's unix rules decide (see [`UnixPolicyKey`]): for each known
+/// client container (by cgroup) and an unnamed one (0), and for each path
+/// the rules name and any other (0), the first rule that matches. The
+/// path is matched first: a rule about another path says nothing, not
+/// even about a client it cannot name.
+fn unix_decisions(
+    netns: u64,
+    rules: &[(PolicyRule, Vec<u64>)],
+    sets: &PolicyEntries,
+    cgroups: impl Iterator<Item = u64>,
+) -> HashMap<UnixPolicyKey, UnixVerdict> {
+    let mut paths: Vec<u64> = rules.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+    paths.push(0);
+    paths.sort_unstable();
+    paths.dedup();
+    let clients: BTreeSet<u64> = cgroups.chain([0]).collect();
+    let mut out = HashMap::new();
+    for &cgroup in &clients {
+        let connection = Connection {
+            direction: observer_common::direction::EGRESS,
+            class: class::UNIX,
+            cgroup,
+            ..Connection::default()
+        };
+        for &path in &paths {
+            let decision = rules
+                .iter()
+                .filter(|(_, named)| named.is_empty() || named.contains(&path))
+                .find_map(|(rule, _)| policy::decide_rule(rule, &connection, sets));
+            let verdict = decision.map_or(UnixVerdict::default(), |d| UnixVerdict {
+                rule: d.rule,
+                verdict: d.verdict,
+                _pad: [0; 3],
+            });
+            out.insert(
+                UnixPolicyKey {
+                    netns,
+                    cgroup,
+                    path,
+                },
+                verdict,
+            );
+        }
+    }
+    out
+}
+
+/// A rule's path as the kernel hashes the path a client names.
+pub fn unix_path_hash(path: &str) -> Option<u64> {
+    let bytes = super::model::unix_path(path).ok()?;
+    let mut buffer = [0u8; UNIX_PATH_MAX];
+    buffer[..bytes.len()].copy_from_slice(&bytes);
+    Some(path_hash(&buffer, bytes.len()))
+}
+
 /// The entries of pods an earlier observer left that this one has not taken
 /// over yet: as they are, with the sets their rules name.
 fn keep(inputs: &Inputs, out: &mut PolicyEntries) {
@@ -520,6 +634,12 @@ fn keep(inputs: &Inputs, out: &mut PolicyEntries) {
         );
     }
     let previous = inputs.previous;
+    out.unix.extend(
+        previous
+            .unix
+            .iter()
+            .filter(|(key, _)| inputs.kept.contains(&key.netns)),
+    );
     out.members
         .extend(previous.members.iter().filter(|m| sets.contains(&m.set)));
     out.cidrs.extend(

@@ -41,6 +41,10 @@ pub enum ExplainError {
     Inventory(#[from] InventoryError),
     #[error("the inventory has no pod {0} (give NAMESPACE/NAME)")]
     NoPod(String),
+    #[error("the pod has no container {0}")]
+    NoContainer(String),
+    #[error("{0}")]
+    Path(String),
     #[error("{}: valid, but the kernel cannot hold it everywhere:\n  {}", path.display(), limits.join("\n  "))]
     Limits {
         path: std::path::PathBuf,
@@ -60,7 +64,14 @@ pub fn check(path: &Path, inventory: Option<&Path>) -> Result<String, ExplainErr
         .policies
         .iter()
         .filter_map(|p| {
-            let rules: usize = p.spec.rules.iter().map(|r| r.ports.len().max(1)).sum();
+            // Unix rules are decided ahead, not walked by the kernel.
+            let rules: usize = p
+                .spec
+                .rules
+                .iter()
+                .filter(|r| r.class != observer_common::class::UNIX)
+                .map(|r| r.ports.len().max(1))
+                .sum();
             (rules > MAX_POD_RULES).then(|| {
                 format!(
                     "policy `{}`: {rules} rules in the kernel (one per port range), a pod holds at most {MAX_POD_RULES}: no pod it selects would be held to it",
@@ -111,9 +122,17 @@ pub fn check(path: &Path, inventory: Option<&Path>) -> Result<String, ExplainErr
 
 /// A connection to decide, for `explain`.
 pub struct Probe {
-    pub to: SocketAddrV4,
+    pub to: ProbeTo,
+    /// The client container.
     pub client: Option<String>,
-    pub udp: bool,
+}
+
+/// Where a probed connection goes.
+pub enum ProbeTo {
+    /// An address and port, over TCP or UDP.
+    Address { to: SocketAddrV4, udp: bool },
+    /// A unix socket's path (`@name`: an abstract name).
+    Unix(String),
 }
 
 /// The rules that apply to `pod` (NAMESPACE/NAME in the inventory), in the
@@ -134,36 +153,60 @@ pub fn explain(
         .pod(namespace, name)
         .ok_or_else(|| ExplainError::NoPod(pod.into()))?;
     let mut out = describe(&policies, namespace, name, &found.labels);
-    if let Some(probe) = probe {
+    if let Some(Probe {
+        to: ProbeTo::Unix(path),
+        client,
+    }) = probe
+    {
+        let what = format!(
+            "unix socket {path} from {}",
+            client.as_deref().unwrap_or("a container not named")
+        );
+        let _ = match world.decide_unix(&policies, found, client.as_deref(), path)? {
+            None => writeln!(out, "{what}: allowed (no unix-socket rule decides it)"),
+            Some((names, decided)) => writeln!(
+                out,
+                "{what}: {} by {}/{}",
+                verdict_words(decided),
+                names.policy,
+                names.rule
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "(decided at connect() and sendto(), on the path the client names: only `class: unix` rules decide unix sockets)"
+        );
+    }
+    if let Some(Probe {
+        to: ProbeTo::Address { to, udp },
+        client,
+    }) = probe
+    {
+        let (to, udp) = (*to, *udp);
         let connection = Connect {
             direction: direction::EGRESS,
-            protocol: if probe.udp {
-                protocol::UDP
-            } else {
-                protocol::TCP
-            },
-            remote: probe.to,
-            port: probe.to.port(),
-            client: probe.client.clone(),
+            protocol: if udp { protocol::UDP } else { protocol::TCP },
+            remote: to,
+            port: to.port(),
+            client: client.clone(),
             from_node_process: false,
         };
         let outcome = world.decide(&policies, found, &connection);
         let what = format!(
             "{} {} to {}",
-            if probe.udp { "UDP" } else { "TCP" },
+            if udp { "UDP" } else { "TCP" },
             observer_common::class::name(outcome.class),
-            probe.to
+            to
         );
         let _ = match outcome.decision {
             None => writeln!(out, "{what}: allowed (no policy decides it)"),
-            Some((names, decided)) => {
-                let action = match decided {
-                    verdict::DENY => "denied",
-                    verdict::AUDIT_DENY => "allowed, counted as a would-be denial (audit)",
-                    _ => "allowed",
-                };
-                writeln!(out, "{what}: {action} by {}/{}", names.policy, names.rule)
-            }
+            Some((names, decided)) => writeln!(
+                out,
+                "{what}: {} by {}/{}",
+                verdict_words(decided),
+                names.policy,
+                names.rule
+            ),
         };
         if outcome.class == observer_common::class::SERVICE {
             let _ = writeln!(
@@ -173,6 +216,15 @@ pub fn explain(
         }
     }
     Ok(out)
+}
+
+/// What a verdict does, in words.
+fn verdict_words(decided: u8) -> &'static str {
+    match decided {
+        verdict::DENY => "denied",
+        verdict::AUDIT_DENY => "allowed, counted as a would-be denial (audit)",
+        _ => "allowed",
+    }
 }
 
 /// A connection of a pod, as the kernel sees it.
@@ -272,6 +324,7 @@ impl World {
             failure_mode: Default::default(),
             kept: &Default::default(),
             fails_open: &Default::default(),
+            unix_hooks: true,
         })
     }
 
@@ -300,6 +353,39 @@ impl World {
             addr,
             from_node_process: c.from_node_process,
         }
+    }
+
+    /// Decides a unix-socket connection of `pod`'s container `client` (or
+    /// of a container not named) to `path`, as the kernel would: the
+    /// decisions compiled for the pod, looked up in the kernel's order.
+    pub fn decide_unix(
+        &self,
+        policies: &Policies,
+        pod: &Pod,
+        client: Option<&str>,
+        path: &str,
+    ) -> Result<Option<(RuleName, u8)>, ExplainError> {
+        let hash = super::compile::unix_path_hash(path)
+            .ok_or_else(|| ExplainError::Path(super::model::unix_path(path).unwrap_err()))?;
+        let cgroup = match client {
+            Some(name) => {
+                let container = pod
+                    .containers
+                    .iter()
+                    .find(|c| c.name == name)
+                    .ok_or_else(|| ExplainError::NoContainer(name.to_owned()))?;
+                self.cgroups.get(&container.cgroup).copied().unwrap_or(0)
+            }
+            None => 0,
+        };
+        const COOKIE: u64 = 1;
+        let attached = HashMap::from([(ObjectRef::new(&pod.namespace, &pod.name), COOKIE)]);
+        let compiled = self.compile(policies, &attached);
+        let unix = &compiled.entries.unix;
+        let found = policy::unix_decision(COOKIE, cgroup, hash, |key| unix.get(key).copied());
+        Ok(found
+            .filter(|v| v.verdict != 0)
+            .map(|v| (compiled.names[&v.rule].clone(), v.verdict)))
     }
 
     /// Decides a connection of `pod` as the kernel would.
@@ -377,6 +463,12 @@ pub fn rule_words(rule: &Rule) -> String {
     match rule.class {
         observer_common::class::UNKNOWN => words.push("any traffic".into()),
         observer_common::class::LOCALHOST => words.push("localhost".into()),
+        observer_common::class::UNIX => {
+            words.push("unix socket".into());
+            if !rule.paths.is_empty() {
+                words.push(format!("to {}", rule.paths.join(", ")));
+            }
+        }
         class => words.push(format!(
             "{} {}",
             observer_common::class::name(class),

@@ -34,6 +34,8 @@ pub struct Enforcer {
     /// Told the label keys peer selectors use, as they change (Kubernetes
     /// mode keeps only those of other nodes' pods).
     label_keys: Option<tokio::sync::watch::Sender<Arc<BTreeSet<String>>>>,
+    /// Whether the kernel has the unix-socket hooks.
+    unix_hooks: bool,
 }
 
 /// What the policies are compiled against.
@@ -68,6 +70,7 @@ impl Enforcer {
         maps: KernelPolicyMaps,
         failure_mode: FailureMode,
         inherited: bool,
+        unix_hooks: bool,
     ) -> Self {
         let mut compiled = Compiled::default();
         if inherited {
@@ -82,6 +85,7 @@ impl Enforcer {
             maps,
             unenforced: BTreeSet::new(),
             label_keys: None,
+            unix_hooks,
         }
     }
 
@@ -168,6 +172,7 @@ impl Enforcer {
             failure_mode: self.failure_mode,
             kept: world.kept,
             fails_open: world.fails_open,
+            unix_hooks: self.unix_hooks,
         });
         let (pods_cgroup, pods_level) = world.pods_cgroup.unwrap_or_default();
         let node = observer_common::NodeInfo {

@@ -196,6 +196,9 @@ pub struct Rule {
     pub ports: Vec<PortRange>,
     /// Who or what else the rule is about.
     pub target: Target,
+    /// `class: unix`: the socket paths (`/run/app.sock`, or `@name` for an
+    /// abstract name) as clients name them; empty: any path.
+    pub paths: Vec<String>,
     /// [`verdict::ALLOW`] or [`verdict::DENY`].
     pub action: u8,
 }
@@ -205,9 +208,9 @@ pub struct Rule {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     Any,
-    /// Localhost: only these client containers.
+    /// Localhost and unix sockets: only these client containers.
     Clients(Vec<String>),
-    /// Localhost: any client container but these.
+    /// Localhost and unix sockets: any client container but these.
     NotClients(Vec<String>),
     /// Pod traffic: the peer pods.
     Peers(Selector),
@@ -247,15 +250,16 @@ impl Target {
         }
     }
 
-    /// The field a user writes it with, and the only class it can match.
-    pub fn field_and_class(&self) -> Option<(&'static str, u8)> {
+    /// The field a user writes it with, and the only classes it can match.
+    pub fn field_and_classes(&self) -> Option<(&'static str, &'static [u8])> {
+        const CONTAINERS: &[u8] = &[class::LOCALHOST, class::UNIX];
         match self {
             Self::Any => None,
-            Self::Clients(_) => Some(("clientContainers", class::LOCALHOST)),
-            Self::NotClients(_) => Some(("notClientContainers", class::LOCALHOST)),
-            Self::Peers(_) => Some(("peer", class::POD)),
-            Self::Service(_) => Some(("service", class::SERVICE)),
-            Self::Cidrs(_) => Some(("cidrs", class::EXTERNAL)),
+            Self::Clients(_) => Some(("clientContainers", CONTAINERS)),
+            Self::NotClients(_) => Some(("notClientContainers", CONTAINERS)),
+            Self::Peers(_) => Some(("peer", &[class::POD])),
+            Self::Service(_) => Some(("service", &[class::SERVICE])),
+            Self::Cidrs(_) => Some(("cidrs", &[class::EXTERNAL])),
         }
     }
 }
@@ -283,6 +287,8 @@ struct RawRule {
     service: Option<ServiceRef>,
     #[serde(default)]
     cidrs: Option<Vec<Ipv4Net>>,
+    #[serde(default)]
+    paths: Option<Vec<String>>,
     #[serde(deserialize_with = "action_word")]
     action: u8,
 }
@@ -313,18 +319,52 @@ impl TryFrom<RawRule> for Rule {
         let mut given = targets.into_iter().flatten();
         let target = given.next().unwrap_or(Target::Any);
         if let Some(other) = given.next() {
-            let (first, _) = target.field_and_class().expect("given");
-            let (second, _) = other.field_and_class().expect("given");
+            let (first, _) = target.field_and_classes().expect("given");
+            let (second, _) = other.field_and_classes().expect("given");
             return Err(format!("give `{first}` or `{second}`, not both"));
         }
         let class = raw.class;
-        if let Some((field, only)) = target.field_and_class()
-            && class != only
+        if let Some((field, only)) = target.field_and_classes()
+            && !only.contains(&class)
         {
+            let only: Vec<String> = only
+                .iter()
+                .map(|c| format!("`class: {}`", class::name(*c)))
+                .collect();
             return Err(format!(
-                "`{field}` is for `class: {}` rules only: this rule could never match",
-                class::name(only)
+                "`{field}` is for {} rules only: this rule could never match",
+                only.join(" and ")
             ));
+        }
+        let paths = match (class, raw.paths) {
+            (_, Some(paths)) if paths.is_empty() => {
+                return Err("`paths: []` matches no path: leave `paths` out for any".into());
+            }
+            (class::UNIX, Some(paths)) => {
+                for path in &paths {
+                    unix_path(path)?;
+                }
+                paths
+            }
+            (_, Some(_)) => {
+                return Err(
+                    "`paths` is for `class: unix` rules only: this rule could never match".into(),
+                );
+            }
+            (_, None) => Vec::new(),
+        };
+        if class == class::UNIX {
+            // A unix socket has no port, protocol or way out of the pod.
+            let refused = [
+                ("ports", raw.ports.is_some()),
+                ("protocol", raw.protocol != 0),
+                ("direction", raw.direction.is_some()),
+            ];
+            if let Some((field, _)) = refused.iter().find(|(_, given)| *given) {
+                return Err(format!(
+                    "`{field}` does not apply to unix sockets (`paths` and the client containers do): leave it out"
+                ));
+            }
         }
         let direction = match (class, raw.direction) {
             (class::LOCALHOST, Some(_)) => {
@@ -347,7 +387,41 @@ impl TryFrom<RawRule> for Rule {
             protocol: raw.protocol,
             ports: raw.ports.unwrap_or_default(),
             target,
+            paths,
             action: raw.action,
         })
     }
+}
+
+/// A unix socket path as a rule names it: absolute (`/run/app.sock`), or an
+/// abstract name (`@name`, the kernel's leading NUL byte written as `@`),
+/// in at most the 108 bytes of `sun_path`. Returns its bytes as the kernel
+/// sees them (an abstract name with its leading 0).
+pub fn unix_path(path: &str) -> Result<Vec<u8>, String> {
+    use observer_common::ipc::UNIX_PATH_MAX;
+    let bytes: Vec<u8> = match path.strip_prefix('@') {
+        Some(name) => [0].into_iter().chain(name.bytes()).collect(),
+        None if path.starts_with('/') => path.bytes().collect(),
+        None => {
+            return Err(format!(
+                "path `{path}`: give an absolute path, or `@name` for an abstract socket (a relative path depends on the client's working directory)"
+            ));
+        }
+    };
+    if path.contains('\0') {
+        return Err(format!("path `{}` has a NUL byte", path.escape_debug()));
+    }
+    // A file path needs room for its NUL.
+    let room = if bytes.first() == Some(&0) {
+        UNIX_PATH_MAX
+    } else {
+        UNIX_PATH_MAX - 1
+    };
+    if bytes.len() > room || bytes.len() < 2 {
+        return Err(format!(
+            "path `{path}`: a unix socket path has 1 to {} bytes",
+            UNIX_PATH_MAX - 1
+        ));
+    }
+    Ok(bytes)
 }

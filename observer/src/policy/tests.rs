@@ -91,6 +91,13 @@ fn world() -> World {
             pod("default", "web", Some("web"), "10.244.1.12", &["web"]),
             pod("default", "other", Some("other"), "10.244.1.13", &["app"]),
             pod("default", "x", None, "10.244.1.15", &[]),
+            pod(
+                "default",
+                "php",
+                Some("php"),
+                "10.244.1.16",
+                &["nginx", "php-fpm"],
+            ),
             pod("payments", "db", Some("db"), "10.244.2.5", &[]),
             pod("default", "db", Some("db"), "10.244.2.6", &[]),
         ],
@@ -124,6 +131,63 @@ fn decided(policies: &Policies, pod: &str, c: &Connect) -> Option<(String, u8)> 
         .decide(policies, pod, c)
         .decision
         .map(|(names, verdict)| (names.rule, verdict))
+}
+
+#[test]
+fn only_nginx_may_reach_the_php_socket() {
+    let policies = parse(EXAMPLES).unwrap();
+    let world = world();
+    let php = world.pod("default", "php").unwrap();
+    let d = |client, path| {
+        world
+            .decide_unix(&policies, php, client, path)
+            .unwrap()
+            .map(|(names, verdict)| (names.rule, verdict))
+    };
+    let socket = "/run/php/php-fpm.sock";
+    assert_eq!(
+        d(Some("nginx"), socket),
+        Some(("nginx-to-fpm".into(), ALLOW))
+    );
+    assert_eq!(
+        d(Some("php-fpm"), socket),
+        Some(("no-other-socket".into(), DENY))
+    );
+    assert_eq!(
+        d(Some("nginx"), "@statsd"),
+        Some(("no-other-socket".into(), DENY))
+    );
+    assert_eq!(
+        d(None, socket),
+        Some(("unknown-container".into(), DENY)),
+        "a client no container name is known for"
+    );
+    // Network traffic is not about unix sockets, nor the other way round.
+    assert_eq!(
+        decided(
+            &policies,
+            "default/php",
+            &egress("127.0.0.1:9000", Some("nginx"))
+        ),
+        None
+    );
+    let web = world.pod("default", "web").unwrap();
+    assert_eq!(
+        world
+            .decide_unix(&policies, web, Some("web"), socket)
+            .unwrap(),
+        None
+    );
+    assert!(
+        world
+            .decide_unix(&policies, php, Some("nobody"), socket)
+            .is_err()
+    );
+    assert!(
+        world
+            .decide_unix(&policies, php, None, "relative.sock")
+            .is_err()
+    );
 }
 
 #[test]
@@ -295,6 +359,37 @@ fn bad_files_are_refused_with_the_line_and_the_problem() {
             "matches no port",
         ),
         ("  - {class: localhost, ports: [80\n", 9, ""),
+        (
+            "  - {class: unix, paths: [run/app.sock], action: deny}\n",
+            8,
+            "absolute path",
+        ),
+        (
+            "  - {class: localhost, paths: [/run/app.sock], action: deny}\n",
+            8,
+            "`class: unix` rules only",
+        ),
+        (
+            "  - {class: unix, paths: [], action: deny}\n",
+            8,
+            "matches no path",
+        ),
+        (
+            "  - {class: unix, ports: [80], action: deny}\n",
+            8,
+            "does not apply to unix sockets",
+        ),
+        (
+            "  - {class: unix, direction: ingress, action: deny}\n",
+            8,
+            "does not apply to unix sockets",
+        ),
+        ("  - {class: fifo, action: deny}\n", 8, "fifo"),
+        (
+            "  - {class: unix, cidrs: [10.0.0.0/8], action: deny}\n",
+            8,
+            "could never match",
+        ),
     ];
     for (rules, line, words) in cases {
         let text = format!("{head}{rules}");
@@ -317,6 +412,17 @@ fn bad_files_are_refused_with_the_line_and_the_problem() {
     assert_eq!(at, 11, "{message}");
     let version = head.replace("v1alpha1", "v9");
     assert!(parse(&version).unwrap_err().1.contains("apiVersion"));
+    let long_path = format!(
+        "{head}  - {{class: unix, paths: [/{}], action: deny}}\n",
+        "a".repeat(107)
+    );
+    assert!(parse(&long_path).unwrap_err().1.contains("1 to 107 bytes"));
+    let fine = format!(
+        "{head}  - {{class: unix, clientContainers: [web], paths: [/{}, '@{}'], action: allow}}\n",
+        "a".repeat(106),
+        "b".repeat(107)
+    );
+    parse(&fine).expect("the longest paths fit");
     let twice = format!("{head}  - {{name: x, action: deny}}\n  - {{name: x, action: allow}}\n");
     let (at, message) = parse(&twice).unwrap_err();
     assert_eq!(at, 9, "{message}");
@@ -373,7 +479,7 @@ fn empty_files_and_documents_hold_no_policy() {
     assert_eq!(parse("").unwrap(), Policies::default());
     assert_eq!(parse("# none yet\n").unwrap(), Policies::default());
     let one = format!("---\n{EXAMPLES}\n---\n");
-    assert_eq!(parse(&one).unwrap().policies.len(), 4);
+    assert_eq!(parse(&one).unwrap().policies.len(), 5);
 }
 
 #[test]

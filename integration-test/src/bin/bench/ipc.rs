@@ -3,9 +3,11 @@
 //! small node lab (attached, so its calls are counted) and in a namespace
 //! of no pod (so its calls stop at the early filter), and system calls
 //! that are neither (with `--named-pipes`, every system call runs the
-//! `sys_exit` program). Without this tree's observer, with it, and with it
-//! following named pipes, alternating round by round; the kernel's BPF
-//! run-time statistics give each IPC program's own time per run.
+//! `sys_exit` program); and unix `connect()`s, which a policy with unix
+//! rules decides (the observers here run with one). Without this tree's
+//! observer, with it, and with it following named pipes, alternating round
+//! by round; the kernel's BPF run-time statistics give each IPC program's
+//! own time per run.
 
 use std::{
     fmt::Write as _,
@@ -24,7 +26,7 @@ use lab::{Lab, Plan};
 use crate::{Subject, cost::ProgramCost, median, spread};
 
 /// The IPC programs, with what they do.
-const PROGRAMS: [(&str, &str); 3] = [
+const PROGRAMS: [(&str, &str); 4] = [
     (
         "unix_sent",
         "raw tracepoint `sock_send_length`: after every socket `sendmsg()`",
@@ -37,7 +39,24 @@ const PROGRAMS: [(&str, &str); 3] = [
         "fifo_called",
         "raw tracepoint `sys_exit`: after every system call",
     ),
+    (
+        "unix_connect",
+        "cgroup `connect_unix`: every unix `connect()` of a pod's process (the unix-socket policy)",
+    ),
 ];
+
+/// The bench pod's unix rules: its client may reach the bench's sockets.
+const POLICY: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: bench-sockets}
+spec:
+  podSelector: {namespace: bench}
+  mode: enforce
+  rules:
+    - {name: bench, class: unix, clientContainers: [client], paths: [CONNECT_PATH], action: allow}
+    - {name: rest, class: unix, action: deny}
+";
 
 const ROUNDS: usize = 5;
 /// Calls per case and round: bounded, a second or two each.
@@ -114,6 +133,31 @@ os.waitpid(pid, 0)
 os.unlink(path)
 "#;
 
+/// Unix stream connections to a listening child, closed at once:
+/// microseconds per `connect()` and `close()`.
+const CONNECTS: &str = r#"
+import os, socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2]) // 10
+if os.path.exists(path):
+    os.unlink(path)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path)
+s.listen(128)
+pid = os.fork()
+if pid == 0:
+    for i in range(n):
+        s.accept()[0].close()
+    os._exit(0)
+start = time.perf_counter()
+for i in range(n):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(path)
+    c.close()
+print((time.perf_counter() - start) / n * 1e6)
+os.waitpid(pid, 0)
+os.unlink(path)
+"#;
+
 /// System calls that are no IPC (`getppid`): microseconds per call.
 const SYSCALLS: &str = r#"
 import os, sys, time
@@ -131,7 +175,7 @@ struct Case {
     in_pod: bool,
 }
 
-const CASES: [Case; 5] = [
+const CASES: [Case; 6] = [
     Case {
         name: "unix stream ping-pong, 64 B (µs per round trip), in a pod",
         script: PING_PONG,
@@ -155,6 +199,11 @@ const CASES: [Case; 5] = [
     Case {
         name: "`getppid()`, no IPC (µs per call), in a pod",
         script: SYSCALLS,
+        in_pod: true,
+    },
+    Case {
+        name: "unix `connect()` and `close()` (µs per connection), in a pod with unix rules",
+        script: CONNECTS,
         in_pod: true,
     },
 ];
@@ -185,6 +234,10 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     let pod = container(&lab, "bench", "p", "client");
     let unattached = Unattached::new();
     let dir = tempfile_dir();
+    let policy = dir.join("policy.yaml");
+    let socket = dir.join("ipc").display().to_string();
+    fs::write(&policy, POLICY.replace("CONNECT_PATH", &socket)).expect("the bench's policy");
+    let policy = policy.display().to_string();
     let _stats = enable_stats(Stats::RunTime).expect("enable BPF run-time statistics (root?)");
     let subject = &subjects[0];
     // Per setting (none, the observer, the observer with named pipes) and
@@ -194,7 +247,7 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     let mut programs = vec![vec![Vec::new(); CASES.len()]; SETTINGS];
     for round in 0..ROUNDS {
         for setting in 0..SETTINGS {
-            let mut args = vec!["--inventory", inventory.as_str()];
+            let mut args = vec!["--inventory", inventory.as_str(), "--policy", &policy];
             if setting == 2 {
                 args.push("--named-pipes");
             }
@@ -223,7 +276,14 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     .unwrap();
     for (c, case) in CASES.iter().enumerate() {
         let time = |setting: usize| median(&times[setting][c]);
-        let calls = f64::from(CALLS) * if case.script == SYSCALLS { 10.0 } else { 1.0 };
+        let calls = f64::from(CALLS)
+            * if case.script == SYSCALLS {
+                10.0
+            } else if case.script == CONNECTS {
+                0.1
+            } else {
+                1.0
+            };
         let readings = &programs[2][c];
         let cost: Vec<String> = PROGRAMS
             .iter()

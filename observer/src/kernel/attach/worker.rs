@@ -29,9 +29,7 @@ use super::{AttachError, AttachedNetns, LOOPBACK, POD_INTERFACE, Request};
 use crate::{
     kernel::{
         bpf,
-        datapath::{
-            Datapath, EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs, SOCKET_PROGRAMS,
-        },
+        datapath::{Datapath, EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs, SocketLink},
         netns::{self, NetNs},
         tc::{attach_one, attach_program, interface_exists},
     },
@@ -83,6 +81,8 @@ enum Held {
     /// A bpf link (TCX, cgroup): detached when the last descriptor closes
     /// and no pin holds it.
     Fd(FdLink),
+    /// The same, made without aya (the unix-socket hooks).
+    Own(std::os::fd::OwnedFd),
     /// A clsact filter (kernels before 6.6): removed by netlink, in its
     /// namespace, when dropped. Never pinned.
     Filter { _link: SchedClassifierLink },
@@ -92,7 +92,19 @@ enum Held {
 
 impl Hook {
     fn pinnable(&self) -> bool {
-        matches!(self.link, Held::Fd(_))
+        matches!(self.link, Held::Fd(_) | Held::Own(_))
+    }
+
+    /// The kernel's id of the link, to pin it by.
+    fn link_id(&self) -> std::io::Result<u32> {
+        match &self.link {
+            Held::Fd(link) => link
+                .info()
+                .map(|info| info.id())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+            Held::Own(link) => bpf::link_id(std::os::fd::AsFd::as_fd(link)),
+            _ => Err(std::io::Error::other("not a bpf link")),
+        }
     }
 }
 
@@ -418,8 +430,9 @@ impl Worker {
         // its sockets' containers. Without the hooks the pod is observed,
         // and no policy applies to it.
         let mut sock = Vec::new();
-        if SOCKET_PROGRAMS.iter().all(|p| pinned.contains_key(*p)) {
-            for program in SOCKET_PROGRAMS {
+        let hooks = self.datapath.socket_hooks();
+        if hooks.iter().all(|p| pinned.contains_key(*p)) {
+            for &program in &hooks {
                 let pin = pinned.remove(program).expect("checked above");
                 match PinnedLink::from_pin(&pin) {
                     Ok(link) => sock.push(taken(program, program, link)),
@@ -432,7 +445,7 @@ impl Worker {
                 self.datapath.seed_sockets(cgroup);
             }
         }
-        if sock.len() != SOCKET_PROGRAMS.len() {
+        if sock.len() != hooks.len() {
             // Partly there: those there go, and all are attached anew.
             sock.clear();
             match cgroup.map(|c| self.datapath.attach_socket_hooks(c)) {
@@ -648,13 +661,9 @@ impl Worker {
                     continue;
                 }
                 for hook in hooks.filter(|h| h.pinnable() && !h.pinned) {
-                    let Held::Fd(link) = &hook.link else {
-                        continue;
-                    };
-                    let pinned = link
-                        .info()
-                        .map_err(|e| std::io::Error::other(e.to_string()))
-                        .and_then(|info| bpf::pin(info.id(), &dir.join(hook.name)));
+                    let pinned = hook
+                        .link_id()
+                        .and_then(|id| bpf::pin(id, &dir.join(hook.name)));
                     match pinned {
                         Ok(()) => hook.pinned = true,
                         Err(err) => {
@@ -745,11 +754,14 @@ impl Worker {
 
 /// A socket hook's link of this observer's (its pin is named after its
 /// program).
-fn own(program: &'static str, link: FdLink) -> Hook {
+fn own(program: &'static str, link: SocketLink) -> Hook {
     Hook {
         name: program,
         program,
-        link: Held::Fd(link),
+        link: match link {
+            SocketLink::Aya(link) => Held::Fd(link),
+            SocketLink::Own(link) => Held::Own(link),
+        },
         pinned: false,
         swap: false,
     }

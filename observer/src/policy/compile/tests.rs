@@ -28,6 +28,7 @@ fn compile(
         failure_mode: Default::default(),
         kept: &Default::default(),
         fails_open: &Default::default(),
+        unix_hooks: true,
     })
 }
 
@@ -205,6 +206,7 @@ fn every_pod_a_policy_does_not_fully_hold_is_told_with_its_reason() {
         failure_mode: Default::default(),
         kept: &Default::default(),
         fails_open: &Default::default(),
+        unix_hooks: true,
     };
     let compiled = Compiler::default().compile(&inputs);
     // The Service rule waits, the rest holds; b's container has no
@@ -287,4 +289,98 @@ fn rule_ids_come_from_names_alike_in_every_observer() {
     assert_ne!(x, y, "{a} and {b}");
     ids.assign(names.iter().rev().cloned());
     assert_eq!((ids.id(&name(a)), ids.id(&name(b))), (x, y));
+}
+
+const UNIX: &str = "
+apiVersion: observer.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: p}
+spec:
+  podSelector: {matchLabels: {app: x}}
+  mode: enforce
+  defaultAction: deny
+  rules:
+  - {name: fpm, class: unix, clientContainers: [web], paths: [/run/php/fpm.sock], action: allow}
+  - {name: statsd, class: unix, paths: ['@statsd'], action: allow}
+  - {name: rest, class: unix, action: deny}
+";
+
+#[test]
+fn unix_rules_are_decided_per_client_and_path_and_the_kernel_looks_them_up() {
+    let policies = parse(UNIX).unwrap();
+    let mut with_containers = pod("a");
+    let container = |name: &str| observer_common::inventory::Container {
+        name: name.into(),
+        id: name.into(),
+        cgroup: format!("/cg/a/{name}").into(),
+        ports: Vec::new(),
+    };
+    with_containers.containers = vec![container("web"), container("fpm")];
+    let inventory = inventory(vec![with_containers]);
+    let attached = HashMap::from([(ObjectRef::new("default", "a"), 7u64)]);
+    let cgroups: CgroupIds = [("/cg/a/web".into(), 100u64), ("/cg/a/fpm".into(), 200)]
+        .into_iter()
+        .collect();
+    let mut inputs = Inputs {
+        policies: &policies,
+        inventory: &inventory,
+        attached: &attached,
+        ids: &Ids::default(),
+        cgroups: &cgroups,
+        without_hooks: &HashMap::new(),
+        own_netns: None,
+        not_attached: &HashSet::new(),
+        previous: &PolicyEntries::default(),
+        capacity: Capacity::default(),
+        failure_mode: Default::default(),
+        kept: &Default::default(),
+        fails_open: &Default::default(),
+        unix_hooks: true,
+    };
+    let compiled = Compiler::default().compile(&inputs);
+    assert!(compiled.unenforced.is_empty(), "{:?}", compiled.unenforced);
+    // Three clients (web, fpm, one not named) by three paths (two named,
+    // any other).
+    assert_eq!(compiled.entries.unix.len(), 9);
+    // Unix rules are not in the kernel's rule walk, and the default is
+    // about network traffic.
+    assert_eq!(compiled.entries.pods[&7].rules, 0);
+    let unix = &compiled.entries.unix;
+    let decide = |cgroup, path: &str| {
+        let hash = unix_path_hash(path).unwrap();
+        let found = policy::unix_decision(7, cgroup, hash, |k| unix.get(k).copied()).unwrap();
+        let name = compiled.names.get(&found.rule).map(|n| n.rule.as_str());
+        (name, observer_common::verdict::name(found.verdict))
+    };
+    assert_eq!(decide(100, "/run/php/fpm.sock"), (Some("fpm"), "allow"));
+    // fpm is not web: the fpm rule does not match, nor statsd's path.
+    assert_eq!(decide(200, "/run/php/fpm.sock"), (Some("rest"), "deny"));
+    assert_eq!(decide(200, "@statsd"), (Some("statsd"), "allow"));
+    assert_eq!(decide(100, "/tmp/other.sock"), (Some("rest"), "deny"));
+    // A client the observer has not named (a restarted container): the
+    // rule naming containers denies it, under its own name.
+    assert_eq!(
+        decide(999, "/run/php/fpm.sock"),
+        (Some("unknown-container"), "deny")
+    );
+    assert_eq!(decide(999, "@statsd"), (Some("statsd"), "allow"));
+    // A pod without unix rules has no entry at all.
+    assert_eq!(
+        policy::unix_decision(8, 100, 1, |k| unix.get(k).copied()),
+        None
+    );
+
+    // Without the kernel's unix hooks, the gauge says so.
+    inputs.unix_hooks = false;
+    let compiled = Compiler::default().compile(&inputs);
+    assert_eq!(reasons(&compiled), [("a", "no_unix_hooks")]);
+    // And the decisions count against their map's room.
+    inputs.unix_hooks = true;
+    inputs.capacity = Capacity {
+        unix: 8,
+        ..Capacity::default()
+    };
+    let compiled = Compiler::default().compile(&inputs);
+    assert_eq!(reasons(&compiled), [("a", "map_full")]);
+    assert!(compiled.entries.unix.is_empty());
 }
