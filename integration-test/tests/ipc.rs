@@ -2,7 +2,8 @@
 //! Prometheus: a unix stream socket between two containers (nginx and
 //! php-fpm style, the client reaching the socket by another path than the
 //! server bound), datagrams to an abstract unix name (a StatsD agent's,
-//! the client connected as DogStatsD clients are), and a named pipe. Each
+//! the client connected as DogStatsD clients are, and a logger that sends
+//! each datagram with the address), and a named pipe. Each
 //! exchange is made a known number of times, after the observer is
 //! attached, and counted exactly: messages, bytes, connections,
 //! containers and path. And unix-socket rules: a client container a rule
@@ -128,6 +129,33 @@ pods:
             s.connect("\0statsd")
             for i in range(DATAGRAMS):
                 s.send(b"d" * DATAGRAM)
+            time.sleep(3600)
+      - name: sink
+        command:
+          - python3
+          - -c
+          - |
+            import os, socket, time
+            run = os.environ["POD_VOLUMES"] + "/run"
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.bind("\0sink")
+            open(run + "/sink", "w").close()
+            for i in range(DATAGRAMS):
+                s.recv(4096)
+            time.sleep(3600)
+      - name: logger
+        command:
+          - python3
+          - -c
+          - |
+            import os, socket, time
+            run = os.environ["POD_VOLUMES"] + "/run"
+            while not (os.path.exists(run + "/go") and os.path.exists(run + "/sink")):
+                time.sleep(0.05)
+            # Not connected: each datagram names where it goes.
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            for i in range(DATAGRAMS):
+                s.sendto(b"l" * DATAGRAM, "\0sink")
             time.sleep(3600)
       - name: seq-server
         command:
@@ -322,6 +350,21 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
         &dgram("observer_flow_bytes_total"),
         DATAGRAMS * DATAGRAM,
     );
+    let addressed = |family: &str| {
+        format!(
+            r#"{family}{{pod="fpm",class="unix",protocol="dgram",direction="request",path="@sink",client_container="logger",server_container="sink"}}"#
+        )
+    };
+    wait_value(
+        &prometheus,
+        &addressed("observer_flow_packets_total"),
+        DATAGRAMS,
+    );
+    wait_value(
+        &prometheus,
+        &addressed("observer_flow_bytes_total"),
+        DATAGRAMS * DATAGRAM,
+    );
 
     let fifo = |family: &str| {
         format!(
@@ -379,7 +422,7 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
         .query(r#"count(observer_flow_packets_total{pod="fpm",class=~"unix|fifo"}) or vector(0)"#);
     assert_eq!(
         others,
-        [8.0],
+        [9.0],
         "{}",
         prometheus.series("observer_flow_packets_total")
     );

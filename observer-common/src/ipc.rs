@@ -26,6 +26,14 @@ pub const UNIX_PATHS_CAPACITY: u32 = 16_384;
 /// Reads and writes of one container on one named pipe ([`FifoKey`] to
 /// [`IpcCounts`]).
 pub const FIFO_FLOWS_MAP: &str = "FIFO_FLOWS";
+/// The sending socket to the [`Addressed`] datagram it is sending (an LRU:
+/// a send that fails leaves its entry to be evicted).
+pub const UNIX_ADDRESSED_MAP: &str = "UNIX_ADDRESSED";
+pub const UNIX_ADDRESSED_CAPACITY: u32 = 4_096;
+/// A path ([`UnixPathKey`]) to the container (cgroup) whose bound datagram
+/// socket receives on it: the server of datagrams sent there with an
+/// address.
+pub const UNIX_RECEIVERS_MAP: &str = "UNIX_RECEIVERS";
 pub const FIFO_FLOWS_CAPACITY: u32 = 16_384;
 /// A named pipe's file name ([`FifoName`]), by device and inode
 /// ([`FifoId`]).
@@ -152,9 +160,29 @@ pub struct UnixConn {
     pub client_inode: u64,
     /// One of [`unix_kind`].
     pub kind: u8,
-    pub _pad: [u8; 7],
+    /// 1: datagrams sent with an address (`sendto()` on an unconnected
+    /// socket) to `path`: the key's `server_end` is the path's hash, not a
+    /// socket, and the server is the container that receives on that path
+    /// ([`UNIX_RECEIVERS_MAP`]).
+    pub addressed: u8,
+    pub _pad: [u8; 6],
 }
 const _: () = assert!(core::mem::size_of::<UnixConn>() == 88);
+
+/// A datagram a pod's process sends with an address, between the
+/// unix-socket `sendmsg()` hook, which sees the address, and the tracepoint
+/// after the send, which sees the bytes ([`UNIX_ADDRESSED_MAP`], by the
+/// sending socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Addressed {
+    pub netns: u64,
+    /// The sender's container.
+    pub cgroup: u64,
+    /// [`path_hash`] of the address.
+    pub path: u64,
+}
+const _: () = assert!(core::mem::size_of::<Addressed>() == 24);
 
 /// A named pipe: its device (`s_dev`) and inode number.
 #[repr(C)]
@@ -274,13 +302,14 @@ pub struct KernelOffsets {
     pub inode_sb: u32,
     pub super_block_dev: u32,
     pub super_block_magic: u32,
-    /// `struct bpf_sock_addr_kern` (a socket hook's context): `uaddr`, the
-    /// address a unix socket connects or sends to, and `uaddrlen` (a u32,
-    /// since 6.7, where the unix-socket hooks came).
+    /// `struct bpf_sock_addr_kern` (a socket hook's context): `sk`, the
+    /// socket; `uaddr`, the address a unix socket connects or sends to;
+    /// and `uaddrlen` (a u32, since 6.7, where the unix-socket hooks came).
+    pub sock_addr_sk: u32,
     pub sock_addr_uaddr: u32,
     pub sock_addr_uaddrlen: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 124);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 128);
 
 /// System call numbers (x86-64) of the reads and writes a named pipe's
 /// traffic goes through.

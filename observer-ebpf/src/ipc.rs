@@ -29,14 +29,14 @@ use aya_ebpf::{
         bpf_probe_read_kernel_str_bytes, generated::bpf_probe_read_kernel as probe_read,
     },
     macros::{map, raw_tracepoint},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::RawTracePointContext,
 };
 use observer_common::ipc::{
-    AF_UNIX, FIFO_FLOWS_CAPACITY, FifoId, FifoKey, FifoName, IPC_PODS_CAPACITY, IpcCounts,
-    KernelOffsets, PIPEFS_MAGIC, S_IFIFO, S_IFMT, Sent, UNIX_CONNS_CAPACITY, UNIX_PATH_MAX,
-    UNIX_PATHS_CAPACITY, UnixConn, UnixConnKey, UnixPath, UnixPathKey, path_hash, syscall,
-    unix_kind,
+    AF_UNIX, Addressed, FIFO_FLOWS_CAPACITY, FifoId, FifoKey, FifoName, IPC_PODS_CAPACITY,
+    IpcCounts, KernelOffsets, PIPEFS_MAGIC, S_IFIFO, S_IFMT, Sent, UNIX_ADDRESSED_CAPACITY,
+    UNIX_CONNS_CAPACITY, UNIX_PATH_MAX, UNIX_PATHS_CAPACITY, UnixConn, UnixConnKey, UnixPath,
+    UnixPathKey, path_hash, syscall, unix_kind,
 };
 
 use crate::handoff::bump_stats;
@@ -54,6 +54,19 @@ static UNIX_CONNS: HashMap<UnixConnKey, UnixConn> =
 #[map]
 static UNIX_PATHS: HashMap<UnixPathKey, UnixPath> =
     HashMap::with_max_entries(UNIX_PATHS_CAPACITY, NO_PREALLOC);
+
+#[map]
+static UNIX_ADDRESSED: LruHashMap<u64, Addressed> =
+    LruHashMap::with_max_entries(UNIX_ADDRESSED_CAPACITY, 0);
+
+#[map]
+static UNIX_RECEIVERS: HashMap<UnixPathKey, u64> =
+    HashMap::with_max_entries(UNIX_PATHS_CAPACITY, NO_PREALLOC);
+
+/// Bound datagram sockets whose receiver is in [`UNIX_RECEIVERS`] already:
+/// a lookup instead of hashing the path at every datagram.
+#[map]
+static RECEIVING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(UNIX_PATHS_CAPACITY, 0);
 
 #[map]
 static FIFO_FLOWS: HashMap<FifoKey, IpcCounts> =
@@ -100,6 +113,7 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     inode_sb: 0,
     super_block_dev: 0,
     super_block_magic: 0,
+    sock_addr_sk: 0,
     sock_addr_uaddr: 0,
     sock_addr_uaddrlen: 0,
 };
@@ -167,7 +181,8 @@ fn current_cgroup() -> u64 {
     unsafe { bpf_get_current_cgroup_id() }
 }
 
-/// A unix socket of an attached pod, connected: its kind and its peer.
+/// A unix socket of an attached pod: its network namespace, its kind and
+/// its peer (0 for a datagram socket that is not connected).
 #[inline(always)]
 fn pod_unix_socket(sk: u64, o: &KernelOffsets) -> Option<(u64, u8, u64)> {
     if read::<u16>(sk, o.sock_family)? != AF_UNIX {
@@ -176,10 +191,6 @@ fn pod_unix_socket(sk: u64, o: &KernelOffsets) -> Option<(u64, u8, u64)> {
     let netns = sock_netns(sk, o)?;
     pod(netns)?;
     let peer: u64 = read(sk, o.unix_sock_peer)?;
-    // An unconnected datagram socket: where it sends is not known here.
-    if peer == 0 {
-        return None;
-    }
     Some((netns, read::<u16>(sk, o.sock_type)? as u8, peer))
 }
 
@@ -379,7 +390,8 @@ fn new_connection(
         connections: 0,
         client_inode: 0,
         kind,
-        _pad: [0; 7],
+        addressed: 0,
+        _pad: [0; 6],
     };
     // Another CPU may have made it first: then that one is counted in.
     let _ = UNIX_CONNS.insert(key, &conn, u64::from(BPF_NOEXIST));
@@ -399,6 +411,9 @@ fn sent(ctx: &RawTracePointContext) -> Option<()> {
     }
     let o = offsets();
     let (netns, kind, peer) = pod_unix_socket(sk, &o)?;
+    if peer == 0 {
+        return addressed_sent(sk, netns, kind, bytes as u64);
+    }
     let current = current_cgroup();
     let (key, server_side) = ends(sk, peer, kind, current, &o)?;
     let conn = connection(&key, netns, kind, server_side, current, &o)?;
@@ -426,6 +441,9 @@ fn received(ctx: &RawTracePointContext) -> Option<()> {
     let o = offsets();
     let (netns, kind, peer) = pod_unix_socket(sk, &o)?;
     if kind == unix_kind::DGRAM {
+        if peer == 0 {
+            receiving(sk, netns, &o);
+        }
         return None;
     }
     let current = current_cgroup();
@@ -438,6 +456,123 @@ fn received(ctx: &RawTracePointContext) -> Option<()> {
     unsafe {
         (*conn).server = current;
     }
+    Some(())
+}
+
+/// A pod's process is about to send a datagram with an address
+/// (`sendto()`): `address` is the kernel's copy of the `sockaddr_un`, of
+/// `len` bytes, `hash` its path's [`path_hash`]. Remembered for
+/// [`addressed_sent`], with the path's name for the daemon. Called by the
+/// unix-socket `sendmsg()` hook, which sees the address (the tracepoint
+/// after the send does not).
+#[inline(always)]
+pub(crate) fn addressed(sk: u64, netns: u64, address: u64, len: u32, hash: u64) -> Option<()> {
+    pod(netns)?;
+    let path = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, for this program's run.
+    let path = unsafe { &mut *path };
+    // All of `sun_path` (the kernel's copy is a whole `sockaddr_storage`);
+    // `len` says how much of it is the name.
+    // SAFETY: the helper checks the source; the size is the destination's.
+    let failed = unsafe {
+        probe_read(
+            path.bytes.as_mut_ptr().cast(),
+            UNIX_PATH_MAX as u32,
+            (address + 2) as *const _,
+        )
+    };
+    if failed != 0 {
+        return None;
+    }
+    path.len = len.saturating_sub(2).min(UNIX_PATH_MAX as u32) as u16;
+    path.netns = netns;
+    let at = UnixPathKey { netns, hash };
+    if UNIX_PATHS.insert(&at, path, u64::from(BPF_NOEXIST)).is_err()
+        // SAFETY: a plain lookup.
+        && unsafe { UNIX_PATHS.get(&at) }.is_none()
+    {
+        bump_stats(|s| s.ipc_lost += 1);
+    }
+    let sending = Addressed {
+        netns,
+        cgroup: current_cgroup(),
+        path: hash,
+    };
+    UNIX_ADDRESSED.insert(&sk, &sending, 0).ok()
+}
+
+/// A datagram sent with an address: counted on the connection from the
+/// sending socket to the path (see [`UnixConn::addressed`]).
+#[inline(always)]
+fn addressed_sent(sk: u64, netns: u64, kind: u8, bytes: u64) -> Option<()> {
+    if kind != unix_kind::DGRAM {
+        return None;
+    }
+    // SAFETY: a plain lookup; the value is copied at once.
+    let sending = unsafe { UNIX_ADDRESSED.get(&sk) }.copied()?;
+    let _ = UNIX_ADDRESSED.remove(&sk);
+    if sending.netns != netns {
+        return None;
+    }
+    let key = UnixConnKey {
+        server_end: sending.path,
+        client_end: sk,
+    };
+    let receiver = UnixPathKey {
+        netns,
+        hash: sending.path,
+    };
+    // SAFETY: a plain lookup.
+    let server = unsafe { UNIX_RECEIVERS.get(&receiver) }
+        .copied()
+        .unwrap_or(0);
+    let conn = match UNIX_CONNS.get_ptr_mut(&key) {
+        Some(conn) => conn,
+        None => {
+            let conn = UnixConn {
+                netns,
+                client: sending.cgroup,
+                server,
+                path: sending.path,
+                to_server: Sent::default(),
+                to_client: Sent::default(),
+                connections: 0,
+                client_inode: 0,
+                kind,
+                addressed: 1,
+                _pad: [0; 6],
+            };
+            let _ = UNIX_CONNS.insert(&key, &conn, u64::from(BPF_NOEXIST));
+            let found = UNIX_CONNS.get_ptr_mut(&key);
+            if found.is_none() {
+                bump_stats(|s| s.ipc_lost += 1);
+            }
+            found?
+        }
+    };
+    // SAFETY: a live, 8-byte aligned map value; other CPUs add too.
+    unsafe {
+        if server != 0 {
+            (*conn).server = server;
+        }
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).to_server.messages, 1);
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).to_server.bytes, bytes);
+    }
+    Some(())
+}
+
+/// A bound datagram socket of a pod received: its container is the server
+/// of what is sent to its path with an address.
+#[inline(always)]
+fn receiving(sk: u64, netns: u64, o: &KernelOffsets) -> Option<()> {
+    let current = current_cgroup();
+    // SAFETY: a plain lookup.
+    if unsafe { RECEIVING.get(&sk) } == Some(&current) {
+        return None;
+    }
+    let (_, hash) = sock_path(sk, o)?;
+    let _ = UNIX_RECEIVERS.insert(&UnixPathKey { netns, hash }, &current, 0);
+    let _ = RECEIVING.insert(&sk, &current, 0);
     Some(())
 }
 

@@ -438,10 +438,25 @@ pub fn unix_connect(ctx: SockAddrContext) -> i32 {
 }
 
 /// `sendmsg()` with an address on a unix datagram socket (`sendto()`),
-/// loaded like [`unix_connect`].
+/// loaded like [`unix_connect`]. A datagram it lets through is counted
+/// after the send, where its bytes are known ([`crate::ipc`]).
 #[cgroup_sock_addr(sendmsg4)]
 pub fn unix_sendmsg(ctx: SockAddrContext) -> i32 {
-    decide_unix(&ctx)
+    let allowed = decide_unix(&ctx);
+    if allowed == 1 {
+        let o = crate::ipc::offsets();
+        let context = ctx.sock_addr as u64;
+        // SAFETY: helper valid for cgroup sock_addr programs.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+        if let (Some(sk), Some((address, len)), Some(hash)) = (
+            crate::ipc::read(context, o.sock_addr_sk),
+            unix_address(&ctx),
+            unix_path(&ctx),
+        ) {
+            let _ = crate::ipc::addressed(sk, netns, address, len, hash);
+        }
+    }
+    allowed
 }
 
 /// Looks up what the pod's unix rules decide for the calling container and
@@ -492,13 +507,20 @@ fn decide_unix(ctx: &SockAddrContext) -> i32 {
 /// the verifier lets a program load from).
 #[inline(always)]
 fn unix_path(ctx: &SockAddrContext) -> Option<u64> {
-    let o = crate::ipc::offsets();
-    let context = ctx.sock_addr as u64;
-    let address: u64 = crate::ipc::read(context, o.sock_addr_uaddr)?;
-    let len: u32 = crate::ipc::read(context, o.sock_addr_uaddrlen)?;
+    let (address, len) = unix_address(ctx)?;
     // `sun_path`, after the 2-byte family; on the stack: a per-CPU buffer
     // could be another task's on this CPU once this one is preempted.
     let path: [u8; UNIX_PATH_MAX] = crate::ipc::read(address, 2)?;
     let len = (len as usize).saturating_sub(2).min(UNIX_PATH_MAX);
     Some(path_hash(&path, len))
+}
+
+/// The kernel's copy of the `sockaddr_un` the hook is about, and its length.
+#[inline(always)]
+fn unix_address(ctx: &SockAddrContext) -> Option<(u64, u32)> {
+    let o = crate::ipc::offsets();
+    let context = ctx.sock_addr as u64;
+    let address: u64 = crate::ipc::read(context, o.sock_addr_uaddr)?;
+    let len: u32 = crate::ipc::read(context, o.sock_addr_uaddrlen)?;
+    Some((address, len))
 }

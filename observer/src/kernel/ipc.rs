@@ -19,7 +19,8 @@ use aya::{
 };
 use observer_common::ipc::{
     FIFO_FLOWS_MAP, FIFO_NAMES_MAP, FifoId, FifoKey, FifoName, IPC_PODS_MAP, IpcCounts,
-    KernelOffsets, UNIX_CONNS_MAP, UNIX_PATHS_MAP, UnixConn, UnixConnKey, UnixPath, UnixPathKey,
+    KernelOffsets, UNIX_CONNS_MAP, UNIX_PATHS_MAP, UNIX_RECEIVERS_MAP, UnixConn, UnixConnKey,
+    UnixPath, UnixPathKey,
 };
 
 use super::btf::{BtfError, KernelBtf};
@@ -75,6 +76,7 @@ pub fn offsets(btf: &KernelBtf) -> Result<KernelOffsets, BtfError> {
         super_block_magic: btf.offset("super_block.s_magic")?,
         // 0 where the kernel has no unix-socket hooks (before 6.7): the
         // unix-socket policy is then not loaded (see `unix_hooks`).
+        sock_addr_sk: btf.offset("bpf_sock_addr_kern.sk").unwrap_or(0),
         sock_addr_uaddr: btf.offset("bpf_sock_addr_kern.uaddr").unwrap_or(0),
         sock_addr_uaddrlen: btf.offset("bpf_sock_addr_kern.uaddrlen").unwrap_or(0),
     })
@@ -121,6 +123,9 @@ pub struct IpcMaps {
     pub unix_paths: HashMap<MapData, UnixPathKey, UnixPath>,
     pub fifo_flows: HashMap<MapData, FifoKey, IpcCounts>,
     pub fifo_names: HashMap<MapData, FifoId, FifoName>,
+    /// Who receives on a path: the server of datagrams sent there with an
+    /// address.
+    pub unix_receivers: HashMap<MapData, UnixPathKey, u64>,
 }
 
 impl IpcMaps {
@@ -141,6 +146,7 @@ impl IpcMaps {
             unix_paths: typed(ebpf, UNIX_PATHS_MAP)?,
             fifo_flows: typed(ebpf, FIFO_FLOWS_MAP)?,
             fifo_names: typed(ebpf, FIFO_NAMES_MAP)?,
+            unix_receivers: typed(ebpf, UNIX_RECEIVERS_MAP)?,
         })
     }
 
@@ -177,8 +183,17 @@ impl IpcMaps {
             .flatten()
             .filter(|k| k.netns == netns)
             .collect();
-        for key in paths {
-            let _ = self.unix_paths.remove(&key);
+        for key in &paths {
+            let _ = self.unix_paths.remove(key);
+        }
+        let receivers: Vec<UnixPathKey> = self
+            .unix_receivers
+            .keys()
+            .flatten()
+            .filter(|k| k.netns == netns)
+            .collect();
+        for key in receivers {
+            let _ = self.unix_receivers.remove(&key);
         }
         let names: Vec<FifoId> = self
             .fifo_names

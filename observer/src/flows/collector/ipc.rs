@@ -117,7 +117,27 @@ impl Collector {
         let Some(ipc) = &mut self.ipc else {
             return Vec::new();
         };
-        let conns: Vec<(UnixConnKey, UnixConn)> = ipc.maps.unix_conns.iter().flatten().collect();
+        let mut conns: Vec<(UnixConnKey, UnixConn)> =
+            ipc.maps.unix_conns.iter().flatten().collect();
+        // Datagrams sent with an address: their server is whoever receives
+        // on the path, once it has (the kernel sets it at later sends).
+        if conns.iter().any(|(_, c)| c.addressed != 0 && c.server == 0) {
+            let receivers: HashMap<(u64, u64), u64> = ipc
+                .maps
+                .unix_receivers
+                .iter()
+                .flatten()
+                .map(|(k, cgroup)| ((k.netns, k.hash), cgroup))
+                .collect();
+            for (_, conn) in conns.iter_mut().filter(|(_, c)| c.addressed != 0) {
+                if conn.server == 0 {
+                    conn.server = receivers
+                        .get(&(conn.netns, conn.path))
+                        .copied()
+                        .unwrap_or(0);
+                }
+            }
+        }
         let fifo: Vec<(FifoKey, IpcCounts)> = ipc.maps.fifo_flows.iter().flatten().collect();
 
         // Containers are named as the packet flows' are: the cgroups no
