@@ -276,7 +276,7 @@ pub fn table_world(table: &Table) -> TableWorld {
         .flat_map(|pod| {
             kernel
                 .datapath
-                .attach_socket_hooks(&pod.cgroup)
+                .attach_socket_hooks(&pod.cgroup, &[])
                 .expect("the policy hooks")
         })
         .collect();

@@ -111,6 +111,20 @@ fn closed_policies_hold_through_restarts_and_counters_go_on_exactly() {
         left.iter().any(|p| p.contains("pods/")) && left.iter().any(|p| p.contains("maps-v")),
         "the closed pods' links and the maps stay pinned: {left:?}"
     );
+    // As an observer from before the unix-socket hooks would have left
+    // them: without those. The next one takes over what is there and
+    // attaches what is not, beside it.
+    let unix_pins: Vec<&String> = left
+        .iter()
+        .filter(|p| p.ends_with("/unix_connect") || p.ends_with("/unix_sendmsg"))
+        .collect();
+    assert!(
+        !unix_pins.is_empty(),
+        "the unix-socket hooks pinned: {left:?}"
+    );
+    for pin in unix_pins {
+        std::fs::remove_file(pins.path().join(pin)).expect("an older observer's pins");
+    }
     // No observer at all for a second: the pinned programs hold.
     thread::sleep(Duration::from_secs(1));
     let second = Observer::start(&args);
@@ -118,6 +132,11 @@ fn closed_policies_hold_through_restarts_and_counters_go_on_exactly() {
         second.log().contains("took over"),
         "the second observer takes over:\n{}",
         second.log()
+    );
+    assert!(
+        pins.pins().iter().any(|p| p.ends_with("/unix_connect")),
+        "the hooks it did not find attached and pinned anew: {:?}",
+        pins.pins()
     );
     thread::sleep(Duration::from_secs(1));
     second.kill();

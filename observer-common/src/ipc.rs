@@ -350,8 +350,16 @@ pub const PIPEFS_MAGIC: u64 = 0x5049_5045;
 /// of its `len` bytes.
 #[inline(always)]
 pub fn path_hash(bytes: &[u8; UNIX_PATH_MAX], len: usize) -> u64 {
+    path_hash_end(bytes, len).0
+}
+
+/// [`path_hash`] of a path, and where its name ends: a file path at its
+/// first NUL, an abstract name at `len`.
+#[inline(always)]
+pub fn path_hash_end(bytes: &[u8; UNIX_PATH_MAX], len: usize) -> (u64, usize) {
     let abstract_name = bytes[0] == 0;
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut end = 0;
     // An iterator: no index to check (the eBPF side has no panics).
     for &byte in bytes.iter().take(len) {
         if !abstract_name && byte == 0 {
@@ -359,13 +367,68 @@ pub fn path_hash(bytes: &[u8; UNIX_PATH_MAX], len: usize) -> u64 {
         }
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        end += 1;
     }
-    hash | 1
+    (hash | 1, end)
+}
+
+/// A path's name as policies compare it, in place: `words` hold its
+/// `sun_path` bytes (in memory order); what follows the name's `end` is
+/// zeroed. A word at a time, few branches (the eBPF side runs it).
+#[inline(always)]
+pub fn name_words(words: &mut [u64; 14], end: usize) {
+    for (w, word) in words.iter_mut().enumerate() {
+        let start = w * 8;
+        if start >= end {
+            *word = 0;
+        } else if start + 8 > end {
+            // The bytes before `end`, in memory order.
+            let keep = (end - start) * 8;
+            let mask = if cfg!(target_endian = "little") {
+                (1u64 << keep) - 1
+            } else {
+                !(u64::MAX >> keep)
+            };
+            *word &= mask;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_name_keeps_only_the_name() {
+        for (text, len) in [
+            (&b"/run/a.sock\0garbage"[..], 19),
+            (&b"/run/a.sock"[..], 11),
+            (&b"\0statsd\0x"[..], 7),
+            (&b"\0statsd\0x"[..], 9),
+            (&b"/0123456789abcdef"[..], 17),
+        ] {
+            let mut words = [0u64; 14];
+            // SAFETY: 112 bytes, the words' own.
+            let bytes = unsafe { &mut *words.as_mut_ptr().cast::<[u8; 112]>() };
+            bytes.fill(0xff);
+            bytes[..text.len()].copy_from_slice(text);
+            let (hash, end) = path_hash_end(bytes[..UNIX_PATH_MAX].try_into().unwrap(), len);
+            name_words(&mut words, end);
+            // SAFETY: as above.
+            let bytes = unsafe { &*words.as_ptr().cast::<[u8; 112]>() };
+            let name = if text[0] == 0 {
+                &text[..len]
+            } else {
+                text.split(|&b| b == 0).next().unwrap()
+            };
+            assert_eq!(end, name.len(), "{text:?}");
+            assert_eq!(&bytes[..end], name);
+            assert!(bytes[end..].iter().all(|&b| b == 0), "{text:?}");
+            let mut padded = [0u8; UNIX_PATH_MAX];
+            padded[..name.len()].copy_from_slice(name);
+            assert_eq!(hash, path_hash(&padded, name.len()));
+        }
+    }
 
     fn path(text: &[u8]) -> UnixPath {
         let mut p = UnixPath::default();

@@ -39,6 +39,7 @@ mod pod {
     unsafe impl aya::Pod for super::VerdictKey {}
     unsafe impl aya::Pod for super::UnixPolicyKey {}
     unsafe impl aya::Pod for super::UnixVerdict {}
+    unsafe impl aya::Pod for super::UnixPathName {}
     unsafe impl aya::Pod for super::SocketInfo {}
     unsafe impl aya::Pod for super::NodeInfo {}
     unsafe impl aya::Pod for super::OverflowKey {}

@@ -104,6 +104,12 @@ pub const VERDICTS_CAPACITY: u32 = 65_536;
 /// the answer up at `connect()` and `sendmsg()` of a unix socket.
 pub const UNIX_POLICY_MAP: &str = "UNIX_POLICY";
 pub const UNIX_POLICY_CAPACITY: u32 = 16_384;
+/// The paths pods' unix rules name, whole ([`crate::ipc::UnixPathKey`] to
+/// [`UnixPathName`]): a client's path is the one a rule names only if its
+/// bytes are, so that no other name with the same 64-bit hash passes for
+/// it. A pod's named paths are fewer than its decisions: the decisions'
+/// capacity bounds them.
+pub const UNIX_POLICY_PATHS_MAP: &str = "UNIX_POLICY_PATHS";
 /// Rules per pod the kernel tries (all policies selecting it, in order).
 pub const MAX_POD_RULES: usize = 64;
 
@@ -524,6 +530,35 @@ pub struct UnixVerdict {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<UnixVerdict>() == 8);
+
+/// Value of [`UNIX_POLICY_PATHS_MAP`]: a path's `sun_path` bytes as the
+/// kernel compares them: the name (a file path up to its first NUL, an
+/// abstract name all of its length), then zeros, in 14 words.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixPathName {
+    pub words: [u64; 14],
+}
+const _: () = assert!(core::mem::size_of::<UnixPathName>() == 112);
+
+impl UnixPathName {
+    /// The `sun_path` of `len` bytes in `path` (at most 108): its
+    /// [`crate::ipc::path_hash`] and its name, as the kernel makes them of
+    /// a client's (`observer-ebpf`'s `unix_path`).
+    pub fn of(path: &[u8], len: usize) -> (u64, Self) {
+        let mut name = Self { words: [0; 14] };
+        // SAFETY: 112 bytes, the words' own.
+        let bytes = unsafe { &mut *name.words.as_mut_ptr().cast::<[u8; 112]>() };
+        let len = len.min(crate::ipc::UNIX_PATH_MAX).min(path.len());
+        bytes[..len].copy_from_slice(&path[..len]);
+        let sun_path = bytes[..crate::ipc::UNIX_PATH_MAX]
+            .try_into()
+            .expect("108 of 112 bytes");
+        let (hash, end) = crate::ipc::path_hash_end(sun_path, len);
+        crate::ipc::name_words(&mut name.words, end);
+        (hash, name)
+    }
+}
 
 /// Key of [`VERDICTS_MAP`].
 #[repr(C)]

@@ -25,7 +25,7 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_loop, bpf_skb_ancestor_cgroup_id,
-        bpf_skb_cgroup_id,
+        bpf_skb_cgroup_id, generated,
     },
     macros::{cgroup_sock_addr, map},
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
@@ -34,11 +34,11 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use observer_common::{
     FlowKey, FlowValue, MAX_POD_RULES, MemberKey, NodeInfo, POLICIES_CAPACITY,
-    POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY, PodPolicy, UNIX_POLICY_CAPACITY, UnixPolicyKey,
-    UnixVerdict, VERDICTS_CAPACITY, VerdictKey, class, classify,
+    POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY, PodPolicy, UNIX_POLICY_CAPACITY, UnixPathName,
+    UnixPolicyKey, UnixVerdict, VERDICTS_CAPACITY, VerdictKey, class, classify,
     direction::{EGRESS, INGRESS},
     family, interface,
-    ipc::{UNIX_PATH_MAX, path_hash},
+    ipc::{UNIX_PATH_MAX, UnixPathKey, name_words, path_hash_end},
     ipv4_mapped,
     policy::{self, Connection, Decision, RuleSets},
     policy_cidr_key, ports, server, verdict,
@@ -426,6 +426,11 @@ fn count<C: EbpfContext>(ctx: &C, cookie: u64, decision: &Decision, c: &Connecti
 static UNIX_POLICY: HashMap<UnixPolicyKey, UnixVerdict> =
     HashMap::with_max_entries(UNIX_POLICY_CAPACITY, 0);
 
+/// The paths those rules name, whole ([`UnixPathName`]).
+#[map]
+static UNIX_POLICY_PATHS: HashMap<UnixPathKey, UnixPathName> =
+    HashMap::with_max_entries(UNIX_POLICY_CAPACITY, 0);
+
 /// `connect()` of a unix socket: stream and seqpacket sockets, and
 /// datagram sockets that connect to a peer (kernels 6.7 and later).
 ///
@@ -434,7 +439,7 @@ static UNIX_POLICY: HashMap<UnixPolicyKey, UnixVerdict> =
 /// loads it with the unix attach type (`observer::kernel::unix_hooks`).
 #[cgroup_sock_addr(connect4)]
 pub fn unix_connect(ctx: SockAddrContext) -> i32 {
-    decide_unix(&ctx)
+    decide_unix(&ctx, || unix_path(&ctx))
 }
 
 /// `sendmsg()` with an address on a unix datagram socket (`sendto()`),
@@ -442,16 +447,18 @@ pub fn unix_connect(ctx: SockAddrContext) -> i32 {
 /// after the send, where its bytes are known ([`crate::ipc`]).
 #[cgroup_sock_addr(sendmsg4)]
 pub fn unix_sendmsg(ctx: SockAddrContext) -> i32 {
-    let allowed = decide_unix(&ctx);
+    // Read once: for the decision and for the count.
+    let path = unix_path(&ctx);
+    let allowed = decide_unix(&ctx, || path);
     if allowed == 1 {
         let o = crate::ipc::offsets();
         let context = ctx.sock_addr as u64;
         // SAFETY: helper valid for cgroup sock_addr programs.
         let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-        if let (Some(sk), Some((address, len)), Some(hash)) = (
+        if let (Some(sk), Some((address, len)), Some((hash, _))) = (
             crate::ipc::read(context, o.sock_addr_sk),
             unix_address(&ctx),
-            unix_path(&ctx),
+            path,
         ) {
             let _ = crate::ipc::addressed(sk, netns, address, len, hash);
         }
@@ -463,7 +470,7 @@ pub fn unix_sendmsg(ctx: SockAddrContext) -> i32 {
 /// the path it names (see [`UnixPolicyKey`] for the order), counts it, and
 /// lets the call through (1) unless it is denied (0: EPERM).
 #[inline(always)]
-fn decide_unix(ctx: &SockAddrContext) -> i32 {
+fn decide_unix(ctx: &SockAddrContext, path: impl FnOnce() -> Option<(u64, UnixPathName)>) -> i32 {
     // SAFETY: helper valid for cgroup sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     // SAFETY: a plain lookup; the value is copied at once.
@@ -480,8 +487,15 @@ fn decide_unix(ctx: &SockAddrContext) -> i32 {
     }
     // SAFETY: plain helper.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    // A path that cannot be read is one no rule names.
-    let path = unix_path(ctx).unwrap_or(0);
+    // A path that cannot be read is one no rule names, and so is one whose
+    // hash is a rule path's but whose name is not.
+    let path = path()
+        .filter(|(hash, name)| {
+            let key = UnixPathKey { netns, hash: *hash };
+            // SAFETY: a plain lookup.
+            unsafe { UNIX_POLICY_PATHS.get(&key) }.is_some_and(|named| named.words == name.words)
+        })
+        .map_or(0, |(hash, _)| hash);
     let Some(found) = policy::unix_decision(netns, cgroup, path, get) else {
         return 1;
     };
@@ -506,13 +520,29 @@ fn decide_unix(ctx: &SockAddrContext) -> i32 {
 /// program may read (its fields for unix sockets are not in the context
 /// the verifier lets a program load from).
 #[inline(always)]
-fn unix_path(ctx: &SockAddrContext) -> Option<u64> {
+fn unix_path(ctx: &SockAddrContext) -> Option<(u64, UnixPathName)> {
     let (address, len) = unix_address(ctx)?;
-    // `sun_path`, after the 2-byte family; on the stack: a per-CPU buffer
-    // could be another task's on this CPU once this one is preempted.
-    let path: [u8; UNIX_PATH_MAX] = crate::ipc::read(address, 2)?;
+    // `sun_path`, after the 2-byte family, read into the name's words (on
+    // the stack: a per-CPU buffer could be another task's on this CPU once
+    // this one is preempted).
+    let mut name = UnixPathName { words: [0; 14] };
+    // SAFETY: the helper checks the source; 108 of the words' 112 bytes.
+    let failed = unsafe {
+        generated::bpf_probe_read_kernel(
+            name.words.as_mut_ptr().cast(),
+            UNIX_PATH_MAX as u32,
+            (address + 2) as *const _,
+        )
+    };
+    if failed != 0 {
+        return None;
+    }
+    // SAFETY: the words' first 108 bytes.
+    let bytes = unsafe { &*name.words.as_ptr().cast::<[u8; UNIX_PATH_MAX]>() };
     let len = (len as usize).saturating_sub(2).min(UNIX_PATH_MAX);
-    Some(path_hash(&path, len))
+    let (hash, end) = path_hash_end(bytes, len);
+    name_words(&mut name.words, end);
+    Some((hash, name))
 }
 
 /// The kernel's copy of the `sockaddr_un` the hook is about, and its length.

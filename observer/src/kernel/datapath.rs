@@ -28,8 +28,8 @@ use observer_common::{
     CIDRS_MAP, CLASSIFIER_MAP, DatapathStats, FLOW_CACHE_MAP, FLOWS_MAP, FLUSH_PROGRAM, FlowKey,
     FlowValue, GENERATION_MAP, NETNS_COOKIE_GLOBAL, NODE_MAP, OVERFLOW_MAP, OverflowKey,
     OverflowValue, POLICIES_MAP, POLICY_CIDRS_MAP, POLICY_MEMBERS_MAP, SERVICES_MAP, SOCKETS_MAP,
-    STATS_MAP, SocketInfo, UNIX_POLICY_MAP, UNSTORED_MAP, VERDICTS_MAP, VerdictKey,
-    ipc::KERNEL_OFFSETS_GLOBAL,
+    STATS_MAP, SocketInfo, UNIX_POLICY_MAP, UNIX_POLICY_PATHS_MAP, UNSTORED_MAP, VERDICTS_MAP,
+    VerdictKey, ipc::KERNEL_OFFSETS_GLOBAL,
 };
 
 use super::{
@@ -107,6 +107,8 @@ pub enum DatapathError {
     },
     #[error("the embedded eBPF object does not parse: {0}")]
     Object(#[source] Box<aya_obj::ParseError>),
+    #[error("attaching the unix-socket hooks: {0}")]
+    UnixHooks(#[source] std::io::Error),
 }
 
 /// The map the programs' diagnostics go to (aya-log's).
@@ -217,7 +219,7 @@ pub struct MapIds {
 }
 
 /// The maps every instance shares, pinned by name.
-const SHARED_MAPS: [&str; 17] = [
+const SHARED_MAPS: [&str; 18] = [
     FLOWS_MAP,
     FLOW_CACHE_MAP,
     OVERFLOW_MAP,
@@ -231,6 +233,7 @@ const SHARED_MAPS: [&str; 17] = [
     POLICY_MEMBERS_MAP,
     POLICY_CIDRS_MAP,
     UNIX_POLICY_MAP,
+    UNIX_POLICY_PATHS_MAP,
     NODE_MAP,
     VERDICTS_MAP,
     SOCKETS_MAP,
@@ -298,6 +301,7 @@ impl Datapath {
             members: typed(&mut ebpf, POLICY_MEMBERS_MAP)?,
             cidrs: typed(&mut ebpf, POLICY_CIDRS_MAP)?,
             unix: typed(&mut ebpf, UNIX_POLICY_MAP)?,
+            unix_paths: typed(&mut ebpf, UNIX_POLICY_PATHS_MAP)?,
             node: typed(&mut ebpf, NODE_MAP)?,
             node_written: None,
         };
@@ -397,20 +401,22 @@ impl Datapath {
         }
     }
 
-    /// Attaches the socket hooks to a pod's cgroup, and seeds the storage
+    /// Attaches the socket hooks to a pod's cgroup (all but those `held`
+    /// already, taken over from an earlier observer), and seeds the storage
     /// of the sockets its processes already have. The hooks allow
     /// everything until the pod has a compiled policy. Returns each hook's
     /// link by program name.
     pub fn attach_socket_hooks(
         &mut self,
         cgroup: &Path,
+        held: &[&str],
     ) -> Result<Vec<(&'static str, SocketLink)>, DatapathError> {
         let dir = std::fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.into(),
             source,
         })?;
         let mut links = Vec::new();
-        for name in SOCKET_PROGRAMS {
+        for name in SOCKET_PROGRAMS.into_iter().filter(|n| !held.contains(n)) {
             let hook: &mut CgroupSockAddr = program(&mut self.base, name)?;
             // A bpf link (kernels 5.7+): it runs beside other programs on
             // the cgroup whatever the mode, and the kernel refuses any mode
@@ -428,11 +434,8 @@ impl Datapath {
         if let Some(unix) = &self.unix_hooks {
             use std::os::fd::AsFd;
             let own = unix
-                .attach(dir.as_fd())
-                .map_err(|source| DatapathError::Cgroup {
-                    path: cgroup.into(),
-                    source,
-                })?;
+                .attach(dir.as_fd(), held)
+                .map_err(DatapathError::UnixHooks)?;
             links.extend(
                 own.into_iter()
                     .map(|(name, link)| (name, SocketLink::Own(link))),

@@ -9,7 +9,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use observer_common::{
-    MemberKey, NodeInfo, PodPolicy, UnixPolicyKey, UnixVerdict, policy::RuleSets, policy_cidr_key,
+    MemberKey, NodeInfo, PodPolicy, UnixPathName, UnixPolicyKey, UnixVerdict, ipc::UnixPathKey,
+    policy::RuleSets, policy_cidr_key,
 };
 
 use super::class_maps::mask;
@@ -32,6 +33,9 @@ pub struct PolicyEntries {
     pub cidrs: HashSet<(u32, [u8; 20])>,
     /// What pods' unix-socket rules decide, per client and path.
     pub unix: HashMap<UnixPolicyKey, UnixVerdict>,
+    /// The paths those rules name, whole: a path is the one a rule names
+    /// only if its bytes are, not only its hash.
+    pub unix_paths: HashMap<UnixPathKey, UnixPathName>,
 }
 
 /// The same lookups the kernel makes, on the entries in memory.
@@ -54,6 +58,7 @@ pub struct KernelPolicyMaps {
     pub members: BpfHashMap<MapData, MemberKey, u8>,
     pub cidrs: LpmTrie<MapData, [u8; 20], u8>,
     pub unix: BpfHashMap<MapData, UnixPolicyKey, UnixVerdict>,
+    pub unix_paths: BpfHashMap<MapData, UnixPathKey, UnixPathName>,
     /// How the node's own processes are told (their connections are not
     /// subject to ingress rules).
     pub node: Array<MapData, NodeInfo>,
@@ -69,6 +74,8 @@ pub enum Write<'a> {
     Pod(u64, Option<&'a PodPolicy>),
     /// A unix-socket decision; `None`: removed.
     Unix(UnixPolicyKey, Option<&'a UnixVerdict>),
+    /// The name of a path a pod's unix rules name; `None`: removed.
+    UnixPath(UnixPathKey, Option<&'a UnixPathName>),
 }
 
 /// Where [`sync`] writes: the kernel's maps, or a test's.
@@ -117,6 +124,14 @@ impl PolicyMaps for KernelPolicyMaps {
                 let _ = self.unix.remove(&key);
                 Ok(())
             }
+            Write::UnixPath(key, Some(name)) => self
+                .unix_paths
+                .insert(key, name, 0)
+                .map_err(error("UNIX_POLICY_PATHS")),
+            Write::UnixPath(key, None) => {
+                let _ = self.unix_paths.remove(&key);
+                Ok(())
+            }
         }
     }
 }
@@ -135,6 +150,7 @@ impl KernelPolicyMaps {
                 .map(|key| (key.prefix_len(), key.data()))
                 .collect(),
             unix: self.unix.iter().flatten().collect(),
+            unix_paths: self.unix_paths.iter().flatten().collect(),
         }
     }
 
@@ -194,20 +210,32 @@ pub fn sync(
             writes.push(Write::Pod(*cookie, Some(policy)));
         }
     }
-    // A pod's "any client, any path" decision says it has unix rules: it
-    // comes after the pod's other decisions, and goes before them.
-    let switch = |key: &UnixPolicyKey| key.cgroup == 0 && key.path == 0;
-    for last in [false, true] {
-        for (key, verdict) in after.unix.iter().filter(|(k, _)| switch(k) == last) {
+    // Unix decisions, the most specific first (the kernel tries them from
+    // the most specific): a client and a path, then a client or a path,
+    // then a pod's "any client, any path", which says it has unix rules.
+    // The names of the paths come before the decisions that need them.
+    for (key, name) in &after.unix_paths {
+        if before.unix_paths.get(key) != Some(name) {
+            writes.push(Write::UnixPath(*key, Some(name)));
+        }
+    }
+    let specific = |key: &UnixPolicyKey| u8::from(key.cgroup != 0) + u8::from(key.path != 0);
+    for level in [2, 1, 0] {
+        for (key, verdict) in after.unix.iter().filter(|(k, _)| specific(k) == level) {
             if before.unix.get(key) != Some(verdict) {
                 writes.push(Write::Unix(*key, Some(verdict)));
             }
         }
     }
-    for first in [true, false] {
+    for level in [0, 1, 2] {
         let gone = before.unix.keys().filter(|k| !after.unix.contains_key(k));
-        for key in gone.filter(|k| switch(k) == first) {
+        for key in gone.filter(|k| specific(k) == level) {
             writes.push(Write::Unix(*key, None));
+        }
+    }
+    for key in before.unix_paths.keys() {
+        if !after.unix_paths.contains_key(key) {
+            writes.push(Write::UnixPath(*key, None));
         }
     }
     for key in before.members.difference(&after.members) {
@@ -221,6 +249,7 @@ pub fn sync(
         Write::Cidr(cidr, added) => Write::Cidr(cidr, !added),
         Write::Pod(cookie, _) => Write::Pod(cookie, before.pods.get(&cookie)),
         Write::Unix(key, _) => Write::Unix(key, before.unix.get(&key)),
+        Write::UnixPath(key, _) => Write::UnixPath(key, before.unix_paths.get(&key)),
     };
     for (done, write) in writes.iter().enumerate() {
         if let Err(err) = maps.write(*write) {
@@ -255,6 +284,7 @@ mod tests {
                     | Write::Cidr(_, true)
                     | Write::Pod(_, Some(_))
                     | Write::Unix(_, Some(_))
+                    | Write::UnixPath(_, Some(_))
             );
             if insert {
                 self.inserts += 1;
@@ -274,6 +304,8 @@ mod tests {
                 Write::Pod(cookie, None) => drop(self.entries.pods.remove(&cookie)),
                 Write::Unix(key, Some(v)) => drop(self.entries.unix.insert(key, *v)),
                 Write::Unix(key, None) => drop(self.entries.unix.remove(&key)),
+                Write::UnixPath(key, Some(n)) => drop(self.entries.unix_paths.insert(key, *n)),
+                Write::UnixPath(key, None) => drop(self.entries.unix_paths.remove(&key)),
             }
             Ok(())
         }
@@ -311,6 +343,16 @@ mod tests {
                     (key, verdict)
                 })
                 .collect(),
+            unix_paths: pods
+                .iter()
+                .map(|&(netns, rules)| {
+                    let key = UnixPathKey {
+                        netns,
+                        hash: u64::from(rules),
+                    };
+                    (key, UnixPathName::of(b"/a", 2).1)
+                })
+                .collect(),
         }
     }
 
@@ -319,7 +361,7 @@ mod tests {
         let before = entries(&[(1, 1), (2, 1)], &[10, 11], &[1]);
         let after = entries(&[(2, 2), (3, 1)], &[11, 12, 13], &[2]);
         // Each insert in turn fails: nothing is half-written, nothing leaks.
-        for fail_at in 1..=7 {
+        for fail_at in 1..=9 {
             let mut maps = Fake {
                 entries: before.clone(),
                 fail_at,

@@ -97,19 +97,22 @@ impl UnixHooks {
                 .get(&program.function_key())
                 .ok_or(UnixHooksError::Missing(name))?;
             let fd = bpf::load_sock_addr(name, &function.instructions, &obj.license, attach_type)
-                .map_err(|source| match source.raw_os_error() {
-                Some(libc::EINVAL) if programs.is_empty() => UnixHooksError::NoKernelSupport,
-                _ => UnixHooksError::Load { name, source },
-            })?;
+                .map_err(|source| UnixHooksError::Load { name, source })?;
             programs.push((name, attach_type, fd));
         }
         Ok(Self { programs })
     }
 
-    /// Attaches every hook to `cgroup`: its links, by program name.
-    pub fn attach(&self, cgroup: BorrowedFd<'_>) -> io::Result<Vec<(&'static str, OwnedFd)>> {
+    /// Attaches every hook but those in `held` to `cgroup`: its links, by
+    /// program name.
+    pub fn attach(
+        &self,
+        cgroup: BorrowedFd<'_>,
+        held: &[&str],
+    ) -> io::Result<Vec<(&'static str, OwnedFd)>> {
         self.programs
             .iter()
+            .filter(|(name, _, _)| !held.contains(name))
             .map(|(name, attach_type, program)| {
                 bpf::link_cgroup(program.as_fd(), cgroup, *attach_type).map(|link| (*name, link))
             })

@@ -26,9 +26,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use observer_common::{
     MAX_POD_RULES, MemberKey, POLICIES_CAPACITY, POLICY_CIDRS_CAPACITY, POLICY_MEMBERS_CAPACITY,
-    PodPolicy, PolicyRule, UNIX_POLICY_CAPACITY, UnixPolicyKey, UnixVerdict, class,
+    PodPolicy, PolicyRule, UNIX_POLICY_CAPACITY, UnixPathName, UnixPolicyKey, UnixVerdict, class,
     inventory::Inventory,
-    ipc::{UNIX_PATH_MAX, path_hash},
+    ipc::UnixPathKey,
     ipv4_mapped,
     policy::{self, Connection, KNOWN_CONTAINERS, rule_direction},
     policy_cidr_key, set_kind, verdict,
@@ -87,8 +87,9 @@ pub enum Unenforced {
     /// be pinned (no `--pin-dir`, or a kernel before 6.6): while no observer
     /// runs, no policy applies to it.
     FailsOpen,
-    /// A policy selecting the pod has unix-socket rules, and this kernel
-    /// has no unix-socket hooks (before 6.7): they are not enforced.
+    /// A policy selecting the pod has unix-socket rules, and the
+    /// unix-socket hooks are not loaded (a kernel before 6.7 has none; a
+    /// newer one may refuse them: the log says why): they are not enforced.
     NoUnixHooks,
 }
 
@@ -117,7 +118,7 @@ impl Unenforced {
                 "a policy fails closed but its programs cannot be pinned: no policy applies while no observer runs"
             }
             Self::NoUnixHooks => {
-                "this kernel has no unix-socket hooks (Linux 6.7 and later have): unix-socket rules do not apply"
+                "the unix-socket hooks are not loaded (Linux before 6.7, or refused: see the log): unix-socket rules do not apply"
             }
         }
     }
@@ -341,6 +342,7 @@ impl Compiler {
             // the kernel), with the paths each names.
             let mut unix_rules: Vec<(PolicyRule, Vec<u64>)> = Vec::new();
             let mut unix_sets = PolicyEntries::default();
+            let mut unix_names: HashMap<UnixPathKey, UnixPathName> = HashMap::new();
             for policy in &selected {
                 for (i, rule) in policy.spec.rules.iter().enumerate() {
                     let names = RuleName {
@@ -443,11 +445,15 @@ impl Compiler {
                         }
                     }
                     if unix {
-                        let paths = rule
-                            .paths
-                            .iter()
-                            .filter_map(|p| unix_path_hash(p))
-                            .collect();
+                        let mut paths = Vec::new();
+                        for (hash, name) in rule.paths.iter().filter_map(|p| unix_path_name(p)) {
+                            paths.push(hash);
+                            let key = UnixPathKey {
+                                netns: cookie,
+                                hash,
+                            };
+                            unix_names.insert(key, name);
+                        }
                         unix_rules.push((base, paths));
                         continue;
                     }
@@ -524,6 +530,7 @@ impl Compiler {
             out.entries.members.extend(entries.members);
             out.entries.cidrs.extend(entries.cidrs);
             out.entries.unix.extend(unix);
+            out.entries.unix_paths.extend(unix_names);
             let mut entry = PodPolicy {
                 default_action: verdict::ALLOW,
                 default_ingress_action: verdict::ALLOW,
@@ -608,12 +615,11 @@ fn unix_decisions(
     out
 }
 
-/// A rule's path as the kernel hashes the path a client names.
-pub fn unix_path_hash(path: &str) -> Option<u64> {
+/// A rule's path as the kernel sees the path a client names: its hash and
+/// its name.
+pub fn unix_path_name(path: &str) -> Option<(u64, UnixPathName)> {
     let bytes = super::model::unix_path(path).ok()?;
-    let mut buffer = [0u8; UNIX_PATH_MAX];
-    buffer[..bytes.len()].copy_from_slice(&bytes);
-    Some(path_hash(&buffer, bytes.len()))
+    Some(UnixPathName::of(&bytes, bytes.len()))
 }
 
 /// The entries of pods an earlier observer left that this one has not taken
@@ -637,6 +643,12 @@ fn keep(inputs: &Inputs, out: &mut PolicyEntries) {
     out.unix.extend(
         previous
             .unix
+            .iter()
+            .filter(|(key, _)| inputs.kept.contains(&key.netns)),
+    );
+    out.unix_paths.extend(
+        previous
+            .unix_paths
             .iter()
             .filter(|(key, _)| inputs.kept.contains(&key.netns)),
     );

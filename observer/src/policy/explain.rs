@@ -365,7 +365,7 @@ impl World {
         client: Option<&str>,
         path: &str,
     ) -> Result<Option<(RuleName, u8)>, ExplainError> {
-        let hash = super::compile::unix_path_hash(path)
+        let (hash, name) = super::compile::unix_path_name(path)
             .ok_or_else(|| ExplainError::Path(super::model::unix_path(path).unwrap_err()))?;
         let cgroup = match client {
             Some(name) => {
@@ -382,7 +382,16 @@ impl World {
         let attached = HashMap::from([(ObjectRef::new(&pod.namespace, &pod.name), COOKIE)]);
         let compiled = self.compile(policies, &attached);
         let unix = &compiled.entries.unix;
-        let found = policy::unix_decision(COOKIE, cgroup, hash, |key| unix.get(key).copied());
+        // As the kernel: a path is a rule's only if its whole name is.
+        let named = compiled
+            .entries
+            .unix_paths
+            .get(&observer_common::ipc::UnixPathKey {
+                netns: COOKIE,
+                hash,
+            });
+        let path = if named == Some(&name) { hash } else { 0 };
+        let found = policy::unix_decision(COOKIE, cgroup, path, |key| unix.get(key).copied());
         Ok(found
             .filter(|v| v.verdict != 0)
             .map(|v| (compiled.names[&v.rule].clone(), v.verdict)))

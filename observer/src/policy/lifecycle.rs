@@ -3,7 +3,7 @@
 //! kernel's maps as changes.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -15,7 +15,7 @@ use super::{
     compile::{Capacity, Compiled, Compiler, Inputs, RuleName, Unenforced},
 };
 use crate::{
-    kernel::policy_maps::KernelPolicyMaps,
+    kernel::policy_maps::{KernelPolicyMaps, PolicyEntries},
     metrics::Metrics,
     names::{CgroupIds, Ids, ObjectRef},
 };
@@ -215,7 +215,7 @@ impl Enforcer {
                 metrics.error("kernel_maps");
                 let mut unenforced = compiled.unenforced;
                 unenforced.extend(
-                    changed_pods(&self.compiled, &compiled.entries.pods, world.attached)
+                    changed_pods(&self.compiled.entries, &compiled.entries, world.attached)
                         .map(|pod| (pod, Unenforced::MapFull)),
                 );
                 self.report(unenforced, metrics);
@@ -250,19 +250,27 @@ impl Enforcer {
     }
 }
 
-/// The attached pods that were to get a new entry (they keep their last
-/// one, if any).
+/// The attached pods that were to get new entries (they keep their last
+/// ones, if any): their rules, or their unix-socket decisions.
 fn changed_pods<'a>(
-    compiled: &'a Compiled,
-    after: &'a HashMap<u64, observer_common::PodPolicy>,
+    before: &'a PolicyEntries,
+    after: &'a PolicyEntries,
     attached: &'a HashMap<ObjectRef, u64>,
 ) -> impl Iterator<Item = ObjectRef> + 'a {
+    let unix: HashSet<u64> = after
+        .unix
+        .iter()
+        .filter(|(key, verdict)| before.unix.get(key) != Some(verdict))
+        .map(|(key, _)| key.netns)
+        .collect();
     attached
         .iter()
         .filter(move |(_, cookie)| {
-            after
+            let rules = after
+                .pods
                 .get(cookie)
-                .is_some_and(|p| compiled.entries.pods.get(cookie) != Some(p))
+                .is_some_and(|p| before.pods.get(cookie) != Some(p));
+            rules || unix.contains(cookie)
         })
         .map(|(pod, _)| pod.clone())
 }

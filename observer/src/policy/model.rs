@@ -419,7 +419,7 @@ pub fn unix_path(path: &str) -> Result<Vec<u8>, String> {
     };
     if bytes.len() > room || bytes.len() < 2 {
         return Err(format!(
-            "path `{path}`: a unix socket path has 1 to {} bytes",
+            "path `{path}`: a unix socket path has 2 to {} bytes (`/` alone is a directory)",
             UNIX_PATH_MAX - 1
         ));
     }

@@ -416,7 +416,7 @@ fn bad_files_are_refused_with_the_line_and_the_problem() {
         "{head}  - {{class: unix, paths: [/{}], action: deny}}\n",
         "a".repeat(107)
     );
-    assert!(parse(&long_path).unwrap_err().1.contains("1 to 107 bytes"));
+    assert!(parse(&long_path).unwrap_err().1.contains("2 to 107 bytes"));
     let fine = format!(
         "{head}  - {{class: unix, clientContainers: [web], paths: [/{}, '@{}'], action: allow}}\n",
         "a".repeat(106),

@@ -430,30 +430,35 @@ impl Worker {
         // its sockets' containers. Without the hooks the pod is observed,
         // and no policy applies to it.
         let mut sock = Vec::new();
-        let hooks = self.datapath.socket_hooks();
-        if hooks.iter().all(|p| pinned.contains_key(*p)) {
-            for &program in &hooks {
-                let pin = pinned.remove(program).expect("checked above");
-                match PinnedLink::from_pin(&pin) {
-                    Ok(link) => sock.push(taken(program, program, link)),
-                    Err(err) => {
-                        tracing::warn!(%err, pin = %pin.display(), "cannot open a pinned link")
-                    }
+        for program in self.datapath.socket_hooks() {
+            let Some(pin) = pinned.remove(program) else {
+                continue;
+            };
+            match PinnedLink::from_pin(&pin) {
+                Ok(link) => sock.push(taken(program, program, link)),
+                Err(err) => {
+                    tracing::warn!(%err, pin = %pin.display(), "cannot open a pinned link: attaching anew");
+                    let _ = std::fs::remove_file(&pin);
                 }
-            }
-            if let Some(cgroup) = cgroup {
-                self.datapath.seed_sockets(cgroup);
             }
         }
-        if sock.len() != hooks.len() {
-            // Partly there: those there go, and all are attached anew.
-            sock.clear();
-            match cgroup.map(|c| self.datapath.attach_socket_hooks(c)) {
-                Some(Ok(links)) => sock = links.into_iter().map(|(n, l)| own(n, l)).collect(),
-                Some(Err(err)) => {
+        if !sock.is_empty()
+            && let Some(cgroup) = cgroup
+        {
+            self.datapath.seed_sockets(cgroup);
+        }
+        // Those not taken over (an earlier observer had fewer hooks, or a
+        // pin could not be opened) are attached anew, beside those that
+        // were: the pod is never without the ones it had.
+        if let Some(cgroup) = cgroup
+            && sock.len() != self.datapath.socket_hooks().len()
+        {
+            let held: Vec<&str> = sock.iter().map(|h| h.program).collect();
+            match self.datapath.attach_socket_hooks(cgroup, &held) {
+                Ok(links) => sock.extend(links.into_iter().map(|(n, l)| own(n, l))),
+                Err(err) => {
                     tracing::warn!(%err, netns = %name, "no socket hooks: no policy, fewer container names");
                 }
-                None => {}
             }
         }
         Ok(Prepared {
@@ -487,7 +492,7 @@ impl Worker {
             let _ = std::fs::remove_file(pin);
         }
         let info = AttachedNetns {
-            policy_hooks: !sock.is_empty(),
+            policy_hooks: sock.len() == self.datapath.socket_hooks().len(),
             name,
             pod,
             path: path.clone(),
@@ -519,11 +524,15 @@ impl Worker {
             .attached
             .get_mut(&cookie)
             .ok_or(AttachError::NotAttached(cookie))?;
-        if attachment.sock.is_empty() {
-            match self.datapath.attach_socket_hooks(cgroup) {
+        let hooks = self.datapath.socket_hooks().len();
+        if attachment.sock.len() != hooks {
+            let held: Vec<&str> = attachment.sock.iter().map(|h| h.program).collect();
+            match self.datapath.attach_socket_hooks(cgroup, &held) {
                 Ok(links) => {
                     tracing::info!(netns = %attachment.info.name, "socket hooks attached");
-                    attachment.sock = links.into_iter().map(|(n, l)| own(n, l)).collect();
+                    attachment
+                        .sock
+                        .extend(links.into_iter().map(|(n, l)| own(n, l)));
                     attachment.info.policy_hooks = true;
                 }
                 Err(err) => {
@@ -531,7 +540,7 @@ impl Worker {
                 }
             }
         }
-        Ok(!attachment.sock.is_empty())
+        Ok(attachment.sock.len() == hooks)
     }
 
     /// Swaps this observer's programs into the links taken over. A link

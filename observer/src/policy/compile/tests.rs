@@ -347,7 +347,7 @@ fn unix_rules_are_decided_per_client_and_path_and_the_kernel_looks_them_up() {
     assert_eq!(compiled.entries.pods[&7].rules, 0);
     let unix = &compiled.entries.unix;
     let decide = |cgroup, path: &str| {
-        let hash = unix_path_hash(path).unwrap();
+        let hash = unix_path_name(path).unwrap().0;
         let found = policy::unix_decision(7, cgroup, hash, |k| unix.get(k).copied()).unwrap();
         let name = compiled.names.get(&found.rule).map(|n| n.rule.as_str());
         (name, observer_common::verdict::name(found.verdict))
