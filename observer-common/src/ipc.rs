@@ -26,6 +26,10 @@ pub const UNIX_PATHS_CAPACITY: u32 = 16_384;
 /// Reads and writes of one container on one named pipe ([`FifoKey`] to
 /// [`IpcCounts`]).
 pub const FIFO_FLOWS_MAP: &str = "FIFO_FLOWS";
+/// The cgroup every pod's cgroup is under, and its level
+/// ([`crate::NodeInfo`], one entry): the IPC programs' first filter, a
+/// process outside it is no pod's (0 while not known: no such filter).
+pub const IPC_NODE_MAP: &str = "IPC_NODE";
 /// The sending socket to the [`Addressed`] datagram it is sending (an LRU:
 /// a send that fails leaves its entry to be evicted).
 pub const UNIX_ADDRESSED_MAP: &str = "UNIX_ADDRESSED";

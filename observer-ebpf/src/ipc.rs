@@ -25,13 +25,15 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd, atomic_xchg};
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_task, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes, generated::bpf_probe_read_kernel as probe_read,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_task,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        generated::bpf_probe_read_kernel as probe_read,
     },
     macros::{map, raw_tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::RawTracePointContext,
 };
+use observer_common::NodeInfo;
 use observer_common::ipc::{
     AF_UNIX, Addressed, FIFO_FLOWS_CAPACITY, FifoId, FifoKey, FifoName, IPC_PODS_CAPACITY,
     IpcCounts, KernelOffsets, PIPEFS_MAGIC, S_IFIFO, S_IFMT, Sent, UNIX_ADDRESSED_CAPACITY,
@@ -54,6 +56,10 @@ static UNIX_CONNS: HashMap<UnixConnKey, UnixConn> =
 #[map]
 static UNIX_PATHS: HashMap<UnixPathKey, UnixPath> =
     HashMap::with_max_entries(UNIX_PATHS_CAPACITY, NO_PREALLOC);
+
+/// The pods' cgroup, written by the daemon once it knows it.
+#[map]
+static IPC_NODE: Array<NodeInfo> = Array::with_max_entries(1, 0);
 
 #[map]
 static UNIX_ADDRESSED: LruHashMap<u64, Addressed> =
@@ -153,6 +159,18 @@ pub(crate) fn read<T>(address: u64, offset: u32) -> Option<T> {
     }
     // SAFETY: the helper checks the address and fails rather than fault.
     unsafe { bpf_probe_read_kernel((address + u64::from(offset)) as *const T) }.ok()
+}
+
+/// Whether the calling process is outside the pods' cgroup (where it is
+/// known): no pod's, before any memory is read.
+#[inline(always)]
+fn outside_pods() -> bool {
+    let Some(node) = IPC_NODE.get(0) else {
+        return false;
+    };
+    // SAFETY: a plain helper.
+    node.pods_cgroup != 0
+        && unsafe { bpf_get_current_ancestor_cgroup_id(node.pods_level as i32) } != node.pods_cgroup
 }
 
 /// Whether `netns` is an attached pod's.
@@ -406,7 +424,7 @@ fn new_connection(
 fn sent(ctx: &RawTracePointContext) -> Option<()> {
     let sk: u64 = ctx.arg(0);
     let bytes = ctx.arg::<u64>(1) as i32;
-    if bytes <= 0 {
+    if bytes <= 0 || outside_pods() {
         return None;
     }
     let o = offsets();
@@ -435,7 +453,7 @@ fn sent(ctx: &RawTracePointContext) -> Option<()> {
 #[inline(always)]
 fn received(ctx: &RawTracePointContext) -> Option<()> {
     let sk: u64 = ctx.arg(0);
-    if (ctx.arg::<u64>(1) as i32) <= 0 {
+    if (ctx.arg::<u64>(1) as i32) <= 0 || outside_pods() {
         return None;
     }
     let o = offsets();
@@ -579,7 +597,7 @@ fn receiving(sk: u64, netns: u64, o: &KernelOffsets) -> Option<()> {
 #[inline(always)]
 fn fifo(ctx: &RawTracePointContext) -> Option<()> {
     let ret = ctx.arg::<u64>(1) as i64;
-    if ret <= 0 {
+    if ret <= 0 || outside_pods() {
         return None;
     }
     let o = offsets();

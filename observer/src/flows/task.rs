@@ -32,6 +32,8 @@ pub enum CollectorEvent {
     Complete {
         watched: bool,
     },
+    /// The cgroup all pods' cgroups are under, and its level.
+    PodsCgroup(u64, u32),
 }
 
 /// Asks for a fresh collection, and for its series if `rows` (only
@@ -196,5 +198,6 @@ fn apply(collector: &mut Collector, event: CollectorEvent) {
         CollectorEvent::Identities(identities) => collector.set_identities(identities),
         CollectorEvent::PolicyNames(names) => collector.set_policy_names(names),
         CollectorEvent::Complete { watched } => collector.complete(watched),
+        CollectorEvent::PodsCgroup(cgroup, level) => collector.pods_cgroup(cgroup, level),
     }
 }

@@ -14,13 +14,14 @@
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, MapError},
+    maps::{Array, HashMap, MapData, MapError},
     programs::{ProgramError, RawTracePoint},
 };
+use observer_common::NodeInfo;
 use observer_common::ipc::{
-    FIFO_FLOWS_MAP, FIFO_NAMES_MAP, FifoId, FifoKey, FifoName, IPC_PODS_MAP, IpcCounts,
-    KernelOffsets, UNIX_CONNS_MAP, UNIX_PATHS_MAP, UNIX_RECEIVERS_MAP, UnixConn, UnixConnKey,
-    UnixPath, UnixPathKey,
+    FIFO_FLOWS_MAP, FIFO_NAMES_MAP, FifoId, FifoKey, FifoName, IPC_NODE_MAP, IPC_PODS_MAP,
+    IpcCounts, KernelOffsets, UNIX_CONNS_MAP, UNIX_PATHS_MAP, UNIX_RECEIVERS_MAP, UnixConn,
+    UnixConnKey, UnixPath, UnixPathKey,
 };
 
 use super::btf::{BtfError, KernelBtf};
@@ -126,6 +127,8 @@ pub struct IpcMaps {
     /// Who receives on a path: the server of datagrams sent there with an
     /// address.
     pub unix_receivers: HashMap<MapData, UnixPathKey, u64>,
+    /// The pods' cgroup: the programs' first filter.
+    pub node: Array<MapData, NodeInfo>,
 }
 
 impl IpcMaps {
@@ -147,7 +150,19 @@ impl IpcMaps {
             fifo_flows: typed(ebpf, FIFO_FLOWS_MAP)?,
             fifo_names: typed(ebpf, FIFO_NAMES_MAP)?,
             unix_receivers: typed(ebpf, UNIX_RECEIVERS_MAP)?,
+            node: typed(ebpf, IPC_NODE_MAP)?,
         })
+    }
+
+    /// Tells the programs the cgroup all pods' cgroups are under (and its
+    /// level): a process outside it stops at their first test.
+    pub fn set_pods_cgroup(&mut self, cgroup: u64, level: u32) -> Result<(), MapError> {
+        let node = NodeInfo {
+            pods_cgroup: cgroup,
+            pods_level: level,
+            _pad: 0,
+        };
+        self.node.set(0, node, 0)
     }
 
     /// Follows the IPC of the pod with this network namespace cookie.

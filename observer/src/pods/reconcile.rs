@@ -306,6 +306,10 @@ impl Reconciler {
                 .filter_map(|t| t.cgroup.as_deref());
             let first = cgroups.next();
             self.pods_cgroup = first.and_then(discovery::pods_cgroup);
+            if let Some((cgroup, level)) = self.pods_cgroup {
+                self.collector
+                    .send(CollectorEvent::PodsCgroup(cgroup, level));
+            }
             if let (Some(cgroup), None, false) = (first, self.pods_cgroup, self.pods_cgroup_told) {
                 self.pods_cgroup_told = true;
                 tracing::warn!(cgroup = %cgroup.display(), "no kubepods cgroup above the pods' cgroups: the node's own processes (the kubelet's probes) are judged by ingress rules as class node");

@@ -101,6 +101,19 @@ impl Collector {
         }
     }
 
+    /// Tells the IPC programs where the pods' cgroups are.
+    pub fn pods_cgroup(&mut self, cgroup: u64, level: u32) {
+        if let Some(ipc) = &mut self.ipc
+            && let Err(err) = ipc.maps.set_pods_cgroup(cgroup, level)
+        {
+            tracing::warn!(%err, "cannot tell the IPC programs the pods' cgroup: they read every socket's namespace");
+            self.metrics
+                .errors
+                .with_label_values(&["kernel_maps"])
+                .inc();
+        }
+    }
+
     /// Forgets a pod that went.
     pub(super) fn forget_ipc(&mut self, cookie: u64) {
         if let Some(ipc) = &mut self.ipc {
