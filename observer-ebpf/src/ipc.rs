@@ -362,14 +362,7 @@ fn identity(
     let path = match sock_path(key.server_end, o) {
         Some((path, hash)) => {
             path.netns = netns;
-            let at = UnixPathKey { netns, hash };
-            // Kept once, for the daemon's label.
-            if UNIX_PATHS.insert(&at, path, u64::from(BPF_NOEXIST)).is_err()
-                // SAFETY: a plain lookup.
-                && unsafe { UNIX_PATHS.get(&at) }.is_none()
-            {
-                bump_stats(|s| s.ipc_lost += 1);
-            }
+            keep_path(netns, hash, path);
             hash
         }
         None => 0,
@@ -411,13 +404,31 @@ fn new_connection(
         addressed: 0,
         _pad: [0; 6],
     };
-    // Another CPU may have made it first: then that one is counted in.
-    let _ = UNIX_CONNS.insert(key, &conn, u64::from(BPF_NOEXIST));
+    insert_connection(key, &conn)
+}
+
+/// Makes a connection's entry: another CPU may have made it first (then
+/// that one is counted in); one that finds no room is counted as lost.
+#[inline(always)]
+fn insert_connection(key: &UnixConnKey, conn: &UnixConn) -> Option<*mut UnixConn> {
+    let _ = UNIX_CONNS.insert(key, conn, u64::from(BPF_NOEXIST));
     let found = UNIX_CONNS.get_ptr_mut(key);
     if found.is_none() {
         bump_stats(|s| s.ipc_lost += 1);
     }
     found
+}
+
+/// Keeps a path's name once, for the daemon's label.
+#[inline(always)]
+fn keep_path(netns: u64, hash: u64, path: &UnixPath) {
+    let at = UnixPathKey { netns, hash };
+    if UNIX_PATHS.insert(&at, path, u64::from(BPF_NOEXIST)).is_err()
+        // SAFETY: a plain lookup.
+        && unsafe { UNIX_PATHS.get(&at) }.is_none()
+    {
+        bump_stats(|s| s.ipc_lost += 1);
+    }
 }
 
 #[inline(always)]
@@ -504,13 +515,7 @@ pub(crate) fn addressed(sk: u64, netns: u64, address: u64, len: u32, hash: u64) 
     }
     path.len = len.saturating_sub(2).min(UNIX_PATH_MAX as u32) as u16;
     path.netns = netns;
-    let at = UnixPathKey { netns, hash };
-    if UNIX_PATHS.insert(&at, path, u64::from(BPF_NOEXIST)).is_err()
-        // SAFETY: a plain lookup.
-        && unsafe { UNIX_PATHS.get(&at) }.is_none()
-    {
-        bump_stats(|s| s.ipc_lost += 1);
-    }
+    keep_path(netns, hash, path);
     let sending = Addressed {
         netns,
         cgroup: current_cgroup(),
@@ -560,12 +565,7 @@ fn addressed_sent(sk: u64, netns: u64, kind: u8, bytes: u64) -> Option<()> {
                 addressed: 1,
                 _pad: [0; 6],
             };
-            let _ = UNIX_CONNS.insert(&key, &conn, u64::from(BPF_NOEXIST));
-            let found = UNIX_CONNS.get_ptr_mut(&key);
-            if found.is_none() {
-                bump_stats(|s| s.ipc_lost += 1);
-            }
-            found?
+            insert_connection(&key, &conn)?
         }
     };
     // SAFETY: a live, 8-byte aligned map value; other CPUs add too.
