@@ -165,6 +165,14 @@ impl Observer {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Scrapes /metrics twice and returns the second answer: a scrape that
+    /// arrives while a collection runs is answered by that collection, so
+    /// only the second is sure to count everything done before this call.
+    pub fn scrape_fresh(&self) -> Scrape {
+        self.scrape();
+        self.scrape()
+    }
+
     /// Scrapes /metrics (which collects the kernel's counters first).
     pub fn scrape(&self) -> Scrape {
         let (code, body) = self

@@ -221,12 +221,13 @@ pub const fn rule_direction(rule_class: u8, ingress: bool) -> u8 {
 /// daemon stored for the pod ([`UnixPolicyKey`]; `get` reads them): the
 /// client's and the path's, else the client's for any other path, else an
 /// unnamed client's for the path, else an unnamed client's for any other.
+/// `client` gives the cgroup and the path, asked for only if the pod has
+/// unix rules (most have none: one lookup, nothing read).
 /// `None`: the pod has no unix rules; a verdict of 0: no rule decides.
 #[inline(always)]
 pub fn unix_decision(
     netns: u64,
-    cgroup: u64,
-    path: u64,
+    client: impl FnOnce() -> (u64, u64),
     get: impl Fn(&UnixPolicyKey) -> Option<UnixVerdict>,
 ) -> Option<UnixVerdict> {
     let key = |cgroup, path| UnixPolicyKey {
@@ -235,6 +236,7 @@ pub fn unix_decision(
         path,
     };
     let any = get(&key(0, 0))?;
+    let (cgroup, path) = client();
     get(&key(cgroup, path))
         .or_else(|| get(&key(cgroup, 0)))
         .or_else(|| get(&key(0, path)))

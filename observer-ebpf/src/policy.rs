@@ -229,9 +229,7 @@ fn decide(ctx: &SockAddrContext, addr: [u8; 16], datagram: bool) -> i32 {
     };
     let peer = classify::destination(&KernelClassMaps, addr, port, proto);
     sockets::sent_to(ctx, addr, port, peer);
-    // SAFETY: helper valid for cgroup sock_addr programs; `ctx` is the
-    // program's context.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    let cookie = netns_of(ctx);
     // SAFETY: a plain lookup. Most pods have no policy.
     let Some(pod) = (unsafe { POLICIES.get(&cookie) }) else {
         return 1;
@@ -439,7 +437,9 @@ static UNIX_POLICY_PATHS: HashMap<UnixPathKey, UnixPathName> =
 /// loads it with the unix attach type (`observer::kernel::unix_hooks`).
 #[cgroup_sock_addr(connect4)]
 pub fn unix_connect(ctx: SockAddrContext) -> i32 {
-    decide_unix(&ctx, || unix_path(&ctx))
+    decide_unix(&ctx, netns_of(&ctx), || {
+        unix_address(&ctx).and_then(unix_path)
+    })
 }
 
 /// `sendmsg()` with an address on a unix datagram socket (`sendto()`),
@@ -448,18 +448,16 @@ pub fn unix_connect(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg4)]
 pub fn unix_sendmsg(ctx: SockAddrContext) -> i32 {
     // Read once: for the decision and for the count.
-    let path = unix_path(&ctx);
-    let allowed = decide_unix(&ctx, || path);
+    let netns = netns_of(&ctx);
+    let address = unix_address(&ctx);
+    let path = address.and_then(unix_path);
+    let allowed = decide_unix(&ctx, netns, || path);
     if allowed == 1 {
         let o = crate::ipc::offsets();
         let context = ctx.sock_addr as u64;
-        // SAFETY: helper valid for cgroup sock_addr programs.
-        let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-        if let (Some(sk), Some((address, len)), Some((hash, _))) = (
-            crate::ipc::read(context, o.sock_addr_sk),
-            unix_address(&ctx),
-            path,
-        ) {
+        if let (Some(sk), Some((address, len)), Some((hash, _))) =
+            (crate::ipc::read(context, o.sock_addr_sk), address, path)
+        {
             let _ = crate::ipc::addressed(sk, netns, address, len, hash);
         }
     }
@@ -470,33 +468,29 @@ pub fn unix_sendmsg(ctx: SockAddrContext) -> i32 {
 /// the path it names (see [`UnixPolicyKey`] for the order), counts it, and
 /// lets the call through (1) unless it is denied (0: EPERM).
 #[inline(always)]
-fn decide_unix(ctx: &SockAddrContext, path: impl FnOnce() -> Option<(u64, UnixPathName)>) -> i32 {
-    // SAFETY: helper valid for cgroup sock_addr programs.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+fn decide_unix(
+    ctx: &SockAddrContext,
+    netns: u64,
+    path: impl FnOnce() -> Option<(u64, UnixPathName)>,
+) -> i32 {
     // SAFETY: a plain lookup; the value is copied at once.
     let get = |key: &UnixPolicyKey| unsafe { UNIX_POLICY.get(key) }.copied();
-    // Most pods have no unix rules: one lookup, before anything is read.
-    if get(&UnixPolicyKey {
-        netns,
-        cgroup: 0,
-        path: 0,
-    })
-    .is_none()
-    {
-        return 1;
-    }
-    // SAFETY: plain helper.
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    // A path that cannot be read is one no rule names, and so is one whose
-    // hash is a rule path's but whose name is not.
-    let path = path()
-        .filter(|(hash, name)| {
-            let key = UnixPathKey { netns, hash: *hash };
-            // SAFETY: a plain lookup.
-            unsafe { UNIX_POLICY_PATHS.get(&key) }.is_some_and(|named| named.words == name.words)
-        })
-        .map_or(0, |(hash, _)| hash);
-    let Some(found) = policy::unix_decision(netns, cgroup, path, get) else {
+    let client = || {
+        // SAFETY: plain helper.
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        // A path that cannot be read is one no rule names, and so is one
+        // whose hash is a rule path's but whose name is not.
+        let path = path()
+            .filter(|(hash, name)| {
+                let key = UnixPathKey { netns, hash: *hash };
+                // SAFETY: a plain lookup.
+                unsafe { UNIX_POLICY_PATHS.get(&key) }
+                    .is_some_and(|named| named.words == name.words)
+            })
+            .map_or(0, |(hash, _)| hash);
+        (cgroup, path)
+    };
+    let Some(found) = policy::unix_decision(netns, client, get) else {
         return 1;
     };
     if found.verdict == 0 {
@@ -515,13 +509,10 @@ fn decide_unix(ctx: &SockAddrContext, path: impl FnOnce() -> Option<(u64, UnixPa
     i32::from(decision.enforced() != verdict::DENY)
 }
 
-/// [`path_hash`] of the path a unix socket connects or sends to: the hook's
-/// context is the kernel's `struct bpf_sock_addr_kern`, whose address the
-/// program may read (its fields for unix sockets are not in the context
-/// the verifier lets a program load from).
+/// [`path_hash`] and name of the path a unix socket connects or sends to,
+/// from its address ([`unix_address`]).
 #[inline(always)]
-fn unix_path(ctx: &SockAddrContext) -> Option<(u64, UnixPathName)> {
-    let (address, len) = unix_address(ctx)?;
+fn unix_path((address, len): (u64, u32)) -> Option<(u64, UnixPathName)> {
     // `sun_path`, after the 2-byte family, read into the name's words (on
     // the stack: a per-CPU buffer could be another task's on this CPU once
     // this one is preempted).
@@ -545,7 +536,10 @@ fn unix_path(ctx: &SockAddrContext) -> Option<(u64, UnixPathName)> {
     Some((hash, name))
 }
 
-/// The kernel's copy of the `sockaddr_un` the hook is about, and its length.
+/// The kernel's copy of the `sockaddr_un` the hook is about, and its
+/// length: the hook's context is the kernel's `struct bpf_sock_addr_kern`,
+/// whose address the program may read (its fields for unix sockets are not
+/// in the context the verifier lets a program load from).
 #[inline(always)]
 fn unix_address(ctx: &SockAddrContext) -> Option<(u64, u32)> {
     let o = crate::ipc::offsets();
@@ -553,4 +547,11 @@ fn unix_address(ctx: &SockAddrContext) -> Option<(u64, u32)> {
     let address: u64 = crate::ipc::read(context, o.sock_addr_uaddr)?;
     let len: u32 = crate::ipc::read(context, o.sock_addr_uaddrlen)?;
     Some((address, len))
+}
+
+/// The network namespace cookie of the hook's socket.
+#[inline(always)]
+fn netns_of(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }
 }

@@ -391,7 +391,7 @@ impl World {
                 hash,
             });
         let path = if named == Some(&name) { hash } else { 0 };
-        let found = policy::unix_decision(COOKIE, cgroup, path, |key| unix.get(key).copied());
+        let found = policy::unix_decision(COOKIE, || (cgroup, path), |key| unix.get(key).copied());
         Ok(found
             .filter(|v| v.verdict != 0)
             .map(|v| (compiled.names[&v.rule].clone(), v.verdict)))

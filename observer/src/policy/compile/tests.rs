@@ -348,7 +348,7 @@ fn unix_rules_are_decided_per_client_and_path_and_the_kernel_looks_them_up() {
     let unix = &compiled.entries.unix;
     let decide = |cgroup, path: &str| {
         let hash = unix_path_name(path).unwrap().0;
-        let found = policy::unix_decision(7, cgroup, hash, |k| unix.get(k).copied()).unwrap();
+        let found = policy::unix_decision(7, || (cgroup, hash), |k| unix.get(k).copied()).unwrap();
         let name = compiled.names.get(&found.rule).map(|n| n.rule.as_str());
         (name, observer_common::verdict::name(found.verdict))
     };
@@ -366,7 +366,7 @@ fn unix_rules_are_decided_per_client_and_path_and_the_kernel_looks_them_up() {
     assert_eq!(decide(999, "@statsd"), (Some("statsd"), "allow"));
     // A pod without unix rules has no entry at all.
     assert_eq!(
-        policy::unix_decision(8, 100, 1, |k| unix.get(k).copied()),
+        policy::unix_decision(8, || (100, 1), |k| unix.get(k).copied()),
         None
     );
 
