@@ -19,6 +19,7 @@ use std::{
         unix::ffi::OsStrExt,
     },
     path::Path,
+    sync::mpsc,
 };
 
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -241,67 +242,138 @@ pub fn take<K: Copy, V: Copy + Default>(map: BorrowedFd<'_>, key: &K) -> io::Res
 /// Reads every entry of a hash map, a batch per system call. The buffers
 /// are kept from one read to the next.
 pub struct BatchReader<K, V> {
-    keys: Vec<K>,
-    values: Vec<V>,
+    /// Two: the kernel fills one while the caller goes through the other.
+    buffers: [Batch<K, V>; 2],
 }
 
-impl<K: Copy + Default, V: Copy + Default> BatchReader<K, V> {
+/// The entries of one `BPF_MAP_LOOKUP_BATCH` call.
+struct Batch<K, V> {
+    keys: Vec<K>,
+    values: Vec<V>,
+    /// How many of them the kernel filled.
+    count: usize,
+}
+
+impl<K: Copy + Default, V: Copy + Default> Batch<K, V> {
+    fn new(entries: usize) -> Self {
+        Self {
+            keys: vec![K::default(); entries],
+            values: vec![V::default(); entries],
+            count: 0,
+        }
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.keys.iter().zip(&self.values).take(self.count)
+    }
+}
+
+/// Where a walk of a hash map is: the kernel writes a position (a bucket
+/// index for hash maps) after each batch, and is given it back with the
+/// next.
+struct Walk<'fd> {
+    map: BorrowedFd<'fd>,
+    position: Option<u64>,
+    done: bool,
+}
+
+impl Walk<'_> {
+    /// Fills `batch` with the next entries; false once the map is done.
+    fn next<K: Copy + Default, V: Copy + Default>(
+        &mut self,
+        batch: &mut Batch<K, V>,
+    ) -> io::Result<bool> {
+        if self.done {
+            return Ok(false);
+        }
+        let mut next = 0u64;
+        loop {
+            let mut attr = Attr::new();
+            attr.put_u64(
+                0,
+                self.position
+                    .as_ref()
+                    .map_or(0, |position| std::ptr::from_ref(position) as u64),
+            )
+            .put_u64(8, std::ptr::from_mut(&mut next) as u64)
+            .put_u64(16, batch.keys.as_mut_ptr() as u64)
+            .put_u64(24, batch.values.as_mut_ptr() as u64)
+            .put_u32(32, batch.keys.len() as u32)
+            .put_u32(36, self.map.as_raw_fd() as u32);
+            match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+                Ok(_) => {}
+                // The end of the map, with the last entries.
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => self.done = true,
+                // One bucket holds more entries than the buffers do.
+                Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
+                    let entries = batch.keys.len() * 2;
+                    batch.keys.resize(entries, K::default());
+                    batch.values.resize(entries, V::default());
+                    continue;
+                }
+                Err(err) => return Err(err),
+            }
+            batch.count = u32::from_ne_bytes(attr.0[32..36].try_into().expect("4 bytes")) as usize;
+            self.position = Some(next);
+            return Ok(true);
+        }
+    }
+}
+
+impl<K: Copy + Default + Send, V: Copy + Default + Send> BatchReader<K, V> {
     /// Buffers for `entries` entries a call (at least one).
     pub fn new(entries: usize) -> Self {
         let entries = entries.max(1);
         Self {
-            keys: vec![K::default(); entries],
-            values: vec![V::default(); entries],
+            buffers: [Batch::new(entries), Batch::new(entries)],
         }
     }
 
     /// Calls `each` on every entry of `map` (whose key and value are `K`
     /// and `V`). The kernel walks the map bucket by bucket: an entry added
     /// or removed meanwhile is seen once or not at all, never twice.
+    ///
+    /// A map of more than one batch is walked by a second thread while
+    /// this one calls `each` on the batch before: the kernel's walk (system
+    /// time) and the caller's work overlap instead of adding up.
     pub fn read(&mut self, map: BorrowedFd<'_>, mut each: impl FnMut(&K, &V)) -> io::Result<()> {
-        // The position in the map (a bucket index for hash maps), written
-        // by the kernel after each batch, given back with the next.
-        let mut position = 0u64;
-        let mut next = 0u64;
-        let mut first = true;
-        loop {
-            let mut attr = Attr::new();
-            attr.put_u64(
-                0,
-                if first {
-                    0
-                } else {
-                    std::ptr::from_ref(&position) as u64
-                },
-            )
-            .put_u64(8, std::ptr::from_mut(&mut next) as u64)
-            .put_u64(16, self.keys.as_mut_ptr() as u64)
-            .put_u64(24, self.values.as_mut_ptr() as u64)
-            .put_u32(32, self.keys.len() as u32)
-            .put_u32(36, map.as_raw_fd() as u32);
-            let last = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
-                Ok(_) => false,
-                // The end of the map, with the last entries.
-                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => true,
-                // One bucket holds more entries than the buffers do.
-                Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
-                    let entries = self.keys.len() * 2;
-                    self.keys.resize(entries, K::default());
-                    self.values.resize(entries, V::default());
-                    continue;
-                }
-                Err(err) => return Err(err),
-            };
-            let count = u32::from_ne_bytes(attr.0[32..36].try_into().expect("4 bytes")) as usize;
-            for (key, value) in self.keys.iter().zip(&self.values).take(count) {
-                each(key, value);
-            }
-            if last {
-                return Ok(());
-            }
-            position = next;
-            first = false;
+        let mut walk = Walk {
+            map,
+            position: None,
+            done: false,
+        };
+        let [first, second] = &mut self.buffers;
+        if !walk.next(first)? {
+            return Ok(());
         }
+        if walk.done {
+            first.entries().for_each(|(k, v)| each(k, v));
+            return Ok(());
+        }
+        let (full, filled) = mpsc::sync_channel::<&mut Batch<K, V>>(1);
+        let (empty, to_fill) = mpsc::sync_channel::<&mut Batch<K, V>>(2);
+        let _ = empty.send(second);
+        let _ = full.send(first);
+        // `move`: should `each` panic, the channels go with it and the
+        // walker ends (the scope waits for it).
+        std::thread::scope(move |scope| {
+            let walker = scope.spawn(move || -> io::Result<()> {
+                // Ends when the map is done, or when the reader has gone.
+                while let Ok(batch) = to_fill.recv() {
+                    if !walk.next(batch)? || full.send(batch).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            for batch in filled {
+                batch.entries().for_each(|(k, v)| each(k, v));
+                if empty.send(batch).is_err() {
+                    break;
+                }
+            }
+            walker.join().expect("the walker does not panic")
+        })
     }
 }
 
