@@ -235,7 +235,7 @@ pub struct TableWorld {
     pub pods: HashMap<String, Pod>,
     pub world: World,
     pub names: HashMap<u32, RuleName>,
-    _hooks: Vec<(&'static str, observer::kernel::datapath::SocketLink)>,
+    _hooks: Vec<(&'static str, observer::kernel::datapath::BpfLink)>,
     _cgroups: Cgroup,
 }
 

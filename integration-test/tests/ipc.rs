@@ -267,8 +267,12 @@ fn wait_value(prometheus: &Prometheus, promql: &str, expected: u64) {
             return;
         }
         if Instant::now() >= deadline {
+            // What the observer lost or failed at, if anything.
+            let troubles = ["observer_ipc_lost_total", "observer_errors_total"]
+                .map(|name| format!("{name}: {:?}", prometheus.query(name)))
+                .join("\n");
             panic!(
-                "{promql}: expected {expected}, got {values:?}; the series there are:\n{}",
+                "{promql}: expected {expected}, got {values:?}; the series there are:\n{}\nlost and errors:\n{troubles}",
                 prometheus.series(promql.split('{').next().unwrap_or(promql))
             );
         }

@@ -174,11 +174,25 @@ pub struct Datapath {
     unix_hooks: Option<UnixHooks>,
 }
 
-/// A socket hook's link on a pod's cgroup: aya's, or one of the unix-socket
-/// hooks', which aya cannot make ([`super::unix_hooks`]).
-pub enum SocketLink {
+/// A bpf link (TCX, cgroup): aya's, or one of the unix-socket hooks',
+/// which aya cannot make ([`super::unix_hooks`]). Detached when the last
+/// descriptor closes and no pin holds it.
+pub enum BpfLink {
     Aya(FdLink),
     Own(std::os::fd::OwnedFd),
+}
+
+impl BpfLink {
+    /// The kernel's id of the link, to pin it by.
+    pub fn id(&self) -> std::io::Result<u32> {
+        match self {
+            Self::Aya(link) => link
+                .info()
+                .map(|info| info.id())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+            Self::Own(link) => super::bpf::link_id(std::os::fd::AsFd::as_fd(link)),
+        }
+    }
 }
 
 /// One namespace's instance of the programs, loaded into the kernel.
@@ -410,7 +424,7 @@ impl Datapath {
         &mut self,
         cgroup: &Path,
         held: &[&str],
-    ) -> Result<Vec<(&'static str, SocketLink)>, DatapathError> {
+    ) -> Result<Vec<(&'static str, BpfLink)>, DatapathError> {
         let dir = std::fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.into(),
             source,
@@ -429,7 +443,7 @@ impl Datapath {
                 name,
                 source: Box::new(source),
             })?;
-            links.push((name, SocketLink::Aya(link)));
+            links.push((name, BpfLink::Aya(link)));
         }
         if let Some(unix) = &self.unix_hooks {
             use std::os::fd::AsFd;
@@ -438,7 +452,7 @@ impl Datapath {
                 .map_err(DatapathError::UnixHooks)?;
             links.extend(
                 own.into_iter()
-                    .map(|(name, link)| (name, SocketLink::Own(link))),
+                    .map(|(name, link)| (name, BpfLink::Own(link))),
             );
         }
         self.seed_sockets(cgroup);

@@ -153,67 +153,55 @@ pub fn explain(
         .pod(namespace, name)
         .ok_or_else(|| ExplainError::NoPod(pod.into()))?;
     let mut out = describe(&policies, namespace, name, &found.labels);
-    if let Some(Probe {
-        to: ProbeTo::Unix(path),
-        client,
-    }) = probe
-    {
-        let what = format!(
-            "unix socket {path} from {}",
-            client.as_deref().unwrap_or("a container not named")
-        );
-        let _ = match world.decide_unix(&policies, found, client.as_deref(), path)? {
-            None => writeln!(out, "{what}: allowed (no unix-socket rule decides it)"),
-            Some((names, decided)) => writeln!(
-                out,
-                "{what}: {} by {}/{}",
-                verdict_words(decided),
-                names.policy,
-                names.rule
-            ),
-        };
-        let _ = writeln!(
-            out,
-            "(decided at connect() and sendto(), on the path the client names: only `class: unix` rules decide unix sockets)"
-        );
-    }
-    if let Some(Probe {
-        to: ProbeTo::Address { to, udp },
-        client,
-    }) = probe
-    {
-        let (to, udp) = (*to, *udp);
-        let connection = Connect {
-            direction: direction::EGRESS,
-            protocol: if udp { protocol::UDP } else { protocol::TCP },
-            remote: to,
-            port: to.port(),
-            client: client.clone(),
-            from_node_process: false,
-        };
-        let outcome = world.decide(&policies, found, &connection);
-        let what = format!(
-            "{} {} to {}",
-            if udp { "UDP" } else { "TCP" },
-            observer_common::class::name(outcome.class),
-            to
-        );
-        let _ = match outcome.decision {
-            None => writeln!(out, "{what}: allowed (no policy decides it)"),
-            Some((names, decided)) => writeln!(
-                out,
-                "{what}: {} by {}/{}",
-                verdict_words(decided),
-                names.policy,
-                names.rule
-            ),
-        };
-        if outcome.class == observer_common::class::SERVICE {
-            let _ = writeln!(
-                out,
-                "(decided at connect(), on the ClusterIP the process asked for: before any translation, by kube-proxy, a socket load balancer or a sidecar's redirect)"
+    let Some(Probe { to, client }) = probe else {
+        return Ok(out);
+    };
+    // What the probe is, who decides it, and a note on where it is decided.
+    let (what, decision, undecided, note) = match to {
+        ProbeTo::Unix(path) => {
+            let what = format!(
+                "unix socket {path} from {}",
+                client.as_deref().unwrap_or("a container not named")
             );
+            let decision = world.decide_unix(&policies, found, client.as_deref(), path)?;
+            let note = "(decided at connect() and sendto(), on the path the client names: only `class: unix` rules decide unix sockets)";
+            (what, decision, "no unix-socket rule decides it", Some(note))
         }
+        ProbeTo::Address { to, udp } => {
+            let (to, udp) = (*to, *udp);
+            let connection = Connect {
+                direction: direction::EGRESS,
+                protocol: if udp { protocol::UDP } else { protocol::TCP },
+                remote: to,
+                port: to.port(),
+                client: client.clone(),
+                from_node_process: false,
+            };
+            let outcome = world.decide(&policies, found, &connection);
+            let what = format!(
+                "{} {} to {}",
+                if udp { "UDP" } else { "TCP" },
+                observer_common::class::name(outcome.class),
+                to
+            );
+            let note = (outcome.class == observer_common::class::SERVICE).then_some(
+                "(decided at connect(), on the ClusterIP the process asked for: before any translation, by kube-proxy, a socket load balancer or a sidecar's redirect)",
+            );
+            (what, outcome.decision, "no policy decides it", note)
+        }
+    };
+    let _ = match decision {
+        None => writeln!(out, "{what}: allowed ({undecided})"),
+        Some((names, decided)) => writeln!(
+            out,
+            "{what}: {} by {}/{}",
+            verdict_words(decided),
+            names.policy,
+            names.rule
+        ),
+    };
+    if let Some(note) = note {
+        let _ = writeln!(out, "{note}");
     }
     Ok(out)
 }

@@ -29,7 +29,7 @@ use super::{AttachError, AttachedNetns, LOOPBACK, POD_INTERFACE, Request};
 use crate::{
     kernel::{
         bpf,
-        datapath::{Datapath, EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs, SocketLink},
+        datapath::{BpfLink, Datapath, EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs},
         netns::{self, NetNs},
         tc::{attach_one, attach_program, interface_exists},
     },
@@ -78,11 +78,8 @@ struct Hook {
 }
 
 enum Held {
-    /// A bpf link (TCX, cgroup): detached when the last descriptor closes
-    /// and no pin holds it.
-    Fd(FdLink),
-    /// The same, made without aya (the unix-socket hooks).
-    Own(std::os::fd::OwnedFd),
+    /// A bpf link (TCX, cgroup), which may be pinned.
+    Link(BpfLink),
     /// A clsact filter (kernels before 6.6): removed by netlink, in its
     /// namespace, when dropped. Never pinned.
     Filter { _link: SchedClassifierLink },
@@ -92,17 +89,13 @@ enum Held {
 
 impl Hook {
     fn pinnable(&self) -> bool {
-        matches!(self.link, Held::Fd(_) | Held::Own(_))
+        matches!(self.link, Held::Link(_))
     }
 
     /// The kernel's id of the link, to pin it by.
     fn link_id(&self) -> std::io::Result<u32> {
         match &self.link {
-            Held::Fd(link) => link
-                .info()
-                .map(|info| info.id())
-                .map_err(|e| std::io::Error::other(e.to_string())),
-            Held::Own(link) => bpf::link_id(std::os::fd::AsFd::as_fd(link)),
+            Held::Link(link) => link.id(),
             _ => Err(std::io::Error::other("not a bpf link")),
         }
     }
@@ -763,14 +756,11 @@ impl Worker {
 
 /// A socket hook's link of this observer's (its pin is named after its
 /// program).
-fn own(program: &'static str, link: SocketLink) -> Hook {
+fn own(program: &'static str, link: BpfLink) -> Hook {
     Hook {
         name: program,
         program,
-        link: match link {
-            SocketLink::Aya(link) => Held::Fd(link),
-            SocketLink::Own(link) => Held::Own(link),
-        },
+        link: Held::Link(link),
         pinned: false,
         swap: false,
     }
@@ -782,7 +772,7 @@ fn taken(name: &'static str, program: &'static str, link: PinnedLink) -> Hook {
     Hook {
         name,
         program,
-        link: Held::Fd(FdLink::from(link)),
+        link: Held::Link(BpfLink::Aya(FdLink::from(link))),
         pinned: true,
         swap: true,
     }
@@ -791,7 +781,7 @@ fn taken(name: &'static str, program: &'static str, link: PinnedLink) -> Hook {
 /// A tc link as held: a TCX link is a bpf link; a clsact filter is not.
 fn held(link: SchedClassifierLink, tcx: bool) -> Result<Held, LinkError> {
     if tcx {
-        FdLink::try_from(link).map(Held::Fd)
+        FdLink::try_from(link).map(|link| Held::Link(BpfLink::Aya(link)))
     } else {
         Ok(Held::Filter { _link: link })
     }
