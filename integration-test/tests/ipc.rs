@@ -259,7 +259,7 @@ fn plan() -> Plan {
 }
 
 /// Waits until `promql` has exactly one sample, equal to `expected`.
-fn wait_value(prometheus: &Prometheus, promql: &str, expected: u64) {
+fn wait_value(observer: &Observer, prometheus: &Prometheus, promql: &str, expected: u64) {
     let deadline = Instant::now() + WAIT;
     loop {
         let values = prometheus.query(promql);
@@ -271,9 +271,17 @@ fn wait_value(prometheus: &Prometheus, promql: &str, expected: u64) {
             let troubles = ["observer_ipc_lost_total", "observer_errors_total"]
                 .map(|name| format!("{name}: {:?}", prometheus.query(name)))
                 .join("\n");
+            // Attaches, detaches and warnings: a pod followed twice, or not
+            // at all for a while, shows here.
+            let log = observer.log();
+            let events: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("attach") || l.contains("WARN") || l.contains("ERROR"))
+                .collect();
             panic!(
-                "{promql}: expected {expected}, got {values:?}; the series there are:\n{}\nlost and errors:\n{troubles}",
-                prometheus.series(promql.split('{').next().unwrap_or(promql))
+                "{promql}: expected {expected}, got {values:?}; the series there are:\n{}\nlost and errors:\n{troubles}\nthe observer's attaches and warnings:\n{}",
+                prometheus.series(promql.split('{').next().unwrap_or(promql)),
+                events.join("\n")
             );
         }
         thread::sleep(Duration::from_millis(500));
@@ -307,6 +315,18 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
     fs::write(run.join("go"), "").expect("start the exchanges");
     let prometheus = Prometheus::scraping(observer.addr());
 
+    // The exchanges themselves first: a count that falls short is then the
+    // observer's.
+    let deadline = Instant::now() + WAIT;
+    while !lab.log("default", "fpm", "nginx").contains("done") {
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not finish its requests:\n{}\nphp-fpm:\n{}",
+            lab.log("default", "fpm", "nginx"),
+            lab.log("default", "fpm", "php-fpm")
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
     let socket = run.join("php-fpm.sock").display().to_string();
     let stream = |family: &str, direction: &str| {
         format!(
@@ -314,26 +334,31 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
         )
     };
     wait_value(
+        &observer,
         &prometheus,
         &stream("observer_connections_opened_total", "request"),
         REQUESTS,
     );
     wait_value(
+        &observer,
         &prometheus,
         &stream("observer_flow_packets_total", "request"),
         REQUESTS,
     );
     wait_value(
+        &observer,
         &prometheus,
         &stream("observer_flow_bytes_total", "request"),
         REQUESTS * REQUEST,
     );
     wait_value(
+        &observer,
         &prometheus,
         &stream("observer_flow_packets_total", "response"),
         REQUESTS,
     );
     wait_value(
+        &observer,
         &prometheus,
         &stream("observer_flow_bytes_total", "response"),
         REQUESTS * REPLY,
@@ -345,11 +370,13 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
         )
     };
     wait_value(
+        &observer,
         &prometheus,
         &dgram("observer_flow_packets_total"),
         DATAGRAMS,
     );
     wait_value(
+        &observer,
         &prometheus,
         &dgram("observer_flow_bytes_total"),
         DATAGRAMS * DATAGRAM,
@@ -360,11 +387,13 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
         )
     };
     wait_value(
+        &observer,
         &prometheus,
         &addressed("observer_flow_packets_total"),
         DATAGRAMS,
     );
     wait_value(
+        &observer,
         &prometheus,
         &addressed("observer_flow_bytes_total"),
         DATAGRAMS * DATAGRAM,
@@ -375,8 +404,14 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
             r#"{family}{{pod="fpm",class="fifo",direction="request",path="pipe",client_container="writer",server_container="reader"}}"#
         )
     };
-    wait_value(&prometheus, &fifo("observer_flow_packets_total"), WRITES);
     wait_value(
+        &observer,
+        &prometheus,
+        &fifo("observer_flow_packets_total"),
+        WRITES,
+    );
+    wait_value(
+        &observer,
         &prometheus,
         &fifo("observer_flow_bytes_total"),
         WRITES * WRITE,
@@ -388,17 +423,20 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
         )
     };
     wait_value(
+        &observer,
         &prometheus,
         &seqpacket("observer_connections_opened_total", "request"),
         1,
     );
     for direction in ["request", "response"] {
         wait_value(
+            &observer,
             &prometheus,
             &seqpacket("observer_flow_packets_total", direction),
             PACKETS,
         );
         wait_value(
+            &observer,
             &prometheus,
             &seqpacket("observer_flow_bytes_total", direction),
             PACKETS * PACKET,
@@ -410,11 +448,13 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
         )
     };
     wait_value(
+        &observer,
         &prometheus,
         &solo("observer_flow_bytes_total", "request"),
         REQUEST,
     );
     wait_value(
+        &observer,
         &prometheus,
         &solo("observer_flow_bytes_total", "response"),
         REPLY,
@@ -590,12 +630,18 @@ fn unix_socket_rules_deny_with_eperm_at_once_and_count_every_decision() {
         ["EPERM", "EPERM", "EPERM", "EPERM", "EPERM"]
     );
 
-    wait_value(&prometheus, &verdicts("fpm", "allow"), 3);
-    wait_value(&prometheus, &verdicts("metrics", "allow"), 1);
+    wait_value(&observer, &prometheus, &verdicts("fpm", "allow"), 3);
+    wait_value(&observer, &prometheus, &verdicts("metrics", "allow"), 1);
     let denied = before + 2.0 * own + 5.0;
-    wait_value(&prometheus, &verdicts("rest", "deny"), denied as u64);
+    wait_value(
+        &observer,
+        &prometheus,
+        &verdicts("rest", "deny"),
+        denied as u64,
+    );
     // What got through is observed like any unix traffic.
     wait_value(
+        &observer,
         &prometheus,
         &format!(
             r#"observer_connections_opened_total{{pod="guarded",class="unix",path="{socket}",client_container="web",server_container="fpm"}}"#

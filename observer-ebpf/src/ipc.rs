@@ -497,9 +497,9 @@ fn received(ctx: &RawTracePointContext) -> Option<()> {
 #[inline(always)]
 pub(crate) fn addressed(sk: u64, netns: u64, address: u64, len: u32, hash: u64) -> Option<()> {
     pod(netns)?;
-    let path = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot, for this program's run.
-    let path = unsafe { &mut *path };
+    // On the stack, not in SCRATCH: the cgroup hook that calls this may be
+    // preempted, and another task's program then write this CPU's slot.
+    let mut path = UnixPath::default();
     // All of `sun_path` (the kernel's copy is a whole `sockaddr_storage`);
     // `len` says how much of it is the name.
     // SAFETY: the helper checks the source; the size is the destination's.
@@ -515,7 +515,7 @@ pub(crate) fn addressed(sk: u64, netns: u64, address: u64, len: u32, hash: u64) 
     }
     path.len = len.saturating_sub(2).min(UNIX_PATH_MAX as u32) as u16;
     path.netns = netns;
-    keep_path(netns, hash, path);
+    keep_path(netns, hash, &path);
     let sending = Addressed {
         netns,
         cgroup: current_cgroup(),

@@ -383,19 +383,23 @@ fn unix_path(
 /// What a connection sent each way since `before`: (to the server, to the
 /// client); connections go with the requests.
 fn conn_difference(now: &UnixConn, before: &UnixConn) -> (Counts, Counts) {
-    let way = |now: Sent, before: Sent| {
-        if now.messages < before.messages || now.bytes < before.bytes {
-            // Not the connection counted before (its entry went and came
-            // back): all of it is new.
-            return (now.messages, now.bytes);
-        }
-        (now.messages - before.messages, now.bytes - before.bytes)
+    let fell = |now: Sent, before: Sent| now.messages < before.messages || now.bytes < before.bytes;
+    // Not the connection counted before (its entry went and came back):
+    // all of it is new, its opening too.
+    let before = if fell(now.to_server, before.to_server)
+        || fell(now.to_client, before.to_client)
+        || now.connections < before.connections
+    {
+        &UnixConn::default()
+    } else {
+        before
     };
+    let way = |now: Sent, before: Sent| (now.messages - before.messages, now.bytes - before.bytes);
     let (messages, bytes) = way(now.to_server, before.to_server);
     let request = Counts {
         packets: messages,
         bytes,
-        connections: now.connections.saturating_sub(before.connections),
+        connections: now.connections - before.connections,
     };
     let (messages, bytes) = way(now.to_client, before.to_client);
     let response = Counts {
@@ -496,5 +500,34 @@ mod tests {
         };
         let delta = fifo_difference(&again, Some(&before));
         assert_eq!((delta.packets, delta.bytes), (3, 300));
+    }
+
+    #[test]
+    fn a_connection_entry_that_came_back_counts_from_zero_its_opening_too() {
+        let sent = |messages, bytes| Sent { messages, bytes };
+        let conn = |to_server, to_client, connections| UnixConn {
+            to_server,
+            to_client,
+            connections,
+            ..UnixConn::default()
+        };
+        let before = conn(sent(10, 100), sent(10, 1000), 2);
+        let (request, response) = conn_difference(&conn(sent(12, 120), sent(11, 1100), 3), &before);
+        assert_eq!(
+            (request.packets, request.bytes, request.connections),
+            (2, 20, 1)
+        );
+        assert_eq!((response.packets, response.bytes), (1, 100));
+        // Fewer messages one way: another entry under the same key, all of
+        // it new, the connection it opened as well.
+        let (request, response) = conn_difference(&conn(sent(1, 5), sent(20, 2000), 1), &before);
+        assert_eq!(
+            (request.packets, request.bytes, request.connections),
+            (1, 5, 1)
+        );
+        assert_eq!((response.packets, response.bytes), (20, 2000));
+        // Fewer connections alone tell it too.
+        let (request, _) = conn_difference(&conn(sent(10, 100), sent(10, 1000), 1), &before);
+        assert_eq!(request.connections, 1);
     }
 }
