@@ -12,12 +12,12 @@
 //!
 //! Memory: a 16-byte record per flow, keyed by the flow's 64-bit hash, in a
 //! table sized for the flow map's capacity up front (so it never grows, and
-//! never holds two tables at once while growing): about 50 bytes a flow of
-//! capacity. Series are aggregated during the walk.
+//! never holds two tables at once while growing): 24 to 48 bytes a flow of
+//! capacity ([`baselines`]). Series are aggregated during the walk.
 
 use std::{
-    collections::{HashMap, HashSet, hash_map::Entry},
-    hash::{BuildHasher, BuildHasherDefault, Hasher},
+    collections::{HashMap, HashSet},
+    hash::BuildHasher,
     sync::Arc,
     time::Instant,
 };
@@ -27,6 +27,7 @@ use std::os::fd::AsFd;
 use aya::maps::{IterableMap, MapError};
 use observer_common::{FlowKey, FlowValue, OverflowKey, OverflowValue};
 
+use self::baselines::Baselines;
 use super::{
     cgroups::{CgroupNames, Unnamed},
     metrics::{Counts, FlowMetrics},
@@ -69,7 +70,7 @@ pub struct Collector {
     /// The buffers the flow map is read through.
     batch: kernel::bpf::BatchReader<FlowKey, FlowValue>,
     /// What each flow (by key hash) had at the last collection.
-    last: HashMap<u64, Seen, BuildHasherDefault<PassThrough>>,
+    last: Baselines<Seen>,
     /// Hashes flow keys into the keys of `last`.
     hasher: foldhash::quality::RandomState,
     pass: u8,
@@ -143,36 +144,6 @@ type Fast = foldhash::fast::RandomState;
 /// each flow's baseline to go back to if they wait for their names.
 type Pending = HashMap<Series, (Counts, Vec<(u64, Seen)>), Fast>;
 
-/// Sets what an entry of `last` holds.
-fn put(entry: Entry<'_, u64, Seen>, seen: Seen) {
-    match entry {
-        Entry::Occupied(mut slot) => *slot.get_mut() = seen,
-        Entry::Vacant(slot) => {
-            slot.insert(seen);
-        }
-    }
-}
-
-/// The keys of `last` are hashes already.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
 impl Collector {
     /// `cgroup_root`: where cgroup v2 is mounted, to name the cgroups of
     /// containers that no inventory or API names.
@@ -194,7 +165,7 @@ impl Collector {
             attached: HashMap::default(),
             live: 0,
             batch: kernel::bpf::BatchReader::new(BATCH),
-            last: HashMap::with_capacity_and_hasher(capacity, BuildHasherDefault::default()),
+            last: Baselines::with_capacity(capacity),
             unknown: Default::default(),
             hasher: foldhash::quality::RandomState::default(),
             pass: 0,
@@ -321,7 +292,7 @@ impl Collector {
         let mut flows = Vec::new();
         let mut batch = kernel::bpf::BatchReader::<FlowKey, FlowValue>::new(BATCH);
         let read = batch.read(self.maps.flows.map().fd().as_fd(), |&key, _| {
-            if let Some(seen) = self.last.get(&self.hasher.hash_one(key)) {
+            if let Some(seen) = self.last.get(self.hasher.hash_one(key)) {
                 flows.push(FlowBaseline {
                     key,
                     bytes: seen.bytes,
@@ -475,93 +446,100 @@ impl Collector {
         let prime = std::mem::take(&mut self.prime);
         let pass = self.pass;
         let fd = self.maps.flows.map().fd().as_fd();
+        // The hashes of a batch first, then each flow, its baseline's slot
+        // asked for a few flows ahead (see `baselines`).
+        let mut hashes: Vec<u64> = Vec::with_capacity(BATCH);
         self.batch
-            .read(fd, |&key, now| {
-                let hash = self.hasher.hash_one(key);
-                let seen = Seen {
-                    bytes: now.bytes,
-                    packets: now.packets as u32,
-                    connections: now.connections as u16,
-                    pass,
-                    quiet: 0,
-                };
-                // One probe of the table per flow: the entry is read, then
-                // written once, whichever way the flow goes.
-                let entry = self.last.entry(hash);
-                let before = match &entry {
-                    Entry::Occupied(seen) => Some(*seen.get()),
-                    Entry::Vacant(_) => None,
-                };
-                if before.is_some_and(|b| b.pass == pass) {
-                    return; // seen already at this pass (never, in batches)
+            .read_batches(fd, |keys, values| {
+                hashes.clear();
+                hashes.extend(keys.iter().map(|key| self.hasher.hash_one(key)));
+                for &hash in hashes.iter().take(AHEAD) {
+                    self.last.prefetch(hash);
                 }
-                live += 1;
-                if prime {
-                    put(entry, seen);
-                    return;
-                }
-                if !self.attached.contains_key(&key.netns_cookie) {
-                    // Not (yet) a pod's of ours: its baseline stays where
-                    // it is, so that it is counted from there once it is;
-                    // gone at a later collection if it is no pod's.
-                    if let Entry::Occupied(mut before) = entry {
-                        before.get_mut().pass = pass;
+                for (i, (&key, now)) in keys.iter().zip(values).enumerate() {
+                    if let Some(&ahead) = hashes.get(i + AHEAD) {
+                        self.last.prefetch(ahead);
                     }
-                    if self.complete && self.unknown.contains(&key.netns_cookie) {
-                        stale.push(key);
+                    let hash = hashes[i];
+                    let seen = Seen {
+                        bytes: now.bytes,
+                        packets: now.packets as u32,
+                        connections: now.connections as u16,
+                        pass,
+                        quiet: 0,
+                    };
+                    let before = self.last.get(hash);
+                    if before.is_some_and(|b| b.pass == pass) {
+                        continue; // seen already at this pass (never, in batches)
                     }
-                    unknown.insert(key.netns_cookie);
-                    return;
-                }
-                let delta = difference(now, &before.unwrap_or_default());
-                if delta.packets == 0 {
-                    let idle = before.map_or(0, |b| b.quiet.saturating_add(u8::from(tick)));
-                    put(
-                        entry,
-                        Seen {
-                            quiet: idle,
-                            ..seen
-                        },
-                    );
-                    if idle >= self.idle_ticks || pressed {
-                        quiet.push((key, idle));
+                    live += 1;
+                    if prime {
+                        self.last.insert(hash, seen);
+                        continue;
                     }
-                    return;
-                }
-                // Where the flow's counts stay uncounted for now (its
-                // container waits for its name): what it had before.
-                let kept = Seen {
-                    pass,
-                    ..before.unwrap_or_default()
-                };
-                let of = Series::of(&key, now);
-                let mut waits = false;
-                let mut looked_for = true;
-                for id in of.cgroups() {
-                    let naming = *namings.entry(id).or_insert_with(|| {
-                        naming(
-                            &self.identities,
-                            &self.cgroups,
-                            &mut self.unnamed,
-                            id,
-                            started,
-                        )
-                    });
-                    waits |= naming == Naming::Held;
-                    looked_for &= naming != Naming::NotLookedFor;
-                }
-                if !looked_for {
-                    // Decided below, once a walk has looked for them.
-                    put(entry, seen);
-                    let (counts, flows) = pending.entry(of).or_default();
-                    counts.add(delta);
-                    flows.push((hash, kept));
-                } else if waits {
-                    // Counted at a later pass, under its container's name.
-                    put(entry, kept);
-                } else {
-                    put(entry, seen);
-                    series.entry(of).or_default().add(delta);
+                    if !self.attached.contains_key(&key.netns_cookie) {
+                        // Not (yet) a pod's of ours: its baseline stays where
+                        // it is, so that it is counted from there once it is;
+                        // gone at a later collection if it is no pod's.
+                        if let Some(before) = before {
+                            self.last.insert(hash, Seen { pass, ..before });
+                        }
+                        if self.complete && self.unknown.contains(&key.netns_cookie) {
+                            stale.push(key);
+                        }
+                        unknown.insert(key.netns_cookie);
+                        continue;
+                    }
+                    let delta = difference(now, &before.unwrap_or_default());
+                    if delta.packets == 0 {
+                        let idle = before.map_or(0, |b| b.quiet.saturating_add(u8::from(tick)));
+                        self.last.insert(
+                            hash,
+                            Seen {
+                                quiet: idle,
+                                ..seen
+                            },
+                        );
+                        if idle >= self.idle_ticks || pressed {
+                            quiet.push((key, idle));
+                        }
+                        continue;
+                    }
+                    // Where the flow's counts stay uncounted for now (its
+                    // container waits for its name): what it had before.
+                    let kept = Seen {
+                        pass,
+                        ..before.unwrap_or_default()
+                    };
+                    let of = Series::of(&key, now);
+                    let mut waits = false;
+                    let mut looked_for = true;
+                    for id in of.cgroups() {
+                        let naming = *namings.entry(id).or_insert_with(|| {
+                            naming(
+                                &self.identities,
+                                &self.cgroups,
+                                &mut self.unnamed,
+                                id,
+                                started,
+                            )
+                        });
+                        waits |= naming == Naming::Held;
+                        looked_for &= naming != Naming::NotLookedFor;
+                    }
+                    if !looked_for {
+                        // Decided below, once a walk has looked for them.
+                        self.last.insert(hash, seen);
+                        let (counts, flows) = pending.entry(of).or_default();
+                        counts.add(delta);
+                        flows.push((hash, kept));
+                    } else if waits {
+                        // Counted at a later pass, under its container's name.
+                        self.last.insert(hash, kept);
+                    } else {
+                        self.last.insert(hash, seen);
+                        series.entry(of).or_default().add(delta);
+                    }
                 }
             })
             .map_err(CollectError::Flows)?;
@@ -590,7 +568,7 @@ impl Collector {
         self.live = live;
         self.reclaim(&mut quiet, live, &mut series);
         self.collect_overflow();
-        self.last.retain(|_, seen| seen.pass == pass);
+        self.last.retain(|seen| seen.pass == pass);
         let containers = &self.identities.containers;
         self.unnamed
             .forget(|id| containers.contains_key(&id), started);
@@ -615,7 +593,7 @@ impl Collector {
 
         for key in &stale {
             let _ = self.maps.flows.remove(key);
-            self.last.remove(&self.hasher.hash_one(key));
+            self.last.remove(self.hasher.hash_one(key));
         }
         self.unknown = unknown;
         for cookie in std::mem::take(&mut self.leaving) {
@@ -727,7 +705,7 @@ impl Collector {
             };
             reclaimed += 1;
             room_wanted = room_wanted.saturating_sub(1);
-            let before = self.last.remove(&hash).unwrap_or_default();
+            let before = self.last.remove(hash).unwrap_or_default();
             let delta = difference(&last, &before);
             if delta.packets > 0 {
                 series.entry(Series::of(key, &last)).or_default().add(delta);
@@ -830,6 +808,11 @@ const IDLE_TICKS: u8 = 6;
 /// buffers, and a million flows 245 calls.
 const BATCH: usize = 4096;
 
+/// How many flows ahead of the one at hand the walk asks for a baseline's
+/// slot: enough for the misses to overlap, few enough for the slots to
+/// still be in the cache when their flows come.
+const AHEAD: usize = 16;
+
 /// Bytes a packet has at least, as tc sees it (an IPv4 header).
 const MIN_PACKET: u64 = 20;
 
@@ -854,6 +837,7 @@ fn difference(now: &FlowValue, before: &Seen) -> Counts {
     }
 }
 
+mod baselines;
 mod ipc;
 #[cfg(test)]
 mod tests;

@@ -263,8 +263,8 @@ impl<K: Copy + Default, V: Copy + Default> Batch<K, V> {
         }
     }
 
-    fn entries(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.keys.iter().zip(&self.values).take(self.count)
+    fn entries(&self) -> (&[K], &[V]) {
+        (&self.keys[..self.count], &self.values[..self.count])
     }
 }
 
@@ -337,6 +337,18 @@ impl<K: Copy + Default + Send, V: Copy + Default + Send> BatchReader<K, V> {
     /// this one calls `each` on the batch before: the kernel's walk (system
     /// time) and the caller's work overlap instead of adding up.
     pub fn read(&mut self, map: BorrowedFd<'_>, mut each: impl FnMut(&K, &V)) -> io::Result<()> {
+        self.read_batches(map, |keys, values| {
+            keys.iter().zip(values).for_each(|(k, v)| each(k, v));
+        })
+    }
+
+    /// [`Self::read`], a batch at a time: `each` is given a batch's keys
+    /// and values (as many of each), and may look ahead in them.
+    pub fn read_batches(
+        &mut self,
+        map: BorrowedFd<'_>,
+        mut each: impl FnMut(&[K], &[V]),
+    ) -> io::Result<()> {
         let mut walk = Walk {
             map,
             position: None,
@@ -347,7 +359,8 @@ impl<K: Copy + Default + Send, V: Copy + Default + Send> BatchReader<K, V> {
             return Ok(());
         }
         if walk.done {
-            first.entries().for_each(|(k, v)| each(k, v));
+            let (keys, values) = first.entries();
+            each(keys, values);
             return Ok(());
         }
         let (full, filled) = mpsc::sync_channel::<&mut Batch<K, V>>(1);
@@ -367,7 +380,8 @@ impl<K: Copy + Default + Send, V: Copy + Default + Send> BatchReader<K, V> {
                 Ok(())
             });
             for batch in filled {
-                batch.entries().for_each(|(k, v)| each(k, v));
+                let (keys, values) = batch.entries();
+                each(keys, values);
                 if empty.send(batch).is_err() {
                     break;
                 }
