@@ -27,7 +27,7 @@ use std::os::fd::AsFd;
 use aya::maps::{IterableMap, MapError};
 use observer_common::{FlowKey, FlowValue, OverflowKey, OverflowValue};
 
-use self::baselines::Baselines;
+use self::baselines::{Baselines, Seen};
 use super::{
     cgroups::{CgroupNames, Unnamed},
     metrics::{Counts, FlowMetrics},
@@ -70,7 +70,7 @@ pub struct Collector {
     /// The buffers the flow map is read through.
     batch: kernel::bpf::BatchReader<FlowKey, FlowValue>,
     /// What each flow (by key hash) had at the last collection.
-    last: Baselines<Seen>,
+    last: Baselines,
     /// Hashes flow keys into the keys of `last`.
     hasher: foldhash::quality::RandomState,
     pass: u8,
@@ -111,22 +111,6 @@ pub struct Collector {
     ipc: Option<ipc::Ipc>,
     last_ipc: Vec<ipc::IpcRow>,
 }
-
-/// A flow's counters at the last collection. Small on purpose: one per flow.
-/// Packets and connections are kept modulo 2^32 (no flow sends 4 G packets
-/// between two collections); bytes in full, which also tells a flow that was
-/// evicted and came back (its bytes went down).
-#[derive(Clone, Copy, Default)]
-struct Seen {
-    bytes: u64,
-    packets: u32,
-    connections: u16,
-    /// Collection pass that last saw the flow (only "this one or not" matters).
-    pass: u8,
-    /// Ticks (`--collect-interval` collections) in a row without a packet.
-    quiet: u8,
-}
-const _: () = assert!(size_of::<Seen>() == 16);
 
 /// What the kernel could not count ([`observer_common::DatapathStats`], summed over CPUs).
 #[derive(Clone, Copy, Debug, Default)]

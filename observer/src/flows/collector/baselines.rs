@@ -9,29 +9,65 @@
 //!
 //! Open addressing with linear probing over a power-of-two number of slots,
 //! at most 7/8 full (it doubles beyond); a removal shifts the entries after
-//! it back, so no tombstones pile up. Hash 0 marks an empty slot: a key
-//! hashing to 0 is stored as 1 (the flow's two keys would then share a
+//! it back, so no tombstones pile up. A slot is three words, all zero when
+//! empty: the table is allocated zeroed, and its memory is the kernel's
+//! zero page until a flow lands there (sized for the flow map's capacity,
+//! it costs only what the flows present use). Hash 0 marks an empty slot: a
+//! key hashing to 0 is stored as 1 (the flow's two keys would then share a
 //! baseline, as any two keys with one 64-bit hash already do).
 
-/// One slot: a flow's hash, and its baseline.
-#[derive(Clone, Copy, Default)]
-struct Slot<V> {
-    hash: u64,
-    value: V,
+/// A flow's counters at the last collection. Small on purpose: one per flow.
+/// Packets and connections are kept modulo 2^32 (no flow sends 4 G packets
+/// between two collections); bytes in full, which also tells a flow that was
+/// evicted and came back (its bytes went down).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub bytes: u64,
+    pub packets: u32,
+    pub connections: u16,
+    /// Collection pass that last saw the flow (only "this one or not" matters).
+    pub pass: u8,
+    /// Ticks (`--collect-interval` collections) in a row without a packet.
+    pub quiet: u8,
 }
 
-pub struct Baselines<V> {
-    slots: Vec<Slot<V>>,
+impl Seen {
+    fn pack(self) -> [u64; 2] {
+        [
+            self.bytes,
+            u64::from(self.packets)
+                | u64::from(self.connections) << 32
+                | u64::from(self.pass) << 48
+                | u64::from(self.quiet) << 56,
+        ]
+    }
+
+    fn unpack([bytes, rest]: [u64; 2]) -> Self {
+        Self {
+            bytes,
+            packets: rest as u32,
+            connections: (rest >> 32) as u16,
+            pass: (rest >> 48) as u8,
+            quiet: (rest >> 56) as u8,
+        }
+    }
+}
+
+/// A slot: the flow's hash, then its [`Seen`] packed.
+type Slot = [u64; 3];
+
+pub struct Baselines {
+    slots: Vec<Slot>,
     len: usize,
 }
 
 const EMPTY: u64 = 0;
 
-impl<V: Copy + Default> Baselines<V> {
+impl Baselines {
     /// Room for `entries` without growing.
     pub fn with_capacity(entries: usize) -> Self {
         Self {
-            slots: vec![Slot::default(); slots_for(entries)],
+            slots: zeroed(slots_for(entries)),
             len: 0,
         }
     }
@@ -47,11 +83,11 @@ impl<V: Copy + Default> Baselines<V> {
     pub fn prefetch(&self, hash: u64) {
         #[cfg(target_arch = "x86_64")]
         {
-            let slot = &self.slots[self.home(stored(hash))];
-            let at = std::ptr::from_ref(slot).cast::<i8>();
-            // A 24-byte slot may straddle two cache lines: ask for both.
-            let last = at.wrapping_add(size_of::<Slot<V>>() - 1);
             use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            let slot = &self.slots[self.home(stored(hash))];
+            let at = slot.as_ptr().cast::<i8>();
+            // A 24-byte slot may straddle two cache lines: ask for both.
+            let last = at.wrapping_add(size_of::<Slot>() - 1);
             // SAFETY: a prefetch reads nothing and faults on no address.
             unsafe {
                 _mm_prefetch::<_MM_HINT_T0>(at);
@@ -62,41 +98,43 @@ impl<V: Copy + Default> Baselines<V> {
         let _ = hash;
     }
 
-    pub fn get(&self, hash: u64) -> Option<V> {
-        self.find(stored(hash)).map(|i| self.slots[i].value)
+    pub fn get(&self, hash: u64) -> Option<Seen> {
+        self.find(stored(hash)).map(|i| self.value(i))
     }
 
     /// Sets `hash`'s baseline; returns the one it replaces.
-    pub fn insert(&mut self, hash: u64, value: V) -> Option<V> {
+    pub fn insert(&mut self, hash: u64, seen: Seen) -> Option<Seen> {
         let hash = stored(hash);
+        let [a, b] = seen.pack();
         if let Some(i) = self.find(hash) {
-            return Some(std::mem::replace(&mut self.slots[i].value, value));
+            let before = self.value(i);
+            self.slots[i] = [hash, a, b];
+            return Some(before);
         }
         if (self.len + 1) * 8 > self.slots.len() * 7 {
             self.grow();
         }
         let mut i = self.home(hash);
-        while self.slots[i].hash != EMPTY {
+        while self.slots[i][0] != EMPTY {
             i = self.next(i);
         }
-        self.slots[i] = Slot { hash, value };
+        self.slots[i] = [hash, a, b];
         self.len += 1;
         None
     }
 
-    pub fn remove(&mut self, hash: u64) -> Option<V> {
+    pub fn remove(&mut self, hash: u64) -> Option<Seen> {
         let i = self.find(stored(hash))?;
-        let value = self.slots[i].value;
+        let seen = self.value(i);
         self.remove_at(i);
-        Some(value)
+        Some(seen)
     }
 
     /// Keeps only the entries `keep` says to.
-    pub fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+    pub fn retain(&mut self, mut keep: impl FnMut(&Seen) -> bool) {
         let mut i = 0;
         while i < self.slots.len() {
-            let slot = &self.slots[i];
-            if slot.hash != EMPTY && !keep(&slot.value) {
+            if self.slots[i][0] != EMPTY && !keep(&self.value(i)) {
                 // An entry from further on may shift into this slot: look
                 // at it again. (One from the table's start, seen already,
                 // may shift into its end: asked twice, answered the same.)
@@ -107,10 +145,15 @@ impl<V: Copy + Default> Baselines<V> {
         }
     }
 
+    fn value(&self, i: usize) -> Seen {
+        let [_, a, b] = self.slots[i];
+        Seen::unpack([a, b])
+    }
+
     fn find(&self, hash: u64) -> Option<usize> {
         let mut i = self.home(hash);
         loop {
-            match self.slots[i].hash {
+            match self.slots[i][0] {
                 EMPTY => return None,
                 h if h == hash => return Some(i),
                 _ => i = self.next(i),
@@ -124,7 +167,7 @@ impl<V: Copy + Default> Baselines<V> {
         let mut j = i;
         loop {
             j = self.next(j);
-            let hash = self.slots[j].hash;
+            let hash = self.slots[j][0];
             if hash == EMPTY {
                 break;
             }
@@ -140,16 +183,16 @@ impl<V: Copy + Default> Baselines<V> {
                 i = j;
             }
         }
-        self.slots[i] = Slot::default();
+        self.slots[i] = [EMPTY; 3];
         self.len -= 1;
     }
 
     fn grow(&mut self) {
-        let doubled = vec![Slot::default(); self.slots.len() * 2];
+        let doubled = zeroed(self.slots.len() * 2);
         let old = std::mem::replace(&mut self.slots, doubled);
         self.len = 0;
-        for slot in old.into_iter().filter(|s| s.hash != EMPTY) {
-            self.insert(slot.hash, slot.value);
+        for [hash, a, b] in old.into_iter().filter(|s| s[0] != EMPTY) {
+            self.insert(hash, Seen::unpack([a, b]));
         }
     }
 
@@ -161,6 +204,12 @@ impl<V: Copy + Default> Baselines<V> {
     fn next(&self, i: usize) -> usize {
         (i + 1) & (self.slots.len() - 1)
     }
+}
+
+/// `slots` empty slots, from zeroed memory (the standard library asks the
+/// allocator for zeroed pages for a vector of zeros: nothing is written).
+fn zeroed(slots: usize) -> Vec<Slot> {
+    vec![[EMPTY; 3]; slots]
 }
 
 /// The hash as stored: never the empty marker.
@@ -193,16 +242,43 @@ mod tests {
             .collect()
     }
 
+    /// A baseline that differs in every field from its neighbours'.
+    fn seen(n: usize) -> Seen {
+        Seen {
+            bytes: n as u64 * 1_000_003,
+            packets: n as u32 * 7,
+            connections: n as u16,
+            pass: (n % 251) as u8,
+            quiet: (n % 7) as u8,
+        }
+    }
+
+    #[test]
+    fn a_baseline_comes_back_as_it_went_in() {
+        for value in [
+            Seen::default(),
+            seen(12_345),
+            Seen {
+                bytes: u64::MAX,
+                packets: u32::MAX,
+                connections: u16::MAX,
+                pass: u8::MAX,
+                quiet: u8::MAX,
+            },
+        ] {
+            assert_eq!(Seen::unpack(value.pack()), value);
+        }
+    }
+
     /// Every operation, checked against a `HashMap` doing the same.
     fn against_hashmap(keys: &[u64], capacity: usize) {
-        let mut table = Baselines::<u32>::with_capacity(capacity);
-        let mut model: HashMap<u64, u32> = HashMap::new();
+        let mut table = Baselines::with_capacity(capacity);
+        let mut model: HashMap<u64, Seen> = HashMap::new();
         for (n, &key) in keys.iter().enumerate() {
-            let value = n as u32;
             match n % 5 {
                 0..=2 => assert_eq!(
-                    table.insert(key, value),
-                    model.insert(stored(key), value),
+                    table.insert(key, seen(n)),
+                    model.insert(stored(key), seen(n)),
                     "insert {key}"
                 ),
                 3 => assert_eq!(
@@ -224,8 +300,8 @@ mod tests {
         for &key in keys {
             assert_eq!(table.get(key), model.get(&stored(key)).copied());
         }
-        table.retain(|v| v % 3 != 0);
-        model.retain(|_, v| *v % 3 != 0);
+        table.retain(|v| v.connections % 3 != 0);
+        model.retain(|_, v| v.connections % 3 != 0);
         assert_eq!(table.len(), model.len());
         for &key in keys {
             assert_eq!(
@@ -248,28 +324,28 @@ mod tests {
 
     #[test]
     fn hash_zero_is_a_key_like_any_other() {
-        let mut table = Baselines::<u32>::with_capacity(4);
+        let mut table = Baselines::with_capacity(4);
         assert_eq!(table.get(0), None);
-        table.insert(0, 7);
-        assert_eq!(table.get(0), Some(7));
+        table.insert(0, seen(7));
+        assert_eq!(table.get(0), Some(seen(7)));
         assert_eq!(table.len(), 1);
-        assert_eq!(table.remove(0), Some(7));
+        assert_eq!(table.remove(0), Some(seen(7)));
         assert_eq!(table.len(), 0);
     }
 
     #[test]
     fn retain_removes_everything_it_is_told_to_even_across_the_end() {
         // Every key homes in the last slot: the run wraps to the start.
-        let mut table = Baselines::<u32>::with_capacity(6);
+        let mut table = Baselines::with_capacity(6);
         let slots = table.slots.len() as u64;
         let keys: Vec<u64> = (1..=6).map(|n| n * slots + slots - 1).collect();
         for (n, &key) in keys.iter().enumerate() {
-            table.insert(key, n as u32);
+            table.insert(key, seen(n));
         }
-        table.retain(|v| v % 2 == 1);
+        table.retain(|v| v.connections % 2 == 1);
         assert_eq!(table.len(), 3);
         for (n, &key) in keys.iter().enumerate() {
-            let expected = (n % 2 == 1).then_some(n as u32);
+            let expected = (n % 2 == 1).then(|| seen(n));
             assert_eq!(table.get(key), expected);
         }
     }
