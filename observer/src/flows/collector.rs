@@ -218,7 +218,9 @@ impl Collector {
                 // What it holds was counted by the earlier observer, or is
                 // lost with its totals.
                 None => {
-                    for (key, now) in self.maps.overflow.iter().flatten() {
+                    let fd = self.maps.overflow.map().fd().as_fd();
+                    let entries = kernel::bpf::entries::<OverflowKey, OverflowValue>(fd);
+                    for (key, now) in entries.into_iter().flatten() {
                         self.overflow_seen.insert(key, now);
                     }
                 }
@@ -702,10 +704,16 @@ impl Collector {
     /// and direction, into the pods' overflow series.
     fn collect_overflow(&mut self) {
         let mut gone = Vec::new();
-        for entry in self.maps.overflow.iter() {
-            let Ok((key, now)) = entry else {
-                continue;
-            };
+        let entries = kernel::bpf::entries::<OverflowKey, OverflowValue>(
+            self.maps.overflow.map().fd().as_fd(),
+        );
+        let entries = entries.unwrap_or_else(|err| {
+            // Counted at the next collection: nothing is taken from the map.
+            tracing::warn!(%err, "cannot read the overflow map");
+            self.metrics.error("map_read");
+            Vec::new()
+        });
+        for (key, now) in entries {
             let Some(netns) = self.attached.get(&key.netns_cookie) else {
                 if self.complete {
                     gone.push(key);

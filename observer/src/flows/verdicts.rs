@@ -154,8 +154,14 @@ impl Verdicts {
         let mut gone = Vec::new();
         let mut retired = Vec::new();
         let prime = std::mem::take(&mut self.prime);
-        for entry in map.iter() {
-            let (key, count) = entry?;
+        let entries = crate::kernel::bpf::entries::<VerdictKey, u64>(map.map().fd().as_fd())
+            .map_err(|io_error| {
+                MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error,
+                })
+            })?;
+        for (key, count) in entries {
             if !prime && self.retired.contains_key(&key.rule) {
                 retired.push(key);
             }

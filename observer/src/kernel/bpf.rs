@@ -6,7 +6,8 @@
 //! leaves a defunct link). On maps: take an entry out with what it held
 //! (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`: nothing counted in between is lost),
 //! and read a hash map in batches (`BPF_MAP_LOOKUP_BATCH`: one call per
-//! batch, where aya's iterator makes two per entry). On programs: run one
+//! batch, where aya's iterator makes two per entry; the collector reads
+//! every map it walks so). On programs: run one
 //! on a given CPU (`BPF_PROG_TEST_RUN`); load a socket hook of an attach
 //! type aya does not know, and attach it to a cgroup (the unix-socket
 //! hooks, [`super::unix_hooks`]).
@@ -390,6 +391,24 @@ impl<K: Copy + Default + Send, V: Copy + Default + Send> BatchReader<K, V> {
         })
     }
 }
+
+/// Every entry of the hash map `map` (keys `K`, values `V`), read in
+/// batches of [`ENTRIES_BATCH`]: aya's iterator makes two system calls per
+/// entry.
+pub fn entries<K, V>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>>
+where
+    K: Copy + Default + Send,
+    V: Copy + Default + Send,
+{
+    let mut reader = BatchReader::new(ENTRIES_BATCH);
+    let mut all = Vec::new();
+    reader.read(map, |key, value| all.push((*key, *value)))?;
+    Ok(all)
+}
+
+/// Entries a call for the maps read whole ([`entries`]): most hold far
+/// fewer.
+const ENTRIES_BATCH: usize = 1024;
 
 /// Runs a program that takes no context (a raw tracepoint's, never
 /// attached) once, on `cpu` (`BPF_PROG_TEST_RUN` with

@@ -130,16 +130,33 @@ impl Collector {
         let Some(ipc) = &mut self.ipc else {
             return Vec::new();
         };
-        let mut conns: Vec<(UnixConnKey, UnixConn)> =
-            ipc.maps.unix_conns.iter().flatten().collect();
+        let conns =
+            kernel::bpf::entries::<UnixConnKey, UnixConn>(ipc.maps.unix_conns.map().fd().as_fd());
+        let fifo =
+            kernel::bpf::entries::<FifoKey, IpcCounts>(ipc.maps.fifo_flows.map().fd().as_fd());
+        let (mut conns, fifo) = match (conns, fifo) {
+            (Ok(conns), Ok(fifo)) => (conns, fifo),
+            (Err(err), _) | (_, Err(err)) => {
+                // Counted at the next collection: nothing changed here.
+                tracing::warn!(%err, "cannot read the IPC maps");
+                self.metrics.error("map_read");
+                return Vec::new();
+            }
+        };
         // Datagrams sent with an address: their server is whoever receives
         // on the path, once it has (the kernel sets it at later sends).
         if conns.iter().any(|(_, c)| c.addressed != 0 && c.server == 0) {
-            let receivers: HashMap<(u64, u64), u64> = ipc
-                .maps
-                .unix_receivers
-                .iter()
-                .flatten()
+            let receivers: Vec<(UnixPathKey, u64)> =
+                match kernel::bpf::entries(ipc.maps.unix_receivers.map().fd().as_fd()) {
+                    Ok(receivers) => receivers,
+                    Err(err) => {
+                        tracing::warn!(%err, "cannot read the IPC maps");
+                        self.metrics.error("map_read");
+                        return Vec::new();
+                    }
+                };
+            let receivers: HashMap<(u64, u64), u64> = receivers
+                .into_iter()
                 .map(|(k, cgroup)| ((k.netns, k.hash), cgroup))
                 .collect();
             for (_, conn) in conns.iter_mut().filter(|(_, c)| c.addressed != 0) {
@@ -151,7 +168,6 @@ impl Collector {
                 }
             }
         }
-        let fifo: Vec<(FifoKey, IpcCounts)> = ipc.maps.fifo_flows.iter().flatten().collect();
 
         // Containers are named as the packet flows' are: the cgroups no
         // source names are looked for first; a container that just
