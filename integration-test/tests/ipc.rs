@@ -757,7 +757,7 @@ const ROUNDS: u64 = 20;
 
 #[test]
 fn short_connections_on_reused_sockets_are_each_counted_under_their_own_path() {
-    let server = serde_yaml_like_quote(SERVER);
+    let server = yaml_quoted(SERVER);
     let text = REUSE
         .replace("\"SERVER\"", &server)
         .replace("ROUNDS", &ROUNDS.to_string());
@@ -785,19 +785,29 @@ fn short_connections_on_reused_sockets_are_each_counted_under_their_own_path() {
     }
     for name in ["a", "b"] {
         let path = run.join(format!("{name}.sock")).display().to_string();
-        wait_value(
-            &observer,
-            &prometheus,
-            &format!(
-                r#"observer_connections_opened_total{{pod="reuse",class="unix",direction="request",path="{path}",client_container="client",server_container="server-{name}"}}"#
-            ),
-            ROUNDS,
-        );
+        let series = |family: &str, direction: &str| {
+            format!(
+                r#"{family}{{pod="reuse",class="unix",protocol="stream",direction="{direction}",path="{path}",client_container="client",server_container="server-{name}"}}"#
+            )
+        };
+        for (family, direction, expected) in [
+            ("observer_connections_opened_total", "request", ROUNDS),
+            ("observer_flow_packets_total", "request", ROUNDS),
+            ("observer_flow_bytes_total", "request", ROUNDS * 10),
+            ("observer_flow_packets_total", "response", ROUNDS),
+            ("observer_flow_bytes_total", "response", ROUNDS * 5),
+        ] {
+            wait_value(&observer, &prometheus, &series(family, direction), expected);
+        }
     }
+    // Nothing counted under another path or container.
+    let all = prometheus
+        .query(r#"sum(observer_flow_packets_total{pod="reuse",class="unix"}) or vector(0)"#);
+    assert_eq!(all, [(ROUNDS * 4) as f64], "every message once");
 }
 
 /// A Python program as one double-quoted YAML scalar.
-fn serde_yaml_like_quote(program: &str) -> String {
+fn yaml_quoted(program: &str) -> String {
     format!(
         "\"{}\"",
         program
