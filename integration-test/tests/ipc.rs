@@ -689,3 +689,130 @@ fn observer_explain(lab: &Lab, dir: &TempDir, socket: &str) -> String {
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// Two servers in two containers, and a client container that talks to
+/// each in turn on short connections, all on one CPU: the kernel hands a
+/// closed connection's socket memory to the next connection at once.
+const REUSE: &str = r#"
+apiVersion: observer-lab/v1
+kind: Lab
+name: ipc
+network:
+  serviceCIDR: 10.96.0.0/16
+  nodeCIDR: 172.18.0.0/24
+  externalCIDR: 192.168.200.0/24
+  clusterDNS: 10.96.0.53
+nodes:
+  - name: node-1
+    podCIDR: 10.244.1.0/24
+pods:
+  - name: reuse
+    namespace: default
+    node: node-1
+    volumes: [run]
+    containers:
+      - name: server-a
+        command: [python3, -c, "SERVER", "a"]
+      - name: server-b
+        command: [python3, -c, "SERVER", "b"]
+      - name: client
+        command:
+          - python3
+          - -c
+          - |
+            import os, socket, time
+            os.sched_setaffinity(0, {0})
+            run = os.environ["POD_VOLUMES"] + "/run"
+            print(run, flush=True)
+            while not (os.path.exists(run + "/go") and os.path.exists(run + "/a.ready") and os.path.exists(run + "/b.ready")):
+                time.sleep(0.05)
+            for i in range(ROUNDS):
+                for name in "ab":
+                    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    c.connect(run + "/" + name + ".sock")
+                    c.sendall(b"q" * 10)
+                    c.recv(4096)
+                    c.close()
+            print("done", flush=True)
+            time.sleep(3600)
+"#;
+
+const SERVER: &str = r#"
+import os, socket, sys, time
+os.sched_setaffinity(0, {0})
+name = sys.argv[1]
+run = os.environ["POD_VOLUMES"] + "/run"
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(run + "/" + name + ".sock")
+s.listen(64)
+open(run + "/" + name + ".ready", "w").close()
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    c.sendall(b"r" * 5)
+    c.close()
+"#;
+
+const ROUNDS: u64 = 20;
+
+#[test]
+fn short_connections_on_reused_sockets_are_each_counted_under_their_own_path() {
+    let server = yaml_quoted(SERVER);
+    let text = REUSE
+        .replace("\"SERVER\"", &server)
+        .replace("ROUNDS", &ROUNDS.to_string());
+    let lab =
+        Lab::up_for_test(&Plan::from_yaml(&text, "ipc").expect("a valid lab")).expect("lab up");
+    let inventory = lab.inventory_path().display().to_string();
+    let observer = Observer::start(&["--inventory", &inventory, "--collect-interval", "1s"]);
+    observer.eventually("the pod attached and IPC followed", |m| {
+        m.sum("observer_programs_attached", &[("pod", "reuse")]) > 0.0
+            && m.sum("observer_ipc_hooks_attached", &[]) >= 2.0
+    });
+    let deadline = Instant::now() + WAIT;
+    let run = loop {
+        if let Some(line) = lab.log("default", "reuse", "client").lines().next() {
+            break PathBuf::from(line.trim());
+        }
+        assert!(Instant::now() < deadline, "the client never started");
+        thread::sleep(Duration::from_millis(100));
+    };
+    fs::write(run.join("go"), "").expect("start");
+    let prometheus = Prometheus::scraping(observer.addr());
+    while !lab.log("default", "reuse", "client").contains("done") {
+        assert!(Instant::now() < deadline, "the client did not finish");
+        thread::sleep(Duration::from_millis(100));
+    }
+    for name in ["a", "b"] {
+        let path = run.join(format!("{name}.sock")).display().to_string();
+        let series = |family: &str, direction: &str| {
+            format!(
+                r#"{family}{{pod="reuse",class="unix",protocol="stream",direction="{direction}",path="{path}",client_container="client",server_container="server-{name}"}}"#
+            )
+        };
+        for (family, direction, expected) in [
+            ("observer_connections_opened_total", "request", ROUNDS),
+            ("observer_flow_packets_total", "request", ROUNDS),
+            ("observer_flow_bytes_total", "request", ROUNDS * 10),
+            ("observer_flow_packets_total", "response", ROUNDS),
+            ("observer_flow_bytes_total", "response", ROUNDS * 5),
+        ] {
+            wait_value(&observer, &prometheus, &series(family, direction), expected);
+        }
+    }
+    // Nothing counted under another path or container.
+    let all = prometheus
+        .query(r#"sum(observer_flow_packets_total{pod="reuse",class="unix"}) or vector(0)"#);
+    assert_eq!(all, [(ROUNDS * 4) as f64], "every message once");
+}
+
+/// A Python program as one double-quoted YAML scalar.
+fn yaml_quoted(program: &str) -> String {
+    format!(
+        "\"{}\"",
+        program
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    )
+}

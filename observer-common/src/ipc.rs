@@ -19,6 +19,12 @@ pub const IPC_PODS_CAPACITY: u32 = 16_384;
 /// ([`UnixConnKey`] to [`UnixConn`]).
 pub const UNIX_CONNS_MAP: &str = "UNIX_CONNS";
 pub const UNIX_CONNS_CAPACITY: u32 = 65_536;
+/// Connections whose entry a new connection took (the kernel gave the new
+/// one the same two sockets' memory) before the daemon had collected all
+/// of theirs: their identity and totals, by [`RetiredKey`], until the
+/// daemon counts them and takes them out.
+pub const UNIX_RETIRED_MAP: &str = "UNIX_RETIRED";
+pub const UNIX_RETIRED_CAPACITY: u32 = 16_384;
 /// A path a server's socket is bound to ([`UnixPath`]), by pod and
 /// [`path_hash`] ([`UnixPathKey`]): one pod cannot name another's paths.
 pub const UNIX_PATHS_MAP: &str = "UNIX_PATHS";
@@ -133,6 +139,16 @@ pub struct UnixConnKey {
     pub client_end: u64,
 }
 
+/// Key of [`UNIX_RETIRED_MAP`]: a connection's ends and its client
+/// socket's inode (which tells it from the connection that took its ends).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RetiredKey {
+    pub conn: UnixConnKey,
+    pub client_inode: u64,
+}
+const _: () = assert!(core::mem::size_of::<RetiredKey>() == 24);
+
 /// Messages and bytes one way.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -156,9 +172,9 @@ pub struct UnixConn {
     pub path: u64,
     pub to_server: Sent,
     pub to_client: Sent,
-    /// Connections seen on this pair of ends: more than one when the
-    /// kernel reuses both sockets' memory for a new connection between the
-    /// same processes (each one's client socket has its own inode).
+    /// Connections opened: 1 once the connection's client is seen (a new
+    /// connection on the same two sockets' memory retires this one to
+    /// [`UNIX_RETIRED_MAP`] and starts the entry again).
     pub connections: u64,
     /// The inode number of the client's socket, the connection's identity.
     pub client_inode: u64,

@@ -36,9 +36,10 @@ use aya_ebpf::{
 use observer_common::NodeInfo;
 use observer_common::ipc::{
     AF_UNIX, Addressed, FIFO_FLOWS_CAPACITY, FifoId, FifoKey, FifoName, IPC_PODS_CAPACITY,
-    IpcCounts, KernelOffsets, PIPEFS_MAGIC, S_IFIFO, S_IFMT, Sent, UNIX_ADDRESSED_CAPACITY,
-    UNIX_CONNS_CAPACITY, UNIX_PATH_MAX, UNIX_PATHS_CAPACITY, UnixConn, UnixConnKey, UnixPath,
-    UnixPathKey, path_hash, syscall, unix_kind,
+    IpcCounts, KernelOffsets, PIPEFS_MAGIC, RetiredKey, S_IFIFO, S_IFMT, Sent,
+    UNIX_ADDRESSED_CAPACITY, UNIX_CONNS_CAPACITY, UNIX_PATH_MAX, UNIX_PATHS_CAPACITY,
+    UNIX_RETIRED_CAPACITY, UnixConn, UnixConnKey, UnixPath, UnixPathKey, path_hash, syscall,
+    unix_kind,
 };
 
 use crate::handoff::bump_stats;
@@ -52,6 +53,12 @@ static IPC_PODS: HashMap<u64, u8> = HashMap::with_max_entries(IPC_PODS_CAPACITY,
 #[map]
 static UNIX_CONNS: HashMap<UnixConnKey, UnixConn> =
     HashMap::with_max_entries(UNIX_CONNS_CAPACITY, NO_PREALLOC);
+
+/// Connections whose ends a new connection took before the daemon counted
+/// all of theirs (see `retire`).
+#[map]
+static UNIX_RETIRED: HashMap<RetiredKey, UnixConn> =
+    HashMap::with_max_entries(UNIX_RETIRED_CAPACITY, NO_PREALLOC);
 
 #[map]
 static UNIX_PATHS: HashMap<UnixPathKey, UnixPath> =
@@ -298,9 +305,9 @@ fn sock_path(sk: u64, o: &KernelOffsets) -> Option<(&'static mut UnixPath, u64)>
     Some((path, hash))
 }
 
-/// The connection's entry, made at its first message (or read); a new
-/// connection on reused sockets (its client socket's inode differs) is
-/// counted on the same entry.
+/// The connection's entry, made at its first message (or read). A new
+/// connection on the same two sockets' memory (its client socket's inode
+/// differs) takes the entry over, the one before retired ([`retire`]).
 #[inline(always)]
 fn connection(
     key: &UnixConnKey,
@@ -327,25 +334,63 @@ fn connection(
                 && (*conn).client_inode != inode
             {
                 let before = atomic_xchg::<u64, { Relaxed }>(&raw mut (*conn).client_inode, inode);
-                if before != inode {
-                    atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).connections, 1);
-                }
                 if before != 0 && before != inode {
-                    // A new connection on reused sockets: its own client,
-                    // its own path (counts go on adding up). Its server is
-                    // whoever uses the server's end next (the one before,
-                    // until then: a server's event on another CPU may
-                    // already have set it).
+                    // A new connection on the same two sockets' memory (the
+                    // kernel reuses it at once): the one before is retired
+                    // with what it counted, for the daemon to count under
+                    // its own path and containers, and the entry is this
+                    // one's from zero.
+                    retire(key, conn, before);
                     let (client, _, path) = identity(key, netns, kind, server_side, current, o);
                     (*conn).netns = netns;
                     (*conn).client = client;
                     (*conn).path = path;
                     (*conn).kind = kind;
+                    // Its server is whoever uses the server's end next.
+                    (*conn).server = 0;
+                }
+                if before != inode {
+                    atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).connections, 1);
                 }
             }
         }
     }
     Some(conn)
+}
+
+/// Moves what the connection on `key` counted into [`UNIX_RETIRED`], under
+/// its client's inode `inode`, and zeroes the entry's counters (exchanged:
+/// what the next connection adds from now on stays). No room: counted as
+/// lost.
+///
+/// # Safety
+/// `conn` is a live map value.
+#[inline(always)]
+unsafe fn retire(key: &UnixConnKey, conn: *mut UnixConn, inode: u64) {
+    // SAFETY: as the caller says; other CPUs add to it meanwhile.
+    let retired = unsafe {
+        let take = |at: *mut u64| atomic_xchg::<u64, { Relaxed }>(at, 0);
+        UnixConn {
+            to_server: Sent {
+                messages: take(&raw mut (*conn).to_server.messages),
+                bytes: take(&raw mut (*conn).to_server.bytes),
+            },
+            to_client: Sent {
+                messages: take(&raw mut (*conn).to_client.messages),
+                bytes: take(&raw mut (*conn).to_client.bytes),
+            },
+            connections: take(&raw mut (*conn).connections),
+            client_inode: inode,
+            ..*conn
+        }
+    };
+    let at = RetiredKey {
+        conn: *key,
+        client_inode: inode,
+    };
+    if UNIX_RETIRED.insert(&at, &retired, 0).is_err() {
+        bump_stats(|s| s.ipc_lost += 1);
+    }
 }
 
 /// A connection's client and server containers (the server 0 while not

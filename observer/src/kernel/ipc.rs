@@ -20,8 +20,8 @@ use aya::{
 use observer_common::NodeInfo;
 use observer_common::ipc::{
     FIFO_FLOWS_MAP, FIFO_NAMES_MAP, FifoId, FifoKey, FifoName, IPC_NODE_MAP, IPC_PODS_MAP,
-    IpcCounts, KernelOffsets, UNIX_CONNS_MAP, UNIX_PATHS_MAP, UNIX_RECEIVERS_MAP, UnixConn,
-    UnixConnKey, UnixPath, UnixPathKey,
+    IpcCounts, KernelOffsets, RetiredKey, UNIX_CONNS_MAP, UNIX_PATHS_MAP, UNIX_RECEIVERS_MAP,
+    UNIX_RETIRED_MAP, UnixConn, UnixConnKey, UnixPath, UnixPathKey,
 };
 
 use super::btf::{BtfError, KernelBtf};
@@ -121,6 +121,9 @@ fn attach_one(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<(), Progr
 pub struct IpcMaps {
     pub pods: HashMap<MapData, u64, u8>,
     pub unix_conns: HashMap<MapData, UnixConnKey, UnixConn>,
+    /// Connections whose ends a new connection took before they were
+    /// counted to their last message.
+    pub unix_retired: HashMap<MapData, RetiredKey, UnixConn>,
     pub unix_paths: HashMap<MapData, UnixPathKey, UnixPath>,
     pub fifo_flows: HashMap<MapData, FifoKey, IpcCounts>,
     pub fifo_names: HashMap<MapData, FifoId, FifoName>,
@@ -146,6 +149,7 @@ impl IpcMaps {
         Ok(Self {
             pods: typed(ebpf, IPC_PODS_MAP)?,
             unix_conns: typed(ebpf, UNIX_CONNS_MAP)?,
+            unix_retired: typed(ebpf, UNIX_RETIRED_MAP)?,
             unix_paths: typed(ebpf, UNIX_PATHS_MAP)?,
             fifo_flows: typed(ebpf, FIFO_FLOWS_MAP)?,
             fifo_names: typed(ebpf, FIFO_NAMES_MAP)?,
@@ -182,6 +186,16 @@ impl IpcMaps {
             .collect();
         for key in unix {
             let _ = self.unix_conns.remove(&key);
+        }
+        let retired: Vec<RetiredKey> = self
+            .unix_retired
+            .iter()
+            .flatten()
+            .filter(|(_, c)| c.netns == netns)
+            .map(|(k, _)| k)
+            .collect();
+        for key in retired {
+            let _ = self.unix_retired.remove(&key);
         }
         let fifo: Vec<FifoKey> = self
             .fifo_flows

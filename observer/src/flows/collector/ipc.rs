@@ -23,8 +23,8 @@ use aya::maps::IterableMap;
 use observer_common::{
     direction,
     ipc::{
-        FIFO_CLASS, FifoId, FifoKey, IpcCounts, Sent, UNIX_CLASS, UNNAMED_PATH, UnixConn,
-        UnixConnKey, UnixPath, UnixPathKey, unix_kind,
+        FIFO_CLASS, FifoId, FifoKey, IpcCounts, RetiredKey, Sent, UNIX_CLASS, UNNAMED_PATH,
+        UnixConn, UnixConnKey, UnixPath, UnixPathKey, unix_kind,
     },
 };
 
@@ -56,6 +56,9 @@ pub struct Ipc {
     /// socket's inode: one that talks again comes back as a new entry,
     /// and is not a new connection.
     reclaimed: HashMap<UnixConnKey, u64>,
+    /// What was counted of connections whose ends a new connection took
+    /// since the last collection, until their retired record comes.
+    settling: HashMap<RetiredKey, UnixConn>,
 }
 
 /// Reclaimed connections remembered at most (then forgotten all at once:
@@ -80,6 +83,7 @@ impl Ipc {
             paths: HashMap::new(),
             pipes: HashMap::new(),
             reclaimed: HashMap::new(),
+            settling: HashMap::new(),
         }
     }
 }
@@ -119,6 +123,7 @@ impl Collector {
         if let Some(ipc) = &mut self.ipc {
             ipc.maps.forget(cookie);
             ipc.conns.retain(|_, seen| seen.counted.netns != cookie);
+            ipc.settling.retain(|_, counted| counted.netns != cookie);
             ipc.fifo.retain(|k, _| k.netns != cookie);
         }
     }
@@ -130,13 +135,18 @@ impl Collector {
         let Some(ipc) = &mut self.ipc else {
             return Vec::new();
         };
+        // Retired connections first: a connection retired after this read
+        // shows in the walk below as its successor, and is settled at the
+        // next collection (`settling`).
+        let retired =
+            kernel::bpf::entries::<RetiredKey, UnixConn>(ipc.maps.unix_retired.map().fd().as_fd());
         let conns =
             kernel::bpf::entries::<UnixConnKey, UnixConn>(ipc.maps.unix_conns.map().fd().as_fd());
         let fifo =
             kernel::bpf::entries::<FifoKey, IpcCounts>(ipc.maps.fifo_flows.map().fd().as_fd());
-        let (mut conns, fifo) = match (conns, fifo) {
-            (Ok(conns), Ok(fifo)) => (conns, fifo),
-            (Err(err), _) | (_, Err(err)) => {
+        let (retired, mut conns, fifo) = match (retired, conns, fifo) {
+            (Ok(retired), Ok(conns), Ok(fifo)) => (retired, conns, fifo),
+            (Err(err), _, _) | (_, Err(err), _) | (_, _, Err(err)) => {
                 // Counted at the next collection: nothing changed here.
                 tracing::warn!(%err, "cannot read the IPC maps");
                 self.metrics.error("map_read");
@@ -174,7 +184,9 @@ impl Collector {
         // started waits a while for its name.
         let ids: HashSet<u64> = conns
             .iter()
-            .flat_map(|(_, c)| [c.client, c.server])
+            .map(|(_, c)| c)
+            .chain(retired.iter().map(|(_, c)| c))
+            .flat_map(|c| [c.client, c.server])
             .chain(fifo.iter().map(|(k, _)| k.cgroup))
             .filter(|&id| id != 0 && !self.identities.containers.contains_key(&id))
             .collect();
@@ -189,6 +201,47 @@ impl Collector {
 
         let mut series: HashMap<(u64, FlowLabels), Counts> = HashMap::new();
         let mut quiet = Vec::new();
+        // A retired connection: what it counted since the baseline of its
+        // own (its entry's, or the one put aside when the walk saw its
+        // successor first), under its own path and containers.
+        let retired_fd = ipc.maps.unix_retired.map().fd().as_fd();
+        for (key, old) in retired {
+            let Some(netns) = self.attached.get(&old.netns) else {
+                let _ = kernel::bpf::take::<RetiredKey, UnixConn>(retired_fd, &key);
+                continue;
+            };
+            if held(old.client) || held(old.server) {
+                continue;
+            }
+            let Ok(Some(last)) = kernel::bpf::take::<RetiredKey, UnixConn>(retired_fd, &key) else {
+                continue;
+            };
+            let fresh = UnixConn {
+                netns: old.netns,
+                ..UnixConn::default()
+            };
+            let counted = match ipc.settling.remove(&key) {
+                Some(counted) => counted,
+                None => match ipc.conns.get_mut(&key.conn) {
+                    // The entry's baseline is the retired one's: the entry
+                    // holds its successor from zero now.
+                    Some(seen) if seen.counted.client_inode == key.client_inode => {
+                        std::mem::replace(&mut seen.counted, fresh)
+                    }
+                    _ => fresh,
+                },
+            };
+            let (request, response) = conn_difference(&last, &counted);
+            let path = unix_path(&mut ipc.paths, &ipc.maps.unix_paths, last.netns, last.path);
+            let labels =
+                |way: &str| unix_labels(&netns.pod, &last, &path, way, identities, cgroups);
+            add_ways(&mut series, last.netns, labels, request, response);
+        }
+        if ipc.settling.len() > RECLAIMED_MAX {
+            // Records the kernel had no room for (counted as lost there).
+            ipc.settling.clear();
+        }
+
         let fd = ipc.maps.unix_conns.map().fd().as_fd();
         for (key, now) in conns {
             let Some(netns) = self.attached.get(&now.netns) else {
@@ -202,24 +255,46 @@ impl Collector {
             // What was counted of it so far: nothing if it is new, but a
             // connection that went quiet and talks again was counted as
             // opened already.
-            let counted = before.map_or_else(
-                || {
+            let counted = match before {
+                None => {
                     let again = ipc.reclaimed.remove(&key) == Some(now.client_inode);
                     UnixConn {
                         netns: now.netns,
                         connections: u64::from(again && now.client_inode != 0),
                         ..UnixConn::default()
                     }
-                },
-                |b| b.counted,
-            );
+                }
+                // A new connection took the entry since (the kernel gave it
+                // the same two sockets): the entry is the new one's from
+                // zero, and the one before is settled with its retired
+                // record, against what was counted of it.
+                Some(b)
+                    if b.counted.client_inode != 0
+                        && now.client_inode != b.counted.client_inode =>
+                {
+                    let retired = RetiredKey {
+                        conn: key,
+                        client_inode: b.counted.client_inode,
+                    };
+                    ipc.settling.insert(retired, b.counted);
+                    UnixConn {
+                        netns: now.netns,
+                        ..UnixConn::default()
+                    }
+                }
+                Some(b) => b.counted,
+            };
             let waits = now.server == 0 && started.duration_since(first_seen) < HOLD;
             if waits || held(now.client) || held(now.server) {
-                ipc.conns.entry(key).or_insert(Seen {
-                    counted,
-                    first_seen,
-                    quiet: 0,
-                });
+                let quiet = before.map_or(0, |b| b.quiet);
+                ipc.conns.insert(
+                    key,
+                    Seen {
+                        counted,
+                        first_seen,
+                        quiet,
+                    },
+                );
                 continue;
             }
             let (request, response) = conn_difference(&now, &counted);
