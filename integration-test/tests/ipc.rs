@@ -41,19 +41,8 @@ const WRITE: u64 = 20;
 const PACKETS: u64 = 3;
 const PACKET: u64 = 30;
 
+/// The pods of the counting lab (see [`lab_yaml`]).
 const LAB: &str = r#"
-apiVersion: observer-lab/v1
-kind: Lab
-name: ipc
-network:
-  serviceCIDR: 10.96.0.0/16
-  nodeCIDR: 172.18.0.0/24
-  externalCIDR: 192.168.200.0/24
-  clusterDNS: 10.96.0.53
-nodes:
-  - name: node-1
-    podCIDR: 10.244.1.0/24
-pods:
   - name: fpm
     namespace: default
     node: node-1
@@ -245,7 +234,7 @@ pods:
 "#;
 
 fn plan() -> Plan {
-    let text = LAB
+    let text = lab_yaml("ipc", LAB)
         .replace("REQUESTS", &REQUESTS.to_string())
         .replace("REQUEST", &REQUEST.to_string())
         .replace("REPLY", &REPLY.to_string())
@@ -256,6 +245,24 @@ fn plan() -> Plan {
         .replace("SEQ_COUNT", &PACKETS.to_string())
         .replace("SEQ_SIZE", &PACKET.to_string());
     Plan::from_yaml(&text, "ipc").expect("a valid lab")
+}
+
+/// A lab of one node named `name`, with these pods (YAML list items).
+fn lab_yaml(name: &str, pods: &str) -> String {
+    format!(
+        "apiVersion: observer-lab/v1
+kind: Lab
+name: {name}
+network:
+  serviceCIDR: 10.96.0.0/16
+  nodeCIDR: 172.18.0.0/24
+  externalCIDR: 192.168.200.0/24
+  clusterDNS: 10.96.0.53
+nodes:
+  - name: node-1
+    podCIDR: 10.244.1.0/24
+pods:{pods}"
+    )
 }
 
 /// Waits until `promql` has exactly one sample, equal to `expected`.
@@ -473,19 +480,8 @@ fn unix_sockets_and_named_pipes_between_containers_are_counted_exactly() {
     assert_eq!(observer.scrape().sum("observer_ipc_lost_total", &[]), 0.0);
 }
 
+/// The pods of the unix-socket policy lab (see [`lab_yaml`]).
 const GUARDED: &str = r#"
-apiVersion: observer-lab/v1
-kind: Lab
-name: ipc-policy
-network:
-  serviceCIDR: 10.96.0.0/16
-  nodeCIDR: 172.18.0.0/24
-  externalCIDR: 192.168.200.0/24
-  clusterDNS: 10.96.0.53
-nodes:
-  - name: node-1
-    podCIDR: 10.244.1.0/24
-pods:
   - name: guarded
     namespace: default
     node: node-1
@@ -568,7 +564,8 @@ fn attempts(cgroup: &Path, netns: &Path, attempts: &[String]) -> Vec<String> {
 
 #[test]
 fn unix_socket_rules_deny_with_eperm_at_once_and_count_every_decision() {
-    let plan = Plan::from_yaml(GUARDED, "ipc-policy").expect("a valid lab");
+    let plan =
+        Plan::from_yaml(&lab_yaml("ipc-policy", GUARDED), "ipc-policy").expect("a valid lab");
     let lab = Lab::up_for_test(&plan).expect("lab up");
     let deadline = Instant::now() + WAIT;
     let run = loop {
@@ -692,20 +689,9 @@ fn observer_explain(lab: &Lab, dir: &TempDir, socket: &str) -> String {
 
 /// Two servers in two containers, and a client container that talks to
 /// each in turn on short connections, all on one CPU: the kernel hands a
-/// closed connection's socket memory to the next connection at once.
+/// closed connection's socket memory to the next connection at once. (The
+/// pods of the lab: see [`lab_yaml`].)
 const REUSE: &str = r#"
-apiVersion: observer-lab/v1
-kind: Lab
-name: ipc
-network:
-  serviceCIDR: 10.96.0.0/16
-  nodeCIDR: 172.18.0.0/24
-  externalCIDR: 192.168.200.0/24
-  clusterDNS: 10.96.0.53
-nodes:
-  - name: node-1
-    podCIDR: 10.244.1.0/24
-pods:
   - name: reuse
     namespace: default
     node: node-1
@@ -758,7 +744,7 @@ const ROUNDS: u64 = 20;
 #[test]
 fn short_connections_on_reused_sockets_are_each_counted_under_their_own_path() {
     let server = yaml_quoted(SERVER);
-    let text = REUSE
+    let text = lab_yaml("ipc", REUSE)
         .replace("\"SERVER\"", &server)
         .replace("ROUNDS", &ROUNDS.to_string());
     let lab =

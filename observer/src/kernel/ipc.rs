@@ -12,9 +12,11 @@
 //! attached, and the log and `observer_ipc_hooks_attached` say what is
 //! missing.
 
+use std::os::fd::AsFd;
+
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError},
+    maps::{Array, HashMap, IterableMap as _, MapData, MapError},
     programs::{ProgramError, RawTracePoint},
 };
 use observer_common::NodeInfo;
@@ -177,62 +179,26 @@ impl IpcMaps {
     /// Stops following a pod, and removes what the maps hold of it.
     pub fn forget(&mut self, netns: u64) {
         let _ = self.pods.remove(&netns);
-        let unix: Vec<UnixConnKey> = self
-            .unix_conns
-            .iter()
-            .flatten()
-            .filter(|(_, c)| c.netns == netns)
-            .map(|(k, _)| k)
-            .collect();
-        for key in unix {
-            let _ = self.unix_conns.remove(&key);
-        }
-        let retired: Vec<RetiredKey> = self
-            .unix_retired
-            .iter()
-            .flatten()
-            .filter(|(_, c)| c.netns == netns)
-            .map(|(k, _)| k)
-            .collect();
-        for key in retired {
-            let _ = self.unix_retired.remove(&key);
-        }
-        let fifo: Vec<FifoKey> = self
-            .fifo_flows
-            .keys()
-            .flatten()
-            .filter(|k| k.netns == netns)
-            .collect();
-        for key in fifo {
-            let _ = self.fifo_flows.remove(&key);
-        }
-        let paths: Vec<UnixPathKey> = self
-            .unix_paths
-            .keys()
-            .flatten()
-            .filter(|k| k.netns == netns)
-            .collect();
-        for key in &paths {
-            let _ = self.unix_paths.remove(key);
-        }
-        let receivers: Vec<UnixPathKey> = self
-            .unix_receivers
-            .keys()
-            .flatten()
-            .filter(|k| k.netns == netns)
-            .collect();
-        for key in receivers {
-            let _ = self.unix_receivers.remove(&key);
-        }
-        let names: Vec<FifoId> = self
-            .fifo_names
-            .iter()
-            .flatten()
-            .filter(|(_, n)| n.netns == netns)
-            .map(|(k, _)| k)
-            .collect();
-        for key in names {
-            let _ = self.fifo_names.remove(&key);
+        remove_where(&mut self.unix_conns, |_, c| c.netns == netns);
+        remove_where(&mut self.unix_retired, |_, c| c.netns == netns);
+        remove_where(&mut self.fifo_flows, |k, _| k.netns == netns);
+        remove_where(&mut self.unix_paths, |k, _| k.netns == netns);
+        remove_where(&mut self.unix_receivers, |k, _| k.netns == netns);
+        remove_where(&mut self.fifo_names, |_, n| n.netns == netns);
+    }
+}
+
+/// Removes the entries of `map` that `gone` says are gone (read in
+/// batches; one removal per entry).
+fn remove_where<K, V>(map: &mut HashMap<MapData, K, V>, gone: impl Fn(&K, &V) -> bool)
+where
+    K: aya::Pod + Default + Send,
+    V: aya::Pod + Default + Send,
+{
+    let entries = super::bpf::entries::<K, V>(map.map().fd().as_fd()).unwrap_or_default();
+    for (key, value) in entries {
+        if gone(&key, &value) {
+            let _ = map.remove(&key);
         }
     }
 }
