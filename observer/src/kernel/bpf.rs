@@ -394,21 +394,30 @@ impl<K: Copy + Default + Send, V: Copy + Default + Send> BatchReader<K, V> {
 
 /// Every entry of the hash map `map` (keys `K`, values `V`), read in
 /// batches of [`ENTRIES_BATCH`]: aya's iterator makes two system calls per
-/// entry.
+/// entry. For the small maps read at every collection: one buffer, on the
+/// calling thread ([`BatchReader`] is for the flow map).
 pub fn entries<K, V>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>>
 where
-    K: Copy + Default + Send,
-    V: Copy + Default + Send,
+    K: Copy + Default,
+    V: Copy + Default,
 {
-    let mut reader = BatchReader::new(ENTRIES_BATCH);
+    let mut walk = Walk {
+        map,
+        position: None,
+        done: false,
+    };
+    let mut batch = Batch::new(ENTRIES_BATCH);
     let mut all = Vec::new();
-    reader.read(map, |key, value| all.push((*key, *value)))?;
+    while walk.next(&mut batch)? {
+        let (keys, values) = batch.entries();
+        all.extend(keys.iter().copied().zip(values.iter().copied()));
+    }
     Ok(all)
 }
 
 /// Entries a call for the maps read whole ([`entries`]): most hold far
 /// fewer.
-const ENTRIES_BATCH: usize = 1024;
+const ENTRIES_BATCH: usize = 256;
 
 /// Runs a program that takes no context (a raw tracepoint's, never
 /// attached) once, on `cpu` (`BPF_PROG_TEST_RUN` with
