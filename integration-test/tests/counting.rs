@@ -81,6 +81,49 @@ fn a_full_flow_map_loses_no_packet() {
     assert!(observer.terminate().success());
 }
 
+/// A flow map of more than one batch is read by two walks side by side,
+/// from its first bucket and from its middle one (`kernel::bpf`); the flows
+/// where they meet are read twice. Each is counted once, and once in the
+/// map's entries.
+#[test]
+fn a_map_read_by_two_walks_counts_each_flow_once() {
+    const FLOWS: u32 = 20_000;
+    let pod = Netns::create("walks").expect("namespace");
+    let name = pod.name().to_owned();
+    let path = pod.path().display().to_string();
+    let observer = Observer::start(&[
+        "--netns",
+        &path,
+        "--flow-capacity",
+        "65536",
+        "--collect-interval",
+        "60m",
+    ]);
+    // FLOWS flows a round, one datagram each, from a new socket to as many
+    // loopback addresses: one receiver on every address takes them all (no
+    // ICMP error comes back to count).
+    let round = || {
+        pod.run(|| {
+            let receiver = UdpSocket::bind("0.0.0.0:0").expect("bind receiver");
+            let port = receiver.local_addr().unwrap().port();
+            let sender = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
+            for n in 0..FLOWS {
+                let to = std::net::Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8);
+                sender.send_to(&[1; PAYLOAD], (to, port)).expect("send");
+            }
+        })
+        .expect("enter namespace");
+    };
+    for rounds in 1..=2u32 {
+        round();
+        let m = observer.scrape();
+        let flows = f64::from(rounds * FLOWS);
+        assert_eq!(totals(&m, &name), (flows, flows * FRAME as f64));
+        assert_eq!(m.sum("observer_flow_map_entries", &[]), flows);
+    }
+    assert!(observer.terminate().success());
+}
+
 /// Pods made and deleted in waves, each sending a known number of packets
 /// over more flows than the map holds; every pod's totals come out exact,
 /// the last packets before it went included.

@@ -343,11 +343,14 @@ fn a_denied_inbound_connection_stays_denied_and_an_allowed_one_is_counted_once()
     );
 }
 
-/// The collector reads the flow map in batches: every entry once, with its
-/// value, whatever the batch size (a bucket larger than the buffers grows
-/// them; a batch of one makes that happen).
+/// The collector reads the flow map in batches: every entry with its value,
+/// whatever the batch size (a bucket larger than the buffers grows them; a
+/// batch of one makes that happen). A map of more than one batch is read by
+/// two walks, from the first bucket and from the middle one: only entries
+/// of the first walk's last batch, which may run past the middle, come
+/// twice.
 #[test]
-fn the_flow_map_reads_in_batches_every_entry_once() {
+fn the_flow_map_reads_in_batches_every_entry() {
     use std::{collections::HashMap, os::fd::AsFd};
 
     use aya::maps::IterableMap;
@@ -382,12 +385,18 @@ fn the_flow_map_reads_in_batches_every_entry_once() {
     }
     for entries in [1, 7, 4096] {
         let mut read = HashMap::new();
+        let mut twice = 0;
         BatchReader::<FlowKey, FlowValue>::new(entries)
             .read(kernel.maps.flows.map().fd().as_fd(), |key, value| {
-                assert!(read.insert(*key, *value).is_none(), "{key:?} read twice");
+                if let Some(before) = read.insert(*key, *value) {
+                    assert_eq!(before, *value, "{key:?} read twice, differently");
+                    twice += 1;
+                }
             })
             .expect("batch reads");
         assert_eq!(read, flows, "batches of {entries}");
+        // A batch of one grows to the largest bucket's entries (a few).
+        assert!(twice <= entries.max(8), "{twice} entries read twice");
     }
 }
 

@@ -273,7 +273,8 @@ impl Collector {
     /// What each kernel counter had at the last collection. `None` if the
     /// flow map cannot be read: the next observer then counts the flows on
     /// from where it finds them (a partial baseline would count the
-    /// missing flows again from zero).
+    /// missing flows again from zero). A flow the map's two walks both read
+    /// is listed twice, with the same baseline.
     fn baseline(&self) -> Option<Baseline> {
         let mut flows = Vec::new();
         let mut batch = kernel::bpf::BatchReader::<FlowKey, FlowValue>::new(BATCH);
@@ -456,7 +457,10 @@ impl Collector {
                     };
                     let before = self.last.get(hash);
                     if before.is_some_and(|b| b.pass == pass) {
-                        continue; // seen already at this pass (never, in batches)
+                        // Read twice, where the two walks meet: counted at
+                        // its first reading; what came after, at the next
+                        // collection.
+                        continue;
                     }
                     live += 1;
                     if prime {
@@ -465,11 +469,16 @@ impl Collector {
                     }
                     if !self.attached.contains_key(&key.netns_cookie) {
                         // Not (yet) a pod's of ours: its baseline stays where
-                        // it is, so that it is counted from there once it is;
-                        // gone at a later collection if it is no pod's.
-                        if let Some(before) = before {
-                            self.last.insert(hash, Seen { pass, ..before });
-                        }
+                        // it is (none: zero), so that it is counted from there
+                        // once it is; gone at a later collection if it is no
+                        // pod's. Marked as seen at this pass all the same.
+                        self.last.insert(
+                            hash,
+                            Seen {
+                                pass,
+                                ..before.unwrap_or_default()
+                            },
+                        );
                         if self.complete && self.unknown.contains(&key.netns_cookie) {
                             stale.push(key);
                         }

@@ -7,7 +7,7 @@
 //! (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`: nothing counted in between is lost),
 //! and read a hash map in batches (`BPF_MAP_LOOKUP_BATCH`: one call per
 //! batch, where aya's iterator makes two per entry; the collector reads
-//! every map it walks so). On programs: run one
+//! every map it walks so), a large one by two walks side by side. On programs: run one
 //! on a given CPU (`BPF_PROG_TEST_RUN`); load a socket hook of an attach
 //! type aya does not know, and attach it to a cgroup (the unix-socket
 //! hooks, [`super::unix_hooks`]).
@@ -123,7 +123,7 @@ pub fn swap_program(path: &Path, program: BorrowedFd<'_>) -> io::Result<()> {
 /// defunct (the kernel reports no interface, no cgroup).
 pub fn is_live(path: &Path) -> io::Result<bool> {
     let link = open_pin(path)?;
-    let info = link_info(link.as_fd())?;
+    let info = object_info(link.as_fd())?;
     let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
     // struct bpf_link_info: type, id, prog_id, then the type's union at 16.
     Ok(match word(0) {
@@ -135,7 +135,7 @@ pub fn is_live(path: &Path) -> io::Result<bool> {
 
 /// The kernel id of a link.
 pub fn link_id(link: BorrowedFd<'_>) -> io::Result<u32> {
-    let info = link_info(link)?;
+    let info = object_info(link)?;
     Ok(u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes")))
 }
 
@@ -214,7 +214,9 @@ pub fn link_cgroup(
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn link_info(fd: BorrowedFd<'_>) -> io::Result<[u8; 64]> {
+/// `BPF_OBJ_GET_INFO_BY_FD`: the first 64 bytes of a link's or a map's
+/// information.
+fn object_info(fd: BorrowedFd<'_>) -> io::Result<[u8; 64]> {
     let mut info = [0u8; 64];
     let mut attr = Attr::new();
     attr.put_u32(0, fd.as_raw_fd() as u32)
@@ -243,8 +245,9 @@ pub fn take<K: Copy, V: Copy + Default>(map: BorrowedFd<'_>, key: &K) -> io::Res
 /// Reads every entry of a hash map, a batch per system call. The buffers
 /// are kept from one read to the next.
 pub struct BatchReader<K, V> {
-    /// Two: the kernel fills one while the caller goes through the other.
-    buffers: [Batch<K, V>; 2],
+    /// Two a walk: the kernel fills one while the caller goes through the
+    /// other. The second pair is the second walk's ([`Self::read_batches`]).
+    buffers: [Batch<K, V>; 4],
 }
 
 /// The entries of one `BPF_MAP_LOOKUP_BATCH` call.
@@ -269,16 +272,41 @@ impl<K: Copy + Default, V: Copy + Default> Batch<K, V> {
     }
 }
 
-/// Where a walk of a hash map is: the kernel writes a position (a bucket
-/// index for hash maps) after each batch, and is given it back with the
-/// next.
+/// Where a walk of a hash map is: the kernel writes a position after each
+/// batch, and is given it back with the next. For hash maps it is the
+/// index of the next bucket, a `u32` at the start of the 8 bytes.
 struct Walk<'fd> {
     map: BorrowedFd<'fd>,
     position: Option<u64>,
     done: bool,
 }
 
-impl Walk<'_> {
+impl<'fd> Walk<'fd> {
+    fn new(map: BorrowedFd<'fd>) -> Self {
+        Self {
+            map,
+            position: None,
+            done: false,
+        }
+    }
+
+    /// A walk that starts at `bucket` of a hash map.
+    fn from_bucket(map: BorrowedFd<'fd>, bucket: u32) -> Self {
+        let mut position = [0u8; 8];
+        position[..4].copy_from_slice(&bucket.to_ne_bytes());
+        Self {
+            map,
+            position: Some(u64::from_ne_bytes(position)),
+            done: false,
+        }
+    }
+
+    /// The bucket the next batch starts at.
+    fn bucket(&self) -> u32 {
+        let position = self.position.unwrap_or(0).to_ne_bytes();
+        u32::from_ne_bytes(position[..4].try_into().expect("4 bytes"))
+    }
+
     /// Fills `batch` with the next entries; false once the map is done.
     fn next<K: Copy + Default, V: Copy + Default>(
         &mut self,
@@ -321,22 +349,36 @@ impl Walk<'_> {
     }
 }
 
+/// Hash map types, whose batch position is a bucket index
+/// (`kernel/bpf/hashtab.c`): plain, per-CPU, and their LRU kinds.
+const HASH_MAP_TYPES: [u32; 4] = [1, 5, 9, 10];
+
+/// The bucket a second walk of `map` starts at, if `map` is a hash map of
+/// more than two batches' worth of buckets: the middle one (a hash map has
+/// its capacity rounded up to a power of two of buckets). `None`: one
+/// walk does.
+fn halfway(map: BorrowedFd<'_>, batch: usize) -> io::Result<Option<u32>> {
+    // struct bpf_map_info: type, id, key_size, value_size, max_entries.
+    let info = object_info(map)?;
+    let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
+    let (kind, capacity) = (word(0), word(16));
+    let buckets = capacity.checked_next_power_of_two().unwrap_or(0);
+    Ok((HASH_MAP_TYPES.contains(&kind) && buckets as usize > 2 * batch).then_some(buckets / 2))
+}
+
 impl<K: Copy + Default + Send, V: Copy + Default + Send> BatchReader<K, V> {
     /// Buffers for `entries` entries a call (at least one).
     pub fn new(entries: usize) -> Self {
         let entries = entries.max(1);
         Self {
-            buffers: [Batch::new(entries), Batch::new(entries)],
+            buffers: std::array::from_fn(|_| Batch::new(entries)),
         }
     }
 
     /// Calls `each` on every entry of `map` (whose key and value are `K`
     /// and `V`). The kernel walks the map bucket by bucket: an entry added
-    /// or removed meanwhile is seen once or not at all, never twice.
-    ///
-    /// A map of more than one batch is walked by a second thread while
-    /// this one calls `each` on the batch before: the kernel's walk (system
-    /// time) and the caller's work overlap instead of adding up.
+    /// or removed meanwhile is seen once or not at all. An entry may come
+    /// twice (see [`Self::read_batches`]).
     pub fn read(&mut self, map: BorrowedFd<'_>, mut each: impl FnMut(&K, &V)) -> io::Result<()> {
         self.read_batches(map, |keys, values| {
             keys.iter().zip(values).for_each(|(k, v)| each(k, v));
@@ -345,49 +387,77 @@ impl<K: Copy + Default + Send, V: Copy + Default + Send> BatchReader<K, V> {
 
     /// [`Self::read`], a batch at a time: `each` is given a batch's keys
     /// and values (as many of each), and may look ahead in them.
+    ///
+    /// The kernel's walk is most of the time of a large map (it locks and
+    /// copies bucket by bucket): a hash map of more than one batch is
+    /// walked by two threads side by side, one from the first bucket to
+    /// the middle one and one from there to the end, while this thread
+    /// calls `each` on their batches as they come (in no set order).
+    /// Batches hold whole buckets, so the first walk's last batch may run
+    /// past the middle: the entries of those buckets then come twice, at
+    /// most a batch of them, and `each` must take an entry's second coming
+    /// as nothing new.
     pub fn read_batches(
         &mut self,
         map: BorrowedFd<'_>,
         mut each: impl FnMut(&[K], &[V]),
     ) -> io::Result<()> {
-        let mut walk = Walk {
-            map,
-            position: None,
-            done: false,
-        };
-        let [first, second] = &mut self.buffers;
-        if !walk.next(first)? {
+        let batch = self.buffers[0].keys.len();
+        let mut first = Walk::new(map);
+        let [a, b, c, d] = &mut self.buffers;
+        if !first.next(a)? {
             return Ok(());
         }
-        if walk.done {
-            let (keys, values) = first.entries();
+        if first.done {
+            let (keys, values) = a.entries();
             each(keys, values);
             return Ok(());
         }
-        let (full, filled) = mpsc::sync_channel::<&mut Batch<K, V>>(1);
-        let (empty, to_fill) = mpsc::sync_channel::<&mut Batch<K, V>>(2);
-        let _ = empty.send(second);
-        let _ = full.send(first);
+        // The second walk, if the first has not reached the middle yet.
+        let second = halfway(map, batch)?
+            .filter(|&middle| first.bucket() < middle)
+            .map(|middle| (Walk::from_bucket(map, middle), [c, d]));
+        let middle = second.as_ref().map_or(u32::MAX, |(walk, _)| walk.bucket());
+        let (full, filled) = mpsc::sync_channel::<(usize, &mut Batch<K, V>)>(2);
         // `move`: should `each` panic, the channels go with it and the
-        // walker ends (the scope waits for it).
+        // walkers end (the scope waits for them).
         std::thread::scope(move |scope| {
-            let walker = scope.spawn(move || -> io::Result<()> {
-                // Ends when the map is done, or when the reader has gone.
-                while let Ok(batch) = to_fill.recv() {
-                    if !walk.next(batch)? || full.send(batch).is_err() {
-                        break;
-                    }
+            let mut walkers = Vec::new();
+            let mut empties = Vec::new();
+            let walks = [Some((first, [a, b])), second];
+            for (i, (mut walk, [filled_first, spare])) in walks.into_iter().flatten().enumerate() {
+                let (empty, to_fill) = mpsc::sync_channel::<&mut Batch<K, V>>(2);
+                let full = full.clone();
+                let _ = empty.send(spare);
+                // The first walk has its first batch already.
+                if i == 0 {
+                    let _ = full.send((i, filled_first));
+                } else {
+                    let _ = empty.send(filled_first);
                 }
-                Ok(())
-            });
-            for batch in filled {
+                empties.push(empty);
+                // The first walk ends at the middle, the second at the end;
+                // either, if the reader has gone.
+                let end = if i == 0 { middle } else { u32::MAX };
+                walkers.push(scope.spawn(move || -> io::Result<()> {
+                    while walk.bucket() < end {
+                        let Ok(batch) = to_fill.recv() else { break };
+                        if !walk.next(batch)? || full.send((i, batch)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                }));
+            }
+            drop(full);
+            for (i, batch) in filled {
                 let (keys, values) = batch.entries();
                 each(keys, values);
-                if empty.send(batch).is_err() {
-                    break;
-                }
+                let _ = empties[i].send(batch);
             }
-            walker.join().expect("the walker does not panic")
+            walkers
+                .into_iter()
+                .try_for_each(|walker| walker.join().expect("a walker does not panic"))
         })
     }
 }
@@ -401,11 +471,7 @@ where
     K: Copy + Default,
     V: Copy + Default,
 {
-    let mut walk = Walk {
-        map,
-        position: None,
-        done: false,
-    };
+    let mut walk = Walk::new(map);
     let mut batch = Batch::new(ENTRIES_BATCH);
     let mut all = Vec::new();
     while walk.next(&mut batch)? {
