@@ -226,6 +226,12 @@ fn clsact_filters_on_lo(pod: &Netns) -> usize {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains("observe_egress"))
+        .inspect(|l| {
+            assert!(
+                l.contains("pref 20290 bpf"),
+                "at the observer's priority: {l}"
+            )
+        })
         .count()
 }
 
@@ -234,7 +240,7 @@ fn sigkill_and_restart(netlink: bool) {
     let path = pod.path().display().to_string();
     let mut args = vec!["--netns", &path];
     if netlink {
-        args.push("--tc-netlink");
+        args.extend(["--tc-attach", "clsact"]);
     }
     let send = |count: usize| {
         pod.run(|| {
@@ -291,6 +297,14 @@ fn sigkill_and_restart(netlink: bool) {
             clsact_filters_on_lo(&pod),
             1,
             "the leftover replaced, not doubled"
+        );
+        // In place: its program swapped into the filter, never removed.
+        assert!(
+            second
+                .log()
+                .contains("replaced in place the program of the filter an earlier observer left"),
+            "{}",
+            second.log()
         );
     }
     send(4);

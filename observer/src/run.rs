@@ -40,6 +40,7 @@ use crate::{
         datapath::{Datapath, DatapathConfig, DatapathError, Opened},
         log,
         netns::{self, NetNs, NetnsError},
+        tc::TcAttach,
     },
     metrics::Metrics,
     names::ObjectRef,
@@ -94,6 +95,10 @@ pub enum RunError {
     Serve(io::Error),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(
+        "--tc-attach tcx: this kernel ({0}) has no TCX links (Linux 6.6 and newer); use clsact or auto"
+    )]
+    NoTcx(aya::util::KernelVersion),
 }
 
 /// Kubernetes mode reads other pods' cgroup paths: in a cgroup namespace of
@@ -233,7 +238,17 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Quiet flows go after a minute's worth of collection ticks.
     let ticks = (60_000 / args.collect_interval.as_millis().max(1)).clamp(1, 255);
     collector.reclaim_after(ticks as u8);
-    let worker = AttachWorker::start(datapath, args.attach_noop, args.tc_netlink)?;
+    let tc_attach = if args.tc_netlink {
+        TcAttach::Clsact
+    } else {
+        args.tc_attach
+    };
+    let tcx = tc_attach.tcx().map_err(RunError::NoTcx)?;
+    tracing::info!(
+        tc = if tcx { "TCX links" } else { "clsact filters" },
+        "tc programs attach as"
+    );
+    let worker = AttachWorker::start(datapath, args.attach_noop, tcx)?;
 
     // Serve from now on: /healthz answers while the pods are attached (that
     // takes a while on a busy node), /readyz once they are.

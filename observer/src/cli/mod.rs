@@ -10,7 +10,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use observer_common::DEFAULT_FLOW_CAPACITY;
 
-use crate::{flows::schema, policy::FailureMode};
+use crate::{flows::schema, kernel::tc::TcAttach, policy::FailureMode};
 
 #[derive(Parser)]
 #[command(
@@ -263,8 +263,16 @@ pub struct RunArgs {
     /// hook, the baseline of the kernel's run-time statistics.
     #[arg(long, hide = true)]
     pub attach_noop: bool,
-    /// For the tests: attach with clsact filters (netlink), as on kernels
-    /// before 6.6, even where TCX links exist.
+    /// How tc programs attach: `tcx` links (Linux 6.6 and newer), `clsact`
+    /// filters (netlink, needs NET_ADMIN; the only way before 6.6), or
+    /// `auto`, TCX where the kernel has it. clsact filters attach without
+    /// waiting (TCX links wait for an RCU grace period each, 3 a pod:
+    /// BENCHMARKS.md), but outlive the observer, even killed, and fail
+    /// closed policies cannot be pinned with them.
+    #[arg(long, env = "OBSERVER_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
+    pub tc_attach: TcAttach,
+    /// The same as `--tc-attach clsact` (for older scripts and `cargo
+    /// xtask bench --compare` with older builds).
     #[arg(long, hide = true)]
     pub tc_netlink: bool,
     /// Where the observer keeps its runtime state (a private bpffs for its

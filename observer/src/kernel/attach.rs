@@ -136,9 +136,8 @@ pub struct AttachWorker {
 
 impl AttachWorker {
     /// Starts the worker; `noop` also attaches the no-op baseline everywhere;
-    /// `netlink` uses clsact filters even where TCX links exist (to test the
-    /// path older kernels take).
-    pub fn start(datapath: Datapath, noop: bool, netlink: bool) -> Result<Self, AttachError> {
+    /// `tcx`: tc programs attach as TCX links, not clsact filters.
+    pub fn start(datapath: Datapath, noop: bool, tcx: bool) -> Result<Self, AttachError> {
         let (requests, inbox) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = thread::Builder::new()
@@ -146,7 +145,7 @@ impl AttachWorker {
             .spawn(move || {
                 // Saved on this very thread: it is where setns must return to.
                 let state = NetNs::current_thread()
-                    .map(|home| worker::Worker::new(home, datapath, noop, netlink));
+                    .map(|home| worker::Worker::new(home, datapath, noop, tcx));
                 match state {
                     Ok(mut worker) => {
                         let _ = ready_tx.send(Ok(()));

@@ -2,11 +2,43 @@
 //! (netlink) before, each in the namespace the calling thread is in.
 
 use aya::programs::{
-    ProgramError, TcAttachType,
-    tc::{self, SchedClassifierLink, TcError},
+    ProgramError, SchedClassifier, TcAttachType,
+    tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcError, TcHandle},
 };
 
-use super::datapath::{EGRESS_PROGRAM, INGRESS_PROGRAM, Programs};
+use super::datapath::{EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs};
+
+/// How the tc programs attach (`--tc-attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX links where the kernel has them (6.6 and newer), clsact
+    /// filters before.
+    #[default]
+    Auto,
+    /// TCX links: owned by the observer's process (gone with it unless
+    /// pinned), and no other tc user can take them away; each attach waits
+    /// for an RCU grace period in the kernel.
+    Tcx,
+    /// clsact filters (netlink; needs NET_ADMIN): attach without waiting,
+    /// and outlive the observer's process.
+    Clsact,
+}
+
+impl TcAttach {
+    /// Whether to attach TCX links on this kernel; `Err` if asked for
+    /// where the kernel has none.
+    pub fn tcx(self) -> Result<bool, aya::util::KernelVersion> {
+        use aya::util::KernelVersion;
+        let kernel = KernelVersion::current().unwrap_or(KernelVersion::new(0, 0, 0));
+        let has = kernel >= KernelVersion::new(6, 6, 0);
+        match self {
+            Self::Auto => Ok(has),
+            Self::Tcx if !has => Err(kernel),
+            Self::Tcx => Ok(true),
+            Self::Clsact => Ok(false),
+        }
+    }
+}
 
 /// Attaches the observer's program for `direction` to `interface`.
 pub fn attach_one(
@@ -22,8 +54,18 @@ pub fn attach_one(
     attach_program(programs, name, tcx, interface, direction)
 }
 
-/// Attaches program `name` to `interface`, replacing a filter an earlier
-/// observer left (clsact).
+/// Where the observer's clsact filters sit on a hook, as `tc filter show`
+/// lists them (`pref 20290 bpf chain 0 handle 0x4f425356`): a fixed
+/// priority and handle, so that a restarted observer finds the filter its
+/// predecessor left and replaces its program in place. The priority runs
+/// them before filters whose priority the kernel chose (49152 and down).
+pub const FILTER_PRIORITY: u16 = 0x4f42;
+const FILTER_HANDLE: TcHandle = TcHandle::new(0x4f42, 0x5356);
+/// The no-op baseline of `cargo xtask bench`, beside the observer's.
+const NOOP_HANDLE: TcHandle = TcHandle::new(0x4f42, 0x4e4f);
+
+/// Attaches program `name` to `interface`. A clsact filter an earlier
+/// observer left there has its program replaced in place.
 pub fn attach_program(
     programs: &mut Programs,
     name: &'static str,
@@ -32,32 +74,68 @@ pub fn attach_program(
     direction: TcAttachType,
 ) -> Result<SchedClassifierLink, ProgramError> {
     let program = programs.get(name)?;
-    if !tcx {
-        // Already there (ours from an earlier attach, or someone else's) is fine.
-        match tc::qdisc_add_clsact(interface) {
-            Ok(()) | Err(TcError::AlreadyAttached) => {}
-            Err(err) => tracing::debug!(%err, interface, "adding clsact"),
-        }
-        // Unlike TCX links, clsact filters outlive their process: those of
-        // an observer that was killed are still there. One observer runs
-        // per node, so a filter of ours on this hook is such a leftover.
-        match tc::qdisc_detach_program(interface, direction, name) {
-            Ok(()) => tracing::info!(
-                interface,
-                program = name,
-                "removed a filter left by an earlier observer"
-            ),
-            Err(TcError::IoError(err)) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => tracing::debug!(%err, interface, "looking for leftover filters"),
-        }
-    }
     let id = if tcx {
         program.attach(interface, direction)?
     } else {
-        let options = tc::TcAttachOptions::Netlink(tc::NlOptions::default());
-        program.attach_with_options(interface, direction, options)?
+        attach_filter(program, name, interface, direction)?
     };
     program.take_link(id)
+}
+
+/// A clsact filter. Unlike TCX links, clsact filters outlive their
+/// process: the filter of an observer that was killed is still there, its
+/// program still running. One observer runs per node, so a filter at our
+/// priority and handle is such a leftover: one netlink request swaps this
+/// observer's program into it (the kernel replaces the filter's program
+/// atomically), and the hook is never without one, never with two.
+fn attach_filter(
+    program: &mut SchedClassifier,
+    name: &'static str,
+    interface: &str,
+    direction: TcAttachType,
+) -> Result<SchedClassifierLinkId, ProgramError> {
+    // Already there (ours from an earlier attach, or someone else's) is fine.
+    match tc::qdisc_add_clsact(interface) {
+        Ok(()) | Err(TcError::AlreadyAttached) => {}
+        Err(err) => tracing::debug!(%err, interface, "adding clsact"),
+    }
+    let handle = if name == NOOP_PROGRAM {
+        NOOP_HANDLE
+    } else {
+        FILTER_HANDLE
+    };
+    let left = SchedClassifierLink::attached(interface, direction, FILTER_PRIORITY, handle, None)
+        .map_err(TcError::IoError)?;
+    // Without NLM_F_CREATE: replaces, or fails with ENOENT.
+    match program.attach_to_link(left) {
+        Ok(id) => {
+            tracing::info!(
+                interface,
+                program = name,
+                "replaced in place the program of the filter an earlier observer left"
+            );
+            return Ok(id);
+        }
+        Err(ProgramError::TcError(TcError::NetlinkError(err)))
+            if err.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(err) => return Err(err),
+    }
+    // Filters of observers from before the fixed priority: found by name.
+    match tc::qdisc_detach_program(interface, direction, name) {
+        Ok(()) => tracing::info!(
+            interface,
+            program = name,
+            "removed a filter left by an earlier observer"
+        ),
+        Err(TcError::IoError(err)) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => tracing::debug!(%err, interface, "looking for leftover filters"),
+    }
+    let options = tc::TcAttachOptions::Netlink(tc::NlOptions {
+        priority: FILTER_PRIORITY,
+        handle,
+        ..tc::NlOptions::default()
+    });
+    program.attach_with_options(interface, direction, options)
 }
 
 /// Whether interface `name` exists in the current thread's namespace.

@@ -16,13 +16,10 @@ use std::{
     sync::mpsc,
 };
 
-use aya::{
-    programs::{
-        TcAttachType,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::SchedClassifierLink,
-    },
-    util::KernelVersion,
+use aya::programs::{
+    TcAttachType,
+    links::{FdLink, LinkError, PinnedLink},
+    tc::SchedClassifierLink,
 };
 
 use super::{AttachError, AttachedNetns, LOOPBACK, POD_INTERFACE, Request};
@@ -39,7 +36,7 @@ use crate::{
 pub(super) struct Worker {
     home: NetNs,
     datapath: Datapath,
-    /// Before 6.6 tc programs attach through the clsact qdisc, not TCX links.
+    /// TCX links, or clsact filters (before 6.6, or `--tc-attach clsact`).
     tcx: bool,
     noop: bool,
     attached: HashMap<u64, Attachment>,
@@ -221,9 +218,7 @@ fn tc_program(direction: TcAttachType) -> &'static str {
 }
 
 impl Worker {
-    pub(super) fn new(home: NetNs, datapath: Datapath, noop: bool, netlink: bool) -> Self {
-        let tcx =
-            !netlink && KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    pub(super) fn new(home: NetNs, datapath: Datapath, noop: bool, tcx: bool) -> Self {
         Self {
             home,
             datapath,
