@@ -94,16 +94,23 @@ fn attach_filter(
     interface: &str,
     direction: TcAttachType,
 ) -> Result<SchedClassifierLinkId, ProgramError> {
-    // Already there (ours from an earlier attach, or someone else's) is fine.
-    match tc::qdisc_add_clsact(interface) {
-        Ok(()) | Err(TcError::AlreadyAttached) => {}
-        Err(err) => tracing::debug!(%err, interface, "adding clsact"),
-    }
     let handle = if name == NOOP_PROGRAM {
         NOOP_HANDLE
     } else {
         FILTER_HANDLE
     };
+    let options = tc::TcAttachOptions::Netlink(tc::NlOptions {
+        priority: FILTER_PRIORITY,
+        handle,
+        ..tc::NlOptions::default()
+    });
+    // Already there (ours from an earlier attach, or someone else's) is
+    // fine. A qdisc just added holds no filter: nothing to look for.
+    match tc::qdisc_add_clsact(interface) {
+        Ok(()) => return program.attach_with_options(interface, direction, options),
+        Err(TcError::AlreadyAttached) => {}
+        Err(err) => tracing::debug!(%err, interface, "adding clsact"),
+    }
     let left = SchedClassifierLink::attached(interface, direction, FILTER_PRIORITY, handle, None)
         .map_err(TcError::IoError)?;
     // Without NLM_F_CREATE: replaces, or fails with ENOENT.
@@ -130,11 +137,6 @@ fn attach_filter(
         Err(TcError::IoError(err)) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => tracing::debug!(%err, interface, "looking for leftover filters"),
     }
-    let options = tc::TcAttachOptions::Netlink(tc::NlOptions {
-        priority: FILTER_PRIORITY,
-        handle,
-        ..tc::NlOptions::default()
-    });
     program.attach_with_options(interface, direction, options)
 }
 
