@@ -25,7 +25,8 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     )
     .unwrap();
     // Local mode: `ip netns add` while the observer watches the directory;
-    // TCX links, then clsact filters (`--tc-netlink`).
+    // TCX links, then clsact filters (`--tc-netlink`, which older builds
+    // know too: `--tc-attach clsact`).
     let modes = [
         ("namespace created (local mode)", false),
         ("namespace created (local mode, clsact filters)", true),
@@ -62,17 +63,30 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     let pipes = lab.pod("default", "pipes").expect("pipes").clone();
     api.delete(Kind::Pods, &pipes.uid);
     let kubeconfig = kube_api::kubeconfig(api_addr, &dir).display().to_string();
-    for subject in subjects {
-        let observer = Observer::start_binary(
-            &subject.binary,
-            &[
-                "--kubernetes",
-                "--node",
-                "node-1",
-                "--kubeconfig",
-                &kubeconfig,
-            ],
-        );
+    // Deleted and applied again: its namespace stays, so that clsact
+    // filters go through the search for an earlier observer's each time.
+    let modes = [
+        ("pod reported by the API (Kubernetes mode)", false),
+        (
+            "pod reported by the API (Kubernetes mode, clsact filters)",
+            true,
+        ),
+    ];
+    for ((event, clsact), subject) in modes
+        .into_iter()
+        .flat_map(|mode| subjects.iter().map(move |subject| (mode, subject)))
+    {
+        let mut args = vec![
+            "--kubernetes",
+            "--node",
+            "node-1",
+            "--kubeconfig",
+            &kubeconfig,
+        ];
+        if clsact {
+            args.push("--tc-netlink");
+        }
+        let observer = Observer::start_binary(&subject.binary, &args);
         let mut times = Vec::new();
         for _ in 0..ROUNDS {
             let started = Instant::now();
@@ -84,12 +98,7 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
             }
         }
         assert!(observer.terminate().success());
-        row(
-            report,
-            "pod reported by the API (Kubernetes mode)",
-            subject,
-            &times,
-        );
+        row(report, event, subject, &times);
     }
     let _ = fs::remove_dir_all(&dir);
     writeln!(report).unwrap();
