@@ -73,6 +73,9 @@ pub struct Collector {
     last: Baselines,
     /// Hashes flow keys into the keys of `last`.
     hasher: foldhash::quality::RandomState,
+    /// The hashes of the batch at hand (kept from one collection to the
+    /// next).
+    hashes: Vec<u64>,
     pass: u8,
     /// Namespaces whose flows were seen without being attached at the last
     /// collection: their flows go at this one. (Not at once: a pod attached a
@@ -152,6 +155,7 @@ impl Collector {
             last: Baselines::with_capacity(capacity),
             unknown: Default::default(),
             hasher: foldhash::quality::RandomState::default(),
+            hashes: Vec::with_capacity(BATCH),
             pass: 0,
             uncounted_reported: Uncounted::default(),
             idle_ticks: IDLE_TICKS,
@@ -435,7 +439,7 @@ impl Collector {
         let fd = self.maps.flows.map().fd().as_fd();
         // The hashes of a batch first, then each flow, its baseline's slot
         // asked for a few flows ahead (see `baselines`).
-        let mut hashes: Vec<u64> = Vec::with_capacity(BATCH);
+        let hashes = &mut self.hashes;
         self.batch
             .read_batches(fd, |keys, values| {
                 hashes.clear();

@@ -177,28 +177,41 @@ impl IpcMaps {
     }
 
     /// Stops following a pod, and removes what the maps hold of it.
-    pub fn forget(&mut self, netns: u64) {
+    ///
+    /// Every map is gone through, even after one that cannot be read: the
+    /// error of the last such map is returned (the pod's entries in it
+    /// stay there).
+    pub fn forget(&mut self, netns: u64) -> std::io::Result<()> {
         let _ = self.pods.remove(&netns);
-        remove_where(&mut self.unix_conns, |_, c| c.netns == netns);
-        remove_where(&mut self.unix_retired, |_, c| c.netns == netns);
-        remove_where(&mut self.fifo_flows, |k, _| k.netns == netns);
-        remove_where(&mut self.unix_paths, |k, _| k.netns == netns);
-        remove_where(&mut self.unix_receivers, |k, _| k.netns == netns);
-        remove_where(&mut self.fifo_names, |_, n| n.netns == netns);
+        [
+            remove_where(&mut self.unix_conns, |_, c| c.netns == netns),
+            remove_where(&mut self.unix_retired, |_, c| c.netns == netns),
+            remove_where(&mut self.fifo_flows, |k, _| k.netns == netns),
+            remove_where(&mut self.unix_paths, |k, _| k.netns == netns),
+            remove_where(&mut self.unix_receivers, |k, _| k.netns == netns),
+            remove_where(&mut self.fifo_names, |_, n| n.netns == netns),
+        ]
+        .into_iter()
+        .filter_map(Result::err)
+        .last()
+        .map_or(Ok(()), Err)
     }
 }
 
 /// Removes the entries of `map` that `gone` says are gone (read in
 /// batches; one removal per entry).
-fn remove_where<K, V>(map: &mut HashMap<MapData, K, V>, gone: impl Fn(&K, &V) -> bool)
+fn remove_where<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    gone: impl Fn(&K, &V) -> bool,
+) -> std::io::Result<()>
 where
     K: aya::Pod + Default + Send,
     V: aya::Pod + Default + Send,
 {
-    let entries = super::bpf::entries::<K, V>(map.map().fd().as_fd()).unwrap_or_default();
-    for (key, value) in entries {
+    for (key, value) in super::bpf::entries::<K, V>(map.map().fd().as_fd())? {
         if gone(&key, &value) {
             let _ = map.remove(&key);
         }
     }
+    Ok(())
 }

@@ -121,7 +121,10 @@ impl Collector {
     /// Forgets a pod that went.
     pub(super) fn forget_ipc(&mut self, cookie: u64) {
         if let Some(ipc) = &mut self.ipc {
-            ipc.maps.forget(cookie);
+            if let Err(err) = ipc.maps.forget(cookie) {
+                tracing::warn!(%err, cookie, "cannot read an IPC map to take a pod's entries out");
+                self.metrics.error("map_read");
+            }
             ipc.conns.retain(|_, seen| seen.counted.netns != cookie);
             ipc.settling.retain(|_, counted| counted.netns != cookie);
             ipc.fifo.retain(|k, _| k.netns != cookie);
