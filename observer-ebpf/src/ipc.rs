@@ -20,7 +20,7 @@
 //! the daemon found in the running kernel's BTF ([`KernelOffsets`]): Rust
 //! eBPF has no CO-RE relocations.
 
-use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd, atomic_xchg};
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd, atomic_xchg};
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
@@ -333,6 +333,10 @@ fn connection(
             if let Some(inode) = inode
                 && (*conn).client_inode != inode
             {
+                // The server of the connection before: read before the
+                // exchange, as no event of the new connection can have
+                // set it yet (they all see the new inode after it).
+                let server_before = (*conn).server;
                 let before = atomic_xchg::<u64, { Relaxed }>(&raw mut (*conn).client_inode, inode);
                 if before != 0 && before != inode {
                     // A new connection on the same two sockets' memory (the
@@ -340,14 +344,21 @@ fn connection(
                     // with what it counted, for the daemon to count under
                     // its own path and containers, and the entry is this
                     // one's from zero.
-                    retire(key, conn, before);
-                    let (client, _, path) = identity(key, netns, kind, server_side, current, o);
+                    retire(key, conn, before, server_before);
+                    let (client, server, path) =
+                        identity(key, netns, kind, server_side, current, o);
                     (*conn).netns = netns;
                     (*conn).client = client;
                     (*conn).path = path;
                     (*conn).kind = kind;
-                    // Its server is whoever uses the server's end next.
-                    (*conn).server = 0;
+                    // Its server: this process if it is the server's end,
+                    // else whoever uses that end next. Unless a server's
+                    // event on another CPU has set it meanwhile.
+                    atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(
+                        &raw mut (*conn).server,
+                        server_before,
+                        server,
+                    );
                 }
                 if before != inode {
                     atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).connections, 1);
@@ -359,14 +370,14 @@ fn connection(
 }
 
 /// Moves what the connection on `key` counted into [`UNIX_RETIRED`], under
-/// its client's inode `inode`, and zeroes the entry's counters (exchanged:
-/// what the next connection adds from now on stays). No room: counted as
-/// lost.
+/// its client's inode `inode` and with its `server`, and zeroes the
+/// entry's counters (exchanged: what the next connection adds from now on
+/// stays). No room: counted as lost.
 ///
 /// # Safety
 /// `conn` is a live map value.
 #[inline(always)]
-unsafe fn retire(key: &UnixConnKey, conn: *mut UnixConn, inode: u64) {
+unsafe fn retire(key: &UnixConnKey, conn: *mut UnixConn, inode: u64, server: u64) {
     // SAFETY: as the caller says; other CPUs add to it meanwhile.
     let retired = unsafe {
         let take = |at: *mut u64| atomic_xchg::<u64, { Relaxed }>(at, 0);
@@ -381,6 +392,7 @@ unsafe fn retire(key: &UnixConnKey, conn: *mut UnixConn, inode: u64) {
             },
             connections: take(&raw mut (*conn).connections),
             client_inode: inode,
+            server,
             ..*conn
         }
     };

@@ -239,19 +239,28 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     fs::write(&policy, POLICY.replace("CONNECT_PATH", &socket)).expect("the bench's policy");
     let policy = policy.display().to_string();
     let _stats = enable_stats(Stats::RunTime).expect("enable BPF run-time statistics (root?)");
-    let subject = &subjects[0];
-    // Per setting (none, the observer, the observer with named pipes) and
-    // case: the time per call of each round, and the programs' cost.
-    const SETTINGS: usize = 3;
-    let mut times = vec![vec![Vec::new(); CASES.len()]; SETTINGS];
-    let mut programs = vec![vec![Vec::new(); CASES.len()]; SETTINGS];
+    // The settings, in each round: no observer; then each observer, and
+    // it with named pipes (`--named-pipes`).
+    let settings: Vec<Option<(&Subject, bool)>> = std::iter::once(None)
+        .chain(
+            subjects
+                .iter()
+                .flat_map(|s| [Some((s, false)), Some((s, true))]),
+        )
+        .collect();
+    // Per setting and case: the time per call of each round, and the
+    // programs' cost.
+    let mut times = vec![vec![Vec::new(); CASES.len()]; settings.len()];
+    let mut programs = vec![vec![Vec::new(); CASES.len()]; settings.len()];
     for round in 0..ROUNDS {
-        for setting in 0..SETTINGS {
-            let mut args = vec!["--inventory", inventory.as_str(), "--policy", &policy];
-            if setting == 2 {
-                args.push("--named-pipes");
-            }
-            let observer = (setting > 0).then(|| Observer::start_binary(&subject.binary, &args));
+        for (setting, observer) in settings.iter().enumerate() {
+            let observer = observer.map(|(subject, pipes)| {
+                let mut args = vec!["--inventory", inventory.as_str(), "--policy", &policy];
+                if pipes {
+                    args.push("--named-pipes");
+                }
+                Observer::start_binary(&subject.binary, &args)
+            });
             for (c, case) in CASES.iter().enumerate() {
                 let before = ProgramCost::read();
                 times[setting][c].push(call(case, &pod, &unattached, &dir));
@@ -266,14 +275,42 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     drop(lab);
     let _ = fs::remove_dir_all(&dir);
 
+    let names: Vec<&str> = subjects.iter().map(|s| s.name.as_str()).collect();
     writeln!(
         report,
         "## In-pod IPC: cost per call ({ROUNDS} alternating rounds of {CALLS} calls; medians, spread min–max)\n\n\
-         Without any observer, with {} (unix sockets followed), and with it and `--named-pipes`; the programs' own time from the kernel's BPF run-time statistics, with `--named-pipes`.\n\n\
-         | case | without | with | change | with `--named-pipes` | change | IPC programs, ns per run (runs per call) |\n|---|---|---|---|---|---|---|",
-        subject.name
+         Without any observer, with each observer ({}: one table each, the same rounds) following unix sockets, and with it and `--named-pipes`; the programs' own time from the kernel's BPF run-time statistics, with `--named-pipes`.\n",
+        names.join(", ")
     )
     .unwrap();
+    for (i, subject) in subjects.iter().enumerate() {
+        // Its two settings: `--named-pipes` off, then on.
+        let (with, pipes) = (1 + 2 * i, 2 + 2 * i);
+        writeln!(
+            report,
+            "### {}\n\n\
+             | case | without | with | change | with `--named-pipes` | change | IPC programs, ns per run (runs per call) |\n|---|---|---|---|---|---|---|",
+            subject.name
+        )
+        .unwrap();
+        table(report, &times, &programs, with, pipes);
+        writeln!(report).unwrap();
+    }
+    writeln!(report, "What each program does:\n").unwrap();
+    for (program, what) in PROGRAMS {
+        writeln!(report, "- `{program}`: {what}").unwrap();
+    }
+    writeln!(report).unwrap();
+}
+
+/// One observer's rows: settings 0 (none), `with` and `pipes`.
+fn table(
+    report: &mut String,
+    times: &[Vec<Vec<f64>>],
+    programs: &[Vec<Vec<ProgramCost>>],
+    with: usize,
+    pipes: usize,
+) {
     for (c, case) in CASES.iter().enumerate() {
         let time = |setting: usize| median(&times[setting][c]);
         let calls = f64::from(CALLS)
@@ -284,7 +321,7 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
             } else {
                 1.0
             };
-        let readings = &programs[2][c];
+        let readings = &programs[pipes][c];
         let cost: Vec<String> = PROGRAMS
             .iter()
             .filter_map(|(program, _)| {
@@ -302,21 +339,16 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
             case.name,
             time(0),
             spread(&times[0][c], 2),
-            time(1),
-            spread(&times[1][c], 2),
-            (time(1) / time(0) - 1.0) * 100.0,
-            time(2),
-            spread(&times[2][c], 2),
-            (time(2) / time(0) - 1.0) * 100.0,
+            time(with),
+            spread(&times[with][c], 2),
+            (time(with) / time(0) - 1.0) * 100.0,
+            time(pipes),
+            spread(&times[pipes][c], 2),
+            (time(pipes) / time(0) - 1.0) * 100.0,
             cost.join(", ")
         )
         .unwrap();
     }
-    writeln!(report, "\nWhat each program does:\n").unwrap();
-    for (program, what) in PROGRAMS {
-        writeln!(report, "- `{program}`: {what}").unwrap();
-    }
-    writeln!(report).unwrap();
 }
 
 /// Runs a case once: its microseconds per call.
