@@ -24,6 +24,8 @@ struct Figures {
     startup: f64,
     /// The same with clsact filters (`--tc-netlink`) instead of TCX links.
     startup_clsact: f64,
+    /// From SIGTERM to exit with clsact filters (each removed by netlink).
+    shutdown_clsact: f64,
     /// Kernel memory of the maps before any traffic.
     idle_map_memory: u64,
     /// From SIGTERM to the exit, every pod detached.
@@ -73,9 +75,13 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let figures: Vec<Figures> = subjects
         .iter()
-        .map(|s| Figures {
-            startup_clsact: startup_clsact(s, &args, &pods),
-            ..measure(s, &args, &pods[0])
+        .map(|s| {
+            let (startup_clsact, shutdown_clsact) = clsact(s, &args, &pods);
+            Figures {
+                startup_clsact,
+                shutdown_clsact,
+                ..measure(s, &args, &pods[0])
+            }
         })
         .collect();
 
@@ -107,6 +113,10 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     row(
         &format!("SIGTERM to exit, {PODS} pods detached (TCX)"),
         &|f| format!("{:.2} s", f.shutdown),
+    );
+    row(
+        &format!("SIGTERM to exit, {PODS} pods detached (clsact)"),
+        &|f| format!("{:.2} s", f.shutdown_clsact),
     );
     row(
         &format!("resident memory, {PODS} pods, before traffic"),
@@ -199,6 +209,7 @@ fn measure(subject: &Subject, args: &[&str], first: &Netns) -> Figures {
     let figures = Figures {
         startup,
         startup_clsact: 0.0,
+        shutdown_clsact: 0.0,
         shutdown: 0.0,
         idle_map_memory,
         idle_rss,
@@ -222,21 +233,23 @@ fn measure(subject: &Subject, args: &[&str], first: &Netns) -> Figures {
     }
 }
 
-/// Start-up with clsact filters instead of TCX links (`--tc-netlink`). The
-/// observer is killed (removing 750 filters one by one takes longer than
-/// the harness waits for a SIGTERM), and its filters removed with the
-/// qdiscs, so that the next observer finds the pods as they were.
-fn startup_clsact(subject: &Subject, args: &[&str], pods: &[Netns]) -> f64 {
+/// Start-up and shutdown with clsact filters instead of TCX links
+/// (`--tc-netlink`, which older builds know too). The empty qdiscs the
+/// filters leave are removed, so that the next observer finds the pods as
+/// they were.
+fn clsact(subject: &Subject, args: &[&str], pods: &[Netns]) -> (f64, f64) {
     let mut clsact = args.to_vec();
     clsact.push("--tc-netlink");
     let started = Instant::now();
     let observer = Observer::start_binary(&subject.binary, &clsact);
     let startup = started.elapsed().as_secs_f64();
-    observer.kill();
+    let stopping = Instant::now();
+    assert!(observer.terminate_within(Duration::from_secs(60)).success());
+    let shutdown = stopping.elapsed().as_secs_f64();
     for pod in pods {
         for device in ["lo", "eth0"] {
             let _ = pod.ip(&["qdisc", "del", "dev", device, "clsact"]);
         }
     }
-    startup
+    (startup, shutdown)
 }
