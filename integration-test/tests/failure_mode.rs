@@ -357,3 +357,77 @@ fn a_closed_policy_that_cannot_be_pinned_is_in_the_gauge() {
     );
     assert!(observer.terminate().success());
 }
+
+/// With clsact filters (`--tc-attach clsact`) nothing can be pinned: a pod
+/// whose policy fails closed is in the gauge. What an observer with TCX
+/// links pinned for it is taken over all the same (its links would
+/// otherwise count and decide beside the filters), and unpinned: the
+/// restart fails open, and leaves nothing behind.
+#[test]
+fn clsact_filters_fail_open_and_take_over_what_tcx_links_pinned() {
+    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+    let pins = Bpffs::mount("pins-clsact");
+    let dir = TempDir::new("failure-mode-clsact");
+    let policy = dir.write("policy.yaml", &POLICY.replace("MODE", "closed"));
+    let pin_dir = pins.path().join("observer").display().to_string();
+    let inventory = lab.inventory_path().display().to_string();
+    let args = [
+        "--inventory",
+        &inventory,
+        "--policy",
+        &policy,
+        "--pin-dir",
+        &pin_dir,
+    ];
+    let (client, netns) = container(&lab, "default", "client", "to-pod");
+    let denied = || integration_test::container::connect_from(&client, &netns, EXTERNAL, 9999);
+
+    let tcx = Observer::start(&args);
+    assert_eq!(denied(), integration_test::container::Connect::NotPermitted);
+    assert!(tcx.terminate().success());
+    assert!(
+        pins.pins().iter().any(|p| p.contains("pods/")),
+        "the TCX observer's links pinned: {:?}",
+        pins.pins()
+    );
+
+    let clsact_args: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--tc-attach", "clsact"])
+        .collect();
+    let clsact = Observer::start(&clsact_args);
+    assert!(
+        clsact
+            .log()
+            .contains("took over the links an earlier observer left"),
+        "the pinned links taken over:\n{}",
+        clsact.log()
+    );
+    let m = clsact.eventually("the gauge says fails_open", |m| {
+        m.sum(
+            "observer_policy_unenforced_pods",
+            &[("reason", "fails_open")],
+        ) == 2.0
+    });
+    assert_eq!(
+        m.sum("observer_policy_unenforced_pods", &[("pod", "client")]),
+        1.0
+    );
+    assert_eq!(
+        denied(),
+        integration_test::container::Connect::NotPermitted,
+        "enforced while the observer runs"
+    );
+    clsact.eventually("the pods unpinned", |_| {
+        !pins.pins().iter().any(|p| p.contains("pods/"))
+    });
+    assert!(clsact.terminate().success());
+    assert_eq!(pins.pins(), Vec::<String>::new(), "nothing stays pinned");
+    assert_ne!(
+        denied(),
+        integration_test::container::Connect::NotPermitted,
+        "failing open"
+    );
+    assert_unloaded();
+}

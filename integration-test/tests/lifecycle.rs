@@ -207,6 +207,53 @@ fn after_sigkill_a_restart_replaces_leftover_clsact_filters() {
     sigkill_and_restart(true);
 }
 
+/// An observer with clsact filters killed, the next with TCX links: the
+/// filter it left is removed once the link is there (it would count every
+/// packet a second time).
+#[test]
+fn a_restart_with_tcx_links_removes_the_clsact_filter_left_behind() {
+    let pod = Netns::create("switch").expect("namespace");
+    let path = pod.path().display().to_string();
+    let send = |count: usize| {
+        pod.run(|| {
+            let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+            for _ in 0..count {
+                sender
+                    .send_to(b"x", receiver.local_addr().unwrap())
+                    .unwrap();
+            }
+        })
+        .unwrap()
+    };
+    let first = Observer::start(&["--netns", &path, "--tc-attach", "clsact"]);
+    send(1);
+    assert_eq!(
+        first
+            .scrape()
+            .sum("observer_flow_packets_total", &[("pod", pod.name())]),
+        1.0
+    );
+    first.kill();
+    assert_eq!(
+        clsact_filters_on_lo(&pod),
+        1,
+        "the killed observer's filter"
+    );
+
+    let second = Observer::start(&["--netns", &path, "--tc-attach", "tcx"]);
+    assert_eq!(clsact_filters_on_lo(&pod), 0, "removed:\n{}", second.log());
+    send(4);
+    assert_eq!(
+        second
+            .scrape()
+            .sum("observer_flow_packets_total", &[("pod", pod.name())]),
+        4.0,
+        "each packet counted once"
+    );
+    assert!(second.terminate().success());
+}
+
 /// Our filters on the pod's lo (clsact), as `tc` lists them.
 fn clsact_filters_on_lo(pod: &Netns) -> usize {
     let out = std::process::Command::new("ip")

@@ -3,6 +3,7 @@
 
 use aya::programs::{
     ProgramError, SchedClassifier, TcAttachType,
+    links::Link as _,
     tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcError, TcHandle},
 };
 
@@ -75,11 +76,41 @@ pub fn attach_program(
 ) -> Result<SchedClassifierLink, ProgramError> {
     let program = programs.get(name)?;
     let id = if tcx {
-        program.attach(interface, direction)?
+        let id = program.attach(interface, direction)?;
+        remove_filter(name, interface, direction);
+        id
     } else {
         attach_filter(program, name, interface, direction)?
     };
     program.take_link(id)
+}
+
+/// Removes the clsact filter an earlier observer with `--tc-attach clsact`
+/// left on the hook, if any: it would count every packet a second time.
+/// After the TCX link is attached, so that the hook is never without one.
+fn remove_filter(name: &'static str, interface: &str, direction: TcAttachType) {
+    let Ok(left) =
+        SchedClassifierLink::attached(interface, direction, FILTER_PRIORITY, handle_of(name), None)
+    else {
+        return;
+    };
+    // No qdisc, or no filter there: nothing to remove (an error, ignored).
+    if left.detach().is_ok() {
+        tracing::info!(
+            interface,
+            program = name,
+            "removed the clsact filter an earlier observer left: attached as a TCX link"
+        );
+    }
+}
+
+/// The handle of program `name`'s filters.
+fn handle_of(name: &str) -> TcHandle {
+    if name == NOOP_PROGRAM {
+        NOOP_HANDLE
+    } else {
+        FILTER_HANDLE
+    }
 }
 
 /// A clsact filter. Unlike TCX links, clsact filters outlive their
@@ -94,11 +125,7 @@ fn attach_filter(
     interface: &str,
     direction: TcAttachType,
 ) -> Result<SchedClassifierLinkId, ProgramError> {
-    let handle = if name == NOOP_PROGRAM {
-        NOOP_HANDLE
-    } else {
-        FILTER_HANDLE
-    };
+    let handle = handle_of(name);
     let options = tc::TcAttachOptions::Netlink(tc::NlOptions {
         priority: FILTER_PRIORITY,
         handle,

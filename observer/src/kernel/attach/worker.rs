@@ -407,10 +407,12 @@ impl Worker {
                 source,
             })?;
         // What an earlier observer left pinned for this namespace (a pod
-        // that fails closed): taken over, not attached a second time.
-        let mut pinned: HashMap<String, PathBuf> = match (self.datapath.node_pins(), self.tcx) {
-            (Some(node), true) => node.pod_links(cookie).into_iter().collect(),
-            _ => HashMap::new(),
+        // that fails closed): taken over, not attached a second time. With
+        // clsact filters too: that observer's TCX links (it ran with TCX)
+        // would otherwise count beside them.
+        let mut pinned: HashMap<String, PathBuf> = match self.datapath.node_pins() {
+            Some(node) => node.pod_links(cookie).into_iter().collect(),
+            None => HashMap::new(),
         };
         let taken_over = !pinned.is_empty();
         // The socket hooks first, and the storage of the sockets the pod
@@ -637,21 +639,20 @@ impl Worker {
     /// filters (kernels before 6.6), or a failed pin.
     fn fail_closed(&mut self, closed: &HashSet<u64>) -> HashSet<u64> {
         let mut failed = HashSet::new();
-        let node = match (self.datapath.node_pins(), self.tcx) {
-            (Some(node), true) => Some(node),
-            _ => None,
-        };
+        let node = self.datapath.node_pins();
         for (cookie, attachment) in &mut self.attached {
             let want = closed.contains(cookie);
+            // clsact filters cannot be pinned: such a pod's links that
+            // were (taken over) are unpinned, and it fails open.
+            if want && (node.is_none() || !self.tcx) {
+                failed.insert(*cookie);
+            }
             let Some(node) = node else {
-                if want {
-                    failed.insert(*cookie);
-                }
                 continue;
             };
             let dir = node.pod(*cookie);
             let hooks = attachment.tc.iter_mut().chain(attachment.sock.iter_mut());
-            if want {
+            if want && self.tcx {
                 if let Err(err) = std::fs::create_dir_all(&dir) {
                     tracing::warn!(%err, dir = %dir.display(), "cannot pin a pod's links");
                     failed.insert(*cookie);
