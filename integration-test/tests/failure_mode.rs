@@ -70,27 +70,17 @@ fn opened(m: &Scrape, class: &str, port: &str) -> f64 {
 
 #[test]
 fn closed_policies_hold_through_restarts_and_counters_go_on_exactly() {
-    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
-    let pins = Bpffs::mount("pins");
-    let dir = TempDir::new("failure-mode");
-    let policy = dir.write("policy.yaml", &POLICY.replace("MODE", "closed"));
-    let state = dir.path().join("state").display().to_string();
-    let pin_dir = pins.path().join("observer").display().to_string();
-    let inventory = lab.inventory_path().display().to_string();
-    let args = [
-        "--inventory",
-        &inventory,
-        "--policy",
-        &policy,
-        "--pin-dir",
-        &pin_dir,
-        "--state-dir",
-        &state,
-    ];
-    let (shop_app, shop_netns) = container(&lab, "shop", "shop", "app");
+    let setup = Setup::up("closed", "closed");
+    let Setup {
+        lab, pins, pin_dir, ..
+    } = &setup;
+    let state = setup.dir.path().join("state").display().to_string();
+    let mut args = setup.args();
+    args.extend(["--state-dir", &state]);
+    let (shop_app, shop_netns) = container(lab, "shop", "shop", "app");
     let mut listener = tcp_listener(&shop_app, &shop_netns, 9090, 60);
     let shop_ip = lab.pod("shop", "shop").unwrap().ip.to_string();
-    let (client, client_netns) = container(&lab, "default", "client", "to-pod");
+    let (client, client_netns) = container(lab, "default", "client", "to-pod");
 
     let first = Observer::start(&args);
     first.eventually("the policies in force", |m| {
@@ -190,13 +180,13 @@ fn closed_policies_hold_through_restarts_and_counters_go_on_exactly() {
     // while a collection runs is answered by it, and that collection may
     // have read the maps before the prober's last connection.
     let mut m = third.scrape();
-    let mut in_kernel = kernel_connections(&pins, to_pod, WEB_SERVICE, 80);
+    let mut in_kernel = kernel_connections(pins, to_pod, WEB_SERVICE, 80);
     for _ in 0..50 {
         if counted(&m) == made && opened(&m, "service", "80") == in_kernel as f64 {
             break;
         }
         thread::sleep(Duration::from_millis(100));
-        in_kernel = kernel_connections(&pins, to_pod, WEB_SERVICE, 80);
+        in_kernel = kernel_connections(pins, to_pod, WEB_SERVICE, 80);
         m = third.scrape();
     }
     assert_eq!(
@@ -220,7 +210,7 @@ fn closed_policies_hold_through_restarts_and_counters_go_on_exactly() {
     // An uninstall: `observer cleanup` removes every pin; nothing of the
     // observer's stays loaded.
     assert!(!pins.pins().is_empty());
-    let (status, err) = run_to_exit(&["cleanup", "--pin-dir", &pin_dir]);
+    let (status, err) = run_to_exit(&["cleanup", "--pin-dir", pin_dir]);
     assert!(status.success(), "{err}");
     assert_eq!(pins.pins(), Vec::<String>::new());
     assert_unloaded();
@@ -251,6 +241,47 @@ fn kernel_connections(pins: &Bpffs, cgroup: u64, host: &str, port: u16) -> u64 {
         .sum()
 }
 
+/// A test's lab, its own bpffs for the pins, and the policy in `mode`.
+struct Setup {
+    lab: Lab,
+    pins: Bpffs,
+    dir: TempDir,
+    policy: String,
+    pin_dir: String,
+    inventory: String,
+}
+
+impl Setup {
+    fn up(name: &str, mode: &str) -> Self {
+        let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
+        let pins = Bpffs::mount(&format!("pins-{name}"));
+        let dir = TempDir::new(&format!("failure-mode-{name}"));
+        let policy = dir.write("policy.yaml", &POLICY.replace("MODE", mode));
+        let pin_dir = pins.path().join("observer").display().to_string();
+        let inventory = lab.inventory_path().display().to_string();
+        Self {
+            lab,
+            pins,
+            dir,
+            policy,
+            pin_dir,
+            inventory,
+        }
+    }
+
+    /// `--inventory`, `--policy` and `--pin-dir`.
+    fn args(&self) -> Vec<&str> {
+        vec![
+            "--inventory",
+            &self.inventory,
+            "--policy",
+            &self.policy,
+            "--pin-dir",
+            &self.pin_dir,
+        ]
+    }
+}
+
 /// No program of the observer's stays loaded (the kernel frees them a
 /// moment after their last link goes).
 fn assert_unloaded() {
@@ -267,21 +298,10 @@ fn assert_unloaded() {
 
 #[test]
 fn open_policies_leave_nothing_pinned_and_fail_open() {
-    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
-    let pins = Bpffs::mount("pins-open");
-    let dir = TempDir::new("failure-mode-open");
-    let policy = dir.write("policy.yaml", &POLICY.replace("MODE", "open"));
-    let pin_dir = pins.path().join("observer").display().to_string();
-    let inventory = lab.inventory_path().display().to_string();
-    let args = [
-        "--inventory",
-        &inventory,
-        "--policy",
-        &policy,
-        "--pin-dir",
-        &pin_dir,
-    ];
-    let (client, client_netns) = container(&lab, "default", "client", "to-pod");
+    let setup = Setup::up("open", "open");
+    let Setup { lab, pins, .. } = &setup;
+    let args = setup.args();
+    let (client, client_netns) = container(lab, "default", "client", "to-pod");
     let observer = Observer::start(&args);
     let denied =
         || integration_test::container::connect_from(&client, &client_netns, EXTERNAL, 9999);
@@ -365,21 +385,10 @@ fn a_closed_policy_that_cannot_be_pinned_is_in_the_gauge() {
 /// restart fails open, and leaves nothing behind.
 #[test]
 fn clsact_filters_fail_open_and_take_over_what_tcx_links_pinned() {
-    let lab = Lab::up_for_test(&Plan::default_lab()).expect("lab up");
-    let pins = Bpffs::mount("pins-clsact");
-    let dir = TempDir::new("failure-mode-clsact");
-    let policy = dir.write("policy.yaml", &POLICY.replace("MODE", "closed"));
-    let pin_dir = pins.path().join("observer").display().to_string();
-    let inventory = lab.inventory_path().display().to_string();
-    let args = [
-        "--inventory",
-        &inventory,
-        "--policy",
-        &policy,
-        "--pin-dir",
-        &pin_dir,
-    ];
-    let (client, netns) = container(&lab, "default", "client", "to-pod");
+    let setup = Setup::up("clsact", "closed");
+    let Setup { lab, pins, .. } = &setup;
+    let args = setup.args();
+    let (client, netns) = container(lab, "default", "client", "to-pod");
     let denied = || integration_test::container::connect_from(&client, &netns, EXTERNAL, 9999);
 
     let tcx = Observer::start(&args);
