@@ -58,6 +58,10 @@ enum Task {
         /// Only the per-packet cost, on lo (about 10 seconds).
         #[arg(long, group = "only")]
         cost_only: bool,
+        /// Only the throughput without and with the observer, and the CPU
+        /// time it costs (about four minutes; eight with --compare).
+        #[arg(long, group = "only")]
+        throughput_only: bool,
         /// Only the attach latency of new pods (about 20 seconds).
         #[arg(long, group = "only")]
         latency_only: bool,
@@ -100,6 +104,7 @@ fn main() -> Result<()> {
         Task::Lab(task) => lab::run(&workspace, task),
         Task::Bench {
             cost_only,
+            throughput_only,
             latency_only,
             scale_only,
             cluster_only,
@@ -108,6 +113,7 @@ fn main() -> Result<()> {
         } => {
             let only = [
                 (cost_only, "--cost-only"),
+                (throughput_only, "--throughput-only"),
                 (latency_only, "--latency-only"),
                 (scale_only, "--scale-only"),
                 (cluster_only, "--cluster-only"),

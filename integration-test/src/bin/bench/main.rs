@@ -4,7 +4,8 @@
 //! 1. Per-packet cost ([`cost`]): the kernel's BPF run-time statistics of
 //!    the observer's programs and of a no-op classifier on the same hooks.
 //! 2. Throughput ([`throughput`]): iperf3 TCP and 64-byte UDP over `lo` and
-//!    over a veth pair, without and with the observer, in alternating rounds.
+//!    over a veth pair, in two copies of the topology at once, one watched
+//!    (by nothing, by a no-op program, by each observer) and one not.
 //! 3. Scale ([`scale`]): 250 pods (attach time) and 1 M flows (collection
 //!    time, the observer's resident memory, the kernel maps' memory).
 //! 4. Attach latency ([`latency`]): from a new pod's namespace appearing
@@ -25,6 +26,7 @@ mod cost;
 mod ipc;
 mod iperf;
 mod latency;
+mod noop;
 mod process;
 mod scale;
 mod throughput;
@@ -70,6 +72,8 @@ fn main() {
 
     if std::env::args().any(|a| a == "--cost-only") {
         cost::quick(&mut report, &subjects);
+    } else if std::env::args().any(|a| a == "--throughput-only") {
+        throughput::run(&mut report, &subjects);
     } else if std::env::args().any(|a| a == "--latency-only") {
         latency::run(&mut report, &subjects);
     } else if std::env::args().any(|a| a == "--cluster-only") {
@@ -80,6 +84,7 @@ fn main() {
     } else if std::env::args().any(|a| a == "--ipc-only") {
         ipc::run(&mut report, &subjects);
     } else {
+        throughput::cost(&mut report, &subjects);
         throughput::run(&mut report, &subjects);
         scale::run(&mut report, &subjects);
         latency::run(&mut report, &subjects);

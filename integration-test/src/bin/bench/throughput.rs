@@ -1,7 +1,21 @@
-//! Throughput without and with the observer(s), in alternating rounds, and
-//! the per-program cost on the whole traffic mix (cost.rs).
+//! Throughput with and without the observer(s), and the per-program cost
+//! on the whole traffic mix (cost.rs).
+//!
+//! This VM's speed moves by half within seconds (other tenants on the same
+//! cores: the CPU time a packet takes moves with it, so counting CPU time
+//! does not help either), so rounds of one setting after another differ by
+//! more than the 2 to 5 % to be measured. Each round therefore runs two
+//! identical flows at the same time, in two copies of the same topology:
+//! one the observer watches, one it does not. Their clients share one CPU
+//! and their servers the other, the scheduler gives each the same CPU
+//! time, and the ratio of their rates is the ratio of what a packet costs
+//! on each path, whatever the machine's speed that moment. Rounds with no
+//! observer at all measure the ratio of the two copies themselves; the
+//! change is the observed ratio against that one. Rounds with a no-op
+//! program on the watched copy's hooks (noop.rs) give the floor: what any
+//! program there costs.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, thread};
 
 use integration_test::Observer;
 use lab::{Netns, veth};
@@ -9,22 +23,19 @@ use lab::{Netns, veth};
 use crate::{
     Subject, cost,
     iperf::{self, CASES, Server},
-    median, spread,
+    median,
+    noop::Noop,
+    spread,
 };
 
-// The iperf3 client and server are pinned to different CPUs (iperf.rs).
-
-/// Many short rounds, alternating: this VM's noise is slow, and a round
-/// with and one without sit close together.
+/// Short rounds, alternating between no observer and each one.
 const ROUNDS: usize = 7;
 const SECONDS: u32 = 2;
 const COST_ROUNDS: usize = 3;
 const COST_SECONDS: u32 = 2;
 
-pub fn run(report: &mut String, subjects: &[Subject]) {
-    // Cost first, on its own (on a lab of its own, gone before the
-    // namespaces below are made): the no-op baseline and the statistics' clock
-    // reads would otherwise weigh on the throughput figures.
+/// The per-program cost (cost.rs) on the whole mix, with its report header.
+pub fn cost(report: &mut String, subjects: &[Subject]) {
     writeln!(
         report,
         "## Per-program cost (kernel BPF run-time statistics; {COST_ROUNDS} rounds of {COST_SECONDS} s per case, medians)\n"
@@ -36,70 +47,150 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     )
     .unwrap();
     cost::run(report, subjects, COST_ROUNDS, COST_SECONDS);
+}
 
-    let a = Netns::create("bench-a").expect("namespace");
-    let b = Netns::create("bench-b").expect("namespace");
-    veth((&a, "eth0", "10.77.0.1/24"), (&b, "eth0", "10.77.0.2/24")).expect("veth");
-    let _servers = [
-        Server::start(&a, "127.0.0.1", 5201),
-        Server::start(&b, "10.77.0.2", 5202),
-    ];
+/// One copy of the topology: a client namespace (which also serves on
+/// `lo`) and a server namespace behind a veth pair. Both copies have the
+/// same names inside, so that their paths are the same.
+struct Copy {
+    // Declared first: dropped (killed) before their namespaces go.
+    _servers: [Server; 2],
+    client: Netns,
+    server: Netns,
+}
+
+impl Copy {
+    fn create(name: &str) -> Self {
+        let client = Netns::create(&format!("bench-{name}-client")).expect("namespace");
+        let server = Netns::create(&format!("bench-{name}-server")).expect("namespace");
+        veth(
+            (&client, "eth0", "10.77.0.1/24"),
+            (&server, "eth0", "10.77.0.2/24"),
+        )
+        .expect("veth");
+        let servers = [
+            Server::start(&client, "127.0.0.1", 5201),
+            Server::start(&server, "10.77.0.2", 5202),
+        ];
+        Self {
+            _servers: servers,
+            client,
+            server,
+        }
+    }
+}
+
+/// Rates of the two copies' flows in each round.
+#[derive(Default, Clone)]
+struct Rounds {
+    watched: Vec<f64>,
+    unwatched: Vec<f64>,
+}
+
+impl Rounds {
+    /// The watched flow's rate over the unwatched one's, per round.
+    fn ratios(&self) -> Vec<f64> {
+        self.watched
+            .iter()
+            .zip(&self.unwatched)
+            .map(|(w, u)| w / u)
+            .collect()
+    }
+}
+
+pub fn run(report: &mut String, subjects: &[Subject]) {
+    let watched = Copy::create("w");
+    let unwatched = Copy::create("u");
     let netns_args = [
         "--netns".to_owned(),
-        a.path().display().to_string(),
+        watched.client.path().display().to_string(),
         "--netns".to_owned(),
-        b.path().display().to_string(),
+        watched.server.path().display().to_string(),
     ];
     let args: Vec<&str> = netns_args.iter().map(String::as_str).collect();
 
-    // results[case][mode] = one value per round; mode 0 without, then each
-    // observer.
-    let modes: Vec<Option<&Subject>> = std::iter::once(None)
-        .chain(subjects.iter().map(Some))
+    // results[case][mode]; mode 0 without an observer, 1 the no-op, then
+    // each observer.
+    let noop = Noop::load().expect("load a no-op tc program");
+    let names: Vec<&str> = ["none", "no-op program"]
+        .into_iter()
+        .chain(subjects.iter().map(|s| s.name.as_str()))
         .collect();
-    let mut results = vec![vec![Vec::new(); modes.len()]; CASES.len()];
+    let mut results = vec![vec![Rounds::default(); names.len()]; CASES.len()];
     for round in 0..ROUNDS {
-        for (mode, subject) in modes.iter().enumerate() {
-            let observer = subject.map(|s| Observer::start_binary(&s.binary, &args));
+        for (mode, name) in names.iter().enumerate() {
+            let (observer, links) = match mode {
+                0 => (None, Vec::new()),
+                1 => {
+                    let mut links = noop.attach(&watched.client).expect("attach the no-op");
+                    links.extend(noop.attach(&watched.server).expect("attach the no-op"));
+                    (None, links)
+                }
+                _ => {
+                    let binary = &subjects[mode - 2].binary;
+                    (Some(Observer::start_binary(binary, &args)), Vec::new())
+                }
+            };
             for (i, case) in CASES.iter().enumerate() {
-                let value = iperf::run(&a, case, SECONDS);
+                let (w, u) = thread::scope(|s| {
+                    let w = s.spawn(|| iperf::run(&watched.client, case, SECONDS));
+                    let u = iperf::run(&unwatched.client, case, SECONDS);
+                    (w.join().expect("iperf3 thread"), u)
+                });
                 eprintln!(
-                    "bench: round {} {:<15} {:<12} {value:.2}",
+                    "bench: round {} {:<15} {:<12} {:.2} beside {:.2} ({:.3})",
                     round + 1,
                     case.name,
-                    subject.map_or("none", |s| s.name.as_str())
+                    name,
+                    w,
+                    u,
+                    w / u
                 );
-                results[i][mode].push(value);
+                results[i][mode].watched.push(w);
+                results[i][mode].unwatched.push(u);
             }
             if let Some(observer) = observer {
                 assert!(observer.terminate().success());
             }
+            drop(links);
         }
     }
 
     writeln!(
         report,
-        "## Throughput, without and with the observer (medians of {ROUNDS}; spread min–max)\n"
+        "## Throughput, with and without the observer ({ROUNDS} rounds of {SECONDS} s; medians, spread min–max)\n"
     )
     .unwrap();
     writeln!(
         report,
-        "| traffic | unit | observer | without | with | change |\n|---|---|---|---|---|---|"
+        "Two copies of the topology, the same flow in each at the same time, one copy watched (by nothing in the first row of each traffic, by a program that does nothing in the second: the floor): the watched flow's rate over the other's, round by round, cancels the machine's changing speed. The change is that ratio against the ratio with nothing watching.\n"
     )
     .unwrap();
-    for (case, values) in CASES.iter().zip(&results) {
-        let without = median(&values[0]);
+    writeln!(
+        report,
+        "| traffic | unit | observer | watched copy | other copy | ratio | change |\n|---|---|---|---|---|---|---|"
+    )
+    .unwrap();
+    for (case, by_mode) in CASES.iter().zip(&results) {
         let unit = if case.udp { "k packets/s" } else { "Gbit/s" };
-        for (subject, with) in subjects.iter().zip(&values[1..]) {
+        let baseline = median(&by_mode[0].ratios());
+        for (mode, (name, rounds)) in names.iter().zip(by_mode).enumerate() {
+            let ratios = rounds.ratios();
+            let change = if mode == 0 {
+                String::new()
+            } else {
+                format!("{:+.1} %", (median(&ratios) / baseline - 1.0) * 100.0)
+            };
             writeln!(
                 report,
-                "| {} | {unit} | {} | {without:.2} ({}) | {:.2} ({}) | {:+.1} % |",
+                "| {} | {unit} | {name} | {:.2} ({}) | {:.2} ({}) | {:.3} ({}) | {change} |",
                 case.name,
-                subject.name,
-                spread(&values[0], 2),
-                median(with),
-                spread(with, 2),
-                (median(with) / without - 1.0) * 100.0
+                median(&rounds.watched),
+                spread(&rounds.watched, 2),
+                median(&rounds.unwatched),
+                spread(&rounds.unwatched, 2),
+                median(&ratios),
+                spread(&ratios, 3),
             )
             .unwrap();
         }
