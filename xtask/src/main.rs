@@ -55,11 +55,12 @@ enum Task {
     Lab(lab::LabTask),
     /// Measure what the observer costs (see BENCHMARKS.md); about 4 minutes.
     Bench {
-        /// Only the per-packet cost, on lo (about 10 seconds).
+        /// Only the per-program cost, every kind of traffic (about a
+        /// minute; 2 with --compare).
         #[arg(long, group = "only")]
         cost_only: bool,
-        /// Only the throughput without and with the observer, and the CPU
-        /// time it costs (about four minutes; eight with --compare).
+        /// Only the throughput with and without the observer, two copies
+        /// of the traffic side by side (about 4 minutes; 5 with --compare).
         #[arg(long, group = "only")]
         throughput_only: bool,
         /// Only the attach latency of new pods (about 20 seconds).

@@ -71,7 +71,7 @@ fn main() {
     .unwrap();
 
     if std::env::args().any(|a| a == "--cost-only") {
-        cost::quick(&mut report, &subjects);
+        cost::report(&mut report, &subjects);
     } else if std::env::args().any(|a| a == "--throughput-only") {
         throughput::run(&mut report, &subjects);
     } else if std::env::args().any(|a| a == "--latency-only") {
@@ -84,7 +84,7 @@ fn main() {
     } else if std::env::args().any(|a| a == "--ipc-only") {
         ipc::run(&mut report, &subjects);
     } else {
-        throughput::cost(&mut report, &subjects);
+        cost::report(&mut report, &subjects);
         throughput::run(&mut report, &subjects);
         scale::run(&mut report, &subjects);
         latency::run(&mut report, &subjects);

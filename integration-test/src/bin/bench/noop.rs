@@ -11,6 +11,7 @@ use std::{
 };
 
 use lab::Netns;
+use observer::kernel::attach::{LOOPBACK, POD_INTERFACE};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -55,9 +56,9 @@ impl Noop {
         netns
             .run(|| {
                 [
-                    ("lo", BPF_TCX_EGRESS),
-                    ("eth0", BPF_TCX_EGRESS),
-                    ("eth0", BPF_TCX_INGRESS),
+                    (LOOPBACK, BPF_TCX_EGRESS),
+                    (POD_INTERFACE, BPF_TCX_EGRESS),
+                    (POD_INTERFACE, BPF_TCX_INGRESS),
                 ]
                 .into_iter()
                 .map(|(interface, attach_type)| link(program, interface, attach_type))

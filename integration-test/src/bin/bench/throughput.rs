@@ -1,5 +1,4 @@
-//! Throughput with and without the observer(s), and the per-program cost
-//! on the whole traffic mix (cost.rs).
+//! Throughput with and without the observer(s).
 //!
 //! This VM's speed moves by half within seconds (other tenants on the same
 //! cores: the CPU time a packet takes moves with it, so counting CPU time
@@ -21,33 +20,16 @@ use integration_test::Observer;
 use lab::{Netns, veth};
 
 use crate::{
-    Subject, cost,
+    Subject,
     iperf::{self, CASES, Server},
     median,
     noop::Noop,
     spread,
 };
 
-/// Short rounds, alternating between no observer and each one.
+/// Short rounds; in each, nothing watching, the no-op, then each observer.
 const ROUNDS: usize = 7;
 const SECONDS: u32 = 2;
-const COST_ROUNDS: usize = 3;
-const COST_SECONDS: u32 = 2;
-
-/// The per-program cost (cost.rs) on the whole mix, with its report header.
-pub fn cost(report: &mut String, subjects: &[Subject]) {
-    writeln!(
-        report,
-        "## Per-program cost (kernel BPF run-time statistics; {COST_ROUNDS} rounds of {COST_SECONDS} s per case, medians)\n"
-    )
-    .unwrap();
-    writeln!(
-        report,
-        "The tc programs and the no-op run on the same hooks, on the same packets, in the same run; the socket hooks have no no-op to compare with.\n"
-    )
-    .unwrap();
-    cost::run(report, subjects, COST_ROUNDS, COST_SECONDS);
-}
 
 /// One copy of the topology: a client namespace (which also serves on
 /// `lo`) and a server namespace behind a veth pair. Both copies have the
@@ -112,7 +94,7 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     // results[case][mode]; mode 0 without an observer, 1 the no-op, then
     // each observer.
     let noop = Noop::load().expect("load a no-op tc program");
-    let names: Vec<&str> = ["none", "no-op program"]
+    let names: Vec<&str> = ["nothing", "no-op program"]
         .into_iter()
         .chain(subjects.iter().map(|s| s.name.as_str()))
         .collect();
@@ -168,7 +150,7 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     .unwrap();
     writeln!(
         report,
-        "| traffic | unit | observer | watched copy | other copy | ratio | change |\n|---|---|---|---|---|---|---|"
+        "| traffic | unit | watched by | watched copy | other copy | ratio | change |\n|---|---|---|---|---|---|---|"
     )
     .unwrap();
     for (case, by_mode) in CASES.iter().zip(&results) {
