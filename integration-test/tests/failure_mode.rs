@@ -3,9 +3,11 @@
 //! denies at `connect()`, to one an ingress rule of another pod drops, and
 //! to one it may reach, while the observer is stopped with SIGTERM, started
 //! again, killed with SIGKILL and started again. No denied connection gets
-//! through, no allowed one fails, and every counter goes on exactly. Then
-//! `observer cleanup` leaves nothing pinned and nothing loaded; in open
-//! mode nothing is pinned in the first place.
+//! through, no allowed one fails, and every counter goes on exactly, with
+//! TCX links and with clsact filters, and when `--tc-attach` changes from
+//! one observer to the next. Then `observer cleanup` leaves nothing
+//! pinned, no filter and nothing loaded; in open mode nothing is pinned in
+//! the first place.
 
 use std::{thread, time::Duration};
 
@@ -70,13 +72,25 @@ fn opened(m: &Scrape, class: &str, port: &str) -> f64 {
 
 #[test]
 fn closed_policies_hold_through_restarts_and_counters_go_on_exactly() {
-    let setup = Setup::up("closed", "closed");
+    closed_policies_hold("tcx");
+}
+
+/// The same with clsact filters: they cannot be pinned, but the closed
+/// pods' filters are left in place at exit, and the next observer swaps
+/// its programs into them once its maps are written.
+#[test]
+fn closed_policies_hold_through_restarts_with_clsact_filters() {
+    closed_policies_hold("clsact");
+}
+
+fn closed_policies_hold(tc_attach: &str) {
+    let setup = Setup::up(&format!("closed-{tc_attach}"), "closed");
     let Setup {
         lab, pins, pin_dir, ..
     } = &setup;
     let state = setup.dir.path().join("state").display().to_string();
     let mut args = setup.args();
-    args.extend(["--state-dir", &state]);
+    args.extend(["--state-dir", &state, "--tc-attach", tc_attach]);
     let (shop_app, shop_netns) = container(lab, "shop", "shop", "app");
     let mut listener = tcp_listener(&shop_app, &shop_netns, 9090, 60);
     let shop_ip = lab.pod("shop", "shop").unwrap().ip.to_string();
@@ -101,6 +115,10 @@ fn closed_policies_hold_through_restarts_and_counters_go_on_exactly() {
         left.iter().any(|p| p.contains("pods/")) && left.iter().any(|p| p.contains("maps-v")),
         "the closed pods' links and the maps stay pinned: {left:?}"
     );
+    if tc_attach == "clsact" {
+        assert_eq!(our_filters(&client_netns), 3, "the client's filters stay");
+        assert_eq!(kept_filters(pins), 6, "the client's and shop's recorded");
+    }
     // As an observer from before the unix-socket hooks would have left
     // them: without those. The next one takes over what is there and
     // attaches what is not, beside it.
@@ -121,6 +139,11 @@ fn closed_policies_hold_through_restarts_and_counters_go_on_exactly() {
     assert!(
         second.log().contains("took over"),
         "the second observer takes over:\n{}",
+        second.log()
+    );
+    assert!(
+        !second.log().contains("attaching anew"),
+        "what it took over runs its programs:\n{}",
         second.log()
     );
     assert!(
@@ -213,6 +236,7 @@ fn closed_policies_hold_through_restarts_and_counters_go_on_exactly() {
     let (status, err) = run_to_exit(&["cleanup", "--pin-dir", pin_dir]);
     assert!(status.success(), "{err}");
     assert_eq!(pins.pins(), Vec::<String>::new());
+    assert_eq!(our_filters(&client_netns), 0, "the filters removed");
     assert_unloaded();
     let _ = listener.kill();
     let _ = listener.wait();
@@ -238,6 +262,35 @@ fn kernel_connections(pins: &Bpffs, cgroup: u64, host: &str, port: u16) -> u64 {
                 && v.src_cgroup == cgroup
         })
         .map(|(_, v)| u64::from(v.connections))
+        .sum()
+}
+
+/// The observer's filters (priority 20290, handle 0x4f425356) on a pod's
+/// three hooks, as `tc` lists them.
+fn our_filters(netns: &std::path::Path) -> usize {
+    [("lo", "egress"), ("eth0", "egress"), ("eth0", "ingress")]
+        .into_iter()
+        .map(|(dev, direction)| {
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={}", netns.display()))
+                .args(["tc", "filter", "show", "dev", dev, direction])
+                .output()
+                .expect("tc");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("pref 20290 bpf") && l.contains("handle 0x4f425356"))
+                .count()
+        })
+        .sum()
+}
+
+/// The filters recorded as left for the next observer, of every pod.
+fn kept_filters(pins: &Bpffs) -> usize {
+    let pods = std::fs::read_dir(pins.path().join("observer/pods"));
+    pods.into_iter()
+        .flatten()
+        .flatten()
+        .map(|pod| std::fs::read_dir(pod.path().join("filters")).map_or(0, |hooks| hooks.count()))
         .sum()
 }
 
@@ -378,65 +431,72 @@ fn a_closed_policy_that_cannot_be_pinned_is_in_the_gauge() {
     assert!(observer.terminate().success());
 }
 
-/// With clsact filters (`--tc-attach clsact`) nothing can be pinned: a pod
-/// whose policy fails closed is in the gauge. What an observer with TCX
-/// links pinned for it is taken over all the same (its links would
-/// otherwise count and decide beside the filters), and unpinned: the
-/// restart fails open, and leaves nothing behind.
+/// `--tc-attach` changed from one observer to the next while a policy
+/// fails closed: clsact filters, then TCX links, then clsact filters
+/// again. Each observer takes over what the one before left (filters or
+/// pinned links), none of them fails open, the denial holds while no
+/// observer runs, and no hook is left with two programs.
 #[test]
-fn clsact_filters_fail_open_and_take_over_what_tcx_links_pinned() {
-    let setup = Setup::up("clsact", "closed");
-    let Setup { lab, pins, .. } = &setup;
+fn changing_tc_attach_across_restarts_keeps_closed_pods_closed() {
+    use integration_test::container::{Connect, connect_from};
+    let setup = Setup::up("switch", "closed");
+    let Setup {
+        lab, pins, pin_dir, ..
+    } = &setup;
     let args = setup.args();
+    let with = |mode| -> Vec<&str> { args.iter().copied().chain(["--tc-attach", mode]).collect() };
     let (client, netns) = container(lab, "default", "client", "to-pod");
-    let denied = || integration_test::container::connect_from(&client, &netns, EXTERNAL, 9999);
+    let denied = || connect_from(&client, &netns, EXTERNAL, 9999);
+    let closed = |observer: &Observer| {
+        let m = observer.eventually("the policies in force", |m| {
+            m.sum("observer_programs_attached", &[]) > 0.0
+        });
+        assert_eq!(
+            m.sum(
+                "observer_policy_unenforced_pods",
+                &[("reason", "fails_open")]
+            ),
+            0.0,
+            "{}",
+            observer.log()
+        );
+        assert_eq!(denied(), Connect::NotPermitted);
+    };
 
-    let tcx = Observer::start(&args);
-    assert_eq!(denied(), integration_test::container::Connect::NotPermitted);
+    let clsact = Observer::start(&with("clsact"));
+    closed(&clsact);
+    clsact.eventually("the filters recorded", |_| kept_filters(pins) == 6);
+    assert!(clsact.terminate().success());
+    assert_eq!(our_filters(&netns), 3, "the client's filters stay");
+    assert_eq!(denied(), Connect::NotPermitted, "while no observer runs");
+
+    // TCX links attached at the commit, then the filters removed.
+    let tcx = Observer::start(&with("tcx"));
+    assert!(tcx.log().contains("took over"), "{}", tcx.log());
+    closed(&tcx);
+    tcx.eventually("the filters gone", |_| {
+        our_filters(&netns) == 0 && kept_filters(pins) == 0
+    });
     assert!(tcx.terminate().success());
     assert!(
-        pins.pins().iter().any(|p| p.contains("pods/")),
-        "the TCX observer's links pinned: {:?}",
+        pins.pins().iter().any(|p| p.ends_with("/eth0-ingress")),
+        "the TCX links pinned: {:?}",
         pins.pins()
     );
+    assert_eq!(denied(), Connect::NotPermitted, "while no observer runs");
 
-    let clsact_args: Vec<&str> = args
-        .iter()
-        .copied()
-        .chain(["--tc-attach", "clsact"])
-        .collect();
-    let clsact = Observer::start(&clsact_args);
-    assert!(
-        clsact
-            .log()
-            .contains("took over the links an earlier observer left"),
-        "the pinned links taken over:\n{}",
-        clsact.log()
-    );
-    let m = clsact.eventually("the gauge says fails_open", |m| {
-        m.sum(
-            "observer_policy_unenforced_pods",
-            &[("reason", "fails_open")],
-        ) == 2.0
-    });
-    assert_eq!(
-        m.sum("observer_policy_unenforced_pods", &[("pod", "client")]),
-        1.0
-    );
-    assert_eq!(
-        denied(),
-        integration_test::container::Connect::NotPermitted,
-        "enforced while the observer runs"
-    );
-    clsact.eventually("the pods unpinned", |_| {
-        !pins.pins().iter().any(|p| p.contains("pods/"))
-    });
+    // clsact filters again: the pinned TCX links are taken over and stay
+    // pinned; no filter is added beside them.
+    let clsact = Observer::start(&with("clsact"));
+    assert!(clsact.log().contains("took over"), "{}", clsact.log());
+    closed(&clsact);
+    assert_eq!(our_filters(&netns), 0, "no filter beside the links");
     assert!(clsact.terminate().success());
+    assert_eq!(denied(), Connect::NotPermitted, "while no observer runs");
+
+    let (status, err) = run_to_exit(&["cleanup", "--pin-dir", pin_dir]);
+    assert!(status.success(), "{err}");
     assert_eq!(pins.pins(), Vec::<String>::new(), "nothing stays pinned");
-    assert_ne!(
-        denied(),
-        integration_test::container::Connect::NotPermitted,
-        "failing open"
-    );
+    assert_ne!(denied(), Connect::NotPermitted, "nothing enforces");
     assert_unloaded();
 }

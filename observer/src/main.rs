@@ -3,9 +3,10 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use observer::{
     cli::{Command, LogFormat, PolicyCommand, config, flows},
-    kernel::bpffs,
+    kernel::{bpffs, tc},
     pods::discovery,
     policy::explain,
     run,
@@ -85,23 +86,37 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
 }
 
 /// `observer cleanup`: removes every pin observers left in `dir` (links of
-/// pods that fail closed, maps), for an uninstall.
+/// pods that fail closed, maps), and the clsact filters they left in pods'
+/// namespaces, for an uninstall.
 fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
     if !dir.exists() {
         println!("nothing pinned: {} does not exist", dir.display());
-        return Ok(());
-    }
-    if !bpffs::on_bpffs(dir) {
+    } else if !bpffs::on_bpffs(dir) {
         anyhow::bail!(
             "{} is not on a bpffs: no observer pinned anything there",
             dir.display()
         );
+    } else {
+        let removed = bpffs::NodePins::at(dir).remove_all();
+        println!(
+            "removed {removed} pins from {}: pods that failed closed are detached, the maps are freed",
+            dir.display()
+        );
     }
-    let removed = bpffs::NodePins::at(dir).remove_all();
+    // clsact filters outlive the observer (one killed, or pods that failed
+    // closed): they are found in the namespaces of the node's processes.
+    let left = tc::remove_left_filters_on_node(std::path::Path::new("/proc"))
+        .context("looking for the clsact filters observers left")?;
     println!(
-        "removed {removed} pins from {}: pods that failed closed are detached, the maps are freed",
-        dir.display()
+        "removed {} clsact filters in {} network namespaces",
+        left.removed, left.namespaces
     );
+    if left.refused > 0 {
+        anyhow::bail!(
+            "{} network namespaces could not be entered (CAP_SYS_ADMIN is needed, and CAP_NET_ADMIN to remove filters): filters observers left there stay until their pods go",
+            left.refused
+        );
+    }
     Ok(())
 }
 

@@ -267,8 +267,9 @@ pub struct RunArgs {
     /// filters (netlink, needs NET_ADMIN; the only way before 6.6), or
     /// `auto`, TCX where the kernel has it. clsact filters attach without
     /// waiting (TCX links wait for an RCU grace period each, 3 a pod:
-    /// BENCHMARKS.md), but outlive the observer, even killed, and fail
-    /// closed policies cannot be pinned with them.
+    /// BENCHMARKS.md), but outlive the observer, even killed, and other tc
+    /// users can remove them. Pods that fail closed keep their filters
+    /// either way.
     #[arg(long, env = "OBSERVER_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
     pub tc_attach: TcAttach,
     /// The same as `--tc-attach clsact` (for older scripts and `cargo

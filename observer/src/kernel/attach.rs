@@ -222,9 +222,11 @@ impl AttachWorker {
         answer.await.unwrap_or(0)
     }
 
-    /// Pins the links of the pods with these cookies on the node (they fail
-    /// closed: their programs stay when the observer goes), and unpins
-    /// those of every other pod. Returns the pods that could not be pinned.
+    /// Keeps the hooks of the pods with these cookies for the next observer
+    /// (they fail closed: their programs stay when the observer goes):
+    /// links are pinned on the node, clsact filters recorded there. Lets
+    /// every other pod's go. Returns the pods whose hooks could not be
+    /// kept.
     pub async fn fail_closed(&self, cookies: HashSet<u64>) -> HashSet<u64> {
         let (reply, answer) = oneshot::channel();
         let failed = cookies.clone();

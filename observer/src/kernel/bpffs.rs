@@ -16,6 +16,10 @@
 //!   ```text
 //!   <pin-dir>/maps-v<N>/<MAP>       the shared maps (N: their layout version)
 //!   <pin-dir>/pods/<cookie>/<hook>  the links of a pod that fails closed
+//!   <pin-dir>/pods/<cookie>/filters/<hook>
+//!                                   an empty directory: the clsact filter
+//!                                   on that hook was left for the next
+//!                                   observer (filters cannot be pinned)
 //!   ```
 
 use std::{
@@ -199,8 +203,36 @@ impl NodePins {
         };
         entries
             .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
             .filter_map(|e| Some((e.file_name().to_str()?.to_owned(), e.path())))
             .collect()
+    }
+
+    fn filters(&self, cookie: u64) -> PathBuf {
+        self.pod(cookie).join("filters")
+    }
+
+    /// The hooks whose clsact filter an earlier observer left for a pod
+    /// that fails closed.
+    pub fn pod_filters(&self, cookie: u64) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.filters(cookie)) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Records that the clsact filter on `hook` stays for the next
+    /// observer.
+    pub fn keep_filter(&self, cookie: u64, hook: &str) -> io::Result<()> {
+        fs::create_dir_all(self.filters(cookie).join(hook))
+    }
+
+    /// Forgets that record (the hook has a link now, or is gone).
+    pub fn forget_filter(&self, cookie: u64, hook: &str) {
+        let _ = fs::remove_dir(self.filters(cookie).join(hook));
     }
 
     /// Removes the pins of a pod: its links detach (if their hook is still

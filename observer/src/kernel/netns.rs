@@ -84,6 +84,34 @@ impl NetNs {
     }
 }
 
+/// The network namespaces of the processes under `proc_root` (normally
+/// `/proc`), each opened once, but the one of PID 1: the node's own, which
+/// has no pod's hooks. A process that ends meanwhile is passed over.
+pub fn of_processes(proc_root: &Path) -> io::Result<Vec<NetNs>> {
+    let node = NetNs::open(&proc_root.join("1/ns/net"))
+        .ok()
+        .and_then(|ns| ns.id().ok());
+    let mut seen = std::collections::HashSet::new();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(proc_root)?.flatten() {
+        let is_pid = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        if !is_pid {
+            continue;
+        }
+        let Ok(netns) = NetNs::open(&entry.path().join("ns/net")) else {
+            continue;
+        };
+        let Ok(id) = netns.id() else { continue };
+        if Some(id) != node && seen.insert(id) {
+            found.push(netns);
+        }
+    }
+    Ok(found)
+}
+
 fn setns(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: plain syscall on a valid namespace fd.
     match unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } {

@@ -7,7 +7,9 @@ use aya::programs::{
     tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcError, TcHandle},
 };
 
+use super::attach::{LOOPBACK, POD_INTERFACE};
 use super::datapath::{EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs};
+use super::netns::{NetNs, NetnsError};
 
 /// How the tc programs attach (`--tc-attach`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -165,6 +167,98 @@ fn attach_filter(
         Err(err) => tracing::debug!(%err, interface, "looking for leftover filters"),
     }
     program.attach_with_options(interface, direction, options)
+}
+
+/// The clsact filter of the observer's program for `direction` that an
+/// earlier observer left on `interface` (a pod that fails closed): held to
+/// swap this observer's program in at [`swap_filter`], or to remove.
+pub fn left_filter(
+    interface: &str,
+    direction: TcAttachType,
+) -> std::io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(interface, direction, FILTER_PRIORITY, FILTER_HANDLE, None)
+}
+
+/// Swaps the program for `direction` into a filter an earlier observer
+/// left, in place (the kernel replaces it atomically). `ENOENT` if the
+/// filter is not there any more.
+pub fn swap_filter(
+    programs: &mut Programs,
+    left: SchedClassifierLink,
+    direction: TcAttachType,
+) -> Result<SchedClassifierLink, ProgramError> {
+    let name = match direction {
+        TcAttachType::Ingress => INGRESS_PROGRAM,
+        _ => EGRESS_PROGRAM,
+    };
+    let program = programs.get(name)?;
+    let id = program.attach_to_link(left)?;
+    program.take_link(id)
+}
+
+/// Removes every filter of an observer's (its own, and the benchmark's
+/// no-op) from the pod hooks of the current thread's namespace: what
+/// observers with clsact filters left when they were killed, or for pods
+/// that fail closed. Returns how many there were; `EPERM` without
+/// `CAP_NET_ADMIN`.
+pub fn remove_left_filters() -> std::io::Result<usize> {
+    let mut removed = 0;
+    for (interface, direction) in [
+        (LOOPBACK, TcAttachType::Egress),
+        (POD_INTERFACE, TcAttachType::Egress),
+        (POD_INTERFACE, TcAttachType::Ingress),
+    ] {
+        if !interface_exists(interface) {
+            continue;
+        }
+        for handle in [FILTER_HANDLE, NOOP_HANDLE] {
+            let Ok(link) =
+                SchedClassifierLink::attached(interface, direction, FILTER_PRIORITY, handle, None)
+            else {
+                continue;
+            };
+            match link.detach() {
+                Ok(()) => removed += 1,
+                Err(ProgramError::NetlinkError(err)) if err.raw_os_error() == Some(libc::EPERM) => {
+                    return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+                }
+                // No qdisc, or no filter of ours there.
+                Err(_) => {}
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// What [`remove_left_filters_on_node`] did.
+#[derive(Debug, Default)]
+pub struct LeftFilters {
+    /// Network namespaces entered.
+    pub namespaces: usize,
+    /// Filters removed.
+    pub removed: usize,
+    /// Namespaces that could not be entered (a capability missing).
+    pub refused: usize,
+}
+
+/// Removes the filters observers left in every network namespace of the
+/// node's processes (`proc_root`: the node's `/proc`, which a pod sees with
+/// `hostPID`).
+pub fn remove_left_filters_on_node(proc_root: &std::path::Path) -> std::io::Result<LeftFilters> {
+    let home = NetNs::current_thread().map_err(std::io::Error::other)?;
+    let mut done = LeftFilters::default();
+    for netns in super::netns::of_processes(proc_root)? {
+        match netns.run(&home, remove_left_filters) {
+            Ok(Ok(removed)) => {
+                done.namespaces += 1;
+                done.removed += removed;
+            }
+            Ok(Err(_)) => done.refused += 1,
+            Err(NetnsError::Return(err)) => return Err(err),
+            Err(_) => done.refused += 1,
+        }
+    }
+    Ok(done)
 }
 
 /// Whether interface `name` exists in the current thread's namespace.

@@ -84,8 +84,8 @@ pub enum Unenforced {
     /// attach failed): no policy applies.
     NotAttached,
     /// A policy selecting the pod fails closed, and its programs could not
-    /// be pinned (no `--pin-dir`, or a kernel before 6.6): while no observer
-    /// runs, no policy applies to it.
+    /// be kept for the next observer (no `--pin-dir`, or a pin failed):
+    /// while no observer runs, no policy applies to it.
     FailsOpen,
     /// A policy selecting the pod has unix-socket rules, and the
     /// unix-socket hooks are not loaded (a kernel before 6.7 has none; a
@@ -115,7 +115,7 @@ impl Unenforced {
             Self::UnknownService => "a rule waits for its Service",
             Self::NotAttached => "its namespace is not attached: no policy applies",
             Self::FailsOpen => {
-                "a policy fails closed but its programs cannot be pinned: no policy applies while no observer runs"
+                "a policy fails closed but its programs cannot be kept for the next observer (no --pin-dir, or a pin failed): no policy applies while no observer runs"
             }
             Self::NoUnixHooks => {
                 "the unix-socket hooks are not loaded (Linux before 6.7, or refused: see the log): unix-socket rules do not apply"

@@ -7,7 +7,11 @@
 //! them when it attaches that namespace, and once the maps its programs
 //! read are written ([`Worker::commit`]) replaces their programs in place
 //! (`BPF_LINK_UPDATE`), so that no packet and no `connect()` meets a hook
-//! without a program, and none meets two.
+//! without a program, and none meets two. clsact filters cannot be pinned,
+//! but outlive the process anyway: such a pod's filters are left in place
+//! at exit, recorded beside its pins, and the next observer swaps its
+//! programs into them at the same moment (or, with TCX links, attaches its
+//! links then and removes the filters).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -26,9 +30,10 @@ use super::{AttachError, AttachedNetns, LOOPBACK, POD_INTERFACE, Request};
 use crate::{
     kernel::{
         bpf,
+        bpffs::NodePins,
         datapath::{BpfLink, Datapath, EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs},
         netns::{self, NetNs},
-        tc::{attach_one, attach_program, interface_exists},
+        tc::{attach_one, attach_program, interface_exists, left_filter, swap_filter},
     },
     names::ObjectRef,
 };
@@ -67,8 +72,9 @@ struct Hook {
     /// The program it runs.
     program: &'static str,
     link: Held,
-    /// Pinned on the node: the link stays when the observer goes.
-    pinned: bool,
+    /// Stays when the observer goes (its pod fails closed): a link pinned
+    /// on the node, or a clsact filter recorded there.
+    kept: bool,
     /// Taken over from an earlier observer: it runs that observer's program
     /// until [`Worker::commit`] swaps this one's in.
     swap: bool,
@@ -77,24 +83,27 @@ struct Hook {
 enum Held {
     /// A bpf link (TCX, cgroup), which may be pinned.
     Link(BpfLink),
-    /// A clsact filter (kernels before 6.6): removed by netlink, in its
-    /// namespace, when dropped. Never pinned.
-    Filter { _link: SchedClassifierLink },
+    /// A clsact filter: removed by netlink, in its namespace, when dropped;
+    /// left in place (forgotten) when kept.
+    Filter(SchedClassifierLink),
     /// The no-op baseline of `cargo xtask bench`: never pinned.
     Baseline { _link: SchedClassifierLink },
 }
 
 impl Hook {
-    fn pinnable(&self) -> bool {
-        matches!(self.link, Held::Link(_))
-    }
-
-    /// The kernel's id of the link, to pin it by.
-    fn link_id(&self) -> std::io::Result<u32> {
+    /// Keeps the hook for the next observer: pins its link in `dir` (the
+    /// pod's, made already), or records its filter. The baseline is not
+    /// kept.
+    fn keep(&mut self, node: &NodePins, cookie: u64, dir: &Path) -> std::io::Result<()> {
         match &self.link {
-            Held::Link(link) => link.id(),
-            _ => Err(std::io::Error::other("not a bpf link")),
+            Held::Link(link) => link
+                .id()
+                .and_then(|id| bpf::pin(id, &dir.join(self.name)))?,
+            Held::Filter(_) => node.keep_filter(cookie, self.name)?,
+            Held::Baseline { .. } => return Ok(()),
         }
+        self.kept = true;
+        Ok(())
     }
 }
 
@@ -111,19 +120,17 @@ fn attach_tc(
         netns,
         programs,
         pinned,
+        filters,
         ..
     } = prepared;
     let path: &Path = path;
     netns.run(home, || {
         let mut hooks = Vec::new();
-        // Loopback packets pass lo egress and then lo ingress: attach
-        // one hook only, so each is counted once.
-        let mut wanted = vec![(LOOPBACK, TcAttachType::Egress)];
-        if interface_exists(POD_INTERFACE) {
-            wanted.push((POD_INTERFACE, TcAttachType::Egress));
-            wanted.push((POD_INTERFACE, TcAttachType::Ingress));
-        }
-        for (interface, direction) in wanted {
+        let eth0 = interface_exists(POD_INTERFACE);
+        for (hook, interface, direction) in TC_HOOKS {
+            if interface == POD_INTERFACE && !eth0 {
+                continue;
+            }
             let error = |source| AttachError::Attach {
                 path: path.into(),
                 interface,
@@ -139,11 +146,10 @@ fn attach_tc(
                     name: "noop",
                     program: NOOP_PROGRAM,
                     link: Held::Baseline { _link: link },
-                    pinned: false,
+                    kept: false,
                     swap: false,
                 });
             }
-            let hook = tc_hook(interface, direction);
             if let Some(pin) = pinned.remove(hook) {
                 match PinnedLink::from_pin(&pin) {
                     Ok(link) => {
@@ -156,6 +162,20 @@ fn attach_tc(
                     }
                 }
             }
+            // A filter left for this pod runs the earlier observer's
+            // program until the commit, as a pinned link would.
+            if filters.remove(hook)
+                && let Ok(left) = left_filter(interface, direction)
+            {
+                hooks.push(Hook {
+                    name: hook,
+                    program: tc_program(direction),
+                    link: Held::Filter(left),
+                    kept: true,
+                    swap: true,
+                });
+                continue;
+            }
             let link = attach_one(programs, tcx, interface, direction).map_err(error)?;
             let link = held(link, tcx).map_err(|source| AttachError::Link {
                 path: path.into(),
@@ -165,7 +185,7 @@ fn attach_tc(
                 name: hook,
                 program: tc_program(direction),
                 link,
-                pinned: false,
+                kept: false,
                 swap: false,
             });
         }
@@ -197,17 +217,26 @@ struct Prepared {
     programs: Programs,
     /// Hooks an earlier observer pinned for it, by pin name.
     pinned: HashMap<String, PathBuf>,
+    /// Hooks whose clsact filter an earlier observer left for it.
+    filters: HashSet<String>,
     taken_over: bool,
     sock: Vec<Hook>,
 }
 
-/// The pin file name of a tc hook.
-fn tc_hook(interface: &str, direction: TcAttachType) -> &'static str {
-    match (interface, direction) {
-        (LOOPBACK, _) => "lo-egress",
-        (_, TcAttachType::Ingress) => "eth0-ingress",
-        _ => "eth0-egress",
-    }
+/// The tc hooks of a pod, by pin file name. Loopback packets pass lo
+/// egress and then lo ingress: one hook only, so each is counted once.
+const TC_HOOKS: [(&str, &str, TcAttachType); 3] = [
+    ("lo-egress", LOOPBACK, TcAttachType::Egress),
+    ("eth0-egress", POD_INTERFACE, TcAttachType::Egress),
+    ("eth0-ingress", POD_INTERFACE, TcAttachType::Ingress),
+];
+
+/// The interface and direction of the tc hook pinned as `name`.
+fn tc_point(name: &str) -> (&'static str, TcAttachType) {
+    TC_HOOKS
+        .iter()
+        .find(|(n, ..)| *n == name)
+        .map_or((POD_INTERFACE, TcAttachType::Egress), |(_, i, d)| (*i, *d))
 }
 
 fn tc_program(direction: TcAttachType) -> &'static str {
@@ -297,18 +326,13 @@ impl Worker {
         self.stop();
     }
 
-    /// At the end: every pod's links go, but those pinned (pods that fail
-    /// closed: their pins stay, for the next observer). The maps' pins go
+    /// At the end: every pod's links go, but those kept (pods that fail
+    /// closed: their pins and filters stay, for the next observer). The maps' pins go
     /// too unless some pod's links still use them.
     fn stop(&mut self) {
         let mut kept = 0;
         for (cookie, attachment) in std::mem::take(&mut self.attached) {
-            if attachment
-                .tc
-                .iter()
-                .chain(&attachment.sock)
-                .any(|h| h.pinned)
-            {
+            if attachment.tc.iter().chain(&attachment.sock).any(|h| h.kept) {
                 kept += 1;
                 tracing::info!(netns = %attachment.info.name, cookie, "left attached: its policy fails closed");
             }
@@ -410,11 +434,15 @@ impl Worker {
         // that fails closed): taken over, not attached a second time. With
         // clsact filters too: that observer's TCX links (it ran with TCX)
         // would otherwise count beside them.
-        let mut pinned: HashMap<String, PathBuf> = match self.datapath.node_pins() {
-            Some(node) => node.pod_links(cookie).into_iter().collect(),
-            None => HashMap::new(),
-        };
-        let taken_over = !pinned.is_empty();
+        let (mut pinned, filters): (HashMap<String, PathBuf>, HashSet<String>) =
+            match self.datapath.node_pins() {
+                Some(node) => (
+                    node.pod_links(cookie).into_iter().collect(),
+                    node.pod_filters(cookie).into_iter().collect(),
+                ),
+                None => Default::default(),
+            };
+        let taken_over = !pinned.is_empty() || !filters.is_empty();
         // The socket hooks first, and the storage of the sockets the pod
         // already has: the first packet a tc program classifies then finds
         // its sockets' containers. Without the hooks the pod is observed,
@@ -459,6 +487,7 @@ impl Worker {
             cookie,
             programs,
             pinned,
+            filters,
             taken_over,
             sock,
         })
@@ -474,12 +503,19 @@ impl Worker {
             cookie,
             programs,
             pinned,
+            filters,
             taken_over,
             sock,
         } = prepared;
-        // Pins of hooks this pod no longer has (an interface gone).
+        // Pins and filters of hooks this pod no longer has (an interface
+        // gone).
         for (_, pin) in pinned {
             let _ = std::fs::remove_file(pin);
+        }
+        if let Some(node) = self.datapath.node_pins() {
+            for hook in filters {
+                node.forget_filter(cookie, &hook);
+            }
         }
         let info = AttachedNetns {
             policy_hooks: sock.len() == self.datapath.socket_hooks().len(),
@@ -533,9 +569,10 @@ impl Worker {
         Ok(attachment.sock.len() == hooks)
     }
 
-    /// Swaps this observer's programs into the links taken over. A link
-    /// whose program cannot be replaced (its hook went meanwhile) is
-    /// attached anew. Returns how many pods had links taken over.
+    /// Swaps this observer's programs into the links and filters taken
+    /// over. A link whose program cannot be replaced (its hook went
+    /// meanwhile) is attached anew. Returns how many pods had hooks taken
+    /// over.
     fn commit(&mut self) -> usize {
         let Self {
             home,
@@ -547,6 +584,7 @@ impl Worker {
         let Some(node) = datapath.node_pins().cloned() else {
             return 0;
         };
+        let tcx = *tcx;
         let mut pods = 0;
         for (cookie, attachment) in attached.iter_mut() {
             let hooks = attachment.tc.iter().chain(&attachment.sock);
@@ -567,9 +605,21 @@ impl Worker {
                     }
                 }
             }
-            if let Some(programs) = attachment.programs.as_mut() {
-                let mut again = Vec::new();
-                for hook in attachment.tc.iter_mut().filter(|h| h.swap) {
+            if let (Some(programs), Some(netns)) =
+                (attachment.programs.as_mut(), attachment.netns.as_ref())
+            {
+                let name = &attachment.info.name;
+                let mut left = Vec::new();
+                for hook in std::mem::take(&mut attachment.tc) {
+                    if !hook.swap {
+                        attachment.tc.push(hook);
+                        continue;
+                    }
+                    let Held::Link(_) = hook.link else {
+                        // Filters are swapped by netlink, in the namespace.
+                        left.push(hook);
+                        continue;
+                    };
                     let swapped = programs
                         .get(hook.program)
                         .map_err(|e| std::io::Error::other(e.to_string()))
@@ -579,54 +629,32 @@ impl Worker {
                                 .and_then(|fd| bpf::swap_program(&dir.join(hook.name), fd.as_fd()))
                         });
                     match swapped {
-                        Ok(()) => hook.swap = false,
+                        Ok(()) => attachment.tc.push(Hook {
+                            swap: false,
+                            ..hook
+                        }),
                         Err(err) => {
-                            tracing::warn!(%err, netns = %attachment.info.name, hook = hook.name, "cannot replace the program of a link taken over: attaching anew");
-                            again.push(hook.name);
+                            tracing::warn!(%err, netns = %name, hook = hook.name, "cannot replace the program of a link taken over: attaching anew");
+                            let _ = std::fs::remove_file(dir.join(hook.name));
+                            left.push(Hook {
+                                kept: false,
+                                ..hook
+                            });
                         }
                     }
                 }
-                if !again.is_empty()
-                    && let Some(netns) = &attachment.netns
-                {
-                    for name in &again {
-                        let _ = std::fs::remove_file(dir.join(name));
-                    }
-                    attachment.tc.retain(|h| !again.contains(&h.name));
-                    let tcx = *tcx;
-                    let fresh = netns.run(home, || {
-                        let mut fresh = Vec::new();
-                        for (interface, direction) in [
-                            (LOOPBACK, TcAttachType::Egress),
-                            (POD_INTERFACE, TcAttachType::Egress),
-                            (POD_INTERFACE, TcAttachType::Ingress),
-                        ] {
-                            if !again.contains(&tc_hook(interface, direction)) {
-                                continue;
-                            }
-                            let link = attach_one(programs, tcx, interface, direction)
-                                .map_err(|e| e.to_string())
-                                .and_then(|l| held(l, tcx).map_err(|e| e.to_string()));
-                            match link {
-                                Ok(link) => fresh.push(Hook {
-                                    name: tc_hook(interface, direction),
-                                    program: tc_program(direction),
-                                    link,
-                                    pinned: false,
-                                    swap: false,
-                                }),
-                                Err(err) => tracing::warn!(%err, interface, "attaching anew"),
-                            }
-                        }
-                        fresh
-                    });
-                    if let Ok(fresh) = fresh {
-                        attachment.tc.extend(fresh);
-                    }
+                let fresh = netns.run(home, || {
+                    left.into_iter()
+                        .filter_map(|hook| take_over_tc(programs, tcx, &node, *cookie, hook, name))
+                        .collect::<Vec<_>>()
+                });
+                match fresh {
+                    Ok(fresh) => attachment.tc.extend(fresh),
+                    Err(err) => tracing::warn!(%err, netns = %name, "taking over the tc hooks"),
                 }
             }
             attachment.programs = None;
-            if *tcx {
+            if tcx {
                 attachment.netns = None;
             }
             tracing::info!(netns = %attachment.info.name, cookie, "took over the links an earlier observer left: they run this observer's programs");
@@ -634,53 +662,47 @@ impl Worker {
         pods
     }
 
-    /// Pins the links of the pods in `closed` (and unpins everyone else's).
-    /// Returns the pods that could not be pinned: no `--pin-dir`, clsact
-    /// filters (kernels before 6.6), or a failed pin.
+    /// Keeps the hooks of the pods in `closed` for the next observer (and
+    /// lets everyone else's go). Returns the pods whose hooks could not all
+    /// be kept: no `--pin-dir`, or a failed pin.
     fn fail_closed(&mut self, closed: &HashSet<u64>) -> HashSet<u64> {
         let mut failed = HashSet::new();
         let node = self.datapath.node_pins();
         for (cookie, attachment) in &mut self.attached {
             let want = closed.contains(cookie);
-            // clsact filters cannot be pinned: such a pod's links that
-            // were (taken over) are unpinned, and it fails open.
-            if want && (node.is_none() || !self.tcx) {
-                failed.insert(*cookie);
-            }
             let Some(node) = node else {
+                if want {
+                    failed.insert(*cookie);
+                }
                 continue;
             };
             let dir = node.pod(*cookie);
-            let hooks = attachment.tc.iter_mut().chain(attachment.sock.iter_mut());
-            if want && self.tcx {
+            let mut hooks = attachment.tc.iter_mut().chain(attachment.sock.iter_mut());
+            if want {
+                let mut hooks = hooks
+                    .filter(|h| !h.kept && !matches!(h.link, Held::Baseline { .. }))
+                    .peekable();
+                if hooks.peek().is_none() {
+                    continue;
+                }
                 if let Err(err) = std::fs::create_dir_all(&dir) {
                     tracing::warn!(%err, dir = %dir.display(), "cannot pin a pod's links");
                     failed.insert(*cookie);
                     continue;
                 }
-                for hook in hooks.filter(|h| h.pinnable() && !h.pinned) {
-                    let pinned = hook
-                        .link_id()
-                        .and_then(|id| bpf::pin(id, &dir.join(hook.name)));
-                    match pinned {
-                        Ok(()) => hook.pinned = true,
-                        Err(err) => {
-                            tracing::warn!(%err, netns = %attachment.info.name, hook = hook.name, "cannot pin a link: the pod fails open");
-                            failed.insert(*cookie);
-                        }
+                for hook in hooks {
+                    if let Err(err) = hook.keep(node, *cookie, &dir) {
+                        tracing::warn!(%err, netns = %attachment.info.name, hook = hook.name, "cannot keep a hook for the next observer: the pod fails open");
+                        failed.insert(*cookie);
                     }
                 }
-            } else {
-                let mut any = false;
-                for hook in hooks.filter(|h| h.pinned) {
-                    any = true;
-                    // The observer's descriptor keeps the link attached.
-                    let _ = std::fs::remove_file(dir.join(hook.name));
-                    hook.pinned = false;
+            } else if hooks.any(|h| h.kept) {
+                // The observer's descriptors keep the links attached, and
+                // its filters stay until it goes.
+                for hook in attachment.tc.iter_mut().chain(attachment.sock.iter_mut()) {
+                    hook.kept = false;
                 }
-                if any {
-                    node.remove_pod(*cookie);
-                }
+                node.remove_pod(*cookie);
             }
         }
         failed
@@ -736,6 +758,16 @@ impl Worker {
             node.remove_pod(info.cookie);
         }
         drop(sock);
+        // The filters of a pod that fails closed stay, for the next
+        // observer (a pinned link stays by its pin).
+        let (left, tc): (Vec<Hook>, Vec<Hook>) = tc
+            .into_iter()
+            .partition(|h| !unpin && h.kept && matches!(h.link, Held::Filter(_)));
+        for hook in left {
+            if let Held::Filter(link) = hook.link {
+                std::mem::forget(link);
+            }
+        }
         match netns {
             // clsact filters are removed by netlink, inside their namespace.
             Some(netns) => {
@@ -757,7 +789,7 @@ fn own(program: &'static str, link: BpfLink) -> Hook {
         name: program,
         program,
         link: Held::Link(link),
-        pinned: false,
+        kept: false,
         swap: false,
     }
 }
@@ -769,8 +801,77 @@ fn taken(name: &'static str, program: &'static str, link: PinnedLink) -> Hook {
         name,
         program,
         link: Held::Link(BpfLink::Aya(FdLink::from(link))),
-        pinned: true,
+        kept: true,
         swap: true,
+    }
+}
+
+/// A tc hook taken over whose program [`Worker::commit`] did not swap by
+/// its pin: a filter an earlier observer left, or a link whose swap failed
+/// (its hook went meanwhile). Made to run this observer's program, in the
+/// pod's namespace (the calling thread is in it): a filter by swapping the
+/// program in place with clsact filters, or by attaching the TCX link and
+/// then removing the filter; anything else is attached anew.
+fn take_over_tc(
+    programs: &mut Programs,
+    tcx: bool,
+    node: &NodePins,
+    cookie: u64,
+    hook: Hook,
+    netns: &str,
+) -> Option<Hook> {
+    let (interface, direction) = tc_point(hook.name);
+    let Hook {
+        name,
+        program,
+        link,
+        kept,
+        ..
+    } = hook;
+    let ours = |link, kept| Hook {
+        name,
+        program,
+        link,
+        kept,
+        swap: false,
+    };
+    match link {
+        Held::Filter(left) if !tcx => match swap_filter(programs, left, direction) {
+            Ok(link) => return Some(ours(Held::Filter(link), kept)),
+            Err(err) => {
+                tracing::warn!(%err, netns, hook = name, "cannot replace the program of a filter taken over: attaching anew");
+                node.forget_filter(cookie, name);
+            }
+        },
+        Held::Filter(left) => {
+            // The link first: the filter goes once it is there.
+            return match attach_one(programs, true, interface, direction)
+                .map_err(|e| e.to_string())
+                .and_then(|l| held(l, true).map_err(|e| e.to_string()))
+            {
+                Ok(link) => {
+                    // Removed by netlink already.
+                    std::mem::forget(left);
+                    node.forget_filter(cookie, name);
+                    Some(ours(link, false))
+                }
+                Err(err) => {
+                    tracing::warn!(%err, netns, hook = name, "cannot attach a TCX link: the filter taken over keeps the earlier observer's program");
+                    Some(ours(Held::Filter(left), kept))
+                }
+            };
+        }
+        other => drop(other),
+    }
+    match attach_one(programs, tcx, interface, direction)
+        .map_err(|e| e.to_string())
+        .and_then(|l| held(l, tcx).map_err(|e| e.to_string()))
+    {
+        Ok(link) => Some(ours(link, false)),
+        Err(err) => {
+            tracing::warn!(%err, netns, interface, "attaching anew");
+            None
+        }
     }
 }
 
@@ -779,6 +880,6 @@ fn held(link: SchedClassifierLink, tcx: bool) -> Result<Held, LinkError> {
     if tcx {
         FdLink::try_from(link).map(|link| Held::Link(BpfLink::Aya(link)))
     } else {
-        Ok(Held::Filter { _link: link })
+        Ok(Held::Filter(link))
     }
 }
