@@ -852,8 +852,14 @@ fn take_over_tc(
                 Ok(link) => {
                     // Removed by netlink already.
                     std::mem::forget(left);
+                    let mut hook = ours(link, false);
+                    // Pinned at once: the filter it replaces was kept.
+                    let dir = node.pod(cookie);
+                    if kept && let Err(err) = hook.keep(node, cookie, &dir) {
+                        tracing::warn!(%err, netns, hook = name, "cannot pin a link");
+                    }
                     node.forget_filter(cookie, name);
-                    Some(ours(link, false))
+                    Some(hook)
                 }
                 Err(err) => {
                     tracing::warn!(%err, netns, hook = name, "cannot attach a TCX link: the filter taken over keeps the earlier observer's program");
