@@ -80,6 +80,26 @@ impl Rounds {
     }
 }
 
+/// What watches the watched copy in a round.
+enum Watcher<'a> {
+    /// The baseline: each round's ratio with nothing watching is what the
+    /// others are compared with.
+    Nothing,
+    /// A program that does nothing, on the observer's hooks: the floor.
+    Noop,
+    Observer(&'a Subject),
+}
+
+impl Watcher<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Self::Nothing => "nothing",
+            Self::Noop => "no-op program",
+            Self::Observer(subject) => &subject.name,
+        }
+    }
+}
+
 pub fn run(report: &mut String, subjects: &[Subject]) {
     let watched = Copy::create("w");
     let unwatched = Copy::create("u");
@@ -91,27 +111,26 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     ];
     let args: Vec<&str> = netns_args.iter().map(String::as_str).collect();
 
-    // results[case][mode]; mode 0 without an observer, 1 the no-op, then
-    // each observer.
     let noop = Noop::load().expect("load a no-op tc program");
-    let names: Vec<&str> = ["nothing", "no-op program"]
+    let watchers: Vec<Watcher> = [Watcher::Nothing, Watcher::Noop]
         .into_iter()
-        .chain(subjects.iter().map(|s| s.name.as_str()))
+        .chain(subjects.iter().map(Watcher::Observer))
         .collect();
-    let mut results = vec![vec![Rounds::default(); names.len()]; CASES.len()];
+    // results[case][watcher]
+    let mut results = vec![vec![Rounds::default(); watchers.len()]; CASES.len()];
     for round in 0..ROUNDS {
-        for (mode, name) in names.iter().enumerate() {
-            let (observer, links) = match mode {
-                0 => (None, Vec::new()),
-                1 => {
+        for (mode, watcher) in watchers.iter().enumerate() {
+            let (observer, links) = match watcher {
+                Watcher::Nothing => (None, Vec::new()),
+                Watcher::Noop => {
                     let mut links = noop.attach(&watched.client).expect("attach the no-op");
                     links.extend(noop.attach(&watched.server).expect("attach the no-op"));
                     (None, links)
                 }
-                _ => {
-                    let binary = &subjects[mode - 2].binary;
-                    (Some(Observer::start_binary(binary, &args)), Vec::new())
-                }
+                Watcher::Observer(subject) => (
+                    Some(Observer::start_binary(&subject.binary, &args)),
+                    Vec::new(),
+                ),
             };
             for (i, case) in CASES.iter().enumerate() {
                 let (w, u) = thread::scope(|s| {
@@ -123,7 +142,7 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
                     "bench: round {} {:<15} {:<12} {:.2} beside {:.2} ({:.3})",
                     round + 1,
                     case.name,
-                    name,
+                    watcher.name(),
                     w,
                     u,
                     w / u
@@ -155,14 +174,19 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     .unwrap();
     for (case, by_mode) in CASES.iter().zip(&results) {
         let unit = if case.udp { "k packets/s" } else { "Gbit/s" };
-        let baseline = median(&by_mode[0].ratios());
-        for (mode, (name, rounds)) in names.iter().zip(by_mode).enumerate() {
+        let baseline = watchers
+            .iter()
+            .zip(by_mode)
+            .find(|(w, _)| matches!(w, Watcher::Nothing))
+            .map(|(_, rounds)| median(&rounds.ratios()))
+            .expect("a baseline");
+        for (watcher, rounds) in watchers.iter().zip(by_mode) {
             let ratios = rounds.ratios();
-            let change = if mode == 0 {
-                String::new()
-            } else {
-                format!("{:+.1} %", (median(&ratios) / baseline - 1.0) * 100.0)
+            let change = match watcher {
+                Watcher::Nothing => String::new(),
+                _ => format!("{:+.1} %", (median(&ratios) / baseline - 1.0) * 100.0),
             };
+            let name = watcher.name();
             writeln!(
                 report,
                 "| {} | {unit} | {name} | {:.2} ({}) | {:.2} ({}) | {:.3} ({}) | {change} |",
