@@ -113,7 +113,7 @@ fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
     );
     if left.refused > 0 {
         anyhow::bail!(
-            "{} network namespaces could not be entered (CAP_SYS_ADMIN is needed, and CAP_NET_ADMIN to remove filters): filters observers left there stay until their pods go",
+            "{} network namespaces could not be opened, entered or changed (CAP_SYS_PTRACE, CAP_SYS_ADMIN and CAP_NET_ADMIN are needed): filters observers left there stay until their pods go",
             left.refused
         );
     }

@@ -85,31 +85,38 @@ impl NetNs {
 }
 
 /// The network namespaces of the processes under `proc_root` (normally
-/// `/proc`), each opened once, but the one of PID 1: the node's own, which
-/// has no pod's hooks. A process that ends meanwhile is passed over.
-pub fn of_processes(proc_root: &Path) -> io::Result<Vec<NetNs>> {
-    let node = NetNs::open(&proc_root.join("1/ns/net"))
-        .ok()
-        .and_then(|ns| ns.id().ok());
-    let mut seen = std::collections::HashSet::new();
-    let mut found = Vec::new();
+/// `/proc`), each opened once, but PID 1's (the node's own) and the calling
+/// thread's, which hold no pod's hooks; and how many processes' namespaces
+/// could not be opened (without `CAP_SYS_PTRACE`, those of other users). A
+/// process that ends meanwhile is passed over.
+pub fn of_processes(proc_root: &Path) -> io::Result<(Vec<NetNs>, usize)> {
+    let own = NetNs::current_thread().map_err(io::Error::other)?.id()?;
+    let mut seen = std::collections::HashSet::from([own]);
+    // PID 1's may be closed to us (a sandbox's init): then it is not
+    // counted as refused, and its namespace is walked like any other.
+    if let Ok(node) = NetNs::open(&proc_root.join("1/ns/net")) {
+        seen.insert(node.id()?);
+    }
+    let (mut found, mut unopened) = (Vec::new(), 0);
     for entry in std::fs::read_dir(proc_root)?.flatten() {
-        let is_pid = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
-        if !is_pid {
-            continue;
+        match entry.file_name().to_str().map(str::parse::<u32>) {
+            Some(Ok(pid)) if pid != 1 => {}
+            _ => continue,
         }
-        let Ok(netns) = NetNs::open(&entry.path().join("ns/net")) else {
-            continue;
+        let netns = match NetNs::open(&entry.path().join("ns/net")) {
+            Ok(netns) => netns,
+            Err(NetnsError::NotFound { .. }) => continue,
+            Err(_) => {
+                unopened += 1;
+                continue;
+            }
         };
         let Ok(id) = netns.id() else { continue };
-        if Some(id) != node && seen.insert(id) {
+        if seen.insert(id) {
             found.push(netns);
         }
     }
-    Ok(found)
+    Ok((found, unopened))
 }
 
 fn setns(fd: &OwnedFd) -> io::Result<()> {

@@ -43,6 +43,22 @@ impl TcAttach {
     }
 }
 
+/// A pod's tc hooks: pin name, interface, direction. Loopback packets pass
+/// lo egress and then lo ingress: one hook only, so each is counted once.
+pub const POD_HOOKS: [(&str, &str, TcAttachType); 3] = [
+    ("lo-egress", LOOPBACK, TcAttachType::Egress),
+    ("eth0-egress", POD_INTERFACE, TcAttachType::Egress),
+    ("eth0-ingress", POD_INTERFACE, TcAttachType::Ingress),
+];
+
+/// The observer's program for a tc direction.
+pub fn program_for(direction: TcAttachType) -> &'static str {
+    match direction {
+        TcAttachType::Ingress => INGRESS_PROGRAM,
+        _ => EGRESS_PROGRAM,
+    }
+}
+
 /// Attaches the observer's program for `direction` to `interface`.
 pub fn attach_one(
     programs: &mut Programs,
@@ -50,11 +66,7 @@ pub fn attach_one(
     interface: &str,
     direction: TcAttachType,
 ) -> Result<SchedClassifierLink, ProgramError> {
-    let name = match direction {
-        TcAttachType::Ingress => INGRESS_PROGRAM,
-        _ => EGRESS_PROGRAM,
-    };
-    attach_program(programs, name, tcx, interface, direction)
+    attach_program(programs, program_for(direction), tcx, interface, direction)
 }
 
 /// Where the observer's clsact filters sit on a hook, as `tc filter show`
@@ -187,11 +199,7 @@ pub fn swap_filter(
     left: SchedClassifierLink,
     direction: TcAttachType,
 ) -> Result<SchedClassifierLink, ProgramError> {
-    let name = match direction {
-        TcAttachType::Ingress => INGRESS_PROGRAM,
-        _ => EGRESS_PROGRAM,
-    };
-    let program = programs.get(name)?;
+    let program = programs.get(program_for(direction))?;
     let id = program.attach_to_link(left)?;
     program.take_link(id)
 }
@@ -203,11 +211,7 @@ pub fn swap_filter(
 /// `CAP_NET_ADMIN`.
 pub fn remove_left_filters() -> std::io::Result<usize> {
     let mut removed = 0;
-    for (interface, direction) in [
-        (LOOPBACK, TcAttachType::Egress),
-        (POD_INTERFACE, TcAttachType::Egress),
-        (POD_INTERFACE, TcAttachType::Ingress),
-    ] {
+    for (_, interface, direction) in POD_HOOKS {
         if !interface_exists(interface) {
             continue;
         }
@@ -237,7 +241,8 @@ pub struct LeftFilters {
     pub namespaces: usize,
     /// Filters removed.
     pub removed: usize,
-    /// Namespaces that could not be entered (a capability missing).
+    /// Namespaces that could not be opened, entered or changed (a
+    /// capability missing).
     pub refused: usize,
 }
 
@@ -246,8 +251,12 @@ pub struct LeftFilters {
 /// `hostPID`).
 pub fn remove_left_filters_on_node(proc_root: &std::path::Path) -> std::io::Result<LeftFilters> {
     let home = NetNs::current_thread().map_err(std::io::Error::other)?;
-    let mut done = LeftFilters::default();
-    for netns in super::netns::of_processes(proc_root)? {
+    let (found, unopened) = super::netns::of_processes(proc_root)?;
+    let mut done = LeftFilters {
+        refused: unopened,
+        ..LeftFilters::default()
+    };
+    for netns in found {
         match netns.run(&home, remove_left_filters) {
             Ok(Ok(removed)) => {
                 done.namespaces += 1;

@@ -26,14 +26,17 @@ use aya::programs::{
     tc::SchedClassifierLink,
 };
 
-use super::{AttachError, AttachedNetns, LOOPBACK, POD_INTERFACE, Request};
+use super::{AttachError, AttachedNetns, POD_INTERFACE, Request};
 use crate::{
     kernel::{
         bpf,
         bpffs::NodePins,
-        datapath::{BpfLink, Datapath, EGRESS_PROGRAM, INGRESS_PROGRAM, NOOP_PROGRAM, Programs},
+        datapath::{BpfLink, Datapath, NOOP_PROGRAM, Programs},
         netns::{self, NetNs},
-        tc::{attach_one, attach_program, interface_exists, left_filter, swap_filter},
+        tc::{
+            POD_HOOKS, attach_one, attach_program, interface_exists, left_filter, program_for,
+            swap_filter,
+        },
     },
     names::ObjectRef,
 };
@@ -127,7 +130,7 @@ fn attach_tc(
     netns.run(home, || {
         let mut hooks = Vec::new();
         let eth0 = interface_exists(POD_INTERFACE);
-        for (hook, interface, direction) in TC_HOOKS {
+        for (hook, interface, direction) in POD_HOOKS {
             if interface == POD_INTERFACE && !eth0 {
                 continue;
             }
@@ -153,7 +156,7 @@ fn attach_tc(
             if let Some(pin) = pinned.remove(hook) {
                 match PinnedLink::from_pin(&pin) {
                     Ok(link) => {
-                        hooks.push(taken(hook, tc_program(direction), link));
+                        hooks.push(taken(hook, program_for(direction), link));
                         continue;
                     }
                     Err(err) => {
@@ -169,7 +172,7 @@ fn attach_tc(
             {
                 hooks.push(Hook {
                     name: hook,
-                    program: tc_program(direction),
+                    program: program_for(direction),
                     link: Held::Filter(left),
                     kept: true,
                     swap: true,
@@ -183,7 +186,7 @@ fn attach_tc(
             })?;
             hooks.push(Hook {
                 name: hook,
-                program: tc_program(direction),
+                program: program_for(direction),
                 link,
                 kept: false,
                 swap: false,
@@ -223,27 +226,12 @@ struct Prepared {
     sock: Vec<Hook>,
 }
 
-/// The tc hooks of a pod, by pin file name. Loopback packets pass lo
-/// egress and then lo ingress: one hook only, so each is counted once.
-const TC_HOOKS: [(&str, &str, TcAttachType); 3] = [
-    ("lo-egress", LOOPBACK, TcAttachType::Egress),
-    ("eth0-egress", POD_INTERFACE, TcAttachType::Egress),
-    ("eth0-ingress", POD_INTERFACE, TcAttachType::Ingress),
-];
-
 /// The interface and direction of the tc hook pinned as `name`.
 fn tc_point(name: &str) -> (&'static str, TcAttachType) {
-    TC_HOOKS
+    POD_HOOKS
         .iter()
         .find(|(n, ..)| *n == name)
         .map_or((POD_INTERFACE, TcAttachType::Egress), |(_, i, d)| (*i, *d))
-}
-
-fn tc_program(direction: TcAttachType) -> &'static str {
-    match direction {
-        TcAttachType::Ingress => INGRESS_PROGRAM,
-        _ => EGRESS_PROGRAM,
-    }
 }
 
 impl Worker {
@@ -845,10 +833,7 @@ fn take_over_tc(
         },
         Held::Filter(left) => {
             // The link first: the filter goes once it is there.
-            return match attach_one(programs, true, interface, direction)
-                .map_err(|e| e.to_string())
-                .and_then(|l| held(l, true).map_err(|e| e.to_string()))
-            {
+            return match attach_held(programs, true, interface, direction) {
                 Ok(link) => {
                     // Removed by netlink already.
                     std::mem::forget(left);
@@ -869,16 +854,24 @@ fn take_over_tc(
         }
         other => drop(other),
     }
-    match attach_one(programs, tcx, interface, direction)
-        .map_err(|e| e.to_string())
-        .and_then(|l| held(l, tcx).map_err(|e| e.to_string()))
-    {
+    match attach_held(programs, tcx, interface, direction) {
         Ok(link) => Some(ours(link, false)),
         Err(err) => {
             tracing::warn!(%err, netns, interface, "attaching anew");
             None
         }
     }
+}
+
+/// Attaches the program for `direction` to `interface`, as held.
+fn attach_held(
+    programs: &mut Programs,
+    tcx: bool,
+    interface: &str,
+    direction: TcAttachType,
+) -> Result<Held, String> {
+    let link = attach_one(programs, tcx, interface, direction).map_err(|e| e.to_string())?;
+    held(link, tcx).map_err(|e| e.to_string())
 }
 
 /// A tc link as held: a TCX link is a bpf link; a clsact filter is not.
