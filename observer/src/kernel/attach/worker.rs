@@ -832,7 +832,8 @@ fn take_over_tc(
             }
         },
         Held::Filter(left) => {
-            // The link first: the filter goes once it is there.
+            // The link first: the filter goes once it is there (a packet
+            // in between is counted twice; none meets no program).
             return match attach_held(programs, true, interface, direction) {
                 Ok(link) => {
                     // Removed by netlink already.
