@@ -146,7 +146,7 @@ pub fn tcp_listener(cgroup: &Path, netns: &Path, port: u16, seconds: u32) -> std
 }
 
 /// How the connection attempts to one target went, from [`Prober`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Attempts {
     pub connected: u64,
     /// Refused by a policy hook (EPERM).
@@ -154,6 +154,9 @@ pub struct Attempts {
     /// No answer within the prober's timeout (dropped).
     pub timed_out: u64,
     pub other: u64,
+    /// When the first (up to 20) timed-out attempts began, in ms from the
+    /// start.
+    pub timed_out_at_ms: Vec<u64>,
 }
 
 impl Attempts {
@@ -171,34 +174,40 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// Starts probing `targets` (host, port) with `timeout_ms` per attempt.
+    /// Starts probing `targets`: (host, port, timeout of an attempt in ms).
+    /// A timeout shorter than TCP's first SYN retransmission (1 s) tells a
+    /// dropped SYN; one long enough for a loaded machine's scheduler
+    /// (hundreds of ms) tells nothing else.
     pub fn start(
         cgroup: &Path,
         netns: &Path,
-        targets: &[(&str, u16)],
+        targets: &[(&str, u16, u32)],
         every_ms: u32,
-        timeout_ms: u32,
         seconds: u32,
     ) -> Self {
         let list: Vec<String> = targets
             .iter()
-            .map(|(h, p)| format!("('{h}', {p})"))
+            .map(|(h, p, t)| format!("('{h}', {p}, {t})"))
             .collect();
         let script = format!(
             "import socket, threading, time, errno\n\
              targets = [{list}]\n\
              counts = [[0, 0, 0, 0] for _ in targets]\n\
-             end = time.time() + {seconds}\n\
+             timed_out_at = [[] for _ in targets]\n\
+             start = time.time()\n\
+             end = start + {seconds}\n\
              def probe(i, target):\n\
              \x20   while time.time() < end:\n\
              \x20       s = socket.socket()\n\
-             \x20       s.settimeout({timeout_ms} / 1000)\n\
+             \x20       s.settimeout(target[2] / 1000)\n\
+             \x20       began = time.time()\n\
              \x20       try:\n\
-             \x20           s.connect(target); counts[i][0] += 1\n\
+             \x20           s.connect(target[:2]); counts[i][0] += 1\n\
              \x20       except PermissionError:\n\
              \x20           counts[i][1] += 1\n\
              \x20       except socket.timeout:\n\
              \x20           counts[i][2] += 1\n\
+             \x20           timed_out_at[i].append(int((began - start) * 1000))\n\
              \x20       except OSError:\n\
              \x20           counts[i][3] += 1\n\
              \x20       s.close()\n\
@@ -207,8 +216,8 @@ impl Prober {
              [t.start() for t in threads]\n\
              print('probing', flush=True)\n\
              [t.join() for t in threads]\n\
-             for c in counts:\n\
-             \x20   print(*c, flush=True)\n",
+             for c, at in zip(counts, timed_out_at):\n\
+             \x20   print(*c, *at[:20], flush=True)\n",
             list = list.join(", ")
         );
         let mut child = in_container(cgroup, netns, Command::new("python3").args(["-c", &script]))
@@ -244,6 +253,7 @@ impl Prober {
                     not_permitted: n[1],
                     timed_out: n[2],
                     other: n[3],
+                    timed_out_at_ms: n[4..].to_vec(),
                 }
             })
             .collect();
@@ -275,4 +285,28 @@ pub fn udp_echo(cgroup: &Path, netns: &Path, port: u16, count: u32) -> std::proc
     .unwrap();
     assert_eq!(line.trim(), "bound");
     child
+}
+
+/// How many connections the listeners of network namespace `netns` could
+/// not take, their accept queue full (`ListenOverflows`: the kernel drops
+/// the SYN, or the handshake's last ACK). A slow server's own loss, which
+/// a client sees as a SYN retransmitted a second later.
+pub fn listen_overflows(netns: &Path) -> u64 {
+    let output = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["cat", "/proc/net/netstat"])
+        .output()
+        .expect("nsenter");
+    let text = String::from_utf8_lossy(&output.stdout);
+    // Pairs of lines: "TcpExt: <names>", then "TcpExt: <values>".
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        panic!("no TcpExt in /proc/net/netstat of {}", netns.display());
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "ListenOverflows")
+        .and_then(|(_, value)| value.parse().ok())
+        .expect("ListenOverflows")
 }

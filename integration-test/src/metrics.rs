@@ -33,6 +33,21 @@ impl Scrape {
             .sum()
     }
 
+    /// The samples of `name` whose labels include all of `labels`, one per
+    /// line as exported: for a failure's message.
+    pub fn samples(&self, name: &str, labels: &[(&str, &str)]) -> String {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+            })
+            .map(|(_, l, v)| format!("{l:?} {v}\n"))
+            .collect()
+    }
+
     /// Whether any sample of `name` carries label `key` with `value`.
     pub fn has(&self, name: &str, key: &str, value: &str) -> bool {
         self.samples

@@ -13,7 +13,7 @@ use std::{thread, time::Duration};
 
 use integration_test::{
     Bpffs, Observer, Scrape, TempDir,
-    container::{Prober, container, tcp_listener},
+    container::{Prober, container, listen_overflows, tcp_listener},
     loaded_programs,
     observer::run_to_exit,
 };
@@ -95,21 +95,36 @@ fn closed_policies_hold(tc_attach: &str) {
     let mut listener = tcp_listener(&shop_app, &shop_netns, 9090, 60);
     let shop_ip = lab.pod("shop", "shop").unwrap().ip.to_string();
     let (client, client_netns) = container(lab, "default", "client", "to-pod");
+    let (_, web_netns) = container(lab, "default", "web", "web");
 
     let first = Observer::start(&args);
     first.eventually("the policies in force", |m| {
         m.sum("observer_programs_attached", &[]) > 0.0
     });
+    let overflows_before = listen_overflows(&web_netns);
+    // 50 ms for what is refused or dropped, so that there are many; the
+    // allowed ones may take longer on a loaded machine, but not a SYN
+    // retransmission (1 s): a timeout there is a SYN or its answer lost.
     let prober = Prober::start(
         &client,
         &client_netns,
-        &[(EXTERNAL, 9999), (&shop_ip, 9090), (WEB_SERVICE, 80)],
+        &[
+            (EXTERNAL, 9999, 50),
+            (&shop_ip, 9090, 50),
+            (WEB_SERVICE, 80, 500),
+        ],
         3,
-        50,
         14,
     );
+    // When each step began, in ms from the prober's start: to place an
+    // attempt that failed.
+    let began = std::time::Instant::now();
+    let mut steps: Vec<(&str, u128)> = Vec::new();
+    let mut step = |name| steps.push((name, began.elapsed().as_millis()));
     thread::sleep(Duration::from_secs(1));
+    step("SIGTERM");
     assert!(first.terminate().success());
+    step("first exited");
     let left = pins.pins();
     assert!(
         left.iter().any(|p| p.contains("pods/")) && left.iter().any(|p| p.contains("maps-v")),
@@ -135,7 +150,9 @@ fn closed_policies_hold(tc_attach: &str) {
     }
     // No observer at all for a second: the pinned programs hold.
     thread::sleep(Duration::from_secs(1));
+    step("second starting");
     let second = Observer::start(&args);
+    step("second started");
     assert!(
         second.log().contains("took over"),
         "the second observer takes over:\n{}",
@@ -152,12 +169,16 @@ fn closed_policies_hold(tc_attach: &str) {
         pins.pins()
     );
     thread::sleep(Duration::from_secs(1));
+    step("SIGKILL");
     second.kill();
     thread::sleep(Duration::from_secs(1));
+    step("third starting");
     let third = Observer::start(&args);
+    step("third started");
     let attempts = prober.finish();
+    let overflows = listen_overflows(&web_netns) - overflows_before;
 
-    let [external, shop, web] = attempts[..] else {
+    let [external, shop, web] = &attempts[..] else {
         unreachable!()
     };
 
@@ -175,9 +196,17 @@ fn closed_policies_hold(tc_attach: &str) {
     );
     assert!(shop.timed_out > 20, "{shop:?}");
     assert_eq!(
-        (web.not_permitted, web.timed_out, web.other),
-        (0, 0, 0),
+        (web.not_permitted, web.other),
+        (0, 0),
         "to the Service the client may call: {web:?}"
+    );
+    // But for what the web server could not take itself: its accept queue
+    // (a Python http.server's five) overflows now and then on a loaded
+    // machine, and the kernel drops the SYN.
+    assert!(
+        web.timed_out <= overflows,
+        "to the Service the client may call, {} lost (its listener overflowed {overflows} times): {web:?}; steps (ms from the start): {steps:?}",
+        web.timed_out
     );
     assert!(web.connected > 100, "{web:?}");
 
@@ -220,8 +249,18 @@ fn closed_policies_hold(tc_attach: &str) {
     );
     let to_web = opened(&m, "service", "80");
     assert_eq!(
-        to_web, in_kernel as f64,
-        "exported against the kernel's count"
+        to_web,
+        in_kernel as f64,
+        "exported against the kernel's count; exported:\n{}in the kernel (source cgroup, class, server, flows, connections; the container's is {to_pod}):\n{:?}\nflows of more than one connection: {:?}\nthe prober's attempts to web: {web:?} (its listener overflowed {overflows} times)\n{}",
+        m.samples(
+            "observer_connections_opened_total",
+            &[("pod", "client"), ("port", "80")]
+        ),
+        kernel_flows(pins, WEB_SERVICE, 80),
+        flows_to(pins, WEB_SERVICE, 80)
+            .filter(|(_, v)| v.connections > 1)
+            .collect::<Vec<_>>(),
+        third.log(),
     );
     assert!(
         (to_web - web.connected as f64).abs() <= 2.0,
@@ -245,24 +284,47 @@ fn closed_policies_hold(tc_attach: &str) {
 /// TCP connections the pinned flow map counted from container cgroup
 /// `cgroup` to `host:port` (egress, on `eth0`).
 fn kernel_connections(pins: &Bpffs, cgroup: u64, host: &str, port: u16) -> u64 {
+    flows_to(pins, host, port)
+        .filter(|(_, v)| v.src_cgroup == cgroup)
+        .map(|(_, v)| u64::from(v.connections))
+        .sum()
+}
+
+/// The flows to `host:port`, egress on `eth0`, in the pinned flow map.
+fn flows_to(
+    pins: &Bpffs,
+    host: &str,
+    port: u16,
+) -> impl Iterator<Item = (observer_common::FlowKey, observer_common::FlowValue)> {
     use aya::maps::{HashMap, MapData};
     use observer_common::{FlowKey, FlowValue, direction, interface, ipv4_mapped};
     let map = MapData::from_pin(pins.path().join("observer/maps-v1/FLOWS")).expect("the flow map");
     let flows: HashMap<_, FlowKey, FlowValue> =
         HashMap::try_from(aya::maps::Map::HashMap(map)).expect("a hash map");
     let addr = ipv4_mapped(host.parse::<std::net::Ipv4Addr>().unwrap().octets());
-    flows
-        .iter()
-        .flatten()
-        .filter(|(k, v)| {
-            k.dst_addr == addr
-                && k.dst_port == port
-                && k.direction == direction::EGRESS
-                && k.interface == interface::POD
-                && v.src_cgroup == cgroup
+    let all: Vec<_> = flows.iter().flatten().collect();
+    all.into_iter().filter(move |(k, _)| {
+        k.dst_addr == addr
+            && k.dst_port == port
+            && k.direction == direction::EGRESS
+            && k.interface == interface::POD
+    })
+}
+
+/// The flows to `host:port` (egress, on `eth0`) in the pinned flow map,
+/// by source cgroup, class and server: how many, and their connections.
+fn kernel_flows(pins: &Bpffs, host: &str, port: u16) -> Vec<(u64, u8, u8, u64, u64)> {
+    let mut by = std::collections::BTreeMap::<(u64, u8, u8), (u64, u64)>::new();
+    for (_, v) in flows_to(pins, host, port) {
+        let entry = by.entry((v.src_cgroup, v.class, v.server)).or_default();
+        entry.0 += 1;
+        entry.1 += u64::from(v.connections);
+    }
+    by.into_iter()
+        .map(|((cgroup, class, server), (flows, connections))| {
+            (cgroup, class, server, flows, connections)
         })
-        .map(|(_, v)| u64::from(v.connections))
-        .sum()
+        .collect()
 }
 
 /// The observer's filters (priority 20290, handle 0x4f425356) on a pod's
