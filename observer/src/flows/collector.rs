@@ -440,7 +440,12 @@ impl Collector {
         // The hashes of a batch first, then each flow, its baseline's slot
         // asked for a few flows ahead (see `baselines`).
         let hashes = &mut self.hashes;
-        self.batch
+        // A walk that fails part way has counted what it read (those flows'
+        // baselines moved on): exported all the same. What needs the whole
+        // map (the baselines of flows not seen, reclaiming, the map's
+        // fill) waits for a walk that reads it all.
+        let walked = self
+            .batch
             .read_batches(fd, |keys, values| {
                 hashes.clear();
                 hashes.extend(keys.iter().map(|key| self.hasher.hash_one(key)));
@@ -467,7 +472,9 @@ impl Collector {
                         continue;
                     }
                     live += 1;
-                    if prime {
+                    // (A flow with a baseline already was read by a walk
+                    // that failed part way, and counts on from it.)
+                    if prime && before.is_none() {
                         self.last.insert(hash, seen);
                         continue;
                     }
@@ -490,7 +497,7 @@ impl Collector {
                         continue;
                     }
                     let delta = difference(now, &before.unwrap_or_default());
-                    if delta.packets == 0 {
+                    if delta.is_zero() {
                         let idle = before.map_or(0, |b| b.quiet.saturating_add(u8::from(tick)));
                         self.last.insert(
                             hash,
@@ -541,7 +548,7 @@ impl Collector {
                     }
                 }
             })
-            .map_err(CollectError::Flows)?;
+            .map_err(CollectError::Flows);
 
         let unnamed: HashSet<u64, Fast> = namings
             .iter()
@@ -564,10 +571,18 @@ impl Collector {
                 series.entry(of).or_default().add(counts);
             }
         }
-        self.live = live;
-        self.reclaim(&mut quiet, live, &mut series);
+        if walked.is_err() && prime {
+            // The earlier observer's flows that it did not reach.
+            self.prime = true;
+        }
+        if walked.is_ok() {
+            self.live = live;
+            self.reclaim(&mut quiet, live, &mut series);
+        }
         self.collect_overflow();
-        self.last.retain(|seen| seen.pass == pass);
+        if walked.is_ok() {
+            self.last.retain(|seen| seen.pass == pass);
+        }
         let containers = &self.identities.containers;
         self.unnamed
             .forget(|id| containers.contains_key(&id), started);
@@ -600,11 +615,11 @@ impl Collector {
         }
         self.notice_gone_pods();
         self.flows.expire(Instant::now());
-        self.report(uncounted, live);
+        self.report(uncounted, self.live);
         self.metrics
             .collection_duration
             .observe(started.elapsed().as_secs_f64());
-        Ok(())
+        walked
     }
 
     /// A pod whose namespace is gone stops being attached: its series expire
@@ -706,7 +721,7 @@ impl Collector {
             room_wanted = room_wanted.saturating_sub(1);
             let before = self.last.remove(hash).unwrap_or_default();
             let delta = difference(&last, &before);
-            if delta.packets > 0 {
+            if !delta.is_zero() {
                 series.entry(Series::of(key, &last)).or_default().add(delta);
             }
         }
@@ -739,7 +754,7 @@ impl Collector {
                 bytes: now.bytes.saturating_sub(before.bytes),
                 connections: now.connections.saturating_sub(before.connections),
             };
-            if delta.packets > 0 {
+            if !delta.is_zero() {
                 let labels = series::overflow_labels(&netns.pod, key.interface, key.direction);
                 self.flows.add(&netns.pod, labels, delta);
                 self.metrics.flow_overflow_packets.inc_by(delta.packets);
@@ -821,6 +836,11 @@ const AHEAD: usize = 16;
 /// Bytes a packet has at least, as tc sees it (an IPv4 header).
 const MIN_PACKET: u64 = 20;
 
+/// Packets a reading may hold without their bytes yet: the kernel adds a
+/// packet's counters one by one, so one per CPU may be half counted. Far
+/// below the 4 G packets that a flow made anew seems to jump by.
+const HALF_COUNTED: u64 = 4096;
+
 /// What a flow gained since `before`. A flow the kernel evicted and made
 /// anew in between (it came back) counts from zero: all of `now` is new.
 /// That is told by its bytes going down, or by more packets than its bytes
@@ -828,8 +848,9 @@ const MIN_PACKET: u64 = 20;
 /// counted as is, that would be a jump of 4 G packets).
 fn difference(now: &FlowValue, before: &Seen) -> Counts {
     let packets = u64::from((now.packets as u32).wrapping_sub(before.packets));
+    let held = packets.saturating_sub(HALF_COUNTED);
     match now.bytes.checked_sub(before.bytes) {
-        Some(bytes) if bytes >= packets.saturating_mul(MIN_PACKET) => Counts {
+        Some(bytes) if bytes >= held.saturating_mul(MIN_PACKET) => Counts {
             packets,
             bytes,
             connections: u64::from((now.connections as u16).wrapping_sub(before.connections)),

@@ -36,6 +36,14 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Nothing counted. (Not only "no packet": the kernel adds a packet's
+    /// counters one by one, and a reading between two of them has the
+    /// packet without its bytes or its connection; the rest is new at the
+    /// next reading.)
+    pub fn is_zero(&self) -> bool {
+        self.packets == 0 && self.bytes == 0 && self.connections == 0
+    }
+
     pub fn add(&mut self, other: Counts) {
         self.packets += other.packets;
         self.bytes += other.bytes;

@@ -360,7 +360,7 @@ impl Collector {
                 continue;
             }
             let delta = fifo_difference(now, ipc.fifo.insert(*key, *now).as_ref());
-            if delta.packets == 0 {
+            if delta.is_zero() {
                 continue;
             }
             if !ipc.pipes.contains_key(&key.pipe) {

@@ -42,3 +42,41 @@ fn a_flow_that_came_back_with_fewer_packets_and_more_bytes_counts_from_zero() {
     let d = difference(&value((1 << 32) + 10, (1 << 40) + 16 * 64), &before);
     assert_eq!((d.packets, d.bytes), (16, 16 * 64));
 }
+
+#[test]
+fn a_packet_read_half_counted_is_counted_whole_by_the_next_reading() {
+    // The kernel had added the packet, not yet its bytes and connection.
+    let before = Seen {
+        packets: 3,
+        bytes: 300,
+        connections: 1,
+        ..Seen::default()
+    };
+    let torn = FlowValue {
+        packets: 4,
+        bytes: 300,
+        connections: 1,
+        ..FlowValue::default()
+    };
+    let d = difference(&torn, &before);
+    assert_eq!(
+        (d.packets, d.bytes, d.connections),
+        (1, 0, 0),
+        "not a flow made anew"
+    );
+    // The rest, at the next reading: no packet, but not nothing.
+    let whole = FlowValue {
+        bytes: 360,
+        connections: 2,
+        ..torn
+    };
+    let after = Seen {
+        packets: 4,
+        bytes: 300,
+        connections: 1,
+        ..Seen::default()
+    };
+    let d = difference(&whole, &after);
+    assert_eq!((d.packets, d.bytes, d.connections), (0, 60, 1));
+    assert!(!d.is_zero(), "counted, not taken for a quiet flow");
+}
