@@ -9,7 +9,7 @@
 //! pinned, no filter and nothing loaded; in open mode nothing is pinned in
 //! the first place.
 
-use std::{thread, time::Duration};
+use std::{net::Ipv4Addr, thread, time::Duration};
 
 use integration_test::{
     Bpffs, Observer, Scrape, TempDir,
@@ -221,24 +221,45 @@ fn closed_policies_hold(tc_attach: &str) {
     };
     let made = [external.not_permitted, shop.timed_out, shop.timed_out].map(|n| n as f64);
     // The connections that were let through: what the kernel's flow map
-    // counted for them since the first observer made it (its counts are
-    // cumulative, and no flow was evicted) is what the three observers
-    // together exported, to the connection. (The prober's own tally can be
-    // a SYN off: the kernel sends one now and then without its socket,
-    // counted as the kernel's, or a port is used again for a new
-    // connection; the wire is what counts.)
-    let to_pod = lab::cgroup_id(&client).expect("the container's cgroup id");
+    // counted for the client pod's flows to web since the first observer
+    // made it (its counts are cumulative, and no flow was evicted) is what
+    // the three observers together exported, to the connection. By pod:
+    // its containers share its ports, and a port one of them used may be
+    // used again by another (the prober, after a lab container's curl): the
+    // kernel's flow then holds both connections, under the cgroup of the
+    // last, where the observers counted each under its container. (The
+    // prober's own tally can be a SYN off: the kernel sends one now and
+    // then without its socket, counted as the kernel's; the wire is what
+    // counts.)
+    let client_ip: Ipv4Addr = lab
+        .pod("default", "client")
+        .unwrap()
+        .ip
+        .to_string()
+        .parse()
+        .unwrap();
+    let from_pod = |m: &Scrape| {
+        m.sum(
+            "observer_connections_opened_total",
+            &[
+                ("pod", "client"),
+                ("class", "service"),
+                ("port", "80"),
+                ("direction", "egress"),
+            ],
+        )
+    };
     // The last attempts may be a collection away: a scrape that arrives
     // while a collection runs is answered by it, and that collection may
     // have read the maps before the prober's last connection.
     let mut m = third.scrape();
-    let mut in_kernel = kernel_connections(pins, to_pod, WEB_SERVICE, 80);
+    let mut in_kernel = kernel_connections(pins, client_ip, WEB_SERVICE, 80);
     for _ in 0..50 {
-        if counted(&m) == made && opened(&m, "service", "80") == in_kernel as f64 {
+        if counted(&m) == made && from_pod(&m) == in_kernel as f64 {
             break;
         }
         thread::sleep(Duration::from_millis(100));
-        in_kernel = kernel_connections(pins, to_pod, WEB_SERVICE, 80);
+        in_kernel = kernel_connections(pins, client_ip, WEB_SERVICE, 80);
         m = third.scrape();
     }
     assert_eq!(
@@ -247,21 +268,23 @@ fn closed_policies_hold(tc_attach: &str) {
         "counted (deny no-9999, deny not-client, opened to shop) against made:\n{}",
         third.log()
     );
-    let to_web = opened(&m, "service", "80");
+    let to_pod = lab::cgroup_id(&client).expect("the container's cgroup id");
     assert_eq!(
-        to_web,
+        from_pod(&m),
         in_kernel as f64,
-        "exported against the kernel's count; exported:\n{}in the kernel (source cgroup, class, server, flows, connections; the container's is {to_pod}):\n{:?}\nflows of more than one connection: {:?}\nthe prober's attempts to web: {web:?} (its listener overflowed {overflows} times)\n{}",
+        "exported against the kernel's count; exported:\n{}in the kernel (source cgroup, class, server, flows, connections; the prober's container's is {to_pod}):\n{:?}\nflows of more than one connection: {:?}\nthe prober's attempts to web: {web:?} (its listener overflowed {overflows} times)\n{}",
         m.samples(
             "observer_connections_opened_total",
             &[("pod", "client"), ("port", "80")]
         ),
-        kernel_flows(pins, WEB_SERVICE, 80),
-        flows_to(pins, WEB_SERVICE, 80)
+        kernel_flows(pins, client_ip, WEB_SERVICE, 80),
+        flows_to(pins, client_ip, WEB_SERVICE, 80)
             .filter(|(_, v)| v.connections > 1)
             .collect::<Vec<_>>(),
         third.log(),
     );
+    // The prober's connections, under its container.
+    let to_web = opened(&m, "service", "80");
     assert!(
         (to_web - web.connected as f64).abs() <= 2.0,
         "{to_web} connections to web counted; the prober made {}",
@@ -281,18 +304,19 @@ fn closed_policies_hold(tc_attach: &str) {
     let _ = listener.wait();
 }
 
-/// TCP connections the pinned flow map counted from container cgroup
-/// `cgroup` to `host:port` (egress, on `eth0`).
-fn kernel_connections(pins: &Bpffs, cgroup: u64, host: &str, port: u16) -> u64 {
-    flows_to(pins, host, port)
-        .filter(|(_, v)| v.src_cgroup == cgroup)
+/// TCP connections the pinned flow map counted from the pod with address
+/// `from` to `host:port` (egress, on `eth0`).
+fn kernel_connections(pins: &Bpffs, from: Ipv4Addr, host: &str, port: u16) -> u64 {
+    flows_to(pins, from, host, port)
         .map(|(_, v)| u64::from(v.connections))
         .sum()
 }
 
-/// The flows to `host:port`, egress on `eth0`, in the pinned flow map.
+/// The flows from the pod with address `from` to `host:port`, egress on
+/// `eth0`, in the pinned flow map.
 fn flows_to(
     pins: &Bpffs,
+    from: Ipv4Addr,
     host: &str,
     port: u16,
 ) -> impl Iterator<Item = (observer_common::FlowKey, observer_common::FlowValue)> {
@@ -301,21 +325,28 @@ fn flows_to(
     let map = MapData::from_pin(pins.path().join("observer/maps-v1/FLOWS")).expect("the flow map");
     let flows: HashMap<_, FlowKey, FlowValue> =
         HashMap::try_from(aya::maps::Map::HashMap(map)).expect("a hash map");
-    let addr = ipv4_mapped(host.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    let addr = ipv4_mapped(host.parse::<Ipv4Addr>().unwrap().octets());
+    let from = ipv4_mapped(from.octets());
     let all: Vec<_> = flows.iter().flatten().collect();
     all.into_iter().filter(move |(k, _)| {
-        k.dst_addr == addr
+        k.src_addr == from
+            && k.dst_addr == addr
             && k.dst_port == port
             && k.direction == direction::EGRESS
             && k.interface == interface::POD
     })
 }
 
-/// The flows to `host:port` (egress, on `eth0`) in the pinned flow map,
-/// by source cgroup, class and server: how many, and their connections.
-fn kernel_flows(pins: &Bpffs, host: &str, port: u16) -> Vec<(u64, u8, u8, u64, u64)> {
+/// What [`flows_to`] finds by source cgroup, class and server: how many
+/// flows, and their connections.
+fn kernel_flows(
+    pins: &Bpffs,
+    from: Ipv4Addr,
+    host: &str,
+    port: u16,
+) -> Vec<(u64, u8, u8, u64, u64)> {
     let mut by = std::collections::BTreeMap::<(u64, u8, u8), (u64, u64)>::new();
-    for (_, v) in flows_to(pins, host, port) {
+    for (_, v) in flows_to(pins, from, host, port) {
         let entry = by.entry((v.src_cgroup, v.class, v.server)).or_default();
         entry.0 += 1;
         entry.1 += u64::from(v.connections);

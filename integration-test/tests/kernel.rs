@@ -9,7 +9,8 @@
 use std::net::{SocketAddrV4, TcpListener, UdpSocket};
 
 use integration_test::kernel::{
-    TC_ACT_SHOT, TC_ACT_UNSPEC, frame, own_cgroup, probe, run, table_world, test_socket_as_node,
+    Kernel, TC_ACT_SHOT, TC_ACT_UNSPEC, frame, own_cgroup, probe, run, table_world,
+    test_socket_as_node,
 };
 use lab::cgroup_id;
 use observer::{
@@ -18,7 +19,8 @@ use observer::{
     policy::table::Table,
 };
 use observer_common::{
-    FlowKey, class, classify, direction, family, interface, ipv4_mapped, protocol, server, verdict,
+    FlowKey, FlowValue, class, classify, direction, family, interface, ipv4_mapped, protocol,
+    server, verdict,
 };
 
 #[test]
@@ -451,6 +453,68 @@ fn the_flow_cache_counts_every_packet_once() {
     assert_eq!(in_map(), (51, 51 * size));
     t.kernel.maps.flow_cache.flush().expect("flush");
     assert_eq!(in_map(), (51, 51 * size), "no packet twice");
+}
+
+/// Two containers of a pod share its ports: a port one used may be used
+/// again by another, on the same addresses, for a new connection. Its SYN
+/// classifies the flow again, for the container that sends it now; the
+/// flow's other packets do not.
+#[test]
+fn a_port_used_again_by_another_container_is_counted_for_it() {
+    let table = Table::load();
+    let mut t = table_world(&table);
+    let pod = &t.pods["default/web"];
+    let src: SocketAddrV4 = "10.244.1.12:40000".parse().unwrap();
+    let dst: SocketAddrV4 = "10.244.2.6:8080".parse().unwrap();
+    let key = FlowKey {
+        netns_cookie: pod.cookie,
+        src_addr: ipv4_mapped(src.ip().octets()),
+        dst_addr: ipv4_mapped(dst.ip().octets()),
+        src_port: src.port(),
+        dst_port: dst.port(),
+        protocol: protocol::TCP,
+        direction: direction::EGRESS,
+        family: family::IPV4,
+        interface: interface::POD,
+    };
+    let egress = |kernel: &Kernel, syn| {
+        run(
+            kernel,
+            pod,
+            EGRESS_PROGRAM,
+            pod.eth0,
+            &frame(src, dst, protocol::TCP, syn),
+        )
+    };
+    // The first connection, from this process's cgroup.
+    assert_eq!(egress(&t.kernel, true), TC_ACT_UNSPEC);
+    assert_eq!(egress(&t.kernel, false), TC_ACT_UNSPEC);
+    let own = cgroup_id(&own_cgroup()).expect("own cgroup");
+    let first = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+    assert_eq!((first.src_cgroup, first.connections), (own, 1));
+    // As if another container had made it.
+    let other = own + 1_000_000;
+    let made_by_other = FlowValue {
+        src_cgroup: other,
+        ..first
+    };
+    t.kernel
+        .maps
+        .flows
+        .insert(key, made_by_other, 0)
+        .expect("the flow rewritten");
+    // Its connection's packets stay its.
+    egress(&t.kernel, false);
+    let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+    assert_eq!((value.src_cgroup, value.packets), (other, 3));
+    // A new connection from this process's cgroup: the flow is its now.
+    egress(&t.kernel, true);
+    let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+    assert_eq!(
+        (value.src_cgroup, value.connections, value.packets),
+        (own, 2, 4),
+        "classified again at the SYN, and counted once"
+    );
 }
 
 /// Keeps this thread on one CPU.

@@ -6,8 +6,9 @@
 //!
 //! Runs when a flow is first seen, again when the daemon has changed the
 //! classification maps (new generation), at each SYN into a pod with a
-//! policy, and at each datagram of a UDP flow into a pod with a policy that
-//! no socket receives yet; never for the packets of a known flow.
+//! policy, at a SYN out of another container than the flow's (a port used
+//! again), and at each datagram of a UDP flow into a pod with a policy that
+//! no socket receives yet; never for the other packets of a known flow.
 
 use aya_ebpf::{helpers::bpf_skb_cgroup_id, maps::lpm_trie::Key, programs::TcContext};
 use observer_common::{
@@ -115,6 +116,15 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) -> bool {
         server::DESTINATION
     };
     receiver.found()
+}
+
+/// Whether an outbound packet's socket is in another cgroup than the one
+/// its flow was classified for (a packet without a socket, 0, is in none).
+#[inline(always)]
+pub fn sent_by_another(ctx: &TcContext, value: &FlowValue) -> bool {
+    // SAFETY: reads the socket the kernel attached to the skb.
+    let cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    cgroup != 0 && cgroup != value.src_cgroup
 }
 
 /// Both ends are in this namespace: the server is the end whose socket's

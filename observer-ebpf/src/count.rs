@@ -19,8 +19,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use observer_common::{
-    DEFAULT_FLOW_CAPACITY, FlowKey, FlowValue, OVERFLOW_CAPACITY, OverflowKey, OverflowValue,
-    direction::INGRESS, tail, verdict,
+    DEFAULT_FLOW_CAPACITY, FlowKey, FlowValue, OVERFLOW_CAPACITY, OverflowKey, OverflowValue, tail,
+    verdict,
 };
 
 use crate::{
@@ -71,16 +71,17 @@ pub fn observe(ctx: &mut TcContext, cookie: u64, direction: u8) -> i32 {
     }
     let key = flow.key();
     if let Some(value) = FLOWS.get_ptr_mut(&key) {
-        // An inbound SYN opens a connection: decided as one by
-        // `classify_flow`, whatever the flow holds.
-        let opens = syn && direction == INGRESS;
+        // A SYN opens a connection, and goes to `classify_flow` whatever
+        // the flow holds: an inbound one is decided there as one, and an
+        // outbound one may come from another container than the flow's
+        // last (the pod's port used again). Once per connection; a new
+        // flow's first SYN goes there anyway.
         // SAFETY: a live map value.
-        if unsafe { (*value).generation } == generation && !opens {
-            add(value, bytes, u32::from(syn));
+        if unsafe { (*value).generation } == generation && !syn {
+            add(value, bytes, 0);
             // SAFETY: as above.
             let (verdict, packets) = unsafe { ((*value).verdict, (*value).packets) };
-            if !syn
-                && packets >= CACHE_AFTER
+            if packets >= CACHE_AFTER
                 && let Some(slot) = cache::room(&flow.words, generation)
             {
                 cache::install(slot, &flow.words, generation, verdict);

@@ -161,7 +161,10 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> 
         // listener, or come before the policy). Counted unless the flow was
         // already decided as inbound (a retransmitted SYN).
         let opens = syn != 0 && key.direction == INGRESS && policy::has_policy(key.netns_cookie);
-        if value.generation != generation || opens {
+        // A SYN out of another container than the flow's: a new connection
+        // on a port of the pod's that another container used before.
+        let moved = syn != 0 && key.direction == EGRESS && classify::sent_by_another(ctx, value);
+        if value.generation != generation || opens || moved {
             let retransmitted = value.server == server::DESTINATION && value.syn_seq == seq;
             let counted =
                 (opens && !retransmitted) || value.flags & flow_flags::AWAITS_LISTENER != 0;
