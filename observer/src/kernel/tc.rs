@@ -108,13 +108,23 @@ fn remove_filter(name: &'static str, interface: &str, direction: TcAttachType) {
     else {
         return;
     };
-    // No qdisc, or no filter there: nothing to remove (an error, ignored).
-    if left.detach().is_ok() {
-        tracing::info!(
+    match left.detach() {
+        Ok(()) => tracing::info!(
             interface,
             program = name,
             "removed the clsact filter an earlier observer left: attached as a TCX link"
-        );
+        ),
+        // No qdisc, or no filter there: nothing to remove.
+        Err(ProgramError::NetlinkError(err))
+            if matches!(err.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {}
+        // Without NET_ADMIN, say: both run on the hook, and count each
+        // packet twice until `observer cleanup` removes the filter.
+        Err(err) => tracing::warn!(
+            %err,
+            interface,
+            program = name,
+            "cannot remove the clsact filter an earlier observer left: its packets are counted twice until it goes (observer cleanup removes it)"
+        ),
     }
 }
 
