@@ -22,7 +22,7 @@ use observer::{
     names::{CgroupIds, ObjectRef},
     policy::{compile::RuleName, explain::World, table::Table},
 };
-use observer_common::{NodeInfo, VerdictKey, protocol};
+use observer_common::{FlowKey, NodeInfo, VerdictKey, family, ipv4_mapped, protocol};
 
 use crate::{TempDir, container::in_container};
 
@@ -157,6 +157,29 @@ pub fn frame(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, syn: bool) -> Vec<
         f.extend_from_slice(&[0, 0]);
     }
     f
+}
+
+/// The flow map's key of the packets from `src` to `dst` (protocol `proto`)
+/// at `pod`'s hook on `interface` in `direction`, as the programs make it.
+pub fn flow_key(
+    pod: &Pod,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    proto: u8,
+    direction: u8,
+    interface: u8,
+) -> FlowKey {
+    FlowKey {
+        netns_cookie: pod.cookie,
+        src_addr: ipv4_mapped(src.ip().octets()),
+        dst_addr: ipv4_mapped(dst.ip().octets()),
+        src_port: src.port(),
+        dst_port: dst.port(),
+        protocol: proto,
+        direction,
+        family: family::IPV4,
+        interface,
+    }
 }
 
 /// `struct __sk_buff` up to `ifindex` (offset 40): the device the packet

@@ -21,31 +21,33 @@ impl Scrape {
     /// The sum of the samples of `name` whose labels include all of `labels`
     /// (0 when there is none: a counter that never moved is not exported).
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|(n, l, _)| {
-                n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
-            })
-            .map(|(_, _, v)| v)
-            .sum()
+        self.matching(name, labels).map(|(_, v)| v).sum()
     }
 
     /// The samples of `name` whose labels include all of `labels`, one per
-    /// line as exported: for a failure's message.
+    /// line (labels, value): for a failure's message.
     pub fn samples(&self, name: &str, labels: &[(&str, &str)]) -> String {
+        self.matching(name, labels)
+            .map(|(l, v)| format!("{l:?} {v}\n"))
+            .collect()
+    }
+
+    /// The labels and values of the samples of `name` whose labels include
+    /// all of `labels`.
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = (&'a BTreeMap<String, String>, f64)> {
         self.samples
             .iter()
-            .filter(|(n, l, _)| {
+            .filter(move |(n, l, _)| {
                 n == name
                     && labels
                         .iter()
                         .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
             })
-            .map(|(_, l, v)| format!("{l:?} {v}\n"))
-            .collect()
+            .map(|(_, l, v)| (l, *v))
     }
 
     /// Whether any sample of `name` carries label `key` with `value`.

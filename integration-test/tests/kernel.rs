@@ -9,7 +9,7 @@
 use std::net::{SocketAddrV4, TcpListener, UdpSocket};
 
 use integration_test::kernel::{
-    Kernel, TC_ACT_SHOT, TC_ACT_UNSPEC, frame, own_cgroup, probe, run, table_world,
+    Kernel, TC_ACT_SHOT, TC_ACT_UNSPEC, flow_key, frame, own_cgroup, probe, run, table_world,
     test_socket_as_node,
 };
 use lab::cgroup_id;
@@ -232,17 +232,7 @@ fn the_classifier_classifies_as_user_space_does() {
         } else {
             direction::EGRESS
         };
-        let key = FlowKey {
-            netns_cookie: pod.cookie,
-            src_addr: ipv4_mapped(src.ip().octets()),
-            dst_addr: ipv4_mapped(dst.ip().octets()),
-            src_port: src.port(),
-            dst_port: dst.port(),
-            protocol: case.proto,
-            direction: hook_direction,
-            family: family::IPV4,
-            interface: iface,
-        };
+        let key = flow_key(pod, src, dst, case.proto, hook_direction, iface);
         let Ok(value) = t.kernel.maps.flows.get(&key, 0) else {
             failures.push(format!("{src} -> {dst}: no flow in the map"));
             continue;
@@ -414,17 +404,14 @@ fn the_flow_cache_counts_every_packet_once() {
     let src = SocketAddrV4::new([10, 244, 1, 12].into(), 40123);
     let dst = SocketAddrV4::new([10, 244, 2, 5].into(), 5432);
     let packet = frame(src, dst, protocol::UDP, false);
-    let key = FlowKey {
-        netns_cookie: pod.cookie,
-        src_addr: ipv4_mapped(src.ip().octets()),
-        dst_addr: ipv4_mapped(dst.ip().octets()),
-        src_port: src.port(),
-        dst_port: dst.port(),
-        protocol: protocol::UDP,
-        direction: direction::EGRESS,
-        family: family::IPV4,
-        interface: interface::POD,
-    };
+    let key = flow_key(
+        pod,
+        src,
+        dst,
+        protocol::UDP,
+        direction::EGRESS,
+        interface::POD,
+    );
     let in_map = || {
         let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
         (value.packets, value.bytes)
@@ -466,17 +453,14 @@ fn a_port_used_again_by_another_container_is_counted_for_it() {
     let pod = &t.pods["default/web"];
     let src: SocketAddrV4 = "10.244.1.12:40000".parse().unwrap();
     let dst: SocketAddrV4 = "10.244.2.6:8080".parse().unwrap();
-    let key = FlowKey {
-        netns_cookie: pod.cookie,
-        src_addr: ipv4_mapped(src.ip().octets()),
-        dst_addr: ipv4_mapped(dst.ip().octets()),
-        src_port: src.port(),
-        dst_port: dst.port(),
-        protocol: protocol::TCP,
-        direction: direction::EGRESS,
-        family: family::IPV4,
-        interface: interface::POD,
-    };
+    let key = flow_key(
+        pod,
+        src,
+        dst,
+        protocol::TCP,
+        direction::EGRESS,
+        interface::POD,
+    );
     let egress = |kernel: &Kernel, syn| {
         run(
             kernel,

@@ -47,10 +47,8 @@ fn a_flow_that_came_back_with_fewer_packets_and_more_bytes_counts_from_zero() {
 fn a_packet_read_half_counted_is_counted_whole_by_the_next_reading() {
     // The kernel had added the packet, not yet its bytes and connection.
     let before = Seen {
-        packets: 3,
-        bytes: 300,
         connections: 1,
-        ..Seen::default()
+        ..seen(3, 300)
     };
     let torn = FlowValue {
         packets: 4,
@@ -70,11 +68,10 @@ fn a_packet_read_half_counted_is_counted_whole_by_the_next_reading() {
         connections: 2,
         ..torn
     };
+    // The baseline the torn reading left.
     let after = Seen {
-        packets: 4,
-        bytes: 300,
         connections: 1,
-        ..Seen::default()
+        ..seen(4, 300)
     };
     let d = difference(&whole, &after);
     assert_eq!((d.packets, d.bytes, d.connections), (0, 60, 1));
