@@ -571,18 +571,16 @@ impl Collector {
                 series.entry(of).or_default().add(counts);
             }
         }
-        if walked.is_err() && prime {
-            // The earlier observer's flows that it did not reach.
-            self.prime = true;
-        }
-        if walked.is_ok() {
-            self.live = live;
-            self.reclaim(&mut quiet, live, &mut series);
+        match &walked {
+            Ok(()) => {
+                self.live = live;
+                self.reclaim(&mut quiet, live, &mut series);
+                self.last.retain(|seen| seen.pass == pass);
+            }
+            // The earlier observer's flows it did not reach: primed next time.
+            Err(_) => self.prime |= prime,
         }
         self.collect_overflow();
-        if walked.is_ok() {
-            self.last.retain(|seen| seen.pass == pass);
-        }
         let containers = &self.identities.containers;
         self.unnamed
             .forget(|id| containers.contains_key(&id), started);
@@ -833,25 +831,18 @@ const BATCH: usize = 4096;
 /// still be in the cache when their flows come.
 const AHEAD: usize = 16;
 
-/// Bytes a packet has at least, as tc sees it (an IPv4 header).
-const MIN_PACKET: u64 = 20;
-
-/// Packets a reading may hold without their bytes yet: the kernel adds a
-/// packet's counters one by one, so one per CPU may be half counted. Far
-/// below the 4 G packets that a flow made anew seems to jump by.
-const HALF_COUNTED: u64 = 4096;
-
 /// What a flow gained since `before`. A flow the kernel evicted and made
 /// anew in between (it came back) counts from zero: all of `now` is new.
-/// That is told by its bytes going down, or by more packets than its bytes
-/// can hold (its packets went down, which wraps `before`'s 32 bits of them:
-/// counted as is, that would be a jump of 4 G packets).
+/// That is told by its bytes going down, or its packets: they wrap
+/// `before`'s 32 bits of them, a jump of 2 G packets or more, which no flow
+/// sends between two collections. Not by comparing packets with bytes: the
+/// kernel adds a packet's counters one by one (and the cache moves many
+/// packets' at once), so a reading may hold packets without their bytes.
 fn difference(now: &FlowValue, before: &Seen) -> Counts {
-    let packets = u64::from((now.packets as u32).wrapping_sub(before.packets));
-    let held = packets.saturating_sub(HALF_COUNTED);
+    let packets = (now.packets as u32).wrapping_sub(before.packets);
     match now.bytes.checked_sub(before.bytes) {
-        Some(bytes) if bytes >= held.saturating_mul(MIN_PACKET) => Counts {
-            packets,
+        Some(bytes) if packets < 1 << 31 => Counts {
+            packets: u64::from(packets),
             bytes,
             connections: u64::from((now.connections as u16).wrapping_sub(before.connections)),
         },
