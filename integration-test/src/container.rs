@@ -310,3 +310,40 @@ pub fn listen_overflows(netns: &Path) -> u64 {
         .and_then(|(_, value)| value.parse().ok())
         .expect("ListenOverflows")
 }
+
+/// A Python script run as a process of a container, held until dropped
+/// (or until it has read a line): for sockets a test needs to exist while
+/// it looks at them. Killed and reaped on drop.
+pub struct Held {
+    child: std::process::Child,
+    /// What the script printed first (its readiness, or what it made).
+    pub said: String,
+}
+
+impl Held {
+    /// Runs `script` and waits for its first line of output.
+    pub fn start(cgroup: &Path, netns: &Path, script: &str) -> Self {
+        let mut child = in_container(cgroup, netns, Command::new("python3").args(["-c", script]))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut said = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut said,
+        )
+        .expect("the script's first line");
+        Self {
+            child,
+            said: said.trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -262,6 +262,18 @@ pub struct TableWorld {
     _cgroups: Cgroup,
 }
 
+impl TableWorld {
+    /// The cgroup of container `name` of pod `pod` (`namespace/name`).
+    pub fn container_cgroup(&self, pod: &str, name: &str) -> PathBuf {
+        let (namespace, pod_name) = pod.split_once('/').expect("namespace/name");
+        self.world
+            .pod(namespace, pod_name)
+            .and_then(|p| p.containers.iter().find(|c| c.name == name))
+            .map(|c| c.cgroup.clone())
+            .unwrap_or_else(|| panic!("no container {name} in {pod}"))
+    }
+}
+
 pub fn table_world(table: &Table) -> TableWorld {
     let mut kernel = Kernel::load();
     let cgroups = Cgroup::create("kernel-table").expect("a cgroup of the test's own");

@@ -8,9 +8,12 @@
 
 use std::net::{SocketAddrV4, TcpListener, UdpSocket};
 
-use integration_test::kernel::{
-    Kernel, TC_ACT_SHOT, TC_ACT_UNSPEC, flow_key, frame, own_cgroup, probe, run, table_world,
-    test_socket_as_node,
+use integration_test::{
+    container::Held,
+    kernel::{
+        Kernel, TC_ACT_SHOT, TC_ACT_UNSPEC, flow_key, frame, own_cgroup, probe, run, table_world,
+        test_socket_as_node,
+    },
 };
 use lab::cgroup_id;
 use observer::{
@@ -498,6 +501,179 @@ fn a_port_used_again_by_another_container_is_counted_for_it() {
         (value.src_cgroup, value.connections, value.packets),
         (own, 2, 4),
         "classified again at the SYN, and counted once"
+    );
+}
+
+/// A flow classified again (the classification maps changed) from a
+/// packet whose socket tells less than the sockets that classified it
+/// first keeps what they told. Here, over `lo`: the server's container,
+/// told by its listener at the SYN, where the connection's later packets
+/// find only the accepted socket (which has no storage of the hooks').
+#[test]
+fn a_flow_classified_again_keeps_the_container_its_listener_told() {
+    let table = Table::load();
+    let mut t = table_world(&table);
+    let pod = &t.pods["shop/shop"];
+    let server: SocketAddrV4 = "127.0.0.1:7070".parse().unwrap();
+    let client: SocketAddrV4 = "127.0.0.1:40123".parse().unwrap();
+    let app = t.container_cgroup("shop/shop", "app");
+    let sidecar = t.container_cgroup("shop/shop", "sidecar");
+    let listener = Held::start(
+        &app,
+        &pod.netns.path(),
+        "import socket, sys\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', 7070))\n\
+         s.listen(8)\n\
+         print('listening', flush=True)\n\
+         c = s.accept()[0]\n\
+         sys.stdin.read()\n",
+    );
+    assert_eq!(listener.said, "listening");
+    let key = flow_key(
+        pod,
+        client,
+        server,
+        protocol::TCP,
+        direction::EGRESS,
+        interface::LOOPBACK,
+    );
+    let send = |kernel: &Kernel, syn| {
+        run(
+            kernel,
+            pod,
+            EGRESS_PROGRAM,
+            1,
+            &frame(client, server, protocol::TCP, syn),
+        )
+    };
+    // The SYN finds the listener.
+    send(&t.kernel, true);
+    let app_id = cgroup_id(&app).expect("app's cgroup");
+    let first = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+    assert_eq!(
+        (first.dst_cgroup, first.server, first.server_port),
+        (app_id, server::DESTINATION, 7070),
+        "at the SYN"
+    );
+    // The connection made for real: the listener's socket accepts it, and
+    // the tuple's lookups find the accepted socket from now on.
+    let connection = Held::start(
+        &sidecar,
+        &pod.netns.path(),
+        "import socket, sys\n\
+         c = socket.socket()\n\
+         c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         c.bind(('127.0.0.1', 40123))\n\
+         c.connect(('127.0.0.1', 7070))\n\
+         print('connected', flush=True)\n\
+         sys.stdin.read()\n",
+    );
+    assert_eq!(connection.said, "connected");
+    t.kernel.class_maps.reclassify().expect("a new generation");
+    send(&t.kernel, false);
+    let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+    assert_eq!(
+        (
+            value.dst_cgroup,
+            value.server,
+            value.server_port,
+            value.class
+        ),
+        (app_id, server::DESTINATION, 7070, class::LOCALHOST),
+        "classified again from a packet the accepted socket receives"
+    );
+    // The server's process ends: its accepted socket closes (to TIME_WAIT
+    // or on its way, no full socket any more) and nothing listens.
+    drop(listener);
+    t.kernel.class_maps.reclassify().expect("a new generation");
+    send(&t.kernel, false);
+    let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+    assert_eq!(
+        (value.dst_cgroup, value.server, value.server_port, value.class),
+        (app_id, server::DESTINATION, 7070, class::LOCALHOST),
+        "classified again after the server closed"
+    );
+    drop(connection);
+}
+
+/// The same across `eth0`, for a flow decided at the socket: a socket
+/// that sent to a Service (its hooks recorded the Service) receives an
+/// answer from a pod (a socket load balancer's backend). When the socket
+/// is gone (closed, its last packets still coming) and the maps change,
+/// the flow stays the Service's, and the socket's container's.
+#[test]
+fn a_flow_decided_at_its_socket_stays_so_when_the_socket_is_gone() {
+    let table = Table::load();
+    let mut t = table_world(&table);
+    let pod = &t.pods["default/client"];
+    let client = t.container_cgroup("default/client", "client");
+    // Sends to kube-dns (the pod namespace has no route: the send fails
+    // after the hook has run) and prints the port it was given.
+    let socket = Held::start(
+        &client,
+        &pod.netns.path(),
+        "import socket, sys\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         try:\n\
+         \x20   s.sendto(b'x', ('10.96.0.53', 53))\n\
+         except OSError:\n\
+         \x20   pass\n\
+         print(s.getsockname()[1], flush=True)\n\
+         sys.stdin.read()\n",
+    );
+    let port: u16 = socket.said.parse().expect("the socket's port");
+    let backend: SocketAddrV4 = "10.244.2.5:53".parse().unwrap();
+    let local = SocketAddrV4::new([10, 244, 1, 11].into(), port);
+    let key = flow_key(
+        pod,
+        backend,
+        local,
+        protocol::UDP,
+        direction::INGRESS,
+        interface::POD,
+    );
+    let answer = |kernel: &Kernel| {
+        run(
+            kernel,
+            pod,
+            INGRESS_PROGRAM,
+            pod.eth0,
+            &frame(backend, local, protocol::UDP, false),
+        )
+    };
+    let client_id = cgroup_id(&client).expect("client's cgroup");
+    let kube_dns = classify::Peer {
+        class: class::SERVICE,
+        id: t
+            .world
+            .ids()
+            .services
+            .get(&ObjectRef::new("kube-system", "kube-dns"))
+            .expect("kube-dns's id"),
+    };
+    let told = |value: &FlowValue| {
+        (
+            value.class,
+            value.peer_id,
+            value.dst_cgroup,
+            value.server,
+            value.server_port,
+        )
+    };
+    let expected = (kube_dns.class, kube_dns.id, client_id, server::SOURCE, 53);
+    answer(&t.kernel);
+    let first = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+    assert_eq!(told(&first), expected, "decided at the socket");
+    drop(socket);
+    t.kernel.class_maps.reclassify().expect("a new generation");
+    answer(&t.kernel);
+    let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+    assert_eq!(
+        (told(&value), value.packets),
+        (expected, 2),
+        "classified again without its socket"
     );
 }
 

@@ -43,8 +43,15 @@ impl ClassMaps for KernelClassMaps {
 /// Fills the classification fields of `value` (not the counters).
 /// Returns whether a socket of the pod receives the flow (looked up on
 /// `lo` and at `eth0` ingress: a listener, a bound or a connected socket).
+///
+/// `value` holds what the flow was classified as before (zero if new).
+/// Unless `renew` (the packet opens a connection: a SYN), what sockets
+/// told then stays where this packet's sockets tell nothing: a
+/// connection's later packets find an accepted socket (no storage of the
+/// hooks'), and after its socket closed, none or the kernel's own (a
+/// TIME_WAIT answer). The containers, a decision at the socket, the server.
 #[inline(always)]
-pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) -> bool {
+pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue, renew: bool) -> bool {
     let egress = key.direction == EGRESS;
     // The sending socket is the skb's on egress; the receiving one is looked
     // up on `lo` (both ends are the pod's) and on `eth0` ingress.
@@ -58,13 +65,15 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) -> bool {
     } else {
         Socket::default()
     };
-    if egress {
+    if egress && (renew || value.src_cgroup == 0) {
         // SAFETY: reads the socket the kernel attached to the skb.
         value.src_cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     }
-    value.dst_cgroup = receiver.info.cgroup;
+    if renew || receiver.info.cgroup != 0 {
+        value.dst_cgroup = receiver.info.cgroup;
+    }
     if key.interface == interface::LOOPBACK {
-        localhost(ctx, key, value, sender, receiver);
+        localhost(ctx, key, value, sender, receiver, renew);
         return receiver.found();
     }
     // The pod's own socket, if it connected somewhere: its destination as
@@ -74,6 +83,10 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) -> bool {
     let local = if egress { sender } else { receiver };
     let bound_udp = key.protocol == protocol::UDP && local.bound();
     let decided = local.info.orig_class != class::UNKNOWN && !bound_udp;
+    if !renew && local.info.cgroup == 0 && value.flags & flow_flags::DECIDED_AT_SOCKET != 0 {
+        // Decided by a socket that this packet no longer reaches.
+        return receiver.found();
+    }
     let (remote, remote_port, local_addr, local_port) = if egress {
         (key.dst_addr, key.dst_port, key.src_addr, key.src_port)
     } else {
@@ -104,6 +117,9 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue) -> bool {
         // Both ends of UDP are bound sockets: the one its process bound
         // itself is the server's (a seeded socket may be known bound).
         bound_udp
+    } else if !renew && value.server != server::UNKNOWN {
+        // Told before, by a listener that may be gone now.
+        return receiver.found();
     } else if key.protocol != protocol::TCP {
         value.server = server::UNKNOWN;
         return receiver.found();
@@ -138,30 +154,36 @@ fn localhost(
     value: &mut FlowValue,
     sender: Socket,
     receiver: Socket,
+    renew: bool,
 ) {
     value.class = class::LOCALHOST;
     value.peer_id = 0;
-    value.server_port = 0;
     let redirected =
         |s: &Socket| s.info.orig_class != class::UNKNOWN && s.info.orig_class != class::LOCALHOST;
     let origin = if redirected(&sender) {
-        sender.info
+        Some(sender.info)
     } else if redirected(&receiver) {
-        receiver.info
+        Some(receiver.info)
+    } else if renew {
+        Some(observer_common::SocketInfo::default())
     } else {
-        observer_common::SocketInfo::default()
+        // Neither socket tells (any more): as told before.
+        None
     };
-    value.orig_class = origin.orig_class;
-    value.orig_peer_id = origin.orig_peer;
-    value.orig_port = origin.orig_port;
+    if let Some(origin) = origin {
+        value.orig_class = origin.orig_class;
+        value.orig_peer_id = origin.orig_peer;
+        value.orig_port = origin.orig_port;
+    }
     let proto = key.protocol;
     if proto != protocol::TCP && proto != protocol::UDP {
         value.server = server::UNKNOWN;
         return;
     }
-    // Each end as its socket has it, else as the packet says.
+    // Each end as its socket has it, else as the packet says. (The kernel's
+    // own socket, which answers for a closed one, has no address.)
     let ipv4 = key.family == IPV4;
-    let (src_addr, src_port) = if sender.found() && ipv4 {
+    let (src_addr, src_port) = if sender.found() && sender.local_port != 0 && ipv4 {
         (
             ipv4_mapped(sender.local_ip4.to_ne_bytes()),
             sender.local_port,
@@ -186,7 +208,8 @@ fn localhost(
         // itself is the server's.
         (true, true) if receiver.bound() && !sender.bound() => (server::DESTINATION, dst_port),
         (true, true) if sender.bound() && !receiver.bound() => (server::SOURCE, src_port),
-        // TCP: neither listens (any more).
-        _ => (server::UNKNOWN, 0),
+        // TCP: neither listens (any more); the server told before stays.
+        _ if renew => (server::UNKNOWN, 0),
+        _ => (value.server, value.server_port),
     };
 }

@@ -173,7 +173,9 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> 
             }
             value.generation = generation;
             value.flags &= !flow_flags::AWAITS_LISTENER;
-            let received = classify::classify(ctx, key, value);
+            // A connection's SYN renews what the sockets told: they are
+            // the connection's own.
+            let received = classify::classify(ctx, key, value, syn != 0);
             value.verdict = 0;
             match inbound(ctx, key, value, received) {
                 Inbound::Decide => return (0, Some(u32::from(counted))),
@@ -191,7 +193,7 @@ fn count(ctx: &TcContext, key: &mut FlowKey, bytes: u64, syn: u32, seq: u32) -> 
         generation,
         ..FlowValue::default()
     };
-    let received = classify::classify(ctx, key, &mut first);
+    let received = classify::classify(ctx, key, &mut first, syn != 0);
     pair_with_reverse(key, &mut first);
     let decide = inbound(ctx, key, &first, received);
     if decide == Inbound::NobodyListens {
