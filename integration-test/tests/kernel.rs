@@ -591,7 +591,12 @@ fn a_flow_classified_again_keeps_the_container_its_listener_told() {
     send(&t.kernel, false);
     let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
     assert_eq!(
-        (value.dst_cgroup, value.server, value.server_port, value.class),
+        (
+            value.dst_cgroup,
+            value.server,
+            value.server_port,
+            value.class
+        ),
         (app_id, server::DESTINATION, 7070, class::LOCALHOST),
         "classified again after the server closed"
     );

@@ -331,8 +331,17 @@ impl<'fd> Walk<'fd> {
             .put_u32(36, self.map.as_raw_fd() as u32);
             match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
                 Ok(_) => {}
-                // The end of the map, with the last entries.
-                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => self.done = true,
+                // The end of the map, with the last entries: the kernel
+                // wrote their count, and the position past the last bucket.
+                // Or a start past the last bucket, refused before the walk
+                // (the count still the buffers' size, the position unwritten).
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
+                    self.done = true;
+                    if next == 0 {
+                        batch.count = 0;
+                        return Ok(false);
+                    }
+                }
                 // One bucket holds more entries than the buffers do.
                 Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
                     let entries = batch.keys.len() * 2;
@@ -498,4 +507,63 @@ pub fn run_on_cpu(program: BorrowedFd<'_>, cpu: u32) -> io::Result<u32> {
     Ok(u32::from_ne_bytes(
         attr.0[4..8].try_into().expect("4 bytes"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+
+    /// A hash map of `capacity` u32 keys to u64 values, holding `entries`.
+    fn hash_map(capacity: u32, entries: u32) -> OwnedFd {
+        let mut attr = Attr::new();
+        attr.put_u32(0, BPF_MAP_TYPE_HASH)
+            .put_u32(4, 4)
+            .put_u32(8, 8)
+            .put_u32(12, capacity);
+        let fd = bpf(BPF_MAP_CREATE, &mut attr).expect("a hash map (as root, with eBPF)");
+        // SAFETY: the kernel just gave us this descriptor.
+        let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        for key in 0..entries {
+            let value = u64::from(key) * 10;
+            let mut attr = Attr::new();
+            attr.put_u32(0, map.as_raw_fd() as u32)
+                .put_u64(8, std::ptr::from_ref(&key) as u64)
+                .put_u64(16, std::ptr::from_ref(&value) as u64);
+            bpf(BPF_MAP_UPDATE_ELEM, &mut attr).expect("an entry");
+        }
+        map
+    }
+
+    #[test]
+    fn two_walks_read_every_entry_at_least_once_and_a_walk_past_the_end_reads_none() {
+        let map = hash_map(256, 200);
+        let mut seen = std::collections::HashMap::new();
+        // Batches of 8 entries: the map is walked by two threads.
+        BatchReader::<u32, u64>::new(8)
+            .read(map.as_fd(), |key, value| {
+                assert_eq!(*value, u64::from(*key) * 10);
+                *seen.entry(*key).or_insert(0u32) += 1;
+            })
+            .expect("read");
+        assert_eq!(seen.len(), 200);
+        // Whole buckets come twice at most (the first walk's last batch).
+        assert!(seen.values().all(|&n| n <= 2));
+        let mut batch = Batch::<u32, u64>::new(8);
+        // The map has 256 buckets: a walk from the 256th reads nothing, and
+        // says so (the kernel refuses it without writing a count).
+        let mut past = Walk::from_bucket(map.as_fd(), 256);
+        assert!(!past.next(&mut batch).expect("a walk past the end"));
+        assert_eq!(batch.entries().0.len(), 0);
+        // From the last bucket: what it holds, then the end.
+        let mut last = Walk::from_bucket(map.as_fd(), 255);
+        let mut read = 0;
+        while last.next(&mut batch).expect("the last bucket") {
+            read += batch.entries().0.len();
+        }
+        assert!(read <= 8, "the last bucket's entries only: {read}");
+    }
 }
