@@ -273,8 +273,9 @@ pub struct RunArgs {
     #[arg(long, env = "OBSERVER_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
     pub tc_attach: TcAttach,
     /// The same as `--tc-attach clsact` (for older scripts and `cargo
-    /// xtask bench --compare` with older builds).
-    #[arg(long, hide = true)]
+    /// xtask bench --compare` with older builds). Refused beside
+    /// `--tc-attach`, which it would otherwise silently override.
+    #[arg(long, hide = true, conflicts_with = "tc_attach")]
     pub tc_netlink: bool,
     /// Where the observer keeps its runtime state (a private bpffs for its
     /// maps, removed at exit).
@@ -395,6 +396,16 @@ mod tests {
                 .unwrap_err()
                 .contains("cannot be dropped")
         );
+    }
+
+    #[test]
+    fn the_old_clsact_flag_is_refused_beside_tc_attach() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["observer", "run"], args].concat());
+        assert!(parse(&["--tc-netlink"]).is_ok());
+        let refused = parse(&["--tc-netlink", "--tc-attach", "tcx"])
+            .err()
+            .expect("refused");
+        assert_eq!(refused.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]
