@@ -23,10 +23,10 @@
 
 mod cluster;
 mod cost;
+mod floor;
 mod ipc;
 mod iperf;
 mod latency;
-mod noop;
 mod process;
 mod scale;
 mod throughput;

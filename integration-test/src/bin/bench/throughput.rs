@@ -11,8 +11,9 @@
 //! on each path, whatever the machine's speed that moment. Rounds with no
 //! observer at all measure the ratio of the two copies themselves; the
 //! change is the observed ratio against that one. Rounds with a no-op
-//! program on the watched copy's hooks (noop.rs) give the floor: what any
-//! program there costs.
+//! program on the watched copy's hooks (floor.rs) give the floor: what any
+//! program there costs; rounds with a program that only counts, what any
+//! program that counts costs.
 
 use std::{fmt::Write as _, thread};
 
@@ -21,10 +22,9 @@ use lab::{Netns, veth};
 
 use crate::{
     Subject,
+    floor::Floor,
     iperf::{self, CASES, Server},
-    median,
-    noop::Noop,
-    spread,
+    median, spread,
 };
 
 /// Short rounds; in each, nothing watching, the no-op, then each observer.
@@ -87,6 +87,9 @@ enum Watcher<'a> {
     Nothing,
     /// A program that does nothing, on the observer's hooks: the floor.
     Noop,
+    /// A program that only counts packets and bytes (one per-CPU slot):
+    /// the floor of any program that counts.
+    Counter,
     Observer(&'a Subject),
 }
 
@@ -95,6 +98,7 @@ impl Watcher<'_> {
         match self {
             Self::Nothing => "nothing",
             Self::Noop => "no-op program",
+            Self::Counter => "counter only",
             Self::Observer(subject) => &subject.name,
         }
     }
@@ -111,8 +115,9 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     ];
     let args: Vec<&str> = netns_args.iter().map(String::as_str).collect();
 
-    let noop = Noop::load().expect("load a no-op tc program");
-    let watchers: Vec<Watcher> = [Watcher::Nothing, Watcher::Noop]
+    let noop = Floor::noop().expect("load a no-op tc program");
+    let counter = Floor::counter().expect("load a counting tc program");
+    let watchers: Vec<Watcher> = [Watcher::Nothing, Watcher::Noop, Watcher::Counter]
         .into_iter()
         .chain(subjects.iter().map(Watcher::Observer))
         .collect();
@@ -122,9 +127,14 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
         for (mode, watcher) in watchers.iter().enumerate() {
             let (observer, links) = match watcher {
                 Watcher::Nothing => (None, Vec::new()),
-                Watcher::Noop => {
-                    let mut links = noop.attach(&watched.client).expect("attach the no-op");
-                    links.extend(noop.attach(&watched.server).expect("attach the no-op"));
+                Watcher::Noop | Watcher::Counter => {
+                    let floor = if matches!(watcher, Watcher::Noop) {
+                        &noop
+                    } else {
+                        &counter
+                    };
+                    let mut links = floor.attach(&watched.client).expect("attach a floor");
+                    links.extend(floor.attach(&watched.server).expect("attach a floor"));
                     (None, links)
                 }
                 Watcher::Observer(subject) => (
@@ -164,7 +174,7 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
     .unwrap();
     writeln!(
         report,
-        "Two copies of the topology, the same flow in each at the same time, one copy watched (by nothing in the first row of each traffic, by a program that does nothing in the second: the floor): the watched flow's rate over the other's, round by round, cancels the machine's changing speed. The change is that ratio against the ratio with nothing watching.\n"
+        "Two copies of the topology, the same flow in each at the same time, one copy watched (by nothing in the first row of each traffic, by a program that does nothing in the second: the floor, by one that only counts packets and bytes in a per-CPU slot in the third: the floor of any counting program): the watched flow's rate over the other's, round by round, cancels the machine's changing speed. The change is that ratio against the ratio with nothing watching.\n"
     )
     .unwrap();
     writeln!(

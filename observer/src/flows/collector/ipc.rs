@@ -254,7 +254,15 @@ impl Collector {
                 continue;
             };
             let before = ipc.conns.get(&key).copied();
-            let first_seen = before.map_or(started, |b| b.first_seen);
+            // A new connection on the entry (see below) is first seen now:
+            // its server's name is waited for as any new connection's.
+            let renewed = before.is_some_and(|b| {
+                b.counted.client_inode != 0 && now.client_inode != b.counted.client_inode
+            });
+            let first_seen = match before {
+                Some(b) if !renewed => b.first_seen,
+                _ => started,
+            };
             // What was counted of it so far: nothing if it is new, but a
             // connection that went quiet and talks again was counted as
             // opened already.
@@ -271,10 +279,7 @@ impl Collector {
                 // the same two sockets): the entry is the new one's from
                 // zero, and the one before is settled with its retired
                 // record, against what was counted of it.
-                Some(b)
-                    if b.counted.client_inode != 0
-                        && now.client_inode != b.counted.client_inode =>
-                {
+                Some(b) if renewed => {
                     let retired = RetiredKey {
                         conn: key,
                         client_inode: b.counted.client_inode,
