@@ -82,6 +82,10 @@ enum Task {
         /// hash), built from it, side by side in the same run.
         #[arg(long, value_name = "REF")]
         compare: Option<String>,
+        /// Rounds of the throughput benchmark (7 by default, about 35 s
+        /// each): more narrow the medians on a noisy machine.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: Option<u32>,
     },
     /// Validate deploy/ against the Kubernetes schemas (also part of test).
     CheckDeploy,
@@ -111,6 +115,7 @@ fn main() -> Result<()> {
             cluster_only,
             ipc_only,
             compare,
+            rounds,
         } => {
             let only = [
                 (cost_only, "--cost-only"),
@@ -122,7 +127,7 @@ fn main() -> Result<()> {
             ]
             .into_iter()
             .find_map(|(on, flag)| on.then_some(flag));
-            bench(&workspace, only, compare.as_deref())
+            bench(&workspace, only, compare.as_deref(), rounds)
         }
         Task::Image => image::build(&workspace).map(|_| ()),
         Task::CheckDeploy => match deploy::check(&workspace)? {
@@ -165,7 +170,12 @@ fn build_observer(workspace: &Path) -> Result<PathBuf> {
 }
 
 /// `only`: the bench binary's flag for one part (`--cost-only`, ...).
-fn bench(workspace: &Path, only: Option<&str>, compare: Option<&str>) -> Result<()> {
+fn bench(
+    workspace: &Path,
+    only: Option<&str>,
+    compare: Option<&str>,
+    rounds: Option<u32>,
+) -> Result<()> {
     packages::ensure(packages::LAB)?;
     packages::ensure(packages::BENCH)?;
     setup(workspace)?;
@@ -192,6 +202,9 @@ fn bench(workspace: &Path, only: Option<&str>, compare: Option<&str>) -> Result<
     if let Some((name, binary)) = compared {
         bench.env("OBSERVER_COMPARE_BIN", binary);
         bench.env("OBSERVER_COMPARE_NAME", name);
+    }
+    if let Some(rounds) = rounds {
+        bench.env("OBSERVER_BENCH_ROUNDS", rounds.to_string());
     }
     bench.args(only);
     for stale in ::lab::cleanup_stale() {

@@ -27,7 +27,9 @@ use crate::{
     median, spread,
 };
 
-/// Short rounds; in each, nothing watching, the no-op, then each observer.
+/// Short rounds; in each, nothing watching, the floors, then each
+/// observer. `OBSERVER_BENCH_ROUNDS` (`cargo xtask bench --rounds`) asks
+/// for more.
 const ROUNDS: usize = 7;
 const SECONDS: u32 = 2;
 
@@ -123,7 +125,11 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
         .collect();
     // results[case][watcher]
     let mut results = vec![vec![Rounds::default(); watchers.len()]; CASES.len()];
-    for round in 0..ROUNDS {
+    let rounds = std::env::var("OBSERVER_BENCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(ROUNDS);
+    for round in 0..rounds {
         for (mode, watcher) in watchers.iter().enumerate() {
             let (observer, links) = match watcher {
                 Watcher::Nothing => (None, Vec::new()),
@@ -169,7 +175,7 @@ pub fn run(report: &mut String, subjects: &[Subject]) {
 
     writeln!(
         report,
-        "## Throughput, with and without the observer ({ROUNDS} rounds of {SECONDS} s; medians, spread min–max)\n"
+        "## Throughput, with and without the observer ({rounds} rounds of {SECONDS} s; medians, spread min–max)\n"
     )
     .unwrap();
     writeln!(
