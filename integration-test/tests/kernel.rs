@@ -682,6 +682,60 @@ fn a_flow_decided_at_its_socket_stays_so_when_the_socket_is_gone() {
     );
 }
 
+/// What is kept is what sockets told, not what their absence suggested: a
+/// connection refused before its server listened left the flow with the
+/// remote end taken for the server; once a listener is there, the flow's
+/// next classification (a new generation) names the pod's end.
+#[test]
+fn a_server_end_guessed_while_nobody_listened_is_corrected_once_one_does() {
+    let table = Table::load();
+    let mut t = table_world(&table);
+    let pod = &t.pods["shop/shop"];
+    let remote: SocketAddrV4 = "10.244.2.6:41000".parse().unwrap();
+    let local: SocketAddrV4 = "10.244.1.10:7080".parse().unwrap();
+    let key = flow_key(
+        pod,
+        remote,
+        local,
+        protocol::TCP,
+        direction::INGRESS,
+        interface::POD,
+    );
+    let receive = |kernel: &Kernel, syn| {
+        run(
+            kernel,
+            pod,
+            INGRESS_PROGRAM,
+            pod.eth0,
+            &frame(remote, local, protocol::TCP, syn),
+        )
+    };
+    receive(&t.kernel, true);
+    let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+    assert_eq!(value.server, server::SOURCE, "nobody listens yet");
+    let app = t.container_cgroup("shop/shop", "app");
+    let listener = Held::start(
+        &app,
+        &pod.netns.path(),
+        "import socket, sys\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', 7080))\n\
+         s.listen(8)\n\
+         print('listening', flush=True)\n\
+         sys.stdin.read()\n",
+    );
+    assert_eq!(listener.said, "listening");
+    t.kernel.class_maps.reclassify().expect("a new generation");
+    receive(&t.kernel, false);
+    let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+    assert_eq!(
+        (value.server, value.dst_cgroup),
+        (server::DESTINATION, cgroup_id(&app).expect("app's cgroup")),
+        "classified again with a listener there"
+    );
+}
+
 /// Keeps this thread on one CPU.
 fn pin_to_cpu(cpu: usize) {
     // SAFETY: a CPU set of our own, for this thread.

@@ -65,7 +65,9 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue, renew: bo
     } else {
         Socket::default()
     };
-    if egress && (renew || value.src_cgroup == 0) {
+    // A socket with the hooks' storage is one of the pod's processes' own,
+    // and tells (a UDP port another container used before has no SYN).
+    if egress && (renew || value.src_cgroup == 0 || sender.info.cgroup != 0) {
         // SAFETY: reads the socket the kernel attached to the skb.
         value.src_cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     }
@@ -117,14 +119,16 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue, renew: bo
         // Both ends of UDP are bound sockets: the one its process bound
         // itself is the server's (a seeded socket may be known bound).
         bound_udp
-    } else if !renew && value.server != server::UNKNOWN {
-        // Told before, by a listener that may be gone now.
-        return receiver.found();
     } else if key.protocol != protocol::TCP {
         value.server = server::UNKNOWN;
         return receiver.found();
     } else {
-        sockets::listening(ctx, key.family, protocol::TCP, local_addr, local_port)
+        let listens = sockets::listening(ctx, key.family, protocol::TCP, local_addr, local_port);
+        if !listens && !renew && value.server != server::UNKNOWN {
+            // Told before, by a listener that may be gone now.
+            return receiver.found();
+        }
+        listens
     };
     value.server = if local_is_server == egress {
         server::SOURCE
@@ -164,7 +168,8 @@ fn localhost(
         Some(sender.info)
     } else if redirected(&receiver) {
         Some(receiver.info)
-    } else if renew {
+    } else if renew || sender.info.cgroup != 0 || receiver.info.cgroup != 0 {
+        // Not redirected, as a socket of the pod's says.
         Some(observer_common::SocketInfo::default())
     } else {
         // Neither socket tells (any more): as told before.
