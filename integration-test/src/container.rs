@@ -131,17 +131,8 @@ pub fn tcp_listener(cgroup: &Path, netns: &Path, port: u16, seconds: u32) -> std
          \x20   except socket.timeout:\n\
          \x20       pass\n"
     );
-    let mut child = in_container(cgroup, netns, Command::new("python3").args(["-c", &script]))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "listening");
+    let (child, said) = python_until_ready(cgroup, netns, &script);
+    assert_eq!(said, "listening");
     child
 }
 
@@ -273,17 +264,8 @@ pub fn udp_echo(cgroup: &Path, netns: &Path, port: u16, count: u32) -> std::proc
          print('bound', flush=True)\n\
          for _ in range({count}):\n    data, peer = s.recvfrom(64)\n    s.sendto(data, peer)\n"
     );
-    let mut child = in_container(cgroup, netns, Command::new("python3").args(["-c", &script]))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "bound");
+    let (child, said) = python_until_ready(cgroup, netns, &script);
+    assert_eq!(said, "bound");
     child
 }
 
@@ -323,21 +305,8 @@ pub struct Held {
 impl Held {
     /// Runs `script` and waits for its first line of output.
     pub fn start(cgroup: &Path, netns: &Path, script: &str) -> Self {
-        let mut child = in_container(cgroup, netns, Command::new("python3").args(["-c", script]))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut said = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut said,
-        )
-        .expect("the script's first line");
-        Self {
-            child,
-            said: said.trim().to_owned(),
-        }
+        let (child, said) = python_until_ready(cgroup, netns, script);
+        Self { child, said }
     }
 }
 
@@ -346,4 +315,21 @@ impl Drop for Held {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs a Python script as a process of a container (its stdin a pipe
+/// the script may wait on) and waits for its first line of output.
+fn python_until_ready(cgroup: &Path, netns: &Path, script: &str) -> (std::process::Child, String) {
+    let mut child = in_container(cgroup, netns, Command::new("python3").args(["-c", script]))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut said = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut said,
+    )
+    .expect("the script's first line");
+    (child, said.trim().to_owned())
 }

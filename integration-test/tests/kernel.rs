@@ -9,7 +9,7 @@
 use std::net::{SocketAddrV4, TcpListener, UdpSocket};
 
 use integration_test::{
-    container::Held,
+    container::{Held, tcp_listener},
     kernel::{
         Kernel, TC_ACT_SHOT, TC_ACT_UNSPEC, flow_key, frame, own_cgroup, probe, run, table_world,
         test_socket_as_node,
@@ -714,18 +714,7 @@ fn a_server_end_guessed_while_nobody_listened_is_corrected_once_one_does() {
     let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
     assert_eq!(value.server, server::SOURCE, "nobody listens yet");
     let app = t.container_cgroup("shop/shop", "app");
-    let listener = Held::start(
-        &app,
-        &pod.netns.path(),
-        "import socket, sys\n\
-         s = socket.socket()\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('0.0.0.0', 7080))\n\
-         s.listen(8)\n\
-         print('listening', flush=True)\n\
-         sys.stdin.read()\n",
-    );
-    assert_eq!(listener.said, "listening");
+    let mut listener = tcp_listener(&app, &pod.netns.path(), 7080, 30);
     t.kernel.class_maps.reclassify().expect("a new generation");
     receive(&t.kernel, false);
     let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
@@ -734,6 +723,8 @@ fn a_server_end_guessed_while_nobody_listened_is_corrected_once_one_does() {
         (server::DESTINATION, cgroup_id(&app).expect("app's cgroup")),
         "classified again with a listener there"
     );
+    let _ = listener.kill();
+    let _ = listener.wait();
 }
 
 /// Keeps this thread on one CPU.
