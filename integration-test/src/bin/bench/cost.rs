@@ -27,8 +27,10 @@ use crate::{Subject, median, spread};
 /// programs they tail-call).
 const TC: [&str; 2] = ["observe_egress", "observe_ingress"];
 
-/// Every program reported, with what it does.
-const PROGRAMS: [(&str, &str); 8] = [
+/// Every program reported, with what it does. The IPC tracepoints run at
+/// every socket message of the node, TCP and UDP included, and leave at
+/// once where the socket is no pod's unix socket: that is their cost here.
+const PROGRAMS: [(&str, &str); 10] = [
     ("observe_egress", "tc, lo and eth0 egress (per packet)"),
     ("observe_ingress", "tc, eth0 ingress (per packet)"),
     ("socket_bind4", "socket hook, bind()"),
@@ -40,6 +42,14 @@ const PROGRAMS: [(&str, &str); 8] = [
     ("socket_bind6", "socket hook, bind() (IPv6 socket)"),
     ("policy_connect6", "socket hook, connect() (IPv6 socket)"),
     ("policy_sendmsg6", "socket hook, sendmsg() (IPv6 socket)"),
+    (
+        "unix_sent",
+        "tracepoint, every socket's sendmsg() (unix sockets)",
+    ),
+    (
+        "unix_received",
+        "tracepoint, every socket's recvmsg() (unix sockets)",
+    ),
 ];
 
 /// Two pods on one node: `a` runs the clients and a server on its `lo`,
