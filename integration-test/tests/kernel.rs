@@ -727,6 +727,73 @@ fn a_server_end_guessed_while_nobody_listened_is_corrected_once_one_does() {
     let _ = listener.wait();
 }
 
+/// A new connection on a 4-tuple whose last one is still in TIME_WAIT
+/// at the server: the SYN finds no full socket for its tuple (the
+/// TIME_WAIT one is not), and the listener takes it. Its receiver is the
+/// listener's container, as for any other SYN.
+#[test]
+fn a_syn_on_a_tuple_in_time_wait_is_received_by_the_listeners_container() {
+    let table = Table::load();
+    let t = table_world(&table);
+    let pod = &t.pods["shop/shop"];
+    let server: SocketAddrV4 = "127.0.0.1:7071".parse().unwrap();
+    let client: SocketAddrV4 = "127.0.0.1:40125".parse().unwrap();
+    let app = t.container_cgroup("shop/shop", "app");
+    let sidecar = t.container_cgroup("shop/shop", "sidecar");
+    // Accepts and closes at once: the server closes first, and its end of
+    // the connection waits in TIME_WAIT once the client has closed too.
+    let mut listener = tcp_listener(&app, &pod.netns.path(), server.port(), 30);
+    let connection = Held::start(
+        &sidecar,
+        &pod.netns.path(),
+        "import socket, sys, time\n\
+         c = socket.socket()\n\
+         c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         c.bind(('127.0.0.1', 40125))\n\
+         c.connect(('127.0.0.1', 7071))\n\
+         while c.recv(1):\n\
+         \x20   pass\n\
+         c.close()\n\
+         # The server's end, 127.0.0.1:7071 to :40125, in state 06.\n\
+         end = time.time() + 2\n\
+         found = False\n\
+         while not found and time.time() < end:\n\
+         \x20   found = any(l.split()[1:4] == ['0100007F:1B9F', '0100007F:9CBD', '06']\n\
+         \x20               for l in open('/proc/net/tcp'))\n\
+         \x20   time.sleep(0.01)\n\
+         print('time-wait' if found else 'no time-wait', flush=True)\n\
+         sys.stdin.read()\n",
+    );
+    assert_eq!(connection.said, "time-wait");
+    let key = flow_key(
+        pod,
+        client,
+        server,
+        protocol::TCP,
+        direction::EGRESS,
+        interface::LOOPBACK,
+    );
+    run(
+        &t.kernel,
+        pod,
+        EGRESS_PROGRAM,
+        1,
+        &frame(client, server, protocol::TCP, true),
+    );
+    let value = t.kernel.maps.flows.get(&key, 0).expect("the flow");
+    assert_eq!(
+        (value.dst_cgroup, value.server, value.server_port),
+        (
+            cgroup_id(&app).expect("app's cgroup"),
+            server::DESTINATION,
+            7071
+        ),
+        "the SYN's receiver"
+    );
+    let _ = listener.kill();
+    let _ = listener.wait();
+}
+
 /// Keeps this thread on one CPU.
 fn pin_to_cpu(cpu: usize) {
     // SAFETY: a CPU set of our own, for this thread.

@@ -61,7 +61,7 @@ pub fn classify(ctx: &TcContext, key: &FlowKey, value: &mut FlowValue, renew: bo
         Socket::default()
     };
     let receiver = if !egress || key.interface == interface::LOOPBACK {
-        sockets::receiver(ctx, key)
+        sockets::receiver(ctx, key, renew)
     } else {
         Socket::default()
     };

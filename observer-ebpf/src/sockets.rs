@@ -141,15 +141,29 @@ pub fn sender(ctx: &TcContext) -> Socket {
 
 /// The socket of this host that would receive a packet of the flow `key`:
 /// a connected one, else a TCP listener or a bound UDP socket.
+///
+/// A SYN (`syn`) on a 4-tuple whose connection is still in TIME_WAIT here
+/// finds the TIME_WAIT socket, which is no full socket (null), where the
+/// kernel hands the SYN to the listener: the listener is its receiver.
 #[inline(always)]
-pub fn receiver(ctx: &TcContext, key: &FlowKey) -> Socket {
-    let sk = lookup(
+pub fn receiver(ctx: &TcContext, key: &FlowKey, syn: bool) -> Socket {
+    let mut sk = lookup(
         ctx,
         key.family,
         key.protocol,
         (key.src_addr, key.src_port),
         (key.dst_addr, key.dst_port),
     );
+    if sk.is_null() && syn && key.protocol == protocol::TCP {
+        // A zero source matches no connection (see `listening`).
+        sk = lookup(
+            ctx,
+            key.family,
+            key.protocol,
+            ([0; 16], 0),
+            (key.dst_addr, key.dst_port),
+        );
+    }
     if sk.is_null() {
         return Socket::default();
     }
