@@ -219,21 +219,7 @@ impl Collector {
             let Ok(Some(last)) = kernel::bpf::take::<RetiredKey, UnixConn>(retired_fd, &key) else {
                 continue;
             };
-            let fresh = UnixConn {
-                netns: old.netns,
-                ..UnixConn::default()
-            };
-            let counted = match ipc.settling.remove(&key) {
-                Some(counted) => counted,
-                None => match ipc.conns.get_mut(&key.conn) {
-                    // The entry's baseline is the retired one's: the entry
-                    // holds its successor from zero now.
-                    Some(seen) if seen.counted.client_inode == key.client_inode => {
-                        std::mem::replace(&mut seen.counted, fresh)
-                    }
-                    _ => fresh,
-                },
-            };
+            let counted = retired_baseline(&mut ipc.settling, &mut ipc.conns, &key, last.netns);
             let (request, response) = conn_difference(&last, &counted);
             let path = unix_path(&mut ipc.paths, &ipc.maps.unix_paths, last.netns, last.path);
             let labels =
@@ -256,42 +242,18 @@ impl Collector {
             let before = ipc.conns.get(&key).copied();
             // A new connection on the entry (see below) is first seen now:
             // its server's name is waited for as any new connection's.
-            let renewed = before.is_some_and(|b| {
-                b.counted.client_inode != 0 && now.client_inode != b.counted.client_inode
-            });
+            let renewed = before.is_some_and(|b| successor(key, &b.counted, &now).is_some());
             let first_seen = match before {
                 Some(b) if !renewed => b.first_seen,
                 _ => started,
             };
-            // What was counted of it so far: nothing if it is new, but a
-            // connection that went quiet and talks again was counted as
-            // opened already.
-            let counted = match before {
-                None => {
-                    let again = ipc.reclaimed.remove(&key) == Some(now.client_inode);
-                    UnixConn {
-                        netns: now.netns,
-                        connections: u64::from(again && now.client_inode != 0),
-                        ..UnixConn::default()
-                    }
-                }
-                // A new connection took the entry since (the kernel gave it
-                // the same two sockets): the entry is the new one's from
-                // zero, and the one before is settled with its retired
-                // record, against what was counted of it.
-                Some(b) if renewed => {
-                    let retired = RetiredKey {
-                        conn: key,
-                        client_inode: b.counted.client_inode,
-                    };
-                    ipc.settling.insert(retired, b.counted);
-                    UnixConn {
-                        netns: now.netns,
-                        ..UnixConn::default()
-                    }
-                }
-                Some(b) => b.counted,
-            };
+            let counted = entry_baseline(
+                &mut ipc.settling,
+                &mut ipc.reclaimed,
+                key,
+                before.map(|b| b.counted),
+                &now,
+            );
             let waits = now.server == 0 && started.duration_since(first_seen) < HOLD;
             if waits || held(now.client) || held(now.server) {
                 let quiet = before.map_or(0, |b| b.quiet);
@@ -340,8 +302,13 @@ impl Collector {
             ipc.reclaimed.clear();
         }
         for (key, seen, last) in taken {
-            ipc.reclaimed.insert(key, last.client_inode);
-            let (request, response) = conn_difference(&last, &seen.counted);
+            let (request, response) = taken_difference(
+                &mut ipc.settling,
+                &mut ipc.reclaimed,
+                key,
+                seen.counted,
+                &last,
+            );
             if request.packets + response.packets + request.connections == 0 {
                 continue;
             }
@@ -481,6 +448,100 @@ fn unix_path(
 
 /// What a connection sent each way since `before`: (to the server, to the
 /// client); connections go with the requests.
+/// The baseline a retired connection's record (`key`) is counted
+/// against: the one put aside when the walk or a take saw its successor
+/// first; else its entry's, while that is still its own (the entry then
+/// holds its successor, from zero); else none: all of the record is new.
+fn retired_baseline(
+    settling: &mut HashMap<RetiredKey, UnixConn>,
+    conns: &mut HashMap<UnixConnKey, Seen>,
+    key: &RetiredKey,
+    netns: u64,
+) -> UnixConn {
+    let fresh = UnixConn {
+        netns,
+        ..UnixConn::default()
+    };
+    match settling.remove(key) {
+        Some(counted) => counted,
+        None => match conns.get_mut(&key.conn) {
+            Some(seen) if seen.counted.client_inode == key.client_inode => {
+                std::mem::replace(&mut seen.counted, fresh)
+            }
+            _ => fresh,
+        },
+    }
+}
+
+/// The baseline of the connection `now` that the entry on `key` holds,
+/// given what was counted of the entry (`counted`, none if it is new to
+/// the daemon): nothing if it is new, but a connection that went quiet
+/// and talks again was counted as opened already. If a new connection took
+/// the entry since (the kernel gave it the same two sockets), the entry is
+/// the new one's from zero, and the one before is put aside, to be settled
+/// with its retired record against what was counted of it.
+fn entry_baseline(
+    settling: &mut HashMap<RetiredKey, UnixConn>,
+    reclaimed: &mut HashMap<UnixConnKey, u64>,
+    key: UnixConnKey,
+    counted: Option<UnixConn>,
+    now: &UnixConn,
+) -> UnixConn {
+    match counted {
+        None => {
+            let again = reclaimed.remove(&key) == Some(now.client_inode);
+            UnixConn {
+                connections: u64::from(again && now.client_inode != 0),
+                ..from_zero(now)
+            }
+        }
+        Some(counted) => match successor(key, &counted, now) {
+            Some(retired) => {
+                settling.insert(retired, counted);
+                from_zero(now)
+            }
+            None => counted,
+        },
+    }
+}
+
+/// What the entry of a quiet connection counted since it was counted to
+/// `counted`, `last` being what its take returned. A new connection may
+/// have taken the entry between the walk and the take: the one counted is
+/// retired then, and the new one counts from zero.
+fn taken_difference(
+    settling: &mut HashMap<RetiredKey, UnixConn>,
+    reclaimed: &mut HashMap<UnixConnKey, u64>,
+    key: UnixConnKey,
+    counted: UnixConn,
+    last: &UnixConn,
+) -> (Counts, Counts) {
+    reclaimed.insert(key, last.client_inode);
+    let counted = entry_baseline(settling, reclaimed, key, Some(counted), last);
+    conn_difference(last, &counted)
+}
+
+/// The retired record to settle the connection counted to `counted`
+/// with, if the entry on `key` holds another connection `now` (its client
+/// socket's inode differs: the kernel retired the one counted).
+fn successor(key: UnixConnKey, counted: &UnixConn, now: &UnixConn) -> Option<RetiredKey> {
+    (counted.client_inode != 0 && now.client_inode != counted.client_inode).then_some(RetiredKey {
+        conn: key,
+        client_inode: counted.client_inode,
+    })
+}
+
+/// The baseline of connection `now` counted from zero: its client's inode
+/// kept, so that its retired record, when a successor takes the entry,
+/// is settled against this and not counted twice.
+fn from_zero(now: &UnixConn) -> UnixConn {
+    UnixConn {
+        netns: now.netns,
+        client_inode: now.client_inode,
+        ..UnixConn::default()
+    }
+}
+
 fn conn_difference(now: &UnixConn, before: &UnixConn) -> (Counts, Counts) {
     let fell = |now: Sent, before: Sent| now.messages < before.messages || now.bytes < before.bytes;
     // Not the connection counted before (its entry went and came back):
@@ -599,6 +660,95 @@ mod tests {
         };
         let delta = fifo_difference(&again, Some(&before));
         assert_eq!((delta.packets, delta.bytes), (3, 300));
+    }
+
+    /// One unix connection on the entry `KEY`, as the kernel counts it.
+    fn conn(client_inode: u64, messages: u64, connections: u64) -> UnixConn {
+        UnixConn {
+            netns: 7,
+            client_inode,
+            to_server: Sent {
+                messages,
+                bytes: messages * 10,
+            },
+            connections,
+            ..UnixConn::default()
+        }
+    }
+
+    const KEY: UnixConnKey = UnixConnKey {
+        server_end: 1,
+        client_end: 2,
+    };
+
+    /// What the daemon exports of `now` against `counted`: messages to the
+    /// server and connections.
+    fn exported(now: &UnixConn, counted: &UnixConn) -> (u64, u64) {
+        let (request, _) = conn_difference(now, counted);
+        (request.packets, request.connections)
+    }
+
+    fn seen(counted: UnixConn) -> Seen {
+        Seen {
+            counted,
+            first_seen: Instant::now(),
+            quiet: 0,
+        }
+    }
+
+    /// A quiet connection's entry is taken; a new connection on the same
+    /// two sockets took it just before (the kernel retired the one
+    /// counted). The new one counts from zero, the retired one's record
+    /// settles against what was counted of it: each counted once.
+    #[test]
+    fn an_entry_taken_as_a_new_connection_took_it_counts_each_connection_once() {
+        let (mut settling, mut reclaimed, mut conns) = Default::default();
+        let a = conn(100, 10, 1);
+        // First collection: A is new, and counted whole.
+        let counted = entry_baseline(&mut settling, &mut reclaimed, KEY, None, &a);
+        assert_eq!(exported(&a, &counted), (10, 1));
+        // A went quiet; B took the entry before the daemon took it out.
+        let b = conn(200, 20, 1);
+        let (request, _) = taken_difference(&mut settling, &mut reclaimed, KEY, a, &b);
+        assert_eq!(
+            (request.packets, request.connections),
+            (20, 1),
+            "B, all of it"
+        );
+        // Next collection: A's retired record, all counted already.
+        let retired = RetiredKey {
+            conn: KEY,
+            client_inode: 100,
+        };
+        let counted = retired_baseline(&mut settling, &mut conns, &retired, 7);
+        assert_eq!(exported(&a, &counted), (0, 0), "A, nothing more");
+    }
+
+    /// A connection that went quiet, was taken out and talks again waits
+    /// (its server not named yet) with its opening counted already; a new
+    /// connection then takes the entry. The retired record does not count
+    /// that opening again, and the new connection's own is counted.
+    #[test]
+    fn a_waiting_connection_retired_is_settled_against_its_own_baseline() {
+        let (mut settling, mut reclaimed, mut conns) =
+            (HashMap::new(), HashMap::new(), HashMap::new());
+        reclaimed.insert(KEY, 100);
+        let a = conn(100, 2, 1);
+        let counted = entry_baseline(&mut settling, &mut reclaimed, KEY, None, &a);
+        assert_eq!(counted.connections, 1, "opened before it went quiet");
+        // It waits: its baseline is kept, nothing exported.
+        conns.insert(KEY, seen(counted));
+        // B takes the entry; the kernel retires A with what it counted.
+        let retired = RetiredKey {
+            conn: KEY,
+            client_inode: 100,
+        };
+        let counted = retired_baseline(&mut settling, &mut conns, &retired, 7);
+        assert_eq!(exported(&a, &counted), (2, 0), "A: its messages only");
+        let b = conn(200, 3, 1);
+        let before = conns.get(&KEY).map(|s| s.counted);
+        let counted = entry_baseline(&mut settling, &mut reclaimed, KEY, before, &b);
+        assert_eq!(exported(&b, &counted), (3, 1), "B, its opening too");
     }
 
     #[test]
