@@ -219,7 +219,7 @@ impl Collector {
             let Ok(Some(last)) = kernel::bpf::take::<RetiredKey, UnixConn>(retired_fd, &key) else {
                 continue;
             };
-            let counted = retired_baseline(&mut ipc.settling, &mut ipc.conns, &key, last.netns);
+            let counted = retired_baseline(&mut ipc.settling, &mut ipc.conns, &key, &last, started);
             let (request, response) = conn_difference(&last, &counted);
             let path = unix_path(&mut ipc.paths, &ipc.maps.unix_paths, last.netns, last.path);
             let labels =
@@ -451,21 +451,25 @@ fn unix_path(
 /// The baseline a retired connection's record (`key`) is counted
 /// against: the one put aside when the walk or a take saw its successor
 /// first; else its entry's, while that is still its own (the entry then
-/// holds its successor, from zero); else none: all of the record is new.
+/// holds its successor, from zero, first seen `now`: its server's name
+/// is waited for as any new connection's); else none: all of the record
+/// (`last`) is new.
 fn retired_baseline(
     settling: &mut HashMap<RetiredKey, UnixConn>,
     conns: &mut HashMap<UnixConnKey, Seen>,
     key: &RetiredKey,
-    netns: u64,
+    last: &UnixConn,
+    now: Instant,
 ) -> UnixConn {
     let fresh = UnixConn {
-        netns,
+        netns: last.netns,
         ..UnixConn::default()
     };
     match settling.remove(key) {
         Some(counted) => counted,
         None => match conns.get_mut(&key.conn) {
             Some(seen) if seen.counted.client_inode == key.client_inode => {
+                seen.first_seen = now;
                 std::mem::replace(&mut seen.counted, fresh)
             }
             _ => fresh,
@@ -720,7 +724,7 @@ mod tests {
             conn: KEY,
             client_inode: 100,
         };
-        let counted = retired_baseline(&mut settling, &mut conns, &retired, 7);
+        let counted = retired_baseline(&mut settling, &mut conns, &retired, &a, Instant::now());
         assert_eq!(exported(&a, &counted), (0, 0), "A, nothing more");
     }
 
@@ -743,8 +747,10 @@ mod tests {
             conn: KEY,
             client_inode: 100,
         };
-        let counted = retired_baseline(&mut settling, &mut conns, &retired, 7);
+        let later = Instant::now() + Duration::from_secs(1);
+        let counted = retired_baseline(&mut settling, &mut conns, &retired, &a, later);
         assert_eq!(exported(&a, &counted), (2, 0), "A: its messages only");
+        assert_eq!(conns[&KEY].first_seen, later, "B: first seen now");
         let b = conn(200, 3, 1);
         let before = conns.get(&KEY).map(|s| s.counted);
         let counted = entry_baseline(&mut settling, &mut reclaimed, KEY, before, &b);
