@@ -244,12 +244,17 @@ fn a_restart_with_tcx_links_removes_the_clsact_filter_left_behind() {
     let second = Observer::start(&["--netns", &path, "--tc-attach", "tcx"]);
     assert_eq!(clsact_filters_on_lo(&pod), 0, "removed:\n{}", second.log());
     send(4);
+    let m = second.scrape();
     assert_eq!(
-        second
-            .scrape()
-            .sum("observer_flow_packets_total", &[("pod", pod.name())]),
+        m.sum("observer_flow_packets_total", &[("pod", pod.name())]),
         4.0,
         "each packet counted once"
+    );
+    // A filter that stays beside the link would be counted here.
+    assert_eq!(
+        m.sum("observer_errors_total", &[("kind", "detach")]),
+        0.0,
+        "removed, not left"
     );
     assert!(second.terminate().success());
 }

@@ -89,6 +89,10 @@ pub struct AttachedNetns {
     /// Its links were pinned by an earlier observer and are taken over:
     /// their programs are replaced at the next [`AttachWorker::commit`].
     pub taken_over: bool,
+    /// Hooks where a clsact filter an earlier observer left could not be
+    /// removed: it runs beside this observer's link (packets counted
+    /// twice) until `observer cleanup` removes it.
+    pub filters_left: usize,
 }
 
 /// Tells, once a namespace is open (by its device and inode), whether it

@@ -59,13 +59,22 @@ pub fn program_for(direction: TcAttachType) -> &'static str {
     }
 }
 
+/// A program attached to a tc hook.
+pub struct TcLink {
+    pub link: SchedClassifierLink,
+    /// A clsact filter an earlier observer left on the hook could not be
+    /// removed (a TCX link attached there): it runs beside this one, and
+    /// counts each packet again until `observer cleanup` removes it.
+    pub filter_left: bool,
+}
+
 /// Attaches the observer's program for `direction` to `interface`.
 pub fn attach_one(
     programs: &mut Programs,
     tcx: bool,
     interface: &str,
     direction: TcAttachType,
-) -> Result<SchedClassifierLink, ProgramError> {
+) -> Result<TcLink, ProgramError> {
     attach_program(programs, program_for(direction), tcx, interface, direction)
 }
 
@@ -87,44 +96,57 @@ pub fn attach_program(
     tcx: bool,
     interface: &str,
     direction: TcAttachType,
-) -> Result<SchedClassifierLink, ProgramError> {
+) -> Result<TcLink, ProgramError> {
     let program = programs.get(name)?;
-    let id = if tcx {
+    let (id, filter_left) = if tcx {
         let id = program.attach(interface, direction)?;
-        remove_filter(name, interface, direction);
-        id
+        (id, !remove_filter(name, interface, direction))
     } else {
-        attach_filter(program, name, interface, direction)?
+        (attach_filter(program, name, interface, direction)?, false)
     };
-    program.take_link(id)
+    Ok(TcLink {
+        link: program.take_link(id)?,
+        filter_left,
+    })
 }
 
 /// Removes the clsact filter an earlier observer with `--tc-attach clsact`
 /// left on the hook, if any: it would count every packet a second time.
 /// After the TCX link is attached, so that the hook is never without one.
-fn remove_filter(name: &'static str, interface: &str, direction: TcAttachType) {
+/// False if a filter is there and stays.
+fn remove_filter(name: &'static str, interface: &str, direction: TcAttachType) -> bool {
     let Ok(left) =
         SchedClassifierLink::attached(interface, direction, FILTER_PRIORITY, handle_of(name), None)
     else {
-        return;
+        return true;
     };
     match left.detach() {
-        Ok(()) => tracing::info!(
-            interface,
-            program = name,
-            "removed the clsact filter an earlier observer left: attached as a TCX link"
-        ),
+        Ok(()) => {
+            tracing::info!(
+                interface,
+                program = name,
+                "removed the clsact filter an earlier observer left: attached as a TCX link"
+            );
+            true
+        }
         // No qdisc, or no filter there: nothing to remove.
         Err(ProgramError::NetlinkError(err))
-            if matches!(err.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {}
-        // Without NET_ADMIN, say: both run on the hook, and count each
-        // packet twice until `observer cleanup` removes the filter.
-        Err(err) => tracing::warn!(
-            %err,
-            interface,
-            program = name,
-            "cannot remove the clsact filter an earlier observer left: its packets are counted twice until it goes (observer cleanup removes it)"
-        ),
+            if matches!(err.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) =>
+        {
+            true
+        }
+        // Both run on the hook, and count each packet twice until
+        // `observer cleanup` removes the filter: said, and counted
+        // (`observer_errors_total{kind="detach"}`).
+        Err(err) => {
+            tracing::warn!(
+                %err,
+                interface,
+                program = name,
+                "cannot remove the clsact filter an earlier observer left: its packets are counted twice until it goes (observer cleanup removes it)"
+            );
+            false
+        }
     }
 }
 

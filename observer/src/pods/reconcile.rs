@@ -413,6 +413,10 @@ impl Reconciler {
                         };
                         self.without_hooks.insert(attached.cookie, reason);
                     }
+                    // Said in the log where it happened; counted here.
+                    for _ in 0..attached.filters_left {
+                        self.metrics.error("detach");
+                    }
                     let entry = Attached {
                         cookie: attached.cookie,
                         pod: attached.pod.clone(),

@@ -124,6 +124,7 @@ fn attach_tc(
         programs,
         pinned,
         filters,
+        filters_left,
         ..
     } = prepared;
     let path: &Path = path;
@@ -143,12 +144,15 @@ fn attach_tc(
             // On error, `hooks` drops here, inside the namespace, which
             // detaches what was attached so far.
             if noop {
-                let link = attach_program(programs, NOOP_PROGRAM, tcx, interface, direction)
+                let attached = attach_program(programs, NOOP_PROGRAM, tcx, interface, direction)
                     .map_err(error)?;
+                *filters_left += usize::from(attached.filter_left);
                 hooks.push(Hook {
                     name: "noop",
                     program: NOOP_PROGRAM,
-                    link: Held::Baseline { _link: link },
+                    link: Held::Baseline {
+                        _link: attached.link,
+                    },
                     kept: false,
                     swap: false,
                 });
@@ -179,8 +183,9 @@ fn attach_tc(
                 });
                 continue;
             }
-            let link = attach_one(programs, tcx, interface, direction).map_err(error)?;
-            let link = held(link, tcx).map_err(|source| AttachError::Link {
+            let attached = attach_one(programs, tcx, interface, direction).map_err(error)?;
+            *filters_left += usize::from(attached.filter_left);
+            let link = held(attached.link, tcx).map_err(|source| AttachError::Link {
                 path: path.into(),
                 source: Box::new(source),
             })?;
@@ -224,6 +229,9 @@ struct Prepared {
     filters: HashSet<String>,
     taken_over: bool,
     sock: Vec<Hook>,
+    /// Hooks where a filter an earlier observer left stays beside the
+    /// link just attached (it could not be removed).
+    filters_left: usize,
 }
 
 /// The interface and direction of the tc hook pinned as `name`.
@@ -478,6 +486,7 @@ impl Worker {
             filters,
             taken_over,
             sock,
+            filters_left: 0,
         })
     }
 
@@ -494,6 +503,7 @@ impl Worker {
             filters,
             taken_over,
             sock,
+            filters_left,
         } = prepared;
         // Pins and filters of hooks this pod no longer has (an interface
         // gone).
@@ -517,6 +527,7 @@ impl Worker {
             })?,
             programs: tc.len(),
             taken_over,
+            filters_left,
         };
         tracing::info!(netns = %info.name, path = %path.display(), cookie, programs = info.programs, policy_hooks = info.policy_hooks, taken_over, "attached");
         let swaps = tc.iter().any(|h| h.swap);
@@ -871,8 +882,9 @@ fn attach_held(
     interface: &str,
     direction: TcAttachType,
 ) -> Result<Held, String> {
-    let link = attach_one(programs, tcx, interface, direction).map_err(|e| e.to_string())?;
-    held(link, tcx).map_err(|e| e.to_string())
+    // A TCX link here replaces one taken over, where no filter was.
+    let attached = attach_one(programs, tcx, interface, direction).map_err(|e| e.to_string())?;
+    held(attached.link, tcx).map_err(|e| e.to_string())
 }
 
 /// A tc link as held: a TCX link is a bpf link; a clsact filter is not.
