@@ -145,6 +145,9 @@ pub fn sender(ctx: &TcContext) -> Socket {
 /// A SYN (`syn`) on a 4-tuple whose connection is still in TIME_WAIT here
 /// finds the TIME_WAIT socket, which is no full socket (null), where the
 /// kernel hands the SYN to the listener: the listener is its receiver.
+/// (Of an `SO_REUSEPORT` group, the one a zero source selects, not
+/// necessarily the one the kernel will pick by the SYN's source: the
+/// group's containers may differ only there.)
 #[inline(always)]
 pub fn receiver(ctx: &TcContext, key: &FlowKey, syn: bool) -> Socket {
     let mut sk = lookup(

@@ -95,6 +95,16 @@ pub struct AttachedNetns {
     pub filters_left: usize,
 }
 
+/// What [`AttachWorker::commit`] did.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Pods whose links were taken over.
+    pub pods: usize,
+    /// Hooks where a clsact filter taken over could not be removed once
+    /// a TCX link replaced it (see [`AttachedNetns::filters_left`]).
+    pub filters_left: usize,
+}
+
 /// Tells, once a namespace is open (by its device and inode), whether it
 /// is the one its path was found for.
 pub type Check = Box<dyn FnOnce(Option<(u64, u64)>) -> bool + Send>;
@@ -117,7 +127,7 @@ enum Request {
         reply: oneshot::Sender<Result<bool, AttachError>>,
     },
     Commit {
-        reply: oneshot::Sender<usize>,
+        reply: oneshot::Sender<Committed>,
     },
     FailClosed {
         cookies: HashSet<u64>,
@@ -217,13 +227,12 @@ impl AttachWorker {
     /// Swaps this observer's programs into the links taken over since the
     /// last commit (one `BPF_LINK_UPDATE` each: the hook is never without a
     /// program). Call it once the maps the new programs read are written.
-    /// Returns how many pods' links were taken over.
-    pub async fn commit(&self) -> usize {
+    pub async fn commit(&self) -> Committed {
         let (reply, answer) = oneshot::channel();
         if self.send(Request::Commit { reply }).is_err() {
-            return 0;
+            return Committed::default();
         }
-        answer.await.unwrap_or(0)
+        answer.await.unwrap_or_default()
     }
 
     /// Keeps the hooks of the pods with these cookies for the next observer

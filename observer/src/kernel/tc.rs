@@ -135,6 +135,19 @@ fn remove_filter(name: &'static str, interface: &str, direction: TcAttachType) -
         {
             true
         }
+        // Without CAP_NET_ADMIN (a TCX link needs only CAP_SYS_ADMIN) the
+        // kernel refuses the request before it looks: a filter there, if
+        // any, cannot be told from none. Said once; not counted, as most
+        // such nodes never had one.
+        Err(ProgramError::NetlinkError(err)) if err.raw_os_error() == Some(libc::EPERM) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "without CAP_NET_ADMIN, clsact filters an earlier observer (--tc-attach clsact) left cannot be removed: if one ran on this node, run observer cleanup, or packets are counted twice"
+                );
+            });
+            true
+        }
         // Both run on the hook, and count each packet twice until
         // `observer cleanup` removes the filter: said, and counted
         // (`observer_errors_total{kind="detach"}`).

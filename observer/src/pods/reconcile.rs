@@ -329,8 +329,11 @@ impl Reconciler {
         // Programs of links taken over are swapped once the maps they read
         // hold this observer's entries.
         if self.taking_over {
-            let pods = self.worker.commit().await;
-            tracing::info!(pods, "took over from the earlier observer");
+            let committed = self.worker.commit().await;
+            for _ in 0..committed.filters_left {
+                self.metrics.error("detach");
+            }
+            tracing::info!(pods = committed.pods, "took over from the earlier observer");
             self.taking_over = false;
         }
         let closed = self

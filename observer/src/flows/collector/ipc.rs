@@ -219,7 +219,14 @@ impl Collector {
             let Ok(Some(last)) = kernel::bpf::take::<RetiredKey, UnixConn>(retired_fd, &key) else {
                 continue;
             };
-            let counted = retired_baseline(&mut ipc.settling, &mut ipc.conns, &key, &last, started);
+            let counted = retired_baseline(
+                &mut ipc.settling,
+                &mut ipc.conns,
+                &mut ipc.reclaimed,
+                &key,
+                &last,
+                started,
+            );
             let (request, response) = conn_difference(&last, &counted);
             let path = unix_path(&mut ipc.paths, &ipc.maps.unix_paths, last.netns, last.path);
             let labels =
@@ -446,17 +453,17 @@ fn unix_path(
         .clone()
 }
 
-/// What a connection sent each way since `before`: (to the server, to the
-/// client); connections go with the requests.
 /// The baseline a retired connection's record (`key`) is counted
 /// against: the one put aside when the walk or a take saw its successor
 /// first; else its entry's, while that is still its own (the entry then
 /// holds its successor, from zero, first seen `now`: its server's name
 /// is waited for as any new connection's); else none: all of the record
-/// (`last`) is new.
+/// (`last`) is new, but for its opening if the daemon took its entry out
+/// as quiet before (`reclaimed`): counted then.
 fn retired_baseline(
     settling: &mut HashMap<RetiredKey, UnixConn>,
     conns: &mut HashMap<UnixConnKey, Seen>,
+    reclaimed: &mut HashMap<UnixConnKey, u64>,
     key: &RetiredKey,
     last: &UnixConn,
     now: Instant,
@@ -472,7 +479,15 @@ fn retired_baseline(
                 seen.first_seen = now;
                 std::mem::replace(&mut seen.counted, fresh)
             }
-            _ => fresh,
+            Some(_) => fresh,
+            None if reclaimed.get(&key.conn) == Some(&key.client_inode) => {
+                reclaimed.remove(&key.conn);
+                UnixConn {
+                    connections: 1,
+                    ..fresh
+                }
+            }
+            None => fresh,
         },
     }
 }
@@ -546,6 +561,8 @@ fn from_zero(now: &UnixConn) -> UnixConn {
     }
 }
 
+/// What a connection sent each way since `before`: (to the server, to the
+/// client); connections go with the requests.
 fn conn_difference(now: &UnixConn, before: &UnixConn) -> (Counts, Counts) {
     let fell = |now: Sent, before: Sent| now.messages < before.messages || now.bytes < before.bytes;
     // Not the connection counted before (its entry went and came back):
@@ -724,7 +741,14 @@ mod tests {
             conn: KEY,
             client_inode: 100,
         };
-        let counted = retired_baseline(&mut settling, &mut conns, &retired, &a, Instant::now());
+        let counted = retired_baseline(
+            &mut settling,
+            &mut conns,
+            &mut reclaimed,
+            &retired,
+            &a,
+            Instant::now(),
+        );
         assert_eq!(exported(&a, &counted), (0, 0), "A, nothing more");
     }
 
@@ -748,13 +772,45 @@ mod tests {
             client_inode: 100,
         };
         let later = Instant::now() + Duration::from_secs(1);
-        let counted = retired_baseline(&mut settling, &mut conns, &retired, &a, later);
+        let counted = retired_baseline(
+            &mut settling,
+            &mut conns,
+            &mut reclaimed,
+            &retired,
+            &a,
+            later,
+        );
         assert_eq!(exported(&a, &counted), (2, 0), "A: its messages only");
         assert_eq!(conns[&KEY].first_seen, later, "B: first seen now");
         let b = conn(200, 3, 1);
         let before = conns.get(&KEY).map(|s| s.counted);
         let counted = entry_baseline(&mut settling, &mut reclaimed, KEY, before, &b);
         assert_eq!(exported(&b, &counted), (3, 1), "B, its opening too");
+    }
+
+    /// A connection taken out as quiet talks again (the kernel makes its
+    /// entry anew, its opening counted once more there), and a new one
+    /// takes the entry before the next walk: the retired record alone
+    /// tells of it, and its opening, counted already, is not again.
+    #[test]
+    fn a_connection_back_from_quiet_and_retired_at_once_is_not_opened_twice() {
+        let (mut settling, mut conns) = (HashMap::new(), HashMap::new());
+        let mut reclaimed = HashMap::from([(KEY, 100)]);
+        let retired = RetiredKey {
+            conn: KEY,
+            client_inode: 100,
+        };
+        let a = conn(100, 4, 1);
+        let counted = retired_baseline(
+            &mut settling,
+            &mut conns,
+            &mut reclaimed,
+            &retired,
+            &a,
+            Instant::now(),
+        );
+        assert_eq!(exported(&a, &counted), (4, 0));
+        assert!(reclaimed.is_empty());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use aya::programs::{
     tc::SchedClassifierLink,
 };
 
-use super::{AttachError, AttachedNetns, POD_INTERFACE, Request};
+use super::{AttachError, AttachedNetns, Committed, POD_INTERFACE, Request};
 use crate::{
     kernel::{
         bpf,
@@ -570,9 +570,8 @@ impl Worker {
 
     /// Swaps this observer's programs into the links and filters taken
     /// over. A link whose program cannot be replaced (its hook went
-    /// meanwhile) is attached anew. Returns how many pods had hooks taken
-    /// over.
-    fn commit(&mut self) -> usize {
+    /// meanwhile) is attached anew.
+    fn commit(&mut self) -> Committed {
         let Self {
             home,
             datapath,
@@ -580,17 +579,17 @@ impl Worker {
             tcx,
             ..
         } = self;
+        let mut committed = Committed::default();
         let Some(node) = datapath.node_pins().cloned() else {
-            return 0;
+            return committed;
         };
         let tcx = *tcx;
-        let mut pods = 0;
         for (cookie, attachment) in attached.iter_mut() {
             let hooks = attachment.tc.iter().chain(&attachment.sock);
             if !hooks.clone().any(|h| h.swap) {
                 continue;
             }
-            pods += 1;
+            committed.pods += 1;
             let dir = node.pod(*cookie);
             for hook in attachment.sock.iter_mut().filter(|h| h.swap) {
                 let swapped = datapath
@@ -642,9 +641,12 @@ impl Worker {
                         }
                     }
                 }
+                let filters_left = &mut committed.filters_left;
                 let fresh = netns.run(home, || {
                     left.into_iter()
-                        .filter_map(|hook| take_over_tc(programs, tcx, &node, *cookie, hook, name))
+                        .filter_map(|hook| {
+                            take_over_tc(programs, tcx, &node, *cookie, hook, name, filters_left)
+                        })
                         .collect::<Vec<_>>()
                 });
                 match fresh {
@@ -658,7 +660,7 @@ impl Worker {
             }
             tracing::info!(netns = %attachment.info.name, cookie, "took over the links an earlier observer left: they run this observer's programs");
         }
-        pods
+        committed
     }
 
     /// Keeps the hooks of the pods in `closed` for the next observer (and
@@ -811,6 +813,7 @@ fn taken(name: &'static str, program: &'static str, link: PinnedLink) -> Hook {
 /// pod's namespace (the calling thread is in it): a filter by swapping the
 /// program in place with clsact filters, or by attaching the TCX link and
 /// then removing the filter; anything else is attached anew.
+/// A filter that stays beside the new link adds to `filters_left`.
 fn take_over_tc(
     programs: &mut Programs,
     tcx: bool,
@@ -818,6 +821,7 @@ fn take_over_tc(
     cookie: u64,
     hook: Hook,
     netns: &str,
+    filters_left: &mut usize,
 ) -> Option<Hook> {
     let (interface, direction) = tc_point(hook.name);
     let Hook {
@@ -846,8 +850,10 @@ fn take_over_tc(
             // The link first: the filter goes once it is there (a packet
             // in between is counted twice; none meets no program).
             return match attach_held(programs, true, interface, direction) {
-                Ok(link) => {
-                    // Removed by netlink already.
+                Ok((link, filter_left)) => {
+                    // Removed by netlink already, or it cannot be (said in
+                    // the log, counted by the caller).
+                    *filters_left += usize::from(filter_left);
                     std::mem::forget(left);
                     let mut hook = ours(link, false);
                     // Pinned at once: the filter it replaces was kept.
@@ -867,7 +873,10 @@ fn take_over_tc(
         other => drop(other),
     }
     match attach_held(programs, tcx, interface, direction) {
-        Ok(link) => Some(ours(link, false)),
+        Ok((link, filter_left)) => {
+            *filters_left += usize::from(filter_left);
+            Some(ours(link, false))
+        }
         Err(err) => {
             tracing::warn!(%err, netns, interface, "attaching anew");
             None
@@ -875,16 +884,17 @@ fn take_over_tc(
     }
 }
 
-/// Attaches the program for `direction` to `interface`, as held.
+/// Attaches the program for `direction` to `interface`, as held; and
+/// whether a filter an earlier observer left stays beside it.
 fn attach_held(
     programs: &mut Programs,
     tcx: bool,
     interface: &str,
     direction: TcAttachType,
-) -> Result<Held, String> {
-    // A TCX link here replaces one taken over, where no filter was.
+) -> Result<(Held, bool), String> {
     let attached = attach_one(programs, tcx, interface, direction).map_err(|e| e.to_string())?;
-    held(attached.link, tcx).map_err(|e| e.to_string())
+    let link = held(attached.link, tcx).map_err(|e| e.to_string())?;
+    Ok((link, attached.filter_left))
 }
 
 /// A tc link as held: a TCX link is a bpf link; a clsact filter is not.
