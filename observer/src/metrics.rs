@@ -285,8 +285,13 @@ impl Metrics {
 
     /// Counts one error of `kind`.
     pub fn error(&self, kind: &'static str) {
+        self.errors_of(kind, 1);
+    }
+
+    /// Counts `count` errors of `kind` (none: nothing).
+    pub fn errors_of(&self, kind: &'static str, count: usize) {
         debug_assert!(ERROR_KINDS.contains(&kind), "unknown error kind {kind}");
-        self.errors.with_label_values(&[kind]).inc();
+        self.errors.with_label_values(&[kind]).inc_by(count as u64);
     }
 
     /// The text exposition format, as served on /metrics.

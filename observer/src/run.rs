@@ -284,14 +284,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         Some(targets) => {
             for target in targets {
                 let attached = worker.attach(&target.path, target.pod, None, None).await?;
-                for _ in 0..attached.filters_left {
-                    metrics.error("detach");
-                }
+                metrics.errors_of("detach", attached.filters_left);
                 collector.send(CollectorEvent::Attached(attached));
             }
-            for _ in 0..worker.commit().await.filters_left {
-                metrics.error("detach");
-            }
+            metrics.errors_of("detach", worker.commit().await.filters_left);
             collector.send(CollectorEvent::Complete { watched: false });
             ready.store(true, Ordering::Release);
             Pods::Fixed(worker)

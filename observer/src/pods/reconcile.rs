@@ -330,9 +330,7 @@ impl Reconciler {
         // hold this observer's entries.
         if self.taking_over {
             let committed = self.worker.commit().await;
-            for _ in 0..committed.filters_left {
-                self.metrics.error("detach");
-            }
+            self.metrics.errors_of("detach", committed.filters_left);
             tracing::info!(pods = committed.pods, "took over from the earlier observer");
             self.taking_over = false;
         }
@@ -417,9 +415,7 @@ impl Reconciler {
                         self.without_hooks.insert(attached.cookie, reason);
                     }
                     // Said in the log where it happened; counted here.
-                    for _ in 0..attached.filters_left {
-                        self.metrics.error("detach");
-                    }
+                    self.metrics.errors_of("detach", attached.filters_left);
                     let entry = Attached {
                         cookie: attached.cookie,
                         pod: attached.pod.clone(),
