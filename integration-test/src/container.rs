@@ -211,17 +211,8 @@ impl Prober {
              \x20   print(*c, *at[:20], flush=True)\n",
             list = list.join(", ")
         );
-        let mut child = in_container(cgroup, netns, Command::new("python3").args(["-c", &script]))
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "probing");
+        let (child, said) = python_until_ready(cgroup, netns, &script);
+        assert_eq!(said, "probing");
         Self {
             child,
             targets: targets.len(),
