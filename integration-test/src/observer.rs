@@ -36,6 +36,9 @@ pub fn binary() -> PathBuf {
     )
 }
 
+/// `CAP_NET_ADMIN` (linux/capability.h; libc has no capability numbers).
+pub const CAP_NET_ADMIN: u32 = 12;
+
 impl Observer {
     /// Starts `observer run <args>` on a free loopback port and waits until it
     /// is ready. Panics with the observer's output if it does not get there.
@@ -66,18 +69,32 @@ impl Observer {
     }
 
     fn spawn_binary(binary: &std::path::Path, args: &[&str]) -> Self {
-        Self::spawn_limited(binary, args, None)
+        Self::spawn_limited(binary, args, None, None)
     }
 
     /// [`Observer::start`] with at most `files` open files (soft and hard
     /// limit), as a container runtime may set it.
     pub fn start_with_file_limit(args: &[&str], files: u64) -> Self {
-        let mut observer = Self::spawn_limited(&binary(), args, Some(files));
+        let mut observer = Self::spawn_limited(&binary(), args, Some(files), None);
         observer.wait_ready(Duration::from_secs(30));
         observer
     }
 
-    fn spawn_limited(binary: &std::path::Path, args: &[&str], files: Option<u64>) -> Self {
+    /// [`Observer::start`] without the capability `capability`
+    /// ([`CAP_NET_ADMIN`], ...), as a pod's security context may leave it
+    /// out.
+    pub fn start_without_capability(args: &[&str], capability: u32) -> Self {
+        let mut observer = Self::spawn_limited(&binary(), args, None, Some(capability));
+        observer.wait_ready(Duration::from_secs(30));
+        observer
+    }
+
+    fn spawn_limited(
+        binary: &std::path::Path,
+        args: &[&str],
+        files: Option<u64>,
+        without: Option<u32>,
+    ) -> Self {
         let addr = free_port();
         let log = std::env::temp_dir().join(format!("observer-test-{}.log", addr.port()));
         let mut command = observer_command_with(
@@ -95,6 +112,20 @@ impl Observer {
             unsafe {
                 command.pre_exec(move || {
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(capability) = without {
+            // SAFETY: prctl is async-signal-safe. Out of the bounding set,
+            // root's program gets no such capability at exec (the
+            // inheritable and ambient sets of a root shell are empty).
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, capability as libc::c_ulong, 0, 0, 0) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -229,8 +260,19 @@ impl Observer {
         self.terminate_within(Duration::from_secs(10))
     }
 
+    /// Sends SIGTERM, waits (at most 10 s) for the exit, and returns what
+    /// the observer logged up to it.
+    pub fn terminate_with_log(mut self) -> (ExitStatus, String) {
+        let status = self.stop(Duration::from_secs(10));
+        (status, self.log())
+    }
+
     /// Sends SIGTERM and waits at most `limit` for the exit.
     pub fn terminate_within(mut self, limit: Duration) -> ExitStatus {
+        self.stop(limit)
+    }
+
+    fn stop(&mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

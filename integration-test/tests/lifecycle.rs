@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_test::{Observer, Scrape, TempDir};
+use integration_test::{Observer, Scrape, TempDir, observer::CAP_NET_ADMIN};
 use lab::{Lab, Netns, Plan};
 
 #[test]
@@ -214,18 +214,7 @@ fn after_sigkill_a_restart_replaces_leftover_clsact_filters() {
 fn a_restart_with_tcx_links_removes_the_clsact_filter_left_behind() {
     let pod = Netns::create("switch").expect("namespace");
     let path = pod.path().display().to_string();
-    let send = |count: usize| {
-        pod.run(|| {
-            let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
-            let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
-            for _ in 0..count {
-                sender
-                    .send_to(b"x", receiver.local_addr().unwrap())
-                    .unwrap();
-            }
-        })
-        .unwrap()
-    };
+    let send = |count| send_on_lo(&pod, count);
     let first = Observer::start(&["--netns", &path, "--tc-attach", "clsact"]);
     send(1);
     assert_eq!(
@@ -257,6 +246,123 @@ fn a_restart_with_tcx_links_removes_the_clsact_filter_left_behind() {
         "removed, not left"
     );
     assert!(second.terminate().success());
+}
+
+/// The same switch, the next observer without CAP_NET_ADMIN (TCX links
+/// need only CAP_SYS_ADMIN): it cannot remove the filter left behind, but
+/// finds it (asking needs no capability), says so and counts it: the
+/// killed observer's program runs beside its link until `observer
+/// cleanup` removes it.
+#[test]
+fn without_net_admin_a_clsact_filter_left_behind_is_found_and_counted() {
+    let pod = Netns::create("no-net-admin").expect("namespace");
+    let path = pod.path().display().to_string();
+    let first = Observer::start(&["--netns", &path, "--tc-attach", "clsact"]);
+    send_on_lo(&pod, 1);
+    first.kill();
+    assert_eq!(
+        clsact_filters_on_lo(&pod),
+        1,
+        "the killed observer's filter"
+    );
+
+    let second = Observer::start_without_capability(
+        &["--netns", &path, "--tc-attach", "tcx"],
+        CAP_NET_ADMIN,
+    );
+    send_on_lo(&pod, 4);
+    let m = second.scrape();
+    assert_eq!(
+        m.sum("observer_programs_attached", &[("pod", pod.name())]),
+        1.0,
+        "attached as a TCX link:\n{}",
+        second.log()
+    );
+    assert_eq!(
+        m.sum("observer_flow_packets_total", &[("pod", pod.name())]),
+        4.0
+    );
+    assert_eq!(clsact_filters_on_lo(&pod), 1, "it cannot remove the filter");
+    assert_eq!(
+        m.sum("observer_errors_total", &[("kind", "detach")]),
+        1.0,
+        "the filter left beside the link, counted:\n{}",
+        second.log()
+    );
+    assert!(
+        second
+            .log()
+            .contains("without CAP_NET_ADMIN, the clsact filter"),
+        "{}",
+        second.log()
+    );
+    assert!(second.terminate().success());
+}
+
+/// A rolling update with a surge (`maxSurge` 1): the next observer starts
+/// while the last still runs, and swaps its program into the clsact filter
+/// in place. The last, going, leaves the filter: it runs the next one's
+/// program now (removing it would leave the pod unobserved, and a policy
+/// that fails closed unenforced, while the next one counts on it).
+#[test]
+fn an_observer_going_after_the_next_started_leaves_it_the_clsact_filter() {
+    let pod = Netns::create("surge").expect("namespace");
+    let path = pod.path().display().to_string();
+    let args = ["--netns", &path, "--tc-attach", "clsact"];
+    let send = |count| send_on_lo(&pod, count);
+    let packets = |observer: &Observer| {
+        observer
+            .scrape()
+            .sum("observer_flow_packets_total", &[("pod", pod.name())])
+    };
+    let first = Observer::start(&args);
+    send(1);
+    assert_eq!(packets(&first), 1.0);
+
+    let second = Observer::start(&args);
+    assert_swapped_in_place(&second);
+    let (status, log) = first.terminate_with_log();
+    assert!(status.success());
+    assert_eq!(
+        clsact_filters_on_lo(&pod),
+        1,
+        "the next observer's filter stays:\n{log}"
+    );
+    assert!(
+        log.contains("left the filter in place: it runs another observer's program now"),
+        "{log}"
+    );
+    send(4);
+    assert_eq!(packets(&second), 4.0, "counted by the next observer");
+    assert!(second.terminate().success());
+    assert_eq!(
+        clsact_filters_on_lo(&pod),
+        0,
+        "removed by the observer whose program it ran"
+    );
+}
+
+/// The observer swapped its program into the filter an earlier one left.
+fn assert_swapped_in_place(observer: &Observer) {
+    let log = observer.log();
+    assert!(
+        log.contains("replaced in place the program of the filter an earlier observer left"),
+        "{log}"
+    );
+}
+
+/// Sends `count` datagrams over the pod's lo.
+fn send_on_lo(pod: &Netns, count: usize) {
+    pod.run(|| {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..count {
+            sender
+                .send_to(b"x", receiver.local_addr().unwrap())
+                .unwrap();
+        }
+    })
+    .unwrap()
 }
 
 /// Our filters on the pod's lo (clsact), as `tc` lists them.
@@ -351,13 +457,7 @@ fn sigkill_and_restart(netlink: bool) {
             "the leftover replaced, not doubled"
         );
         // In place: its program swapped into the filter, never removed.
-        assert!(
-            second
-                .log()
-                .contains("replaced in place the program of the filter an earlier observer left"),
-            "{}",
-            second.log()
-        );
+        assert_swapped_in_place(&second);
     }
     send(4);
     assert_eq!(

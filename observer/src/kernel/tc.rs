@@ -1,6 +1,8 @@
 //! tc attachments: TCX links on kernels 6.6 and newer, clsact filters
 //! (netlink) before, each in the namespace the calling thread is in.
 
+mod query;
+
 use aya::programs::{
     ProgramError, SchedClassifier, TcAttachType,
     links::Link as _,
@@ -66,6 +68,10 @@ pub struct TcLink {
     /// removed (a TCX link attached there): it runs beside this one, and
     /// counts each packet again until `observer cleanup` removes it.
     pub filter_left: bool,
+    /// The id of the program a clsact filter was made to run: when this
+    /// observer goes, the filter goes only if it still runs it
+    /// ([`runs_another_program`]).
+    pub program: Option<u32>,
 }
 
 /// Attaches the observer's program for `direction` to `interface`.
@@ -105,9 +111,28 @@ pub fn attach_program(
         (attach_filter(program, name, interface, direction)?, false)
     };
     Ok(TcLink {
+        program: (!tcx)
+            .then(|| program.info().ok().map(|info| info.id()))
+            .flatten(),
         link: program.take_link(id)?,
         filter_left,
     })
+}
+
+/// Whether the observer's clsact filter for `direction` on `interface`
+/// runs a program other than `ours`: another observer, started before
+/// this one went (a rolling update with a surge), swapped its own into
+/// it in place, and the filter is now that observer's to remove. False
+/// if the filter runs `ours`, is gone, or cannot be asked about.
+pub fn runs_another_program(interface: &str, direction: TcAttachType, ours: u32) -> bool {
+    match query::filter_program(interface, direction, FILTER_PRIORITY, FILTER_HANDLE.into()) {
+        Ok(Some(now)) => now != ours,
+        Ok(None) => false,
+        Err(err) => {
+            tracing::debug!(%err, interface, "asking which program a filter runs");
+            false
+        }
+    }
 }
 
 /// Removes the clsact filter an earlier observer with `--tc-attach clsact`
@@ -136,17 +161,31 @@ fn remove_filter(name: &'static str, interface: &str, direction: TcAttachType) -
             true
         }
         // Without CAP_NET_ADMIN (a TCX link needs only CAP_SYS_ADMIN) the
-        // kernel refuses the request before it looks: a filter there, if
-        // any, cannot be told from none. Said once; not counted, as most
-        // such nodes never had one.
+        // kernel refuses to remove a filter before it looks; asking whether
+        // one is there needs no capability.
         Err(ProgramError::NetlinkError(err)) if err.raw_os_error() == Some(libc::EPERM) => {
-            static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| {
-                tracing::warn!(
-                    "without CAP_NET_ADMIN, clsact filters an earlier observer (--tc-attach clsact) left cannot be removed: if one ran on this node, run observer cleanup, or packets are counted twice"
-                );
-            });
-            true
+            let handle = handle_of(name).into();
+            match query::filter_program(interface, direction, FILTER_PRIORITY, handle) {
+                Ok(None) => true,
+                Ok(Some(_)) => {
+                    tracing::warn!(
+                        interface,
+                        program = name,
+                        "without CAP_NET_ADMIN, the clsact filter an earlier observer left cannot be removed: its packets are counted twice until it goes (observer cleanup removes it)"
+                    );
+                    false
+                }
+                Err(err) => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        tracing::warn!(
+                            %err,
+                            "without CAP_NET_ADMIN, clsact filters an earlier observer (--tc-attach clsact) left can neither be removed nor found: if one ran on this node, run observer cleanup, or packets are counted twice"
+                        );
+                    });
+                    true
+                }
+            }
         }
         // Both run on the hook, and count each packet twice until
         // `observer cleanup` removes the filter: said, and counted
@@ -238,15 +277,16 @@ pub fn left_filter(
 
 /// Swaps the program for `direction` into a filter an earlier observer
 /// left, in place (the kernel replaces it atomically). `ENOENT` if the
-/// filter is not there any more.
+/// filter is not there any more. With the id of the program it runs now.
 pub fn swap_filter(
     programs: &mut Programs,
     left: SchedClassifierLink,
     direction: TcAttachType,
-) -> Result<SchedClassifierLink, ProgramError> {
+) -> Result<(SchedClassifierLink, Option<u32>), ProgramError> {
     let program = programs.get(program_for(direction))?;
     let id = program.attach_to_link(left)?;
-    program.take_link(id)
+    let ours = program.info().ok().map(|info| info.id());
+    Ok((program.take_link(id)?, ours))
 }
 
 /// Removes every filter of an observer's (its own, and the benchmark's

@@ -34,8 +34,8 @@ use crate::{
         datapath::{BpfLink, Datapath, NOOP_PROGRAM, Programs},
         netns::{self, NetNs},
         tc::{
-            POD_HOOKS, attach_one, attach_program, interface_exists, left_filter, program_for,
-            swap_filter,
+            POD_HOOKS, TcLink, attach_one, attach_program, interface_exists, left_filter,
+            program_for, runs_another_program, swap_filter,
         },
     },
     names::ObjectRef,
@@ -87,8 +87,9 @@ enum Held {
     /// A bpf link (TCX, cgroup), which may be pinned.
     Link(BpfLink),
     /// A clsact filter: removed by netlink, in its namespace, when dropped;
-    /// left in place (forgotten) when kept.
-    Filter(SchedClassifierLink),
+    /// left in place (forgotten) when kept. With the id of the program this
+    /// observer made it run (`None`: one taken over, not swapped yet).
+    Filter(SchedClassifierLink, Option<u32>),
     /// The no-op baseline of `cargo xtask bench`: never pinned.
     Baseline { _link: SchedClassifierLink },
 }
@@ -102,7 +103,7 @@ impl Hook {
             Held::Link(link) => link
                 .id()
                 .and_then(|id| bpf::pin(id, &dir.join(self.name)))?,
-            Held::Filter(_) => node.keep_filter(cookie, self.name)?,
+            Held::Filter(..) => node.keep_filter(cookie, self.name)?,
             Held::Baseline { .. } => return Ok(()),
         }
         self.kept = true;
@@ -177,7 +178,7 @@ fn attach_tc(
                 hooks.push(Hook {
                     name: hook,
                     program: program_for(direction),
-                    link: Held::Filter(left),
+                    link: Held::Filter(left, None),
                     kept: true,
                     swap: true,
                 });
@@ -185,7 +186,7 @@ fn attach_tc(
             }
             let attached = attach_one(programs, tcx, interface, direction).map_err(error)?;
             *filters_left += usize::from(attached.filter_left);
-            let link = held(attached.link, tcx).map_err(|source| AttachError::Link {
+            let link = held(attached, tcx).map_err(|source| AttachError::Link {
                 path: path.into(),
                 source: Box::new(source),
             })?;
@@ -763,22 +764,49 @@ impl Worker {
         // observer (a pinned link stays by its pin).
         let (left, tc): (Vec<Hook>, Vec<Hook>) = tc
             .into_iter()
-            .partition(|h| !unpin && h.kept && matches!(h.link, Held::Filter(_)));
+            .partition(|h| !unpin && h.kept && matches!(h.link, Held::Filter(..)));
         for hook in left {
-            if let Held::Filter(link) = hook.link {
+            if let Held::Filter(link, _) = hook.link {
                 std::mem::forget(link);
             }
         }
         match netns {
             // clsact filters are removed by netlink, inside their namespace.
             Some(netns) => {
-                if let Err(err) = netns.run(&self.home, || drop(tc)) {
+                if let Err(err) = netns.run(&self.home, || release_tc(tc, &info.name)) {
                     tracing::warn!(%err, netns = %info.name, "detaching");
                 }
             }
             // TCX links are file descriptors: closing one detaches it, from
             // any namespace, and they go away with the interface anyway.
             None => drop(tc),
+        }
+    }
+}
+
+/// Detaches a pod's tc hooks, inside its namespace (the calling thread is
+/// in it). A clsact filter that runs another program than the one this
+/// observer put there stays: the next observer, started before this one
+/// went (a rolling update with a surge), swapped its own into it in
+/// place, and removing it would leave the pod unobserved, its policy
+/// unenforced, while that observer counts on it.
+fn release_tc(tc: Vec<Hook>, netns: &str) {
+    for hook in tc {
+        match hook.link {
+            Held::Filter(link, Some(ours)) => {
+                let (interface, direction) = tc_point(hook.name);
+                if runs_another_program(interface, direction, ours) {
+                    tracing::info!(
+                        netns,
+                        hook = hook.name,
+                        "left the filter in place: it runs another observer's program now"
+                    );
+                    std::mem::forget(link);
+                } else {
+                    drop(link);
+                }
+            }
+            other => drop(other),
         }
     }
 }
@@ -839,14 +867,14 @@ fn take_over_tc(
         swap: false,
     };
     match link {
-        Held::Filter(left) if !tcx => match swap_filter(programs, left, direction) {
-            Ok(link) => return Some(ours(Held::Filter(link), kept)),
+        Held::Filter(left, _) if !tcx => match swap_filter(programs, left, direction) {
+            Ok((link, program)) => return Some(ours(Held::Filter(link, program), kept)),
             Err(err) => {
                 tracing::warn!(%err, netns, hook = name, "cannot replace the program of a filter taken over: attaching anew");
                 node.forget_filter(cookie, name);
             }
         },
-        Held::Filter(left) => {
+        Held::Filter(left, program) => {
             // The link first: the filter goes once it is there (a packet
             // in between is counted twice; none meets no program).
             return match attach_held(programs, true, interface, direction) {
@@ -866,7 +894,7 @@ fn take_over_tc(
                 }
                 Err(err) => {
                     tracing::warn!(%err, netns, hook = name, "cannot attach a TCX link: the filter taken over keeps the earlier observer's program");
-                    Some(ours(Held::Filter(left), kept))
+                    Some(ours(Held::Filter(left, program), kept))
                 }
             };
         }
@@ -893,15 +921,16 @@ fn attach_held(
     direction: TcAttachType,
 ) -> Result<(Held, bool), String> {
     let attached = attach_one(programs, tcx, interface, direction).map_err(|e| e.to_string())?;
-    let link = held(attached.link, tcx).map_err(|e| e.to_string())?;
-    Ok((link, attached.filter_left))
+    let filter_left = attached.filter_left;
+    let link = held(attached, tcx).map_err(|e| e.to_string())?;
+    Ok((link, filter_left))
 }
 
 /// A tc link as held: a TCX link is a bpf link; a clsact filter is not.
-fn held(link: SchedClassifierLink, tcx: bool) -> Result<Held, LinkError> {
+fn held(attached: TcLink, tcx: bool) -> Result<Held, LinkError> {
     if tcx {
-        FdLink::try_from(link).map(|link| Held::Link(BpfLink::Aya(link)))
+        FdLink::try_from(attached.link).map(|link| Held::Link(BpfLink::Aya(link)))
     } else {
-        Ok(Held::Filter(link))
+        Ok(Held::Filter(attached.link, attached.program))
     }
 }
