@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_test::{Observer, Scrape, TempDir, observer::CAP_NET_ADMIN};
+use integration_test::{Bpffs, Observer, Scrape, TempDir, observer::CAP_NET_ADMIN};
 use lab::{Lab, Netns, Plan};
 
 #[test]
@@ -349,6 +349,63 @@ fn assert_swapped_in_place(observer: &Observer) {
         log.contains("replaced in place the program of the filter an earlier observer left"),
         "{log}"
     );
+}
+
+/// One observer at a time uses a node's pins: the next one with the same
+/// `--pin-dir` (a rolling update with a surge) waits until the last has
+/// gone, then takes over; it does not attach beside it, nor take its maps
+/// while it counts in them. One stopped while it waits exits at once.
+#[test]
+fn a_second_observer_on_the_same_pins_waits_for_the_first_to_go() {
+    let pins = Bpffs::mount("one-at-a-time");
+    let pod = Netns::create("one-at-a-time").expect("namespace");
+    let path = pod.path().display().to_string();
+    let pin_dir = pins.path().join("observer").display().to_string();
+    let args = ["--netns", &path, "--pin-dir", &pin_dir];
+    let packets = |observer: &Observer| {
+        observer
+            .scrape()
+            .sum("observer_flow_packets_total", &[("pod", pod.name())])
+    };
+    let waits = |observer: &Observer| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !observer
+            .log()
+            .contains("another observer uses this pin directory: waiting for it to exit")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "not waiting:\n{}",
+                observer.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let first = Observer::start(&args);
+    send_on_lo(&pod, 2);
+    assert_eq!(packets(&first), 2.0);
+
+    let mut second = Observer::spawn(&args);
+    waits(&second);
+    send_on_lo(&pod, 3);
+    assert_eq!(packets(&first), 5.0, "counted once, by the first alone");
+    let third = Observer::spawn(&args);
+    waits(&third);
+    assert!(third.terminate().success(), "stopped while it waited");
+
+    assert!(first.terminate().success());
+    second.wait_ready(Duration::from_secs(30));
+    assert!(
+        second
+            .log()
+            .contains("the other observer has gone: going on"),
+        "{}",
+        second.log()
+    );
+    send_on_lo(&pod, 4);
+    let counted = packets(&second);
+    assert!(counted >= 4.0, "the next observer counts: {counted}");
+    assert!(second.terminate().success());
 }
 
 /// Sends `count` datagrams over the pod's lo.

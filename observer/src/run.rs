@@ -16,7 +16,7 @@ use kube::Client;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{oneshot, watch},
 };
 
 use crate::{
@@ -120,6 +120,28 @@ struct Target {
     pod: ObjectRef,
 }
 
+/// Opens the datapath on a thread of its own: with `--pin-dir` it waits
+/// while another observer holds the node's pins (bpffs.rs), and a SIGTERM
+/// meanwhile must still end this one. `None` if it did (the thread is
+/// left to the process' exit).
+async fn open_datapath(
+    config: DatapathConfig,
+    mut stopped: watch::Receiver<bool>,
+) -> Option<Result<Opened, DatapathError>> {
+    let (opened, opening) = oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = opened.send(Datapath::open(&config));
+    });
+    tokio::select! {
+        opened = opening => match opened {
+            Ok(opened) => Some(opened),
+            // The thread panicked: its message is on stderr.
+            Err(_) => panic!("opening the datapath panicked"),
+        },
+        _ = stopped.wait_for(|stop| *stop) => None,
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Bad input fails here, before anything is loaded.
     let inventory = match &args.inventory {
@@ -177,13 +199,21 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ipc,
         ipc_hooks,
         unix_policy,
-    } = Datapath::open(&DatapathConfig {
-        flow_capacity: args.flow_capacity,
-        runtime_dir: args.runtime_dir.clone(),
-        pin_dir: args.pin_dir.clone(),
-        log_level: log::level_for(tracing::level_filters::LevelFilter::current()),
-        named_pipes: args.named_pipes,
-    })?;
+    } = match open_datapath(
+        DatapathConfig {
+            flow_capacity: args.flow_capacity,
+            runtime_dir: args.runtime_dir.clone(),
+            pin_dir: args.pin_dir.clone(),
+            log_level: log::level_for(tracing::level_filters::LevelFilter::current()),
+            named_pipes: args.named_pipes,
+        },
+        stopped.clone(),
+    )
+    .await
+    {
+        Some(opened) => opened?,
+        None => return Ok(()),
+    };
     if let Some(logger) = logger {
         tokio::spawn(logger.run());
     }

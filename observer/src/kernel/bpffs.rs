@@ -25,8 +25,13 @@
 use std::{
     ffi::CString,
     fs, io,
-    os::unix::ffi::OsStrExt,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
     path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
 use observer_common::LAYOUT_VERSION;
@@ -37,6 +42,8 @@ pub enum BpffsError {
     Create { path: PathBuf, source: io::Error },
     #[error("cannot mount a bpffs at {path}: {source}")]
     Mount { path: PathBuf, source: io::Error },
+    #[error("cannot lock {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
     #[error(
         "--pin-dir {0} is not on a bpffs (mount one: `mount -t bpf bpf /sys/fs/bpf`; the DaemonSet mounts the node's /sys/fs/bpf)"
     )]
@@ -45,6 +52,36 @@ pub enum BpffsError {
 
 /// The maps' directory in a node pin directory, with the layout version.
 const MAPS_PREFIX: &str = "maps-v";
+
+/// How often a lock held by another observer is tried again.
+const LOCK_RETRY: Duration = Duration::from_millis(100);
+
+/// Locks the directory `root` for this process, waiting (and saying so)
+/// while another holds it.
+fn lock(root: &Path) -> io::Result<OwnedFd> {
+    let dir = fs::File::open(root)?;
+    let try_lock = || {
+        // SAFETY: a descriptor we own.
+        match unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } {
+            0 => Ok(true),
+            _ => match io::Error::last_os_error() {
+                err if err.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+                err => Err(err),
+            },
+        }
+    };
+    if !try_lock()? {
+        tracing::warn!(
+            pin_dir = %root.display(),
+            "another observer uses this pin directory: waiting for it to exit (one observer per node)"
+        );
+        while !try_lock()? {
+            std::thread::sleep(LOCK_RETRY);
+        }
+        tracing::info!(pin_dir = %root.display(), "the other observer has gone: going on");
+    }
+    Ok(dir.into())
+}
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -123,11 +160,19 @@ impl Drop for PinDir {
 #[derive(Clone, Debug)]
 pub struct NodePins {
     root: PathBuf,
+    /// The directory, locked (`flock`) for as long as this observer runs
+    /// (the kernel lets go at its exit, a SIGKILL included): one observer
+    /// at a time uses a node's pins.
+    _lock: Option<Arc<OwnedFd>>,
 }
 
 impl NodePins {
     /// Opens (creating it if need be) a pin directory, which must be on a
-    /// bpffs: pins elsewhere are refused by the kernel.
+    /// bpffs: pins elsewhere are refused by the kernel. Waits while another
+    /// observer holds it (a rolling update with a surge starts the next
+    /// one before the last has gone): the maps, the pins of pods that fail
+    /// closed and the filters left for the next observer are taken over
+    /// once that one has left them, never while it still uses them.
     pub fn open(root: &Path) -> Result<Self, BpffsError> {
         // Checked before anything is made: nothing is left behind on a
         // file system that is not one.
@@ -135,7 +180,18 @@ impl NodePins {
         if !on_bpffs(existing) {
             return Err(BpffsError::NotBpffs(root.into()));
         }
-        let pins = Self { root: root.into() };
+        fs::create_dir_all(root).map_err(|source| BpffsError::Create {
+            path: root.into(),
+            source,
+        })?;
+        let lock = lock(root).map_err(|source| BpffsError::Lock {
+            path: root.into(),
+            source,
+        })?;
+        let pins = Self {
+            root: root.into(),
+            _lock: Some(Arc::new(lock)),
+        };
         for dir in [pins.maps(), pins.pods()] {
             fs::create_dir_all(&dir).map_err(|source| BpffsError::Create { path: dir, source })?;
         }
@@ -146,7 +202,10 @@ impl NodePins {
     /// A pin directory as it is, created or checked by nobody (to remove
     /// what is in it).
     pub fn at(root: &Path) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            _lock: None,
+        }
     }
 
     pub fn root(&self) -> &Path {
