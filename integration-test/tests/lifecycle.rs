@@ -299,8 +299,8 @@ fn without_net_admin_a_clsact_filter_left_behind_is_found_and_counted() {
     assert!(second.terminate().success());
 }
 
-/// A rolling update with a surge (`maxSurge` 1): the next observer starts
-/// while the last still runs, and swaps its program into the clsact filter
+/// Two observers on a node at once, without `--pin-dir` (whose lock keeps
+/// them apart): the next observer starts while the last still runs, and swaps its program into the clsact filter
 /// in place. The last, going, leaves the filter: it runs the next one's
 /// program now (removing it would leave the pod unobserved, and a policy
 /// that fails closed unenforced, while the next one counts on it).
@@ -352,9 +352,10 @@ fn assert_swapped_in_place(observer: &Observer) {
 }
 
 /// One observer at a time uses a node's pins: the next one with the same
-/// `--pin-dir` (a rolling update with a surge) waits until the last has
+/// `--pin-dir` (one started while the last still runs) waits until it has
 /// gone, then takes over; it does not attach beside it, nor take its maps
-/// while it counts in them. One stopped while it waits exits at once.
+/// while it counts in them. One stopped while it waits exits at once;
+/// `observer cleanup` waits too.
 #[test]
 fn a_second_observer_on_the_same_pins_waits_for_the_first_to_go() {
     let pins = Bpffs::mount("one-at-a-time");
@@ -405,7 +406,33 @@ fn a_second_observer_on_the_same_pins_waits_for_the_first_to_go() {
     send_on_lo(&pod, 4);
     let counted = packets(&second);
     assert!(counted >= 4.0, "the next observer counts: {counted}");
+
+    // Nor does `observer cleanup` take the pins of an observer that runs
+    // (an uninstall's observer may take its time to go): it waits too.
+    let pinned = pins.pins();
+    assert!(!pinned.is_empty());
+    let mut cleanup = std::process::Command::new(integration_test::observer::binary())
+        .args(["cleanup", "--pin-dir", &pin_dir])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("observer cleanup");
+    thread::sleep(Duration::from_secs(1));
+    assert!(cleanup.try_wait().unwrap().is_none(), "waiting");
+    assert_eq!(pins.pins(), pinned, "nothing removed while it runs");
     assert!(second.terminate().success());
+    let out = cleanup.wait_with_output().expect("cleanup's exit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("another observer uses this pin directory: waiting"),
+        "{err}"
+    );
+    assert_eq!(
+        pins.pins(),
+        Vec::<String>::new(),
+        "removed once it had gone"
+    );
 }
 
 /// Sends `count` datagrams over the pod's lo.

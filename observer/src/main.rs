@@ -97,6 +97,10 @@ fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
             dir.display()
         );
     } else {
+        // Not from under an observer that still runs (an uninstall's
+        // observers may take their 30 s to go): it waits, saying so, and
+        // no observer starts on the node while it removes.
+        let _lock = bpffs::lock(dir).with_context(|| format!("locking {}", dir.display()))?;
         let removed = bpffs::NodePins::at(dir).remove_all();
         println!(
             "removed {removed} pins from {}: pods that failed closed are detached, the maps are freed",

@@ -30,7 +30,7 @@ use std::{
         unix::ffi::OsStrExt,
     },
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::Mutex,
     time::Duration,
 };
 
@@ -56,31 +56,53 @@ const MAPS_PREFIX: &str = "maps-v";
 /// How often a lock held by another observer is tried again.
 const LOCK_RETRY: Duration = Duration::from_millis(100);
 
-/// Locks the directory `root` for this process, waiting (and saying so)
-/// while another holds it.
-fn lock(root: &Path) -> io::Result<OwnedFd> {
+/// Pin directories this process holds locked, until it exits: the last
+/// collection and the saved counters come after the datapath is gone, and
+/// the next observer must not take the maps over before them. The kernel
+/// lets go at the exit, a SIGKILL included.
+static HELD: Mutex<Vec<(PathBuf, OwnedFd)>> = Mutex::new(Vec::new());
+
+/// Locks the pin directory `root` until this process exits (see [`lock`]);
+/// at once if it holds it already.
+fn hold_lock(root: &Path) -> io::Result<()> {
+    let mut held = HELD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if held.iter().all(|(dir, _)| dir != root) {
+        let lock = lock(root)?;
+        held.push((root.into(), lock));
+    }
+    Ok(())
+}
+
+/// Locks the directory `root`, waiting (and saying so) while another
+/// process holds it: an observer, or `observer cleanup`. The lock goes
+/// with the descriptor.
+pub fn lock(root: &Path) -> io::Result<OwnedFd> {
     let dir = fs::File::open(root)?;
-    let try_lock = || {
-        // SAFETY: a descriptor we own.
-        match unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } {
-            0 => Ok(true),
-            _ => match io::Error::last_os_error() {
-                err if err.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
-                err => Err(err),
-            },
-        }
-    };
-    if !try_lock()? {
+    if !try_lock(&dir)? {
         tracing::warn!(
             pin_dir = %root.display(),
-            "another observer uses this pin directory: waiting for it to exit (one observer per node)"
+            "another observer uses this pin directory: waiting for it to exit (one observer per node; a DaemonSet rollout with maxSurge above 0 stalls here: the old pod goes only once this one is ready)"
         );
-        while !try_lock()? {
+        while !try_lock(&dir)? {
             std::thread::sleep(LOCK_RETRY);
         }
         tracing::info!(pin_dir = %root.display(), "the other observer has gone: going on");
     }
     Ok(dir.into())
+}
+
+/// Takes the lock on `dir` if no one holds it.
+fn try_lock(dir: &fs::File) -> io::Result<bool> {
+    // SAFETY: a descriptor we own.
+    match unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } {
+        0 => Ok(true),
+        _ => match io::Error::last_os_error() {
+            err if err.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+            err => Err(err),
+        },
+    }
 }
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
@@ -160,17 +182,13 @@ impl Drop for PinDir {
 #[derive(Clone, Debug)]
 pub struct NodePins {
     root: PathBuf,
-    /// The directory, locked (`flock`) for as long as this observer runs
-    /// (the kernel lets go at its exit, a SIGKILL included): one observer
-    /// at a time uses a node's pins.
-    _lock: Option<Arc<OwnedFd>>,
 }
 
 impl NodePins {
     /// Opens (creating it if need be) a pin directory, which must be on a
     /// bpffs: pins elsewhere are refused by the kernel. Waits while another
-    /// observer holds it (a rolling update with a surge starts the next
-    /// one before the last has gone): the maps, the pins of pods that fail
+    /// observer holds it (one started on the node before the last has
+    /// gone): the maps, the pins of pods that fail
     /// closed and the filters left for the next observer are taken over
     /// once that one has left them, never while it still uses them.
     pub fn open(root: &Path) -> Result<Self, BpffsError> {
@@ -184,14 +202,11 @@ impl NodePins {
             path: root.into(),
             source,
         })?;
-        let lock = lock(root).map_err(|source| BpffsError::Lock {
+        hold_lock(root).map_err(|source| BpffsError::Lock {
             path: root.into(),
             source,
         })?;
-        let pins = Self {
-            root: root.into(),
-            _lock: Some(Arc::new(lock)),
-        };
+        let pins = Self { root: root.into() };
         for dir in [pins.maps(), pins.pods()] {
             fs::create_dir_all(&dir).map_err(|source| BpffsError::Create { path: dir, source })?;
         }
@@ -202,10 +217,7 @@ impl NodePins {
     /// A pin directory as it is, created or checked by nobody (to remove
     /// what is in it).
     pub fn at(root: &Path) -> Self {
-        Self {
-            root: root.into(),
-            _lock: None,
-        }
+        Self { root: root.into() }
     }
 
     pub fn root(&self) -> &Path {

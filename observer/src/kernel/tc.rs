@@ -3,6 +3,8 @@
 
 mod query;
 
+use query::FilterAt;
+
 use aya::programs::{
     ProgramError, SchedClassifier, TcAttachType,
     links::Link as _,
@@ -121,13 +123,13 @@ pub fn attach_program(
 
 /// Whether the observer's clsact filter for `direction` on `interface`
 /// runs a program other than `ours`: another observer, started before
-/// this one went (a rolling update with a surge), swapped its own into
+/// this one went (two on a node without `--pin-dir`), swapped its own into
 /// it in place, and the filter is now that observer's to remove. False
 /// if the filter runs `ours`, is gone, or cannot be asked about.
 pub fn runs_another_program(interface: &str, direction: TcAttachType, ours: u32) -> bool {
     match query::filter_program(interface, direction, FILTER_PRIORITY, FILTER_HANDLE.into()) {
-        Ok(Some(now)) => now != ours,
-        Ok(None) => false,
+        Ok(FilterAt::Program(now)) => now != ours,
+        Ok(FilterAt::Nothing | FilterAt::Other) => false,
         Err(err) => {
             tracing::debug!(%err, interface, "asking which program a filter runs");
             false
@@ -166,8 +168,8 @@ fn remove_filter(name: &'static str, interface: &str, direction: TcAttachType) -
         Err(ProgramError::NetlinkError(err)) if err.raw_os_error() == Some(libc::EPERM) => {
             let handle = handle_of(name).into();
             match query::filter_program(interface, direction, FILTER_PRIORITY, handle) {
-                Ok(None) => true,
-                Ok(Some(_)) => {
+                Ok(FilterAt::Nothing) => true,
+                Ok(FilterAt::Program(_) | FilterAt::Other) => {
                     tracing::warn!(
                         interface,
                         program = name,

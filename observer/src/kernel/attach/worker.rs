@@ -787,9 +787,14 @@ impl Worker {
 /// Detaches a pod's tc hooks, inside its namespace (the calling thread is
 /// in it). A clsact filter that runs another program than the one this
 /// observer put there stays: the next observer, started before this one
-/// went (a rolling update with a surge), swapped its own into it in
+/// went (two on a node without `--pin-dir`), swapped its own into it in
 /// place, and removing it would leave the pod unobserved, its policy
-/// unenforced, while that observer counts on it.
+/// unenforced, while that observer counts on it. (A swap between the
+/// question and the removal, a netlink request apart, is not seen:
+/// clsact has no removal on condition. One observer at a time holds a
+/// node's pin directory, bpffs.rs, so with `--pin-dir` two never meet.)
+/// A filter whose program this observer could not tell (its id could not
+/// be read) is removed, as before the question was asked.
 fn release_tc(tc: Vec<Hook>, netns: &str) {
     for hook in tc {
         match hook.link {

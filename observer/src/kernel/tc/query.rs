@@ -43,20 +43,30 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 const CLSACT_INGRESS: u32 = 0xffff_fff2;
 const CLSACT_EGRESS: u32 = 0xffff_fff3;
 
-/// The id of the program the clsact filter at `priority` and `handle` on
-/// `interface` runs in `direction`; `None` if there is no such filter (nor
-/// clsact qdisc, nor interface).
+/// What sits at a priority and handle of a hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterAt {
+    /// No filter (nor clsact qdisc, nor interface).
+    Nothing,
+    /// A bpf filter running the program with this id.
+    Program(u32),
+    /// A filter that names no program (not a bpf one).
+    Other,
+}
+
+/// What the clsact filter at `priority` and `handle` on `interface` runs
+/// in `direction`.
 pub fn filter_program(
     interface: &str,
     direction: TcAttachType,
     priority: u16,
     handle: u32,
-) -> io::Result<Option<u32>> {
+) -> io::Result<FilterAt> {
     let name = CString::new(interface).map_err(io::Error::other)?;
     // SAFETY: a NUL-terminated name.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if ifindex == 0 {
-        return Ok(None);
+        return Ok(FilterAt::Nothing);
     }
     let parent = match direction {
         TcAttachType::Ingress => CLSACT_INGRESS,
@@ -89,17 +99,17 @@ pub fn filter_program(
     let mut buf = vec![0u8; 16 * 1024];
     let len = socket.recv(&mut buf)?;
     match reply(&buf[..len])? {
-        Reply::Filter(id) => Ok(id),
+        Reply::Filter(Some(id)) => Ok(FilterAt::Program(id)),
+        Reply::Filter(None) => Ok(FilterAt::Other),
         // No qdisc (EINVAL: "parent Qdisc doesn't exist"), no filter at
         // that priority or handle (ENOENT).
-        Reply::Error(libc::ENOENT | libc::EINVAL) => Ok(None),
+        Reply::Error(libc::ENOENT | libc::EINVAL) => Ok(FilterAt::Nothing),
         Reply::Error(errno) => Err(io::Error::from_raw_os_error(errno)),
     }
 }
 
 enum Reply {
-    /// The filter, and its program's id (`None`: a filter without one,
-    /// not ours).
+    /// The filter, and its program's id (`None`: a filter without one).
     Filter(Option<u32>),
     Error(i32),
 }
