@@ -40,7 +40,7 @@ use crate::{
         datapath::{Datapath, DatapathConfig, DatapathError, Opened},
         log,
         netns::{self, NetNs, NetnsError},
-        tc::TcAttach,
+        tc::{self, TcAttach},
     },
     metrics::Metrics,
     names::ObjectRef,
@@ -278,6 +278,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         tc = if tcx { "TCX links" } else { "clsact filters" },
         "tc programs attach as"
     );
+    if tcx && tc::grace_periods_expedited() == Some(false) {
+        tracing::info!(
+            "each TCX attach and detach waits for an RCU grace period (10 to 30 ms, three a pod): where many pods start at once, expedited grace periods (/sys/kernel/rcu_expedited) or --tc-attach clsact attach them several times faster (README, TCX links or clsact filters)"
+        );
+    }
     let worker = AttachWorker::start(datapath, args.attach_noop, tcx)?;
 
     // Serve from now on: /healthz answers while the pods are attached (that

@@ -47,6 +47,14 @@ impl TcAttach {
     }
 }
 
+/// Whether the kernel runs its RCU grace periods expedited (each TCX
+/// attach and detach waits for one, under the RTNL lock); `None` if it
+/// cannot be told.
+pub fn grace_periods_expedited() -> Option<bool> {
+    let setting = std::fs::read_to_string("/sys/kernel/rcu_expedited").ok()?;
+    Some(setting.trim() != "0")
+}
+
 /// A pod's tc hooks: pin name, interface, direction. Loopback packets pass
 /// lo egress and then lo ingress: one hook only, so each is counted once.
 pub const POD_HOOKS: [(&str, &str, TcAttachType); 3] = [

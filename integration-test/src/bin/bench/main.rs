@@ -62,9 +62,16 @@ fn main() {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = thread::available_parallelism().map_or(0, |n| n.get());
     let names: Vec<&str> = subjects.iter().map(|s| s.name.as_str()).collect();
+    // Each TCX attach and detach waits for an RCU grace period: the
+    // kernel's setting decides what start-up and exit with TCX links take.
+    let grace_periods = match fs::read_to_string("/sys/kernel/rcu_expedited").as_deref() {
+        Ok("1\n") => "expedited",
+        Ok(_) => "normal",
+        Err(_) => "unknown",
+    };
     writeln!(
         report,
-        "Kernel {}, {cpus} CPUs; observers measured: {}.\n",
+        "Kernel {}, {cpus} CPUs, RCU grace periods {grace_periods} (`/sys/kernel/rcu_expedited`); observers measured: {}.\n",
         kernel.trim(),
         names.join(", ")
     )
