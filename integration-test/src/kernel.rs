@@ -53,6 +53,7 @@ impl Kernel {
             runtime_dir: runtime.path().to_path_buf(),
             pin_dir: None,
             log_level: None,
+            unix_sockets: true,
             named_pipes: false,
         })
         .expect("loading the programs (as root, with BTF)");

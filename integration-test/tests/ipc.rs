@@ -22,7 +22,7 @@ use integration_test::{
     Observer, Prometheus, TempDir,
     container::{container, in_container},
 };
-use lab::{Lab, Plan};
+use lab::{Lab, Netns, Plan};
 
 const WAIT: Duration = Duration::from_secs(40);
 
@@ -790,6 +790,34 @@ fn short_connections_on_reused_sockets_are_each_counted_under_their_own_path() {
     let all = prometheus
         .query(r#"sum(observer_flow_packets_total{pod="reuse",class="unix"}) or vector(0)"#);
     assert_eq!(all, [(ROUNDS * 4) as f64], "every message once");
+}
+
+/// `--unix-sockets false`: the programs that run at every socket message
+/// of the node are neither loaded nor attached (a node that wants their
+/// cost back), and the hooks' gauge lists none of theirs; by default both
+/// are.
+#[test]
+fn unix_sockets_can_be_left_unfollowed() {
+    let pod = Netns::create("unix-off").expect("namespace");
+    let path = pod.path().display().to_string();
+    for (follow, attached) in [("true", 2.0), ("false", 0.0)] {
+        let observer = Observer::start(&["--netns", &path, "--unix-sockets", follow]);
+        let m = observer.scrape();
+        assert_eq!(
+            m.sum("observer_ipc_hooks_attached", &[]),
+            attached,
+            "--unix-sockets {follow}:\n{}",
+            observer.log()
+        );
+        for program in ["unix_sent", "unix_received"] {
+            assert_eq!(
+                integration_test::loaded_programs(program),
+                attached as usize / 2,
+                "{program} with --unix-sockets {follow}"
+            );
+        }
+        assert!(observer.terminate().success());
+    }
 }
 
 /// A Python program as one double-quoted YAML scalar.

@@ -205,6 +205,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             runtime_dir: args.runtime_dir.clone(),
             pin_dir: args.pin_dir.clone(),
             log_level: log::level_for(tracing::level_filters::LevelFilter::current()),
+            unix_sockets: args.unix_sockets,
             named_pipes: args.named_pipes,
         },
         stopped.clone(),

@@ -304,6 +304,21 @@ pub struct RunArgs {
     /// observer counts from zero.
     #[arg(long, value_name = "DIR", env = "OBSERVER_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Follow unix-socket traffic between a pod's containers (on by
+    /// default). It takes a program at every socket message of the node,
+    /// whichever process sends or reads it (it leaves at its first test
+    /// for any socket but a unix one: about 1 % of the CPU on a flood of
+    /// 64-byte datagrams on the benchmark's VM, BENCHMARKS.md): `false`
+    /// saves that, and counts no unix-socket traffic. Unix-socket policy
+    /// rules are enforced either way (they are decided at `connect()`).
+    #[arg(
+        long,
+        env = "OBSERVER_UNIX_SOCKETS",
+        value_name = "BOOL",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub unix_sockets: bool,
     /// Also follow named pipes (FIFOs) between a pod's containers. It takes
     /// a program after every system call of the node, whichever process
     /// makes it (about 0.2 µs a call on the benchmark's VM: see

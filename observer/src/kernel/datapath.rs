@@ -128,6 +128,9 @@ pub struct DatapathConfig {
     /// The level of the programs' diagnostics; `None`: off (they are then
     /// removed by the verifier and cost nothing).
     pub log_level: Option<Level>,
+    /// Follow unix-socket traffic (`--unix-sockets`): a program at every
+    /// socket message.
+    pub unix_sockets: bool,
     /// Follow named pipes too: a program after every system call.
     pub named_pipes: bool,
 }
@@ -348,7 +351,7 @@ impl Datapath {
         };
         let (ipc, ipc_hooks) = match offsets {
             Ok(_) => {
-                let hooks = ipc::attach(&mut ebpf, config.named_pipes);
+                let hooks = ipc::attach(&mut ebpf, config.unix_sockets, config.named_pipes);
                 let maps = IpcMaps::take(&mut ebpf).map_err(|source| DatapathError::Map {
                     name: "IPC",
                     source: Box::new(source),
@@ -357,7 +360,11 @@ impl Datapath {
             }
             Err(err) => {
                 tracing::warn!(%err, "unix-socket and named-pipe traffic is not followed on this kernel");
-                let hooks = ipc::PROGRAMS.iter().map(|&(_, tp)| (tp, false)).collect();
+                let hooks = ipc::PROGRAMS
+                    .iter()
+                    .filter(|_| config.unix_sockets)
+                    .map(|&(_, tp)| (tp, false))
+                    .collect();
                 (None, hooks)
             }
         };

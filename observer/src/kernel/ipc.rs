@@ -86,13 +86,14 @@ pub fn offsets(btf: &KernelBtf) -> Result<KernelOffsets, BtfError> {
 }
 
 /// Loads and attaches the IPC programs of `ebpf` (their links live as long
-/// as `ebpf` does), the named pipes' if asked. Returns, for each
-/// tracepoint, whether it is followed.
-pub fn attach(ebpf: &mut Ebpf, named_pipes: bool) -> Vec<(&'static str, bool)> {
+/// as `ebpf` does) that are asked for: unix sockets', named pipes'.
+/// Returns, for each tracepoint asked for, whether it is followed.
+pub fn attach(ebpf: &mut Ebpf, unix_sockets: bool, named_pipes: bool) -> Vec<(&'static str, bool)> {
     let pipes = named_pipes.then_some(PIPE_PROGRAM);
     PROGRAMS
         .iter()
         .copied()
+        .filter(|_| unix_sockets)
         .chain(pipes)
         .map(|(name, tracepoint)| {
             let attached = attach_one(ebpf, name, tracepoint)
