@@ -372,7 +372,7 @@ fn a_second_observer_on_the_same_pins_waits_for_the_first_to_go() {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !observer
             .log()
-            .contains("another observer uses this pin directory: waiting for it to exit")
+            .contains("uses this pin directory: waiting for it to exit")
         {
             assert!(
                 Instant::now() < deadline,
@@ -399,7 +399,7 @@ fn a_second_observer_on_the_same_pins_waits_for_the_first_to_go() {
     assert!(
         second
             .log()
-            .contains("the other observer has gone: going on"),
+            .contains("the other process has gone: going on"),
         "{}",
         second.log()
     );
@@ -425,7 +425,9 @@ fn a_second_observer_on_the_same_pins_waits_for_the_first_to_go() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("another observer uses this pin directory: waiting"),
+        err.contains(
+            "an observer uses this pin directory: waiting for it to exit before removing its pins"
+        ),
         "{err}"
     );
     assert_eq!(

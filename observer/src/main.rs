@@ -89,6 +89,10 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
 /// pods that fail closed, maps), and the clsact filters they left in pods'
 /// namespaces, for an uninstall.
 fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
+    // Not from under an observer that still runs (an uninstall's observers
+    // may take their 30 s to go): it waits, saying so, and no observer
+    // starts on the node until it has removed its pins and filters.
+    let mut _lock = None;
     if !dir.exists() {
         println!("nothing pinned: {} does not exist", dir.display());
     } else if !bpffs::on_bpffs(dir) {
@@ -97,10 +101,10 @@ fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
             dir.display()
         );
     } else {
-        // Not from under an observer that still runs (an uninstall's
-        // observers may take their 30 s to go): it waits, saying so, and
-        // no observer starts on the node while it removes.
-        let _lock = bpffs::lock(dir).with_context(|| format!("locking {}", dir.display()))?;
+        _lock = Some(
+            bpffs::lock(dir, bpffs::Waiter::Cleanup)
+                .with_context(|| format!("locking {}", dir.display()))?,
+        );
         let removed = bpffs::NodePins::at(dir).remove_all();
         println!(
             "removed {removed} pins from {}: pods that failed closed are detached, the maps are freed",

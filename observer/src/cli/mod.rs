@@ -307,7 +307,7 @@ pub struct RunArgs {
     /// Follow unix-socket traffic between a pod's containers (on by
     /// default). It takes a program at every socket message of the node,
     /// whichever process sends or reads it (it leaves at its first test
-    /// for any socket but a unix one: about 1 % of the CPU on a flood of
+    /// for any socket but a unix one: 1.3 % of the CPU on a flood of
     /// 64-byte datagrams on the benchmark's VM, BENCHMARKS.md): `false`
     /// saves that, and counts no unix-socket traffic. Unix-socket policy
     /// rules are enforced either way (they are decided at `connect()`).

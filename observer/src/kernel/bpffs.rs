@@ -60,37 +60,85 @@ const LOCK_RETRY: Duration = Duration::from_millis(100);
 /// collection and the saved counters come after the datapath is gone, and
 /// the next observer must not take the maps over before them. The kernel
 /// lets go at the exit, a SIGKILL included.
-static HELD: Mutex<Vec<(PathBuf, OwnedFd)>> = Mutex::new(Vec::new());
+static HELD: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
 
-/// Locks the pin directory `root` until this process exits (see [`lock`]);
-/// at once if it holds it already.
+/// Who waits for a pin directory's lock, for what it says meanwhile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waiter {
+    Observer,
+    Cleanup,
+}
+
+/// Locks the pin directory `root` (made if need be) until this process
+/// exits (see [`lock`]); at once if it holds it already.
 fn hold_lock(root: &Path) -> io::Result<()> {
     let mut held = HELD
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if held.iter().all(|(dir, _)| dir != root) {
-        let lock = lock(root)?;
-        held.push((root.into(), lock));
+    // By the directory itself, not its path's spelling: a second lock on
+    // another descriptor of it would wait for this one forever.
+    fs::create_dir_all(root)?;
+    for fd in held.iter() {
+        if same_directory(&fs::File::from(fd.try_clone()?), root)? {
+            return Ok(());
+        }
     }
+    let lock = lock(root, Waiter::Observer)?;
+    held.push(lock);
     Ok(())
 }
 
 /// Locks the directory `root`, waiting (and saying so) while another
 /// process holds it: an observer, or `observer cleanup`. The lock goes
-/// with the descriptor.
-pub fn lock(root: &Path) -> io::Result<OwnedFd> {
-    let dir = fs::File::open(root)?;
-    if !try_lock(&dir)? {
-        tracing::warn!(
-            pin_dir = %root.display(),
-            "another observer uses this pin directory: waiting for it to exit (one observer per node; a DaemonSet rollout with maxSurge above 0 stalls here: the old pod goes only once this one is ready)"
-        );
-        while !try_lock(&dir)? {
-            std::thread::sleep(LOCK_RETRY);
+/// with the descriptor. An observer makes the directory again if it went
+/// while it waited (`observer cleanup` removes it).
+pub fn lock(root: &Path, waiter: Waiter) -> io::Result<OwnedFd> {
+    let mut waited = false;
+    loop {
+        if waiter == Waiter::Observer {
+            fs::create_dir_all(root)?;
         }
-        tracing::info!(pin_dir = %root.display(), "the other observer has gone: going on");
+        let dir = fs::File::open(root)?;
+        if !try_lock(&dir)? {
+            if !waited {
+                let pin_dir = root.display();
+                match waiter {
+                    Waiter::Observer => tracing::warn!(
+                        %pin_dir,
+                        "another observer, or observer cleanup, uses this pin directory: waiting for it to exit (one observer per node; a DaemonSet rollout with maxSurge above 0 stalls here: the old pod goes only once this one is ready)"
+                    ),
+                    Waiter::Cleanup => tracing::warn!(
+                        %pin_dir,
+                        "an observer uses this pin directory: waiting for it to exit before removing its pins"
+                    ),
+                }
+                waited = true;
+            }
+            while !try_lock(&dir)? {
+                std::thread::sleep(LOCK_RETRY);
+            }
+        }
+        // The lock is on the directory opened before the wait: if it was
+        // removed meanwhile, another process may lock the one at `root`
+        // now. Locked only if they are the same.
+        if same_directory(&dir, root)? {
+            if waited {
+                tracing::info!(pin_dir = %root.display(), "the other process has gone: going on");
+            }
+            return Ok(dir.into());
+        }
     }
-    Ok(dir.into())
+}
+
+/// Whether `dir` is the directory at `root` now (false if none is there).
+fn same_directory(dir: &fs::File, root: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let open = dir.metadata()?;
+    match fs::metadata(root) {
+        Ok(now) => Ok((open.dev(), open.ino()) == (now.dev(), now.ino())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(err),
+    }
 }
 
 /// Takes the lock on `dir` if no one holds it.
@@ -198,10 +246,6 @@ impl NodePins {
         if !on_bpffs(existing) {
             return Err(BpffsError::NotBpffs(root.into()));
         }
-        fs::create_dir_all(root).map_err(|source| BpffsError::Create {
-            path: root.into(),
-            source,
-        })?;
         hold_lock(root).map_err(|source| BpffsError::Lock {
             path: root.into(),
             source,
@@ -318,11 +362,23 @@ impl NodePins {
         let _ = fs::create_dir(self.maps());
     }
 
-    /// Removes everything (every layout version): every pinned link
-    /// detaches, every map goes. Returns how many pins there were.
+    /// Removes everything in it (every layout version): every pinned link
+    /// detaches, every map goes. The directory itself stays: its lock
+    /// (held by `observer cleanup` meanwhile) keeps an observer from
+    /// starting until the cleanup is done. Returns how many pins there
+    /// were.
     pub fn remove_all(&self) -> usize {
         let removed = count_files(&self.root);
-        remove_tree(&self.root);
+        if let Ok(entries) = fs::read_dir(&self.root) {
+            for entry in entries.flatten() {
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => remove_tree(&entry.path()),
+                    _ => {
+                        let _ = fs::remove_file(entry.path());
+                    }
+                }
+            }
+        }
         removed
     }
 }
@@ -396,4 +452,50 @@ fn remove_stale(runtime_dir: &Path) {
 
 fn c_path(path: &Path) -> CString {
     CString::new(path.as_os_str().as_bytes()).expect("paths we build have no NUL")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lock won on a directory that was removed while it was waited for
+    /// (`observer cleanup` empties the pin directory, but an older one, or
+    /// a person, may remove it) is taken again on the directory at the
+    /// path: otherwise the next process would lock that one at once, and
+    /// two observers would share the node's pins.
+    #[test]
+    fn a_lock_won_on_a_removed_directory_is_taken_on_the_one_there_now() {
+        struct Gone(PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+        let base = Gone(std::env::temp_dir().join(format!("pin-lock-{}", std::process::id())));
+        let root = base.0.join("observer");
+        let first = lock(&root, Waiter::Observer).expect("the first lock");
+        let waiting = {
+            let root = root.clone();
+            std::thread::spawn(move || lock(&root, Waiter::Observer))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!waiting.is_finished(), "the second waits");
+        fs::remove_dir(&root).expect("removed while it waits");
+        drop(first);
+        let second = waiting.join().unwrap().expect("the second lock");
+        let second = fs::File::from(second);
+        let id = |m: fs::Metadata| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        };
+        assert_eq!(
+            id(second.metadata().unwrap()),
+            id(fs::metadata(&root).unwrap()),
+            "on the new one"
+        );
+        let third = fs::File::open(&root).unwrap();
+        assert!(!try_lock(&third).unwrap(), "held: nobody else gets it");
+        drop(second);
+        assert!(try_lock(&third).unwrap(), "free once the holder goes");
+    }
 }

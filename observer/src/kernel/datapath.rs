@@ -363,6 +363,7 @@ impl Datapath {
                 let hooks = ipc::PROGRAMS
                     .iter()
                     .filter(|_| config.unix_sockets)
+                    .chain(config.named_pipes.then_some(&ipc::PIPE_PROGRAM))
                     .map(|&(_, tp)| (tp, false))
                     .collect();
                 (None, hooks)

@@ -48,11 +48,16 @@ impl TcAttach {
 }
 
 /// Whether the kernel runs its RCU grace periods expedited (each TCX
-/// attach and detach waits for one, under the RTNL lock); `None` if it
+/// attach and detach waits for one, under the RTNL lock): asked
+/// (`rcu_expedited`), and not overridden (`rcu_normal`). `None` if it
 /// cannot be told.
 pub fn grace_periods_expedited() -> Option<bool> {
-    let setting = std::fs::read_to_string("/sys/kernel/rcu_expedited").ok()?;
-    Some(setting.trim() != "0")
+    let set = |name: &str| {
+        std::fs::read_to_string(format!("/sys/kernel/{name}"))
+            .ok()
+            .map(|value| value.trim() != "0")
+    };
+    Some(set("rcu_expedited")? && !set("rcu_normal").unwrap_or(false))
 }
 
 /// A pod's tc hooks: pin name, interface, direction. Loopback packets pass

@@ -64,14 +64,14 @@ fn main() {
     let names: Vec<&str> = subjects.iter().map(|s| s.name.as_str()).collect();
     // Each TCX attach and detach waits for an RCU grace period: the
     // kernel's setting decides what start-up and exit with TCX links take.
-    let grace_periods = match fs::read_to_string("/sys/kernel/rcu_expedited").as_deref() {
-        Ok("1\n") => "expedited",
-        Ok(_) => "normal",
-        Err(_) => "unknown",
+    let grace_periods = match observer::kernel::tc::grace_periods_expedited() {
+        Some(true) => "expedited",
+        Some(false) => "normal",
+        None => "unknown",
     };
     writeln!(
         report,
-        "Kernel {}, {cpus} CPUs, RCU grace periods {grace_periods} (`/sys/kernel/rcu_expedited`); observers measured: {}.\n",
+        "Kernel {}, {cpus} CPUs, RCU grace periods {grace_periods} (`/sys/kernel/rcu_expedited`, `rcu_normal`); observers measured: {}.\n",
         kernel.trim(),
         names.join(", ")
     )
