@@ -25,10 +25,7 @@
 use std::{
     ffi::CString,
     fs, io,
-    os::{
-        fd::{AsRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
-    },
+    os::{fd::AsRawFd, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
     sync::Mutex,
     time::Duration,
@@ -60,7 +57,7 @@ const LOCK_RETRY: Duration = Duration::from_millis(100);
 /// collection and the saved counters come after the datapath is gone, and
 /// the next observer must not take the maps over before them. The kernel
 /// lets go at the exit, a SIGKILL included.
-static HELD: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
+static HELD: Mutex<Vec<fs::File>> = Mutex::new(Vec::new());
 
 /// Who waits for a pin directory's lock, for what it says meanwhile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,8 +75,8 @@ fn hold_lock(root: &Path) -> io::Result<()> {
     // By the directory itself, not its path's spelling: a second lock on
     // another descriptor of it would wait for this one forever.
     fs::create_dir_all(root)?;
-    for fd in held.iter() {
-        if same_directory(&fs::File::from(fd.try_clone()?), root)? {
+    for dir in held.iter() {
+        if same_directory(dir, root)? {
             return Ok(());
         }
     }
@@ -90,9 +87,9 @@ fn hold_lock(root: &Path) -> io::Result<()> {
 
 /// Locks the directory `root`, waiting (and saying so) while another
 /// process holds it: an observer, or `observer cleanup`. The lock goes
-/// with the descriptor. An observer makes the directory again if it went
-/// while it waited (`observer cleanup` removes it).
-pub fn lock(root: &Path, waiter: Waiter) -> io::Result<OwnedFd> {
+/// with the file. An observer makes the directory again if it was
+/// removed while it waited.
+pub fn lock(root: &Path, waiter: Waiter) -> io::Result<fs::File> {
     let mut waited = false;
     loop {
         if waiter == Waiter::Observer {
@@ -125,7 +122,7 @@ pub fn lock(root: &Path, waiter: Waiter) -> io::Result<OwnedFd> {
             if waited {
                 tracing::info!(pin_dir = %root.display(), "the other process has gone: going on");
             }
-            return Ok(dir.into());
+            return Ok(dir);
         }
     }
 }
@@ -483,7 +480,6 @@ mod tests {
         fs::remove_dir(&root).expect("removed while it waits");
         drop(first);
         let second = waiting.join().unwrap().expect("the second lock");
-        let second = fs::File::from(second);
         let id = |m: fs::Metadata| {
             use std::os::unix::fs::MetadataExt;
             (m.dev(), m.ino())

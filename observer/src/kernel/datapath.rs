@@ -360,11 +360,8 @@ impl Datapath {
             }
             Err(err) => {
                 tracing::warn!(%err, "unix-socket and named-pipe traffic is not followed on this kernel");
-                let hooks = ipc::PROGRAMS
-                    .iter()
-                    .filter(|_| config.unix_sockets)
-                    .chain(config.named_pipes.then_some(&ipc::PIPE_PROGRAM))
-                    .map(|&(_, tp)| (tp, false))
+                let hooks = ipc::asked(config.unix_sockets, config.named_pipes)
+                    .map(|(_, tracepoint)| (tracepoint, false))
                     .collect();
                 (None, hooks)
             }

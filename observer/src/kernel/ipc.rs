@@ -29,12 +29,12 @@ use observer_common::ipc::{
 use super::btf::{BtfError, KernelBtf};
 
 /// Each program and the raw tracepoint it attaches to: unix sockets...
-pub const PROGRAMS: [(&str, &str); 2] = [
+const PROGRAMS: [(&str, &str); 2] = [
     ("unix_sent", "sock_send_length"),
     ("unix_received", "sock_recv_length"),
 ];
 /// ... and named pipes.
-pub const PIPE_PROGRAM: (&str, &str) = ("fifo_called", "sys_exit");
+const PIPE_PROGRAM: (&str, &str) = ("fifo_called", "sys_exit");
 
 /// The offsets of the fields the programs read, in this kernel.
 pub fn offsets(btf: &KernelBtf) -> Result<KernelOffsets, BtfError> {
@@ -85,16 +85,23 @@ pub fn offsets(btf: &KernelBtf) -> Result<KernelOffsets, BtfError> {
     })
 }
 
-/// Loads and attaches the IPC programs of `ebpf` (their links live as long
-/// as `ebpf` does) that are asked for: unix sockets', named pipes'.
-/// Returns, for each tracepoint asked for, whether it is followed.
-pub fn attach(ebpf: &mut Ebpf, unix_sockets: bool, named_pipes: bool) -> Vec<(&'static str, bool)> {
-    let pipes = named_pipes.then_some(PIPE_PROGRAM);
+/// The programs asked for (`--unix-sockets`, `--named-pipes`), with their
+/// tracepoints.
+pub fn asked(
+    unix_sockets: bool,
+    named_pipes: bool,
+) -> impl Iterator<Item = (&'static str, &'static str)> {
     PROGRAMS
-        .iter()
-        .copied()
-        .filter(|_| unix_sockets)
-        .chain(pipes)
+        .into_iter()
+        .filter(move |_| unix_sockets)
+        .chain(named_pipes.then_some(PIPE_PROGRAM))
+}
+
+/// Loads and attaches the IPC programs of `ebpf` (their links live as long
+/// as `ebpf` does) that are asked for. Returns, for each tracepoint asked
+/// for, whether it is followed.
+pub fn attach(ebpf: &mut Ebpf, unix_sockets: bool, named_pipes: bool) -> Vec<(&'static str, bool)> {
+    asked(unix_sockets, named_pipes)
         .map(|(name, tracepoint)| {
             let attached = attach_one(ebpf, name, tracepoint)
                 .inspect_err(|err| {

@@ -126,9 +126,7 @@ pub fn attach_program(
         (attach_filter(program, name, interface, direction)?, false)
     };
     Ok(TcLink {
-        program: (!tcx)
-            .then(|| program.info().ok().map(|info| info.id()))
-            .flatten(),
+        program: if tcx { None } else { program_id(program) },
         link: program.take_link(id)?,
         filter_left,
     })
@@ -300,8 +298,15 @@ pub fn swap_filter(
 ) -> Result<(SchedClassifierLink, Option<u32>), ProgramError> {
     let program = programs.get(program_for(direction))?;
     let id = program.attach_to_link(left)?;
-    let ours = program.info().ok().map(|info| info.id());
+    let ours = program_id(program);
     Ok((program.take_link(id)?, ours))
+}
+
+/// The kernel's id of a loaded program (`None` if it cannot be read: a
+/// filter running it is then removed without asking, see
+/// [`runs_another_program`]).
+fn program_id(program: &SchedClassifier) -> Option<u32> {
+    program.info().ok().map(|info| info.id())
 }
 
 /// Removes every filter of an observer's (its own, and the benchmark's
