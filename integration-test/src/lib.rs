@@ -104,6 +104,19 @@ impl Drop for Bpffs {
     }
 }
 
+/// Entries of the kernel's hash maps named `name` now (every observer's):
+/// what a program keeps for a count that no program takes.
+pub fn map_entries<K: aya::Pod, V: aya::Pod>(name: &str) -> usize {
+    aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str() == Some(name))
+        .filter_map(|m| aya::maps::MapData::from_id(m.id()).ok())
+        .filter_map(|data| aya::maps::Map::from_map_data(data).ok())
+        .filter_map(|map| aya::maps::HashMap::<_, K, V>::try_from(map).ok())
+        .map(|map| map.keys().count())
+        .sum()
+}
+
 /// Programs of the observer's loaded in the kernel now, by name (a program
 /// stays loaded while a link or a pin holds it).
 pub fn loaded_programs(name: &str) -> usize {

@@ -57,9 +57,21 @@ impl Observer {
     /// Starts the observer on `lab`'s inventory with `policy` as its policy
     /// file, written in `dir`; returns the file's path (tests rewrite it).
     pub fn with_policy(lab: &lab::Lab, dir: &crate::TempDir, policy: &str) -> (PathBuf, Self) {
+        Self::with_policy_and(lab, dir, policy, &[])
+    }
+
+    /// [`Observer::with_policy`] with more arguments.
+    pub fn with_policy_and(
+        lab: &lab::Lab,
+        dir: &crate::TempDir,
+        policy: &str,
+        more: &[&str],
+    ) -> (PathBuf, Self) {
         let path = dir.write("policy.yaml", policy);
         let inventory = lab.inventory_path().display().to_string();
-        let observer = Self::start(&["--inventory", &inventory, "--policy", &path]);
+        let mut args = vec!["--inventory", &inventory, "--policy", &path];
+        args.extend_from_slice(more);
+        let observer = Self::start(&args);
         (path.into(), observer)
     }
 

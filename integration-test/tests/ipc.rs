@@ -23,6 +23,7 @@ use integration_test::{
     container::{container, in_container},
 };
 use lab::{Lab, Netns, Plan};
+use observer_common::ipc::{Addressed, UNIX_ADDRESSED_MAP};
 
 const WAIT: Duration = Duration::from_secs(40);
 
@@ -562,10 +563,10 @@ fn attempts(cgroup: &Path, netns: &Path, attempts: &[String]) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn unix_socket_rules_deny_with_eperm_at_once_and_count_every_decision() {
-    let plan =
-        Plan::from_yaml(&lab_yaml("ipc-policy", GUARDED), "ipc-policy").expect("a valid lab");
+/// The lab of [`GUARDED`], named `name`, once php-fpm listens; and the
+/// directory of its socket.
+fn guarded_lab(name: &str) -> (Lab, PathBuf) {
+    let plan = Plan::from_yaml(&lab_yaml(name, GUARDED), name).expect("a valid lab");
     let lab = Lab::up_for_test(&plan).expect("lab up");
     let deadline = Instant::now() + WAIT;
     let run = loop {
@@ -576,19 +577,30 @@ fn unix_socket_rules_deny_with_eperm_at_once_and_count_every_decision() {
         assert!(Instant::now() < deadline, "fpm never listened");
         thread::sleep(Duration::from_millis(100));
     };
+    (lab, run)
+}
+
+/// An attempt (see [`attempts`]): connect to the stream socket at `path`
+/// and send on it.
+fn stream(path: &str) -> String {
+    format!(
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect({path:?}); s.send(b'q')"
+    )
+}
+
+/// An attempt: a datagram sent with the address `name`.
+fn datagram(name: &str) -> String {
+    format!("s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b'm', {name:?})")
+}
+
+#[test]
+fn unix_socket_rules_deny_with_eperm_at_once_and_count_every_decision() {
+    let (lab, run) = guarded_lab("ipc-policy");
     let socket = run.join("php.sock").display().to_string();
     let dir = TempDir::new("unix-policy");
     let (_policy, observer) =
         Observer::with_policy(&lab, &dir, &UNIX_POLICY.replace("SOCKET", &socket));
     let prometheus = Prometheus::scraping(observer.addr());
-    let stream = |path: &str| {
-        format!(
-            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect({path:?}); s.send(b'q')"
-        )
-    };
-    let datagram = |name: &str| {
-        format!("s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b'm', {name:?})")
-    };
     let tries = [
         stream(&socket),
         stream(&socket),
@@ -656,6 +668,50 @@ fn unix_socket_rules_deny_with_eperm_at_once_and_count_every_decision() {
             "unix socket {socket} from intruder: denied by sockets/rest"
         )),
         "{explained}"
+    );
+}
+
+/// Unix sockets not followed (`--unix-sockets false`, which leaves out
+/// the tracepoints that run at every socket message of the node): the
+/// unix-socket rules decide all the same (the cgroup hooks are loaded
+/// apart from the tracepoints), no unix traffic is counted, and the
+/// `sendto()` hook keeps no datagram's address for a count that nothing
+/// would then make (it stayed in its map until evicted).
+#[test]
+fn unix_socket_rules_hold_with_unix_sockets_unfollowed() {
+    let (lab, run) = guarded_lab("ipc-unfollowed");
+    let socket = run.join("php.sock").display().to_string();
+    let dir = TempDir::new("unix-unfollowed");
+    let (_policy, observer) = Observer::with_policy_and(
+        &lab,
+        &dir,
+        &UNIX_POLICY.replace("SOCKET", &socket),
+        &["--unix-sockets", "false"],
+    );
+    let tries = [stream(&socket), datagram("\0metrics")];
+    let (web, netns) = container(&lab, "default", "guarded", "web");
+    assert_eq!(attempts(&web, &netns, &tries), ["ok", "ok"]);
+    let (intruder, _) = container(&lab, "default", "guarded", "intruder");
+    assert_eq!(attempts(&intruder, &netns, &tries), ["EPERM", "EPERM"]);
+
+    let m = observer.scrape_fresh();
+    let verdicts = |rule: &str, verdict: &str| {
+        let labels = [("pod", "guarded"), ("rule", rule), ("verdict", verdict)];
+        m.sum("observer_policy_verdicts_total", &labels)
+    };
+    assert_eq!(verdicts("fpm", "allow"), 1.0, "{}", observer.log());
+    assert_eq!(verdicts("metrics", "allow"), 1.0);
+    // The intruder's two, and whatever the interpreter connects to itself.
+    assert!(verdicts("rest", "deny") >= 2.0);
+    assert_eq!(m.sum("observer_ipc_hooks_attached", &[]), 0.0);
+    assert_eq!(
+        m.sum("observer_connections_opened_total", &[("class", "unix")]),
+        0.0
+    );
+    assert_eq!(
+        integration_test::map_entries::<u64, Addressed>(UNIX_ADDRESSED_MAP),
+        0,
+        "a datagram's address kept for a count nobody makes"
     );
 }
 

@@ -11,10 +11,19 @@
 //! process that connected made both ends), its server's once the server's
 //! process uses its end; the daemon adds the connections up into series.
 
-/// The network namespaces (cookies) of attached pods: only their IPC is
-/// followed. Written by the daemon.
+/// The network namespaces (cookies) of attached pods, each to what of its
+/// IPC is followed ([`follow`] bits): only theirs. Written by the daemon.
 pub const IPC_PODS_MAP: &str = "IPC_PODS";
 pub const IPC_PODS_CAPACITY: u32 = 16_384;
+
+/// What of a pod's IPC is followed: the bits of its [`IPC_PODS_MAP`] value.
+/// A program that runs for one kind does nothing for a pod whose bit is
+/// clear (`--unix-sockets false` leaves the `sendto()` hook loaded, for the
+/// policy, but it then keeps no datagram's address for a count).
+pub mod follow {
+    pub const UNIX_SOCKETS: u8 = 1 << 0;
+    pub const NAMED_PIPES: u8 = 1 << 1;
+}
 /// Each unix connection (or connected datagram sender) of a pod's
 /// ([`UnixConnKey`] to [`UnixConn`]).
 pub const UNIX_CONNS_MAP: &str = "UNIX_CONNS";

@@ -45,6 +45,7 @@ mod pod {
     unsafe impl aya::Pod for super::OverflowKey {}
     unsafe impl aya::Pod for super::OverflowValue {}
     unsafe impl aya::Pod for super::ipc::UnixConnKey {}
+    unsafe impl aya::Pod for super::ipc::Addressed {}
     unsafe impl aya::Pod for super::ipc::RetiredKey {}
     unsafe impl aya::Pod for super::ipc::UnixConn {}
     unsafe impl aya::Pod for super::ipc::UnixPath {}

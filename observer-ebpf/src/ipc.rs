@@ -40,8 +40,8 @@ use observer_common::ipc::{
     AF_UNIX, Addressed, FIFO_FLOWS_CAPACITY, FifoId, FifoKey, FifoName, IPC_PODS_CAPACITY,
     IpcCounts, KernelOffsets, PIPEFS_MAGIC, RetiredKey, S_IFIFO, S_IFMT, Sent,
     UNIX_ADDRESSED_CAPACITY, UNIX_CONNS_CAPACITY, UNIX_PATH_MAX, UNIX_PATHS_CAPACITY,
-    UNIX_RETIRED_CAPACITY, UnixConn, UnixConnKey, UnixPath, UnixPathKey, path_hash, syscall,
-    unix_kind,
+    UNIX_RETIRED_CAPACITY, UnixConn, UnixConnKey, UnixPath, UnixPathKey, follow, path_hash,
+    syscall, unix_kind,
 };
 
 use crate::handoff::bump_stats;
@@ -182,11 +182,14 @@ fn outside_pods() -> bool {
         && unsafe { bpf_get_current_ancestor_cgroup_id(node.pods_level as i32) } != node.pods_cgroup
 }
 
-/// Whether `netns` is an attached pod's.
+/// Whether `netns` is an attached pod's whose IPC of this kind
+/// ([`follow`]) is followed.
 #[inline(always)]
-fn pod(netns: u64) -> Option<()> {
+fn pod(netns: u64, kind: u8) -> Option<()> {
     // SAFETY: a plain lookup.
-    unsafe { IPC_PODS.get(&netns) }.map(|_| ())
+    unsafe { IPC_PODS.get(&netns) }
+        .filter(|followed| **followed & kind != 0)
+        .map(|_| ())
 }
 
 /// The network namespace (cookie) of a `struct sock`.
@@ -225,7 +228,7 @@ fn pods_unix_socket(sk: u64) -> bool {
 #[inline(always)]
 fn pod_unix_socket(sk: u64, o: &KernelOffsets) -> Option<(u64, u8, u64)> {
     let netns = sock_netns(sk, o)?;
-    pod(netns)?;
+    pod(netns, follow::UNIX_SOCKETS)?;
     let peer: u64 = read(sk, o.unix_sock_peer)?;
     Some((netns, read::<u16>(sk, o.sock_type)? as u8, peer))
 }
@@ -564,7 +567,7 @@ fn received(ctx: &RawTracePointContext) -> Option<()> {
 /// after the send does not).
 #[inline(always)]
 pub(crate) fn addressed(sk: u64, netns: u64, address: u64, len: u32, hash: u64) -> Option<()> {
-    pod(netns)?;
+    pod(netns, follow::UNIX_SOCKETS)?;
     // On the stack, not in SCRATCH: the cgroup hook that calls this may be
     // preempted, and another task's program then write this CPU's slot.
     let mut path = UnixPath::default();
@@ -708,7 +711,7 @@ fn pod_file(fd: u64, o: &KernelOffsets) -> Option<(u64, u64)> {
     let task = unsafe { bpf_get_current_task() };
     let nsproxy: u64 = read(task, o.task_nsproxy)?;
     let netns: u64 = read(read::<u64>(nsproxy, o.nsproxy_net_ns)?, o.net_cookie)?;
-    pod(netns)?;
+    pod(netns, follow::NAMED_PIPES)?;
     let fdt: u64 = read(read::<u64>(task, o.task_files)?, o.files_fdt)?;
     if fd >= u64::from(read::<u32>(fdt, o.fdtable_max_fds)?) {
         return None;

@@ -352,10 +352,11 @@ impl Datapath {
         let (ipc, ipc_hooks) = match offsets {
             Ok(_) => {
                 let hooks = ipc::attach(&mut ebpf, config.unix_sockets, config.named_pipes);
-                let maps = IpcMaps::take(&mut ebpf).map_err(|source| DatapathError::Map {
-                    name: "IPC",
-                    source: Box::new(source),
-                })?;
+                let maps = IpcMaps::take(&mut ebpf, config.unix_sockets, config.named_pipes)
+                    .map_err(|source| DatapathError::Map {
+                        name: "IPC",
+                        source: Box::new(source),
+                    })?;
                 (Some(maps), hooks)
             }
             Err(err) => {

@@ -23,7 +23,7 @@ use observer_common::NodeInfo;
 use observer_common::ipc::{
     FIFO_FLOWS_MAP, FIFO_NAMES_MAP, FifoId, FifoKey, FifoName, IPC_NODE_MAP, IPC_PODS_MAP,
     IpcCounts, KernelOffsets, RetiredKey, UNIX_CONNS_MAP, UNIX_PATHS_MAP, UNIX_RECEIVERS_MAP,
-    UNIX_RETIRED_MAP, UnixConn, UnixConnKey, UnixPath, UnixPathKey,
+    UNIX_RETIRED_MAP, UnixConn, UnixConnKey, UnixPath, UnixPathKey, follow,
 };
 
 use super::btf::{BtfError, KernelBtf};
@@ -129,7 +129,10 @@ fn attach_one(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<(), Progr
 
 /// The maps the daemon reads and writes.
 pub struct IpcMaps {
+    /// Each followed pod to what of its IPC is followed ([`follow`] bits).
     pub pods: HashMap<MapData, u64, u8>,
+    /// What is followed of every pod's IPC.
+    following: u8,
     pub unix_conns: HashMap<MapData, UnixConnKey, UnixConn>,
     /// Connections whose ends a new connection took before they were
     /// counted to their last message.
@@ -145,7 +148,10 @@ pub struct IpcMaps {
 }
 
 impl IpcMaps {
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapError> {
+    /// The maps of `ebpf`, for pods whose unix sockets and named pipes are
+    /// followed or not (a cgroup hook of the unix-socket policy runs
+    /// either way, and keeps nothing for counts that are not asked for).
+    pub fn take(ebpf: &mut Ebpf, unix_sockets: bool, named_pipes: bool) -> Result<Self, MapError> {
         fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(
             ebpf: &mut Ebpf,
             name: &'static str,
@@ -156,8 +162,16 @@ impl IpcMaps {
                 })?
                 .try_into()
         }
+        let following = [
+            (unix_sockets, follow::UNIX_SOCKETS),
+            (named_pipes, follow::NAMED_PIPES),
+        ]
+        .into_iter()
+        .filter(|(asked, _)| *asked)
+        .fold(0, |bits, (_, bit)| bits | bit);
         Ok(Self {
             pods: typed(ebpf, IPC_PODS_MAP)?,
+            following,
             unix_conns: typed(ebpf, UNIX_CONNS_MAP)?,
             unix_retired: typed(ebpf, UNIX_RETIRED_MAP)?,
             unix_paths: typed(ebpf, UNIX_PATHS_MAP)?,
@@ -179,9 +193,10 @@ impl IpcMaps {
         self.node.set(0, node, 0)
     }
 
-    /// Follows the IPC of the pod with this network namespace cookie.
+    /// Follows the IPC of the pod with this network namespace cookie (what
+    /// of it is asked for).
     pub fn follow(&mut self, netns: u64) -> Result<(), MapError> {
-        self.pods.insert(netns, 1, 0)
+        self.pods.insert(netns, self.following, 0)
     }
 
     /// Stops following a pod, and removes what the maps hold of it.
