@@ -309,6 +309,33 @@ impl Collector {
             ipc.reclaimed.clear();
         }
         for (key, seen, last) in taken {
+            // A new connection took the entry between the walk and the
+            // take (the kernel gave it the same two sockets): back in the
+            // map, it waits for its containers' names as a new one seen
+            // at the walk would. Unless a program made the entry again
+            // meanwhile: then it is counted now, as it is.
+            if waits_again(key, &seen.counted, &last, &mut held)
+                && kernel::bpf::insert_new(fd, &key, &last).is_ok()
+            {
+                let counted = entry_baseline(
+                    &mut ipc.settling,
+                    &mut ipc.reclaimed,
+                    key,
+                    Some(seen.counted),
+                    &last,
+                );
+                let first_seen = started;
+                let quiet = 0;
+                ipc.conns.insert(
+                    key,
+                    Seen {
+                        counted,
+                        first_seen,
+                        quiet,
+                    },
+                );
+                continue;
+            }
             let (request, response) = taken_difference(
                 &mut ipc.settling,
                 &mut ipc.reclaimed,
@@ -540,6 +567,20 @@ fn taken_difference(
     conn_difference(last, &counted)
 }
 
+/// Whether the entry of a quiet connection counted to `counted`, taken
+/// holding `last`, is a new connection's that would wait if the walk had
+/// seen it: its server not known yet, or a container's name not yet
+/// found (`held`).
+fn waits_again(
+    key: UnixConnKey,
+    counted: &UnixConn,
+    last: &UnixConn,
+    held: &mut impl FnMut(u64) -> bool,
+) -> bool {
+    successor(key, counted, last).is_some()
+        && (last.server == 0 || held(last.client) || held(last.server))
+}
+
 /// The retired record to settle the connection counted to `counted`
 /// with, if the entry on `key` holds another connection `now` (its client
 /// socket's inode differs: the kernel retired the one counted).
@@ -719,8 +760,10 @@ mod tests {
 
     /// A quiet connection's entry is taken; a new connection on the same
     /// two sockets took it just before (the kernel retired the one
-    /// counted). The new one counts from zero, the retired one's record
-    /// settles against what was counted of it: each counted once.
+    /// counted), and is counted at once (its containers named, or a
+    /// program made the entry again before it could be put back). The new
+    /// one counts from zero, the retired one's record settles against
+    /// what was counted of it: each counted once.
     #[test]
     fn an_entry_taken_as_a_new_connection_took_it_counts_each_connection_once() {
         let (mut settling, mut reclaimed, mut conns) = Default::default();
@@ -750,6 +793,27 @@ mod tests {
             Instant::now(),
         );
         assert_eq!(exported(&a, &counted), (0, 0), "A, nothing more");
+    }
+
+    /// A new connection that took a quiet one's entry just before the
+    /// daemon took it out waits for its server's name, as it would have if
+    /// the walk had seen it; one whose server is known, or the quiet one
+    /// itself, is counted at once.
+    #[test]
+    fn a_new_connection_found_at_a_take_waits_for_its_server_as_any_new_one() {
+        let a = conn(100, 10, 1);
+        let mut held = |_: u64| false;
+        let b = conn(200, 1, 1);
+        assert!(waits_again(KEY, &a, &b, &mut held), "B, its server unknown");
+        let b_served = UnixConn { server: 7, ..b };
+        assert!(!waits_again(KEY, &a, &b_served, &mut held));
+        let mut naming = |id: u64| id == 7;
+        assert!(
+            waits_again(KEY, &a, &b_served, &mut naming),
+            "B, its server's name not found yet"
+        );
+        let a_later = conn(100, 12, 1);
+        assert!(!waits_again(KEY, &a, &a_later, &mut held), "A itself");
     }
 
     /// A connection that went quiet, was taken out and talks again waits
