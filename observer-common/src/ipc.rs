@@ -175,7 +175,8 @@ pub struct UnixConn {
     /// The client's container (cgroup id): the one that connected.
     pub client: u64,
     /// The server's container: whose process uses the server's end (0
-    /// until it does).
+    /// until it does). Only if `server_of` says it is this connection's:
+    /// [`UnixConn::own_server`].
     pub server: u64,
     /// [`path_hash`] of the path the server's socket is bound to.
     pub path: u64,
@@ -195,8 +196,27 @@ pub struct UnixConn {
     /// ([`UNIX_RECEIVERS_MAP`]).
     pub addressed: u8,
     pub _pad: [u8; 6],
+    /// The `client_inode` of the connection whose server's process set
+    /// `server`. A new connection on the entry leaves the server of the one
+    /// before in place, tagged as that one's, until its own server's
+    /// process uses its end: no program clears a server, so none can clear
+    /// one another CPU has just set.
+    pub server_of: u64,
 }
-const _: () = assert!(core::mem::size_of::<UnixConn>() == 88);
+const _: () = assert!(core::mem::size_of::<UnixConn>() == 96);
+
+impl UnixConn {
+    /// The server's container if it is this connection's, else 0 (not
+    /// known yet). Datagram connections (no client inode) have theirs from
+    /// the start.
+    pub fn own_server(&self) -> u64 {
+        if self.server_of == self.client_inode {
+            self.server
+        } else {
+            0
+        }
+    }
+}
 
 /// A datagram a pod's process sends with an address, between the
 /// unix-socket `sendmsg()` hook, which sees the address, and the tracepoint

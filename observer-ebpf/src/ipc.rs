@@ -22,7 +22,7 @@
 //! the daemon found in the running kernel's BTF ([`KernelOffsets`]): Rust
 //! eBPF has no CO-RE relocations.
 
-use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd, atomic_xchg};
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd, atomic_xchg};
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
@@ -347,32 +347,34 @@ fn connection(
             if let Some(inode) = inode
                 && (*conn).client_inode != inode
             {
-                // The server of the connection before: read before the
-                // exchange, as no event of the new connection can have
-                // set it yet (they all see the new inode after it).
-                let server_before = (*conn).server;
+                // The server of the connection before, and whose it is:
+                // read before the exchange, as no event of the new
+                // connection can have set it yet (they all see the new
+                // inode after it).
+                let (server_before, server_of) = ((*conn).server, (*conn).server_of);
+                // A new connection on the same two sockets' memory (the
+                // kernel reuses it at once): its client and path are found
+                // before the exchange, so that they are the entry's right
+                // after it.
+                let reused = (*conn).client_inode != 0;
+                let (client, _, path) = if reused {
+                    identity(key, netns, kind, server_side, current, o)
+                } else {
+                    (0, 0, 0)
+                };
                 let before = atomic_xchg::<u64, { Relaxed }>(&raw mut (*conn).client_inode, inode);
-                if before != 0 && before != inode {
-                    // A new connection on the same two sockets' memory (the
-                    // kernel reuses it at once): the one before is retired
-                    // with what it counted, for the daemon to count under
-                    // its own path and containers, and the entry is this
-                    // one's from zero.
-                    retire(key, conn, before, server_before);
-                    let (client, server, path) =
-                        identity(key, netns, kind, server_side, current, o);
+                if reused && before != 0 && before != inode {
+                    // The one before is retired with what it counted, for
+                    // the daemon to count under its own path and
+                    // containers, and the entry is this one's from zero.
+                    // Its server stays, tagged as the one before's, until
+                    // this one's server process uses its end (`server_of`).
+                    let retired = take_counts(conn, before, server_before, server_of);
                     (*conn).netns = netns;
                     (*conn).client = client;
                     (*conn).path = path;
                     (*conn).kind = kind;
-                    // Its server: this process if it is the server's end,
-                    // else whoever uses that end next. Unless a server's
-                    // event on another CPU has set it meanwhile.
-                    atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(
-                        &raw mut (*conn).server,
-                        server_before,
-                        server,
-                    );
+                    keep_retired(key, &retired);
                 }
                 if before != inode {
                     atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).connections, 1);
@@ -383,17 +385,17 @@ fn connection(
     Some(conn)
 }
 
-/// Moves what the connection on `key` counted into [`UNIX_RETIRED`], under
-/// its client's inode `inode` and with its `server`, and zeroes the
-/// entry's counters (exchanged: what the next connection adds from now on
-/// stays). No room: counted as lost.
+/// Takes what a connection counted out of its entry `conn` (exchanged:
+/// what the next connection adds from then on stays), as the record of the
+/// connection whose client's inode is `inode`, with its `server` (and
+/// whose that is: `server_of`).
 ///
 /// # Safety
 /// `conn` is a live map value.
 #[inline(always)]
-unsafe fn retire(key: &UnixConnKey, conn: *mut UnixConn, inode: u64, server: u64) {
+unsafe fn take_counts(conn: *mut UnixConn, inode: u64, server: u64, server_of: u64) -> UnixConn {
     // SAFETY: as the caller says; other CPUs add to it meanwhile.
-    let retired = unsafe {
+    unsafe {
         let take = |at: *mut u64| atomic_xchg::<u64, { Relaxed }>(at, 0);
         UnixConn {
             to_server: Sent {
@@ -407,14 +409,21 @@ unsafe fn retire(key: &UnixConnKey, conn: *mut UnixConn, inode: u64, server: u64
             connections: take(&raw mut (*conn).connections),
             client_inode: inode,
             server,
+            server_of,
             ..*conn
         }
-    };
+    }
+}
+
+/// Keeps a retired connection's record in [`UNIX_RETIRED`] for the
+/// daemon. No room: counted as lost.
+#[inline(always)]
+fn keep_retired(key: &UnixConnKey, retired: &UnixConn) {
     let at = RetiredKey {
         conn: *key,
-        client_inode: inode,
+        client_inode: retired.client_inode,
     };
-    if UNIX_RETIRED.insert(&at, &retired, 0).is_err() {
+    if UNIX_RETIRED.insert(&at, retired, 0).is_err() {
         bump_stats(|s| s.ipc_lost += 1);
     }
 }
@@ -474,6 +483,7 @@ fn new_connection(
         kind,
         addressed: 0,
         _pad: [0; 6],
+        server_of: 0,
     };
     insert_connection(key, &conn)
 }
@@ -521,7 +531,7 @@ fn sent(ctx: &RawTracePointContext) -> Option<()> {
     unsafe {
         let way = if server_side {
             // The server's process: the server (also after a reuse).
-            (*conn).server = current;
+            set_server(conn, current);
             &raw mut (*conn).to_client
         } else {
             &raw mut (*conn).to_server
@@ -553,10 +563,29 @@ fn received(ctx: &RawTracePointContext) -> Option<()> {
     }
     let conn = connection(&key, netns, kind, server_side, current, &o)?;
     // SAFETY: a live map value.
-    unsafe {
-        (*conn).server = current;
-    }
+    unsafe { set_server(conn, current) };
     Some(())
+}
+
+/// The connection's server is `current`'s container, tagged as the
+/// connection's (see [`UnixConn::server_of`]).
+///
+/// # Safety
+/// `conn` is a live map value.
+#[inline(always)]
+unsafe fn set_server(conn: *mut UnixConn, current: u64) {
+    // SAFETY: as the caller says. Racing writers are the server's
+    // processes of this connection or of one that took the entry since;
+    // the tag says whose the last write was. The server first, the tag
+    // after it (an exchange orders the two on every architecture): a
+    // daemon's copy made between them sees no server rather than the one
+    // before's as this one's. (A copy that straddles them can pair them
+    // wrongly: the daemon lets an entry a new connection took wait a
+    // collection, past its first server write.)
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*conn).server, current);
+        atomic_xchg::<u64, { Relaxed }>(&raw mut (*conn).server_of, (*conn).client_inode);
+    }
 }
 
 /// A pod's process is about to send a datagram with an address
@@ -635,6 +664,7 @@ fn addressed_sent(sk: u64, netns: u64, kind: u8, bytes: u64) -> Option<()> {
                 kind,
                 addressed: 1,
                 _pad: [0; 6],
+                server_of: 0,
             };
             insert_connection(&key, &conn)?
         }

@@ -148,7 +148,7 @@ impl Collector {
         let fifo =
             kernel::bpf::entries::<FifoKey, IpcCounts>(ipc.maps.fifo_flows.map().fd().as_fd());
         let (retired, mut conns, fifo) = match (retired, conns, fifo) {
-            (Ok(retired), Ok(conns), Ok(fifo)) => (retired, conns, fifo),
+            (Ok(retired), Ok(conns), Ok(fifo)) => (own_servers(retired), own_servers(conns), fifo),
             (Err(err), _, _) | (_, Err(err), _) | (_, _, Err(err)) => {
                 // Counted at the next collection: nothing changed here.
                 tracing::warn!(%err, "cannot read the IPC maps");
@@ -219,6 +219,7 @@ impl Collector {
             let Ok(Some(last)) = kernel::bpf::take::<RetiredKey, UnixConn>(retired_fd, &key) else {
                 continue;
             };
+            let last = own_server(last);
             let counted = retired_baseline(
                 &mut ipc.settling,
                 &mut ipc.conns,
@@ -261,7 +262,7 @@ impl Collector {
                 before.map(|b| b.counted),
                 &now,
             );
-            let waits = now.server == 0 && started.duration_since(first_seen) < HOLD;
+            let waits = waits_for_server(renewed, &now, first_seen, started);
             if waits || held(now.client) || held(now.server) {
                 let quiet = before.map_or(0, |b| b.quiet);
                 ipc.conns.insert(
@@ -300,7 +301,7 @@ impl Collector {
         let taken: Vec<(UnixConnKey, Seen, UnixConn)> = quiet
             .into_iter()
             .filter_map(|key| {
-                let last = kernel::bpf::take::<UnixConnKey, UnixConn>(fd, &key).ok()??;
+                let last = own_server(kernel::bpf::take::<UnixConnKey, UnixConn>(fd, &key).ok()??);
                 let seen = ipc.conns.remove(&key)?;
                 Some((key, seen, last))
             })
@@ -567,6 +568,33 @@ fn taken_difference(
     conn_difference(last, &counted)
 }
 
+/// Whether a connection first seen at `first_seen` waits (at most
+/// [`HOLD`]) before it is counted: while its server is not known, and, if a
+/// new connection took the entry since the last collection (`renewed`),
+/// for one collection whatever its server: the copy that found it may have
+/// been made while a program moved the counts of the one before out of the
+/// entry, or set its server.
+fn waits_for_server(renewed: bool, now: &UnixConn, first_seen: Instant, started: Instant) -> bool {
+    (renewed || now.server == 0) && started.duration_since(first_seen) < HOLD
+}
+
+/// A connection with its server only if the server is its own (see
+/// [`UnixConn::own_server`]): one left on the entry by the connection
+/// before is not known yet.
+fn own_server(conn: UnixConn) -> UnixConn {
+    UnixConn {
+        server: conn.own_server(),
+        ..conn
+    }
+}
+
+fn own_servers<K>(entries: Vec<(K, UnixConn)>) -> Vec<(K, UnixConn)> {
+    entries
+        .into_iter()
+        .map(|(key, conn)| (key, own_server(conn)))
+        .collect()
+}
+
 /// Whether the entry of a quiet connection counted to `counted`, taken
 /// holding `last`, is a new connection's that would wait if the walk had
 /// seen it: its server not known yet, or a container's name not yet
@@ -814,6 +842,39 @@ mod tests {
         );
         let a_later = conn(100, 12, 1);
         assert!(!waits_again(KEY, &a, &a_later, &mut held), "A itself");
+    }
+
+    /// A server on the entry that the connection before set (tagged with
+    /// its client's inode) is not the new connection's: unknown until the
+    /// new one's server process sets it. A renewed entry waits a
+    /// collection even with its server known; an old one does not.
+    #[test]
+    fn a_server_left_by_the_connection_before_is_not_the_new_ones() {
+        let a = UnixConn {
+            server: 7,
+            server_of: 100,
+            ..conn(100, 3, 1)
+        };
+        assert_eq!(own_server(a).server, 7);
+        let b = UnixConn {
+            client_inode: 200,
+            ..a
+        };
+        assert_eq!(own_server(b).server, 0, "A's server, not B's");
+        let b_served = UnixConn {
+            server: 8,
+            server_of: 200,
+            ..b
+        };
+        assert_eq!(own_server(b_served).server, 8);
+        let now = Instant::now();
+        assert!(waits_for_server(true, &b_served, now, now));
+        assert!(!waits_for_server(false, &b_served, now, now));
+        let datagrams = UnixConn {
+            server: 9,
+            ..conn(0, 1, 0)
+        };
+        assert_eq!(own_server(datagrams).server, 9, "no inode: from the start");
     }
 
     /// A connection that went quiet, was taken out and talks again waits
