@@ -105,15 +105,23 @@ impl Drop for Bpffs {
 }
 
 /// Entries of the kernel's hash maps named `name` now (every observer's):
-/// what a program keeps for a count that no program takes.
-pub fn map_entries<K: aya::Pod, V: aya::Pod>(name: &str) -> usize {
-    aya::maps::loaded_maps()
+/// what a program keeps for a count that no program takes. None if no
+/// such map is loaded, or one of them cannot be read.
+pub fn map_entries<K: aya::Pod, V: aya::Pod>(name: &str) -> Option<usize> {
+    let maps: Vec<aya::maps::MapInfo> = aya::maps::loaded_maps()
         .filter_map(Result::ok)
         .filter(|m| m.name_as_str() == Some(name))
-        .filter_map(|m| aya::maps::MapData::from_id(m.id()).ok())
-        .filter_map(|data| aya::maps::Map::from_map_data(data).ok())
-        .filter_map(|map| aya::maps::HashMap::<_, K, V>::try_from(map).ok())
-        .map(|map| map.keys().count())
+        .collect();
+    if maps.is_empty() {
+        return None;
+    }
+    maps.iter()
+        .map(|m| {
+            let data = aya::maps::MapData::from_id(m.id()).ok()?;
+            let map = aya::maps::Map::from_map_data(data).ok()?;
+            let map = aya::maps::HashMap::<_, K, V>::try_from(map).ok()?;
+            Some(map.keys().count())
+        })
         .sum()
 }
 

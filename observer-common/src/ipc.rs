@@ -175,8 +175,8 @@ pub struct UnixConn {
     /// The client's container (cgroup id): the one that connected.
     pub client: u64,
     /// The server's container: whose process uses the server's end (0
-    /// until it does). Only if `server_of` says it is this connection's:
-    /// [`UnixConn::own_server`].
+    /// until it does). Only if `server_check` says it is this
+    /// connection's: [`UnixConn::own_server`].
     pub server: u64,
     /// [`path_hash`] of the path the server's socket is bound to.
     pub path: u64,
@@ -196,21 +196,32 @@ pub struct UnixConn {
     /// ([`UNIX_RECEIVERS_MAP`]).
     pub addressed: u8,
     pub _pad: [u8; 6],
-    /// The `client_inode` of the connection whose server's process set
-    /// `server`. A new connection on the entry leaves the server of the one
-    /// before in place, tagged as that one's, until its own server's
-    /// process uses its end: no program clears a server, so none can clear
-    /// one another CPU has just set.
-    pub server_of: u64,
+    /// [`server_check`] of `server` and the `client_inode` of the
+    /// connection whose server's process set it. A new connection on the
+    /// entry leaves the server of the one before in place, until its own
+    /// server's process uses its end: no program clears a server, so none
+    /// can clear one another CPU has just set. And a copy of the entry
+    /// made while a program writes the two (the daemon's reads are not
+    /// atomic) pairs them wrongly only with a matching check, which an
+    /// old server with a new check never has.
+    pub server_check: u64,
 }
 const _: () = assert!(core::mem::size_of::<UnixConn>() == 96);
 
+/// What [`UnixConn::server_check`] holds for `server` set for the
+/// connection whose client's socket has the inode `client_inode` (0 for
+/// datagrams, whose server is known from the start).
+pub fn server_check(server: u64, client_inode: u64) -> u64 {
+    // The multiply is a bijection: two servers never check alike for one
+    // inode.
+    server.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ client_inode.rotate_left(32)
+}
+
 impl UnixConn {
     /// The server's container if it is this connection's, else 0 (not
-    /// known yet). Datagram connections (no client inode) have theirs from
-    /// the start.
+    /// known yet).
     pub fn own_server(&self) -> u64 {
-        if self.server_of == self.client_inode {
+        if self.server_check == server_check(self.server, self.client_inode) {
             self.server
         } else {
             0

@@ -41,14 +41,15 @@ use observer_common::ipc::{
     IpcCounts, KernelOffsets, PIPEFS_MAGIC, RetiredKey, S_IFIFO, S_IFMT, Sent,
     UNIX_ADDRESSED_CAPACITY, UNIX_CONNS_CAPACITY, UNIX_PATH_MAX, UNIX_PATHS_CAPACITY,
     UNIX_RETIRED_CAPACITY, UnixConn, UnixConnKey, UnixPath, UnixPathKey, follow, path_hash,
-    syscall, unix_kind,
+    server_check, syscall, unix_kind,
 };
 
 use crate::handoff::bump_stats;
 
 const NO_PREALLOC: u32 = BPF_F_NO_PREALLOC;
 
-/// Network namespace cookies of attached pods, written by the daemon.
+/// Network namespace cookies of attached pods, to what of their IPC is
+/// followed ([`follow`] bits), written by the daemon.
 #[map]
 static IPC_PODS: HashMap<u64, u8> = HashMap::with_max_entries(IPC_PODS_CAPACITY, NO_PREALLOC);
 
@@ -57,7 +58,7 @@ static UNIX_CONNS: HashMap<UnixConnKey, UnixConn> =
     HashMap::with_max_entries(UNIX_CONNS_CAPACITY, NO_PREALLOC);
 
 /// Connections whose ends a new connection took before the daemon counted
-/// all of theirs (see `retire`).
+/// all of theirs (see [`take_counts`]).
 #[map]
 static UNIX_RETIRED: HashMap<RetiredKey, UnixConn> =
     HashMap::with_max_entries(UNIX_RETIRED_CAPACITY, NO_PREALLOC);
@@ -321,7 +322,8 @@ fn sock_path(sk: u64, o: &KernelOffsets) -> Option<(&'static mut UnixPath, u64)>
 
 /// The connection's entry, made at its first message (or read). A new
 /// connection on the same two sockets' memory (its client socket's inode
-/// differs) takes the entry over, the one before retired ([`retire`]).
+/// differs) takes the entry over, the one before retired ([`take_counts`],
+/// [`keep_retired`]).
 #[inline(always)]
 fn connection(
     key: &UnixConnKey,
@@ -347,11 +349,11 @@ fn connection(
             if let Some(inode) = inode
                 && (*conn).client_inode != inode
             {
-                // The server of the connection before, and whose it is:
+                // The server of the connection before, and its check:
                 // read before the exchange, as no event of the new
                 // connection can have set it yet (they all see the new
                 // inode after it).
-                let (server_before, server_of) = ((*conn).server, (*conn).server_of);
+                let (server_before, check) = ((*conn).server, (*conn).server_check);
                 // A new connection on the same two sockets' memory (the
                 // kernel reuses it at once): its client and path are found
                 // before the exchange, so that they are the entry's right
@@ -367,9 +369,12 @@ fn connection(
                     // The one before is retired with what it counted, for
                     // the daemon to count under its own path and
                     // containers, and the entry is this one's from zero.
-                    // Its server stays, tagged as the one before's, until
-                    // this one's server process uses its end (`server_of`).
-                    let retired = take_counts(conn, before, server_before, server_of);
+                    // Its server stays, with the one before's check (so not
+                    // this one's), until this one's server process uses its
+                    // end. A message another CPU adds between the exchange
+                    // and the takes is the one before's: closing that would
+                    // take a `bpf_spin_lock`, which aya's maps cannot hold.
+                    let retired = take_counts(conn, before, server_before, check);
                     (*conn).netns = netns;
                     (*conn).client = client;
                     (*conn).path = path;
@@ -388,12 +393,12 @@ fn connection(
 /// Takes what a connection counted out of its entry `conn` (exchanged:
 /// what the next connection adds from then on stays), as the record of the
 /// connection whose client's inode is `inode`, with its `server` (and
-/// whose that is: `server_of`).
+/// its check: `server_check`).
 ///
 /// # Safety
 /// `conn` is a live map value.
 #[inline(always)]
-unsafe fn take_counts(conn: *mut UnixConn, inode: u64, server: u64, server_of: u64) -> UnixConn {
+unsafe fn take_counts(conn: *mut UnixConn, inode: u64, server: u64, check: u64) -> UnixConn {
     // SAFETY: as the caller says; other CPUs add to it meanwhile.
     unsafe {
         let take = |at: *mut u64| atomic_xchg::<u64, { Relaxed }>(at, 0);
@@ -409,7 +414,7 @@ unsafe fn take_counts(conn: *mut UnixConn, inode: u64, server: u64, server_of: u
             connections: take(&raw mut (*conn).connections),
             client_inode: inode,
             server,
-            server_of,
+            server_check: check,
             ..*conn
         }
     }
@@ -483,7 +488,9 @@ fn new_connection(
         kind,
         addressed: 0,
         _pad: [0; 6],
-        server_of: 0,
+        // Known from the start for datagrams (no client inode); a stream's
+        // server is set again once the entry has its client's inode.
+        server_check: server_check(server, 0),
     };
     insert_connection(key, &conn)
 }
@@ -567,32 +574,27 @@ fn received(ctx: &RawTracePointContext) -> Option<()> {
     Some(())
 }
 
-/// The connection's server is `current`'s container, tagged as the
-/// connection's (see [`UnixConn::server_of`]).
+/// The connection's server is the container `server`, with its check
+/// ([`UnixConn::server_check`]).
 ///
 /// # Safety
 /// `conn` is a live map value.
 #[inline(always)]
-unsafe fn set_server(conn: *mut UnixConn, current: u64) {
-    // SAFETY: as the caller says. Racing writers are the server's
-    // processes of this connection or of one that took the entry since;
-    // the tag says whose the last write was. The server first, the tag
-    // after it (an exchange orders the two on every architecture): a
-    // daemon's copy made between them sees no server rather than the one
-    // before's as this one's. (A copy that straddles them can pair them
-    // wrongly: the daemon lets an entry a new connection took wait a
-    // collection, past its first server write.)
+unsafe fn set_server(conn: *mut UnixConn, server: u64) {
+    // SAFETY: as the caller says. Racing writers (the server's processes of
+    // two containers) may leave one's server with the other's check: no
+    // server then, until the next server-side message writes them again.
     unsafe {
-        let inode = (*conn).client_inode;
+        let check = server_check(server, (*conn).client_inode);
         // Set already (every message but a connection's first): no store,
         // so that the entry's cache lines stay shared between the CPUs of
         // its two ends (one more write a message cost about 100 ns per
         // `recvmsg()` in `cargo xtask bench --ipc-only`).
-        if (*conn).server == current && (*conn).server_of == inode {
+        if (*conn).server == server && (*conn).server_check == check {
             return;
         }
-        core::ptr::write_volatile(&raw mut (*conn).server, current);
-        atomic_xchg::<u64, { Relaxed }>(&raw mut (*conn).server_of, inode);
+        core::ptr::write_volatile(&raw mut (*conn).server, server);
+        core::ptr::write_volatile(&raw mut (*conn).server_check, check);
     }
 }
 
@@ -672,7 +674,7 @@ fn addressed_sent(sk: u64, netns: u64, kind: u8, bytes: u64) -> Option<()> {
                 kind,
                 addressed: 1,
                 _pad: [0; 6],
-                server_of: 0,
+                server_check: server_check(server, 0),
             };
             insert_connection(&key, &conn)?
         }
@@ -680,7 +682,7 @@ fn addressed_sent(sk: u64, netns: u64, kind: u8, bytes: u64) -> Option<()> {
     // SAFETY: a live, 8-byte aligned map value; other CPUs add too.
     unsafe {
         if server != 0 {
-            (*conn).server = server;
+            set_server(conn, server);
         }
         atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).to_server.messages, 1);
         atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*conn).to_server.bytes, bytes);

@@ -24,8 +24,6 @@ use std::{
 };
 
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_NOEXIST: u64 = 1;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -242,17 +240,6 @@ pub fn take<K: Copy, V: Copy + Default>(map: BorrowedFd<'_>, key: &K) -> io::Res
         Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(err) => Err(err),
     }
-}
-
-/// Puts `value` in the hash map `map` at `key` unless the key is there
-/// (`EEXIST` then): what a program made there meanwhile is not overwritten.
-pub fn insert_new<K: Copy, V: Copy>(map: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
-    let mut attr = Attr::new();
-    attr.put_u32(0, map.as_raw_fd() as u32)
-        .put_u64(8, std::ptr::from_ref(key) as u64)
-        .put_u64(16, std::ptr::from_ref(value) as u64)
-        .put_u64(24, BPF_NOEXIST);
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
 }
 
 /// Reads every entry of a hash map, a batch per system call. The buffers
@@ -527,6 +514,7 @@ mod tests {
     use super::*;
 
     const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     const BPF_MAP_TYPE_HASH: u32 = 1;
 
     /// A hash map of `capacity` u32 keys to u64 values, holding `entries`.
@@ -548,16 +536,6 @@ mod tests {
             bpf(BPF_MAP_UPDATE_ELEM, &mut attr).expect("an entry");
         }
         map
-    }
-
-    #[test]
-    fn an_entry_put_back_never_overwrites_one_made_meanwhile() {
-        let map = hash_map(16, 2);
-        let err = insert_new(map.as_fd(), &1u32, &7u64).expect_err("key 1 is there");
-        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
-        insert_new(map.as_fd(), &9u32, &90u64).expect("key 9 is not");
-        assert_eq!(take::<u32, u64>(map.as_fd(), &1).unwrap(), Some(10));
-        assert_eq!(take::<u32, u64>(map.as_fd(), &9).unwrap(), Some(90));
     }
 
     #[test]

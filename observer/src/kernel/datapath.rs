@@ -352,8 +352,8 @@ impl Datapath {
         let (ipc, ipc_hooks) = match offsets {
             Ok(_) => {
                 let hooks = ipc::attach(&mut ebpf, config.unix_sockets, config.named_pipes);
-                let maps = IpcMaps::take(&mut ebpf, config.unix_sockets, config.named_pipes)
-                    .map_err(|source| DatapathError::Map {
+                let maps =
+                    IpcMaps::take(&mut ebpf, &hooks).map_err(|source| DatapathError::Map {
                         name: "IPC",
                         source: Box::new(source),
                     })?;

@@ -149,9 +149,10 @@ pub struct IpcMaps {
 
 impl IpcMaps {
     /// The maps of `ebpf`, for pods whose unix sockets and named pipes are
-    /// followed or not (a cgroup hook of the unix-socket policy runs
-    /// either way, and keeps nothing for counts that are not asked for).
-    pub fn take(ebpf: &mut Ebpf, unix_sockets: bool, named_pipes: bool) -> Result<Self, MapError> {
+    /// followed where `hooks` ([`attach`]'s) say their tracepoints are
+    /// attached: a cgroup hook of the unix-socket policy runs either way,
+    /// and keeps nothing for a count no tracepoint makes.
+    pub fn take(ebpf: &mut Ebpf, hooks: &[(&str, bool)]) -> Result<Self, MapError> {
         fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(
             ebpf: &mut Ebpf,
             name: &'static str,
@@ -162,12 +163,19 @@ impl IpcMaps {
                 })?
                 .try_into()
         }
+        let attached = |tracepoint: &str| {
+            hooks
+                .iter()
+                .any(|(attached, ok)| *attached == tracepoint && *ok)
+        };
+        let unix_sockets = PROGRAMS.iter().all(|(_, tracepoint)| attached(tracepoint));
+        let named_pipes = attached(PIPE_PROGRAM.1);
         let following = [
             (unix_sockets, follow::UNIX_SOCKETS),
             (named_pipes, follow::NAMED_PIPES),
         ]
         .into_iter()
-        .filter(|(asked, _)| *asked)
+        .filter(|(followed, _)| *followed)
         .fold(0, |bits, (_, bit)| bits | bit);
         Ok(Self {
             pods: typed(ebpf, IPC_PODS_MAP)?,

@@ -310,33 +310,11 @@ impl Collector {
             ipc.reclaimed.clear();
         }
         for (key, seen, last) in taken {
-            // A new connection took the entry between the walk and the
-            // take (the kernel gave it the same two sockets): back in the
-            // map, it waits for its containers' names as a new one seen
-            // at the walk would. Unless a program made the entry again
-            // meanwhile: then it is counted now, as it is.
-            if waits_again(key, &seen.counted, &last, &mut held)
-                && kernel::bpf::insert_new(fd, &key, &last).is_ok()
-            {
-                let counted = entry_baseline(
-                    &mut ipc.settling,
-                    &mut ipc.reclaimed,
-                    key,
-                    Some(seen.counted),
-                    &last,
-                );
-                let first_seen = started;
-                let quiet = 0;
-                ipc.conns.insert(
-                    key,
-                    Seen {
-                        counted,
-                        first_seen,
-                        quiet,
-                    },
-                );
-                continue;
-            }
+            // A new connection that took the entry between the walk and the
+            // take is counted at once, under what the entry says (its server
+            // may not be known yet). Not put back to wait: a take that copied
+            // the entry while a program renewed it would keep the old
+            // connection's counts and containers for the new one's life.
             let (request, response) = taken_difference(
                 &mut ipc.settling,
                 &mut ipc.reclaimed,
@@ -573,7 +551,7 @@ fn taken_difference(
 /// new connection took the entry since the last collection (`renewed`),
 /// for one collection whatever its server: the copy that found it may have
 /// been made while a program moved the counts of the one before out of the
-/// entry, or set its server.
+/// entry.
 fn waits_for_server(renewed: bool, now: &UnixConn, first_seen: Instant, started: Instant) -> bool {
     (renewed || now.server == 0) && started.duration_since(first_seen) < HOLD
 }
@@ -593,20 +571,6 @@ fn own_servers<K>(entries: Vec<(K, UnixConn)>) -> Vec<(K, UnixConn)> {
         .into_iter()
         .map(|(key, conn)| (key, own_server(conn)))
         .collect()
-}
-
-/// Whether the entry of a quiet connection counted to `counted`, taken
-/// holding `last`, is a new connection's that would wait if the walk had
-/// seen it: its server not known yet, or a container's name not yet
-/// found (`held`).
-fn waits_again(
-    key: UnixConnKey,
-    counted: &UnixConn,
-    last: &UnixConn,
-    held: &mut impl FnMut(u64) -> bool,
-) -> bool {
-    successor(key, counted, last).is_some()
-        && (last.server == 0 || held(last.client) || held(last.server))
 }
 
 /// The retired record to settle the connection counted to `counted`
@@ -716,6 +680,8 @@ pub fn path_label(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use observer_common::ipc::server_check;
+
     use super::*;
 
     #[test]
@@ -788,10 +754,8 @@ mod tests {
 
     /// A quiet connection's entry is taken; a new connection on the same
     /// two sockets took it just before (the kernel retired the one
-    /// counted), and is counted at once (its containers named, or a
-    /// program made the entry again before it could be put back). The new
-    /// one counts from zero, the retired one's record settles against
-    /// what was counted of it: each counted once.
+    /// counted). The new one counts from zero, the retired one's record
+    /// settles against what was counted of it: each counted once.
     #[test]
     fn an_entry_taken_as_a_new_connection_took_it_counts_each_connection_once() {
         let (mut settling, mut reclaimed, mut conns) = Default::default();
@@ -823,36 +787,16 @@ mod tests {
         assert_eq!(exported(&a, &counted), (0, 0), "A, nothing more");
     }
 
-    /// A new connection that took a quiet one's entry just before the
-    /// daemon took it out waits for its server's name, as it would have if
-    /// the walk had seen it; one whose server is known, or the quiet one
-    /// itself, is counted at once.
-    #[test]
-    fn a_new_connection_found_at_a_take_waits_for_its_server_as_any_new_one() {
-        let a = conn(100, 10, 1);
-        let mut held = |_: u64| false;
-        let b = conn(200, 1, 1);
-        assert!(waits_again(KEY, &a, &b, &mut held), "B, its server unknown");
-        let b_served = UnixConn { server: 7, ..b };
-        assert!(!waits_again(KEY, &a, &b_served, &mut held));
-        let mut naming = |id: u64| id == 7;
-        assert!(
-            waits_again(KEY, &a, &b_served, &mut naming),
-            "B, its server's name not found yet"
-        );
-        let a_later = conn(100, 12, 1);
-        assert!(!waits_again(KEY, &a, &a_later, &mut held), "A itself");
-    }
-
-    /// A server on the entry that the connection before set (tagged with
-    /// its client's inode) is not the new connection's: unknown until the
-    /// new one's server process sets it. A renewed entry waits a
+    /// A server on the entry that the connection before set (its check
+    /// made with that one's client inode) is not the new connection's:
+    /// unknown until the new one's server process sets it. Nor is a
+    /// server copied with another's check. A renewed entry waits a
     /// collection even with its server known; an old one does not.
     #[test]
     fn a_server_left_by_the_connection_before_is_not_the_new_ones() {
         let a = UnixConn {
             server: 7,
-            server_of: 100,
+            server_check: server_check(7, 100),
             ..conn(100, 3, 1)
         };
         assert_eq!(own_server(a).server, 7);
@@ -863,15 +807,21 @@ mod tests {
         assert_eq!(own_server(b).server, 0, "A's server, not B's");
         let b_served = UnixConn {
             server: 8,
-            server_of: 200,
+            server_check: server_check(8, 200),
             ..b
         };
         assert_eq!(own_server(b_served).server, 8);
+        let torn = UnixConn {
+            server: 7,
+            ..b_served
+        };
+        assert_eq!(own_server(torn).server, 0, "A's server with B's check");
         let now = Instant::now();
         assert!(waits_for_server(true, &b_served, now, now));
         assert!(!waits_for_server(false, &b_served, now, now));
         let datagrams = UnixConn {
             server: 9,
+            server_check: server_check(9, 0),
             ..conn(0, 1, 0)
         };
         assert_eq!(own_server(datagrams).server, 9, "no inode: from the start");
