@@ -359,6 +359,7 @@ fn connection(
                 // before the exchange, so that they are the entry's right
                 // after it.
                 let reused = (*conn).client_inode != 0;
+                // (Its server is not: it stays unknown, see below.)
                 let (client, _, path) = if reused {
                     identity(key, netns, kind, server_side, current, o)
                 } else {
@@ -588,8 +589,10 @@ unsafe fn set_server(conn: *mut UnixConn, server: u64) {
         let check = server_check(server, (*conn).client_inode);
         // Set already (every message but a connection's first): no store,
         // so that the entry's cache lines stay shared between the CPUs of
-        // its two ends (one more write a message cost about 100 ns per
-        // `recvmsg()` in `cargo xtask bench --ipc-only`).
+        // its two ends (a version that wrote at every message measured
+        // `unix_received` 121 ns a run more in `cargo xtask bench
+        // --ipc-only`, a bench whose two builds differ by up to 73 ns
+        // by themselves: BENCHMARKS.md).
         if (*conn).server == server && (*conn).server_check == check {
             return;
         }
